@@ -1,0 +1,521 @@
+//! Configuration: built-in defaults → TOML file → `SLUICE__…` environment, validated at start-up.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use sluice_schemas::DataType;
+
+const DEFAULTS: &str = include_str!("../default.toml");
+
+/// Everything a Sluice process needs to know.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Broker connection and client tuning.
+    pub kafka: KafkaConfig,
+    /// Redis, used for reply correlation.
+    pub redis: RedisConfig,
+    /// The HTTP gateway.
+    pub gateway: GatewayConfig,
+    /// Worker processes.
+    pub worker: WorkerConfig,
+    /// Logs.
+    pub telemetry: TelemetryConfig,
+    /// Settings used only by `sluice up` (the local stack).
+    pub local: LocalConfig,
+    /// Served models, by name.
+    #[serde(default)]
+    pub models: BTreeMap<String, ModelConfig>,
+}
+
+/// Broker connection and client tuning.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// `bootstrap.servers`.
+    pub brokers: String,
+    /// Topic names are `<prefix>.<model>.requests`, `<prefix>.<model>.results`, `<prefix>.dead-letter`.
+    pub topic_prefix: String,
+    /// Replication factor for topics Sluice creates.
+    pub replication_factor: i32,
+    /// librdkafka properties for every client (applied after Sluice's defaults).
+    #[serde(default)]
+    pub client: BTreeMap<String, String>,
+    /// librdkafka properties for producers only.
+    #[serde(default)]
+    pub producer: BTreeMap<String, String>,
+    /// librdkafka properties for consumers only.
+    #[serde(default)]
+    pub consumer: BTreeMap<String, String>,
+}
+
+/// Redis connection and result storage.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://[:password@]host:port[/db]`.
+    pub url: String,
+    /// Prefix of reply channels (`<prefix>:reply:<gateway>`) and result keys (`<prefix>:result:<id>`).
+    pub key_prefix: String,
+    /// How long a stored result lives.
+    #[serde(with = "humantime_serde")]
+    pub result_ttl: Duration,
+}
+
+/// The HTTP gateway.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// Listen address (Triton's convention is port 8000).
+    pub listen: SocketAddr,
+    /// Requests in flight at once; more get 429 at once rather than queueing without bound.
+    pub max_in_flight: usize,
+    /// Largest request body; larger ones get 413 before the body is read.
+    pub max_body_bytes: usize,
+    /// Deadline for requests that set no `timeout` parameter.
+    #[serde(with = "humantime_serde")]
+    pub default_timeout: Duration,
+    /// Upper bound on a request's `timeout` parameter.
+    #[serde(with = "humantime_serde")]
+    pub max_timeout: Duration,
+}
+
+/// Worker processes.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerConfig {
+    /// Where a worker serves `/metrics` and health (port 0 picks a free one).
+    pub metrics_listen: SocketAddr,
+    /// Requests decoded and waiting for a batch; when full the worker stops fetching.
+    pub max_queued: usize,
+    /// How long SIGTERM waits for in-flight batches before leaving.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+}
+
+/// Log output.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// `text` or `json`.
+    pub log_format: LogFormat,
+    /// An `EnvFilter` directive such as `info` or `sluice=debug` (`RUST_LOG` wins when set).
+    pub log_level: String,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Local stack settings (`sluice up`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalConfig {
+    /// tansu storage URL: `memory://tansu/` or `sqlite://FILE` (survives a broker kill -9).
+    pub kafka_storage: String,
+    /// Port for a Redis that `up` starts when none answers at `redis.url`.
+    pub redis_port: u16,
+}
+
+/// One served model.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// ONNX file, relative to the config file.
+    pub onnx: PathBuf,
+    /// Version reported in metadata and results.
+    #[serde(default = "default_version")]
+    pub version: String,
+    /// Declared inputs (requests are checked against these).
+    pub inputs: Vec<TensorSpec>,
+    /// Declared outputs.
+    pub outputs: Vec<TensorSpec>,
+    /// Most requests (rows) run together; the first dimension of every tensor is the batch.
+    pub max_batch_size: usize,
+    /// Longest a request waits for a batch to fill while the model is free.
+    #[serde(with = "humantime_serde", default)]
+    pub max_delay: Duration,
+    /// Inference threads per worker, each with its own ONNX Runtime session.
+    #[serde(default = "one")]
+    pub threads: usize,
+    /// ONNX Runtime intra-op threads per session.
+    #[serde(default = "one")]
+    pub intra_op_threads: usize,
+    /// Partitions of the model's request topic (the most workers that can share its load).
+    #[serde(default = "one_i32")]
+    pub partitions: i32,
+    /// Workers `sluice up` starts for this model.
+    #[serde(default = "one")]
+    pub workers: usize,
+}
+
+fn default_version() -> String {
+    "1".into()
+}
+fn one() -> usize {
+    1
+}
+fn one_i32() -> i32 {
+    1
+}
+
+/// A declared tensor: name, datatype and full shape (batch dimension first, -1 for variable dims).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TensorSpec {
+    /// Tensor name.
+    pub name: String,
+    /// Element type.
+    pub datatype: DataType,
+    /// Shape, batch dimension included; -1 marks a variable dimension.
+    pub shape: Vec<i64>,
+}
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The layers could not be read or deserialized.
+    #[error("config {file}: {message}")]
+    Load {
+        /// The config file (or `<defaults>`).
+        file: String,
+        /// What went wrong, naming the key where known.
+        message: String,
+    },
+    /// Values that are individually fine but invalid.
+    #[error("config {file}: invalid values:\n  - {}", problems.join("\n  - "))]
+    Invalid {
+        /// The config file.
+        file: String,
+        /// One line per problem, each naming its key.
+        problems: Vec<String>,
+    },
+}
+
+impl Config {
+    /// Loads defaults, then `file` (if any), then `SLUICE__…` environment variables, and validates.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        let vars: Vec<(String, String)> = std::env::vars().collect();
+        Self::load_with_env(file, &vars)
+    }
+
+    /// As [`Config::load`], with the environment given explicitly (for tests).
+    pub fn load_with_env(
+        file: Option<&Path>,
+        env: &[(String, String)],
+    ) -> Result<Config, ConfigError> {
+        let file_name = file
+            .map(|f| f.display().to_string())
+            .unwrap_or_else(|| "<defaults>".into());
+        let load_err = |e: ::config::ConfigError| ConfigError::Load {
+            file: file_name.clone(),
+            message: e.to_string(),
+        };
+        let mut builder = ::config::Config::builder().add_source(::config::File::from_str(
+            DEFAULTS,
+            ::config::FileFormat::Toml,
+        ));
+        if let Some(f) = file {
+            if !f.is_file() {
+                return Err(ConfigError::Load {
+                    file: file_name,
+                    message: "file not found".into(),
+                });
+            }
+            builder = builder.add_source(
+                ::config::File::from(f)
+                    .format(::config::FileFormat::Toml)
+                    .required(true),
+            );
+        }
+        let env_map: ::config::Map<String, String> = env
+            .iter()
+            .filter(|(k, _)| k.starts_with("SLUICE__"))
+            .cloned()
+            .collect();
+        builder = builder.add_source(
+            ::config::Environment::with_prefix("SLUICE")
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true)
+                .source(Some(env_map)),
+        );
+        let mut cfg: Config = builder
+            .build()
+            .map_err(load_err)?
+            .try_deserialize()
+            .map_err(load_err)?;
+        if let Some(dir) = file.and_then(Path::parent) {
+            for m in cfg.models.values_mut() {
+                if m.onnx.is_relative() {
+                    m.onnx = dir.join(&m.onnx);
+                }
+            }
+        }
+        let problems = cfg.problems();
+        if problems.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(ConfigError::Invalid {
+                file: file_name,
+                problems,
+            })
+        }
+    }
+
+    /// Every invalid value, each naming its key.
+    pub fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        if self.kafka.brokers.trim().is_empty() {
+            p.push("kafka.brokers: must not be empty".into());
+        }
+        if !valid_name(&self.kafka.topic_prefix) {
+            p.push(format!(
+                "kafka.topic_prefix: '{}' may only contain a-z, 0-9, '_' and '-'",
+                self.kafka.topic_prefix
+            ));
+        }
+        if self.kafka.replication_factor < 1 {
+            p.push("kafka.replication_factor: must be at least 1".into());
+        }
+        if !self.redis.url.starts_with("redis://") && !self.redis.url.starts_with("rediss://") {
+            p.push("redis.url: must start with redis:// or rediss://".into());
+        }
+        if self.redis.result_ttl < Duration::from_secs(1) {
+            p.push("redis.result_ttl: must be at least 1s".into());
+        }
+        let g = &self.gateway;
+        if g.max_in_flight == 0 {
+            p.push("gateway.max_in_flight: must be at least 1".into());
+        }
+        if g.max_body_bytes < 1024 {
+            p.push("gateway.max_body_bytes: must be at least 1024".into());
+        }
+        if g.default_timeout.is_zero() || g.default_timeout > g.max_timeout {
+            p.push(format!(
+                "gateway.default_timeout: must be > 0 and <= gateway.max_timeout ({:?})",
+                g.max_timeout
+            ));
+        }
+        if self.worker.max_queued == 0 {
+            p.push("worker.max_queued: must be at least 1".into());
+        }
+        for (name, m) in &self.models {
+            let key = format!("models.{name}");
+            if !valid_name(name) {
+                p.push(format!(
+                    "{key}: model names may only contain a-z, 0-9, '_' and '-'"
+                ));
+            }
+            if m.max_batch_size == 0 {
+                p.push(format!("{key}.max_batch_size: must be at least 1"));
+            }
+            if m.threads == 0 {
+                p.push(format!("{key}.threads: must be at least 1"));
+            }
+            if m.intra_op_threads == 0 {
+                p.push(format!("{key}.intra_op_threads: must be at least 1"));
+            }
+            if m.partitions < 1 {
+                p.push(format!("{key}.partitions: must be at least 1"));
+            }
+            if m.workers == 0 {
+                p.push(format!("{key}.workers: must be at least 1"));
+            }
+            for (kind, specs) in [("inputs", &m.inputs), ("outputs", &m.outputs)] {
+                if specs.is_empty() {
+                    p.push(format!("{key}.{kind}: at least one is required"));
+                }
+                let mut seen = std::collections::HashSet::new();
+                for s in specs.iter() {
+                    let skey = format!("{key}.{kind}.{}", s.name);
+                    if !seen.insert(&s.name) {
+                        p.push(format!("{skey}: declared twice"));
+                    }
+                    if s.shape.first() != Some(&-1) {
+                        p.push(format!(
+                            "{skey}.shape: the first dimension is the batch and must be -1, got {:?}",
+                            s.shape
+                        ));
+                    }
+                    if s.shape.iter().any(|&d| d < -1 || d == 0) {
+                        p.push(format!(
+                            "{skey}.shape: dimensions must be positive or -1, got {:?}",
+                            s.shape
+                        ));
+                    }
+                }
+            }
+        }
+        p
+    }
+
+    /// The model called `name`.
+    pub fn model(&self, name: &str) -> Option<&ModelConfig> {
+        self.models.get(name)
+    }
+
+    /// The effective config as TOML, with secrets replaced by `***`.
+    pub fn redacted(&self) -> String {
+        let mut c = self.clone();
+        c.redis.url = redact_url(&c.redis.url);
+        for map in [
+            &mut c.kafka.client,
+            &mut c.kafka.producer,
+            &mut c.kafka.consumer,
+        ] {
+            for (k, v) in map.iter_mut() {
+                if is_secret_key(k) {
+                    *v = "***".into();
+                }
+            }
+        }
+        toml::to_string(&c).unwrap_or_else(|e| format!("<unprintable config: {e}>"))
+    }
+
+    /// Topic a model's requests are produced to.
+    pub fn request_topic(&self, model: &str) -> String {
+        format!("{}.{model}.requests", self.kafka.topic_prefix)
+    }
+
+    /// Topic a model's results are produced to.
+    pub fn result_topic(&self, model: &str) -> String {
+        format!("{}.{model}.results", self.kafka.topic_prefix)
+    }
+
+    /// Topic for records no step could process.
+    pub fn dead_letter_topic(&self) -> String {
+        format!("{}.dead-letter", self.kafka.topic_prefix)
+    }
+
+    /// Consumer group of a model's workers.
+    pub fn consumer_group(&self, model: &str) -> String {
+        format!("{}.{model}", self.kafka.topic_prefix)
+    }
+
+    /// Redis pub/sub channel a gateway instance listens on.
+    pub fn reply_channel(&self, gateway_id: &str) -> String {
+        format!("{}:reply:{gateway_id}", self.redis.key_prefix)
+    }
+
+    /// Redis key a request's result is stored under.
+    pub fn result_key(&self, request_id: &str) -> String {
+        format!("{}:result:{request_id}", self.redis.key_prefix)
+    }
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
+
+fn is_secret_key(k: &str) -> bool {
+    let k = k.to_ascii_lowercase();
+    ["password", "secret", "key", "token", "jaas"]
+        .iter()
+        .any(|s| k.contains(s))
+}
+
+/// Replaces the password of a `scheme://user:password@host` URL with `***`.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s + 3 => {
+            let creds = &url[s + 3..at];
+            let user = creds.split(':').next().unwrap_or("");
+            format!("{}://{user}:***@{}", &url[..s], &url[at + 1..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::io::Write;
+
+    fn write(toml: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+        f.write_all(toml.as_bytes()).unwrap();
+        f
+    }
+
+    const MODEL: &str = r#"
+[models.mlp]
+onnx = "mlp.onnx"
+max_batch_size = 8
+max_delay = "2ms"
+inputs = [{ name = "input", datatype = "FP32", shape = [-1, 64] }]
+outputs = [{ name = "label", datatype = "INT64", shape = [-1] }]
+"#;
+
+    #[test]
+    fn defaults_file_and_env_layer_in_order() {
+        let f = write(&format!("[gateway]\nmax_in_flight = 7\n[kafka.client]\n\"fetch.wait.max.ms\" = \"1\"\n{MODEL}"));
+        let env = vec![
+            ("SLUICE__GATEWAY__LISTEN".to_string(), "127.0.0.1:9999".to_string()),
+            ("OTHER".to_string(), "x".to_string()),
+        ];
+        let c = Config::load_with_env(Some(f.path()), &env).unwrap();
+        assert_eq!(c.gateway.max_in_flight, 7, "file overrides default");
+        assert_eq!(c.gateway.listen.port(), 9999, "env overrides file");
+        assert_eq!(c.gateway.max_body_bytes, 64 << 20, "default kept");
+        assert_eq!(c.kafka.client.get("fetch.wait.max.ms").map(String::as_str), Some("1"));
+        let m = c.model("mlp").unwrap();
+        assert_eq!(m.max_delay, Duration::from_millis(2));
+        assert_eq!(m.onnx, f.path().parent().unwrap().join("mlp.onnx"));
+        assert_eq!(m.inputs[0].datatype, DataType::Fp32);
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_naming_key_and_file() {
+        let f = write("[gateway]\nmax_inflight = 7\n");
+        let err = Config::load_with_env(Some(f.path()), &[]).unwrap_err().to_string();
+        assert!(err.contains("max_inflight"), "{err}");
+        assert!(err.contains(&f.path().display().to_string()), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_are_all_reported() {
+        let f = write(&MODEL.replace("max_batch_size = 8", "max_batch_size = 0").replace("[-1, 64]", "[1, 64]"));
+        let err = Config::load_with_env(Some(f.path()), &[]).unwrap_err().to_string();
+        assert!(err.contains("models.mlp.max_batch_size"), "{err}");
+        assert!(err.contains("models.mlp.inputs.input.shape"), "{err}");
+    }
+
+    #[test]
+    fn bad_datatype_and_duration_are_rejected() {
+        let f = write(&MODEL.replace("FP32", "FLOAT32"));
+        let err = Config::load_with_env(Some(f.path()), &[]).unwrap_err().to_string();
+        assert!(err.contains("FLOAT32"), "{err}");
+        let f = write(&MODEL.replace("\"2ms\"", "\"soon\""));
+        assert!(Config::load_with_env(Some(f.path()), &[]).is_err());
+    }
+
+    #[test]
+    fn missing_file_is_an_error() {
+        let err = Config::load_with_env(Some(Path::new("/nonexistent/x.toml")), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/nonexistent/x.toml") && err.contains("not found"), "{err}");
+    }
+
+    #[test]
+    fn secrets_are_redacted() {
+        let f = write("[redis]\nurl = \"redis://app:hunter2@localhost:6379\"\n[kafka.client]\n\"sasl.password\" = \"hunter3\"\n");
+        let c = Config::load_with_env(Some(f.path()), &[]).unwrap();
+        let shown = c.redacted();
+        assert!(!shown.contains("hunter2") && !shown.contains("hunter3"), "{shown}");
+        assert!(shown.contains("redis://app:***@localhost:6379"), "{shown}");
+    }
+}

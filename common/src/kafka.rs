@@ -1,0 +1,140 @@
+//! Kafka client settings (low-latency defaults + user passthrough) and topic administration.
+
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::error::RDKafkaErrorCode;
+
+use crate::Config;
+
+/// Producer settings: idempotent, acks=all, no Nagle, no linger; then `kafka.client` and
+/// `kafka.producer` from the config.
+pub fn producer_config(cfg: &Config, client_id: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &cfg.kafka.brokers)
+        .set("client.id", client_id)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "0")
+        .set("socket.nagle.disable", "true")
+        // A dead broker fails a request within its deadline instead of holding it for 5 minutes.
+        .set("message.timeout.ms", "30000")
+        .set("queue.buffering.max.messages", "100000")
+        .set("queue.buffering.max.kbytes", "262144");
+    apply(&mut c, &cfg.kafka.client);
+    apply(&mut c, &cfg.kafka.producer);
+    c
+}
+
+/// Consumer settings for a worker in `group`: at-least-once (auto-commit of *stored* offsets only),
+/// cooperative-sticky rebalancing, a bounded prefetch queue; then `kafka.client` and `kafka.consumer`.
+pub fn consumer_config(cfg: &Config, group: &str, client_id: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &cfg.kafka.brokers)
+        .set("client.id", client_id)
+        .set("group.id", group)
+        .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", "500")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        .set("session.timeout.ms", "6000")
+        .set("heartbeat.interval.ms", "1000")
+        .set("socket.nagle.disable", "true")
+        .set("fetch.min.bytes", "1")
+        .set("fetch.error.backoff.ms", "10")
+        .set("fetch.queue.backoff.ms", "10")
+        .set("queued.max.messages.kbytes", "16384");
+    apply(&mut c, &cfg.kafka.client);
+    apply(&mut c, &cfg.kafka.consumer);
+    c
+}
+
+fn apply(c: &mut ClientConfig, overrides: &std::collections::BTreeMap<String, String>) {
+    for (k, v) in overrides {
+        c.set(k, v);
+    }
+}
+
+/// A topic Sluice needs, with its partition count.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicSpec {
+    /// Topic name.
+    pub name: String,
+    /// Partitions.
+    pub partitions: i32,
+}
+
+/// Every topic the config needs: each model's request and result topics and the dead-letter topic.
+pub fn required_topics(cfg: &Config) -> Vec<TopicSpec> {
+    let mut topics = vec![TopicSpec {
+        name: cfg.dead_letter_topic(),
+        partitions: 1,
+    }];
+    for (name, m) in &cfg.models {
+        topics.push(TopicSpec {
+            name: cfg.request_topic(name),
+            partitions: m.partitions,
+        });
+        topics.push(TopicSpec {
+            name: cfg.result_topic(name),
+            partitions: m.partitions,
+        });
+    }
+    topics
+}
+
+/// Errors from topic administration.
+#[derive(Debug, thiserror::Error)]
+pub enum TopicError {
+    /// The broker could not be reached or refused the request.
+    #[error("kafka admin: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    /// A topic could not be created.
+    #[error("creating topic {topic}: {code}")]
+    Create {
+        /// Topic name.
+        topic: String,
+        /// Broker error.
+        code: RDKafkaErrorCode,
+    },
+}
+
+/// What `apply_topics` did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct TopicReport {
+    /// Topics created now.
+    pub created: Vec<String>,
+    /// Topics that were already there.
+    pub existing: Vec<String>,
+}
+
+/// Creates the missing topics (idempotent: existing topics are left as they are).
+pub async fn apply_topics(cfg: &Config, topics: &[TopicSpec]) -> Result<TopicReport, TopicError> {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &cfg.kafka.brokers);
+    apply(&mut c, &cfg.kafka.client);
+    let admin: AdminClient<DefaultClientContext> = c.create()?;
+    let new: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|t| {
+            NewTopic::new(
+                &t.name,
+                t.partitions,
+                TopicReplication::Fixed(cfg.kafka.replication_factor),
+            )
+        })
+        .collect();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let mut report = TopicReport::default();
+    for result in admin.create_topics(&new, &opts).await? {
+        match result {
+            Ok(topic) => report.created.push(topic),
+            Err((topic, RDKafkaErrorCode::TopicAlreadyExists)) => report.existing.push(topic),
+            Err((topic, code)) => return Err(TopicError::Create { topic, code }),
+        }
+    }
+    Ok(report)
+}

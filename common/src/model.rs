@@ -1,0 +1,250 @@
+//! Checking request tensors against a model's declared inputs (shared by gateway and workers).
+
+use sluice_schemas::{DataType, Tensor, tensor::element_count};
+
+use crate::config::{ModelConfig, TensorSpec};
+
+/// Why a request's tensors do not fit the model.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InputError {
+    /// A declared input is absent.
+    #[error("missing input '{0}'")]
+    Missing(String),
+    /// An input the model does not declare.
+    #[error("unexpected input '{name}'; the model's inputs are {expected:?}")]
+    Unexpected {
+        /// Given name.
+        name: String,
+        /// Declared names.
+        expected: Vec<String>,
+    },
+    /// The same input twice.
+    #[error("input '{0}' given more than once")]
+    Duplicate(String),
+    /// Wrong element type.
+    #[error("input '{name}' has datatype {got}, the model expects {want}")]
+    Datatype {
+        /// Input name.
+        name: String,
+        /// Declared datatype.
+        want: DataType,
+        /// Given datatype.
+        got: DataType,
+    },
+    /// Shape incompatible with the declared one.
+    #[error("input '{name}' has shape {got:?}, the model expects {want:?} (-1 = any size)")]
+    Shape {
+        /// Input name.
+        name: String,
+        /// Declared shape.
+        want: Vec<i64>,
+        /// Given shape.
+        got: Vec<i64>,
+    },
+    /// Batch dimension larger than the model allows.
+    #[error("input '{name}' has batch size {got}, the model's max_batch_size is {max}")]
+    BatchTooLarge {
+        /// Input name.
+        name: String,
+        /// Given batch size.
+        got: i64,
+        /// Allowed maximum.
+        max: usize,
+    },
+    /// Inputs disagree on the batch size.
+    #[error("inputs disagree on the batch size: '{a}' has {na}, '{b}' has {nb}")]
+    BatchMismatch {
+        /// First input.
+        a: String,
+        /// Its batch size.
+        na: i64,
+        /// Second input.
+        b: String,
+        /// Its batch size.
+        nb: i64,
+    },
+    /// Data length does not match the shape.
+    #[error("input '{name}' has {got} elements of data but shape {shape:?} needs {want}")]
+    ElementCount {
+        /// Input name.
+        name: String,
+        /// Shape given.
+        shape: Vec<i64>,
+        /// Elements needed.
+        want: usize,
+        /// Elements given.
+        got: usize,
+    },
+    /// An output that the model does not have was requested.
+    #[error("unknown output '{name}'; the model's outputs are {expected:?}")]
+    UnknownOutput {
+        /// Requested name.
+        name: String,
+        /// Declared names.
+        expected: Vec<String>,
+    },
+}
+
+fn shape_fits(spec: &TensorSpec, shape: &[i64]) -> bool {
+    spec.shape.len() == shape.len()
+        && spec
+            .shape
+            .iter()
+            .zip(shape)
+            .all(|(&w, &g)| g >= 0 && (w == -1 || w == g))
+}
+
+/// Checks `inputs` against the model's declared inputs; returns the batch size (rows).
+pub fn validate_inputs(model: &ModelConfig, inputs: &[Tensor]) -> Result<usize, InputError> {
+    let mut batch: Option<(String, i64)> = None;
+    for (i, t) in inputs.iter().enumerate() {
+        if inputs[..i].iter().any(|o| o.name == t.name) {
+            return Err(InputError::Duplicate(t.name.clone()));
+        }
+        let spec = model
+            .inputs
+            .iter()
+            .find(|s| s.name == t.name)
+            .ok_or_else(|| InputError::Unexpected {
+                name: t.name.clone(),
+                expected: model.inputs.iter().map(|s| s.name.clone()).collect(),
+            })?;
+        if spec.datatype != t.datatype {
+            return Err(InputError::Datatype {
+                name: t.name.clone(),
+                want: spec.datatype,
+                got: t.datatype,
+            });
+        }
+        if !shape_fits(spec, &t.shape) {
+            return Err(InputError::Shape {
+                name: t.name.clone(),
+                want: spec.shape.clone(),
+                got: t.shape.clone(),
+            });
+        }
+        let rows = t.shape[0];
+        if rows < 1 || rows as u64 > model.max_batch_size as u64 {
+            return Err(InputError::BatchTooLarge {
+                name: t.name.clone(),
+                got: rows,
+                max: model.max_batch_size,
+            });
+        }
+        match &batch {
+            Some((a, na)) if *na != rows => {
+                return Err(InputError::BatchMismatch {
+                    a: a.clone(),
+                    na: *na,
+                    b: t.name.clone(),
+                    nb: rows,
+                });
+            }
+            Some(_) => {}
+            None => batch = Some((t.name.clone(), rows)),
+        }
+        let want = element_count(&t.shape).unwrap_or(usize::MAX);
+        let got = t.data.len() / t.datatype.size();
+        if want.saturating_mul(t.datatype.size()) != t.data.len() {
+            return Err(InputError::ElementCount {
+                name: t.name.clone(),
+                shape: t.shape.clone(),
+                want,
+                got,
+            });
+        }
+    }
+    if let Some(missing) = model
+        .inputs
+        .iter()
+        .find(|s| !inputs.iter().any(|t| t.name == s.name))
+    {
+        return Err(InputError::Missing(missing.name.clone()));
+    }
+    Ok(batch.map(|(_, n)| n as usize).unwrap_or(0))
+}
+
+/// Checks that every requested output exists.
+pub fn validate_outputs(model: &ModelConfig, requested: &[String]) -> Result<(), InputError> {
+    for name in requested {
+        if !model.outputs.iter().any(|s| &s.name == name) {
+            return Err(InputError::UnknownOutput {
+                name: name.clone(),
+                expected: model.outputs.iter().map(|s| s.name.clone()).collect(),
+            });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn model() -> ModelConfig {
+        ModelConfig {
+            onnx: "m.onnx".into(),
+            version: "1".into(),
+            inputs: vec![
+                TensorSpec {
+                    name: "x".into(),
+                    datatype: DataType::Fp32,
+                    shape: vec![-1, 3],
+                },
+                TensorSpec {
+                    name: "k".into(),
+                    datatype: DataType::Int64,
+                    shape: vec![-1],
+                },
+            ],
+            outputs: vec![TensorSpec {
+                name: "y".into(),
+                datatype: DataType::Fp32,
+                shape: vec![-1],
+            }],
+            max_batch_size: 4,
+            max_delay: Duration::ZERO,
+            threads: 1,
+            intra_op_threads: 1,
+            partitions: 1,
+            workers: 1,
+        }
+    }
+
+    fn x(rows: i64) -> Tensor {
+        Tensor::from_values("x", DataType::Fp32, vec![rows, 3], &vec![0f32; rows as usize * 3])
+    }
+    fn k(rows: i64) -> Tensor {
+        Tensor::from_values("k", DataType::Int64, vec![rows], &vec![0i64; rows as usize])
+    }
+
+    #[test]
+    fn accepts_matching_inputs_and_returns_rows() {
+        assert_eq!(validate_inputs(&model(), &[x(2), k(2)]), Ok(2));
+    }
+
+    #[test]
+    fn names_each_kind_of_mismatch() {
+        let m = model();
+        assert_eq!(validate_inputs(&m, &[x(1)]), Err(InputError::Missing("k".into())));
+        assert!(matches!(validate_inputs(&m, &[x(1), k(1), Tensor { name: "z".into(), ..k(1) }]), Err(InputError::Unexpected { .. })));
+        assert_eq!(validate_inputs(&m, &[x(1), x(1)]), Err(InputError::Duplicate("x".into())));
+        let wrong_type = Tensor::from_values("x", DataType::Fp64, vec![1, 3], &[0f64; 3]);
+        assert!(matches!(validate_inputs(&m, &[wrong_type, k(1)]), Err(InputError::Datatype { .. })));
+        let wrong_shape = Tensor::from_values("x", DataType::Fp32, vec![1, 4], &[0f32; 4]);
+        assert!(matches!(validate_inputs(&m, &[wrong_shape, k(1)]), Err(InputError::Shape { .. })));
+        assert!(matches!(validate_inputs(&m, &[x(5), k(5)]), Err(InputError::BatchTooLarge { got: 5, max: 4, .. })));
+        assert!(matches!(validate_inputs(&m, &[x(0), k(0)]), Err(InputError::BatchTooLarge { got: 0, .. })));
+        assert!(matches!(validate_inputs(&m, &[x(2), k(1)]), Err(InputError::BatchMismatch { .. })));
+        let mut short = x(1);
+        short.data.truncate(8);
+        assert!(matches!(validate_inputs(&m, &[short, k(1)]), Err(InputError::ElementCount { want: 3, got: 2, .. })));
+    }
+
+    #[test]
+    fn outputs_must_exist() {
+        assert_eq!(validate_outputs(&model(), &["y".into()]), Ok(()));
+        assert!(matches!(validate_outputs(&model(), &["nope".into()]), Err(InputError::UnknownOutput { .. })));
+    }
+}

@@ -1,0 +1,166 @@
+//! Matches results arriving on this gateway's Redis reply channel with the callers waiting for them.
+//!
+//! The gateway subscribes once, before it produces anything. A worker stores each result under its
+//! key (with a TTL) and then publishes it on the channel. Each waiting caller holds a
+//! [`PendingReply`]; a result for an id nobody waits for (a duplicate from an at-least-once
+//! redelivery, or one that came after its deadline) is ignored. If the subscription drops, every
+//! waiter's key is read once after re-subscribing, so a publish missed in the gap is not lost.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use redis::AsyncCommands;
+use redis::aio::ConnectionManager;
+use sluice_schemas::{InferenceResult, decode_result};
+use tokio::sync::oneshot;
+
+type Waiters = HashMap<String, oneshot::Sender<InferenceResult>>;
+
+/// The reply side of request/response over Kafka.
+pub struct Correlator {
+    waiters: Mutex<Waiters>,
+    subscribed: AtomicBool,
+    redis: ConnectionManager,
+    key_of: Box<dyn Fn(&str) -> String + Send + Sync>,
+}
+
+/// A caller's claim on the result for one request id; dropping it stops waiting.
+pub struct PendingReply {
+    id: String,
+    rx: Option<oneshot::Receiver<InferenceResult>>,
+    correlator: Arc<Correlator>,
+}
+
+fn lock(m: &Mutex<Waiters>) -> std::sync::MutexGuard<'_, Waiters> {
+    // A panic while holding this lock cannot leave the map half-updated (single insert/remove).
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Correlator {
+    /// Subscribes to `channel` and starts delivering results. Returns once the first subscription
+    /// is confirmed, so nothing produced afterwards can be answered unseen.
+    pub async fn start(
+        client: redis::Client,
+        channel: String,
+        redis: ConnectionManager,
+        key_of: impl Fn(&str) -> String + Send + Sync + 'static,
+    ) -> redis::RedisResult<Arc<Correlator>> {
+        let mut pubsub = client.get_async_pubsub().await?;
+        pubsub.subscribe(&channel).await?;
+        let c = Arc::new(Correlator {
+            waiters: Mutex::new(HashMap::new()),
+            subscribed: AtomicBool::new(true),
+            redis,
+            key_of: Box::new(key_of),
+        });
+        tokio::spawn(listen(Arc::clone(&c), client, channel, pubsub));
+        Ok(c)
+    }
+
+    /// Whether the reply subscription is live.
+    pub fn is_subscribed(&self) -> bool {
+        self.subscribed.load(Ordering::Relaxed)
+    }
+
+    /// Number of callers waiting.
+    pub fn waiting(&self) -> usize {
+        lock(&self.waiters).len()
+    }
+
+    /// Registers interest in `id`; do this before producing the request.
+    pub fn register(self: &Arc<Self>, id: &str) -> PendingReply {
+        let (tx, rx) = oneshot::channel();
+        lock(&self.waiters).insert(id.to_string(), tx);
+        PendingReply {
+            id: id.to_string(),
+            rx: Some(rx),
+            correlator: Arc::clone(self),
+        }
+    }
+
+    fn deliver(&self, result: InferenceResult) {
+        let tx = lock(&self.waiters).remove(&result.id);
+        match tx {
+            Some(tx) => {
+                // The receiver may have gone (caller gave up) between remove and send: fine.
+                let _ = tx.send(result);
+            }
+            None => {
+                metrics::counter!("sluice_gateway_unmatched_replies_total").increment(1);
+                tracing::debug!(id = %result.id, "reply for a request nobody waits for (duplicate or late)");
+            }
+        }
+    }
+
+    /// Reads a stored result directly (the fallback for a missed publish).
+    pub async fn fetch_stored(&self, id: &str) -> Option<InferenceResult> {
+        let mut conn = self.redis.clone();
+        let bytes: Option<Vec<u8>> = conn.get((self.key_of)(id)).await.ok()?;
+        decode_result(&bytes?).ok()
+    }
+
+    async fn recover_missed(&self) {
+        let ids: Vec<String> = lock(&self.waiters).keys().cloned().collect();
+        for id in ids {
+            if let Some(result) = self.fetch_stored(&id).await {
+                self.deliver(result);
+            }
+        }
+    }
+}
+
+impl PendingReply {
+    /// Waits for the result until `deadline`; on timeout, reads the stored result once.
+    pub async fn wait(mut self, deadline: tokio::time::Instant) -> Option<InferenceResult> {
+        let rx = self.rx.take()?;
+        match tokio::time::timeout_at(deadline, rx).await {
+            Ok(Ok(result)) => Some(result),
+            _ => self.correlator.fetch_stored(&self.id).await,
+        }
+    }
+}
+
+impl Drop for PendingReply {
+    fn drop(&mut self) {
+        lock(&self.correlator.waiters).remove(&self.id);
+    }
+}
+
+async fn listen(
+    c: Arc<Correlator>,
+    client: redis::Client,
+    channel: String,
+    mut pubsub: redis::aio::PubSub,
+) {
+    loop {
+        {
+            let mut messages = pubsub.on_message();
+            while let Some(msg) = messages.next().await {
+                match decode_result(msg.get_payload_bytes()) {
+                    Ok(result) => c.deliver(result),
+                    Err(e) => tracing::warn!(error = %e, "undecodable reply on {channel}"),
+                }
+            }
+        }
+        c.subscribed.store(false, Ordering::Relaxed);
+        tracing::warn!(%channel, "reply subscription lost; reconnecting");
+        let mut backoff = Duration::from_millis(50);
+        pubsub = loop {
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+            match client.get_async_pubsub().await {
+                Ok(mut p) => match p.subscribe(&channel).await {
+                    Ok(()) => break p,
+                    Err(e) => tracing::warn!(error = %e, "resubscribe failed"),
+                },
+                Err(e) => tracing::debug!(error = %e, "redis reconnect failed"),
+            }
+        };
+        c.subscribed.store(true, Ordering::Relaxed);
+        tracing::info!(%channel, "reply subscription restored");
+        c.recover_missed().await;
+    }
+}

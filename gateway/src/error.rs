@@ -1,0 +1,151 @@
+//! Every way a request can fail, and the one place that maps each to an HTTP status.
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use sluice_common::model::InputError;
+use sluice_schemas::InferenceError;
+use sluice_schemas::envelope::codes;
+
+/// A request failure as the caller sees it.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ApiError {
+    /// The request is malformed (bad JSON, bad binary framing, bad parameter).
+    #[error("{0}")]
+    BadRequest(String),
+    /// No model of that name.
+    #[error("unknown model '{0}'")]
+    ModelNotFound(String),
+    /// The body is larger than the configured limit.
+    #[error("request body is larger than the limit of {limit} bytes")]
+    PayloadTooLarge {
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// Well-formed, but the tensors do not fit the model.
+    #[error("{0}")]
+    InvalidTensor(String),
+    /// The in-flight cap is reached; retry later.
+    #[error("too many requests in flight (limit {limit}); retry later")]
+    Overloaded {
+        /// The cap.
+        limit: usize,
+    },
+    /// The broker or Redis is not reachable.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The deadline passed before an answer came.
+    #[error("no answer within the deadline of {0:?}")]
+    DeadlineExceeded(Duration),
+    /// The model failed on this request.
+    #[error("model '{step}' failed: {message}")]
+    ModelFailed {
+        /// The step that failed.
+        step: String,
+        /// Its message.
+        message: String,
+    },
+    /// A bug or an unexpected state.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// The HTTP status for this error.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::ModelNotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::InvalidTensor(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::DeadlineExceeded(_) => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::ModelFailed { .. } | ApiError::Internal(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+        }
+    }
+
+    /// Maps an error a worker reported in a result.
+    pub fn from_result(e: &InferenceError) -> ApiError {
+        let msg = if e.step.is_empty() {
+            e.message.clone()
+        } else {
+            format!("step '{}': {}", e.step, e.message)
+        };
+        match e.code.as_str() {
+            codes::INVALID_INPUT => ApiError::InvalidTensor(msg),
+            codes::UNDECODABLE => ApiError::BadRequest(msg),
+            codes::DEADLINE_EXCEEDED => ApiError::DeadlineExceeded(Duration::ZERO),
+            codes::MODEL_FAILED => ApiError::ModelFailed {
+                step: e.step.clone(),
+                message: e.message.clone(),
+            },
+            _ => ApiError::Internal(msg),
+        }
+    }
+}
+
+impl From<InputError> for ApiError {
+    fn from(e: InputError) -> ApiError {
+        ApiError::InvalidTensor(e.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let body = Json(serde_json::json!({ "error": self.to_string() }));
+        let mut resp = (status, body).into_response();
+        if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_error_has_its_status() {
+        let cases = [
+            (ApiError::BadRequest("x".into()), 400),
+            (ApiError::ModelNotFound("m".into()), 404),
+            (ApiError::PayloadTooLarge { limit: 1 }, 413),
+            (ApiError::InvalidTensor("x".into()), 422),
+            (ApiError::Overloaded { limit: 1 }, 429),
+            (ApiError::Unavailable("x".into()), 503),
+            (ApiError::DeadlineExceeded(Duration::ZERO), 504),
+            (ApiError::Internal("x".into()), 500),
+        ];
+        for (e, code) in cases {
+            assert_eq!(e.status().as_u16(), code, "{e:?}");
+        }
+    }
+
+    #[test]
+    fn overload_carries_retry_after() {
+        let resp = ApiError::Overloaded { limit: 3 }.into_response();
+        assert_eq!(resp.headers().get(header::RETRY_AFTER).map(|v| v.as_bytes()), Some(&b"1"[..]));
+    }
+
+    #[test]
+    fn worker_error_codes_map_to_statuses() {
+        let e = |code: &str| InferenceError {
+            code: code.into(),
+            message: "m".into(),
+            step: "mlp".into(),
+        };
+        assert_eq!(ApiError::from_result(&e(codes::INVALID_INPUT)).status(), 422);
+        assert_eq!(ApiError::from_result(&e(codes::DEADLINE_EXCEEDED)).status(), 504);
+        assert_eq!(ApiError::from_result(&e(codes::MODEL_FAILED)).status(), 500);
+        assert_eq!(ApiError::from_result(&e(codes::UNDECODABLE)).status(), 400);
+        assert!(ApiError::from_result(&e(codes::MODEL_FAILED)).to_string().contains("mlp"));
+    }
+}

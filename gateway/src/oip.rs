@@ -1,0 +1,521 @@
+//! Open Inference Protocol v2 (KServe / Triton) REST bodies: JSON tensors and Triton's binary
+//! tensor extension, to and from Sluice's raw-byte [`Tensor`]s.
+
+use std::fmt;
+
+use serde::de::{self, DeserializeSeed, SeqAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::{Map, Value};
+use sluice_schemas::{DataType, Tensor, tensor::element_count};
+
+use crate::error::ApiError;
+
+/// Header giving the JSON part's length when binary tensors follow it.
+pub const HEADER_LENGTH: &str = "inference-header-content-length";
+
+/// An infer request body's JSON part.
+#[derive(Debug, Deserialize)]
+pub struct InferRequestJson {
+    /// Caller's request id, echoed back.
+    pub id: Option<String>,
+    /// Request parameters (`timeout` in µs, `binary_data_output`).
+    #[serde(default)]
+    pub parameters: Map<String, Value>,
+    /// Input tensors.
+    pub inputs: Vec<InputJson>,
+    /// Requested outputs.
+    #[serde(default)]
+    pub outputs: Vec<RequestedOutput>,
+}
+
+/// One input tensor in JSON.
+#[derive(Debug, Deserialize)]
+pub struct InputJson {
+    /// Input name.
+    pub name: String,
+    /// Shape.
+    pub shape: Vec<i64>,
+    /// Datatype name.
+    pub datatype: String,
+    /// `binary_data_size` when the data follows in binary.
+    #[serde(default)]
+    pub parameters: Map<String, Value>,
+    /// Data, flat or nested (row-major).
+    pub data: Option<FlatData>,
+}
+
+/// An output the caller asks for.
+#[derive(Debug, Deserialize)]
+pub struct RequestedOutput {
+    /// Output name.
+    pub name: String,
+    /// `binary_data: true` to receive it in binary.
+    #[serde(default)]
+    pub parameters: Map<String, Value>,
+}
+
+/// A JSON scalar from a tensor's `data` array.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Scalar {
+    /// Negative integer.
+    I(i64),
+    /// Non-negative integer.
+    U(u64),
+    /// Float.
+    F(f64),
+    /// Boolean.
+    B(bool),
+}
+
+/// A tensor's `data`, flattened in row-major order whatever its nesting.
+#[derive(Debug, Default)]
+pub struct FlatData(pub Vec<Scalar>);
+
+impl<'de> Deserialize<'de> for FlatData {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let mut out = Vec::new();
+        d.deserialize_any(Flatten(&mut out))?;
+        Ok(FlatData(out))
+    }
+}
+
+struct Flatten<'a>(&'a mut Vec<Scalar>);
+
+impl<'de> Visitor<'de> for Flatten<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("numbers or booleans, possibly in nested arrays")
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<(), E> {
+        self.0.push(if v >= 0 { Scalar::U(v as u64) } else { Scalar::I(v) });
+        Ok(())
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<(), E> {
+        self.0.push(Scalar::U(v));
+        Ok(())
+    }
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<(), E> {
+        self.0.push(Scalar::F(v));
+        Ok(())
+    }
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<(), E> {
+        self.0.push(Scalar::B(v));
+        Ok(())
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq.next_element_seed(FlattenSeed(&mut *self.0))?.is_some() {}
+        Ok(())
+    }
+}
+
+struct FlattenSeed<'a>(&'a mut Vec<Scalar>);
+
+impl<'de> DeserializeSeed<'de> for FlattenSeed<'_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(Flatten(self.0))
+    }
+}
+
+/// A parsed infer request.
+#[derive(Debug)]
+pub struct ParsedRequest {
+    /// Caller's id.
+    pub id: Option<String>,
+    /// Parameters.
+    pub parameters: Map<String, Value>,
+    /// Inputs as raw tensors.
+    pub inputs: Vec<Tensor>,
+    /// Requested outputs and whether each should come back binary.
+    pub outputs: Vec<(String, bool)>,
+    /// `binary_data_output` for outputs not listed.
+    pub binary_by_default: bool,
+}
+
+fn param_bool(p: &Map<String, Value>, key: &str) -> bool {
+    matches!(p.get(key), Some(Value::Bool(true)))
+}
+
+/// Parses an infer request body. `json_len` is the `Inference-Header-Content-Length` header value
+/// when the body carries binary tensors after its JSON part.
+pub fn parse_request(body: &[u8], json_len: Option<usize>) -> Result<ParsedRequest, ApiError> {
+    let (json, mut binary) = match json_len {
+        Some(n) if n > body.len() => {
+            return Err(ApiError::BadRequest(format!(
+                "Inference-Header-Content-Length is {n} but the body has only {} bytes",
+                body.len()
+            )));
+        }
+        Some(n) => body.split_at(n),
+        None => (body, &[][..]),
+    };
+    let req: InferRequestJson = serde_json::from_slice(json)
+        .map_err(|e| ApiError::BadRequest(format!("malformed request JSON: {e}")))?;
+    let mut inputs = Vec::with_capacity(req.inputs.len());
+    for input in req.inputs {
+        let datatype: DataType = input.datatype.parse().map_err(|e: sluice_schemas::TensorError| {
+            ApiError::InvalidTensor(format!("input '{}': {e}", input.name))
+        })?;
+        let count = element_count(&input.shape).ok_or_else(|| {
+            ApiError::InvalidTensor(format!(
+                "input '{}' has an invalid shape {:?}",
+                input.name, input.shape
+            ))
+        })?;
+        let data = match (input.parameters.get("binary_data_size"), input.data) {
+            (Some(size), None) => {
+                let size = size.as_u64().ok_or_else(|| {
+                    ApiError::BadRequest(format!(
+                        "input '{}': binary_data_size must be a non-negative integer",
+                        input.name
+                    ))
+                })? as usize;
+                if json_len.is_none() {
+                    return Err(ApiError::BadRequest(format!(
+                        "input '{}' has binary_data_size but the request has no Inference-Header-Content-Length header",
+                        input.name
+                    )));
+                }
+                if size > binary.len() {
+                    return Err(ApiError::BadRequest(format!(
+                        "input '{}' declares {size} binary bytes but only {} remain",
+                        input.name,
+                        binary.len()
+                    )));
+                }
+                let (chunk, rest) = binary.split_at(size);
+                binary = rest;
+                chunk.to_vec()
+            }
+            (None, Some(flat)) => json_to_bytes(&input.name, datatype, &flat.0)?,
+            (Some(_), Some(_)) => {
+                return Err(ApiError::BadRequest(format!(
+                    "input '{}' has both data and binary_data_size",
+                    input.name
+                )));
+            }
+            (None, None) => {
+                return Err(ApiError::BadRequest(format!(
+                    "input '{}' has no data",
+                    input.name
+                )));
+            }
+        };
+        let want = count.saturating_mul(datatype.size());
+        if data.len() != want {
+            return Err(ApiError::InvalidTensor(format!(
+                "input '{}' has {} elements of data but shape {:?} needs {count}",
+                input.name,
+                data.len() / datatype.size(),
+                input.shape
+            )));
+        }
+        inputs.push(Tensor {
+            name: input.name,
+            datatype,
+            shape: input.shape,
+            data,
+        });
+    }
+    if !binary.is_empty() {
+        return Err(ApiError::BadRequest(format!(
+            "{} binary bytes follow the JSON but no input claims them",
+            binary.len()
+        )));
+    }
+    let binary_by_default = param_bool(&req.parameters, "binary_data_output");
+    let outputs = req
+        .outputs
+        .into_iter()
+        .map(|o| {
+            let binary = match o.parameters.get("binary_data") {
+                Some(Value::Bool(b)) => *b,
+                _ => binary_by_default,
+            };
+            (o.name, binary)
+        })
+        .collect();
+    Ok(ParsedRequest {
+        id: req.id,
+        parameters: req.parameters,
+        inputs,
+        outputs,
+        binary_by_default,
+    })
+}
+
+fn json_to_bytes(name: &str, dt: DataType, values: &[Scalar]) -> Result<Vec<u8>, ApiError> {
+    let bad = |i: usize, v: &Scalar| {
+        ApiError::InvalidTensor(format!(
+            "input '{name}': element {i} ({v:?}) is not a valid {dt} value"
+        ))
+    };
+    let mut out = Vec::with_capacity(values.len() * dt.size());
+    macro_rules! ints {
+        ($t:ty) => {
+            for (i, v) in values.iter().enumerate() {
+                let x: $t = match *v {
+                    Scalar::I(n) => <$t>::try_from(n).map_err(|_| bad(i, v))?,
+                    Scalar::U(n) => <$t>::try_from(n).map_err(|_| bad(i, v))?,
+                    Scalar::F(f) if f.fract() == 0.0 && f >= <$t>::MIN as f64 && f <= <$t>::MAX as f64 => f as $t,
+                    _ => return Err(bad(i, v)),
+                };
+                out.extend_from_slice(&x.to_le_bytes());
+            }
+        };
+    }
+    macro_rules! floats {
+        ($t:ty) => {
+            for (i, v) in values.iter().enumerate() {
+                let x: $t = match *v {
+                    Scalar::I(n) => n as $t,
+                    Scalar::U(n) => n as $t,
+                    Scalar::F(f) => f as $t,
+                    Scalar::B(_) => return Err(bad(i, v)),
+                };
+                out.extend_from_slice(&x.to_le_bytes());
+            }
+        };
+    }
+    match dt {
+        DataType::Bool => {
+            for (i, v) in values.iter().enumerate() {
+                match v {
+                    Scalar::B(b) => out.push(u8::from(*b)),
+                    _ => return Err(bad(i, v)),
+                }
+            }
+        }
+        DataType::Uint8 => ints!(u8),
+        DataType::Uint16 => ints!(u16),
+        DataType::Uint32 => ints!(u32),
+        DataType::Uint64 => ints!(u64),
+        DataType::Int8 => ints!(i8),
+        DataType::Int16 => ints!(i16),
+        DataType::Int32 => ints!(i32),
+        DataType::Int64 => ints!(i64),
+        DataType::Fp32 => floats!(f32),
+        DataType::Fp64 => floats!(f64),
+        DataType::Fp16 => {
+            return Err(ApiError::InvalidTensor(format!(
+                "input '{name}': FP16 data is accepted only as binary tensor data"
+            )));
+        }
+    }
+    Ok(out)
+}
+
+/// Typed JSON data of an output tensor.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum JsonData {
+    F32(Vec<f32>),
+    F64(Vec<f64>),
+    I64(Vec<i64>),
+    U64(Vec<u64>),
+    Bool(Vec<bool>),
+}
+
+fn bytes_to_json(t: &Tensor) -> Result<JsonData, ApiError> {
+    fn le<const N: usize, T>(data: &[u8], f: impl Fn([u8; N]) -> T) -> Vec<T> {
+        data.chunks_exact(N)
+            .map(|c| {
+                let mut a = [0u8; N];
+                a.copy_from_slice(c);
+                f(a)
+            })
+            .collect()
+    }
+    let d = &t.data;
+    Ok(match t.datatype {
+        DataType::Bool => JsonData::Bool(d.iter().map(|b| *b != 0).collect()),
+        DataType::Uint8 => JsonData::U64(d.iter().map(|b| u64::from(*b)).collect()),
+        DataType::Uint16 => JsonData::U64(le(d, |a| u64::from(u16::from_le_bytes(a)))),
+        DataType::Uint32 => JsonData::U64(le(d, |a| u64::from(u32::from_le_bytes(a)))),
+        DataType::Uint64 => JsonData::U64(le(d, u64::from_le_bytes)),
+        DataType::Int8 => JsonData::I64(d.iter().map(|b| i64::from(*b as i8)).collect()),
+        DataType::Int16 => JsonData::I64(le(d, |a| i64::from(i16::from_le_bytes(a)))),
+        DataType::Int32 => JsonData::I64(le(d, |a| i64::from(i32::from_le_bytes(a)))),
+        DataType::Int64 => JsonData::I64(le(d, i64::from_le_bytes)),
+        DataType::Fp32 => JsonData::F32(le(d, f32::from_le_bytes)),
+        DataType::Fp64 => JsonData::F64(le(d, f64::from_le_bytes)),
+        DataType::Fp16 => {
+            return Err(ApiError::InvalidTensor(format!(
+                "output '{}' is FP16: request it with binary_data",
+                t.name
+            )));
+        }
+    })
+}
+
+#[derive(Serialize)]
+struct OutputJson<'a> {
+    name: &'a str,
+    datatype: &'static str,
+    shape: &'a [i64],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parameters: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<JsonData>,
+}
+
+#[derive(Serialize)]
+struct ResponseJson<'a> {
+    model_name: &'a str,
+    model_version: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Map::is_empty")]
+    parameters: Map<String, Value>,
+    outputs: Vec<OutputJson<'a>>,
+}
+
+/// An encoded infer response: the body, and the JSON part's length when binary data follows.
+pub struct EncodedResponse {
+    /// Full body.
+    pub body: Vec<u8>,
+    /// `Inference-Header-Content-Length` value, when binary outputs follow the JSON.
+    pub json_len: Option<usize>,
+}
+
+/// Which outputs to return, each with binary or JSON encoding.
+pub fn select_outputs<'a>(
+    outputs: &'a [Tensor],
+    requested: &[(String, bool)],
+    binary_by_default: bool,
+) -> Vec<(&'a Tensor, bool)> {
+    if requested.is_empty() {
+        outputs.iter().map(|t| (t, binary_by_default)).collect()
+    } else {
+        requested
+            .iter()
+            .filter_map(|(name, bin)| outputs.iter().find(|t| &t.name == name).map(|t| (t, *bin)))
+            .collect()
+    }
+}
+
+/// Encodes an infer response.
+pub fn encode_response(
+    model: &str,
+    version: &str,
+    id: Option<&str>,
+    parameters: Map<String, Value>,
+    outputs: &[(&Tensor, bool)],
+) -> Result<EncodedResponse, ApiError> {
+    let mut binary = Vec::new();
+    let mut json_outputs = Vec::with_capacity(outputs.len());
+    for (t, as_binary) in outputs {
+        if *as_binary {
+            binary.extend_from_slice(&t.data);
+            json_outputs.push(OutputJson {
+                name: &t.name,
+                datatype: t.datatype.as_str(),
+                shape: &t.shape,
+                parameters: Some(serde_json::json!({ "binary_data_size": t.data.len() })),
+                data: None,
+            });
+        } else {
+            json_outputs.push(OutputJson {
+                name: &t.name,
+                datatype: t.datatype.as_str(),
+                shape: &t.shape,
+                parameters: None,
+                data: Some(bytes_to_json(t)?),
+            });
+        }
+    }
+    let resp = ResponseJson {
+        model_name: model,
+        model_version: version,
+        id,
+        parameters,
+        outputs: json_outputs,
+    };
+    let mut body =
+        serde_json::to_vec(&resp).map_err(|e| ApiError::Internal(format!("encoding response: {e}")))?;
+    let has_binary = outputs.iter().any(|(_, b)| *b);
+    let json_len = has_binary.then_some(body.len());
+    body.extend_from_slice(&binary);
+    Ok(EncodedResponse { body, json_len })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn parses_nested_and_flat_json_data() {
+        let body = br#"{"id":"r1","inputs":[
+            {"name":"x","shape":[2,2],"datatype":"FP32","data":[[1,2.5],[-3,4]]},
+            {"name":"k","shape":[2],"datatype":"INT64","data":[7,-8]},
+            {"name":"b","shape":[1],"datatype":"BOOL","data":[true]}]}"#;
+        let r = parse_request(body, None).unwrap();
+        assert_eq!(r.id.as_deref(), Some("r1"));
+        assert_eq!(r.inputs[0].values::<f32>(), vec![1.0, 2.5, -3.0, 4.0]);
+        assert_eq!(r.inputs[1].values::<i64>(), vec![7, -8]);
+        assert_eq!(r.inputs[2].data, vec![1]);
+    }
+
+    #[test]
+    fn rejects_bad_values_with_4xx() {
+        let cases: [(&[u8], u16); 6] = [
+            (b"{not json", 400),
+            (br#"{"inputs":[{"name":"x","shape":[1],"datatype":"UINT8","data":[300]}]}"#, 422),
+            (br#"{"inputs":[{"name":"x","shape":[1],"datatype":"INT32","data":[1.5]}]}"#, 422),
+            (br#"{"inputs":[{"name":"x","shape":[3],"datatype":"FP32","data":[1,2]}]}"#, 422),
+            (br#"{"inputs":[{"name":"x","shape":[1],"datatype":"FLOAT","data":[1]}]}"#, 422),
+            (br#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP32"}]}"#, 400),
+        ];
+        for (body, status) in cases {
+            let err = parse_request(body, None).unwrap_err();
+            assert_eq!(err.status().as_u16(), status, "{}: {err}", String::from_utf8_lossy(body));
+        }
+    }
+
+    #[test]
+    fn parses_binary_extension() {
+        let json = br#"{"inputs":[{"name":"x","shape":[1,2],"datatype":"FP32","parameters":{"binary_data_size":8}},
+            {"name":"y","shape":[1],"datatype":"INT64","parameters":{"binary_data_size":8}}],
+            "outputs":[{"name":"out","parameters":{"binary_data":true}}]}"#;
+        let mut body = json.to_vec();
+        body.extend_from_slice(bytemuck::cast_slice(&[1.5f32, -2.0]));
+        body.extend_from_slice(&42i64.to_le_bytes());
+        let r = parse_request(&body, Some(json.len())).unwrap();
+        assert_eq!(r.inputs[0].values::<f32>(), vec![1.5, -2.0]);
+        assert_eq!(r.inputs[1].values::<i64>(), vec![42]);
+        assert_eq!(r.outputs, vec![("out".to_string(), true)]);
+        // Too few bytes, or bytes left over, are errors.
+        assert_eq!(parse_request(&body[..body.len() - 1], Some(json.len())).unwrap_err().status(), 400);
+        let mut extra = body.clone();
+        extra.push(0);
+        assert_eq!(parse_request(&extra, Some(json.len())).unwrap_err().status(), 400);
+        assert_eq!(parse_request(&body, Some(body.len() + 1)).unwrap_err().status(), 400);
+    }
+
+    #[test]
+    fn encodes_json_and_binary_outputs() {
+        let label = Tensor::from_values("label", DataType::Int64, vec![2], &[3i64, 9]);
+        let probs = Tensor::from_values("probabilities", DataType::Fp32, vec![2, 1], &[0.25f32, 0.5]);
+        let resp = encode_response("m", "1", Some("r"), Map::new(), &[(&label, false), (&probs, true)]).unwrap();
+        let n = resp.json_len.unwrap();
+        let head: Value = serde_json::from_slice(&resp.body[..n]).unwrap();
+        assert_eq!(head["outputs"][0]["data"], serde_json::json!([3, 9]));
+        assert_eq!(head["outputs"][1]["parameters"]["binary_data_size"], 8);
+        assert_eq!(&resp.body[n..], bytemuck::cast_slice::<f32, u8>(&[0.25, 0.5]));
+        let plain = encode_response("m", "1", None, Map::new(), &[(&label, false)]).unwrap();
+        assert!(plain.json_len.is_none());
+    }
+
+    #[test]
+    fn selects_requested_outputs() {
+        let a = Tensor::from_values("a", DataType::Int64, vec![1], &[1i64]);
+        let b = Tensor::from_values("b", DataType::Int64, vec![1], &[2i64]);
+        let all = [a, b];
+        assert_eq!(select_outputs(&all, &[], true).len(), 2);
+        let sel = select_outputs(&all, &[("b".into(), false)], true);
+        assert_eq!(sel.len(), 1);
+        assert_eq!(sel[0].0.name, "b");
+        assert!(!sel[0].1);
+    }
+}

@@ -1,0 +1,326 @@
+//! `sluice bench`: where the time goes.
+//!
+//! Three measurements, so every figure reads as compute + transport + Sluice's own overhead:
+//! 1. **transport**: the broker's produce→consume latency, one record at a time, with the same
+//!    client settings the gateway and workers use (the floor any Kafka hop pays);
+//! 2. **compute**: ONNX Runtime in-process on the same model at each batch size (the model's limit);
+//! 3. **http**: closed-loop load at each concurrency against a running gateway: requests/s, p50,
+//!    p90, p99, errors, and the CPU time Sluice's own processes (gateway, workers) spent per request.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use clap::Args;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use sluice_common::Config;
+use sluice_common::kafka::{TopicSpec, apply_topics, consumer_config, producer_config};
+use sluice_schemas::{DataType, Tensor};
+use sluice_workers::backend::{Backend, OrtBackend};
+
+/// Options of `sluice bench`.
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Model to measure.
+    #[arg(long)]
+    model: String,
+    /// Gateway base URL (default: http://<gateway.listen>).
+    #[arg(long)]
+    url: Option<String>,
+    /// Concurrency levels for the HTTP load, comma-separated; also the compute batch sizes.
+    #[arg(long, value_delimiter = ',', default_value = "1,32")]
+    concurrency: Vec<usize>,
+    /// Measurement time per level.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    duration: Duration,
+    /// Warm-up time per level (not measured).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
+    warmup: Duration,
+    /// Request body (JSON); default: examples/requests/<model>.json beside the config.
+    #[arg(long)]
+    input: Option<PathBuf>,
+    /// Skip the HTTP load.
+    #[arg(long)]
+    skip_http: bool,
+    /// Skip the in-process compute measurement.
+    #[arg(long)]
+    skip_compute: bool,
+    /// Skip the broker transport measurement.
+    #[arg(long)]
+    skip_transport: bool,
+}
+
+/// Latency summary in milliseconds.
+struct Summary {
+    count: usize,
+    p50: f64,
+    p90: f64,
+    p99: f64,
+}
+
+fn summarize(mut us: Vec<u64>) -> Summary {
+    us.sort_unstable();
+    let pick = |q: f64| -> f64 {
+        if us.is_empty() {
+            return f64::NAN;
+        }
+        let i = ((us.len() as f64 - 1.0) * q).round() as usize;
+        us[i] as f64 / 1000.0
+    };
+    Summary {
+        count: us.len(),
+        p50: pick(0.50),
+        p90: pick(0.90),
+        p99: pick(0.99),
+    }
+}
+
+#[allow(clippy::print_stdout)]
+pub async fn run(cfg: Config, args: BenchArgs) -> anyhow::Result<()> {
+    let model = cfg
+        .model(&args.model)
+        .with_context(|| format!("model '{}' is not in the config", args.model))?
+        .clone();
+    let body = request_body(&cfg, &args, &model)?;
+    println!("sluice bench: model {}, {} per level after {} warm-up", args.model, humantime::format_duration(args.duration), humantime::format_duration(args.warmup));
+
+    let mut transport_p50 = None;
+    if !args.skip_transport {
+        let s = transport(&cfg, args.duration.min(Duration::from_secs(10))).await?;
+        println!(
+            "transport  produce→consume, 1 in flight: n={} p50={:.2}ms p90={:.2}ms p99={:.2}ms",
+            s.count, s.p50, s.p90, s.p99
+        );
+        transport_p50 = Some(s.p50);
+    }
+    if !args.skip_compute {
+        let inputs = parse_inputs(&body)?;
+        for &c in &args.concurrency {
+            let batch = c.clamp(1, model.max_batch_size);
+            let (rows_per_s, s) = compute(&model, &inputs, batch, args.duration.min(Duration::from_secs(5)))?;
+            println!(
+                "compute    onnxruntime in-process, batch {batch}: {rows_per_s:.0} rows/s, per call p50={:.3}ms p99={:.3}ms",
+                s.p50, s.p99
+            );
+        }
+    }
+    if !args.skip_http {
+        let base = args.url.clone().unwrap_or_else(|| format!("http://{}", cfg.gateway.listen));
+        let url = format!("{base}/v2/models/{}/infer", args.model);
+        for &c in &args.concurrency {
+            let pids = sluice_pids();
+            let (r, cpu_ms_per_req) = http_load(&url, body.clone(), c, args.warmup, args.duration, &pids).await?;
+            let s = summarize(r.latencies_us);
+            let rps = s.count as f64 / args.duration.as_secs_f64();
+            let over = transport_p50.map(|t| format!(", p50 - transport p50 = {:.2}ms", s.p50 - t)).unwrap_or_default();
+            println!(
+                "http       concurrency {c}: {rps:.0} req/s, p50={:.2}ms p90={:.2}ms p99={:.2}ms, errors={}, sluice CPU {:.3} ms/req over {} processes{over}",
+                s.p50, s.p90, s.p99, r.errors, cpu_ms_per_req, pids.len()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn request_body(cfg: &Config, args: &BenchArgs, model: &sluice_common::ModelConfig) -> anyhow::Result<Bytes> {
+    let path = args.input.clone().unwrap_or_else(|| {
+        let dir = model.onnx.parent().and_then(|p| p.parent()).map(PathBuf::from).unwrap_or_default();
+        dir.join("requests").join(format!("{}.json", args.model))
+    });
+    if path.is_file() {
+        return Ok(Bytes::from(std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?));
+    }
+    // No sample: zeros of the declared shapes, one row.
+    let _ = cfg;
+    let inputs: Vec<serde_json::Value> = model
+        .inputs
+        .iter()
+        .map(|s| {
+            let mut shape = s.shape.clone();
+            shape[0] = 1;
+            let n: i64 = shape.iter().map(|d| d.max(&1)).product();
+            serde_json::json!({"name": s.name, "datatype": s.datatype.as_str(), "shape": shape, "data": vec![0; n as usize]})
+        })
+        .collect();
+    Ok(Bytes::from(serde_json::to_vec(&serde_json::json!({ "inputs": inputs }))?))
+}
+
+fn parse_inputs(body: &[u8]) -> anyhow::Result<Vec<Tensor>> {
+    let v: serde_json::Value = serde_json::from_slice(body)?;
+    let mut out = Vec::new();
+    for i in v["inputs"].as_array().context("request has no inputs")? {
+        let dt: DataType = i["datatype"].as_str().unwrap_or_default().parse()?;
+        if dt != DataType::Fp32 {
+            bail!("the compute bench supports FP32 inputs only");
+        }
+        let shape: Vec<i64> = serde_json::from_value(i["shape"].clone())?;
+        let mut flat = Vec::new();
+        flatten(&i["data"], &mut flat);
+        out.push(Tensor::from_values(i["name"].as_str().unwrap_or_default(), dt, shape, &flat));
+    }
+    Ok(out)
+}
+
+fn flatten(v: &serde_json::Value, out: &mut Vec<f32>) {
+    match v {
+        serde_json::Value::Array(a) => a.iter().for_each(|x| flatten(x, out)),
+        serde_json::Value::Number(n) => out.push(n.as_f64().unwrap_or(0.0) as f32),
+        _ => {}
+    }
+}
+
+fn compute(model: &sluice_common::ModelConfig, sample: &[Tensor], batch: usize, duration: Duration) -> anyhow::Result<(f64, Summary)> {
+    let mut backend = OrtBackend::load(model)?;
+    let inputs: Vec<Tensor> = sample
+        .iter()
+        .map(|t| {
+            let mut shape = t.shape.clone();
+            let rows = shape[0].max(1) as usize;
+            shape[0] = (batch * rows) as i64;
+            Tensor { name: t.name.clone(), datatype: t.datatype, shape, data: t.data.repeat(batch) }
+        })
+        .collect();
+    let outputs: Vec<String> = model.outputs.iter().map(|o| o.name.clone()).collect();
+    for _ in 0..10 {
+        backend.infer(&inputs, &outputs)?;
+    }
+    let start = Instant::now();
+    let mut calls = Vec::new();
+    while start.elapsed() < duration {
+        let t = Instant::now();
+        backend.infer(&inputs, &outputs)?;
+        calls.push(t.elapsed().as_micros() as u64);
+    }
+    let rows = (calls.len() * batch) as f64 / start.elapsed().as_secs_f64();
+    Ok((rows, summarize(calls)))
+}
+
+async fn transport(cfg: &Config, duration: Duration) -> anyhow::Result<Summary> {
+    let topic = format!("{}.bench-transport", cfg.kafka.topic_prefix);
+    apply_topics(cfg, &[TopicSpec { name: topic.clone(), partitions: 1 }]).await?;
+    let producer: FutureProducer = producer_config(cfg, "sluice-bench").create()?;
+    let group = format!("sluice-bench-{}", std::process::id());
+    let consumer: StreamConsumer = consumer_config(cfg, &group, "sluice-bench").create()?;
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(&topic, 0, Offset::End)?;
+    consumer.assign(&tpl)?;
+    // Prime the connection and fetch position.
+    let deadline = Instant::now() + duration + Duration::from_secs(10);
+    let mut samples = Vec::new();
+    let mut n = 0u64;
+    let measured_from = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < deadline && (Instant::now() < measured_from + duration) {
+        n += 1;
+        let key = n.to_string();
+        let t = Instant::now();
+        producer
+            .send(FutureRecord::to(&topic).key(&key).payload(&key), Duration::from_secs(5))
+            .await
+            .map_err(|(e, _)| e)?;
+        loop {
+            let m = tokio::time::timeout(Duration::from_secs(5), consumer.recv()).await??;
+            if m.key() == Some(key.as_bytes()) {
+                break;
+            }
+        }
+        if Instant::now() > measured_from {
+            samples.push(t.elapsed().as_micros() as u64);
+        }
+    }
+    Ok(summarize(samples))
+}
+
+struct LoadResult {
+    latencies_us: Vec<u64>,
+    errors: u64,
+}
+
+async fn http_load(
+    url: &str,
+    body: Bytes,
+    concurrency: usize,
+    warmup: Duration,
+    duration: Duration,
+    pids: &[u32],
+) -> anyhow::Result<(LoadResult, f64)> {
+    let client = crate::http::client(concurrency);
+    let start = Instant::now();
+    let measure_from = start + warmup;
+    let end = measure_from + duration;
+    let cpu_before = Arc::new(std::sync::Mutex::new(None::<u64>));
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let client = client.clone();
+        let body = body.clone();
+        let url = url.to_string();
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut errors = 0u64;
+            loop {
+                let t = Instant::now();
+                if t >= end {
+                    break;
+                }
+                let ok = matches!(crate::http::post_json(&client, &url, body.clone()).await, Ok((200, _)));
+                if t >= measure_from {
+                    if ok {
+                        lat.push(t.elapsed().as_micros() as u64);
+                    } else {
+                        errors += 1;
+                    }
+                }
+            }
+            (lat, errors)
+        }));
+    }
+    tokio::time::sleep_until(measure_from.into()).await;
+    let before = cpu_ticks(pids);
+    if let Ok(mut b) = cpu_before.lock() {
+        *b = Some(before);
+    }
+    tokio::time::sleep_until(end.into()).await;
+    let after = cpu_ticks(pids);
+    let mut result = LoadResult { latencies_us: Vec::new(), errors: 0 };
+    for t in tasks {
+        let (lat, errors) = t.await?;
+        result.latencies_us.extend(lat);
+        result.errors += errors;
+    }
+    let ticks_per_s = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100) as f64;
+    let cpu_ms = (after.saturating_sub(before)) as f64 * 1000.0 / ticks_per_s;
+    let per_req = cpu_ms / (result.latencies_us.len().max(1) as f64);
+    Ok((result, per_req))
+}
+
+/// Pids of running `sluice gateway` and `sluice worker` processes.
+fn sluice_pids() -> Vec<u32> {
+    let me = std::process::id();
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| *pid != me)
+        .filter(|pid| {
+            let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else { return false };
+            let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+            let is_sluice = args.first().is_some_and(|a| a.ends_with(b"sluice"));
+            is_sluice && args.iter().any(|a| *a == b"gateway" || *a == b"worker")
+        })
+        .collect()
+}
+
+/// Total user+system clock ticks of `pids`.
+fn cpu_ticks(pids: &[u32]) -> u64 {
+    pids.iter()
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let after_comm = &stat[stat.rfind(')')? + 2..];
+            let fields: Vec<&str> = after_comm.split(' ').collect();
+            // Fields 14 and 15 of /proc/pid/stat (utime, stime) are 11 and 12 after the comm field.
+            Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+        })
+        .sum()
+}

@@ -1,0 +1,130 @@
+//! `sluice`: the command line of the Sluice serving system.
+//!
+//! - `sluice up` runs the local stack (broker, Redis, gateway, one worker per model).
+//! - `sluice gateway` / `sluice worker --model M` run one component.
+//! - `sluice topics apply` creates the topics a config needs.
+//! - `sluice bench` measures HTTP load, in-process compute and the broker's transport floor.
+
+mod bench;
+mod http;
+mod up;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use sluice_common::Config;
+
+#[derive(Parser)]
+#[command(name = "sluice", version, about = "Streaming ML inference behind Kafka")]
+struct Cli {
+    /// Config file (TOML). Defaults apply for anything it leaves out; SLUICE__… env vars win.
+    #[arg(long, short, global = true, env = "SLUICE_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the local stack: broker and Redis (started if not reachable), topics, gateway, workers.
+    Up,
+    /// Run the HTTP gateway.
+    Gateway {
+        /// Listen address (overrides gateway.listen).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+    },
+    /// Run a worker for one model.
+    Worker {
+        /// Model name from the config.
+        #[arg(long)]
+        model: String,
+        /// Address for /metrics and health (overrides worker.metrics_listen).
+        #[arg(long)]
+        metrics_listen: Option<SocketAddr>,
+    },
+    /// Manage topics.
+    Topics {
+        #[command(subcommand)]
+        action: TopicsAction,
+    },
+    /// Measure throughput and latency (see README, "Benchmarks").
+    Bench(bench::BenchArgs),
+}
+
+#[derive(Subcommand)]
+enum TopicsAction {
+    /// Create the topics the config needs (idempotent).
+    Apply,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let cfg = match Config::load(cli.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("sluice: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    sluice_common::telemetry::init_logging(&cfg.telemetry);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the async runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(run(cli.command, cli.config, cfg));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command, config_path: Option<PathBuf>, cfg: Config) -> anyhow::Result<()> {
+    match command {
+        Command::Up => up::run(cfg, config_path).await,
+        Command::Gateway { listen } => {
+            let mut cfg = cfg;
+            if let Some(l) = listen {
+                cfg.gateway.listen = l;
+            }
+            tracing::info!(config = %cfg.redacted(), "effective config");
+            let metrics = sluice_common::telemetry::install_metrics();
+            let listener = tokio::net::TcpListener::bind(cfg.gateway.listen).await?;
+            let gw = sluice_gateway::Gateway::connect(cfg, metrics).await?;
+            tracing::info!(addr = %listener.local_addr()?, gateway = gw.id(), "gateway listening");
+            gw.serve(listener, sluice_common::ops::shutdown_signal()).await?;
+            Ok(())
+        }
+        Command::Worker {
+            model,
+            metrics_listen,
+        } => {
+            tracing::info!(config = %cfg.redacted(), "effective config");
+            let metrics = sluice_common::telemetry::install_metrics();
+            let addr = metrics_listen.unwrap_or(cfg.worker.metrics_listen);
+            sluice_workers::run(cfg, &model, addr, metrics, sluice_common::ops::shutdown_signal()).await?;
+            Ok(())
+        }
+        Command::Topics {
+            action: TopicsAction::Apply,
+        } => {
+            let topics = sluice_common::kafka::required_topics(&cfg);
+            let report = sluice_common::kafka::apply_topics(&cfg, &topics).await?;
+            tracing::info!(created = ?report.created, existing = ?report.existing, "topics applied");
+            Ok(())
+        }
+        Command::Bench(args) => bench::run(cfg, args).await,
+    }
+}

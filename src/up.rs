@@ -1,0 +1,268 @@
+//! `sluice up`: the whole local stack in one command.
+//!
+//! Starts tansu and Redis when nothing answers at the configured addresses, creates the topics,
+//! starts the gateway and `workers` workers per model, waits until every part is ready, prints how
+//! to call it, and on Ctrl-C (or SIGTERM) stops everything it started: workers and gateway first
+//! (SIGTERM, so they drain), then Redis and the broker.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use sluice_common::Config;
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+
+/// First port handed to worker ops servers (`/metrics`, health).
+const WORKER_PORT_BASE: u16 = 9100;
+
+/// A process `up` started, stopped in reverse order of start.
+struct Started {
+    name: String,
+    child: Child,
+}
+
+#[derive(Default)]
+struct Stack {
+    processes: Vec<Started>,
+}
+
+impl Stack {
+    fn spawn(&mut self, name: &str, cmd: &mut Command) -> anyhow::Result<()> {
+        let child = cmd
+            .kill_on_drop(true)
+            .stdin(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
+        tracing::info!(process = name, pid = child.id(), "started");
+        self.processes.push(Started {
+            name: name.to_string(),
+            child,
+        });
+        Ok(())
+    }
+
+    /// Resolves when any started process exits; returns its name.
+    async fn any_exit(&mut self) -> String {
+        loop {
+            for p in &mut self.processes {
+                if let Ok(Some(status)) = p.child.try_wait() {
+                    return format!("{} ({status})", p.name);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// SIGTERM each process (newest first), waiting up to `grace` for each before SIGKILL.
+    async fn stop(&mut self, grace: Duration) {
+        while let Some(mut p) = self.processes.pop() {
+            if let Some(pid) = p.child.id() {
+                let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+                match tokio::time::timeout(grace, p.child.wait()).await {
+                    Ok(_) => tracing::info!(process = %p.name, "stopped"),
+                    Err(_) => {
+                        tracing::warn!(process = %p.name, "did not stop in time; killing");
+                        let _ = p.child.kill().await;
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn host_port(url_or_addr: &str, default_port: u16) -> String {
+    let s = url_or_addr
+        .split("://")
+        .last()
+        .unwrap_or(url_or_addr)
+        .rsplit('@')
+        .next()
+        .unwrap_or(url_or_addr);
+    let s = s.split('/').next().unwrap_or(s);
+    if s.contains(':') {
+        s.to_string()
+    } else {
+        format!("{s}:{default_port}")
+    }
+}
+
+async fn reachable(addr: &str) -> bool {
+    matches!(
+        tokio::time::timeout(Duration::from_millis(500), TcpStream::connect(addr)).await,
+        Ok(Ok(_))
+    )
+}
+
+async fn wait_reachable(addr: &str, what: &str, within: Duration) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + within;
+    while !reachable(addr).await {
+        if tokio::time::Instant::now() > deadline {
+            bail!("{what} did not come up at {addr} within {within:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+/// The tansu binary: `SLUICE_TANSU_BIN`, else `~/.cargo/bin/tansu`, else `tansu` on PATH.
+pub fn tansu_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("SLUICE_TANSU_BIN") {
+        return PathBuf::from(p);
+    }
+    let cargo_home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")));
+    if let Some(p) = cargo_home.map(|h| h.join("bin/tansu"))
+        && p.is_file()
+    {
+        return p;
+    }
+    PathBuf::from("tansu")
+}
+
+async fn wait_http_ready(client: &crate::http::HttpClient, url: &str, stack: &mut Stack, within: Duration) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Ok(200) = crate::http::get_status(client, url).await {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("{url} not ready within {within:?}");
+        }
+        tokio::select! {
+            exited = stack.any_exit() => bail!("{exited} exited during start-up"),
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+    }
+}
+
+pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()> {
+    let mut stack = Stack::default();
+    let result = start_and_wait(&cfg, config_path.as_deref(), &mut stack).await;
+    stack.stop(cfg.worker.drain_timeout + Duration::from_secs(5)).await;
+    result
+}
+
+async fn start_and_wait(cfg: &Config, config_path: Option<&Path>, stack: &mut Stack) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("locating the sluice binary")?;
+    let broker = host_port(cfg.kafka.brokers.split(',').next().unwrap_or_default(), 9092);
+    if reachable(&broker).await {
+        tracing::info!(%broker, "using the broker already running");
+    } else {
+        let url = format!("tcp://{broker}");
+        stack.spawn(
+            "tansu",
+            Command::new(tansu_binary()).args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+                "--storage-engine",
+                &cfg.local.kafka_storage,
+            ]),
+        )?;
+        wait_reachable(&broker, "tansu", Duration::from_secs(30)).await?;
+    }
+    let redis = host_port(&cfg.redis.url, cfg.local.redis_port);
+    if reachable(&redis).await {
+        tracing::info!(%redis, "using the Redis already running");
+    } else {
+        let port = redis.rsplit(':').next().unwrap_or("6379").to_string();
+        stack.spawn(
+            "redis-server",
+            Command::new("redis-server").args(["--port", &port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]),
+        )?;
+        wait_reachable(&redis, "redis-server", Duration::from_secs(10)).await?;
+    }
+
+    let topics = sluice_common::kafka::required_topics(cfg);
+    let mut attempt = 0;
+    let report = loop {
+        match sluice_common::kafka::apply_topics(cfg, &topics).await {
+            Ok(r) => break r,
+            Err(e) if attempt < 10 => {
+                attempt += 1;
+                tracing::debug!(error = %e, "topics not applied yet; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    tracing::info!(created = ?report.created, existing = ?report.existing, "topics applied");
+
+    let component = |args: &[String]| {
+        let mut c = Command::new(&exe);
+        if let Some(p) = config_path {
+            c.arg("--config").arg(p);
+        }
+        c.args(args);
+        c
+    };
+    let client = crate::http::client(4);
+    let mut ready_urls = vec![format!("http://{}/v2/health/ready", cfg.gateway.listen)];
+    stack.spawn("gateway", &mut component(&["gateway".into()]))?;
+    let mut port = WORKER_PORT_BASE;
+    for (name, m) in &cfg.models {
+        for i in 0..m.workers {
+            let addr = SocketAddr::from(([127, 0, 0, 1], port));
+            stack.spawn(
+                &format!("worker {name}#{i}"),
+                &mut component(&["worker".into(), "--model".into(), name.clone(), "--metrics-listen".into(), addr.to_string()]),
+            )?;
+            ready_urls.push(format!("http://{addr}/health/ready"));
+            port += 1;
+        }
+    }
+    for url in &ready_urls {
+        wait_http_ready(&client, url, stack, Duration::from_secs(90)).await?;
+    }
+    print_banner(cfg, config_path);
+
+    tokio::select! {
+        _ = sluice_common::ops::shutdown_signal() => {
+            tracing::info!("stopping the stack");
+            Ok(())
+        }
+        exited = stack.any_exit() => bail!("{exited} exited; stopping the stack"),
+    }
+}
+
+#[allow(clippy::print_stdout)]
+fn print_banner(cfg: &Config, config_path: Option<&Path>) {
+    let gw = cfg.gateway.listen;
+    let requests = config_path
+        .and_then(Path::parent)
+        .map(|d| d.join("requests"))
+        .unwrap_or_else(|| PathBuf::from("examples/requests"));
+    println!("\nSluice is up: gateway http://{gw}, models: {}", cfg.models.keys().cloned().collect::<Vec<_>>().join(", "));
+    for name in cfg.models.keys() {
+        let file = requests.join(format!("{name}.json"));
+        if file.is_file() {
+            println!(
+                "  curl -s -X POST http://{gw}/v2/models/{name}/infer -H 'Content-Type: application/json' -d @{}",
+                file.display()
+            );
+        }
+    }
+    println!("  curl -s http://{gw}/v2/models/{}   # metadata", cfg.models.keys().next().map(String::as_str).unwrap_or("MODEL"));
+    println!("  curl -s http://{gw}/metrics\nPress Ctrl-C to stop.\n");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_port;
+
+    #[test]
+    fn host_port_handles_urls_and_bare_addresses() {
+        assert_eq!(host_port("redis://127.0.0.1:6380/0", 6379), "127.0.0.1:6380");
+        assert_eq!(host_port("redis://:pw@localhost", 6379), "localhost:6379");
+        assert_eq!(host_port("127.0.0.1:9092", 9092), "127.0.0.1:9092");
+        assert_eq!(host_port("kafka", 9092), "kafka:9092");
+    }
+}

@@ -1,0 +1,297 @@
+//! Dynamic batching: batch what is queued when the model is free, never waiting longer than
+//! `max_delay` for more.
+//!
+//! [`BatchQueue`] is the pure decision logic; [`run_batcher`] is the task that feeds it from a
+//! channel and hands batches to free inference slots.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::time::Instant;
+
+/// A queued item with its row count and arrival time.
+#[derive(Debug)]
+struct Queued<T> {
+    item: T,
+    rows: usize,
+    arrived: Instant,
+}
+
+/// What the batcher should do next.
+#[derive(Debug, PartialEq)]
+pub enum Next<T> {
+    /// Run this batch now.
+    Batch(Vec<T>),
+    /// Nothing is due before this instant (unless more items arrive).
+    WaitUntil(Instant),
+    /// Nothing is queued.
+    Empty,
+}
+
+/// The batching decision, free of I/O and clocks.
+#[derive(Debug)]
+pub struct BatchQueue<T> {
+    items: VecDeque<Queued<T>>,
+    queued_rows: usize,
+    max_rows: usize,
+    max_delay: Duration,
+}
+
+impl<T> BatchQueue<T> {
+    /// A queue that forms batches of at most `max_rows` rows.
+    pub fn new(max_rows: usize, max_delay: Duration) -> Self {
+        BatchQueue {
+            items: VecDeque::new(),
+            queued_rows: 0,
+            max_rows: max_rows.max(1),
+            max_delay,
+        }
+    }
+
+    /// Queues an item of `rows` rows that arrived at `now`.
+    pub fn push(&mut self, item: T, rows: usize, now: Instant) {
+        self.queued_rows += rows;
+        self.items.push_back(Queued {
+            item,
+            rows,
+            arrived: now,
+        });
+    }
+
+    /// Items queued.
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    /// Whether nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// Decides, with the model free at `now`: a full batch, or the oldest item's delay expired,
+    /// gives a batch; otherwise wait for the oldest item's delay.
+    pub fn next_batch(&mut self, now: Instant) -> Next<T> {
+        let Some(oldest) = self.items.front() else {
+            return Next::Empty;
+        };
+        let due = oldest.arrived + self.max_delay;
+        if self.queued_rows < self.max_rows && now < due {
+            return Next::WaitUntil(due);
+        }
+        let mut batch = Vec::new();
+        let mut rows = 0;
+        while let Some(front) = self.items.front() {
+            if !batch.is_empty() && rows + front.rows > self.max_rows {
+                break;
+            }
+            rows += front.rows;
+            self.queued_rows -= front.rows;
+            if let Some(q) = self.items.pop_front() {
+                batch.push(q.item);
+            }
+        }
+        Next::Batch(batch)
+    }
+}
+
+/// An item entering the batcher, with its row count.
+pub struct Item<T> {
+    /// The payload.
+    pub item: T,
+    /// Rows (batch dimension) it contributes.
+    pub rows: usize,
+}
+
+/// A batch handed to an inference slot; drop the permit when the slot is free again.
+pub struct Dispatched<T> {
+    /// The batch.
+    pub items: Vec<T>,
+    /// Held while the batch runs.
+    pub permit: OwnedSemaphorePermit,
+}
+
+/// Forms batches from `input` whenever one of `slots` is free, and sends them to `output`.
+/// Returns when `input` is closed and everything queued has been dispatched.
+pub async fn run_batcher<T: Send>(
+    mut input: mpsc::Receiver<Item<T>>,
+    output: mpsc::Sender<Dispatched<T>>,
+    slots: Arc<Semaphore>,
+    max_rows: usize,
+    max_delay: Duration,
+) {
+    let mut queue = BatchQueue::new(max_rows, max_delay);
+    let mut open = true;
+    loop {
+        if queue.is_empty() {
+            if !open {
+                return;
+            }
+            match input.recv().await {
+                Some(i) => queue.push(i.item, i.rows, Instant::now()),
+                None => return,
+            }
+        }
+        // Wait for a free model slot, still accepting arrivals.
+        let permit = loop {
+            tokio::select! {
+                biased;
+                p = Arc::clone(&slots).acquire_owned() => match p {
+                    Ok(p) => break p,
+                    Err(_) => return,
+                },
+                i = input.recv(), if open => match i {
+                    Some(i) => queue.push(i.item, i.rows, Instant::now()),
+                    None => open = false,
+                },
+            }
+        };
+        // The model is free: take what is queued, waiting at most max_delay for the batch to fill.
+        loop {
+            while let Ok(i) = input.try_recv() {
+                queue.push(i.item, i.rows, Instant::now());
+            }
+            let now = Instant::now();
+            match queue.next_batch(if open { now } else { now + max_delay }) {
+                Next::Batch(items) => {
+                    metrics::histogram!("sluice_worker_queue_depth_at_dispatch").record(queue.len() as f64);
+                    if output.send(Dispatched { items, permit }).await.is_err() {
+                        return;
+                    }
+                    break;
+                }
+                Next::WaitUntil(due) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(due) => {}
+                        i = input.recv(), if open => match i {
+                            Some(i) => queue.push(i.item, i.rows, Instant::now()),
+                            None => open = false,
+                        },
+                    }
+                }
+                Next::Empty => break,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn empty_queue_has_nothing() {
+        let mut q: BatchQueue<u32> = BatchQueue::new(4, MS);
+        assert_eq!(q.next_batch(Instant::now()), Next::Empty);
+    }
+
+    #[test]
+    fn waits_for_delay_then_takes_what_is_queued() {
+        let t0 = Instant::now();
+        let mut q = BatchQueue::new(4, 2 * MS);
+        q.push(1, 1, t0);
+        q.push(2, 1, t0 + MS);
+        assert_eq!(q.next_batch(t0), Next::WaitUntil(t0 + 2 * MS), "deadline of the oldest");
+        assert_eq!(q.next_batch(t0 + 2 * MS), Next::Batch(vec![1, 2]));
+        assert!(q.is_empty());
+    }
+
+    #[test]
+    fn full_batch_goes_at_once_and_respects_max_rows() {
+        let t0 = Instant::now();
+        let mut q = BatchQueue::new(3, Duration::from_secs(1));
+        for i in 0..5 {
+            q.push(i, 1, t0);
+        }
+        assert_eq!(q.next_batch(t0), Next::Batch(vec![0, 1, 2]));
+        assert_eq!(q.next_batch(t0), Next::WaitUntil(t0 + Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn multi_row_items_are_not_split_and_an_oversized_one_goes_alone() {
+        let t0 = Instant::now();
+        let mut q = BatchQueue::new(4, Duration::ZERO);
+        q.push("a", 3, t0);
+        q.push("b", 2, t0);
+        q.push("c", 5, t0);
+        assert_eq!(q.next_batch(t0), Next::Batch(vec!["a"]));
+        assert_eq!(q.next_batch(t0), Next::Batch(vec!["b"]));
+        assert_eq!(q.next_batch(t0), Next::Batch(vec!["c"]));
+    }
+
+    #[test]
+    fn zero_delay_dispatches_immediately() {
+        let t0 = Instant::now();
+        let mut q = BatchQueue::new(8, Duration::ZERO);
+        q.push(7, 1, t0);
+        assert_eq!(q.next_batch(t0), Next::Batch(vec![7]));
+    }
+
+    fn channels(
+        slots: usize,
+        max_rows: usize,
+        delay: Duration,
+    ) -> (mpsc::Sender<Item<u32>>, mpsc::Receiver<Dispatched<u32>>, Arc<Semaphore>) {
+        let (in_tx, in_rx) = mpsc::channel(64);
+        let (out_tx, out_rx) = mpsc::channel(64);
+        let sem = Arc::new(Semaphore::new(slots));
+        tokio::spawn(run_batcher(in_rx, out_tx, Arc::clone(&sem), max_rows, delay));
+        (in_tx, out_rx, sem)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn batcher_never_waits_longer_than_max_delay() {
+        let (tx, mut rx, _) = channels(1, 8, 5 * MS);
+        let t0 = Instant::now();
+        tx.send(Item { item: 1, rows: 1 }).await.ok();
+        tokio::time::sleep(2 * MS).await;
+        tx.send(Item { item: 2, rows: 1 }).await.ok();
+        let d = rx.recv().await.map(|d| d.items);
+        assert_eq!(d, Some(vec![1, 2]));
+        assert_eq!(Instant::now() - t0, 5 * MS, "dispatched exactly at the oldest item's deadline");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn batcher_sends_a_full_batch_without_waiting() {
+        let (tx, mut rx, _) = channels(1, 2, Duration::from_secs(10));
+        let t0 = Instant::now();
+        for i in 0..2 {
+            tx.send(Item { item: i, rows: 1 }).await.ok();
+        }
+        assert_eq!(rx.recv().await.map(|d| d.items), Some(vec![0, 1]));
+        assert_eq!(Instant::now(), t0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn batcher_accumulates_while_the_model_is_busy() {
+        let (tx, mut rx, _) = channels(1, 16, Duration::ZERO);
+        tx.send(Item { item: 0, rows: 1 }).await.ok();
+        let first = rx.recv().await;
+        assert_eq!(first.as_ref().map(|d| d.items.clone()), Some(vec![0]));
+        // The only slot is held by the first batch: later arrivals queue up.
+        for i in 1..6 {
+            tx.send(Item { item: i, rows: 1 }).await.ok();
+        }
+        tokio::time::sleep(10 * MS).await;
+        assert!(rx.try_recv().is_err(), "no slot free, no batch");
+        drop(first); // the model is free again
+        assert_eq!(rx.recv().await.map(|d| d.items), Some(vec![1, 2, 3, 4, 5]));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn batcher_flushes_everything_when_input_closes() {
+        let (tx, mut rx, _) = channels(2, 2, Duration::from_secs(60));
+        for i in 0..3 {
+            tx.send(Item { item: i, rows: 1 }).await.ok();
+        }
+        drop(tx);
+        let mut got = Vec::new();
+        while let Some(d) = rx.recv().await {
+            got.extend(d.items);
+        }
+        assert_eq!(got, vec![0, 1, 2]);
+    }
+}
