@@ -1,0 +1,311 @@
+//! Test harness: a real tansu broker and redis-server on free ports, plus `sluice` gateway and
+//! worker processes configured through `SLUICE__…` environment variables over
+//! `examples/digits.toml`. Under `CI=true` a missing broker or Redis binary fails the test.
+#![allow(dead_code, clippy::unwrap_used, clippy::print_stdout)]
+
+use std::io::Read;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn find_tansu() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("SLUICE_TANSU_BIN") {
+        return Some(PathBuf::from(p));
+    }
+    let home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))?;
+    let p = home.join("bin/tansu");
+    p.is_file().then_some(p)
+}
+
+fn on_path(bin: &str) -> bool {
+    Command::new("sh").args(["-c", &format!("command -v {bin}")]).stdout(Stdio::null()).status().is_ok_and(|s| s.success())
+}
+
+/// Skips (returns None) when services are missing, except under CI=true where it panics.
+pub fn services_available() -> Option<PathBuf> {
+    let tansu = find_tansu();
+    let redis = on_path("redis-server");
+    let ort = sluice_workers::backend::ort_library_path().is_some_and(|p| p.is_file());
+    if let (Some(t), true, true) = (&tansu, redis, ort) {
+        return Some(t.clone());
+    }
+    let missing = format!("tansu: {}, redis-server: {redis}, onnxruntime: {ort}", tansu.is_some());
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("integration services missing under CI=true ({missing}); run deploy/setup.sh");
+    }
+    eprintln!("SKIPPED: integration services missing ({missing}); run deploy/setup.sh");
+    None
+}
+
+struct Proc {
+    name: String,
+    /// Signalled on purpose: its exit is expected.
+    stopped: bool,
+    child: Child,
+    log: PathBuf,
+}
+
+/// A running stack; everything is killed on drop.
+pub struct Stack {
+    pub dir: tempfile::TempDir,
+    pub kafka: String,
+    pub redis_url: String,
+    pub gateway: String,
+    env: Vec<(String, String)>,
+    procs: Vec<Proc>,
+}
+
+pub fn wait_tcp(addr: &str, within: Duration) {
+    let end = Instant::now() + within;
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < end, "{addr} did not come up");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+impl Stack {
+    /// Broker + Redis + topics + one gateway; `env` adds SLUICE__ overrides for all processes.
+    pub fn start(env: &[(&str, &str)]) -> Option<Stack> {
+        let tansu = services_available()?;
+        let dir = tempfile::tempdir().unwrap();
+        let (kp, rp, gp) = (free_port(), free_port(), free_port());
+        let kafka = format!("127.0.0.1:{kp}");
+        let redis_url = format!("redis://127.0.0.1:{rp}");
+        let mut stack = Stack {
+            dir,
+            kafka: kafka.clone(),
+            redis_url: redis_url.clone(),
+            gateway: format!("http://127.0.0.1:{gp}"),
+            env: vec![
+                ("SLUICE__KAFKA__BROKERS".into(), kafka.clone()),
+                ("SLUICE__REDIS__URL".into(), redis_url),
+                ("SLUICE__GATEWAY__LISTEN".into(), format!("127.0.0.1:{gp}")),
+                ("SLUICE__TELEMETRY__LOG_LEVEL".into(), "info".into()),
+            ],
+            procs: Vec::new(),
+        };
+        for (k, v) in env {
+            stack.env.push((k.to_string(), v.to_string()));
+        }
+        let url = format!("tcp://{kafka}");
+        stack.spawn_raw(
+            "tansu",
+            Command::new(tansu).args(["broker", "--listener-url", &url, "--advertised-listener-url", &url, "--storage-engine", "memory://tansu/"]),
+        );
+        stack.spawn_raw(
+            "redis",
+            Command::new("redis-server").args(["--port", &rp.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]),
+        );
+        wait_tcp(&kafka, Duration::from_secs(20));
+        wait_tcp(&format!("127.0.0.1:{rp}"), Duration::from_secs(10));
+        let status = stack.sluice(&["topics", "apply"]).status().unwrap();
+        assert!(status.success(), "topics apply failed");
+        stack.spawn_sluice("gateway", &["gateway"], &[]);
+        stack.wait_ready(&format!("{}/v2/health/ready", stack.gateway));
+        Some(stack)
+    }
+
+    /// A `sluice` command with the stack's config and environment.
+    pub fn sluice(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_sluice"));
+        c.arg("--config").arg(root().join("examples/digits.toml")).args(args);
+        c.envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        c
+    }
+
+    fn spawn_raw(&mut self, name: &str, cmd: &mut Command) {
+        let log = self.dir.path().join(format!("{}-{}.log", name.replace(['#', ' '], "_"), self.procs.len()));
+        let f = std::fs::File::create(&log).unwrap();
+        let child = cmd.stdin(Stdio::null()).stdout(f.try_clone().unwrap()).stderr(f).spawn().unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        self.procs.push(Proc { name: name.into(), stopped: false, child, log });
+    }
+
+    /// Spawns `sluice <args>` with extra env; returns its index.
+    pub fn spawn_sluice(&mut self, name: &str, args: &[&str], env: &[(&str, &str)]) -> usize {
+        let mut c = self.sluice(args);
+        c.envs(env.iter().copied());
+        self.spawn_raw(name, &mut c);
+        self.procs.len() - 1
+    }
+
+    /// Starts a worker for `model` and waits until it has joined its group; returns its index.
+    pub fn start_worker(&mut self, model: &str) -> usize {
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let i = self.spawn_sluice(&format!("worker-{model}"), &["worker", "--model", model, "--metrics-listen", &addr], &[]);
+        self.wait_ready(&format!("http://{addr}/health/ready"));
+        i
+    }
+
+    pub fn wait_ready(&mut self, url: &str) {
+        let end = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(200) = blocking_get_status(url) {
+                return;
+            }
+            for p in self.procs.iter_mut().filter(|p| !p.stopped) {
+                if let Ok(Some(status)) = p.child.try_wait() {
+                    panic!("{} exited ({status}) while waiting for {url}:\n{}", p.name, tail(&p.log));
+                }
+            }
+            assert!(Instant::now() < end, "{url} not ready in time");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Sends a signal to process `i` (e.g. "KILL", "TERM").
+    pub fn signal(&mut self, i: usize, sig: &str) {
+        self.procs[i].stopped = true;
+        let pid = self.procs[i].child.id().to_string();
+        Command::new("kill").args([&format!("-{sig}"), &pid]).status().unwrap();
+    }
+
+    /// Waits for process `i` to exit; returns whether it exited successfully.
+    pub fn wait_exit(&mut self, i: usize, within: Duration) -> bool {
+        let end = Instant::now() + within;
+        loop {
+            if let Ok(Some(s)) = self.procs[i].child.try_wait() {
+                return s.success();
+            }
+            assert!(Instant::now() < end, "{} did not exit in time", self.procs[i].name);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log_of(&self, i: usize) -> String {
+        std::fs::read_to_string(&self.procs[i].log).unwrap_or_default()
+    }
+}
+
+fn tail(p: &Path) -> String {
+    let mut s = String::new();
+    if let Ok(mut f) = std::fs::File::open(p) {
+        let _ = f.read_to_string(&mut s);
+    }
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        let failing = std::thread::panicking();
+        for p in self.procs.iter_mut().rev() {
+            let _ = p.child.kill();
+            let _ = p.child.wait();
+            if failing {
+                eprintln!("---- {} log (tail) ----\n{}", p.name, tail(&p.log));
+            }
+        }
+    }
+}
+
+fn blocking_get_status(url: &str) -> Result<u16, ()> {
+    // A tiny HTTP/1.0 GET, enough for health checks without a runtime.
+    let rest = url.strip_prefix("http://").ok_or(())?;
+    let (host, path) = rest.split_once('/').map(|(h, p)| (h, format!("/{p}"))).ok_or(())?;
+    let mut s = std::net::TcpStream::connect(host).map_err(|_| ())?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).map_err(|_| ())?;
+    use std::io::Write;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").map_err(|_| ())?;
+    let mut buf = String::new();
+    let _ = s.read_to_string(&mut buf);
+    buf.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or(())
+}
+
+/// Async HTTP client for requests under test.
+pub type Http = Client<HttpConnector, Full<Bytes>>;
+
+pub fn http() -> Http {
+    Client::builder(TokioExecutor::new()).pool_max_idle_per_host(256).build(HttpConnector::new())
+}
+
+pub struct Reply {
+    pub status: u16,
+    pub headers: hyper::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+}
+
+pub async fn post(client: &Http, url: &str, headers: &[(&str, String)], body: impl Into<Bytes>) -> Reply {
+    let mut req = hyper::Request::post(url).header("content-type", "application/json");
+    for (k, v) in headers {
+        req = req.header(*k, v);
+    }
+    let resp = client.request(req.body(Full::new(body.into())).unwrap()).await.unwrap();
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    Reply { status, headers, body }
+}
+
+pub async fn get(client: &Http, url: &str) -> Reply {
+    let resp = client.request(hyper::Request::get(url).body(Full::new(Bytes::new())).unwrap()).await.unwrap();
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    Reply { status, headers, body }
+}
+
+/// The committed samples with onnxruntime's expected outputs (plus heavy's, made at setup).
+pub struct Samples {
+    pub raw: Vec<Vec<f32>>,
+    pub scaled: Vec<Vec<f32>>,
+    pub labels: Vec<i64>,
+    pub expected: Value,
+}
+
+pub fn samples() -> Samples {
+    let v: Value = serde_json::from_slice(&std::fs::read(root().join("examples/samples.json")).unwrap()).unwrap();
+    let rows = |k: &str| -> Vec<Vec<f32>> { serde_json::from_value(v[k].clone()).unwrap() };
+    let mut expected = v["expected"].clone();
+    if let Ok(h) = std::fs::read(root().join("examples/models/heavy.expected.json")) {
+        expected["heavy"] = serde_json::from_slice(&h).unwrap();
+    }
+    Samples { raw: rows("raw"), scaled: rows("scaled"), labels: serde_json::from_value(v["labels"].clone()).unwrap(), expected }
+}
+
+/// An OIP JSON request for `rows` of 64 features.
+pub fn infer_body(rows: &[&Vec<f32>]) -> String {
+    let flat: Vec<f32> = rows.iter().flat_map(|r| r.iter().copied()).collect();
+    serde_json::json!({"inputs": [{"name": "input", "shape": [rows.len(), 64], "datatype": "FP32", "data": flat}]}).to_string()
+}
+
+/// Asserts two float arrays agree within a relative/absolute tolerance.
+pub fn assert_close(got: &[f64], want: &[f64], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let tol = 1e-4 + 1e-4 * w.abs();
+        assert!((g - w).abs() <= tol, "{what}[{i}]: got {g}, onnxruntime gave {w}");
+    }
+}
+
+pub fn flat_f64(v: &Value) -> Vec<f64> {
+    match v {
+        Value::Array(a) => a.iter().flat_map(flat_f64).collect(),
+        Value::Number(n) => vec![n.as_f64().unwrap()],
+        _ => panic!("not numeric: {v}"),
+    }
+}
