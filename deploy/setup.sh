@@ -15,7 +15,7 @@ need_apt=()
 command -v redis-server >/dev/null || need_apt+=(redis-server)
 command -v kcat >/dev/null || need_apt+=(kcat)
 dpkg -s libb64-0d >/dev/null 2>&1 || need_apt+=(libb64-0d)
-command -v cmake >/dev/null || need_apt+=(cmake)
+command -v make >/dev/null || need_apt+=(make)
 command -v g++ >/dev/null || need_apt+=(g++)
 command -v pkg-config >/dev/null || need_apt+=(pkg-config)
 command -v python3 >/dev/null || need_apt+=(python3 python3-venv)
@@ -44,6 +44,18 @@ if [ ! -f "$STAMP" ] || ! cmp -s "$REQ" "$STAMP"; then
   "$VENV/bin/pip" install -q --upgrade pip
   "$VENV/bin/pip" install -q -r "$REQ"
   cp "$REQ" "$STAMP"
+fi
+
+# tritonclient (and perf_analyzer) pin an older numpy, so they live in their own venv.
+TVENV="$ROOT/.venv-triton"
+TSTAMP="$TVENV/.sluice-requirements"
+TREQ="$ROOT/deploy/requirements-triton.txt"
+if [ ! -f "$TSTAMP" ] || ! cmp -s "$TREQ" "$TSTAMP"; then
+  log "creating Python venv $TVENV (tritonclient, perf_analyzer)"
+  python3 -m venv "$TVENV"
+  "$TVENV/bin/pip" install -q --upgrade pip
+  "$TVENV/bin/pip" install -q -r "$TREQ"
+  cp "$TREQ" "$TSTAMP"
 fi
 
 ORT_LIB=$(ls "$VENV"/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so.1.31.1 | head -1)

@@ -86,7 +86,12 @@ pub async fn run(cfg: Config, args: BenchArgs) -> anyhow::Result<()> {
         .with_context(|| format!("model '{}' is not in the config", args.model))?
         .clone();
     let body = request_body(&cfg, &args, &model)?;
-    println!("sluice bench: model {}, {} per level after {} warm-up", args.model, humantime::format_duration(args.duration), humantime::format_duration(args.warmup));
+    println!(
+        "sluice bench: model {}, {} per level after {} warm-up",
+        args.model,
+        humantime::format_duration(args.duration),
+        humantime::format_duration(args.warmup)
+    );
 
     let mut transport_p50 = None;
     if !args.skip_transport {
@@ -101,7 +106,12 @@ pub async fn run(cfg: Config, args: BenchArgs) -> anyhow::Result<()> {
         let inputs = parse_inputs(&body)?;
         for &c in &args.concurrency {
             let batch = c.clamp(1, model.max_batch_size);
-            let (rows_per_s, s) = compute(&model, &inputs, batch, args.duration.min(Duration::from_secs(5)))?;
+            let (rows_per_s, s) = compute(
+                &model,
+                &inputs,
+                batch,
+                args.duration.min(Duration::from_secs(5)),
+            )?;
             println!(
                 "compute    onnxruntime in-process, batch {batch}: {rows_per_s:.0} rows/s, per call p50={:.3}ms p99={:.3}ms",
                 s.p50, s.p99
@@ -109,30 +119,52 @@ pub async fn run(cfg: Config, args: BenchArgs) -> anyhow::Result<()> {
         }
     }
     if !args.skip_http {
-        let base = args.url.clone().unwrap_or_else(|| format!("http://{}", cfg.gateway.listen));
+        let base = args
+            .url
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", cfg.gateway.listen));
         let url = format!("{base}/v2/models/{}/infer", args.model);
         for &c in &args.concurrency {
             let pids = sluice_pids();
-            let (r, cpu_ms_per_req) = http_load(&url, body.clone(), c, args.warmup, args.duration, &pids).await?;
+            let (r, cpu_ms_per_req) =
+                http_load(&url, body.clone(), c, args.warmup, args.duration, &pids).await?;
             let s = summarize(r.latencies_us);
             let rps = s.count as f64 / args.duration.as_secs_f64();
-            let over = transport_p50.map(|t| format!(", p50 - transport p50 = {:.2}ms", s.p50 - t)).unwrap_or_default();
+            let over = transport_p50
+                .map(|t| format!(", p50 - transport p50 = {:.2}ms", s.p50 - t))
+                .unwrap_or_default();
             println!(
                 "http       concurrency {c}: {rps:.0} req/s, p50={:.2}ms p90={:.2}ms p99={:.2}ms, errors={}, sluice CPU {:.3} ms/req over {} processes{over}",
-                s.p50, s.p90, s.p99, r.errors, cpu_ms_per_req, pids.len()
+                s.p50,
+                s.p90,
+                s.p99,
+                r.errors,
+                cpu_ms_per_req,
+                pids.len()
             );
         }
     }
     Ok(())
 }
 
-fn request_body(cfg: &Config, args: &BenchArgs, model: &sluice_common::ModelConfig) -> anyhow::Result<Bytes> {
+fn request_body(
+    cfg: &Config,
+    args: &BenchArgs,
+    model: &sluice_common::ModelConfig,
+) -> anyhow::Result<Bytes> {
     let path = args.input.clone().unwrap_or_else(|| {
-        let dir = model.onnx.parent().and_then(|p| p.parent()).map(PathBuf::from).unwrap_or_default();
+        let dir = model
+            .onnx
+            .parent()
+            .and_then(|p| p.parent())
+            .map(PathBuf::from)
+            .unwrap_or_default();
         dir.join("requests").join(format!("{}.json", args.model))
     });
     if path.is_file() {
-        return Ok(Bytes::from(std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?));
+        return Ok(Bytes::from(
+            std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
+        ));
     }
     // No sample: zeros of the declared shapes, one row.
     let _ = cfg;
@@ -146,7 +178,9 @@ fn request_body(cfg: &Config, args: &BenchArgs, model: &sluice_common::ModelConf
             serde_json::json!({"name": s.name, "datatype": s.datatype.as_str(), "shape": shape, "data": vec![0; n as usize]})
         })
         .collect();
-    Ok(Bytes::from(serde_json::to_vec(&serde_json::json!({ "inputs": inputs }))?))
+    Ok(Bytes::from(serde_json::to_vec(
+        &serde_json::json!({ "inputs": inputs }),
+    )?))
 }
 
 fn parse_inputs(body: &[u8]) -> anyhow::Result<Vec<Tensor>> {
@@ -160,7 +194,12 @@ fn parse_inputs(body: &[u8]) -> anyhow::Result<Vec<Tensor>> {
         let shape: Vec<i64> = serde_json::from_value(i["shape"].clone())?;
         let mut flat = Vec::new();
         flatten(&i["data"], &mut flat);
-        out.push(Tensor::from_values(i["name"].as_str().unwrap_or_default(), dt, shape, &flat));
+        out.push(Tensor::from_values(
+            i["name"].as_str().unwrap_or_default(),
+            dt,
+            shape,
+            &flat,
+        ));
     }
     Ok(out)
 }
@@ -173,7 +212,12 @@ fn flatten(v: &serde_json::Value, out: &mut Vec<f32>) {
     }
 }
 
-fn compute(model: &sluice_common::ModelConfig, sample: &[Tensor], batch: usize, duration: Duration) -> anyhow::Result<(f64, Summary)> {
+fn compute(
+    model: &sluice_common::ModelConfig,
+    sample: &[Tensor],
+    batch: usize,
+    duration: Duration,
+) -> anyhow::Result<(f64, Summary)> {
     let mut backend = OrtBackend::load(model)?;
     let inputs: Vec<Tensor> = sample
         .iter()
@@ -181,7 +225,12 @@ fn compute(model: &sluice_common::ModelConfig, sample: &[Tensor], batch: usize, 
             let mut shape = t.shape.clone();
             let rows = shape[0].max(1) as usize;
             shape[0] = (batch * rows) as i64;
-            Tensor { name: t.name.clone(), datatype: t.datatype, shape, data: t.data.repeat(batch) }
+            Tensor {
+                name: t.name.clone(),
+                datatype: t.datatype,
+                shape,
+                data: t.data.repeat(batch),
+            }
         })
         .collect();
     let outputs: Vec<String> = model.outputs.iter().map(|o| o.name.clone()).collect();
@@ -201,7 +250,14 @@ fn compute(model: &sluice_common::ModelConfig, sample: &[Tensor], batch: usize, 
 
 async fn transport(cfg: &Config, duration: Duration) -> anyhow::Result<Summary> {
     let topic = format!("{}.bench-transport", cfg.kafka.topic_prefix);
-    apply_topics(cfg, &[TopicSpec { name: topic.clone(), partitions: 1 }]).await?;
+    apply_topics(
+        cfg,
+        &[TopicSpec {
+            name: topic.clone(),
+            partitions: 1,
+        }],
+    )
+    .await?;
     let producer: FutureProducer = producer_config(cfg, "sluice-bench").create()?;
     let group = format!("sluice-bench-{}", std::process::id());
     let consumer: StreamConsumer = consumer_config(cfg, &group, "sluice-bench").create()?;
@@ -218,7 +274,10 @@ async fn transport(cfg: &Config, duration: Duration) -> anyhow::Result<Summary> 
         let key = n.to_string();
         let t = Instant::now();
         producer
-            .send(FutureRecord::to(&topic).key(&key).payload(&key), Duration::from_secs(5))
+            .send(
+                FutureRecord::to(&topic).key(&key).payload(&key),
+                Duration::from_secs(5),
+            )
             .await
             .map_err(|(e, _)| e)?;
         loop {
@@ -265,7 +324,10 @@ async fn http_load(
                 if t >= end {
                     break;
                 }
-                let ok = matches!(crate::http::post_json(&client, &url, body.clone()).await, Ok((200, _)));
+                let ok = matches!(
+                    crate::http::post_json(&client, &url, body.clone()).await,
+                    Ok((200, _))
+                );
                 if t >= measure_from {
                     if ok {
                         lat.push(t.elapsed().as_micros() as u64);
@@ -284,13 +346,19 @@ async fn http_load(
     }
     tokio::time::sleep_until(end.into()).await;
     let after = cpu_ticks(pids);
-    let mut result = LoadResult { latencies_us: Vec::new(), errors: 0 };
+    let mut result = LoadResult {
+        latencies_us: Vec::new(),
+        errors: 0,
+    };
     for t in tasks {
         let (lat, errors) = t.await?;
         result.latencies_us.extend(lat);
         result.errors += errors;
     }
-    let ticks_per_s = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100) as f64;
+    let ticks_per_s = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
     let cpu_ms = (after.saturating_sub(before)) as f64 * 1000.0 / ticks_per_s;
     let per_req = cpu_ms / (result.latencies_us.len().max(1) as f64);
     Ok((result, per_req))
@@ -299,12 +367,16 @@ async fn http_load(
 /// Pids of running `sluice gateway` and `sluice worker` processes.
 fn sluice_pids() -> Vec<u32> {
     let me = std::process::id();
-    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
     dir.flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
         .filter(|pid| *pid != me)
         .filter(|pid| {
-            let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else { return false };
+            let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                return false;
+            };
             let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
             let is_sluice = args.first().is_some_and(|a| a.ends_with(b"sluice"));
             is_sluice && args.iter().any(|a| *a == b"gateway" || *a == b"worker")

@@ -29,7 +29,11 @@ pub async fn get_status(client: &HttpClient, url: &str) -> anyhow::Result<u16> {
 }
 
 /// POSTs a JSON body; returns status and body.
-pub async fn post_json(client: &HttpClient, url: &str, body: Bytes) -> anyhow::Result<(u16, Bytes)> {
+pub async fn post_json(
+    client: &HttpClient,
+    url: &str,
+    body: Bytes,
+) -> anyhow::Result<(u16, Bytes)> {
     let req = Request::post(url)
         .header("content-type", "application/json")
         .body(Full::new(body))?;

@@ -17,7 +17,11 @@ use clap::{Parser, Subcommand};
 use sluice_common::Config;
 
 #[derive(Parser)]
-#[command(name = "sluice", version, about = "Streaming ML inference behind Kafka")]
+#[command(
+    name = "sluice",
+    version,
+    about = "Streaming ML inference behind Kafka"
+)]
 struct Cli {
     /// Config file (TOML). Defaults apply for anything it leaves out; SLUICE__… env vars win.
     #[arg(long, short, global = true, env = "SLUICE_CONFIG")]
@@ -104,7 +108,8 @@ async fn run(command: Command, config_path: Option<PathBuf>, cfg: Config) -> any
             let listener = tokio::net::TcpListener::bind(cfg.gateway.listen).await?;
             let gw = sluice_gateway::Gateway::connect(cfg, metrics).await?;
             tracing::info!(addr = %listener.local_addr()?, gateway = gw.id(), "gateway listening");
-            gw.serve(listener, sluice_common::ops::shutdown_signal()).await?;
+            gw.serve(listener, sluice_common::ops::shutdown_signal())
+                .await?;
             Ok(())
         }
         Command::Worker {
@@ -114,7 +119,14 @@ async fn run(command: Command, config_path: Option<PathBuf>, cfg: Config) -> any
             tracing::info!(config = %cfg.redacted(), "effective config");
             let metrics = sluice_common::telemetry::install_metrics();
             let addr = metrics_listen.unwrap_or(cfg.worker.metrics_listen);
-            sluice_workers::run(cfg, &model, addr, metrics, sluice_common::ops::shutdown_signal()).await?;
+            sluice_workers::run(
+                cfg,
+                &model,
+                addr,
+                metrics,
+                sluice_common::ops::shutdown_signal(),
+            )
+            .await?;
             Ok(())
         }
         Command::Topics {

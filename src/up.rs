@@ -125,7 +125,12 @@ pub fn tansu_binary() -> PathBuf {
     PathBuf::from("tansu")
 }
 
-async fn wait_http_ready(client: &crate::http::HttpClient, url: &str, stack: &mut Stack, within: Duration) -> anyhow::Result<()> {
+async fn wait_http_ready(
+    client: &crate::http::HttpClient,
+    url: &str,
+    stack: &mut Stack,
+    within: Duration,
+) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + within;
     loop {
         if let Ok(200) = crate::http::get_status(client, url).await {
@@ -144,13 +149,22 @@ async fn wait_http_ready(client: &crate::http::HttpClient, url: &str, stack: &mu
 pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()> {
     let mut stack = Stack::default();
     let result = start_and_wait(&cfg, config_path.as_deref(), &mut stack).await;
-    stack.stop(cfg.worker.drain_timeout + Duration::from_secs(5)).await;
+    stack
+        .stop(cfg.worker.drain_timeout + Duration::from_secs(5))
+        .await;
     result
 }
 
-async fn start_and_wait(cfg: &Config, config_path: Option<&Path>, stack: &mut Stack) -> anyhow::Result<()> {
+async fn start_and_wait(
+    cfg: &Config,
+    config_path: Option<&Path>,
+    stack: &mut Stack,
+) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("locating the sluice binary")?;
-    let broker = host_port(cfg.kafka.brokers.split(',').next().unwrap_or_default(), 9092);
+    let broker = host_port(
+        cfg.kafka.brokers.split(',').next().unwrap_or_default(),
+        9092,
+    );
     if reachable(&broker).await {
         tracing::info!(%broker, "using the broker already running");
     } else {
@@ -176,7 +190,16 @@ async fn start_and_wait(cfg: &Config, config_path: Option<&Path>, stack: &mut St
         let port = redis.rsplit(':').next().unwrap_or("6379").to_string();
         stack.spawn(
             "redis-server",
-            Command::new("redis-server").args(["--port", &port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]),
+            Command::new("redis-server").args([
+                "--port",
+                &port,
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ]),
         )?;
         wait_reachable(&redis, "redis-server", Duration::from_secs(10)).await?;
     }
@@ -213,7 +236,13 @@ async fn start_and_wait(cfg: &Config, config_path: Option<&Path>, stack: &mut St
             let addr = SocketAddr::from(([127, 0, 0, 1], port));
             stack.spawn(
                 &format!("worker {name}#{i}"),
-                &mut component(&["worker".into(), "--model".into(), name.clone(), "--metrics-listen".into(), addr.to_string()]),
+                &mut component(&[
+                    "worker".into(),
+                    "--model".into(),
+                    name.clone(),
+                    "--metrics-listen".into(),
+                    addr.to_string(),
+                ]),
             )?;
             ready_urls.push(format!("http://{addr}/health/ready"));
             port += 1;
@@ -240,7 +269,10 @@ fn print_banner(cfg: &Config, config_path: Option<&Path>) {
         .and_then(Path::parent)
         .map(|d| d.join("requests"))
         .unwrap_or_else(|| PathBuf::from("examples/requests"));
-    println!("\nSluice is up: gateway http://{gw}, models: {}", cfg.models.keys().cloned().collect::<Vec<_>>().join(", "));
+    println!(
+        "\nSluice is up: gateway http://{gw}, models: {}",
+        cfg.models.keys().cloned().collect::<Vec<_>>().join(", ")
+    );
     for name in cfg.models.keys() {
         let file = requests.join(format!("{name}.json"));
         if file.is_file() {
@@ -250,7 +282,14 @@ fn print_banner(cfg: &Config, config_path: Option<&Path>) {
             );
         }
     }
-    println!("  curl -s http://{gw}/v2/models/{}   # metadata", cfg.models.keys().next().map(String::as_str).unwrap_or("MODEL"));
+    println!(
+        "  curl -s http://{gw}/v2/models/{}   # metadata",
+        cfg.models
+            .keys()
+            .next()
+            .map(String::as_str)
+            .unwrap_or("MODEL")
+    );
     println!("  curl -s http://{gw}/metrics\nPress Ctrl-C to stop.\n");
 }
 
@@ -260,7 +299,10 @@ mod tests {
 
     #[test]
     fn host_port_handles_urls_and_bare_addresses() {
-        assert_eq!(host_port("redis://127.0.0.1:6380/0", 6379), "127.0.0.1:6380");
+        assert_eq!(
+            host_port("redis://127.0.0.1:6380/0", 6379),
+            "127.0.0.1:6380"
+        );
         assert_eq!(host_port("redis://:pw@localhost", 6379), "localhost:6379");
         assert_eq!(host_port("127.0.0.1:9092", 9092), "127.0.0.1:9092");
         assert_eq!(host_port("kafka", 9092), "kafka:9092");

@@ -15,7 +15,9 @@ const MODELS: [&str; 5] = ["scaler", "mlp", "logreg", "forest", "heavy"];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outputs_match_onnxruntime_for_every_model() {
-    let Some(mut stack) = Stack::start(&[]) else { return };
+    let Some(mut stack) = Stack::start(&[]) else {
+        return;
+    };
     for m in MODELS {
         stack.start_worker(m);
     }
@@ -27,42 +29,85 @@ async fn outputs_match_onnxruntime_for_every_model() {
         assert!(expected.is_object(), "no expected outputs for {model}");
         // One request per sample, then all samples in one request.
         for (i, x) in inputs.iter().enumerate() {
-            let r = post(&client, &format!("{}/v2/models/{model}/infer", stack.gateway), &[], infer_body(&[x])).await;
-            assert_eq!(r.status, 200, "{model} sample {i}: {}", String::from_utf8_lossy(&r.body));
+            let r = post(
+                &client,
+                &format!("{}/v2/models/{model}/infer", stack.gateway),
+                &[],
+                infer_body(&[x]),
+            )
+            .await;
+            assert_eq!(
+                r.status,
+                200,
+                "{model} sample {i}: {}",
+                String::from_utf8_lossy(&r.body)
+            );
             check_outputs(&r.json(), expected, i..i + 1, model);
         }
         let all: Vec<&Vec<f32>> = inputs.iter().collect();
-        let r = post(&client, &format!("{}/v2/models/{model}/infer", stack.gateway), &[], infer_body(&all)).await;
+        let r = post(
+            &client,
+            &format!("{}/v2/models/{model}/infer", stack.gateway),
+            &[],
+            infer_body(&all),
+        )
+        .await;
         assert_eq!(r.status, 200);
         check_outputs(&r.json(), expected, 0..inputs.len(), model);
     }
     // The classifiers are right about the digits, too.
-    let r = post(&client, &format!("{}/v2/models/mlp/infer", stack.gateway), &[], infer_body(&[&s.scaled[0]])).await;
-    assert_eq!(r.json()["outputs"][0]["data"][0].as_i64(), Some(s.labels[0]));
+    let r = post(
+        &client,
+        &format!("{}/v2/models/mlp/infer", stack.gateway),
+        &[],
+        infer_body(&[&s.scaled[0]]),
+    )
+    .await;
+    assert_eq!(
+        r.json()["outputs"][0]["data"][0].as_i64(),
+        Some(s.labels[0])
+    );
 }
 
 fn check_outputs(resp: &Value, expected: &Value, rows: std::ops::Range<usize>, model: &str) {
     let outputs = resp["outputs"].as_array().unwrap();
-    let names: Vec<&str> = outputs.iter().map(|o| o["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> = outputs
+        .iter()
+        .map(|o| o["name"].as_str().unwrap())
+        .collect();
     let want_names: Vec<&String> = expected.as_object().unwrap().keys().collect();
-    assert_eq!(names.len(), want_names.len(), "{model}: outputs {names:?} vs {want_names:?}");
+    assert_eq!(
+        names.len(),
+        want_names.len(),
+        "{model}: outputs {names:?} vs {want_names:?}"
+    );
     for o in outputs {
         let name = o["name"].as_str().unwrap();
         let want: Vec<Value> = expected[name].as_array().unwrap()[rows.clone()].to_vec();
-        assert_eq!(o["shape"][0].as_u64(), Some(rows.len() as u64), "{model}.{name} batch dim");
+        assert_eq!(
+            o["shape"][0].as_u64(),
+            Some(rows.len() as u64),
+            "{model}.{name} batch dim"
+        );
         if name == "label" {
             let got: Vec<i64> = serde_json::from_value(o["data"].clone()).unwrap();
             let want: Vec<i64> = want.iter().map(|v| v.as_i64().unwrap()).collect();
             assert_eq!(got, want, "{model} labels");
         } else {
-            assert_close(&flat_f64(&o["data"]), &flat_f64(&Value::Array(want)), &format!("{model}.{name}"));
+            assert_close(
+                &flat_f64(&o["data"]),
+                &flat_f64(&Value::Array(want)),
+                &format!("{model}.{name}"),
+            );
         }
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_concurrent_requests_are_all_answered_correctly() {
-    let Some(mut stack) = Stack::start(&[]) else { return };
+    let Some(mut stack) = Stack::start(&[]) else {
+        return;
+    };
     stack.start_worker("mlp");
     let s = Arc::new(samples());
     let client = http();
@@ -81,10 +126,18 @@ async fn two_hundred_concurrent_requests_are_all_answered_correctly() {
     let mut answered = 0;
     for t in tasks {
         let (i, k, r) = t.await.unwrap();
-        assert_eq!(r.status, 200, "request {i}: {}", String::from_utf8_lossy(&r.body));
+        assert_eq!(
+            r.status,
+            200,
+            "request {i}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
         let v = r.json();
         assert_eq!(v["id"], format!("req-{i}"), "the caller's id is echoed");
-        assert_eq!(v["outputs"][0]["data"][0], s.expected["mlp"]["label"][k], "request {i}");
+        assert_eq!(
+            v["outputs"][0]["data"][0], s.expected["mlp"]["label"][k],
+            "request {i}"
+        );
         answered += 1;
     }
     assert_eq!(answered, 200);
@@ -95,7 +148,9 @@ async fn two_hundred_concurrent_requests_are_all_answered_correctly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_errors_get_exact_status_codes() {
-    let Some(mut stack) = Stack::start(&[]) else { return };
+    let Some(mut stack) = Stack::start(&[]) else {
+        return;
+    };
     stack.start_worker("mlp");
     let client = http();
     let gw = stack.gateway.clone();
@@ -114,32 +169,64 @@ async fn client_errors_get_exact_status_codes() {
     ];
     for (what, body, want) in cases {
         let r = post(&client, &url, &[], body).await;
-        assert_eq!(r.status, want, "{what}: {}", String::from_utf8_lossy(&r.body));
+        assert_eq!(
+            r.status,
+            want,
+            "{what}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
         let msg = r.json()["error"].as_str().unwrap_or_default().to_string();
         assert!(!msg.is_empty(), "{what}: error message");
     }
-    let r = post(&client, &format!("{gw}/v2/models/nope/infer"), &[], infer_body(&[&s.scaled[0]])).await;
+    let r = post(
+        &client,
+        &format!("{gw}/v2/models/nope/infer"),
+        &[],
+        infer_body(&[&s.scaled[0]]),
+    )
+    .await;
     assert_eq!(r.status, 404);
     assert!(r.json()["error"].as_str().unwrap().contains("nope"));
-    assert_eq!(get(&client, &format!("{gw}/v2/models/nope")).await.status, 404);
+    assert_eq!(
+        get(&client, &format!("{gw}/v2/models/nope")).await.status,
+        404
+    );
 
     // 504: a model with no worker running, and a short per-request timeout (µs, Triton's unit).
     let started = std::time::Instant::now();
     let body = json!({"parameters": {"timeout": 300_000}, "inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": s.scaled[0]}]});
-    let r = post(&client, &format!("{gw}/v2/models/logreg/infer"), &[], body.to_string()).await;
+    let r = post(
+        &client,
+        &format!("{gw}/v2/models/logreg/infer"),
+        &[],
+        body.to_string(),
+    )
+    .await;
     assert_eq!(r.status, 504, "{}", String::from_utf8_lossy(&r.body));
-    assert!(started.elapsed() < Duration::from_secs(3), "answered at the deadline, not later");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "answered at the deadline, not later"
+    );
 
     // 413 and 429 on a second gateway with tight limits; 503 on one whose broker is unreachable.
     let port = free_port();
     stack.spawn_sluice(
         "gateway-limits",
         &["gateway", "--listen", &format!("127.0.0.1:{port}")],
-        &[("SLUICE__GATEWAY__MAX_BODY_BYTES", "4096"), ("SLUICE__GATEWAY__MAX_IN_FLIGHT", "1")],
+        &[
+            ("SLUICE__GATEWAY__MAX_BODY_BYTES", "4096"),
+            ("SLUICE__GATEWAY__MAX_IN_FLIGHT", "1"),
+        ],
     );
     stack.wait_ready(&format!("http://127.0.0.1:{port}/v2/health/ready"));
     let small = format!("http://127.0.0.1:{port}");
-    let r = post(&client, &format!("{small}/v2/models/mlp/infer"), &[], vec![b' '; 5000]).await;
+    let r = post(
+        &client,
+        &format!("{small}/v2/models/mlp/infer"),
+        &[],
+        vec![b' '; 5000],
+    )
+    .await;
     assert_eq!(r.status, 413);
     // Hold the only slot with a request nobody answers (no logreg worker), then ask again.
     let hold = {
@@ -149,9 +236,18 @@ async fn client_errors_get_exact_status_codes() {
         tokio::spawn(async move { post(&client, &url, &[], body).await.status })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let r = post(&client, &format!("{small}/v2/models/mlp/infer"), &[], infer_body(&[&s.scaled[0]])).await;
+    let r = post(
+        &client,
+        &format!("{small}/v2/models/mlp/infer"),
+        &[],
+        infer_body(&[&s.scaled[0]]),
+    )
+    .await;
     assert_eq!(r.status, 429);
-    assert_eq!(r.headers.get("retry-after").map(|v| v.to_str().unwrap()), Some("1"));
+    assert_eq!(
+        r.headers.get("retry-after").map(|v| v.to_str().unwrap()),
+        Some("1")
+    );
     assert_eq!(hold.await.unwrap(), 504);
 
     let dead_port = free_port();
@@ -164,20 +260,41 @@ async fn client_errors_get_exact_status_codes() {
     let no_broker = format!("http://127.0.0.1:{port}");
     wait_tcp(&format!("127.0.0.1:{port}"), Duration::from_secs(20));
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(get(&client, &format!("{no_broker}/v2/health/ready")).await.status, 503);
-    assert_eq!(get(&client, &format!("{no_broker}/v2/health/live")).await.status, 200);
-    let r = post(&client, &format!("{no_broker}/v2/models/mlp/infer"), &[], infer_body(&[&s.scaled[0]])).await;
+    assert_eq!(
+        get(&client, &format!("{no_broker}/v2/health/ready"))
+            .await
+            .status,
+        503
+    );
+    assert_eq!(
+        get(&client, &format!("{no_broker}/v2/health/live"))
+            .await
+            .status,
+        200
+    );
+    let r = post(
+        &client,
+        &format!("{no_broker}/v2/models/mlp/infer"),
+        &[],
+        infer_body(&[&s.scaled[0]]),
+    )
+    .await;
     assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_tensor_extension_round_trips() {
-    let Some(mut stack) = Stack::start(&[]) else { return };
+    let Some(mut stack) = Stack::start(&[]) else {
+        return;
+    };
     stack.start_worker("mlp");
     let s = samples();
     let client = http();
     let rows = [&s.scaled[3], &s.scaled[4]];
-    let data: Vec<u8> = rows.iter().flat_map(|r| r.iter().flat_map(|f| f.to_le_bytes())).collect();
+    let data: Vec<u8> = rows
+        .iter()
+        .flat_map(|r| r.iter().flat_map(|f| f.to_le_bytes()))
+        .collect();
     let header = json!({
         "inputs": [{"name": "input", "shape": [2, 64], "datatype": "FP32", "parameters": {"binary_data_size": data.len()}}],
         "outputs": [{"name": "label", "parameters": {"binary_data": true}}, {"name": "probabilities", "parameters": {"binary_data": false}}]
@@ -193,20 +310,37 @@ async fn binary_tensor_extension_round_trips() {
     )
     .await;
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    let n: usize = r.headers["inference-header-content-length"].to_str().unwrap().parse().unwrap();
+    let n: usize = r.headers["inference-header-content-length"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     let head: Value = serde_json::from_slice(&r.body[..n]).unwrap();
     assert_eq!(head["outputs"][0]["name"], "label");
     assert_eq!(head["outputs"][0]["parameters"]["binary_data_size"], 16);
-    let labels: Vec<i64> = r.body[n..].chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect();
-    let want: Vec<i64> = (3..5).map(|i| s.expected["mlp"]["label"][i].as_i64().unwrap()).collect();
+    let labels: Vec<i64> = r.body[n..]
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    let want: Vec<i64> = (3..5)
+        .map(|i| s.expected["mlp"]["label"][i].as_i64().unwrap())
+        .collect();
     assert_eq!(labels, want);
-    let want_p = flat_f64(&Value::Array(s.expected["mlp"]["probabilities"].as_array().unwrap()[3..5].to_vec()));
-    assert_close(&flat_f64(&head["outputs"][1]["data"]), &want_p, "probabilities (JSON beside binary)");
+    let want_p = flat_f64(&Value::Array(
+        s.expected["mlp"]["probabilities"].as_array().unwrap()[3..5].to_vec(),
+    ));
+    assert_close(
+        &flat_f64(&head["outputs"][1]["data"]),
+        &want_p,
+        "probabilities (JSON beside binary)",
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_killed_under_load_loses_no_accepted_request() {
-    let Some(mut stack) = Stack::start(&[("SLUICE__MODELS__MLP__PARTITIONS", "2")]) else { return };
+    let Some(mut stack) = Stack::start(&[("SLUICE__MODELS__MLP__PARTITIONS", "2")]) else {
+        return;
+    };
     let first = stack.start_worker("mlp");
     stack.start_worker("mlp");
     let s = Arc::new(samples());
@@ -218,7 +352,12 @@ async fn worker_killed_under_load_loses_no_accepted_request() {
     let mut tasks = Vec::new();
     for i in 0..total {
         let permit = Arc::clone(&sem).acquire_owned().await.unwrap();
-        let (client, url, s, done) = (client.clone(), url.clone(), Arc::clone(&s), Arc::clone(&done));
+        let (client, url, s, done) = (
+            client.clone(),
+            url.clone(),
+            Arc::clone(&s),
+            Arc::clone(&done),
+        );
         tasks.push(tokio::spawn(async move {
             let k = i % s.scaled.len();
             let body = json!({"parameters": {"timeout": 30_000_000}, "inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": s.scaled[k]}]});
@@ -237,29 +376,84 @@ async fn worker_killed_under_load_loses_no_accepted_request() {
         let (k, r) = t.await.unwrap();
         let r = r.expect("a request hung past its deadline");
         if r.status == 200 {
-            assert_eq!(r.json()["outputs"][0]["data"][0], s.expected["mlp"]["label"][k], "never a wrong answer");
+            assert_eq!(
+                r.json()["outputs"][0]["data"][0],
+                s.expected["mlp"]["label"][k],
+                "never a wrong answer"
+            );
             ok += 1;
         } else {
             errors += 1;
         }
     }
     assert_eq!(ok + errors, total);
-    assert_eq!(errors, 0, "every accepted request was answered after the kill (redelivered to a live worker)");
+    assert_eq!(
+        errors, 0,
+        "every accepted request was answered after the kill (redelivered to a live worker)"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_and_leaves_cleanly() {
-    let Some(mut stack) = Stack::start(&[]) else { return };
+    let Some(mut stack) = Stack::start(&[]) else {
+        return;
+    };
     let w = stack.start_worker("mlp");
     let s = samples();
     let client = http();
-    let r = post(&client, &format!("{}/v2/models/mlp/infer", stack.gateway), &[], infer_body(&[&s.scaled[0]])).await;
+    let r = post(
+        &client,
+        &format!("{}/v2/models/mlp/infer", stack.gateway),
+        &[],
+        infer_body(&[&s.scaled[0]]),
+    )
+    .await;
     assert_eq!(r.status, 200);
     stack.signal(w, "TERM");
-    assert!(stack.wait_exit(w, Duration::from_secs(25)), "worker exits 0 after SIGTERM");
+    assert!(
+        stack.wait_exit(w, Duration::from_secs(25)),
+        "worker exits 0 after SIGTERM"
+    );
     assert!(stack.log_of(w).contains("worker stopped"));
     // A new worker resumes from the committed offset: the next request is answered once.
     stack.start_worker("mlp");
-    let r = post(&client, &format!("{}/v2/models/mlp/infer", stack.gateway), &[], infer_body(&[&s.scaled[1]])).await;
+    let r = post(
+        &client,
+        &format!("{}/v2/models/mlp/infer", stack.gateway),
+        &[],
+        infer_body(&[&s.scaled[1]]),
+    )
+    .await;
     assert_eq!(r.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stock_tritonclient_works_against_the_gateway() {
+    let python = root().join(".venv-triton/bin/python");
+    if !python.is_file() {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "tritonclient venv missing under CI=true; run deploy/setup.sh"
+        );
+        eprintln!("SKIPPED: .venv-triton missing; run deploy/setup.sh");
+        return;
+    }
+    let Some(mut stack) = Stack::start(&[]) else {
+        return;
+    };
+    stack.start_worker("mlp");
+    let host = stack.gateway.trim_start_matches("http://").to_string();
+    let out = tokio::process::Command::new(python)
+        .arg(root().join("tests/triton_client.py"))
+        .arg(host)
+        .arg(root().join("examples/samples.json"))
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "tritonclient failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

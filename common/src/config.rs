@@ -461,16 +461,24 @@ outputs = [{ name = "label", datatype = "INT64", shape = [-1] }]
 
     #[test]
     fn defaults_file_and_env_layer_in_order() {
-        let f = write(&format!("[gateway]\nmax_in_flight = 7\n[kafka.client]\n\"fetch.wait.max.ms\" = \"1\"\n{MODEL}"));
+        let f = write(&format!(
+            "[gateway]\nmax_in_flight = 7\n[kafka.client]\n\"fetch.wait.max.ms\" = \"1\"\n{MODEL}"
+        ));
         let env = vec![
-            ("SLUICE__GATEWAY__LISTEN".to_string(), "127.0.0.1:9999".to_string()),
+            (
+                "SLUICE__GATEWAY__LISTEN".to_string(),
+                "127.0.0.1:9999".to_string(),
+            ),
             ("OTHER".to_string(), "x".to_string()),
         ];
         let c = Config::load_with_env(Some(f.path()), &env).unwrap();
         assert_eq!(c.gateway.max_in_flight, 7, "file overrides default");
         assert_eq!(c.gateway.listen.port(), 9999, "env overrides file");
         assert_eq!(c.gateway.max_body_bytes, 64 << 20, "default kept");
-        assert_eq!(c.kafka.client.get("fetch.wait.max.ms").map(String::as_str), Some("1"));
+        assert_eq!(
+            c.kafka.client.get("fetch.wait.max.ms").map(String::as_str),
+            Some("1")
+        );
         let m = c.model("mlp").unwrap();
         assert_eq!(m.max_delay, Duration::from_millis(2));
         assert_eq!(m.onnx, f.path().parent().unwrap().join("mlp.onnx"));
@@ -480,15 +488,23 @@ outputs = [{ name = "label", datatype = "INT64", shape = [-1] }]
     #[test]
     fn unknown_key_is_an_error_naming_key_and_file() {
         let f = write("[gateway]\nmax_inflight = 7\n");
-        let err = Config::load_with_env(Some(f.path()), &[]).unwrap_err().to_string();
+        let err = Config::load_with_env(Some(f.path()), &[])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("max_inflight"), "{err}");
         assert!(err.contains(&f.path().display().to_string()), "{err}");
     }
 
     #[test]
     fn invalid_values_are_all_reported() {
-        let f = write(&MODEL.replace("max_batch_size = 8", "max_batch_size = 0").replace("[-1, 64]", "[1, 64]"));
-        let err = Config::load_with_env(Some(f.path()), &[]).unwrap_err().to_string();
+        let f = write(
+            &MODEL
+                .replace("max_batch_size = 8", "max_batch_size = 0")
+                .replace("[-1, 64]", "[1, 64]"),
+        );
+        let err = Config::load_with_env(Some(f.path()), &[])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("models.mlp.max_batch_size"), "{err}");
         assert!(err.contains("models.mlp.inputs.input.shape"), "{err}");
     }
@@ -496,7 +512,9 @@ outputs = [{ name = "label", datatype = "INT64", shape = [-1] }]
     #[test]
     fn bad_datatype_and_duration_are_rejected() {
         let f = write(&MODEL.replace("FP32", "FLOAT32"));
-        let err = Config::load_with_env(Some(f.path()), &[]).unwrap_err().to_string();
+        let err = Config::load_with_env(Some(f.path()), &[])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("FLOAT32"), "{err}");
         let f = write(&MODEL.replace("\"2ms\"", "\"soon\""));
         assert!(Config::load_with_env(Some(f.path()), &[]).is_err());
@@ -507,15 +525,23 @@ outputs = [{ name = "label", datatype = "INT64", shape = [-1] }]
         let err = Config::load_with_env(Some(Path::new("/nonexistent/x.toml")), &[])
             .unwrap_err()
             .to_string();
-        assert!(err.contains("/nonexistent/x.toml") && err.contains("not found"), "{err}");
+        assert!(
+            err.contains("/nonexistent/x.toml") && err.contains("not found"),
+            "{err}"
+        );
     }
 
     #[test]
     fn secrets_are_redacted() {
-        let f = write("[redis]\nurl = \"redis://app:hunter2@localhost:6379\"\n[kafka.client]\n\"sasl.password\" = \"hunter3\"\n");
+        let f = write(
+            "[redis]\nurl = \"redis://app:hunter2@localhost:6379\"\n[kafka.client]\n\"sasl.password\" = \"hunter3\"\n",
+        );
         let c = Config::load_with_env(Some(f.path()), &[]).unwrap();
         let shown = c.redacted();
-        assert!(!shown.contains("hunter2") && !shown.contains("hunter3"), "{shown}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("hunter3"),
+            "{shown}"
+        );
         assert!(shown.contains("redis://app:***@localhost:6379"), "{shown}");
     }
 }

@@ -213,7 +213,12 @@ mod tests {
     }
 
     fn x(rows: i64) -> Tensor {
-        Tensor::from_values("x", DataType::Fp32, vec![rows, 3], &vec![0f32; rows as usize * 3])
+        Tensor::from_values(
+            "x",
+            DataType::Fp32,
+            vec![rows, 3],
+            &vec![0f32; rows as usize * 3],
+        )
     }
     fn k(rows: i64) -> Tensor {
         Tensor::from_values("k", DataType::Int64, vec![rows], &vec![0i64; rows as usize])
@@ -227,24 +232,68 @@ mod tests {
     #[test]
     fn names_each_kind_of_mismatch() {
         let m = model();
-        assert_eq!(validate_inputs(&m, &[x(1)]), Err(InputError::Missing("k".into())));
-        assert!(matches!(validate_inputs(&m, &[x(1), k(1), Tensor { name: "z".into(), ..k(1) }]), Err(InputError::Unexpected { .. })));
-        assert_eq!(validate_inputs(&m, &[x(1), x(1)]), Err(InputError::Duplicate("x".into())));
+        assert_eq!(
+            validate_inputs(&m, &[x(1)]),
+            Err(InputError::Missing("k".into()))
+        );
+        assert!(matches!(
+            validate_inputs(
+                &m,
+                &[
+                    x(1),
+                    k(1),
+                    Tensor {
+                        name: "z".into(),
+                        ..k(1)
+                    }
+                ]
+            ),
+            Err(InputError::Unexpected { .. })
+        ));
+        assert_eq!(
+            validate_inputs(&m, &[x(1), x(1)]),
+            Err(InputError::Duplicate("x".into()))
+        );
         let wrong_type = Tensor::from_values("x", DataType::Fp64, vec![1, 3], &[0f64; 3]);
-        assert!(matches!(validate_inputs(&m, &[wrong_type, k(1)]), Err(InputError::Datatype { .. })));
+        assert!(matches!(
+            validate_inputs(&m, &[wrong_type, k(1)]),
+            Err(InputError::Datatype { .. })
+        ));
         let wrong_shape = Tensor::from_values("x", DataType::Fp32, vec![1, 4], &[0f32; 4]);
-        assert!(matches!(validate_inputs(&m, &[wrong_shape, k(1)]), Err(InputError::Shape { .. })));
-        assert!(matches!(validate_inputs(&m, &[x(5), k(5)]), Err(InputError::BatchTooLarge { got: 5, max: 4, .. })));
-        assert!(matches!(validate_inputs(&m, &[x(0), k(0)]), Err(InputError::BatchTooLarge { got: 0, .. })));
-        assert!(matches!(validate_inputs(&m, &[x(2), k(1)]), Err(InputError::BatchMismatch { .. })));
+        assert!(matches!(
+            validate_inputs(&m, &[wrong_shape, k(1)]),
+            Err(InputError::Shape { .. })
+        ));
+        assert!(matches!(
+            validate_inputs(&m, &[x(5), k(5)]),
+            Err(InputError::BatchTooLarge { got: 5, max: 4, .. })
+        ));
+        assert!(matches!(
+            validate_inputs(&m, &[x(0), k(0)]),
+            Err(InputError::BatchTooLarge { got: 0, .. })
+        ));
+        assert!(matches!(
+            validate_inputs(&m, &[x(2), k(1)]),
+            Err(InputError::BatchMismatch { .. })
+        ));
         let mut short = x(1);
         short.data.truncate(8);
-        assert!(matches!(validate_inputs(&m, &[short, k(1)]), Err(InputError::ElementCount { want: 3, got: 2, .. })));
+        assert!(matches!(
+            validate_inputs(&m, &[short, k(1)]),
+            Err(InputError::ElementCount {
+                want: 3,
+                got: 2,
+                ..
+            })
+        ));
     }
 
     #[test]
     fn outputs_must_exist() {
         assert_eq!(validate_outputs(&model(), &["y".into()]), Ok(()));
-        assert!(matches!(validate_outputs(&model(), &["nope".into()]), Err(InputError::UnknownOutput { .. })));
+        assert!(matches!(
+            validate_outputs(&model(), &["nope".into()]),
+            Err(InputError::UnknownOutput { .. })
+        ));
     }
 }

@@ -7,8 +7,8 @@ use crate::config::{LogFormat, TelemetryConfig};
 
 /// Installs the global `tracing` subscriber. `RUST_LOG` overrides the configured level.
 pub fn init_logging(cfg: &TelemetryConfig) {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(&cfg.log_level));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&cfg.log_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -33,7 +33,9 @@ const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256
 pub fn install_metrics() -> PrometheusHandle {
     let builder = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
-        .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("batch_size".into()), BATCH_BUCKETS));
+        .and_then(|b| {
+            b.set_buckets_for_metric(Matcher::Suffix("batch_size".into()), BATCH_BUCKETS)
+        });
     let recorder = match builder {
         Ok(b) => b.build_recorder(),
         Err(e) => {

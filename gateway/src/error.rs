@@ -132,7 +132,12 @@ mod tests {
     #[test]
     fn overload_carries_retry_after() {
         let resp = ApiError::Overloaded { limit: 3 }.into_response();
-        assert_eq!(resp.headers().get(header::RETRY_AFTER).map(|v| v.as_bytes()), Some(&b"1"[..]));
+        assert_eq!(
+            resp.headers()
+                .get(header::RETRY_AFTER)
+                .map(|v| v.as_bytes()),
+            Some(&b"1"[..])
+        );
     }
 
     #[test]
@@ -142,10 +147,20 @@ mod tests {
             message: "m".into(),
             step: "mlp".into(),
         };
-        assert_eq!(ApiError::from_result(&e(codes::INVALID_INPUT)).status(), 422);
-        assert_eq!(ApiError::from_result(&e(codes::DEADLINE_EXCEEDED)).status(), 504);
+        assert_eq!(
+            ApiError::from_result(&e(codes::INVALID_INPUT)).status(),
+            422
+        );
+        assert_eq!(
+            ApiError::from_result(&e(codes::DEADLINE_EXCEEDED)).status(),
+            504
+        );
         assert_eq!(ApiError::from_result(&e(codes::MODEL_FAILED)).status(), 500);
         assert_eq!(ApiError::from_result(&e(codes::UNDECODABLE)).status(), 400);
-        assert!(ApiError::from_result(&e(codes::MODEL_FAILED)).to_string().contains("mlp"));
+        assert!(
+            ApiError::from_result(&e(codes::MODEL_FAILED))
+                .to_string()
+                .contains("mlp")
+        );
     }
 }

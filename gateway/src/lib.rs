@@ -53,22 +53,32 @@ pub struct Gateway {
 
 impl Gateway {
     /// Connects to Kafka and Redis and subscribes to this instance's reply channel.
-    pub async fn connect(cfg: Config, metrics: PrometheusHandle) -> Result<Arc<Gateway>, StartError> {
+    pub async fn connect(
+        cfg: Config,
+        metrics: PrometheusHandle,
+    ) -> Result<Arc<Gateway>, StartError> {
         let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
         let producer: FutureProducer =
-            sluice_common::kafka::producer_config(&cfg, &format!("sluice-gateway-{id}")).create()?;
+            sluice_common::kafka::producer_config(&cfg, &format!("sluice-gateway-{id}"))
+                .create()?;
         let client = redis::Client::open(cfg.redis.url.as_str())?;
         let manager_cfg = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(2)))
             .set_response_timeout(Some(Duration::from_secs(2)))
             .set_number_of_retries(2);
-        let conn = redis::aio::ConnectionManager::new_with_config(client.clone(), manager_cfg).await?;
+        let conn =
+            redis::aio::ConnectionManager::new_with_config(client.clone(), manager_cfg).await?;
         let key_cfg = cfg.clone();
-        let correlator = Correlator::start(client, cfg.reply_channel(&id), conn.clone(), move |rid| {
-            key_cfg.result_key(rid)
-        })
-        .await?;
-        let stats = cfg.models.keys().map(|m| (m.clone(), ModelStats::default())).collect();
+        let correlator =
+            Correlator::start(client, cfg.reply_channel(&id), conn.clone(), move |rid| {
+                key_cfg.result_key(rid)
+            })
+            .await?;
+        let stats = cfg
+            .models
+            .keys()
+            .map(|m| (m.clone(), ModelStats::default()))
+            .collect();
         let gw = Arc::new(Gateway {
             permits: Arc::new(Semaphore::new(cfg.gateway.max_in_flight)),
             cfg,

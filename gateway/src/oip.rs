@@ -87,7 +87,11 @@ impl<'de> Visitor<'de> for Flatten<'_> {
         f.write_str("numbers or booleans, possibly in nested arrays")
     }
     fn visit_i64<E: de::Error>(self, v: i64) -> Result<(), E> {
-        self.0.push(if v >= 0 { Scalar::U(v as u64) } else { Scalar::I(v) });
+        self.0.push(if v >= 0 {
+            Scalar::U(v as u64)
+        } else {
+            Scalar::I(v)
+        });
         Ok(())
     }
     fn visit_u64<E: de::Error>(self, v: u64) -> Result<(), E> {
@@ -153,9 +157,13 @@ pub fn parse_request(body: &[u8], json_len: Option<usize>) -> Result<ParsedReque
         .map_err(|e| ApiError::BadRequest(format!("malformed request JSON: {e}")))?;
     let mut inputs = Vec::with_capacity(req.inputs.len());
     for input in req.inputs {
-        let datatype: DataType = input.datatype.parse().map_err(|e: sluice_schemas::TensorError| {
-            ApiError::InvalidTensor(format!("input '{}': {e}", input.name))
-        })?;
+        let datatype: DataType =
+            input
+                .datatype
+                .parse()
+                .map_err(|e: sluice_schemas::TensorError| {
+                    ApiError::InvalidTensor(format!("input '{}': {e}", input.name))
+                })?;
         let count = element_count(&input.shape).ok_or_else(|| {
             ApiError::InvalidTensor(format!(
                 "input '{}' has an invalid shape {:?}",
@@ -257,7 +265,11 @@ fn json_to_bytes(name: &str, dt: DataType, values: &[Scalar]) -> Result<Vec<u8>,
                 let x: $t = match *v {
                     Scalar::I(n) => <$t>::try_from(n).map_err(|_| bad(i, v))?,
                     Scalar::U(n) => <$t>::try_from(n).map_err(|_| bad(i, v))?,
-                    Scalar::F(f) if f.fract() == 0.0 && f >= <$t>::MIN as f64 && f <= <$t>::MAX as f64 => f as $t,
+                    Scalar::F(f)
+                        if f.fract() == 0.0 && f >= <$t>::MIN as f64 && f <= <$t>::MAX as f64 =>
+                    {
+                        f as $t
+                    }
                     _ => return Err(bad(i, v)),
                 };
                 out.extend_from_slice(&x.to_le_bytes());
@@ -431,8 +443,8 @@ pub fn encode_response(
         parameters,
         outputs: json_outputs,
     };
-    let mut body =
-        serde_json::to_vec(&resp).map_err(|e| ApiError::Internal(format!("encoding response: {e}")))?;
+    let mut body = serde_json::to_vec(&resp)
+        .map_err(|e| ApiError::Internal(format!("encoding response: {e}")))?;
     let has_binary = outputs.iter().any(|(_, b)| *b);
     let json_len = has_binary.then_some(body.len());
     body.extend_from_slice(&binary);
@@ -461,15 +473,35 @@ mod tests {
     fn rejects_bad_values_with_4xx() {
         let cases: [(&[u8], u16); 6] = [
             (b"{not json", 400),
-            (br#"{"inputs":[{"name":"x","shape":[1],"datatype":"UINT8","data":[300]}]}"#, 422),
-            (br#"{"inputs":[{"name":"x","shape":[1],"datatype":"INT32","data":[1.5]}]}"#, 422),
-            (br#"{"inputs":[{"name":"x","shape":[3],"datatype":"FP32","data":[1,2]}]}"#, 422),
-            (br#"{"inputs":[{"name":"x","shape":[1],"datatype":"FLOAT","data":[1]}]}"#, 422),
-            (br#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP32"}]}"#, 400),
+            (
+                br#"{"inputs":[{"name":"x","shape":[1],"datatype":"UINT8","data":[300]}]}"#,
+                422,
+            ),
+            (
+                br#"{"inputs":[{"name":"x","shape":[1],"datatype":"INT32","data":[1.5]}]}"#,
+                422,
+            ),
+            (
+                br#"{"inputs":[{"name":"x","shape":[3],"datatype":"FP32","data":[1,2]}]}"#,
+                422,
+            ),
+            (
+                br#"{"inputs":[{"name":"x","shape":[1],"datatype":"FLOAT","data":[1]}]}"#,
+                422,
+            ),
+            (
+                br#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP32"}]}"#,
+                400,
+            ),
         ];
         for (body, status) in cases {
             let err = parse_request(body, None).unwrap_err();
-            assert_eq!(err.status().as_u16(), status, "{}: {err}", String::from_utf8_lossy(body));
+            assert_eq!(
+                err.status().as_u16(),
+                status,
+                "{}: {err}",
+                String::from_utf8_lossy(body)
+            );
         }
     }
 
@@ -486,23 +518,49 @@ mod tests {
         assert_eq!(r.inputs[1].values::<i64>(), vec![42]);
         assert_eq!(r.outputs, vec![("out".to_string(), true)]);
         // Too few bytes, or bytes left over, are errors.
-        assert_eq!(parse_request(&body[..body.len() - 1], Some(json.len())).unwrap_err().status(), 400);
+        assert_eq!(
+            parse_request(&body[..body.len() - 1], Some(json.len()))
+                .unwrap_err()
+                .status(),
+            400
+        );
         let mut extra = body.clone();
         extra.push(0);
-        assert_eq!(parse_request(&extra, Some(json.len())).unwrap_err().status(), 400);
-        assert_eq!(parse_request(&body, Some(body.len() + 1)).unwrap_err().status(), 400);
+        assert_eq!(
+            parse_request(&extra, Some(json.len()))
+                .unwrap_err()
+                .status(),
+            400
+        );
+        assert_eq!(
+            parse_request(&body, Some(body.len() + 1))
+                .unwrap_err()
+                .status(),
+            400
+        );
     }
 
     #[test]
     fn encodes_json_and_binary_outputs() {
         let label = Tensor::from_values("label", DataType::Int64, vec![2], &[3i64, 9]);
-        let probs = Tensor::from_values("probabilities", DataType::Fp32, vec![2, 1], &[0.25f32, 0.5]);
-        let resp = encode_response("m", "1", Some("r"), Map::new(), &[(&label, false), (&probs, true)]).unwrap();
+        let probs =
+            Tensor::from_values("probabilities", DataType::Fp32, vec![2, 1], &[0.25f32, 0.5]);
+        let resp = encode_response(
+            "m",
+            "1",
+            Some("r"),
+            Map::new(),
+            &[(&label, false), (&probs, true)],
+        )
+        .unwrap();
         let n = resp.json_len.unwrap();
         let head: Value = serde_json::from_slice(&resp.body[..n]).unwrap();
         assert_eq!(head["outputs"][0]["data"], serde_json::json!([3, 9]));
         assert_eq!(head["outputs"][1]["parameters"]["binary_data_size"], 8);
-        assert_eq!(&resp.body[n..], bytemuck::cast_slice::<f32, u8>(&[0.25, 0.5]));
+        assert_eq!(
+            &resp.body[n..],
+            bytemuck::cast_slice::<f32, u8>(&[0.25, 0.5])
+        );
         let plain = encode_response("m", "1", None, Map::new(), &[(&label, false)]).unwrap();
         assert!(plain.json_len.is_none());
     }

@@ -34,10 +34,22 @@ pub(crate) fn router(gw: Arc<Gateway>) -> Router {
         .route("/v2/models/{model}/config", get(model_config))
         .route("/v2/models/{model}/stats", get(model_stats))
         .route("/v2/models/{model}/infer", post(infer))
-        .route("/v2/models/{model}/versions/{version}", get(model_metadata_v))
-        .route("/v2/models/{model}/versions/{version}/ready", get(model_ready_v))
-        .route("/v2/models/{model}/versions/{version}/config", get(model_config_v))
-        .route("/v2/models/{model}/versions/{version}/stats", get(model_stats_v))
+        .route(
+            "/v2/models/{model}/versions/{version}",
+            get(model_metadata_v),
+        )
+        .route(
+            "/v2/models/{model}/versions/{version}/ready",
+            get(model_ready_v),
+        )
+        .route(
+            "/v2/models/{model}/versions/{version}/config",
+            get(model_config_v),
+        )
+        .route(
+            "/v2/models/{model}/versions/{version}/stats",
+            get(model_stats_v),
+        )
         .route("/v2/models/{model}/versions/{version}/infer", post(infer_v))
         .route("/metrics", get(render_metrics))
         .with_state(gw)
@@ -49,7 +61,11 @@ fn model<'a>(gw: &'a Gateway, name: &str) -> Result<&'a ModelConfig, ApiError> {
         .ok_or_else(|| ApiError::ModelNotFound(name.to_string()))
 }
 
-fn model_version<'a>(gw: &'a Gateway, name: &str, version: &str) -> Result<&'a ModelConfig, ApiError> {
+fn model_version<'a>(
+    gw: &'a Gateway,
+    name: &str,
+    version: &str,
+) -> Result<&'a ModelConfig, ApiError> {
     let m = model(gw, name)?;
     if m.version == version {
         Ok(m)
@@ -101,7 +117,10 @@ fn metadata_json(name: &str, m: &ModelConfig) -> Json<Value> {
     }))
 }
 
-async fn model_metadata(State(gw): Shared, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
+async fn model_metadata(
+    State(gw): Shared,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
     Ok(metadata_json(&name, model(&gw, &name)?))
 }
 
@@ -165,7 +184,10 @@ fn config_json(name: &str, m: &ModelConfig) -> Json<Value> {
     }))
 }
 
-async fn model_config(State(gw): Shared, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
+async fn model_config(
+    State(gw): Shared,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
     Ok(config_json(&name, model(&gw, &name)?))
 }
 
@@ -260,7 +282,9 @@ async fn read_body(req: Request, limit: usize) -> Result<(HeaderMap, bytes::Byte
         .collect()
         .await
         .map_err(|e| {
-            if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
                 ApiError::PayloadTooLarge { limit }
             } else {
                 ApiError::BadRequest(format!("reading body: {e}"))
@@ -288,11 +312,12 @@ type InferOk = (Response, i64, i64);
 
 async fn infer_inner(gw: &Arc<Gateway>, name: &str, req: Request) -> Result<InferOk, ApiError> {
     let m = model(gw, name)?;
-    let _permit = Arc::clone(&gw.permits)
-        .try_acquire_owned()
-        .map_err(|_| ApiError::Overloaded {
-            limit: gw.cfg.gateway.max_in_flight,
-        })?;
+    let _permit =
+        Arc::clone(&gw.permits)
+            .try_acquire_owned()
+            .map_err(|_| ApiError::Overloaded {
+                limit: gw.cfg.gateway.max_in_flight,
+            })?;
     metrics::gauge!("sluice_gateway_in_flight").increment(1.0);
     let _in_flight = InFlight;
 
@@ -303,7 +328,9 @@ async fn infer_inner(gw: &Arc<Gateway>, name: &str, req: Request) -> Result<Infe
             v.to_str()
                 .ok()
                 .and_then(|s| s.parse::<usize>().ok())
-                .ok_or_else(|| ApiError::BadRequest("Inference-Header-Content-Length is not a number".into()))?,
+                .ok_or_else(|| {
+                    ApiError::BadRequest("Inference-Header-Content-Length is not a number".into())
+                })?,
         ),
     };
     let parsed = oip::parse_request(&body, json_len)?;
@@ -313,7 +340,9 @@ async fn infer_inner(gw: &Arc<Gateway>, name: &str, req: Request) -> Result<Infe
     let timeout = timeout_of(gw, &parsed.parameters)?;
 
     if !gw.broker_ok.load(std::sync::atomic::Ordering::Relaxed) {
-        return Err(ApiError::Unavailable("the Kafka broker is unreachable".into()));
+        return Err(ApiError::Unavailable(
+            "the Kafka broker is unreachable".into(),
+        ));
     }
     if !gw.correlator.is_subscribed() || !gw.redis_ok.load(std::sync::atomic::Ordering::Relaxed) {
         return Err(ApiError::Unavailable("Redis is unreachable".into()));
@@ -345,14 +374,26 @@ async fn infer_inner(gw: &Arc<Gateway>, name: &str, req: Request) -> Result<Infe
     };
     let payload = encode_request(&envelope).map_err(|e| ApiError::Internal(e.to_string()))?;
     let headers = OwnedHeaders::new_with_capacity(3)
-        .insert(Header { key: "sluice-request-id", value: Some(id.as_str()) })
-        .insert(Header { key: "sluice-reply-channel", value: Some(route.channel.as_str()) })
-        .insert(Header { key: "sluice-reply-key", value: Some(route.key.as_str()) });
+        .insert(Header {
+            key: "sluice-request-id",
+            value: Some(id.as_str()),
+        })
+        .insert(Header {
+            key: "sluice-reply-channel",
+            value: Some(route.channel.as_str()),
+        })
+        .insert(Header {
+            key: "sluice-reply-key",
+            value: Some(route.key.as_str()),
+        });
 
     // Register before producing so the reply can never arrive unseen.
     let pending = gw.correlator.register(&id);
     let topic = gw.cfg.request_topic(name);
-    let record = FutureRecord::to(&topic).key(&id).payload(&payload).headers(headers);
+    let record = FutureRecord::to(&topic)
+        .key(&id)
+        .payload(&payload)
+        .headers(headers);
     let produce_started = Instant::now();
     let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
     match gw.producer.send(record, remaining).await {
@@ -363,13 +404,22 @@ async fn infer_inner(gw: &Arc<Gateway>, name: &str, req: Request) -> Result<Infe
                 C::MessageTimedOut if tokio::time::Instant::now() >= deadline => {
                     ApiError::DeadlineExceeded(timeout)
                 }
-                C::QueueFull => ApiError::Unavailable("the Kafka producer queue is full; retry later".into()),
-                other => ApiError::Unavailable(format!("could not publish the request to Kafka: {other}")),
+                C::QueueFull => {
+                    ApiError::Unavailable("the Kafka producer queue is full; retry later".into())
+                }
+                other => ApiError::Unavailable(format!(
+                    "could not publish the request to Kafka: {other}"
+                )),
             });
         }
-        Err((e, _)) => return Err(ApiError::Unavailable(format!("could not publish the request to Kafka: {e}"))),
+        Err((e, _)) => {
+            return Err(ApiError::Unavailable(format!(
+                "could not publish the request to Kafka: {e}"
+            )));
+        }
     }
-    metrics::histogram!("sluice_gateway_produce_seconds").record(produce_started.elapsed().as_secs_f64());
+    metrics::histogram!("sluice_gateway_produce_seconds")
+        .record(produce_started.elapsed().as_secs_f64());
 
     let result = pending
         .wait(deadline)
@@ -393,11 +443,17 @@ async fn infer_inner(gw: &Arc<Gateway>, name: &str, req: Request) -> Result<Infe
     let h = resp.headers_mut();
     match encoded.json_len {
         Some(n) => {
-            h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            );
             h.insert(HEADER_LENGTH, HeaderValue::from(n));
         }
         None => {
-            h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
         }
     }
     Ok((resp, result.queue_us, result.infer_us))

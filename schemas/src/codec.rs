@@ -115,13 +115,17 @@ pub fn encode_with(schema: &Schema, value: Value) -> Result<Vec<u8>, CodecError>
 /// The request schema set (current schema only).
 pub fn request_schemas() -> &'static SchemaSet {
     static SET: OnceLock<SchemaSet> = OnceLock::new();
-    SET.get_or_init(|| SchemaSet::new(REQUEST_SCHEMA).expect("request.avsc is valid (checked by tests)"))
+    SET.get_or_init(|| {
+        SchemaSet::new(REQUEST_SCHEMA).expect("request.avsc is valid (checked by tests)")
+    })
 }
 
 /// The result schema set (current schema only).
 pub fn result_schemas() -> &'static SchemaSet {
     static SET: OnceLock<SchemaSet> = OnceLock::new();
-    SET.get_or_init(|| SchemaSet::new(RESULT_SCHEMA).expect("result.avsc is valid (checked by tests)"))
+    SET.get_or_init(|| {
+        SchemaSet::new(RESULT_SCHEMA).expect("result.avsc is valid (checked by tests)")
+    })
 }
 
 /// Encodes a request envelope.
@@ -224,7 +228,10 @@ pub fn result_to_value(r: &InferenceResult) -> Value {
         ("id".into(), Value::String(r.id.clone())),
         ("client_id".into(), opt_string(&r.client_id)),
         ("model".into(), Value::String(r.model.clone())),
-        ("model_version".into(), Value::String(r.model_version.clone())),
+        (
+            "model_version".into(),
+            Value::String(r.model_version.clone()),
+        ),
         ("error".into(), error),
         ("outputs".into(), tensors_value(&r.outputs)),
         ("parameters".into(), string_map(&r.parameters)),
@@ -434,7 +441,12 @@ mod tests {
             model: "mlp".into(),
             model_version: "1".into(),
             error: None,
-            outputs: vec![Tensor::from_values("label", DataType::Int64, vec![1], &[7i64])],
+            outputs: vec![Tensor::from_values(
+                "label",
+                DataType::Int64,
+                vec![1],
+                &[7i64],
+            )],
             parameters: BTreeMap::new(),
             queue_us: 12,
             infer_us: 34,
@@ -442,18 +454,30 @@ mod tests {
         };
         assert_eq!(decode_result(&encode_result(&ok).unwrap()).unwrap(), ok);
         let failed = InferenceResult::failure(&sample_request(), codes::MODEL_FAILED, "boom");
-        assert_eq!(decode_result(&encode_result(&failed).unwrap()).unwrap(), failed);
+        assert_eq!(
+            decode_result(&encode_result(&failed).unwrap()).unwrap(),
+            failed
+        );
     }
 
     #[test]
     fn rejects_garbage_and_unknown_fingerprints() {
-        assert!(matches!(decode_request(b"{}"), Err(CodecError::NotSingleObject)));
+        assert!(matches!(
+            decode_request(b"{}"),
+            Err(CodecError::NotSingleObject)
+        ));
         let mut bytes = encode_request(&sample_request()).unwrap();
         bytes[3] ^= 0xff;
-        assert!(matches!(decode_request(&bytes), Err(CodecError::UnknownSchema(_))));
+        assert!(matches!(
+            decode_request(&bytes),
+            Err(CodecError::UnknownSchema(_))
+        ));
         // A result is not a request: its fingerprint is not in the request set.
         let result = encode_result(&InferenceResult::default()).unwrap();
-        assert!(matches!(decode_request(&result), Err(CodecError::UnknownSchema(_))));
+        assert!(matches!(
+            decode_request(&result),
+            Err(CodecError::UnknownSchema(_))
+        ));
     }
 
     #[test]
@@ -491,7 +515,10 @@ mod tests {
         let bytes = encode_with(&old, value).unwrap();
 
         let mut set = SchemaSet::new(REQUEST_SCHEMA).unwrap();
-        assert!(matches!(set.decode(&bytes, None), Err(CodecError::UnknownSchema(_))));
+        assert!(matches!(
+            set.decode(&bytes, None),
+            Err(CodecError::UnknownSchema(_))
+        ));
         set.add_writer(&old_json).unwrap();
         let decoded = request_from_value(set.decode(&bytes, None).unwrap()).unwrap();
         let mut want = sample_request();
@@ -527,7 +554,11 @@ mod tests {
         let Value::Record(fields) = v else {
             panic!("not a record")
         };
-        assert!(fields.iter().any(|(k, v)| k == "id" && *v == Value::String("gw1-42".into())));
+        assert!(
+            fields
+                .iter()
+                .any(|(k, v)| k == "id" && *v == Value::String("gw1-42".into()))
+        );
         assert!(!fields.iter().any(|(k, _)| k == "trace"));
     }
 
@@ -543,7 +574,9 @@ mod tests {
             pub fn drop_fields(&mut self, names: &[&str]) {
                 for name in names {
                     let start_pat = format!("\"name\": \"{name}\"");
-                    let Some(pos) = self.0.find(&start_pat) else { continue };
+                    let Some(pos) = self.0.find(&start_pat) else {
+                        continue;
+                    };
                     let open = self.0[..pos].rfind('{').unwrap_or(pos);
                     let mut depth = 0usize;
                     let mut end = open;

@@ -4,7 +4,9 @@ use std::fmt;
 use std::str::FromStr;
 
 #[cfg(target_endian = "big")]
-compile_error!("Sluice's tensor bytes are little-endian and are reinterpreted in place; big-endian hosts are not supported");
+compile_error!(
+    "Sluice's tensor bytes are little-endian and are reinterpreted in place; big-endian hosts are not supported"
+);
 
 /// An element type of the Open Inference Protocol (KServe v2 / Triton).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -121,7 +123,9 @@ impl From<DataType> for String {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum TensorError {
     /// The datatype name is not one Sluice supports.
-    #[error("unknown datatype '{0}' (expected one of BOOL, UINT8..UINT64, INT8..INT64, FP16, FP32, FP64)")]
+    #[error(
+        "unknown datatype '{0}' (expected one of BOOL, UINT8..UINT64, INT8..INT64, FP16, FP32, FP64)"
+    )]
     UnknownDatatype(String),
     /// A dimension is negative.
     #[error("tensor '{name}' has a negative dimension in shape {shape:?}")]
@@ -132,7 +136,9 @@ pub enum TensorError {
         shape: Vec<i64>,
     },
     /// The byte length does not match shape × element size.
-    #[error("tensor '{name}' has {got} bytes of data but shape {shape:?} of {datatype} needs {want}")]
+    #[error(
+        "tensor '{name}' has {got} bytes of data but shape {shape:?} of {datatype} needs {want}"
+    )]
     ByteLength {
         /// Tensor name.
         name: String,

@@ -21,7 +21,11 @@ pub fn root() -> PathBuf {
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn find_tansu() -> Option<PathBuf> {
@@ -36,7 +40,11 @@ fn find_tansu() -> Option<PathBuf> {
 }
 
 fn on_path(bin: &str) -> bool {
-    Command::new("sh").args(["-c", &format!("command -v {bin}")]).stdout(Stdio::null()).status().is_ok_and(|s| s.success())
+    Command::new("sh")
+        .args(["-c", &format!("command -v {bin}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 /// Skips (returns None) when services are missing, except under CI=true where it panics.
@@ -47,7 +55,10 @@ pub fn services_available() -> Option<PathBuf> {
     if let (Some(t), true, true) = (&tansu, redis, ort) {
         return Some(t.clone());
     }
-    let missing = format!("tansu: {}, redis-server: {redis}, onnxruntime: {ort}", tansu.is_some());
+    let missing = format!(
+        "tansu: {}, redis-server: {redis}, onnxruntime: {ort}",
+        tansu.is_some()
+    );
     if std::env::var("CI").is_ok_and(|v| v == "true") {
         panic!("integration services missing under CI=true ({missing}); run deploy/setup.sh");
     }
@@ -108,11 +119,28 @@ impl Stack {
         let url = format!("tcp://{kafka}");
         stack.spawn_raw(
             "tansu",
-            Command::new(tansu).args(["broker", "--listener-url", &url, "--advertised-listener-url", &url, "--storage-engine", "memory://tansu/"]),
+            Command::new(tansu).args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+                "--storage-engine",
+                "memory://tansu/",
+            ]),
         );
         stack.spawn_raw(
             "redis",
-            Command::new("redis-server").args(["--port", &rp.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]),
+            Command::new("redis-server").args([
+                "--port",
+                &rp.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ]),
         );
         wait_tcp(&kafka, Duration::from_secs(20));
         wait_tcp(&format!("127.0.0.1:{rp}"), Duration::from_secs(10));
@@ -126,16 +154,32 @@ impl Stack {
     /// A `sluice` command with the stack's config and environment.
     pub fn sluice(&self, args: &[&str]) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_sluice"));
-        c.arg("--config").arg(root().join("examples/digits.toml")).args(args);
+        c.arg("--config")
+            .arg(root().join("examples/digits.toml"))
+            .args(args);
         c.envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         c
     }
 
     fn spawn_raw(&mut self, name: &str, cmd: &mut Command) {
-        let log = self.dir.path().join(format!("{}-{}.log", name.replace(['#', ' '], "_"), self.procs.len()));
+        let log = self.dir.path().join(format!(
+            "{}-{}.log",
+            name.replace(['#', ' '], "_"),
+            self.procs.len()
+        ));
         let f = std::fs::File::create(&log).unwrap();
-        let child = cmd.stdin(Stdio::null()).stdout(f.try_clone().unwrap()).stderr(f).spawn().unwrap_or_else(|e| panic!("spawn {name}: {e}"));
-        self.procs.push(Proc { name: name.into(), stopped: false, child, log });
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        self.procs.push(Proc {
+            name: name.into(),
+            stopped: false,
+            child,
+            log,
+        });
     }
 
     /// Spawns `sluice <args>` with extra env; returns its index.
@@ -150,7 +194,11 @@ impl Stack {
     pub fn start_worker(&mut self, model: &str) -> usize {
         let port = free_port();
         let addr = format!("127.0.0.1:{port}");
-        let i = self.spawn_sluice(&format!("worker-{model}"), &["worker", "--model", model, "--metrics-listen", &addr], &[]);
+        let i = self.spawn_sluice(
+            &format!("worker-{model}"),
+            &["worker", "--model", model, "--metrics-listen", &addr],
+            &[],
+        );
         self.wait_ready(&format!("http://{addr}/health/ready"));
         i
     }
@@ -163,7 +211,11 @@ impl Stack {
             }
             for p in self.procs.iter_mut().filter(|p| !p.stopped) {
                 if let Ok(Some(status)) = p.child.try_wait() {
-                    panic!("{} exited ({status}) while waiting for {url}:\n{}", p.name, tail(&p.log));
+                    panic!(
+                        "{} exited ({status}) while waiting for {url}:\n{}",
+                        p.name,
+                        tail(&p.log)
+                    );
                 }
             }
             assert!(Instant::now() < end, "{url} not ready in time");
@@ -175,7 +227,10 @@ impl Stack {
     pub fn signal(&mut self, i: usize, sig: &str) {
         self.procs[i].stopped = true;
         let pid = self.procs[i].child.id().to_string();
-        Command::new("kill").args([&format!("-{sig}"), &pid]).status().unwrap();
+        Command::new("kill")
+            .args([&format!("-{sig}"), &pid])
+            .status()
+            .unwrap();
     }
 
     /// Waits for process `i` to exit; returns whether it exited successfully.
@@ -185,7 +240,11 @@ impl Stack {
             if let Ok(Some(s)) = self.procs[i].child.try_wait() {
                 return s.success();
             }
-            assert!(Instant::now() < end, "{} did not exit in time", self.procs[i].name);
+            assert!(
+                Instant::now() < end,
+                "{} did not exit in time",
+                self.procs[i].name
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -220,21 +279,30 @@ impl Drop for Stack {
 fn blocking_get_status(url: &str) -> Result<u16, ()> {
     // A tiny HTTP/1.0 GET, enough for health checks without a runtime.
     let rest = url.strip_prefix("http://").ok_or(())?;
-    let (host, path) = rest.split_once('/').map(|(h, p)| (h, format!("/{p}"))).ok_or(())?;
+    let (host, path) = rest
+        .split_once('/')
+        .map(|(h, p)| (h, format!("/{p}")))
+        .ok_or(())?;
     let mut s = std::net::TcpStream::connect(host).map_err(|_| ())?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).map_err(|_| ())?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))
+        .map_err(|_| ())?;
     use std::io::Write;
     write!(s, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").map_err(|_| ())?;
     let mut buf = String::new();
     let _ = s.read_to_string(&mut buf);
-    buf.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or(())
+    buf.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or(())
 }
 
 /// Async HTTP client for requests under test.
 pub type Http = Client<HttpConnector, Full<Bytes>>;
 
 pub fn http() -> Http {
-    Client::builder(TokioExecutor::new()).pool_max_idle_per_host(256).build(HttpConnector::new())
+    Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(256)
+        .build(HttpConnector::new())
 }
 
 pub struct Reply {
@@ -245,28 +313,52 @@ pub struct Reply {
 
 impl Reply {
     pub fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
     }
 }
 
-pub async fn post(client: &Http, url: &str, headers: &[(&str, String)], body: impl Into<Bytes>) -> Reply {
+pub async fn post(
+    client: &Http,
+    url: &str,
+    headers: &[(&str, String)],
+    body: impl Into<Bytes>,
+) -> Reply {
     let mut req = hyper::Request::post(url).header("content-type", "application/json");
     for (k, v) in headers {
         req = req.header(*k, v);
     }
-    let resp = client.request(req.body(Full::new(body.into())).unwrap()).await.unwrap();
+    let resp = client
+        .request(req.body(Full::new(body.into())).unwrap())
+        .await
+        .unwrap();
     let status = resp.status().as_u16();
     let headers = resp.headers().clone();
     let body = resp.into_body().collect().await.unwrap().to_bytes();
-    Reply { status, headers, body }
+    Reply {
+        status,
+        headers,
+        body,
+    }
 }
 
 pub async fn get(client: &Http, url: &str) -> Reply {
-    let resp = client.request(hyper::Request::get(url).body(Full::new(Bytes::new())).unwrap()).await.unwrap();
+    let resp = client
+        .request(
+            hyper::Request::get(url)
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
     let status = resp.status().as_u16();
     let headers = resp.headers().clone();
     let body = resp.into_body().collect().await.unwrap().to_bytes();
-    Reply { status, headers, body }
+    Reply {
+        status,
+        headers,
+        body,
+    }
 }
 
 /// The committed samples with onnxruntime's expected outputs (plus heavy's, made at setup).
@@ -278,13 +370,20 @@ pub struct Samples {
 }
 
 pub fn samples() -> Samples {
-    let v: Value = serde_json::from_slice(&std::fs::read(root().join("examples/samples.json")).unwrap()).unwrap();
+    let v: Value =
+        serde_json::from_slice(&std::fs::read(root().join("examples/samples.json")).unwrap())
+            .unwrap();
     let rows = |k: &str| -> Vec<Vec<f32>> { serde_json::from_value(v[k].clone()).unwrap() };
     let mut expected = v["expected"].clone();
     if let Ok(h) = std::fs::read(root().join("examples/models/heavy.expected.json")) {
         expected["heavy"] = serde_json::from_slice(&h).unwrap();
     }
-    Samples { raw: rows("raw"), scaled: rows("scaled"), labels: serde_json::from_value(v["labels"].clone()).unwrap(), expected }
+    Samples {
+        raw: rows("raw"),
+        scaled: rows("scaled"),
+        labels: serde_json::from_value(v["labels"].clone()).unwrap(),
+        expected,
+    }
 }
 
 /// An OIP JSON request for `rows` of 64 features.
@@ -298,7 +397,10 @@ pub fn assert_close(got: &[f64], want: &[f64], what: &str) {
     assert_eq!(got.len(), want.len(), "{what}: length");
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
         let tol = 1e-4 + 1e-4 * w.abs();
-        assert!((g - w).abs() <= tol, "{what}[{i}]: got {g}, onnxruntime gave {w}");
+        assert!(
+            (g - w).abs() <= tol,
+            "{what}[{i}]: got {g}, onnxruntime gave {w}"
+        );
     }
 }
 

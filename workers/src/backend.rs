@@ -25,7 +25,8 @@ pub enum BackendError {
 /// Synchronous on purpose: it runs on a dedicated inference thread, never on the async runtime.
 pub trait Backend: Send {
     /// Runs the model and returns the named outputs in order.
-    fn infer(&mut self, inputs: &[Tensor], outputs: &[String]) -> Result<Vec<Tensor>, BackendError>;
+    fn infer(&mut self, inputs: &[Tensor], outputs: &[String])
+    -> Result<Vec<Tensor>, BackendError>;
 }
 
 static ENVIRONMENT: OnceLock<Result<Environment, String>> = OnceLock::new();
@@ -37,7 +38,9 @@ pub fn ort_library_path() -> Option<PathBuf> {
     }
     let lib = Path::new(".venv/lib");
     std::fs::read_dir(lib).ok()?.flatten().find_map(|d| {
-        let p = d.path().join("site-packages/onnxruntime/capi/libonnxruntime.so.1.31.1");
+        let p = d
+            .path()
+            .join("site-packages/onnxruntime/capi/libonnxruntime.so.1.31.1");
         p.is_file().then_some(p)
     })
 }
@@ -82,7 +85,11 @@ fn to_ort_type(d: DataType) -> Option<TensorElementType> {
     })
 }
 
-fn check_declared(kind: &str, declared: &[TensorSpec], actual: &[ort::value::Outlet]) -> Result<(), String> {
+fn check_declared(
+    kind: &str,
+    declared: &[TensorSpec],
+    actual: &[ort::value::Outlet],
+) -> Result<(), String> {
     for spec in declared {
         let outlet = actual
             .iter()
@@ -95,7 +102,10 @@ fn check_declared(kind: &str, declared: &[TensorSpec], actual: &[ort::value::Out
                 )
             })?;
         let ValueType::Tensor { ty, shape, .. } = outlet.dtype() else {
-            return Err(format!("{kind} '{}' is not a tensor in the ONNX model", spec.name));
+            return Err(format!(
+                "{kind} '{}' is not a tensor in the ONNX model",
+                spec.name
+            ));
         };
         if to_ort_type(spec.datatype) != Some(*ty) {
             return Err(format!(
@@ -152,8 +162,10 @@ fn to_ort_value(t: &Tensor) -> Result<DynValue, BackendError> {
         };
     }
     let value = match t.datatype {
-        DataType::Bool => OrtTensor::from_array((shape, t.data.iter().map(|b| *b != 0).collect::<Vec<bool>>()))
-            .map(|v| v.into_dyn()),
+        DataType::Bool => {
+            OrtTensor::from_array((shape, t.data.iter().map(|b| *b != 0).collect::<Vec<bool>>()))
+                .map(|v| v.into_dyn())
+        }
         DataType::Uint8 => pod!(u8),
         DataType::Uint16 => pod!(u16),
         DataType::Uint32 => pod!(u32),
@@ -224,7 +236,11 @@ fn from_ort_value(name: &str, v: &DynValue) -> Result<Tensor, BackendError> {
 }
 
 impl Backend for OrtBackend {
-    fn infer(&mut self, inputs: &[Tensor], outputs: &[String]) -> Result<Vec<Tensor>, BackendError> {
+    fn infer(
+        &mut self,
+        inputs: &[Tensor],
+        outputs: &[String],
+    ) -> Result<Vec<Tensor>, BackendError> {
         let values = inputs
             .iter()
             .map(|t| Ok((t.name.as_str(), to_ort_value(t)?)))
@@ -236,9 +252,9 @@ impl Backend for OrtBackend {
         outputs
             .iter()
             .map(|name| {
-                let v = result
-                    .get(name)
-                    .ok_or_else(|| BackendError::Run(format!("the model produced no output '{name}'")))?;
+                let v = result.get(name).ok_or_else(|| {
+                    BackendError::Run(format!("the model produced no output '{name}'"))
+                })?;
                 from_ort_value(name, v)
             })
             .collect()

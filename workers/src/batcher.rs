@@ -155,7 +155,8 @@ pub async fn run_batcher<T: Send>(
             let now = Instant::now();
             match queue.next_batch(if open { now } else { now + max_delay }) {
                 Next::Batch(items) => {
-                    metrics::histogram!("sluice_worker_queue_depth_at_dispatch").record(queue.len() as f64);
+                    metrics::histogram!("sluice_worker_queue_depth_at_dispatch")
+                        .record(queue.len() as f64);
                     if output.send(Dispatched { items, permit }).await.is_err() {
                         return;
                     }
@@ -194,7 +195,11 @@ mod tests {
         let mut q = BatchQueue::new(4, 2 * MS);
         q.push(1, 1, t0);
         q.push(2, 1, t0 + MS);
-        assert_eq!(q.next_batch(t0), Next::WaitUntil(t0 + 2 * MS), "deadline of the oldest");
+        assert_eq!(
+            q.next_batch(t0),
+            Next::WaitUntil(t0 + 2 * MS),
+            "deadline of the oldest"
+        );
         assert_eq!(q.next_batch(t0 + 2 * MS), Next::Batch(vec![1, 2]));
         assert!(q.is_empty());
     }
@@ -207,7 +212,10 @@ mod tests {
             q.push(i, 1, t0);
         }
         assert_eq!(q.next_batch(t0), Next::Batch(vec![0, 1, 2]));
-        assert_eq!(q.next_batch(t0), Next::WaitUntil(t0 + Duration::from_secs(1)));
+        assert_eq!(
+            q.next_batch(t0),
+            Next::WaitUntil(t0 + Duration::from_secs(1))
+        );
     }
 
     #[test]
@@ -234,11 +242,21 @@ mod tests {
         slots: usize,
         max_rows: usize,
         delay: Duration,
-    ) -> (mpsc::Sender<Item<u32>>, mpsc::Receiver<Dispatched<u32>>, Arc<Semaphore>) {
+    ) -> (
+        mpsc::Sender<Item<u32>>,
+        mpsc::Receiver<Dispatched<u32>>,
+        Arc<Semaphore>,
+    ) {
         let (in_tx, in_rx) = mpsc::channel(64);
         let (out_tx, out_rx) = mpsc::channel(64);
         let sem = Arc::new(Semaphore::new(slots));
-        tokio::spawn(run_batcher(in_rx, out_tx, Arc::clone(&sem), max_rows, delay));
+        tokio::spawn(run_batcher(
+            in_rx,
+            out_tx,
+            Arc::clone(&sem),
+            max_rows,
+            delay,
+        ));
         (in_tx, out_rx, sem)
     }
 
@@ -251,7 +269,11 @@ mod tests {
         tx.send(Item { item: 2, rows: 1 }).await.ok();
         let d = rx.recv().await.map(|d| d.items);
         assert_eq!(d, Some(vec![1, 2]));
-        assert_eq!(Instant::now() - t0, 5 * MS, "dispatched exactly at the oldest item's deadline");
+        assert_eq!(
+            Instant::now() - t0,
+            5 * MS,
+            "dispatched exactly at the oldest item's deadline"
+        );
     }
 
     #[tokio::test(start_paused = true)]

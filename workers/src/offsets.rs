@@ -23,7 +23,11 @@ pub struct OffsetTracker {
 impl OffsetTracker {
     /// Records that `offset` of `partition` was received and is being handled.
     pub fn begin(&mut self, partition: i32, offset: i64) {
-        let p = self.partitions.entry(partition).or_default();
+        // The first offset seen is where consumption (re)started: nothing below it is ours to commit.
+        let p = self.partitions.entry(partition).or_insert_with(|| PartitionState {
+            stored: offset,
+            ..Default::default()
+        });
         p.unfinished.insert(offset);
         p.next = p.next.max(offset + 1);
     }
@@ -77,7 +81,11 @@ mod tests {
         }
         assert_eq!(t.finish(0, 7), None, "5 and 6 still unfinished");
         assert_eq!(t.finish(0, 6), None);
-        assert_eq!(t.finish(0, 5), Some(8), "jumps past 6 and 7, stops at unfinished 8");
+        assert_eq!(
+            t.finish(0, 5),
+            Some(8),
+            "jumps past 6 and 7, stops at unfinished 8"
+        );
         assert_eq!(t.finish(0, 8), Some(9));
     }
 

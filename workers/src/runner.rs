@@ -9,16 +9,26 @@ use crate::worker::Job;
 
 /// The non-batch dimensions of every input: requests can share a model call only if these match.
 fn signature(job: &Job) -> Vec<Vec<i64>> {
-    job.request.inputs.iter().map(|t| t.shape[1..].to_vec()).collect()
+    job.request
+        .inputs
+        .iter()
+        .map(|t| t.shape[1..].to_vec())
+        .collect()
 }
 
 /// Runs `jobs` (already validated) and returns each one's outputs, or its error message.
-pub fn run_batch(backend: &mut impl Backend, model: &ModelConfig, jobs: &[Job]) -> Vec<Result<Vec<Tensor>, String>> {
-    let mut results: Vec<Option<Result<Vec<Tensor>, String>>> = (0..jobs.len()).map(|_| None).collect();
+pub fn run_batch(
+    backend: &mut impl Backend,
+    model: &ModelConfig,
+    jobs: &[Job],
+) -> Vec<Result<Vec<Tensor>, String>> {
+    let mut results: Vec<Option<Result<Vec<Tensor>, String>>> =
+        (0..jobs.len()).map(|_| None).collect();
     let mut remaining: Vec<usize> = (0..jobs.len()).collect();
     while let Some(&first) = remaining.first() {
         let sig = signature(&jobs[first]);
-        let (group, rest): (Vec<usize>, Vec<usize>) = remaining.iter().partition(|&&i| signature(&jobs[i]) == sig);
+        let (group, rest): (Vec<usize>, Vec<usize>) =
+            remaining.iter().partition(|&&i| signature(&jobs[i]) == sig);
         remaining = rest;
         let members: Vec<&Job> = group.iter().map(|&i| &jobs[i]).collect();
         let outcome = run_group(backend, model, &members);
@@ -35,7 +45,11 @@ pub fn run_batch(backend: &mut impl Backend, model: &ModelConfig, jobs: &[Job]) 
         .collect()
 }
 
-fn run_group(backend: &mut impl Backend, model: &ModelConfig, jobs: &[&Job]) -> Result<Vec<Vec<Tensor>>, String> {
+fn run_group(
+    backend: &mut impl Backend,
+    model: &ModelConfig,
+    jobs: &[&Job],
+) -> Result<Vec<Vec<Tensor>>, String> {
     let rows: Vec<usize> = jobs.iter().map(|j| j.rows).collect();
     let total: usize = rows.iter().sum();
     let inputs: Vec<Tensor> = model
@@ -51,7 +65,10 @@ fn run_group(backend: &mut impl Backend, model: &ModelConfig, jobs: &[&Job]) -> 
         .collect::<Result<_, _>>()?;
     let names: Vec<String> = model.outputs.iter().map(|s| s.name.clone()).collect();
     let outputs = backend.infer(&inputs, &names).map_err(|e| e.to_string())?;
-    let mut per_job: Vec<Vec<Tensor>> = jobs.iter().map(|_| Vec::with_capacity(outputs.len())).collect();
+    let mut per_job: Vec<Vec<Tensor>> = jobs
+        .iter()
+        .map(|_| Vec::with_capacity(outputs.len()))
+        .collect();
     for out in &outputs {
         if out.shape.first().copied() != Some(total as i64) {
             return Err(format!(
@@ -59,7 +76,7 @@ fn run_group(backend: &mut impl Backend, model: &ModelConfig, jobs: &[&Job]) -> 
                 out.name, out.shape
             ));
         }
-        let row_bytes = if total == 0 { 0 } else { out.data.len() / total };
+        let row_bytes = out.data.len().checked_div(total).unwrap_or(0);
         let mut at = 0;
         for (k, j) in jobs.iter().enumerate() {
             let n = rows[k];
@@ -116,7 +133,11 @@ mod tests {
     }
 
     impl Backend for Doubler {
-        fn infer(&mut self, inputs: &[Tensor], _outputs: &[String]) -> Result<Vec<Tensor>, BackendError> {
+        fn infer(
+            &mut self,
+            inputs: &[Tensor],
+            _outputs: &[String],
+        ) -> Result<Vec<Tensor>, BackendError> {
             let x = &inputs[0];
             self.calls.push(x.shape.clone());
             let v: Vec<f32> = x.values::<f32>().iter().map(|a| a * 2.0).collect();
@@ -133,10 +154,22 @@ mod tests {
         ModelConfig {
             onnx: "x".into(),
             version: "1".into(),
-            inputs: vec![TensorSpec { name: "x".into(), datatype: DataType::Fp32, shape: vec![-1, -1] }],
+            inputs: vec![TensorSpec {
+                name: "x".into(),
+                datatype: DataType::Fp32,
+                shape: vec![-1, -1],
+            }],
             outputs: vec![
-                TensorSpec { name: "y".into(), datatype: DataType::Fp32, shape: vec![-1, -1] },
-                TensorSpec { name: "row".into(), datatype: DataType::Int64, shape: vec![-1] },
+                TensorSpec {
+                    name: "y".into(),
+                    datatype: DataType::Fp32,
+                    shape: vec![-1, -1],
+                },
+                TensorSpec {
+                    name: "row".into(),
+                    datatype: DataType::Int64,
+                    shape: vec![-1],
+                },
             ],
             max_batch_size: 16,
             max_delay: Duration::ZERO,
@@ -151,7 +184,12 @@ mod tests {
         let vals: Vec<f32> = (0..rows * width).map(|i| start + i as f32).collect();
         Job {
             request: InferenceRequest {
-                inputs: vec![Tensor::from_values("x", DataType::Fp32, vec![rows as i64, width as i64], &vals)],
+                inputs: vec![Tensor::from_values(
+                    "x",
+                    DataType::Fp32,
+                    vec![rows as i64, width as i64],
+                    &vals,
+                )],
                 outputs,
                 ..Default::default()
             },
@@ -164,9 +202,17 @@ mod tests {
     #[test]
     fn concatenates_and_splits_per_request() {
         let mut b = Doubler { calls: vec![] };
-        let jobs = vec![job(1, 2, 0.0, vec![]), job(2, 2, 10.0, vec![]), job(1, 2, 20.0, vec!["row".into()])];
+        let jobs = vec![
+            job(1, 2, 0.0, vec![]),
+            job(2, 2, 10.0, vec![]),
+            job(1, 2, 20.0, vec!["row".into()]),
+        ];
         let out = run_batch(&mut b, &model(), &jobs);
-        assert_eq!(b.calls, vec![vec![4, 2]], "one model call for all four rows");
+        assert_eq!(
+            b.calls,
+            vec![vec![4, 2]],
+            "one model call for all four rows"
+        );
         let o0 = out[0].as_ref().unwrap();
         assert_eq!(o0[0].values::<f32>(), vec![0.0, 2.0]);
         let o1 = out[1].as_ref().unwrap();
@@ -181,11 +227,21 @@ mod tests {
     #[test]
     fn different_inner_shapes_run_separately() {
         let mut b = Doubler { calls: vec![] };
-        let jobs = vec![job(1, 2, 0.0, vec![]), job(1, 3, 0.0, vec![]), job(1, 2, 5.0, vec![])];
+        let jobs = vec![
+            job(1, 2, 0.0, vec![]),
+            job(1, 3, 0.0, vec![]),
+            job(1, 2, 5.0, vec![]),
+        ];
         let out = run_batch(&mut b, &model(), &jobs);
         assert_eq!(b.calls, vec![vec![2, 2], vec![1, 3]]);
-        assert_eq!(out[2].as_ref().unwrap()[0].values::<f32>(), vec![10.0, 12.0]);
-        assert_eq!(out[1].as_ref().unwrap()[0].values::<f32>(), vec![0.0, 2.0, 4.0]);
+        assert_eq!(
+            out[2].as_ref().unwrap()[0].values::<f32>(),
+            vec![10.0, 12.0]
+        );
+        assert_eq!(
+            out[1].as_ref().unwrap()[0].values::<f32>(),
+            vec![0.0, 2.0, 4.0]
+        );
     }
 
     struct Failing;
@@ -197,7 +253,14 @@ mod tests {
 
     #[test]
     fn a_model_error_fails_each_request_of_the_call() {
-        let out = run_batch(&mut Failing, &model(), &[job(1, 2, 0.0, vec![]), job(1, 2, 0.0, vec![])]);
-        assert!(out.iter().all(|r| r.as_ref().unwrap_err().contains("kaboom")));
+        let out = run_batch(
+            &mut Failing,
+            &model(),
+            &[job(1, 2, 0.0, vec![]), job(1, 2, 0.0, vec![])],
+        );
+        assert!(
+            out.iter()
+                .all(|r| r.as_ref().unwrap_err().contains("kaboom"))
+        );
     }
 }

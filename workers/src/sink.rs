@@ -94,7 +94,12 @@ impl Sink {
         let kafka = async {
             let results = items.iter().zip(&encoded).filter_map(|(c, bytes)| {
                 let (r, bytes) = (c.result.as_ref()?, bytes.as_ref()?);
-                Some(self.produce_until_acked(&self.result_topic, Some(r.id.as_bytes()), bytes, OwnedHeaders::new()))
+                Some(self.produce_until_acked(
+                    &self.result_topic,
+                    Some(r.id.as_bytes()),
+                    bytes,
+                    OwnedHeaders::new(),
+                ))
             });
             let dead = items.iter().filter_map(|c| {
                 let d = c.dead_letter.as_ref()?;
@@ -107,10 +112,18 @@ impl Sink {
         tokio::join!(kafka, replies);
     }
 
-    async fn produce_until_acked(&self, topic: &str, key: Option<&[u8]>, payload: &[u8], headers: OwnedHeaders) {
+    async fn produce_until_acked(
+        &self,
+        topic: &str,
+        key: Option<&[u8]>,
+        payload: &[u8],
+        headers: OwnedHeaders,
+    ) {
         let mut backoff = Duration::from_millis(20);
         loop {
-            let mut record = FutureRecord::to(topic).payload(payload).headers(headers.clone());
+            let mut record = FutureRecord::to(topic)
+                .payload(payload)
+                .headers(headers.clone());
             if let Some(k) = key {
                 record = record.key(k);
             }
@@ -131,18 +144,45 @@ impl Sink {
         let offset = d.offset.to_string();
         let message: String = d.message.chars().take(1024).collect();
         let mut headers = OwnedHeaders::new_with_capacity(7)
-            .insert(Header { key: "x-original-topic", value: Some(d.topic.as_str()) })
-            .insert(Header { key: "x-original-partition", value: Some(partition.as_str()) })
-            .insert(Header { key: "x-original-offset", value: Some(offset.as_str()) })
-            .insert(Header { key: "x-model", value: Some(self.model.as_str()) })
-            .insert(Header { key: "x-error-class", value: Some(d.class) })
-            .insert(Header { key: "x-error-message", value: Some(message.as_str()) });
+            .insert(Header {
+                key: "x-original-topic",
+                value: Some(d.topic.as_str()),
+            })
+            .insert(Header {
+                key: "x-original-partition",
+                value: Some(partition.as_str()),
+            })
+            .insert(Header {
+                key: "x-original-offset",
+                value: Some(offset.as_str()),
+            })
+            .insert(Header {
+                key: "x-model",
+                value: Some(self.model.as_str()),
+            })
+            .insert(Header {
+                key: "x-error-class",
+                value: Some(d.class),
+            })
+            .insert(Header {
+                key: "x-error-message",
+                value: Some(message.as_str()),
+            });
         if let Some(id) = request_id {
-            headers = headers.insert(Header { key: "x-request-id", value: Some(id) });
+            headers = headers.insert(Header {
+                key: "x-request-id",
+                value: Some(id),
+            });
         }
         metrics::counter!("sluice_worker_dead_letters_total", "model" => self.model.clone(), "class" => d.class).increment(1);
         tracing::warn!(topic = %d.topic, partition = d.partition, offset = d.offset, class = d.class, error = %d.message, "dead-lettered");
-        self.produce_until_acked(&self.dead_letter_topic, d.key.as_deref(), &d.payload, headers).await;
+        self.produce_until_acked(
+            &self.dead_letter_topic,
+            d.key.as_deref(),
+            &d.payload,
+            headers,
+        )
+        .await;
     }
 
     async fn reply_all(&self, items: &[Completion], encoded: &[Option<Vec<u8>>]) {
@@ -150,14 +190,19 @@ impl Sink {
         let mut latest_deadline = 0;
         let mut any = false;
         for (c, bytes) in items.iter().zip(encoded) {
-            let (Some(route), Some(bytes)) = (&c.reply, bytes) else { continue };
+            let (Some(route), Some(bytes)) = (&c.reply, bytes) else {
+                continue;
+            };
             pipe.cmd("SET")
                 .arg(&route.key)
                 .arg(bytes.as_slice())
                 .arg("PX")
                 .arg(route.ttl_ms.max(1000))
                 .ignore();
-            pipe.cmd("PUBLISH").arg(&route.channel).arg(bytes.as_slice()).ignore();
+            pipe.cmd("PUBLISH")
+                .arg(&route.channel)
+                .arg(bytes.as_slice())
+                .ignore();
             latest_deadline = latest_deadline.max(c.deadline_ms);
             any = true;
         }

@@ -9,7 +9,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use metrics_exporter_prometheus::PrometheusHandle;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::producer::FutureProducer;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
@@ -87,7 +89,11 @@ impl ConsumerContext for GroupContext {
         }
     }
 
-    fn commit_callback(&self, result: rdkafka::error::KafkaResult<()>, offsets: &TopicPartitionList) {
+    fn commit_callback(
+        &self,
+        result: rdkafka::error::KafkaResult<()>,
+        offsets: &TopicPartitionList,
+    ) {
         match result {
             Ok(()) => tracing::trace!(?offsets, "offsets committed"),
             Err(e) => tracing::debug!(error = %e, "offset commit failed"),
@@ -122,7 +128,8 @@ impl Shared {
                 }
             }
         }
-        metrics::gauge!("sluice_worker_in_flight", "model" => self.model.clone()).decrement(items.len() as f64);
+        metrics::gauge!("sluice_worker_in_flight", "model" => self.model.clone())
+            .decrement(items.len() as f64);
         if advanced.is_empty() {
             return;
         }
@@ -173,14 +180,17 @@ pub async fn run(
             })?;
     let topic = cfg.request_topic(model_name);
     consumer.subscribe(&[&topic])?;
-    let producer: FutureProducer = sluice_common::kafka::producer_config(&cfg, &client_id).create()?;
-    let redis = redis::aio::ConnectionManager::new(redis::Client::open(cfg.redis.url.as_str())?).await?;
+    let producer: FutureProducer =
+        sluice_common::kafka::producer_config(&cfg, &client_id).create()?;
+    let redis =
+        redis::aio::ConnectionManager::new(redis::Client::open(cfg.redis.url.as_str())?).await?;
 
     let (ops_stop_tx, ops_stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let ops_addr = sluice_common::ops::serve_ops(metrics_listen, metrics, Arc::clone(&joined), async {
-        let _ = ops_stop_rx.await;
-    })
-    .await?;
+    let ops_addr =
+        sluice_common::ops::serve_ops(metrics_listen, metrics, Arc::clone(&joined), async {
+            let _ = ops_stop_rx.await;
+        })
+        .await?;
     tracing::info!(%ops_addr, %topic, "worker serving metrics and health");
 
     let shared = Arc::new(Shared {
@@ -203,7 +213,13 @@ pub async fn run(
     let (batch_tx, batch_rx) = mpsc::channel::<Dispatched<Job>>(model.threads);
     let (done_tx, mut done_rx) = mpsc::channel::<Vec<Completion>>(model.threads * 2);
     let slots = Arc::new(Semaphore::new(model.threads));
-    let batcher = tokio::spawn(run_batcher(job_rx, batch_tx, slots, model.max_batch_size, model.max_delay));
+    let batcher = tokio::spawn(run_batcher(
+        job_rx,
+        batch_tx,
+        slots,
+        model.max_batch_size,
+        model.max_delay,
+    ));
     let batch_rx = Arc::new(Mutex::new(batch_rx));
     let mut threads = Vec::new();
     for (i, backend) in backends.into_iter().enumerate() {
@@ -316,7 +332,11 @@ fn header<'a>(m: &'a BorrowedMessage<'_>, key: &str) -> Option<&'a str> {
 
 /// Decodes and validates a record; a record that cannot be run becomes a completion at once
 /// (dead letter, plus an error reply when the caller can be named).
-fn admit(m: &BorrowedMessage<'_>, model: &ModelConfig, model_name: &str) -> Result<Job, Box<Completion>> {
+fn admit(
+    m: &BorrowedMessage<'_>,
+    model: &ModelConfig,
+    model_name: &str,
+) -> Result<Job, Box<Completion>> {
     let dead = |class: &'static str, message: String| DeadLetter {
         key: m.key().map(<[u8]>::to_vec),
         payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
@@ -345,7 +365,11 @@ fn admit(m: &BorrowedMessage<'_>, model: &ModelConfig, model_name: &str) -> Resu
                         ..Default::default()
                     };
                     (
-                        Some(InferenceResult::failure(&stub, codes::UNDECODABLE, message.clone())),
+                        Some(InferenceResult::failure(
+                            &stub,
+                            codes::UNDECODABLE,
+                            message.clone(),
+                        )),
                         Some(ReplyRoute {
                             channel: channel.to_string(),
                             key: key.to_string(),
@@ -387,7 +411,11 @@ fn admit(m: &BorrowedMessage<'_>, model: &ModelConfig, model_name: &str) -> Resu
             Err(Box::new(Completion {
                 partition: m.partition(),
                 offset: m.offset(),
-                result: Some(InferenceResult::failure(&request, codes::INVALID_INPUT, message.clone())),
+                result: Some(InferenceResult::failure(
+                    &request,
+                    codes::INVALID_INPUT,
+                    message.clone(),
+                )),
                 reply: request.reply.clone(),
                 deadline_ms: request.deadline_ms,
                 dead_letter: Some(dead(codes::INVALID_INPUT, message)),
@@ -418,12 +446,17 @@ fn inference_thread(
         let mut completions = Vec::with_capacity(expired.len() + live.len());
         for j in expired {
             metrics::counter!("sluice_worker_requests_total", "model" => model_name.to_string(), "outcome" => "expired").increment(1);
-            let result = InferenceResult::failure(&j.request, codes::DEADLINE_EXCEEDED, "the deadline passed before the request could run");
+            let result = InferenceResult::failure(
+                &j.request,
+                codes::DEADLINE_EXCEEDED,
+                "the deadline passed before the request could run",
+            );
             completions.push(completion_of(j, result));
         }
         if !live.is_empty() {
             let rows: usize = live.iter().map(|j| j.rows).sum();
-            metrics::histogram!("sluice_worker_batch_size", "model" => model_name.to_string()).record(rows as f64);
+            metrics::histogram!("sluice_worker_batch_size", "model" => model_name.to_string())
+                .record(rows as f64);
             let outcomes = run_batch(&mut backend, model, &live);
             let infer_us = now_us() - started_us;
             metrics::histogram!("sluice_worker_inference_seconds", "model" => model_name.to_string())

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The local stack in one command: installs what is missing, builds Sluice (release), then runs
+# `sluice up` (tansu broker, Redis if none answers, topics, gateway, one worker per model).
+# Ctrl-C stops everything. Extra arguments go to `sluice up`'s config: deploy/up.sh [CONFIG]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+deploy/setup.sh
+# shellcheck disable=SC1091
+source .sluice-env
+cargo build --release --quiet --bin sluice
+exec target/release/sluice --config "${1:-examples/digits.toml}" up

@@ -1,0 +1,200 @@
+//! Using Sluice without the gateway: Avro records straight onto a model's request topic, results
+//! read from its result topic; bad records land on the dead-letter topic with their origin, and a
+//! caller with a reply route gets an error reply instead of a timeout.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use futures::StreamExt;
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Headers, Message, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use sluice_schemas::{
+    DataType, InferenceRequest, ReplyRoute, Tensor, decode_result, encode_request,
+};
+
+fn producer(stack: &Stack) -> FutureProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", &stack.kafka)
+        .create()
+        .unwrap()
+}
+
+fn consumer(stack: &Stack, topic: &str) -> StreamConsumer {
+    let c: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &stack.kafka)
+        .set("group.id", format!("test-{}", uuid::Uuid::new_v4()))
+        .set("auto.offset.reset", "earliest")
+        .set("fetch.wait.max.ms", "5")
+        .create()
+        .unwrap();
+    c.subscribe(&[topic]).unwrap();
+    c
+}
+
+async fn next_matching(c: &StreamConsumer, pred: impl Fn(&OwnedMessage) -> bool) -> OwnedMessage {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let m = c.recv().await.unwrap().detach();
+            if pred(&m) {
+                return m;
+            }
+        }
+    })
+    .await
+    .expect("no matching record within 30s")
+}
+
+fn header(m: &OwnedMessage, key: &str) -> Option<String> {
+    m.headers()?
+        .iter()
+        .find(|h| h.key == key)
+        .and_then(|h| h.value)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
+fn request(id: &str, rows: &[&Vec<f32>], reply: Option<ReplyRoute>) -> InferenceRequest {
+    let flat: Vec<f32> = rows.iter().flat_map(|r| r.iter().copied()).collect();
+    InferenceRequest {
+        id: id.into(),
+        model: "mlp".into(),
+        deadline_ms: sluice_common::now_ms() + 30_000,
+        sent_at_us: sluice_common::now_us(),
+        reply,
+        inputs: vec![Tensor::from_values(
+            "input",
+            DataType::Fp32,
+            vec![rows.len() as i64, 64],
+            &flat,
+        )],
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn avro_request_on_the_topic_gets_a_result_on_the_result_topic() {
+    let Some(mut stack) = Stack::start(&[]) else {
+        return;
+    };
+    stack.start_worker("mlp");
+    let s = samples();
+    let results = consumer(&stack, "sluice.mlp.results");
+    let req = request("direct-1", &[&s.scaled[5], &s.scaled[6]], None);
+    producer(&stack)
+        .send(
+            FutureRecord::to("sluice.mlp.requests")
+                .key("direct-1")
+                .payload(&encode_request(&req).unwrap()),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+    let m = next_matching(&results, |m| m.key() == Some(b"direct-1")).await;
+    let result = decode_result(m.payload().unwrap()).unwrap();
+    assert!(result.error.is_none(), "{:?}", result.error);
+    let label = result.outputs.iter().find(|t| t.name == "label").unwrap();
+    let want: Vec<i64> = (5..7)
+        .map(|i| s.expected["mlp"]["label"][i].as_i64().unwrap())
+        .collect();
+    assert_eq!(label.values::<i64>(), want);
+    assert_eq!(result.batch_size, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_records_are_dead_lettered_and_callers_get_error_replies() {
+    let Some(mut stack) = Stack::start(&[]) else {
+        return;
+    };
+    stack.start_worker("mlp");
+    let s = samples();
+    let dlq = consumer(&stack, "sluice.dead-letter");
+    let p = producer(&stack);
+
+    // Undecodable bytes: dead-lettered with their origin.
+    let delivery = p
+        .send(
+            FutureRecord::to("sluice.mlp.requests")
+                .key("junk")
+                .payload("not avro"),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+    let m = next_matching(&dlq, |m| m.key() == Some(b"junk")).await;
+    assert_eq!(m.payload(), Some(&b"not avro"[..]), "original payload kept");
+    assert_eq!(header(&m, "x-error-class").as_deref(), Some("undecodable"));
+    assert_eq!(
+        header(&m, "x-original-topic").as_deref(),
+        Some("sluice.mlp.requests")
+    );
+    assert_eq!(
+        header(&m, "x-original-partition"),
+        Some(delivery.partition.to_string())
+    );
+    assert_eq!(
+        header(&m, "x-original-offset"),
+        Some(delivery.offset.to_string())
+    );
+
+    // A decodable request with the wrong shape and a reply route: dead letter + error reply.
+    let client = redis::Client::open(stack.redis_url.as_str()).unwrap();
+    let mut pubsub = client.get_async_pubsub().await.unwrap();
+    pubsub.subscribe("test:reply").await.unwrap();
+    let mut bad = request(
+        "bad-1",
+        &[&s.scaled[0]],
+        Some(ReplyRoute {
+            channel: "test:reply".into(),
+            key: "test:result:bad-1".into(),
+            ttl_ms: 60_000,
+        }),
+    );
+    bad.inputs[0].shape = vec![2, 32];
+    p.send(
+        FutureRecord::to("sluice.mlp.requests")
+            .key("bad-1")
+            .payload(&encode_request(&bad).unwrap()),
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    let reply = tokio::time::timeout(Duration::from_secs(30), pubsub.on_message().next())
+        .await
+        .unwrap()
+        .unwrap();
+    let result = decode_result(reply.get_payload_bytes()).unwrap();
+    assert_eq!(result.id, "bad-1");
+    let err = result.error.unwrap();
+    assert_eq!(err.code, "invalid_input");
+    assert!(err.message.contains("shape"), "{}", err.message);
+    let m = next_matching(&dlq, |m| m.key() == Some(b"bad-1")).await;
+    assert_eq!(
+        header(&m, "x-error-class").as_deref(),
+        Some("invalid_input")
+    );
+    assert_eq!(header(&m, "x-request-id").as_deref(), Some("bad-1"));
+    // The stored copy is there for a gateway that missed the publish.
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let stored: Option<Vec<u8>> = redis::AsyncCommands::get(&mut conn, "test:result:bad-1")
+        .await
+        .unwrap();
+    assert_eq!(decode_result(&stored.unwrap()).unwrap().id, "bad-1");
+
+    // The partition is not blocked: a good request after the bad ones is answered.
+    let results = consumer(&stack, "sluice.mlp.results");
+    let good = request("good-after-bad", &[&s.scaled[2]], None);
+    p.send(
+        FutureRecord::to("sluice.mlp.requests")
+            .key("good-after-bad")
+            .payload(&encode_request(&good).unwrap()),
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    let m = next_matching(&results, |m| m.key() == Some(b"good-after-bad")).await;
+    assert!(decode_result(m.payload().unwrap()).unwrap().error.is_none());
+}
