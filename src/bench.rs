@@ -258,7 +258,7 @@ async fn transport(cfg: &Config, duration: Duration) -> anyhow::Result<Summary> 
         }],
     )
     .await?;
-    let producer: FutureProducer = producer_config(cfg, "sluice-bench").create()?;
+    let producer: FutureProducer = producer_config(cfg, "sluice-bench", Duration::ZERO).create()?;
     let group = format!("sluice-bench-{}", std::process::id());
     let consumer: StreamConsumer = consumer_config(cfg, &group, "sluice-bench").create()?;
     let mut tpl = TopicPartitionList::new();

@@ -33,7 +33,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the local stack: broker and Redis (started if not reachable), topics, gateway, workers.
-    Up,
+    Up {
+        /// Start workers only for these models (comma-separated; default: every model).
+        #[arg(long, value_delimiter = ',')]
+        models: Vec<String>,
+    },
     /// Run the HTTP gateway.
     Gateway {
         /// Listen address (overrides gateway.listen).
@@ -97,7 +101,7 @@ fn main() -> ExitCode {
 
 async fn run(command: Command, config_path: Option<PathBuf>, cfg: Config) -> anyhow::Result<()> {
     match command {
-        Command::Up => up::run(cfg, config_path).await,
+        Command::Up { models } => up::run(cfg, config_path, models).await,
         Command::Gateway { listen } => {
             let mut cfg = cfg;
             if let Some(l) = listen {

@@ -146,9 +146,16 @@ async fn wait_http_ready(
     }
 }
 
-pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()> {
+pub async fn run(
+    cfg: Config,
+    config_path: Option<PathBuf>,
+    only: Vec<String>,
+) -> anyhow::Result<()> {
+    if let Some(unknown) = only.iter().find(|m| cfg.model(m).is_none()) {
+        bail!("--models: '{unknown}' is not in the config");
+    }
     let mut stack = Stack::default();
-    let result = start_and_wait(&cfg, config_path.as_deref(), &mut stack).await;
+    let result = start_and_wait(&cfg, config_path.as_deref(), &only, &mut stack).await;
     stack
         .stop(cfg.worker.drain_timeout + Duration::from_secs(5))
         .await;
@@ -158,6 +165,7 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()
 async fn start_and_wait(
     cfg: &Config,
     config_path: Option<&Path>,
+    only: &[String],
     stack: &mut Stack,
 ) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("locating the sluice binary")?;
@@ -231,7 +239,11 @@ async fn start_and_wait(
     let mut ready_urls = vec![format!("http://{}/v2/health/ready", cfg.gateway.listen)];
     stack.spawn("gateway", &mut component(&["gateway".into()]))?;
     let mut port = WORKER_PORT_BASE;
-    for (name, m) in &cfg.models {
+    for (name, m) in cfg
+        .models
+        .iter()
+        .filter(|(n, _)| only.is_empty() || only.contains(n))
+    {
         for i in 0..m.workers {
             let addr = SocketAddr::from(([127, 0, 0, 1], port));
             stack.spawn(

@@ -94,6 +94,10 @@ pub struct WorkerConfig {
     /// How long SIGTERM waits for in-flight batches before leaving.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// How long result records wait to be batched into one produce request. Gateway callers do
+    /// not wait for this (their reply goes through Redis at once); direct Kafka consumers do.
+    #[serde(with = "humantime_serde")]
+    pub result_linger: Duration,
 }
 
 /// Log output.

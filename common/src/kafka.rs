@@ -9,15 +9,15 @@ use rdkafka::error::RDKafkaErrorCode;
 
 use crate::Config;
 
-/// Producer settings: idempotent, acks=all, no Nagle, no linger; then `kafka.client` and
-/// `kafka.producer` from the config.
-pub fn producer_config(cfg: &Config, client_id: &str) -> ClientConfig {
+/// Producer settings: idempotent, acks=all, no Nagle, `linger` (0 on latency-critical paths);
+/// then `kafka.client` and `kafka.producer` from the config.
+pub fn producer_config(cfg: &Config, client_id: &str, linger: Duration) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &cfg.kafka.brokers)
         .set("client.id", client_id)
         .set("enable.idempotence", "true")
         .set("acks", "all")
-        .set("linger.ms", "0")
+        .set("linger.ms", format!("{}", linger.as_secs_f64() * 1000.0))
         .set("socket.nagle.disable", "true")
         // A dead broker fails a request within its deadline instead of holding it for 5 minutes.
         .set("message.timeout.ms", "30000")

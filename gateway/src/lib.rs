@@ -58,9 +58,12 @@ impl Gateway {
         metrics: PrometheusHandle,
     ) -> Result<Arc<Gateway>, StartError> {
         let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
-        let producer: FutureProducer =
-            sluice_common::kafka::producer_config(&cfg, &format!("sluice-gateway-{id}"))
-                .create()?;
+        let producer: FutureProducer = sluice_common::kafka::producer_config(
+            &cfg,
+            &format!("sluice-gateway-{id}"),
+            Duration::ZERO,
+        )
+        .create()?;
         let client = redis::Client::open(cfg.redis.url.as_str())?;
         let manager_cfg = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(2)))

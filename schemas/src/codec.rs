@@ -8,7 +8,7 @@ use apache_avro::types::Value;
 use apache_avro::{Schema, from_avro_datum, to_avro_datum};
 
 use crate::envelope::{InferenceError, InferenceRequest, InferenceResult, ReplyRoute};
-use crate::{DataType, REQUEST_SCHEMA, RESULT_SCHEMA, Tensor};
+use crate::{DataType, REQUEST_SCHEMA, RESULT_SCHEMA, Tensor, binary};
 
 /// The two marker bytes that open every single-object-encoded Avro record.
 pub const MAGIC: [u8; 2] = [0xC3, 0x01];
@@ -85,12 +85,7 @@ impl SchemaSet {
     /// Decodes a single-object record, resolving its writer schema into `reader` (the current
     /// schema when `None`).
     pub fn decode(&self, bytes: &[u8], reader: Option<&Schema>) -> Result<Value, CodecError> {
-        if bytes.len() < HEADER_LEN || bytes[..2] != MAGIC {
-            return Err(CodecError::NotSingleObject);
-        }
-        let mut fp = [0u8; 8];
-        fp.copy_from_slice(&bytes[2..HEADER_LEN]);
-        let fp = u64::from_le_bytes(fp);
+        let fp = header_fingerprint(bytes)?;
         let writer = self.known.get(&fp).ok_or(CodecError::UnknownSchema(fp))?;
         let reader = match reader {
             Some(r) => Some(r),
@@ -128,24 +123,55 @@ pub fn result_schemas() -> &'static SchemaSet {
     })
 }
 
-/// Encodes a request envelope.
-pub fn encode_request(r: &InferenceRequest) -> Result<Vec<u8>, CodecError> {
-    request_schemas().encode(request_to_value(r))
+fn frame(fingerprint: u64, write: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256);
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&fingerprint.to_le_bytes());
+    write(&mut out);
+    out
 }
 
-/// Decodes a request envelope.
+fn header_fingerprint(bytes: &[u8]) -> Result<u64, CodecError> {
+    if bytes.len() < HEADER_LEN || bytes[..2] != MAGIC {
+        return Err(CodecError::NotSingleObject);
+    }
+    let mut fp = [0u8; 8];
+    fp.copy_from_slice(&bytes[2..HEADER_LEN]);
+    Ok(u64::from_le_bytes(fp))
+}
+
+/// Encodes a request envelope.
+pub fn encode_request(r: &InferenceRequest) -> Result<Vec<u8>, CodecError> {
+    let set = request_schemas();
+    Ok(frame(set.current_fingerprint, |out| {
+        binary::write_request(r, out)
+    }))
+}
+
+/// Decodes a request envelope (fast path for the current schema, resolution otherwise).
 pub fn decode_request(bytes: &[u8]) -> Result<InferenceRequest, CodecError> {
-    request_from_value(request_schemas().decode(bytes, None)?)
+    let set = request_schemas();
+    if header_fingerprint(bytes)? == set.current_fingerprint {
+        return binary::read_request(&bytes[HEADER_LEN..]);
+    }
+    request_from_value(set.decode(bytes, None)?)
 }
 
 /// Encodes a result envelope.
 pub fn encode_result(r: &InferenceResult) -> Result<Vec<u8>, CodecError> {
-    result_schemas().encode(result_to_value(r))
+    let set = result_schemas();
+    Ok(frame(set.current_fingerprint, |out| {
+        binary::write_result(r, out)
+    }))
 }
 
-/// Decodes a result envelope.
+/// Decodes a result envelope (fast path for the current schema, resolution otherwise).
 pub fn decode_result(bytes: &[u8]) -> Result<InferenceResult, CodecError> {
-    result_from_value(result_schemas().decode(bytes, None)?)
+    let set = result_schemas();
+    if header_fingerprint(bytes)? == set.current_fingerprint {
+        return binary::read_result(&bytes[HEADER_LEN..]);
+    }
+    result_from_value(set.decode(bytes, None)?)
 }
 
 fn string_map(m: &BTreeMap<String, String>) -> Value {
@@ -458,6 +484,75 @@ mod tests {
             decode_result(&encode_result(&failed).unwrap()).unwrap(),
             failed
         );
+    }
+
+    /// The direct codec writes exactly what apache-avro writes, and reads what it writes.
+    #[test]
+    fn direct_codec_matches_apache_avro() {
+        let mut req = sample_request();
+        for _ in 0..2 {
+            let fast = encode_request(&req).unwrap();
+            let generic = request_schemas().encode(request_to_value(&req)).unwrap();
+            assert_eq!(fast, generic);
+            assert_eq!(
+                request_from_value(request_schemas().decode(&fast, None).unwrap()).unwrap(),
+                req
+            );
+            // Empty collections and absent unions take the other encoding branches.
+            req = InferenceRequest {
+                id: "e".into(),
+                model: "m".into(),
+                ..Default::default()
+            };
+        }
+        let mut res = InferenceResult::failure(&sample_request(), codes::INVALID_INPUT, "bad");
+        for _ in 0..2 {
+            let fast = encode_result(&res).unwrap();
+            let generic = result_schemas().encode(result_to_value(&res)).unwrap();
+            assert_eq!(fast, generic);
+            assert_eq!(decode_result(&generic).unwrap(), res);
+            res = InferenceResult {
+                outputs: sample_request().inputs,
+                parameters: [("k".to_string(), "\"v\"".to_string())].into(),
+                batch_size: -3,
+                queue_us: i64::MIN,
+                infer_us: i64::MAX,
+                ..Default::default()
+            };
+        }
+    }
+
+    #[test]
+    fn direct_reader_reads_negative_block_counts() {
+        // Avro lets a writer give a block count as negative, followed by the block size in bytes.
+        let mut datum = Vec::new();
+        let mut w = binary::Writer(&mut datum);
+        w.long(2); // id: "ab"
+        datum.extend_from_slice(b"ab");
+        let mut w = binary::Writer(&mut datum);
+        w.long(0); // client_id: null
+        w.long(1);
+        datum.push(b'm');
+        let mut w = binary::Writer(&mut datum);
+        w.long(5); // deadline
+        w.long(6); // sent_at
+        w.long(0); // reply null
+        w.long(-1); // trace: one entry, as a negative count with a byte size
+        w.long(4);
+        w.long(1);
+        datum.push(b'k');
+        let mut w = binary::Writer(&mut datum);
+        w.long(1);
+        datum.push(b'v');
+        let mut w = binary::Writer(&mut datum);
+        w.long(0); // end of trace
+        w.long(0); // parameters
+        w.long(0); // inputs
+        w.long(0); // outputs
+        let r = binary::read_request(&datum).unwrap();
+        assert_eq!(r.id, "ab");
+        assert_eq!(r.trace.get("k").map(String::as_str), Some("v"));
+        assert_eq!(r.deadline_ms, 5);
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //!
 //! [single-object encoding]: https://avro.apache.org/docs/1.11.1/specification/#single-object-encoding
 
+pub mod binary;
 pub mod codec;
 pub mod envelope;
 pub mod tensor;

@@ -24,10 +24,13 @@ impl OffsetTracker {
     /// Records that `offset` of `partition` was received and is being handled.
     pub fn begin(&mut self, partition: i32, offset: i64) {
         // The first offset seen is where consumption (re)started: nothing below it is ours to commit.
-        let p = self.partitions.entry(partition).or_insert_with(|| PartitionState {
-            stored: offset,
-            ..Default::default()
-        });
+        let p = self
+            .partitions
+            .entry(partition)
+            .or_insert_with(|| PartitionState {
+                stored: offset,
+                ..Default::default()
+            });
         p.unfinished.insert(offset);
         p.next = p.next.max(offset + 1);
     }

@@ -181,7 +181,8 @@ pub async fn run(
     let topic = cfg.request_topic(model_name);
     consumer.subscribe(&[&topic])?;
     let producer: FutureProducer =
-        sluice_common::kafka::producer_config(&cfg, &client_id).create()?;
+        sluice_common::kafka::producer_config(&cfg, &client_id, cfg.worker.result_linger)
+            .create()?;
     let redis =
         redis::aio::ConnectionManager::new(redis::Client::open(cfg.redis.url.as_str())?).await?;
 
