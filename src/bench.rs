@@ -8,7 +8,6 @@
 //!    p90, p99, errors, and the CPU time Sluice's own processes (gateway, workers) spent per request.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -128,6 +127,7 @@ pub async fn run(cfg: Config, args: BenchArgs) -> anyhow::Result<()> {
             let pids = sluice_pids();
             let (r, cpu_ms_per_req) =
                 http_load(&url, body.clone(), c, args.warmup, args.duration, &pids).await?;
+            println!("           CPU (% of one core): {}", r.cpu_breakdown);
             let s = summarize(r.latencies_us);
             let rps = s.count as f64 / args.duration.as_secs_f64();
             let over = transport_p50
@@ -296,6 +296,8 @@ async fn transport(cfg: &Config, duration: Duration) -> anyhow::Result<Summary> 
 struct LoadResult {
     latencies_us: Vec<u64>,
     errors: u64,
+    /// CPU use by process kind, in % of one core.
+    cpu_breakdown: String,
 }
 
 async fn http_load(
@@ -310,7 +312,6 @@ async fn http_load(
     let start = Instant::now();
     let measure_from = start + warmup;
     let end = measure_from + duration;
-    let cpu_before = Arc::new(std::sync::Mutex::new(None::<u64>));
     let mut tasks = Vec::new();
     for _ in 0..concurrency {
         let client = client.clone();
@@ -339,16 +340,21 @@ async fn http_load(
             (lat, errors)
         }));
     }
+    let kinds = ["gateway", "workers", "broker", "redis"];
+    let kind_pids: Vec<Vec<u32>> = kinds.iter().map(|k| pids_of(k)).collect();
+    let me = [std::process::id()];
     tokio::time::sleep_until(measure_from.into()).await;
     let before = cpu_ticks(pids);
-    if let Ok(mut b) = cpu_before.lock() {
-        *b = Some(before);
-    }
+    let kinds_before: Vec<u64> = kind_pids.iter().map(|p| cpu_ticks(p)).collect();
+    let me_before = cpu_ticks(&me);
     tokio::time::sleep_until(end.into()).await;
     let after = cpu_ticks(pids);
+    let kinds_after: Vec<u64> = kind_pids.iter().map(|p| cpu_ticks(p)).collect();
+    let me_after = cpu_ticks(&me);
     let mut result = LoadResult {
         latencies_us: Vec::new(),
         errors: 0,
+        cpu_breakdown: String::new(),
     };
     for t in tasks {
         let (lat, errors) = t.await?;
@@ -361,27 +367,52 @@ async fn http_load(
         .unwrap_or(100) as f64;
     let cpu_ms = (after.saturating_sub(before)) as f64 * 1000.0 / ticks_per_s;
     let per_req = cpu_ms / (result.latencies_us.len().max(1) as f64);
+    let secs = duration.as_secs_f64();
+    let share = |a: u64, b: u64| (a.saturating_sub(b)) as f64 / ticks_per_s / secs * 100.0;
+    let mut parts: Vec<String> = kinds
+        .iter()
+        .zip(kinds_after.iter().zip(&kinds_before))
+        .map(|(k, (a, b))| format!("{k} {:.0}%", share(*a, *b)))
+        .collect();
+    parts.push(format!("load generator {:.0}%", share(me_after, me_before)));
+    result.cpu_breakdown = parts.join(", ");
     Ok((result, per_req))
+}
+
+/// Which kind of process a pid is, by its command line.
+fn process_kind(pid: u32) -> Option<&'static str> {
+    let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+    let exe = *args.first()?;
+    let has = |w: &[u8]| args.iter().any(|a| *a == w);
+    if exe.ends_with(b"sluice") && has(b"gateway") {
+        Some("gateway")
+    } else if exe.ends_with(b"sluice") && has(b"worker") {
+        Some("workers")
+    } else if exe.ends_with(b"tansu") || args.iter().any(|a| a.windows(5).any(|w| w == b"kafka")) && has(b"broker") {
+        Some("broker")
+    } else if exe.ends_with(b"redis-server") || exe.starts_with(b"redis-server") {
+        Some("redis")
+    } else {
+        None
+    }
+}
+
+/// Pids of processes of `kind` on this machine.
+fn pids_of(kind: &str) -> Vec<u32> {
+    let me = std::process::id();
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| *pid != me && process_kind(*pid) == Some(kind))
+        .collect()
 }
 
 /// Pids of running `sluice gateway` and `sluice worker` processes.
 fn sluice_pids() -> Vec<u32> {
-    let me = std::process::id();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| *pid != me)
-        .filter(|pid| {
-            let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-                return false;
-            };
-            let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
-            let is_sluice = args.first().is_some_and(|a| a.ends_with(b"sluice"));
-            is_sluice && args.iter().any(|a| *a == b"gateway" || *a == b"worker")
-        })
-        .collect()
+    let mut p = pids_of("gateway");
+    p.extend(pids_of("workers"));
+    p
 }
 
 /// Total user+system clock ticks of `pids`.
