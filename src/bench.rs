@@ -103,18 +103,24 @@ pub async fn run(cfg: Config, args: BenchArgs) -> anyhow::Result<()> {
     }
     if !args.skip_compute {
         let inputs = parse_inputs(&body)?;
-        for &c in &args.concurrency {
-            let batch = c.clamp(1, model.max_batch_size);
-            let (rows_per_s, s) = compute(
-                &model,
-                &inputs,
-                batch,
-                args.duration.min(Duration::from_secs(5)),
-            )?;
-            println!(
-                "compute    onnxruntime in-process, batch {batch}: {rows_per_s:.0} rows/s, per call p50={:.3}ms p99={:.3}ms",
-                s.p50, s.p99
-            );
+        // The model's own settings, and one intra-op thread (the single-core limit) if they differ.
+        let mut variants = vec![model.clone()];
+        if model.intra_op_threads > 1 {
+            variants.push(sluice_common::ModelConfig {
+                intra_op_threads: 1,
+                ..model.clone()
+            });
+        }
+        for m in &variants {
+            for &c in &args.concurrency {
+                let batch = c.clamp(1, m.max_batch_size);
+                let (rows_per_s, s) =
+                    compute(m, &inputs, batch, args.duration.min(Duration::from_secs(5)))?;
+                println!(
+                    "compute    onnxruntime in-process, batch {batch}, {} intra-op thread(s): {rows_per_s:.0} rows/s, per call p50={:.3}ms p99={:.3}ms",
+                    m.intra_op_threads, s.p50, s.p99
+                );
+            }
         }
     }
     if !args.skip_http {
@@ -389,7 +395,9 @@ fn process_kind(pid: u32) -> Option<&'static str> {
         Some("gateway")
     } else if exe.ends_with(b"sluice") && has(b"worker") {
         Some("workers")
-    } else if exe.ends_with(b"tansu") || args.iter().any(|a| a.windows(5).any(|w| w == b"kafka")) && has(b"broker") {
+    } else if exe.ends_with(b"tansu")
+        || args.iter().any(|a| a.windows(5).any(|w| w == b"kafka")) && has(b"broker")
+    {
         Some("broker")
     } else if exe.ends_with(b"redis-server") || exe.starts_with(b"redis-server") {
         Some("redis")
@@ -401,7 +409,9 @@ fn process_kind(pid: u32) -> Option<&'static str> {
 /// Pids of processes of `kind` on this machine.
 fn pids_of(kind: &str) -> Vec<u32> {
     let me = std::process::id();
-    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
     dir.flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
         .filter(|pid| *pid != me && process_kind(*pid) == Some(kind))
