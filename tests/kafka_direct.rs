@@ -198,3 +198,28 @@ async fn bad_records_are_dead_lettered_and_callers_get_error_replies() {
     let m = next_matching(&results, |m| m.key() == Some(b"good-after-bad")).await;
     assert!(decode_result(m.payload().unwrap()).unwrap().error.is_none());
 }
+
+/// Interoperability: a stock Python Avro library (fastavro) and Kafka client encode the request
+/// and decode the result, using only `schemas/avro/*.avsc` and the documented framing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_avro_client_calls_a_model_through_kafka() {
+    let python = root().join(".venv/bin/python");
+    let Some(mut stack) = Stack::start(&[]) else {
+        return;
+    };
+    stack.start_worker("mlp");
+    let out = tokio::process::Command::new(python)
+        .arg(root().join("examples/kafka_direct.py"))
+        .args(["--brokers", &stack.kafka, "--model", "mlp"])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let want = samples().expected["mlp"]["label"][0].as_i64().unwrap();
+    assert!(stdout.contains(&format!("label [1] [{want}]")), "{stdout}");
+}

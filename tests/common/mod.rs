@@ -144,8 +144,12 @@ impl Stack {
         );
         wait_tcp(&kafka, Duration::from_secs(20));
         wait_tcp(&format!("127.0.0.1:{rp}"), Duration::from_secs(10));
-        let status = stack.sluice(&["topics", "apply"]).status().unwrap();
-        assert!(status.success(), "topics apply failed");
+        let out = stack.sluice(&["topics", "apply"]).output().unwrap();
+        assert!(
+            out.status.success(),
+            "topics apply failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         stack.spawn_sluice("gateway", &["gateway"], &[]);
         stack.wait_ready(&format!("{}/v2/health/ready", stack.gateway));
         Some(stack)
