@@ -390,7 +390,7 @@ fn process_kind(pid: u32) -> Option<&'static str> {
     let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
     let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
     let exe = *args.first()?;
-    let has = |w: &[u8]| args.iter().any(|a| *a == w);
+    let has = |w: &[u8]| args.contains(&w);
     if exe.ends_with(b"sluice") && has(b"gateway") {
         Some("gateway")
     } else if exe.ends_with(b"sluice") && has(b"worker") {
