@@ -18,7 +18,8 @@ dpkg -s libb64-0d >/dev/null 2>&1 || need_apt+=(libb64-0d)
 command -v make >/dev/null || need_apt+=(make)
 command -v g++ >/dev/null || need_apt+=(g++)
 command -v pkg-config >/dev/null || need_apt+=(pkg-config)
-command -v python3 >/dev/null || need_apt+=(python3 python3-venv)
+command -v python3 >/dev/null || need_apt+=(python3)
+python3 -c 'import ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "apt-get install ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -35,28 +36,21 @@ if [ ! -x "$TANSU_BIN" ]; then
   cargo install tansu@0.6.0 --locked --features dynostore,libsql
 fi
 
+# make_venv DIR REQUIREMENTS: (re)creates a venv when its requirements file changed.
+make_venv() {
+  local dir=$1 req=$2
+  if [ ! -f "$dir/.sluice-requirements" ] || ! cmp -s "$req" "$dir/.sluice-requirements"; then
+    log "creating Python venv $dir from $req"
+    python3 -m venv "$dir"
+    "$dir/bin/pip" install -q --upgrade pip
+    "$dir/bin/pip" install -q -r "$req"
+    cp "$req" "$dir/.sluice-requirements"
+  fi
+}
 VENV="$ROOT/.venv"
-STAMP="$VENV/.sluice-requirements"
-REQ="$ROOT/deploy/requirements.txt"
-if [ ! -f "$STAMP" ] || ! cmp -s "$REQ" "$STAMP"; then
-  log "creating Python venv $VENV"
-  python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q --upgrade pip
-  "$VENV/bin/pip" install -q -r "$REQ"
-  cp "$REQ" "$STAMP"
-fi
-
+make_venv "$VENV" "$ROOT/deploy/requirements.txt"
 # tritonclient (and perf_analyzer) pin an older numpy, so they live in their own venv.
-TVENV="$ROOT/.venv-triton"
-TSTAMP="$TVENV/.sluice-requirements"
-TREQ="$ROOT/deploy/requirements-triton.txt"
-if [ ! -f "$TSTAMP" ] || ! cmp -s "$TREQ" "$TSTAMP"; then
-  log "creating Python venv $TVENV (tritonclient, perf_analyzer)"
-  python3 -m venv "$TVENV"
-  "$TVENV/bin/pip" install -q --upgrade pip
-  "$TVENV/bin/pip" install -q -r "$TREQ"
-  cp "$TREQ" "$TSTAMP"
-fi
+make_venv "$ROOT/.venv-triton" "$ROOT/deploy/requirements-triton.txt"
 
 ORT_LIB=$(ls "$VENV"/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so.1.31.1 | head -1)
 [ -f "$ORT_LIB" ] || { log "onnxruntime shared library missing"; exit 1; }

@@ -322,20 +322,8 @@ impl Reply {
     }
 }
 
-pub async fn post(
-    client: &Http,
-    url: &str,
-    headers: &[(&str, String)],
-    body: impl Into<Bytes>,
-) -> Reply {
-    let mut req = hyper::Request::post(url).header("content-type", "application/json");
-    for (k, v) in headers {
-        req = req.header(*k, v);
-    }
-    let resp = client
-        .request(req.body(Full::new(body.into())).unwrap())
-        .await
-        .unwrap();
+async fn send(client: &Http, req: hyper::Request<Full<Bytes>>) -> Reply {
+    let resp = client.request(req).await.unwrap();
     let status = resp.status().as_u16();
     let headers = resp.headers().clone();
     let body = resp.into_body().collect().await.unwrap().to_bytes();
@@ -346,23 +334,27 @@ pub async fn post(
     }
 }
 
-pub async fn get(client: &Http, url: &str) -> Reply {
-    let resp = client
-        .request(
-            hyper::Request::get(url)
-                .body(Full::new(Bytes::new()))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    let status = resp.status().as_u16();
-    let headers = resp.headers().clone();
-    let body = resp.into_body().collect().await.unwrap().to_bytes();
-    Reply {
-        status,
-        headers,
-        body,
+pub async fn post(
+    client: &Http,
+    url: &str,
+    headers: &[(&str, String)],
+    body: impl Into<Bytes>,
+) -> Reply {
+    let mut req = hyper::Request::post(url).header("content-type", "application/json");
+    for (k, v) in headers {
+        req = req.header(*k, v);
     }
+    send(client, req.body(Full::new(body.into())).unwrap()).await
+}
+
+pub async fn get(client: &Http, url: &str) -> Reply {
+    send(
+        client,
+        hyper::Request::get(url)
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await
 }
 
 /// The committed samples with onnxruntime's expected outputs (plus heavy's, made at setup).
