@@ -81,6 +81,10 @@ pub struct GatewayConfig {
     /// Upper bound on a request's `timeout` parameter.
     #[serde(with = "humantime_serde")]
     pub max_timeout: Duration,
+    /// How long request records wait to be batched into one produce request (`linger.ms`):
+    /// added to every request's latency, saves broker and client CPU under load.
+    #[serde(with = "humantime_serde")]
+    pub produce_linger: Duration,
 }
 
 /// Worker processes.
