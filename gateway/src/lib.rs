@@ -21,7 +21,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::correlator::Correlator;
-use crate::stats::ModelStats;
+use crate::stats::{ModelMetrics, ModelStats};
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -48,7 +48,9 @@ pub struct Gateway {
     broker_ok: AtomicBool,
     redis_ok: AtomicBool,
     metrics: PrometheusHandle,
-    stats: HashMap<String, ModelStats>,
+    stats: HashMap<String, (ModelStats, ModelMetrics)>,
+    in_flight: metrics::Gauge,
+    produce_seconds: metrics::Histogram,
 }
 
 impl Gateway {
@@ -80,7 +82,7 @@ impl Gateway {
         let stats = cfg
             .models
             .keys()
-            .map(|m| (m.clone(), ModelStats::default()))
+            .map(|m| (m.clone(), (ModelStats::default(), ModelMetrics::new(m))))
             .collect();
         let gw = Arc::new(Gateway {
             permits: Arc::new(Semaphore::new(cfg.gateway.max_in_flight)),
@@ -93,6 +95,8 @@ impl Gateway {
             redis_ok: AtomicBool::new(true),
             metrics,
             stats,
+            in_flight: metrics::gauge!("sluice_gateway_in_flight"),
+            produce_seconds: metrics::histogram!("sluice_gateway_produce_seconds"),
         });
         tokio::spawn(health_loop(Arc::downgrade(&gw), conn));
         Ok(gw)

@@ -202,7 +202,7 @@ fn stats_json(gw: &Gateway, name: &str, m: &ModelConfig) -> Json<Value> {
     let stats = gw
         .stats
         .get(name)
-        .map(|s| s.to_json(name, &m.version))
+        .map(|(s, _)| s.to_json(name, &m.version))
         .unwrap_or(Value::Null);
     Json(json!({ "model_stats": [stats] }))
 }
@@ -243,7 +243,7 @@ async fn infer(State(gw): Shared, Path(name): Path<String>, req: Request) -> Res
         Ok(_) => StatusCode::OK,
         Err(e) => e.status(),
     };
-    if let Some(stats) = gw.stats.get(&name) {
+    if let Some((stats, m)) = gw.stats.get(&name) {
         match &result {
             Ok((_, queue_us, infer_us)) => stats.success(
                 elapsed.as_nanos() as u64,
@@ -253,10 +253,8 @@ async fn infer(State(gw): Shared, Path(name): Path<String>, req: Request) -> Res
             ),
             Err(_) => stats.failure(elapsed.as_nanos() as u64),
         }
-        metrics::counter!("sluice_gateway_requests_total", "model" => name.clone(), "code" => status.as_str().to_string())
-            .increment(1);
-        metrics::histogram!("sluice_gateway_request_duration_seconds", "model" => name)
-            .record(elapsed.as_secs_f64());
+        m.count(status.as_u16());
+        m.duration.record(elapsed.as_secs_f64());
     }
     match result {
         Ok((resp, _, _)) => resp,
@@ -318,8 +316,8 @@ async fn infer_inner(gw: &Arc<Gateway>, name: &str, req: Request) -> Result<Infe
             .map_err(|_| ApiError::Overloaded {
                 limit: gw.cfg.gateway.max_in_flight,
             })?;
-    metrics::gauge!("sluice_gateway_in_flight").increment(1.0);
-    let _in_flight = InFlight;
+    gw.in_flight.increment(1.0);
+    let _in_flight = InFlight(gw.in_flight.clone());
 
     let (headers, body) = read_body(req, gw.cfg.gateway.max_body_bytes).await?;
     let json_len = match headers.get(HEADER_LENGTH) {
@@ -418,7 +416,7 @@ async fn infer_inner(gw: &Arc<Gateway>, name: &str, req: Request) -> Result<Infe
             )));
         }
     }
-    metrics::histogram!("sluice_gateway_produce_seconds")
+    gw.produce_seconds
         .record(produce_started.elapsed().as_secs_f64());
 
     let result = pending
@@ -460,10 +458,10 @@ async fn infer_inner(gw: &Arc<Gateway>, name: &str, req: Request) -> Result<Infe
 }
 
 /// Decrements the in-flight gauge when a request ends, however it ends.
-struct InFlight;
+struct InFlight(metrics::Gauge);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        metrics::gauge!("sluice_gateway_in_flight").decrement(1.0);
+        self.0.decrement(1.0);
     }
 }

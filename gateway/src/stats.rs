@@ -1,6 +1,46 @@
-//! Per-model counters behind Triton's statistics extension (`/v2/models/{m}/stats`).
+//! Per-model counters behind Triton's statistics extension (`/v2/models/{m}/stats`), and the
+//! Prometheus handles the request path uses (registered once, not per request).
 
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use metrics::{Counter, Histogram};
+
+/// Status codes the gateway answers with; each gets its own pre-registered counter.
+const CODES: [u16; 10] = [200, 400, 404, 413, 422, 429, 500, 503, 504, 0];
+
+/// Prometheus handles for one model.
+pub struct ModelMetrics {
+    by_code: Vec<(u16, Counter)>,
+    model: String,
+    /// End-to-end request duration.
+    pub duration: Histogram,
+}
+
+impl ModelMetrics {
+    /// Registers the handles for `model`.
+    pub fn new(model: &str) -> ModelMetrics {
+        ModelMetrics {
+            by_code: CODES
+                .iter()
+                .map(|c| {
+                    let code = if *c == 0 { "other".to_string() } else { c.to_string() };
+                    (*c, metrics::counter!("sluice_gateway_requests_total", "model" => model.to_string(), "code" => code))
+                })
+                .collect(),
+            model: model.to_string(),
+            duration: metrics::histogram!("sluice_gateway_request_duration_seconds", "model" => model.to_string()),
+        }
+    }
+
+    /// Counts one answered request.
+    pub fn count(&self, status: u16) {
+        match self.by_code.iter().find(|(c, _)| *c == status) {
+            Some((_, counter)) => counter.increment(1),
+            None => metrics::counter!("sluice_gateway_requests_total", "model" => self.model.clone(), "code" => status.to_string())
+                .increment(1),
+        }
+    }
+}
 
 /// Cumulative counts and durations (ns) for one model.
 #[derive(Default)]

@@ -7,6 +7,7 @@ pub mod batcher;
 pub mod offsets;
 pub mod runner;
 pub mod sink;
+pub mod telemetry;
 pub mod worker;
 
 pub use worker::{WorkerError, run};

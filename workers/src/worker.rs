@@ -27,6 +27,7 @@ use crate::batcher::{Dispatched, Item, run_batcher};
 use crate::offsets::OffsetTracker;
 use crate::runner::run_batch;
 use crate::sink::{Completion, DeadLetter, Sink};
+use crate::telemetry::WorkerMetrics;
 
 /// Why a worker could not start or stopped abnormally.
 #[derive(Debug, thiserror::Error)]
@@ -111,8 +112,8 @@ struct Shared {
     tracker: Arc<Mutex<OffsetTracker>>,
     sink: Sink,
     topic: String,
-    model: String,
     stored: Mutex<HashMap<i32, i64>>,
+    metrics: Arc<WorkerMetrics>,
 }
 
 impl Shared {
@@ -128,8 +129,7 @@ impl Shared {
                 }
             }
         }
-        metrics::gauge!("sluice_worker_in_flight", "model" => self.model.clone())
-            .decrement(items.len() as f64);
+        self.metrics.in_flight.decrement(items.len() as f64);
         if advanced.is_empty() {
             return;
         }
@@ -194,6 +194,7 @@ pub async fn run(
         .await?;
     tracing::info!(%ops_addr, %topic, "worker serving metrics and health");
 
+    let wm = Arc::new(WorkerMetrics::new(model_name));
     let shared = Arc::new(Shared {
         consumer,
         tracker,
@@ -205,8 +206,8 @@ pub async fn run(
             model_name.to_string(),
         ),
         topic: topic.clone(),
-        model: model_name.to_string(),
         stored: Mutex::new(HashMap::new()),
+        metrics: Arc::clone(&wm),
     });
 
     // Pipeline: consumer loop → batcher → inference threads → completion tasks.
@@ -227,11 +228,11 @@ pub async fn run(
         let rx = Arc::clone(&batch_rx);
         let tx = done_tx.clone();
         let m = model.clone();
-        let name = model_name.to_string();
+        let wm = Arc::clone(&wm);
         threads.push(
             std::thread::Builder::new()
-                .name(format!("infer-{name}-{i}"))
-                .spawn(move || inference_thread(backend, &m, &name, &rx, &tx))?,
+                .name(format!("infer-{model_name}-{i}"))
+                .spawn(move || inference_thread(backend, &m, &wm, &rx, &tx))?,
         );
     }
     drop(done_tx);
@@ -264,8 +265,8 @@ pub async fn run(
             msg = shared.consumer.recv() => match msg {
                 Ok(m) => {
                     lock(&shared.tracker).begin(m.partition(), m.offset());
-                    metrics::gauge!("sluice_worker_in_flight", "model" => model_name.to_string()).increment(1.0);
-                    match admit(&m, &model, model_name) {
+                    wm.in_flight.increment(1.0);
+                    match admit(&m, &model, model_name, &wm) {
                         Ok(job) => {
                             let rows = job.rows;
                             if job_tx.send(Item { item: job, rows }).await.is_err() {
@@ -337,6 +338,7 @@ fn admit(
     m: &BorrowedMessage<'_>,
     model: &ModelConfig,
     model_name: &str,
+    wm: &WorkerMetrics,
 ) -> Result<Job, Box<Completion>> {
     let dead = |class: &'static str, message: String| DeadLetter {
         key: m.key().map(<[u8]>::to_vec),
@@ -350,7 +352,7 @@ fn admit(
     let request = match decode_request(m.payload().unwrap_or_default()) {
         Ok(r) => r,
         Err(e) => {
-            metrics::counter!("sluice_worker_requests_total", "model" => model_name.to_string(), "outcome" => "undecodable").increment(1);
+            wm.undecodable.increment(1);
             let message = format!("undecodable request record: {e}");
             // The gateway also names the request and its reply route in headers, so even a
             // record that cannot be decoded gets an error reply instead of a timeout.
@@ -408,7 +410,7 @@ fn admit(
             rows,
         }),
         Err(message) => {
-            metrics::counter!("sluice_worker_requests_total", "model" => model_name.to_string(), "outcome" => "invalid").increment(1);
+            wm.invalid.increment(1);
             Err(Box::new(Completion {
                 partition: m.partition(),
                 offset: m.offset(),
@@ -429,7 +431,7 @@ fn admit(
 fn inference_thread(
     mut backend: impl Backend,
     model: &ModelConfig,
-    model_name: &str,
+    wm: &WorkerMetrics,
     batches: &Mutex<mpsc::Receiver<Dispatched<Job>>>,
     done: &mpsc::Sender<Vec<Completion>>,
 ) {
@@ -446,7 +448,7 @@ fn inference_thread(
             .partition(|j| j.request.deadline_ms != 0 && now >= j.request.deadline_ms);
         let mut completions = Vec::with_capacity(expired.len() + live.len());
         for j in expired {
-            metrics::counter!("sluice_worker_requests_total", "model" => model_name.to_string(), "outcome" => "expired").increment(1);
+            wm.expired.increment(1);
             let result = InferenceResult::failure(
                 &j.request,
                 codes::DEADLINE_EXCEEDED,
@@ -456,23 +458,20 @@ fn inference_thread(
         }
         if !live.is_empty() {
             let rows: usize = live.iter().map(|j| j.rows).sum();
-            metrics::histogram!("sluice_worker_batch_size", "model" => model_name.to_string())
-                .record(rows as f64);
+            wm.batch_size.record(rows as f64);
             let outcomes = run_batch(&mut backend, model, &live);
             let infer_us = now_us() - started_us;
-            metrics::histogram!("sluice_worker_inference_seconds", "model" => model_name.to_string())
-                .record(started.elapsed().as_secs_f64());
+            wm.inference_seconds.record(started.elapsed().as_secs_f64());
             for (j, outcome) in live.into_iter().zip(outcomes) {
                 let queue_us = (started_us - j.request.sent_at_us).max(0);
-                metrics::histogram!("sluice_worker_queue_wait_seconds", "model" => model_name.to_string())
-                    .record(queue_us as f64 / 1e6);
+                wm.queue_wait_seconds.record(queue_us as f64 / 1e6);
                 let result = match outcome {
                     Ok(outputs) => {
-                        metrics::counter!("sluice_worker_requests_total", "model" => model_name.to_string(), "outcome" => "ok").increment(1);
+                        wm.ok.increment(1);
                         InferenceResult {
                             id: j.request.id.clone(),
                             client_id: j.request.client_id.clone(),
-                            model: model_name.to_string(),
+                            model: j.request.model.clone(),
                             model_version: model.version.clone(),
                             error: None,
                             outputs,
@@ -483,7 +482,7 @@ fn inference_thread(
                         }
                     }
                     Err(message) => {
-                        metrics::counter!("sluice_worker_requests_total", "model" => model_name.to_string(), "outcome" => "failed").increment(1);
+                        wm.failed.increment(1);
                         tracing::warn!(id = %j.request.id, error = %message, "inference failed");
                         InferenceResult::failure(&j.request, codes::MODEL_FAILED, message)
                     }
