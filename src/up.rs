@@ -17,7 +17,8 @@ use sluice_common::Config;
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 
-/// First port handed to worker ops servers (`/metrics`, health).
+/// First port handed to worker ops servers (`/metrics`, health) when `worker.metrics_listen`
+/// names none; workers get consecutive ports from there.
 const WORKER_PORT_BASE: u16 = 9100;
 
 /// A process `up` started, stopped in reverse order of start.
@@ -238,14 +239,19 @@ async fn start_and_wait(
     let client = crate::http::client(4);
     let mut ready_urls = vec![format!("http://{}/v2/health/ready", cfg.gateway.listen)];
     stack.spawn("gateway", &mut component(&["gateway".into()]))?;
-    let mut port = WORKER_PORT_BASE;
+    let base = cfg.worker.metrics_listen;
+    let mut port = if base.port() == 0 {
+        WORKER_PORT_BASE
+    } else {
+        base.port()
+    };
     for (name, m) in cfg
         .models
         .iter()
         .filter(|(n, _)| only.is_empty() || only.contains(n))
     {
         for i in 0..m.workers {
-            let addr = SocketAddr::from(([127, 0, 0, 1], port));
+            let addr = SocketAddr::new(base.ip(), port);
             stack.spawn(
                 &format!("worker {name}#{i}"),
                 &mut component(&[
