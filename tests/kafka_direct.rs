@@ -223,3 +223,32 @@ async fn python_avro_client_calls_a_model_through_kafka() {
     let want = samples().expected["mlp"]["label"][0].as_i64().unwrap();
     assert!(stdout.contains(&format!("label [1] [{want}]")), "{stdout}");
 }
+
+/// The gateway's request records carry the caller's W3C trace context and a deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_records_carry_trace_context_and_deadline() {
+    let Some(mut stack) = Stack::start(&[]) else {
+        return;
+    };
+    stack.start_worker("mlp");
+    let s = samples();
+    let requests = consumer(&stack, "sluice.mlp.requests");
+    let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let r = post(
+        &http(),
+        &format!("{}/v2/models/mlp/infer", stack.gateway),
+        &[("traceparent", tp.to_string())],
+        infer_body(&[&s.scaled[0]]),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let m = next_matching(&requests, |_| true).await;
+    let req = sluice_schemas::decode_request(m.payload().unwrap()).unwrap();
+    assert_eq!(req.trace.get("traceparent").map(String::as_str), Some(tp));
+    assert!(
+        req.deadline_ms > sluice_common::now_ms(),
+        "deadline in the future when produced"
+    );
+    assert_eq!(m.key(), Some(req.id.as_bytes()), "keyed by request id");
+    assert!(req.reply.is_some());
+}

@@ -365,7 +365,14 @@ async fn infer_inner(gw: &Arc<Gateway>, name: &str, req: Request) -> Result<Infe
         deadline_ms: now_ms() + timeout.as_millis() as i64,
         sent_at_us: now_us(),
         reply: Some(route.clone()),
-        trace: Default::default(),
+        // W3C trace context travels with the request so workers' spans can join the caller's trace.
+        trace: ["traceparent", "tracestate"]
+            .iter()
+            .filter_map(|k| {
+                let v = headers.get(*k)?.to_str().ok()?;
+                Some((k.to_string(), v.to_string()))
+            })
+            .collect(),
         parameters,
         inputs: parsed.inputs,
         outputs: requested,

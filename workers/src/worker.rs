@@ -483,7 +483,12 @@ fn inference_thread(
                     }
                     Err(message) => {
                         wm.failed.increment(1);
-                        tracing::warn!(id = %j.request.id, error = %message, "inference failed");
+                        tracing::warn!(
+                            id = %j.request.id,
+                            traceparent = j.request.trace.get("traceparent").map(String::as_str),
+                            error = %message,
+                            "inference failed"
+                        );
                         InferenceResult::failure(&j.request, codes::MODEL_FAILED, message)
                     }
                 };
