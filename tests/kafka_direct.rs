@@ -252,3 +252,58 @@ async fn gateway_records_carry_trace_context_and_deadline() {
     assert_eq!(m.key(), Some(req.id.as_bytes()), "keyed by request id");
     assert!(req.reply.is_some());
 }
+
+/// A worker's publish can be missed (e.g. while the gateway's subscription reconnects): the
+/// gateway then reads the stored result before giving up. Here the "worker" is the test itself,
+/// which stores a result under the request's reply key without publishing it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_reads_a_stored_result_whose_publish_it_missed() {
+    let Some(stack) = Stack::start(&[]) else {
+        return;
+    };
+    let s = samples();
+    let requests = consumer(&stack, "sluice.logreg.requests");
+    let gw = stack.gateway.clone();
+    let body = serde_json::json!({"parameters": {"timeout": 3_000_000}, "inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": s.scaled[0]}]});
+    let call = tokio::spawn(async move {
+        post(
+            &http(),
+            &format!("{gw}/v2/models/logreg/infer"),
+            &[],
+            body.to_string(),
+        )
+        .await
+    });
+    let m = next_matching(&requests, |_| true).await;
+    let req = sluice_schemas::decode_request(m.payload().unwrap()).unwrap();
+    let route = req.reply.clone().unwrap();
+    let result = sluice_schemas::InferenceResult {
+        id: req.id.clone(),
+        model: "logreg".into(),
+        model_version: "1".into(),
+        outputs: vec![Tensor::from_values(
+            "label",
+            DataType::Int64,
+            vec![1],
+            &[7i64],
+        )],
+        ..Default::default()
+    };
+    let client = redis::Client::open(stack.redis_url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::AsyncCommands::set(
+        &mut conn,
+        &route.key,
+        sluice_schemas::encode_result(&result).unwrap(),
+    )
+    .await
+    .unwrap();
+    let started = std::time::Instant::now();
+    let r = call.await.unwrap();
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["outputs"][0]["data"][0], 7);
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "answered by the deadline"
+    );
+}
