@@ -457,3 +457,50 @@ async fn stock_tritonclient_works_against_the_gateway() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_and_workers_recover_from_a_redis_restart() {
+    let Some(mut stack) = Stack::start(&[]) else {
+        return;
+    };
+    stack.start_worker("mlp");
+    let s = samples();
+    let client = http();
+    let url = format!("{}/v2/models/mlp/infer", stack.gateway);
+    assert_eq!(
+        post(&client, &url, &[], infer_body(&[&s.scaled[0]]))
+            .await
+            .status,
+        200
+    );
+    stack.restart_redis();
+    // The gateway re-subscribes and reports ready again; requests are answered again.
+    let end = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = post(&client, &url, &[], infer_body(&[&s.scaled[1]])).await;
+        if r.status == 200 {
+            assert_eq!(
+                r.json()["outputs"][0]["data"][0],
+                s.expected["mlp"]["label"][1]
+            );
+            break;
+        }
+        assert!(
+            [503, 504].contains(&r.status),
+            "only unavailable/timeout while Redis is down, got {}",
+            r.status
+        );
+        assert!(std::time::Instant::now() < end, "not recovered within 20s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        get(&client, &format!("{}/v2/health/ready", stack.gateway))
+            .await
+            .status,
+        200
+    );
+    assert!(
+        stack.log_of(2).contains("reply subscription restored"),
+        "the gateway noticed the restart and re-subscribed"
+    );
+}

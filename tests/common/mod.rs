@@ -253,6 +253,32 @@ impl Stack {
         }
     }
 
+    /// Kills Redis (SIGKILL) and starts a fresh one on the same port.
+    pub fn restart_redis(&mut self) {
+        let i = self
+            .procs
+            .iter()
+            .position(|p| p.name == "redis" && !p.stopped)
+            .unwrap();
+        self.signal(i, "KILL");
+        self.wait_exit(i, Duration::from_secs(10));
+        let port = self.redis_url.rsplit(':').next().unwrap().to_string();
+        self.spawn_raw(
+            "redis",
+            Command::new("redis-server").args([
+                "--port",
+                &port,
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ]),
+        );
+        wait_tcp(&format!("127.0.0.1:{port}"), Duration::from_secs(10));
+    }
+
     pub fn log_of(&self, i: usize) -> String {
         std::fs::read_to_string(&self.procs[i].log).unwrap_or_default()
     }
