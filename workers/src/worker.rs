@@ -64,6 +64,7 @@ pub struct Job {
 /// Keeps the offset tracker in step with partition assignment and marks the worker ready.
 struct GroupContext {
     tracker: Arc<Mutex<OffsetTracker>>,
+    stored: Arc<Mutex<HashMap<i32, i64>>>,
     joined: Arc<AtomicBool>,
 }
 
@@ -81,8 +82,10 @@ impl ConsumerContext for GroupContext {
         };
         let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
         let mut tracker = lock(&self.tracker);
+        let mut stored = lock(&self.stored);
         for p in &partitions {
             tracker.forget(*p);
+            stored.remove(p);
         }
         tracing::info!(?partitions, "partitions {kind}");
         if kind == "assigned" {
@@ -112,7 +115,7 @@ struct Shared {
     tracker: Arc<Mutex<OffsetTracker>>,
     sink: Sink,
     topic: String,
-    stored: Mutex<HashMap<i32, i64>>,
+    stored: Arc<Mutex<HashMap<i32, i64>>>,
     metrics: Arc<WorkerMetrics>,
 }
 
@@ -134,19 +137,21 @@ impl Shared {
             return;
         }
         let mut tpl = TopicPartitionList::new();
-        {
-            let mut stored = lock(&self.stored);
-            for (p, next) in advanced {
-                let e = stored.entry(p).or_insert(next);
-                *e = (*e).max(next);
-                if let Err(e) = tpl.add_partition_offset(&self.topic, p, Offset::Offset(next)) {
-                    tracing::warn!(error = %e, "bad offset");
-                }
+        for (p, next) in &advanced {
+            if let Err(e) = tpl.add_partition_offset(&self.topic, *p, Offset::Offset(*next)) {
+                tracing::warn!(error = %e, "bad offset");
             }
         }
-        if let Err(e) = self.consumer.store_offsets(&tpl) {
+        match self.consumer.store_offsets(&tpl) {
+            Ok(()) => {
+                let mut stored = lock(&self.stored);
+                for (p, next) in advanced {
+                    let e = stored.entry(p).or_insert(next);
+                    *e = (*e).max(next);
+                }
+            }
             // The partition was revoked meanwhile: its new owner re-reads from the last commit.
-            tracing::debug!(error = %e, "could not store offsets");
+            Err(e) => tracing::debug!(error = %e, "could not store offsets"),
         }
     }
 }
@@ -172,10 +177,12 @@ pub async fn run(
     let client_id = format!("sluice-worker-{model_name}-{}", std::process::id());
     let tracker = Arc::new(Mutex::new(OffsetTracker::default()));
     let joined = Arc::new(AtomicBool::new(false));
+    let stored = Arc::new(Mutex::new(HashMap::new()));
     let consumer: StreamConsumer<GroupContext> =
         sluice_common::kafka::consumer_config(&cfg, &cfg.consumer_group(model_name), &client_id)
             .create_with_context(GroupContext {
                 tracker: Arc::clone(&tracker),
+                stored: Arc::clone(&stored),
                 joined: Arc::clone(&joined),
             })?;
     let topic = cfg.request_topic(model_name);
@@ -206,7 +213,7 @@ pub async fn run(
             model_name.to_string(),
         ),
         topic: topic.clone(),
-        stored: Mutex::new(HashMap::new()),
+        stored,
         metrics: Arc::clone(&wm),
     });
 
@@ -306,8 +313,17 @@ pub async fn run(
             let _ = t.join();
         }
     }
+    // Commit what was stored, for the partitions this worker still owns.
+    let owned: Vec<i32> = shared
+        .consumer
+        .assignment()
+        .map(|a| a.elements().iter().map(|e| e.partition()).collect())
+        .unwrap_or_default();
     let mut tpl = TopicPartitionList::new();
-    for (p, next) in lock(&shared.stored).iter() {
+    for (p, next) in lock(&shared.stored)
+        .iter()
+        .filter(|(p, _)| owned.contains(p))
+    {
         let _ = tpl.add_partition_offset(&topic, *p, Offset::Offset(*next));
     }
     if tpl.count() > 0
