@@ -195,6 +195,7 @@ mod tests {
             },
             partition: 0,
             offset: 0,
+            topic: String::new(),
             rows,
         }
     }

@@ -57,6 +57,8 @@ pub struct Job {
     pub partition: i32,
     /// Its offset.
     pub offset: i64,
+    /// The topic it came from.
+    pub topic: String,
     /// Rows it contributes to a batch.
     pub rows: usize,
 }
@@ -423,6 +425,7 @@ fn admit(
             request,
             partition: m.partition(),
             offset: m.offset(),
+            topic: m.topic().to_string(),
             rows,
         }),
         Err(message) => {
@@ -519,12 +522,77 @@ fn inference_thread(
 }
 
 fn completion_of(j: Job, result: InferenceResult) -> Completion {
+    // A request the model failed on is dead-lettered too, so it can be inspected and replayed.
+    let dead_letter = result
+        .error
+        .as_ref()
+        .filter(|e| e.code == codes::MODEL_FAILED)
+        .map(|e| DeadLetter {
+            key: Some(j.request.id.clone().into_bytes()),
+            payload: sluice_schemas::encode_request(&j.request).unwrap_or_default(),
+            topic: j.topic.clone(),
+            partition: j.partition,
+            offset: j.offset,
+            class: codes::MODEL_FAILED,
+            message: e.message.clone(),
+        });
     Completion {
         partition: j.partition,
         offset: j.offset,
         reply: j.request.reply.clone(),
         deadline_ms: j.request.deadline_ms,
         result: Some(result),
-        dead_letter: None,
+        dead_letter,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn job() -> Job {
+        Job {
+            request: InferenceRequest {
+                id: "r1".into(),
+                model: "m".into(),
+                deadline_ms: 42,
+                ..Default::default()
+            },
+            partition: 3,
+            offset: 17,
+            topic: "sluice.m.requests".into(),
+            rows: 1,
+        }
+    }
+
+    #[test]
+    fn model_failures_are_dead_lettered_with_their_origin() {
+        let j = job();
+        let failed = InferenceResult::failure(&j.request, codes::MODEL_FAILED, "boom");
+        let c = completion_of(j, failed);
+        let d = c.dead_letter.unwrap();
+        assert_eq!(
+            (d.topic.as_str(), d.partition, d.offset, d.class),
+            ("sluice.m.requests", 3, 17, codes::MODEL_FAILED)
+        );
+        assert_eq!(
+            decode_request(&d.payload).unwrap().id,
+            "r1",
+            "the request itself, replayable"
+        );
+        assert_eq!(c.deadline_ms, 42);
+    }
+
+    #[test]
+    fn successes_and_expiries_are_not_dead_lettered() {
+        let j = job();
+        let expired = InferenceResult::failure(&j.request, codes::DEADLINE_EXCEEDED, "late");
+        assert!(completion_of(j, expired).dead_letter.is_none());
+        let ok = InferenceResult {
+            id: "r1".into(),
+            ..Default::default()
+        };
+        assert!(completion_of(job(), ok).dead_letter.is_none());
     }
 }
