@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use sluice_common::Config;
+use sluice_common::{Config, local};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 
@@ -110,22 +110,6 @@ async fn wait_reachable(addr: &str, what: &str, within: Duration) -> anyhow::Res
     Ok(())
 }
 
-/// The tansu binary: `SLUICE_TANSU_BIN`, else `~/.cargo/bin/tansu`, else `tansu` on PATH.
-pub fn tansu_binary() -> PathBuf {
-    if let Some(p) = std::env::var_os("SLUICE_TANSU_BIN") {
-        return PathBuf::from(p);
-    }
-    let cargo_home = std::env::var_os("CARGO_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")));
-    if let Some(p) = cargo_home.map(|h| h.join("bin/tansu"))
-        && p.is_file()
-    {
-        return p;
-    }
-    PathBuf::from("tansu")
-}
-
 async fn wait_http_ready(
     client: &crate::http::HttpClient,
     url: &str,
@@ -177,18 +161,9 @@ async fn start_and_wait(
     if reachable(&broker).await {
         tracing::info!(%broker, "using the broker already running");
     } else {
-        let url = format!("tcp://{broker}");
         stack.spawn(
             "tansu",
-            Command::new(tansu_binary()).args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-                "--storage-engine",
-                &cfg.local.kafka_storage,
-            ]),
+            &mut Command::from(local::tansu_command(&broker, &cfg.local.kafka_storage)),
         )?;
         wait_reachable(&broker, "tansu", Duration::from_secs(30)).await?;
     }
@@ -196,19 +171,14 @@ async fn start_and_wait(
     if reachable(&redis).await {
         tracing::info!(%redis, "using the Redis already running");
     } else {
-        let port = redis.rsplit(':').next().unwrap_or("6379").to_string();
+        let port = redis
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(cfg.local.redis_port);
         stack.spawn(
             "redis-server",
-            Command::new("redis-server").args([
-                "--port",
-                &port,
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ]),
+            &mut Command::from(local::redis_command(port)),
         )?;
         wait_reachable(&redis, "redis-server", Duration::from_secs(10)).await?;
     }

@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod kafka;
+pub mod local;
 pub mod model;
 pub mod ops;
 pub mod telemetry;

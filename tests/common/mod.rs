@@ -28,17 +28,6 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-fn find_tansu() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("SLUICE_TANSU_BIN") {
-        return Some(PathBuf::from(p));
-    }
-    let home = std::env::var_os("CARGO_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))?;
-    let p = home.join("bin/tansu");
-    p.is_file().then_some(p)
-}
-
 fn on_path(bin: &str) -> bool {
     Command::new("sh")
         .args(["-c", &format!("command -v {bin}")])
@@ -49,7 +38,7 @@ fn on_path(bin: &str) -> bool {
 
 /// Skips (returns None) when services are missing, except under CI=true where it panics.
 pub fn services_available() -> Option<PathBuf> {
-    let tansu = find_tansu();
+    let tansu = sluice_common::local::tansu_binary();
     let redis = on_path("redis-server");
     let ort = sluice_workers::backend::ort_library_path().is_some_and(|p| p.is_file());
     if let (Some(t), true, true) = (&tansu, redis, ort) {
@@ -95,7 +84,7 @@ pub fn wait_tcp(addr: &str, within: Duration) {
 impl Stack {
     /// Broker + Redis + topics + one gateway; `env` adds SLUICE__ overrides for all processes.
     pub fn start(env: &[(&str, &str)]) -> Option<Stack> {
-        let tansu = services_available()?;
+        services_available()?;
         let dir = tempfile::tempdir().unwrap();
         let (kp, rp, gp) = (free_port(), free_port(), free_port());
         let kafka = format!("127.0.0.1:{kp}");
@@ -116,32 +105,11 @@ impl Stack {
         for (k, v) in env {
             stack.env.push((k.to_string(), v.to_string()));
         }
-        let url = format!("tcp://{kafka}");
         stack.spawn_raw(
             "tansu",
-            Command::new(tansu).args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-                "--storage-engine",
-                "memory://tansu/",
-            ]),
+            &mut sluice_common::local::tansu_command(&kafka, "memory://tansu/"),
         );
-        stack.spawn_raw(
-            "redis",
-            Command::new("redis-server").args([
-                "--port",
-                &rp.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ]),
-        );
+        stack.spawn_raw("redis", &mut sluice_common::local::redis_command(rp));
         wait_tcp(&kafka, Duration::from_secs(20));
         wait_tcp(&format!("127.0.0.1:{rp}"), Duration::from_secs(10));
         let out = stack.sluice(&["topics", "apply"]).output().unwrap();
@@ -262,20 +230,8 @@ impl Stack {
             .unwrap();
         self.signal(i, "KILL");
         self.wait_exit(i, Duration::from_secs(10));
-        let port = self.redis_url.rsplit(':').next().unwrap().to_string();
-        self.spawn_raw(
-            "redis",
-            Command::new("redis-server").args([
-                "--port",
-                &port,
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ]),
-        );
+        let port: u16 = self.redis_url.rsplit(':').next().unwrap().parse().unwrap();
+        self.spawn_raw("redis", &mut sluice_common::local::redis_command(port));
         wait_tcp(&format!("127.0.0.1:{port}"), Duration::from_secs(10));
     }
 
