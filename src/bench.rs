@@ -39,7 +39,8 @@ pub struct BenchArgs {
     /// Warm-up time per level (not measured).
     #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
     warmup: Duration,
-    /// Request body (JSON); default: examples/requests/<model>.json beside the config.
+    /// Request body (JSON); default: `requests/<model>.json` in the folder above the model's ONNX file
+    /// (examples/requests/ for the example models).
     #[arg(long)]
     input: Option<PathBuf>,
     /// Skip the HTTP load.
@@ -84,7 +85,7 @@ pub async fn run(cfg: Config, args: BenchArgs) -> anyhow::Result<()> {
         .model(&args.model)
         .with_context(|| format!("model '{}' is not in the config", args.model))?
         .clone();
-    let body = request_body(&cfg, &args, &model)?;
+    let body = request_body(&args, &model)?;
     println!(
         "sluice bench: model {}, {} per level after {} warm-up",
         args.model,
@@ -153,11 +154,7 @@ pub async fn run(cfg: Config, args: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn request_body(
-    cfg: &Config,
-    args: &BenchArgs,
-    model: &sluice_common::ModelConfig,
-) -> anyhow::Result<Bytes> {
+fn request_body(args: &BenchArgs, model: &sluice_common::ModelConfig) -> anyhow::Result<Bytes> {
     let path = args.input.clone().unwrap_or_else(|| {
         let dir = model
             .onnx
@@ -173,7 +170,6 @@ fn request_body(
         ));
     }
     // No sample: zeros of the declared shapes, one row.
-    let _ = cfg;
     let inputs: Vec<serde_json::Value> = model
         .inputs
         .iter()
