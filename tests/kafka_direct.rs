@@ -184,6 +184,38 @@ async fn bad_records_are_dead_lettered_and_callers_get_error_replies() {
         .unwrap();
     assert_eq!(decode_result(&stored.unwrap()).unwrap().id, "bad-1");
 
+    // Undecodable bytes whose headers name the reply route (as the gateway writes them): the
+    // caller still gets an error reply instead of waiting for its deadline.
+    let named = rdkafka::message::OwnedHeaders::new()
+        .insert(rdkafka::message::Header {
+            key: "sluice-request-id",
+            value: Some("junk-2"),
+        })
+        .insert(rdkafka::message::Header {
+            key: "sluice-reply-channel",
+            value: Some("test:reply"),
+        })
+        .insert(rdkafka::message::Header {
+            key: "sluice-reply-key",
+            value: Some("test:result:junk-2"),
+        });
+    p.send(
+        FutureRecord::to("sluice.mlp.requests")
+            .key("junk-2")
+            .payload(&b"\xc3\x01 still not avro"[..])
+            .headers(named),
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    let reply = tokio::time::timeout(Duration::from_secs(30), pubsub.on_message().next())
+        .await
+        .unwrap()
+        .unwrap();
+    let result = decode_result(reply.get_payload_bytes()).unwrap();
+    assert_eq!(result.id, "junk-2");
+    assert_eq!(result.error.unwrap().code, "undecodable");
+
     // The partition is not blocked: a good request after the bad ones is answered.
     let results = consumer(&stack, "sluice.mlp.results");
     let good = request("good-after-bad", &[&s.scaled[2]], None);

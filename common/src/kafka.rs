@@ -138,3 +138,41 @@ pub async fn apply_topics(cfg: &Config, topics: &[TopicSpec]) -> Result<TopicRep
     }
     Ok(report)
 }
+
+/// Kafka header names Sluice writes. The gateway names each request's reply route in headers too,
+/// so a worker can answer even a record it cannot decode; dead letters carry their origin.
+pub mod headers {
+    /// Request id (also the record key).
+    pub const REQUEST_ID: &str = "sluice-request-id";
+    /// Redis channel the waiting gateway listens on.
+    pub const REPLY_CHANNEL: &str = "sluice-reply-channel";
+    /// Redis key the result is stored under.
+    pub const REPLY_KEY: &str = "sluice-reply-key";
+    /// Dead letter: the topic the record came from.
+    pub const ORIGINAL_TOPIC: &str = "x-original-topic";
+    /// Dead letter: its partition.
+    pub const ORIGINAL_PARTITION: &str = "x-original-partition";
+    /// Dead letter: its offset.
+    pub const ORIGINAL_OFFSET: &str = "x-original-offset";
+    /// Dead letter: the model whose worker rejected it.
+    pub const MODEL: &str = "x-model";
+    /// Dead letter: `undecodable`, `invalid_input` or `model_failed`.
+    pub const ERROR_CLASS: &str = "x-error-class";
+    /// Dead letter: the error message (at most 1 KiB).
+    pub const ERROR_MESSAGE: &str = "x-error-message";
+    /// Dead letter: the request id, when known.
+    pub const DEAD_REQUEST_ID: &str = "x-request-id";
+
+    /// Builds record headers from name/value pairs.
+    pub fn build(pairs: &[(&str, &str)]) -> rdkafka::message::OwnedHeaders {
+        pairs.iter().fold(
+            rdkafka::message::OwnedHeaders::new_with_capacity(pairs.len()),
+            |h, (key, value)| {
+                h.insert(rdkafka::message::Header {
+                    key,
+                    value: Some(*value),
+                })
+            },
+        )
+    }
+}

@@ -10,9 +10,9 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{get, post};
 use http_body_util::{BodyExt, Limited};
-use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
 use serde_json::{Value, json};
+use sluice_common::kafka::headers as kafka_headers;
 use sluice_common::model::{validate_inputs, validate_outputs};
 use sluice_common::{ModelConfig, now_ms, now_us};
 use sluice_schemas::{InferenceRequest, ReplyRoute, encode_request};
@@ -378,19 +378,11 @@ async fn infer_inner(gw: &Arc<Gateway>, name: &str, req: Request) -> Result<Infe
         outputs: requested,
     };
     let payload = encode_request(&envelope).map_err(|e| ApiError::Internal(e.to_string()))?;
-    let headers = OwnedHeaders::new_with_capacity(3)
-        .insert(Header {
-            key: "sluice-request-id",
-            value: Some(id.as_str()),
-        })
-        .insert(Header {
-            key: "sluice-reply-channel",
-            value: Some(route.channel.as_str()),
-        })
-        .insert(Header {
-            key: "sluice-reply-key",
-            value: Some(route.key.as_str()),
-        });
+    let headers = kafka_headers::build(&[
+        (kafka_headers::REQUEST_ID, &id),
+        (kafka_headers::REPLY_CHANNEL, &route.channel),
+        (kafka_headers::REPLY_KEY, &route.key),
+    ]);
 
     // Register before producing so the reply can never arrive unseen.
     let pending = gw.correlator.register(&id);

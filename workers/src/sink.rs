@@ -4,9 +4,10 @@
 use std::time::Duration;
 
 use futures::future::join_all;
-use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::message::OwnedHeaders;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use redis::aio::ConnectionManager;
+use sluice_common::kafka::headers as h;
 use sluice_common::now_ms;
 use sluice_schemas::{InferenceResult, ReplyRoute, encode_result};
 
@@ -143,37 +144,18 @@ impl Sink {
         let partition = d.partition.to_string();
         let offset = d.offset.to_string();
         let message: String = d.message.chars().take(1024).collect();
-        let mut headers = OwnedHeaders::new_with_capacity(7)
-            .insert(Header {
-                key: "x-original-topic",
-                value: Some(d.topic.as_str()),
-            })
-            .insert(Header {
-                key: "x-original-partition",
-                value: Some(partition.as_str()),
-            })
-            .insert(Header {
-                key: "x-original-offset",
-                value: Some(offset.as_str()),
-            })
-            .insert(Header {
-                key: "x-model",
-                value: Some(self.model.as_str()),
-            })
-            .insert(Header {
-                key: "x-error-class",
-                value: Some(d.class),
-            })
-            .insert(Header {
-                key: "x-error-message",
-                value: Some(message.as_str()),
-            });
+        let mut pairs = vec![
+            (h::ORIGINAL_TOPIC, d.topic.as_str()),
+            (h::ORIGINAL_PARTITION, partition.as_str()),
+            (h::ORIGINAL_OFFSET, offset.as_str()),
+            (h::MODEL, self.model.as_str()),
+            (h::ERROR_CLASS, d.class),
+            (h::ERROR_MESSAGE, message.as_str()),
+        ];
         if let Some(id) = request_id {
-            headers = headers.insert(Header {
-                key: "x-request-id",
-                value: Some(id),
-            });
+            pairs.push((h::DEAD_REQUEST_ID, id));
         }
+        let headers = h::build(&pairs);
         metrics::counter!("sluice_worker_dead_letters_total", "model" => self.model.clone(), "class" => d.class).increment(1);
         tracing::warn!(topic = %d.topic, partition = d.partition, offset = d.offset, class = d.class, error = %d.message, "dead-lettered");
         self.produce_until_acked(

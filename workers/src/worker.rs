@@ -15,6 +15,7 @@ use rdkafka::consumer::{
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::producer::FutureProducer;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use sluice_common::kafka::headers as kafka_headers;
 use sluice_common::model::{validate_inputs, validate_outputs};
 use sluice_common::{Config, ModelConfig, now_ms, now_us};
 use sluice_schemas::envelope::codes;
@@ -375,9 +376,9 @@ fn admit(
             // The gateway also names the request and its reply route in headers, so even a
             // record that cannot be decoded gets an error reply instead of a timeout.
             let (result, reply) = match (
-                header(m, "sluice-request-id"),
-                header(m, "sluice-reply-channel"),
-                header(m, "sluice-reply-key"),
+                header(m, kafka_headers::REQUEST_ID),
+                header(m, kafka_headers::REPLY_CHANNEL),
+                header(m, kafka_headers::REPLY_KEY),
             ) {
                 (Some(id), Some(channel), Some(key)) => {
                     let stub = InferenceRequest {
