@@ -29,13 +29,7 @@ async fn outputs_match_onnxruntime_for_every_model() {
         assert!(expected.is_object(), "no expected outputs for {model}");
         // One request per sample, then all samples in one request.
         for (i, x) in inputs.iter().enumerate() {
-            let r = post(
-                &client,
-                &format!("{}/v2/models/{model}/infer", stack.gateway),
-                &[],
-                infer_body(&[x]),
-            )
-            .await;
+            let r = infer(&client, &stack.gateway, model, &[x]).await;
             assert_eq!(
                 r.status,
                 200,
@@ -45,24 +39,12 @@ async fn outputs_match_onnxruntime_for_every_model() {
             check_outputs(&r.json(), expected, i..i + 1, model);
         }
         let all: Vec<&Vec<f32>> = inputs.iter().collect();
-        let r = post(
-            &client,
-            &format!("{}/v2/models/{model}/infer", stack.gateway),
-            &[],
-            infer_body(&all),
-        )
-        .await;
+        let r = infer(&client, &stack.gateway, model, &all).await;
         assert_eq!(r.status, 200);
         check_outputs(&r.json(), expected, 0..inputs.len(), model);
     }
     // The classifiers are right about the digits, too.
-    let r = post(
-        &client,
-        &format!("{}/v2/models/mlp/infer", stack.gateway),
-        &[],
-        infer_body(&[&s.scaled[0]]),
-    )
-    .await;
+    let r = infer(&client, &stack.gateway, "mlp", &[&s.scaled[0]]).await;
     assert_eq!(
         r.json()["outputs"][0]["data"][0].as_i64(),
         Some(s.labels[0])
@@ -178,13 +160,7 @@ async fn client_errors_get_exact_status_codes() {
         let msg = r.json()["error"].as_str().unwrap_or_default().to_string();
         assert!(!msg.is_empty(), "{what}: error message");
     }
-    let r = post(
-        &client,
-        &format!("{gw}/v2/models/nope/infer"),
-        &[],
-        infer_body(&[&s.scaled[0]]),
-    )
-    .await;
+    let r = infer(&client, &gw, "nope", &[&s.scaled[0]]).await;
     assert_eq!(r.status, 404);
     assert!(r.json()["error"].as_str().unwrap().contains("nope"));
     assert_eq!(
@@ -236,13 +212,7 @@ async fn client_errors_get_exact_status_codes() {
         tokio::spawn(async move { post(&client, &url, &[], body).await.status })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let r = post(
-        &client,
-        &format!("{small}/v2/models/mlp/infer"),
-        &[],
-        infer_body(&[&s.scaled[0]]),
-    )
-    .await;
+    let r = infer(&client, &small, "mlp", &[&s.scaled[0]]).await;
     assert_eq!(r.status, 429);
     assert_eq!(
         r.headers.get("retry-after").map(|v| v.to_str().unwrap()),
@@ -272,13 +242,7 @@ async fn client_errors_get_exact_status_codes() {
             .status,
         200
     );
-    let r = post(
-        &client,
-        &format!("{no_broker}/v2/models/mlp/infer"),
-        &[],
-        infer_body(&[&s.scaled[0]]),
-    )
-    .await;
+    let r = infer(&client, &no_broker, "mlp", &[&s.scaled[0]]).await;
     assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
 }
 
@@ -401,13 +365,7 @@ async fn sigterm_drains_and_leaves_cleanly() {
     let w = stack.start_worker("mlp");
     let s = samples();
     let client = http();
-    let r = post(
-        &client,
-        &format!("{}/v2/models/mlp/infer", stack.gateway),
-        &[],
-        infer_body(&[&s.scaled[0]]),
-    )
-    .await;
+    let r = infer(&client, &stack.gateway, "mlp", &[&s.scaled[0]]).await;
     assert_eq!(r.status, 200);
     stack.signal(w, "TERM");
     assert!(
@@ -417,13 +375,7 @@ async fn sigterm_drains_and_leaves_cleanly() {
     assert!(stack.log_of(w).contains("worker stopped"));
     // A new worker resumes from the committed offset: the next request is answered once.
     stack.start_worker("mlp");
-    let r = post(
-        &client,
-        &format!("{}/v2/models/mlp/infer", stack.gateway),
-        &[],
-        infer_body(&[&s.scaled[1]]),
-    )
-    .await;
+    let r = infer(&client, &stack.gateway, "mlp", &[&s.scaled[1]]).await;
     assert_eq!(r.status, 200);
 }
 
@@ -466,18 +418,16 @@ async fn gateway_and_workers_recover_from_a_redis_restart() {
     stack.start_worker("mlp");
     let s = samples();
     let client = http();
-    let url = format!("{}/v2/models/mlp/infer", stack.gateway);
+    let gw = stack.gateway.clone();
     assert_eq!(
-        post(&client, &url, &[], infer_body(&[&s.scaled[0]]))
-            .await
-            .status,
+        infer(&client, &gw, "mlp", &[&s.scaled[0]]).await.status,
         200
     );
     stack.restart_redis();
     // The gateway re-subscribes and reports ready again; requests are answered again.
     let end = std::time::Instant::now() + Duration::from_secs(20);
     loop {
-        let r = post(&client, &url, &[], infer_body(&[&s.scaled[1]])).await;
+        let r = infer(&client, &gw, "mlp", &[&s.scaled[1]]).await;
         if r.status == 200 {
             assert_eq!(
                 r.json()["outputs"][0]["data"][0],

@@ -329,6 +329,17 @@ pub async fn post(
     send(client, req.body(Full::new(body.into())).unwrap()).await
 }
 
+/// POSTs a JSON infer request of `rows` to `model` on the gateway at `base`.
+pub async fn infer(client: &Http, base: &str, model: &str, rows: &[&Vec<f32>]) -> Reply {
+    post(
+        client,
+        &format!("{base}/v2/models/{model}/infer"),
+        &[],
+        infer_body(rows),
+    )
+    .await
+}
+
 pub async fn get(client: &Http, url: &str) -> Reply {
     send(
         client,
