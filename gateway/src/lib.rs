@@ -139,10 +139,12 @@ async fn health_loop(gw: std::sync::Weak<Gateway>, mut redis: redis::aio::Connec
     loop {
         let Some(g) = gw.upgrade() else { return };
         let producer = g.producer.clone();
+        // One topic's metadata proves the broker answers, without listing every topic each second.
+        let probe = g.cfg.dead_letter_topic();
         let broker = tokio::task::spawn_blocking(move || {
             producer
                 .client()
-                .fetch_metadata(None, Duration::from_secs(1))
+                .fetch_metadata(Some(&probe), Duration::from_secs(1))
                 .is_ok()
         })
         .await
