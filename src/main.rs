@@ -139,6 +139,7 @@ async fn run(command: Command, config_path: Option<PathBuf>, cfg: Config) -> any
             let topics = sluice_common::kafka::required_topics(&cfg);
             let report = sluice_common::kafka::apply_topics(&cfg, &topics).await?;
             tracing::info!(created = ?report.created, existing = ?report.existing, "topics applied");
+            sluice_common::kafka::check_partitions(&report)?;
             Ok(())
         }
         Command::Bench(args) => bench::run(cfg, args).await,

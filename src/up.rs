@@ -197,6 +197,7 @@ async fn start_and_wait(
         }
     };
     tracing::info!(created = ?report.created, existing = ?report.existing, "topics applied");
+    sluice_common::kafka::check_partitions(&report)?;
 
     let component = |args: &[String]| {
         let mut c = Command::new(&exe);

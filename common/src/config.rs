@@ -8,6 +8,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use sluice_schemas::DataType;
 
+use crate::graph::{self, Graph, GraphConfig, Graphs, StepKind, TopicNames, Unit};
+
 const DEFAULTS: &str = include_str!("../default.toml");
 
 /// Everything a Sluice process needs to know.
@@ -29,6 +31,9 @@ pub struct Config {
     /// Served models, by name.
     #[serde(default)]
     pub models: BTreeMap<String, ModelConfig>,
+    /// Graphs of steps, by name (served like models).
+    #[serde(default)]
+    pub graphs: BTreeMap<String, GraphConfig>,
 }
 
 /// Broker connection and client tuning.
@@ -364,7 +369,88 @@ impl Config {
                 }
             }
         }
+        for (name, g) in &self.graphs {
+            if !valid_name(name) {
+                p.push(format!(
+                    "graphs.{name}: graph names may only contain a-z, 0-9, '_' and '-'"
+                ));
+            }
+            if self.models.contains_key(name) {
+                p.push(format!(
+                    "graphs.{name}: a model has the same name; graphs and models share one namespace"
+                ));
+            }
+            if let Err(e) = graph::compile(name, g, &self.models, &self.topic_names()) {
+                p.extend(e);
+            }
+        }
         p
+    }
+
+    /// Topic naming for graph compilation.
+    pub fn topic_names(&self) -> TopicNames<'_> {
+        TopicNames {
+            prefix: &self.kafka.topic_prefix,
+        }
+    }
+
+    /// Every graph, compiled (a config that loaded has graphs that compile).
+    pub fn compiled_graphs(&self) -> Result<Graphs, Vec<String>> {
+        let mut out = Graphs::new();
+        for (name, g) in &self.graphs {
+            let compiled = graph::compile(name, g, &self.models, &self.topic_names())?;
+            out.insert(name.clone(), std::sync::Arc::new(compiled));
+        }
+        Ok(out)
+    }
+
+    /// Every worker unit: each model, then each graph's built-in, combine and route steps.
+    pub fn units(&self) -> Vec<(Unit, usize)> {
+        let mut units: Vec<(Unit, usize)> = self
+            .models
+            .iter()
+            .map(|(m, c)| (Unit::Model(m.clone()), c.workers))
+            .collect();
+        for g in self.compiled_graphs().unwrap_or_default().values() {
+            for s in &g.steps {
+                if !matches!(s.kind, StepKind::Model(_)) {
+                    units.push((
+                        Unit::Step {
+                            graph: g.name.clone(),
+                            step: s.name.clone(),
+                        },
+                        s.workers,
+                    ));
+                }
+            }
+        }
+        units
+    }
+
+    /// The topics a unit's workers consume: its own, plus the entry topic of every graph whose
+    /// first step it runs.
+    pub fn unit_topics(&self, unit: &Unit, graphs: &Graphs) -> Vec<String> {
+        let mut topics = vec![match unit {
+            Unit::Model(m) => self.request_topic(m),
+            Unit::Step { graph, step } => self.topic_names().step(graph, step),
+        }];
+        for g in graphs.values() {
+            if &g.unit_of(g.entry) == unit {
+                topics.push(g.entry_topic.clone());
+            }
+        }
+        topics
+    }
+
+    /// Consumer group of a unit's workers.
+    pub fn unit_group(&self, unit: &Unit) -> String {
+        format!("{}.{unit}", self.kafka.topic_prefix)
+    }
+
+    /// The graph called `name`, compiled.
+    pub fn graph(&self, name: &str) -> Option<Graph> {
+        let g = self.graphs.get(name)?;
+        graph::compile(name, g, &self.models, &self.topic_names()).ok()
     }
 
     /// The model called `name`.

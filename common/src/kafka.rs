@@ -67,7 +67,8 @@ pub struct TopicSpec {
     pub partitions: i32,
 }
 
-/// Every topic the config needs: each model's request and result topics and the dead-letter topic.
+/// Every topic the config needs: each model's request and result topics, each graph's entry,
+/// result and comparison topics and its built-in steps' topics, and the dead-letter topic.
 pub fn required_topics(cfg: &Config) -> Vec<TopicSpec> {
     let mut topics = vec![TopicSpec {
         name: cfg.dead_letter_topic(),
@@ -83,12 +84,33 @@ pub fn required_topics(cfg: &Config) -> Vec<TopicSpec> {
             partitions: m.partitions,
         });
     }
+    for g in cfg.compiled_graphs().unwrap_or_default().values() {
+        let mut names = vec![
+            g.entry_topic.clone(),
+            g.result_topic.clone(),
+            g.comparison_topic.clone(),
+        ];
+        for s in &g.steps {
+            if !matches!(s.kind, crate::graph::StepKind::Model(_)) {
+                names.push(s.topic.clone());
+            }
+        }
+        for name in names {
+            topics.push(TopicSpec {
+                name,
+                partitions: g.partitions,
+            });
+        }
+    }
     topics
 }
 
 /// Errors from topic administration.
 #[derive(Debug, thiserror::Error)]
 pub enum TopicError {
+    /// Existing topics disagree with the configured partition counts.
+    #[error("partition counts differ: {0}")]
+    Partitions(String),
     /// The broker could not be reached or refused the request.
     #[error("kafka admin: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
@@ -109,6 +131,8 @@ pub struct TopicReport {
     pub created: Vec<String>,
     /// Topics that were already there.
     pub existing: Vec<String>,
+    /// Existing topics whose partition count differs from the config: (topic, has, wanted).
+    pub mismatched: Vec<(String, i32, i32)>,
 }
 
 /// Creates the missing topics (idempotent: existing topics are left as they are).
@@ -136,7 +160,33 @@ pub async fn apply_topics(cfg: &Config, topics: &[TopicSpec]) -> Result<TopicRep
             Err((topic, code)) => return Err(TopicError::Create { topic, code }),
         }
     }
+    // A graph's steps are keyed by request id: every topic must have the partitions configured.
+    for t in topics.iter().filter(|t| report.existing.contains(&t.name)) {
+        let md = admin
+            .inner()
+            .fetch_metadata(Some(&t.name), Duration::from_secs(10))?;
+        if let Some(found) = md.topics().first() {
+            let has = found.partitions().len() as i32;
+            if has != t.partitions {
+                report.mismatched.push((t.name.clone(), has, t.partitions));
+            }
+        }
+    }
     Ok(report)
+}
+
+/// Fails, naming each topic, when existing topics have other partition counts than the config
+/// (a graph's steps are keyed by request id, so their topics must agree).
+pub fn check_partitions(report: &TopicReport) -> Result<(), TopicError> {
+    if report.mismatched.is_empty() {
+        return Ok(());
+    }
+    let lines: Vec<String> = report
+        .mismatched
+        .iter()
+        .map(|(t, has, want)| format!("{t} has {has} partitions, the config says {want}"))
+        .collect();
+    Err(TopicError::Partitions(lines.join("; ")))
 }
 
 /// Kafka header names Sluice writes. The gateway names each request's reply route in headers too,

@@ -2,6 +2,7 @@
 //! settings and topic administration, model input validation, telemetry and clocks.
 
 pub mod config;
+pub mod graph;
 pub mod kafka;
 pub mod local;
 pub mod model;

@@ -47,6 +47,9 @@ pub enum ApiError {
         /// Its message.
         message: String,
     },
+    /// A step of a graph gave up waiting (a join short of its parts).
+    #[error("{0}")]
+    StepTimedOut(String),
     /// A bug or an unexpected state.
     #[error("internal error: {0}")]
     Internal(String),
@@ -62,7 +65,9 @@ impl ApiError {
             ApiError::InvalidTensor(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::DeadlineExceeded(_) => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::DeadlineExceeded(_) | ApiError::StepTimedOut(_) => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
             ApiError::ModelFailed { .. } | ApiError::Internal(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
@@ -78,13 +83,25 @@ impl ApiError {
         };
         match e.code.as_str() {
             codes::INVALID_INPUT => ApiError::InvalidTensor(msg),
-            codes::UNDECODABLE => ApiError::BadRequest(msg),
+            codes::UNDECODABLE | codes::NO_ROUTE => ApiError::BadRequest(msg),
+            codes::JOIN_TIMEOUT => ApiError::StepTimedOut(msg),
             codes::DEADLINE_EXCEEDED => ApiError::DeadlineExceeded(Duration::ZERO),
             codes::MODEL_FAILED => ApiError::ModelFailed {
                 step: e.step.clone(),
                 message: e.message.clone(),
             },
             _ => ApiError::Internal(msg),
+        }
+    }
+}
+
+impl From<sluice_schemas::oip::OipError> for ApiError {
+    fn from(e: sluice_schemas::oip::OipError) -> ApiError {
+        use sluice_schemas::oip::OipError;
+        match e {
+            OipError::BadRequest(m) => ApiError::BadRequest(m),
+            OipError::InvalidTensor(m) => ApiError::InvalidTensor(m),
+            OipError::Internal(m) => ApiError::Internal(m),
         }
     }
 }
@@ -157,6 +174,8 @@ mod tests {
         );
         assert_eq!(ApiError::from_result(&e(codes::MODEL_FAILED)).status(), 500);
         assert_eq!(ApiError::from_result(&e(codes::UNDECODABLE)).status(), 400);
+        assert_eq!(ApiError::from_result(&e(codes::NO_ROUTE)).status(), 400);
+        assert_eq!(ApiError::from_result(&e(codes::JOIN_TIMEOUT)).status(), 504);
         assert!(
             ApiError::from_result(&e(codes::MODEL_FAILED))
                 .to_string()

@@ -5,18 +5,17 @@
 
 pub mod correlator;
 pub mod error;
-pub mod oip;
-mod routes;
+pub mod routes;
 mod stats;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use metrics_exporter_prometheus::PrometheusHandle;
 use rdkafka::producer::{FutureProducer, Producer};
-use sluice_common::Config;
+use sluice_common::{Config, ModelConfig};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
@@ -40,6 +39,7 @@ pub enum StartError {
 /// Shared state of one gateway instance.
 pub struct Gateway {
     cfg: Config,
+    servables: BTreeMap<String, Servable>,
     id: String,
     next_seq: AtomicU64,
     producer: FutureProducer,
@@ -79,12 +79,13 @@ impl Gateway {
                 key_cfg.result_key(rid)
             })
             .await?;
-        let stats = cfg
-            .models
+        let servables = servables(&cfg);
+        let stats = servables
             .keys()
             .map(|m| (m.clone(), (ModelStats::default(), ModelMetrics::new(m))))
             .collect();
         let gw = Arc::new(Gateway {
+            servables,
             permits: Arc::new(Semaphore::new(cfg.gateway.max_in_flight)),
             cfg,
             id,
@@ -165,4 +166,38 @@ async fn health_loop(gw: std::sync::Weak<Gateway>, mut redis: redis::aio::Connec
         drop(g);
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
+}
+
+/// Something the gateway serves under a model name: a model, or a graph behind the same
+/// interface (clients cannot tell them apart).
+pub(crate) struct Servable {
+    /// Interface: inputs, outputs, version, batch limit.
+    pub(crate) config: ModelConfig,
+    /// Reported platform: `onnxruntime_onnx` or `sluice_graph`.
+    pub(crate) platform: &'static str,
+}
+
+fn servables(cfg: &Config) -> BTreeMap<String, Servable> {
+    let mut out: BTreeMap<String, Servable> = cfg
+        .models
+        .iter()
+        .map(|(name, m)| {
+            let s = Servable {
+                config: m.clone(),
+                platform: "onnxruntime_onnx",
+            };
+            (name.clone(), s)
+        })
+        .collect();
+    for (name, g) in cfg.compiled_graphs().unwrap_or_default() {
+        let config = g.interface();
+        out.insert(
+            name,
+            Servable {
+                config,
+                platform: "sluice_graph",
+            },
+        );
+    }
+    out
 }

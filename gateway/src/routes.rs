@@ -19,7 +19,7 @@ use sluice_schemas::{InferenceRequest, ReplyRoute, encode_request};
 
 use crate::Gateway;
 use crate::error::ApiError;
-use crate::oip::{self, HEADER_LENGTH};
+use sluice_schemas::oip::{self, HEADER_LENGTH};
 
 type Shared = State<Arc<Gateway>>;
 
@@ -56,9 +56,17 @@ pub(crate) fn router(gw: Arc<Gateway>) -> Router {
 }
 
 fn model<'a>(gw: &'a Gateway, name: &str) -> Result<&'a ModelConfig, ApiError> {
-    gw.cfg
-        .model(name)
+    gw.servables
+        .get(name)
+        .map(|s| &s.config)
         .ok_or_else(|| ApiError::ModelNotFound(name.to_string()))
+}
+
+fn platform(gw: &Gateway, name: &str) -> &'static str {
+    gw.servables
+        .get(name)
+        .map(|s| s.platform)
+        .unwrap_or("onnxruntime_onnx")
 }
 
 fn model_version<'a>(
@@ -92,10 +100,9 @@ async fn server_ready(State(gw): Shared) -> StatusCode {
 
 async fn list_models(State(gw): Shared) -> Json<Value> {
     let models: Vec<Value> = gw
-        .cfg
-        .models
+        .servables
         .iter()
-        .map(|(name, m)| json!({"name": name, "version": m.version, "state": if gw.is_ready() {"READY"} else {"UNAVAILABLE"}}))
+        .map(|(name, s)| json!({"name": name, "version": s.config.version, "state": if gw.is_ready() {"READY"} else {"UNAVAILABLE"}}))
         .collect();
     Json(json!({ "models": models }))
 }
@@ -107,11 +114,11 @@ fn tensor_meta(specs: &[sluice_common::TensorSpec]) -> Vec<Value> {
         .collect()
 }
 
-fn metadata_json(name: &str, m: &ModelConfig) -> Json<Value> {
+fn metadata_json(name: &str, m: &ModelConfig, platform: &str) -> Json<Value> {
     Json(json!({
         "name": name,
         "versions": [m.version],
-        "platform": "onnxruntime_onnx",
+        "platform": platform,
         "inputs": tensor_meta(&m.inputs),
         "outputs": tensor_meta(&m.outputs),
     }))
@@ -121,14 +128,18 @@ async fn model_metadata(
     State(gw): Shared,
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    Ok(metadata_json(&name, model(&gw, &name)?))
+    Ok(metadata_json(&name, model(&gw, &name)?, platform(&gw, &name)))
 }
 
 async fn model_metadata_v(
     State(gw): Shared,
     Path((name, version)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
-    Ok(metadata_json(&name, model_version(&gw, &name, &version)?))
+    Ok(metadata_json(
+        &name,
+        model_version(&gw, &name, &version)?,
+        platform(&gw, &name),
+    ))
 }
 
 fn ready_status(gw: &Gateway) -> StatusCode {
@@ -153,7 +164,7 @@ async fn model_ready_v(
 }
 
 /// Triton's `model_configuration`: dims exclude the batch dimension.
-fn config_json(name: &str, m: &ModelConfig) -> Json<Value> {
+fn config_json(name: &str, m: &ModelConfig, platform: &str) -> Json<Value> {
     let dims = |specs: &[sluice_common::TensorSpec]| -> Vec<Value> {
         specs
             .iter()
@@ -170,8 +181,8 @@ fn config_json(name: &str, m: &ModelConfig) -> Json<Value> {
     };
     Json(json!({
         "name": name,
-        "platform": "onnxruntime_onnx",
-        "backend": "onnxruntime",
+        "platform": platform,
+        "backend": if platform == "onnxruntime_onnx" { "onnxruntime" } else { "sluice" },
         "version_policy": {"specific": {"versions": [m.version]}},
         "max_batch_size": m.max_batch_size,
         "input": dims(&m.inputs),
@@ -188,14 +199,18 @@ async fn model_config(
     State(gw): Shared,
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    Ok(config_json(&name, model(&gw, &name)?))
+    Ok(config_json(&name, model(&gw, &name)?, platform(&gw, &name)))
 }
 
 async fn model_config_v(
     State(gw): Shared,
     Path((name, version)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
-    Ok(config_json(&name, model_version(&gw, &name, &version)?))
+    Ok(config_json(
+        &name,
+        model_version(&gw, &name, &version)?,
+        platform(&gw, &name),
+    ))
 }
 
 fn stats_json(gw: &Gateway, name: &str, m: &ModelConfig) -> Json<Value> {
@@ -376,6 +391,8 @@ async fn infer_inner(gw: &Arc<Gateway>, name: &str, req: Request) -> Result<Infe
         parameters,
         inputs: parsed.inputs,
         outputs: requested,
+        hop: None,
+        reply_format: String::new(),
     };
     let payload = encode_request(&envelope).map_err(|e| ApiError::Internal(e.to_string()))?;
     let headers = kafka_headers::build(&[
@@ -433,7 +450,14 @@ async fn infer_inner(gw: &Arc<Gateway>, name: &str, req: Request) -> Result<Infe
         name,
         &result.model_version,
         parsed.id.as_deref(),
-        serde_json::Map::new(),
+        result
+            .parameters
+            .iter()
+            .map(|(k, v)| {
+                let value = serde_json::from_str(v).unwrap_or_else(|_| Value::String(v.clone()));
+                (k.clone(), value)
+            })
+            .collect(),
         &selected,
     )?;
     let mut resp = Response::new(Body::from(encoded.body));

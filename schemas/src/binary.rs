@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use crate::codec::CodecError;
-use crate::envelope::{InferenceError, InferenceRequest, InferenceResult, ReplyRoute};
+use crate::envelope::{GraphHop, InferenceError, InferenceRequest, InferenceResult, ReplyRoute};
 use crate::{DataType, Tensor};
 
 /// Appends Avro values to a buffer.
@@ -95,6 +95,19 @@ pub fn write_request(r: &InferenceRequest, out: &mut Vec<u8>) {
         }
     }
     w.long(0);
+    match &r.hop {
+        None => w.long(0),
+        Some(hop) => {
+            w.long(1);
+            w.string(&hop.graph);
+            w.string(&hop.step);
+            w.string(&hop.from);
+            w.0.push(u8::from(hop.shadow));
+            w.string(&hop.failed);
+            w.string_map(&hop.served);
+        }
+    }
+    w.string(&r.reply_format);
 }
 
 /// Encodes a result datum (no single-object header).
@@ -163,6 +176,15 @@ impl<'a> Reader<'a> {
         std::str::from_utf8(b)
             .map(str::to_owned)
             .map_err(|_| self.err())
+    }
+    fn boolean(&mut self) -> Result<bool, CodecError> {
+        let (&b, rest) = self.buf.split_first().ok_or_else(|| self.err())?;
+        self.buf = rest;
+        match b {
+            0 => Ok(false),
+            1 => Ok(true),
+            _ => Err(self.err()),
+        }
     }
     fn union_index(&mut self, max: i64) -> Result<i64, CodecError> {
         let i = self.long()?;
@@ -268,6 +290,18 @@ pub fn read_request(buf: &[u8]) -> Result<InferenceRequest, CodecError> {
         outputs.push(r.string()?);
         Ok(())
     })?;
+    let hop = match r.at("hop").union_index(1)? {
+        0 => None,
+        _ => Some(GraphHop {
+            graph: r.string()?,
+            step: r.string()?,
+            from: r.string()?,
+            shadow: r.boolean()?,
+            failed: r.string()?,
+            served: r.string_map()?,
+        }),
+    };
+    let reply_format = r.at("reply_format").string()?;
     r.finish(InferenceRequest {
         id,
         client_id,
@@ -279,6 +313,8 @@ pub fn read_request(buf: &[u8]) -> Result<InferenceRequest, CodecError> {
         parameters,
         inputs,
         outputs,
+        hop,
+        reply_format,
     })
 }
 

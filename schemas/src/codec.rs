@@ -7,8 +7,8 @@ use apache_avro::rabin::Rabin;
 use apache_avro::types::Value;
 use apache_avro::{Schema, from_avro_datum, to_avro_datum};
 
-use crate::envelope::{InferenceError, InferenceRequest, InferenceResult, ReplyRoute};
-use crate::{DataType, REQUEST_SCHEMA, RESULT_SCHEMA, Tensor, binary};
+use crate::envelope::{GraphHop, InferenceError, InferenceRequest, InferenceResult, ReplyRoute};
+use crate::{DataType, REQUEST_SCHEMA, REQUEST_SCHEMA_HISTORY, RESULT_SCHEMA, Tensor, binary};
 
 /// The two marker bytes that open every single-object-encoded Avro record.
 pub const MAGIC: [u8; 2] = [0xC3, 0x01];
@@ -107,11 +107,17 @@ pub fn encode_with(schema: &Schema, value: Value) -> Result<Vec<u8>, CodecError>
     Ok(out)
 }
 
-/// The request schema set (current schema only).
+/// The request schema set: the current schema plus every earlier one (`avro/history/`).
 pub fn request_schemas() -> &'static SchemaSet {
     static SET: OnceLock<SchemaSet> = OnceLock::new();
     SET.get_or_init(|| {
-        SchemaSet::new(REQUEST_SCHEMA).expect("request.avsc is valid (checked by tests)")
+        let mut set =
+            SchemaSet::new(REQUEST_SCHEMA).expect("request.avsc is valid (checked by tests)");
+        for old in REQUEST_SCHEMA_HISTORY {
+            set.add_writer(old)
+                .expect("history/*.avsc are valid (checked by tests)");
+        }
+        set
     })
 }
 
@@ -220,6 +226,20 @@ pub fn request_to_value(r: &InferenceRequest) -> Value {
             ])),
         ),
     };
+    let hop = match &r.hop {
+        None => Value::Union(0, Box::new(Value::Null)),
+        Some(h) => Value::Union(
+            1,
+            Box::new(Value::Record(vec![
+                ("graph".into(), Value::String(h.graph.clone())),
+                ("step".into(), Value::String(h.step.clone())),
+                ("from".into(), Value::String(h.from.clone())),
+                ("shadow".into(), Value::Boolean(h.shadow)),
+                ("failed".into(), Value::String(h.failed.clone())),
+                ("served".into(), string_map(&h.served)),
+            ])),
+        ),
+    };
     Value::Record(vec![
         ("id".into(), Value::String(r.id.clone())),
         ("client_id".into(), opt_string(&r.client_id)),
@@ -234,6 +254,8 @@ pub fn request_to_value(r: &InferenceRequest) -> Value {
             "outputs".into(),
             Value::Array(r.outputs.iter().map(|o| Value::String(o.clone())).collect()),
         ),
+        ("hop".into(), hop),
+        ("reply_format".into(), Value::String(r.reply_format.clone())),
     ])
 }
 
@@ -371,7 +393,27 @@ pub fn request_from_value(v: Value) -> Result<InferenceRequest, CodecError> {
             })
         }
     };
+    let hop = match f.opt("hop")? {
+        None => None,
+        Some(v) => {
+            let mut h = Fields::of(v, "hop")?;
+            Some(GraphHop {
+                graph: h.string("graph")?,
+                step: h.string("step")?,
+                from: h.string("from")?,
+                shadow: matches!(h.take("shadow")?, Value::Boolean(true)),
+                failed: h.string("failed")?,
+                served: h.string_map("served")?,
+            })
+        }
+    };
+    let reply_format = match f.take("reply_format") {
+        Ok(Value::String(s)) => s,
+        _ => String::new(),
+    };
     Ok(InferenceRequest {
+        hop,
+        reply_format,
         id: f.string("id")?,
         client_id: f.opt_string("client_id")?,
         model: f.string("model")?,
@@ -448,7 +490,31 @@ mod tests {
                 &[0.5f32, -1.0, 2.25],
             )],
             outputs: vec!["label".into()],
+            hop: Some(GraphHop {
+                graph: "digits".into(),
+                step: "vote".into(),
+                from: "mlp".into(),
+                shadow: true,
+                failed: String::new(),
+                served: [("classify".to_string(), "mlp".to_string())].into(),
+            }),
+            reply_format: "json".into(),
         }
+    }
+
+    #[test]
+    fn records_written_with_the_v1_schema_still_decode() {
+        let v1 = Schema::parse_str(REQUEST_SCHEMA_HISTORY[0]).unwrap();
+        let mut value = request_to_value(&sample_request());
+        if let Value::Record(fields) = &mut value {
+            fields.retain(|(k, _)| !["hop", "reply_format"].contains(&k.as_str()));
+        }
+        let bytes = encode_with(&v1, value).unwrap();
+        let decoded = decode_request(&bytes).unwrap();
+        let mut want = sample_request();
+        want.hop = None;
+        want.reply_format.clear();
+        assert_eq!(decoded, want);
     }
 
     #[test]
@@ -549,6 +615,8 @@ mod tests {
         w.long(0); // parameters
         w.long(0); // inputs
         w.long(0); // outputs
+        w.long(0); // hop: null
+        w.long(0); // reply_format: ""
         let r = binary::read_request(&datum).unwrap();
         assert_eq!(r.id, "ab");
         assert_eq!(r.trace.get("k").map(String::as_str), Some("v"));

@@ -38,6 +38,27 @@ pub struct InferenceRequest {
     pub inputs: Vec<Tensor>,
     /// Requested outputs; empty means all.
     pub outputs: Vec<String>,
+    /// Position inside a graph; `None` for a model request or a graph's entry record.
+    pub hop: Option<GraphHop>,
+    /// Encoding of the result record: `""`/`avro` or `json`.
+    pub reply_format: String,
+}
+
+/// Where a request is inside a graph.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct GraphHop {
+    /// The graph.
+    pub graph: String,
+    /// The step this record is addressed to.
+    pub step: String,
+    /// The step whose outputs this record carries (a join's part); empty otherwise.
+    pub from: String,
+    /// A shadow copy, compared with the primary and never answered.
+    pub shadow: bool,
+    /// A failed part on its way to a join: the error as JSON; empty otherwise.
+    pub failed: String,
+    /// Which model served each step so far.
+    pub served: BTreeMap<String, String>,
 }
 
 /// Why a request failed.
@@ -62,6 +83,10 @@ pub mod codes {
     pub const MODEL_FAILED: &str = "model_failed";
     /// The record could not be decoded.
     pub const UNDECODABLE: &str = "undecodable";
+    /// A join gave up waiting for its parts.
+    pub const JOIN_TIMEOUT: &str = "join_timeout";
+    /// A router found no route for the request.
+    pub const NO_ROUTE: &str = "no_route";
     /// Anything else.
     pub const INTERNAL: &str = "internal";
 }

@@ -10,13 +10,16 @@
 pub mod binary;
 pub mod codec;
 pub mod envelope;
+pub mod oip;
 pub mod tensor;
 
 pub use codec::{CodecError, decode_request, decode_result, encode_request, encode_result};
-pub use envelope::{InferenceError, InferenceRequest, InferenceResult, ReplyRoute};
+pub use envelope::{GraphHop, InferenceError, InferenceRequest, InferenceResult, ReplyRoute};
 pub use tensor::{DataType, Tensor, TensorError};
 
 /// The request envelope's Avro schema (JSON), as shipped in `schemas/avro/request.avsc`.
 pub const REQUEST_SCHEMA: &str = include_str!("../avro/request.avsc");
 /// The result envelope's Avro schema (JSON), as shipped in `schemas/avro/result.avsc`.
 pub const RESULT_SCHEMA: &str = include_str!("../avro/result.avsc");
+/// Earlier request schemas, still read (a producer built against them keeps working).
+pub const REQUEST_SCHEMA_HISTORY: &[&str] = &[include_str!("../avro/history/request-v1.avsc")];

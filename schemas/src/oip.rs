@@ -6,9 +6,32 @@ use std::fmt;
 use serde::de::{self, DeserializeSeed, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
-use sluice_schemas::{DataType, Tensor, tensor::element_count};
+use crate::{DataType, Tensor, tensor::element_count};
 
-use crate::error::ApiError;
+/// Why an Open Inference Protocol body could not be read or written.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OipError {
+    /// Malformed JSON or binary framing.
+    #[error("{0}")]
+    BadRequest(String),
+    /// Well-formed, but a tensor's data does not fit its datatype or shape.
+    #[error("{0}")]
+    InvalidTensor(String),
+    /// Encoding failed.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl OipError {
+    /// The HTTP status this error maps to (400, 422 or 500).
+    pub fn http_status(&self) -> u16 {
+        match self {
+            OipError::BadRequest(_) => 400,
+            OipError::InvalidTensor(_) => 422,
+            OipError::Internal(_) => 500,
+        }
+    }
+}
 
 /// Header giving the JSON part's length when binary tensors follow it.
 pub const HEADER_LENGTH: &str = "inference-header-content-length";
@@ -142,10 +165,10 @@ fn param_bool(p: &Map<String, Value>, key: &str) -> bool {
 
 /// Parses an infer request body. `json_len` is the `Inference-Header-Content-Length` header value
 /// when the body carries binary tensors after its JSON part.
-pub fn parse_request(body: &[u8], json_len: Option<usize>) -> Result<ParsedRequest, ApiError> {
+pub fn parse_request(body: &[u8], json_len: Option<usize>) -> Result<ParsedRequest, OipError> {
     let (json, mut binary) = match json_len {
         Some(n) if n > body.len() => {
-            return Err(ApiError::BadRequest(format!(
+            return Err(OipError::BadRequest(format!(
                 "Inference-Header-Content-Length is {n} but the body has only {} bytes",
                 body.len()
             )));
@@ -154,18 +177,18 @@ pub fn parse_request(body: &[u8], json_len: Option<usize>) -> Result<ParsedReque
         None => (body, &[][..]),
     };
     let req: InferRequestJson = serde_json::from_slice(json)
-        .map_err(|e| ApiError::BadRequest(format!("malformed request JSON: {e}")))?;
+        .map_err(|e| OipError::BadRequest(format!("malformed request JSON: {e}")))?;
     let mut inputs = Vec::with_capacity(req.inputs.len());
     for input in req.inputs {
         let datatype: DataType =
             input
                 .datatype
                 .parse()
-                .map_err(|e: sluice_schemas::TensorError| {
-                    ApiError::InvalidTensor(format!("input '{}': {e}", input.name))
+                .map_err(|e: crate::TensorError| {
+                    OipError::InvalidTensor(format!("input '{}': {e}", input.name))
                 })?;
         let count = element_count(&input.shape).ok_or_else(|| {
-            ApiError::InvalidTensor(format!(
+            OipError::InvalidTensor(format!(
                 "input '{}' has an invalid shape {:?}",
                 input.name, input.shape
             ))
@@ -173,19 +196,19 @@ pub fn parse_request(body: &[u8], json_len: Option<usize>) -> Result<ParsedReque
         let data = match (input.parameters.get("binary_data_size"), input.data) {
             (Some(size), None) => {
                 let size = size.as_u64().ok_or_else(|| {
-                    ApiError::BadRequest(format!(
+                    OipError::BadRequest(format!(
                         "input '{}': binary_data_size must be a non-negative integer",
                         input.name
                     ))
                 })? as usize;
                 if json_len.is_none() {
-                    return Err(ApiError::BadRequest(format!(
+                    return Err(OipError::BadRequest(format!(
                         "input '{}' has binary_data_size but the request has no Inference-Header-Content-Length header",
                         input.name
                     )));
                 }
                 if size > binary.len() {
-                    return Err(ApiError::BadRequest(format!(
+                    return Err(OipError::BadRequest(format!(
                         "input '{}' declares {size} binary bytes but only {} remain",
                         input.name,
                         binary.len()
@@ -197,13 +220,13 @@ pub fn parse_request(body: &[u8], json_len: Option<usize>) -> Result<ParsedReque
             }
             (None, Some(flat)) => json_to_bytes(&input.name, datatype, &flat.0)?,
             (Some(_), Some(_)) => {
-                return Err(ApiError::BadRequest(format!(
+                return Err(OipError::BadRequest(format!(
                     "input '{}' has both data and binary_data_size",
                     input.name
                 )));
             }
             (None, None) => {
-                return Err(ApiError::BadRequest(format!(
+                return Err(OipError::BadRequest(format!(
                     "input '{}' has no data",
                     input.name
                 )));
@@ -211,7 +234,7 @@ pub fn parse_request(body: &[u8], json_len: Option<usize>) -> Result<ParsedReque
         };
         let want = count.saturating_mul(datatype.size());
         if data.len() != want {
-            return Err(ApiError::InvalidTensor(format!(
+            return Err(OipError::InvalidTensor(format!(
                 "input '{}' has {} elements of data but shape {:?} needs {count}",
                 input.name,
                 data.len() / datatype.size(),
@@ -226,7 +249,7 @@ pub fn parse_request(body: &[u8], json_len: Option<usize>) -> Result<ParsedReque
         });
     }
     if !binary.is_empty() {
-        return Err(ApiError::BadRequest(format!(
+        return Err(OipError::BadRequest(format!(
             "{} binary bytes follow the JSON but no input claims them",
             binary.len()
         )));
@@ -252,9 +275,9 @@ pub fn parse_request(body: &[u8], json_len: Option<usize>) -> Result<ParsedReque
     })
 }
 
-fn json_to_bytes(name: &str, dt: DataType, values: &[Scalar]) -> Result<Vec<u8>, ApiError> {
+fn json_to_bytes(name: &str, dt: DataType, values: &[Scalar]) -> Result<Vec<u8>, OipError> {
     let bad = |i: usize, v: &Scalar| {
-        ApiError::InvalidTensor(format!(
+        OipError::InvalidTensor(format!(
             "input '{name}': element {i} ({v:?}) is not a valid {dt} value"
         ))
     };
@@ -309,7 +332,7 @@ fn json_to_bytes(name: &str, dt: DataType, values: &[Scalar]) -> Result<Vec<u8>,
         DataType::Fp32 => floats!(f32),
         DataType::Fp64 => floats!(f64),
         DataType::Fp16 => {
-            return Err(ApiError::InvalidTensor(format!(
+            return Err(OipError::InvalidTensor(format!(
                 "input '{name}': FP16 data is accepted only as binary tensor data"
             )));
         }
@@ -328,7 +351,7 @@ enum JsonData {
     Bool(Vec<bool>),
 }
 
-fn bytes_to_json(t: &Tensor) -> Result<JsonData, ApiError> {
+fn bytes_to_json(t: &Tensor) -> Result<JsonData, OipError> {
     fn le<const N: usize, T>(data: &[u8], f: impl Fn([u8; N]) -> T) -> Vec<T> {
         data.chunks_exact(N)
             .map(|c| {
@@ -352,7 +375,7 @@ fn bytes_to_json(t: &Tensor) -> Result<JsonData, ApiError> {
         DataType::Fp32 => JsonData::F32(le(d, f32::from_le_bytes)),
         DataType::Fp64 => JsonData::F64(le(d, f64::from_le_bytes)),
         DataType::Fp16 => {
-            return Err(ApiError::InvalidTensor(format!(
+            return Err(OipError::InvalidTensor(format!(
                 "output '{}' is FP16: request it with binary_data",
                 t.name
             )));
@@ -413,7 +436,7 @@ pub fn encode_response(
     id: Option<&str>,
     parameters: Map<String, Value>,
     outputs: &[(&Tensor, bool)],
-) -> Result<EncodedResponse, ApiError> {
+) -> Result<EncodedResponse, OipError> {
     let mut binary = Vec::new();
     let mut json_outputs = Vec::with_capacity(outputs.len());
     for (t, as_binary) in outputs {
@@ -444,17 +467,109 @@ pub fn encode_response(
         outputs: json_outputs,
     };
     let mut body = serde_json::to_vec(&resp)
-        .map_err(|e| ApiError::Internal(format!("encoding response: {e}")))?;
+        .map_err(|e| OipError::Internal(format!("encoding response: {e}")))?;
     let has_binary = outputs.iter().any(|(_, b)| *b);
     let json_len = has_binary.then_some(body.len());
     body.extend_from_slice(&binary);
     Ok(EncodedResponse { body, json_len })
 }
 
+/// Reads a request record written as an Open Inference Protocol JSON body (direct Kafka clients
+/// that set `content-type: application/json`). The id is the body's `id`, else the record key;
+/// a `timeout` parameter (µs, as over HTTP) sets the deadline from `now_ms`.
+pub fn request_from_json(
+    body: &[u8],
+    key: Option<&str>,
+    model: &str,
+    now_ms: i64,
+) -> Result<crate::InferenceRequest, OipError> {
+    let parsed = parse_request(body, None)?;
+    let id = parsed
+        .id
+        .clone()
+        .or_else(|| key.map(str::to_string))
+        .ok_or_else(|| OipError::BadRequest("a JSON request needs an id (or a record key)".into()))?;
+    let deadline_ms = match parsed.parameters.get("timeout") {
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .map(|us| now_ms + i64::try_from(us / 1000).unwrap_or(i64::MAX / 2))
+            .ok_or_else(|| OipError::BadRequest("timeout must be a whole number of µs".into()))?,
+        Some(_) => return Err(OipError::BadRequest("timeout must be a number (µs)".into())),
+        None => 0,
+    };
+    Ok(crate::InferenceRequest {
+        id: id.clone(),
+        client_id: Some(id),
+        model: model.to_string(),
+        deadline_ms,
+        sent_at_us: now_ms * 1000,
+        parameters: parsed
+            .parameters
+            .iter()
+            .map(|(k, v)| (k.clone(), v.to_string()))
+            .collect(),
+        inputs: parsed.inputs,
+        outputs: parsed.outputs.into_iter().map(|(n, _)| n).collect(),
+        reply_format: "json".into(),
+        ..Default::default()
+    })
+}
+
+/// Writes a result as an Open Inference Protocol JSON response body; a failed result becomes
+/// `{"id", "model_name", "error", "code", "step"}`.
+pub fn result_to_json(r: &crate::InferenceResult) -> Vec<u8> {
+    if let Some(e) = &r.error {
+        let v = serde_json::json!({
+            "id": r.id, "model_name": r.model, "error": e.message, "code": e.code, "step": e.step
+        });
+        return v.to_string().into_bytes();
+    }
+    let parameters = r
+        .parameters
+        .iter()
+        .map(|(k, v)| {
+            let value = serde_json::from_str(v).unwrap_or_else(|_| Value::String(v.clone()));
+            (k.clone(), value)
+        })
+        .collect();
+    let outputs: Vec<(&Tensor, bool)> = r.outputs.iter().map(|t| (t, false)).collect();
+    match encode_response(&r.model, &r.model_version, Some(&r.id), parameters, &outputs) {
+        Ok(e) => e.body,
+        Err(e) => serde_json::json!({"id": r.id, "model_name": r.model, "error": e.to_string()})
+            .to_string()
+            .into_bytes(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn json_records_round_trip_through_the_envelopes() {
+        let body = br#"{"id":"k1","parameters":{"timeout":5000000,"tier":"gold"},
+            "inputs":[{"name":"input","shape":[1,2],"datatype":"FP32","data":[1.5,2]}]}"#;
+        let r = request_from_json(body, None, "g", 1_000).unwrap();
+        assert_eq!((r.id.as_str(), r.deadline_ms, r.reply_format.as_str()), ("k1", 6_000, "json"));
+        assert_eq!(r.parameters["tier"], "\"gold\"");
+        assert_eq!(r.inputs[0].values::<f32>(), [1.5, 2.0]);
+        let no_id = br#"{"inputs":[{"name":"input","shape":[1],"datatype":"FP32","data":[1]}]}"#;
+        assert_eq!(request_from_json(no_id, Some("key-7"), "g", 0).unwrap().id, "key-7");
+        assert!(request_from_json(no_id, None, "g", 0).is_err());
+
+        let result = crate::InferenceResult {
+            id: "k1".into(),
+            model: "g".into(),
+            model_version: "1".into(),
+            outputs: vec![Tensor::from_values("label", DataType::Int64, vec![1], &[4i64])],
+            ..Default::default()
+        };
+        let v: Value = serde_json::from_slice(&result_to_json(&result)).unwrap();
+        assert_eq!(v["outputs"][0]["data"][0], 4);
+        assert_eq!(v["id"], "k1");
+    }
+
 
     #[test]
     fn parses_nested_and_flat_json_data() {
@@ -497,7 +612,7 @@ mod tests {
         for (body, status) in cases {
             let err = parse_request(body, None).unwrap_err();
             assert_eq!(
-                err.status().as_u16(),
+                err.http_status(),
                 status,
                 "{}: {err}",
                 String::from_utf8_lossy(body)
@@ -521,7 +636,7 @@ mod tests {
         assert_eq!(
             parse_request(&body[..body.len() - 1], Some(json.len()))
                 .unwrap_err()
-                .status(),
+                .http_status(),
             400
         );
         let mut extra = body.clone();
@@ -529,13 +644,13 @@ mod tests {
         assert_eq!(
             parse_request(&extra, Some(json.len()))
                 .unwrap_err()
-                .status(),
+                .http_status(),
             400
         );
         assert_eq!(
             parse_request(&body, Some(body.len() + 1))
                 .unwrap_err()
-                .status(),
+                .http_status(),
             400
         );
     }
