@@ -1,7 +1,7 @@
 //! `sluice`: the command line of the Sluice serving system.
 //!
 //! - `sluice up` runs the local stack (broker, Redis, gateway, one worker per model).
-//! - `sluice gateway` / `sluice worker --model M` run one component.
+//! - `sluice gateway` / `sluice worker --model M` / `sluice worker --step G.S` run one component.
 //! - `sluice topics apply` creates the topics a config needs.
 //! - `sluice bench` measures HTTP load, in-process compute and the broker's transport floor.
 
@@ -44,11 +44,14 @@ enum Command {
         #[arg(long)]
         listen: Option<SocketAddr>,
     },
-    /// Run a worker for one model.
+    /// Run a worker for one model, or for one built-in, combine or route step of a graph.
     Worker {
         /// Model name from the config.
+        #[arg(long, conflicts_with = "step", required_unless_present = "step")]
+        model: Option<String>,
+        /// A graph's non-model step, as `<graph>.<step>`.
         #[arg(long)]
-        model: String,
+        step: Option<String>,
         /// Address for /metrics and health (overrides worker.metrics_listen).
         #[arg(long)]
         metrics_listen: Option<SocketAddr>,
@@ -111,6 +114,15 @@ async fn run(command: Command, config_path: Option<PathBuf>, cfg: Config) -> any
             let metrics = sluice_common::telemetry::install_metrics();
             let listener = tokio::net::TcpListener::bind(cfg.gateway.listen).await?;
             let gw = sluice_gateway::Gateway::connect(cfg, metrics).await?;
+            // Routing lives in the workers; a SIGHUP meant for the whole stack must not stop the
+            // gateway (graph interfaces change only with a restart).
+            let mut hangup =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+            tokio::spawn(async move {
+                while hangup.recv().await.is_some() {
+                    tracing::info!("SIGHUP: the gateway has nothing to reload");
+                }
+            });
             tracing::info!(addr = %listener.local_addr()?, gateway = gw.id(), "gateway listening");
             gw.serve(listener, sluice_common::ops::shutdown_signal())
                 .await?;
@@ -118,14 +130,24 @@ async fn run(command: Command, config_path: Option<PathBuf>, cfg: Config) -> any
         }
         Command::Worker {
             model,
+            step,
             metrics_listen,
         } => {
+            let unit = match (model, step) {
+                (Some(m), _) => sluice_common::graph::Unit::Model(m),
+                (None, Some(s)) => match sluice_common::graph::Unit::parse(&s) {
+                    u @ sluice_common::graph::Unit::Step { .. } => u,
+                    _ => anyhow::bail!("--step takes <graph>.<step>, got '{s}'"),
+                },
+                (None, None) => anyhow::bail!("give --model or --step"),
+            };
             tracing::info!(config = %cfg.redacted(), "effective config");
             let metrics = sluice_common::telemetry::install_metrics();
             let addr = metrics_listen.unwrap_or(cfg.worker.metrics_listen);
             sluice_workers::run(
                 cfg,
-                &model,
+                &unit,
+                config_path,
                 addr,
                 metrics,
                 sluice_common::ops::shutdown_signal(),

@@ -1,9 +1,10 @@
 //! `sluice up`: the whole local stack in one command.
 //!
 //! Starts tansu and Redis when nothing answers at the configured addresses, creates the topics,
-//! starts the gateway and `workers` workers per model, waits until every part is ready, prints how
-//! to call it, and on Ctrl-C (or SIGTERM) stops everything it started: workers and gateway first
-//! (SIGTERM, so they drain), then Redis and the broker.
+//! starts the gateway and `workers` workers per model and per built-in graph step, waits until
+//! every part is ready, prints how to call it, passes SIGHUP on to the workers (config reload),
+//! and on Ctrl-C (or SIGTERM) stops everything it started: workers and gateway first (SIGTERM, so
+//! they drain), then Redis and the broker.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -13,6 +14,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
+use sluice_common::graph::Unit;
 use sluice_common::{Config, local};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
@@ -136,8 +138,11 @@ pub async fn run(
     config_path: Option<PathBuf>,
     only: Vec<String>,
 ) -> anyhow::Result<()> {
-    if let Some(unknown) = only.iter().find(|m| cfg.model(m).is_none()) {
-        bail!("--models: '{unknown}' is not in the config");
+    if let Some(unknown) = only
+        .iter()
+        .find(|m| cfg.model(m).is_none() && !cfg.graphs.contains_key(*m))
+    {
+        bail!("--models: '{unknown}' is neither a model nor a graph in the config");
     }
     let mut stack = Stack::default();
     let result = start_and_wait(&cfg, config_path.as_deref(), &only, &mut stack).await;
@@ -216,23 +221,25 @@ async fn start_and_wait(
     } else {
         base.port()
     };
-    for (name, m) in cfg
-        .models
-        .iter()
-        .filter(|(n, _)| only.is_empty() || only.contains(n))
-    {
-        for i in 0..m.workers {
+    let mut workers = Vec::new();
+    for (unit, count) in selected_units(cfg, only) {
+        for i in 0..count {
             let addr = SocketAddr::new(base.ip(), port);
+            let (flag, name) = match &unit {
+                Unit::Model(m) => ("--model", m.clone()),
+                Unit::Step { .. } => ("--step", unit.to_string()),
+            };
             stack.spawn(
-                &format!("worker {name}#{i}"),
+                &format!("worker {unit}#{i}"),
                 &mut component(&[
                     "worker".into(),
-                    "--model".into(),
-                    name.clone(),
+                    flag.into(),
+                    name,
                     "--metrics-listen".into(),
                     addr.to_string(),
                 ]),
             )?;
+            workers.push(stack.processes.len() - 1);
             ready_urls.push(format!("http://{addr}/health/ready"));
             port += 1;
         }
@@ -242,13 +249,48 @@ async fn start_and_wait(
     }
     print_banner(cfg, config_path);
 
-    tokio::select! {
-        _ = sluice_common::ops::shutdown_signal() => {
-            tracing::info!("stopping the stack");
-            Ok(())
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = sluice_common::ops::shutdown_signal() => {
+                tracing::info!("stopping the stack");
+                return Ok(());
+            }
+            _ = hangup.recv() => {
+                // Workers re-read the config's graphs (canary shares, shadows, routes).
+                for &i in &workers {
+                    if let Some(pid) = stack.processes[i].child.id() {
+                        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGHUP);
+                    }
+                }
+                tracing::info!(workers = workers.len(), "SIGHUP passed on to the workers");
+            }
+            exited = stack.any_exit() => bail!("{exited} exited; stopping the stack"),
         }
-        exited = stack.any_exit() => bail!("{exited} exited; stopping the stack"),
     }
+}
+
+/// The worker units to start: every model and graph step, or those of the named models and
+/// graphs (a graph brings its models, canaries, shadows and built-in steps).
+fn selected_units(cfg: &Config, only: &[String]) -> Vec<(Unit, usize)> {
+    let graphs = cfg.compiled_graphs().unwrap_or_default();
+    let mut wanted: Vec<Unit> = Vec::new();
+    for name in only {
+        if cfg.model(name).is_some() {
+            wanted.push(Unit::Model(name.clone()));
+        }
+        if let Some(g) = graphs.get(name) {
+            for (i, s) in g.steps.iter().enumerate() {
+                wanted.push(g.unit_of(i));
+                wanted.extend(s.canary.iter().map(|c| Unit::Model(c.model.clone())));
+                wanted.extend(s.shadows.iter().map(|(m, _)| Unit::Model(m.clone())));
+            }
+        }
+    }
+    cfg.units()
+        .into_iter()
+        .filter(|(u, _)| only.is_empty() || wanted.contains(u))
+        .collect()
 }
 
 #[allow(clippy::print_stdout)]
@@ -259,10 +301,11 @@ fn print_banner(cfg: &Config, config_path: Option<&Path>) {
         .map(|d| d.join("requests"))
         .unwrap_or_else(|| PathBuf::from("examples/requests"));
     println!(
-        "\nSluice is up: gateway http://{gw}, models: {}",
-        cfg.models.keys().cloned().collect::<Vec<_>>().join(", ")
+        "\nSluice is up: gateway http://{gw}, models: {}; graphs: {}",
+        cfg.models.keys().cloned().collect::<Vec<_>>().join(", "),
+        cfg.graphs.keys().cloned().collect::<Vec<_>>().join(", ")
     );
-    for name in cfg.models.keys() {
+    for name in cfg.models.keys().chain(cfg.graphs.keys()) {
         let file = requests.join(format!("{name}.json"));
         if file.is_file() {
             println!(

@@ -192,6 +192,9 @@ pub fn check_partitions(report: &TopicReport) -> Result<(), TopicError> {
 /// Kafka header names Sluice writes. The gateway names each request's reply route in headers too,
 /// so a worker can answer even a record it cannot decode; dead letters carry their origin.
 pub mod headers {
+    /// `application/json` on request records written as Open Inference Protocol JSON (and on
+    /// the result records answering them); Avro otherwise.
+    pub const CONTENT_TYPE: &str = "content-type";
     /// Request id (also the record key).
     pub const REQUEST_ID: &str = "sluice-request-id";
     /// Redis channel the waiting gateway listens on.

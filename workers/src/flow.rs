@@ -75,7 +75,7 @@ fn canary_key(param: Option<&str>, request: &InferenceRequest) -> String {
 }
 
 /// The topic that serves step `t` for this request (the canary's when it picks the candidate).
-pub fn topic_for(graph: &Graph, t: usize, request: &InferenceRequest) -> &str {
+pub fn topic_for<'a>(graph: &'a Graph, t: usize, request: &InferenceRequest) -> &'a str {
     let step = &graph.steps[t];
     match &step.canary {
         Some(c) if canary_picks(&canary_key(c.key_parameter.as_deref(), request), c.share) => {
@@ -345,58 +345,63 @@ pub fn shadow_copies(
 /// How a shadow's outputs compare with the primary's.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Comparison {
-    /// Integer outputs equal and float outputs within `1e-4` (absolute), for every tensor.
+    /// The shadow agrees: its integer outputs (labels) equal the primary's, or, for a model with
+    /// float outputs only, they are within `1e-4` of the primary's.
     pub agree: bool,
     /// Largest absolute difference over the float outputs.
     pub max_abs_diff: f64,
-    /// Rows where any integer output differs (e.g. a different predicted label).
+    /// Rows where an integer output differs (e.g. a different predicted label).
     pub rows_differing: usize,
 }
 
 /// Compares a shadow's outputs with the primary's (`<step>.<output>` in `primary`).
 pub fn compare(step: &str, primary: &[Tensor], shadow: &[Tensor]) -> Comparison {
-    let mut c = Comparison {
-        agree: true,
-        max_abs_diff: 0.0,
-        rows_differing: 0,
-    };
+    let mut max_abs_diff = 0f64;
+    let mut rows_differing = 0;
+    let mut integer_outputs = 0;
+    let mut mismatched = false;
     for s in shadow {
         let name = format!("{step}.{}", s.name);
         let Some(p) = primary.iter().find(|p| p.name == name) else {
-            c.agree = false;
+            mismatched = true;
             continue;
         };
         if p.shape != s.shape || p.datatype != s.datatype {
-            c.agree = false;
+            mismatched = true;
             continue;
         }
         match s.datatype {
             DataType::Fp32 => {
                 let (a, b): (Vec<f32>, Vec<f32>) = (p.values(), s.values());
                 for (x, y) in a.iter().zip(&b) {
-                    c.max_abs_diff = c.max_abs_diff.max(f64::from((x - y).abs()));
-                }
-                if c.max_abs_diff > 1e-4 {
-                    c.agree = false;
+                    max_abs_diff = max_abs_diff.max(f64::from((x - y).abs()));
                 }
             }
             _ => {
+                integer_outputs += 1;
                 let rows = p.shape.first().copied().unwrap_or(1).max(1) as usize;
-                let width = p.data.len() / rows.max(1);
+                let width = p.data.len() / rows;
                 let differing = (0..rows)
                     .filter(|r| {
                         let span = r * width..(r + 1) * width;
                         p.data.get(span.clone()) != s.data.get(span)
                     })
                     .count();
-                if differing > 0 {
-                    c.agree = false;
-                }
-                c.rows_differing = c.rows_differing.max(differing);
+                rows_differing = rows_differing.max(differing);
             }
         }
     }
-    c
+    let agree = !mismatched
+        && if integer_outputs > 0 {
+            rows_differing == 0
+        } else {
+            max_abs_diff <= 1e-4
+        };
+    Comparison {
+        agree,
+        max_abs_diff,
+        rows_differing,
+    }
 }
 
 #[cfg(test)]

@@ -17,6 +17,8 @@ use crate::flow::{Next, after_step, failed, parse_failed, step_error};
 /// A consumed record held by a join until its request is answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Held {
+    /// Index of its topic among the worker's topics.
+    pub topic_index: usize,
     /// Partition.
     pub partition: i32,
     /// Offset.
@@ -81,6 +83,24 @@ impl Joiner {
         match &self.graph.steps[self.step].kind {
             StepKind::Combine(j) => Some(j),
             _ => None,
+        }
+    }
+
+    /// The graph this join belongs to.
+    pub fn graph(&self) -> Arc<Graph> {
+        Arc::clone(&self.graph)
+    }
+
+    /// Takes a reloaded graph (new timeout, quorum, weights) for parts arriving from now on;
+    /// keeps the old one when the graph or the step is gone.
+    pub fn replace_graph(&mut self, graphs: &sluice_common::graph::Graphs) {
+        let name = &self.graph.steps[self.step].name;
+        if let Some(g) = graphs.get(&self.graph.name)
+            && let Some(i) = g.step_index(name)
+            && matches!(g.steps[i].kind, StepKind::Combine(_))
+        {
+            self.graph = Arc::clone(g);
+            self.step = i;
         }
     }
 
@@ -155,10 +175,13 @@ impl Joiner {
             .filter(|(_, p)| now.duration_since(p.first_seen) >= join.timeout)
             .map(|(id, _)| id.clone())
             .collect();
-        due.into_iter()
-            .filter_map(|id| self.pending.remove(&id))
-            .map(|p| self.decide(p, &join, true))
-            .collect()
+        let mut out = Vec::with_capacity(due.len());
+        for id in due {
+            if let Some(p) = self.pending.remove(&id) {
+                out.push(self.decide(p, &join, true));
+            }
+        }
+        out
     }
 
     /// Forgets requests whose records came from partitions this worker no longer owns (their
@@ -301,3 +324,184 @@ impl Joiner {
     }
 }
 
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::collections::BTreeMap;
+
+    use sluice_common::graph::{GraphConfig, TopicNames, compile};
+    use sluice_common::{ModelConfig, TensorSpec};
+    use sluice_schemas::{DataType, GraphHop};
+
+    use super::*;
+
+    fn graph(extra: &str) -> Arc<Graph> {
+        let spec = |name: &str, datatype, shape: Vec<i64>| TensorSpec {
+            name: name.into(),
+            datatype,
+            shape,
+        };
+        let m = ModelConfig {
+            onnx: "m.onnx".into(),
+            version: "1".into(),
+            inputs: vec![spec("input", DataType::Fp32, vec![-1, 2])],
+            outputs: vec![spec("label", DataType::Int64, vec![-1])],
+            max_batch_size: 8,
+            max_delay: Duration::ZERO,
+            threads: 1,
+            intra_op_threads: 1,
+            partitions: 1,
+            workers: 1,
+        };
+        let models: BTreeMap<String, ModelConfig> = [("m".to_string(), m)].into();
+        let text = format!(
+            r#"inputs = [{{ name = "input", datatype = "FP32", shape = [-1, 2] }}]
+[[steps]]
+name = "first"
+model = "m"
+inputs = {{ input = "request.input" }}
+[[steps]]
+name = "a"
+model = "m"
+inputs = {{ input = "request.input" }}
+after = "first"
+[[steps]]
+name = "b"
+model = "m"
+inputs = {{ input = "request.input" }}
+after = "first"
+[[steps]]
+name = "c"
+model = "m"
+inputs = {{ input = "request.input" }}
+after = "first"
+[[steps]]
+name = "vote"
+combine = "majority_vote"
+parts = ["a.label", "b.label", "c.label"]
+timeout = "50ms"
+{extra}
+"#
+        );
+        let g: GraphConfig = toml::from_str(&text).unwrap();
+        Arc::new(compile("g", &g, &models, &TopicNames { prefix: "s" }).unwrap())
+    }
+
+    fn part(id: &str, from: &str, label: i64) -> InferenceRequest {
+        InferenceRequest {
+            id: id.into(),
+            model: "g".into(),
+            inputs: vec![Tensor::from_values(
+                format!("{from}.label"),
+                DataType::Int64,
+                vec![1],
+                &[label],
+            )],
+            hop: Some(GraphHop {
+                graph: "g".into(),
+                step: "vote".into(),
+                from: from.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn held(offset: i64) -> Held {
+        Held {
+            topic_index: 0,
+            partition: 0,
+            offset,
+        }
+    }
+
+    fn joiner(extra: &str) -> Joiner {
+        let g = graph(extra);
+        let vote = g.step_index("vote").unwrap();
+        Joiner::new(g, vote)
+    }
+
+    fn answer(d: &Decided) -> &sluice_schemas::InferenceResult {
+        d.next.answer.as_ref().unwrap()
+    }
+
+    #[test]
+    fn all_parts_decide_with_every_record_released() {
+        let mut j = joiner("");
+        assert!(matches!(j.offer(part("r1", "a", 7), held(0)), Offered::Held));
+        assert!(matches!(j.offer(part("r2", "a", 1), held(1)), Offered::Held));
+        assert!(matches!(j.offer(part("r1", "b", 3), held(2)), Offered::Held));
+        let Offered::Decided(d) = j.offer(part("r1", "c", 3), held(3)) else {
+            panic!("not decided")
+        };
+        assert_eq!(answer(&d).outputs[0].values::<i64>(), [3]);
+        let offsets: Vec<i64> = d.records.iter().map(|h| h.offset).collect();
+        assert_eq!(offsets, [0, 2, 3], "r2's record stays held");
+        assert_eq!(j.pending(), 1);
+        // A late repeat of an answered request is dropped, not answered again.
+        assert!(matches!(j.offer(part("r1", "a", 7), held(4)), Offered::Duplicate));
+    }
+
+    #[test]
+    fn a_repeated_part_is_held_once_and_released_with_the_rest() {
+        let mut j = joiner("");
+        j.offer(part("r1", "a", 1), held(0));
+        assert!(matches!(j.offer(part("r1", "a", 1), held(1)), Offered::Held));
+        j.offer(part("r1", "b", 1), held(2));
+        let Offered::Decided(d) = j.offer(part("r1", "c", 2), held(3)) else {
+            panic!("not decided")
+        };
+        assert_eq!(d.records.len(), 4, "the repeat's offset completes too");
+        assert_eq!(answer(&d).outputs[0].values::<i64>(), [1]);
+    }
+
+    #[test]
+    fn timeout_without_quorum_names_the_missing_parts() {
+        let mut j = joiner("");
+        j.offer(part("r1", "a", 1), held(0));
+        j.offer(part("r1", "c", 1), held(1));
+        assert!(j.expire(Instant::now()).is_empty(), "not yet");
+        let decided = j.expire(Instant::now() + Duration::from_millis(60));
+        assert_eq!(decided.len(), 1);
+        let e = answer(&decided[0]).error.clone().unwrap();
+        assert_eq!(e.code, codes::JOIN_TIMEOUT);
+        assert_eq!(e.step, "vote");
+        assert!(e.message.contains("[\"b\"]"), "{}", e.message);
+    }
+
+    #[test]
+    fn quorum_answers_at_the_timeout_with_the_parts_it_has() {
+        let mut j = joiner("quorum = 2");
+        j.offer(part("r1", "c", 4), held(0));
+        j.offer(part("r1", "a", 5), held(1));
+        let decided = j.expire(Instant::now() + Duration::from_millis(60));
+        // 5 (a) and 4 (c) tie; a is listed first.
+        assert_eq!(answer(&decided[0]).outputs[0].values::<i64>(), [5]);
+    }
+
+    #[test]
+    fn failed_parts_count_against_the_quorum_and_are_named() {
+        let mut j = joiner("");
+        j.offer(part("r1", "a", 1), held(0));
+        j.offer(part("r1", "b", 1), held(1));
+        let mut failed = part("r1", "c", 0);
+        failed.inputs.clear();
+        failed.hop.as_mut().unwrap().failed =
+            r#"{"code":"model_failed","message":"boom","step":"c"}"#.into();
+        let Offered::Decided(d) = j.offer(failed, held(2)) else {
+            panic!("not decided")
+        };
+        let e = answer(&d).error.clone().unwrap();
+        assert_eq!(e.code, "model_failed");
+        assert!(e.message.contains("part 'c' failed: boom"), "{}", e.message);
+    }
+
+    #[test]
+    fn revoked_partitions_are_forgotten() {
+        let mut j = joiner("");
+        j.offer(part("r1", "a", 1), held(0));
+        j.forget_partitions(&[0]);
+        assert_eq!(j.pending(), 0);
+    }
+}

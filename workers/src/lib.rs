@@ -4,6 +4,9 @@
 
 pub mod backend;
 pub mod batcher;
+pub mod combine;
+pub mod flow;
+pub mod join;
 pub mod offsets;
 pub mod runner;
 pub mod sink;

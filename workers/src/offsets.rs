@@ -6,6 +6,7 @@
 //! unfinished.
 
 use std::collections::{BTreeSet, HashMap};
+use std::hash::Hash;
 
 #[derive(Debug, Default)]
 struct PartitionState {
@@ -14,15 +15,24 @@ struct PartitionState {
     stored: i64,
 }
 
-/// Per-partition tracking of unfinished offsets.
-#[derive(Debug, Default)]
-pub struct OffsetTracker {
-    partitions: HashMap<i32, PartitionState>,
+/// Per-partition tracking of unfinished offsets. `K` names a partition: a partition number, or
+/// (topic, partition) for a consumer of several topics.
+#[derive(Debug)]
+pub struct OffsetTracker<K = i32> {
+    partitions: HashMap<K, PartitionState>,
 }
 
-impl OffsetTracker {
+impl<K> Default for OffsetTracker<K> {
+    fn default() -> Self {
+        OffsetTracker {
+            partitions: HashMap::new(),
+        }
+    }
+}
+
+impl<K: Hash + Eq + Copy> OffsetTracker<K> {
     /// Records that `offset` of `partition` was received and is being handled.
-    pub fn begin(&mut self, partition: i32, offset: i64) {
+    pub fn begin(&mut self, partition: K, offset: i64) {
         // The first offset seen is where consumption (re)started: nothing below it is ours to commit.
         let p = self
             .partitions
@@ -37,7 +47,7 @@ impl OffsetTracker {
 
     /// Records that `offset` is fully handled. Returns the partition's new commit point (the next
     /// offset to consume) when it moved forward.
-    pub fn finish(&mut self, partition: i32, offset: i64) -> Option<i64> {
+    pub fn finish(&mut self, partition: K, offset: i64) -> Option<i64> {
         let p = self.partitions.get_mut(&partition)?;
         if !p.unfinished.remove(&offset) {
             return None;
@@ -52,7 +62,7 @@ impl OffsetTracker {
     }
 
     /// Forgets a partition (revoked, or newly assigned and about to be re-read).
-    pub fn forget(&mut self, partition: i32) {
+    pub fn forget(&mut self, partition: K) {
         self.partitions.remove(&partition);
     }
 

@@ -193,8 +193,12 @@ mod tests {
                 outputs,
                 ..Default::default()
             },
-            partition: 0,
-            offset: 0,
+            source: crate::worker::Source {
+                topic_index: 0,
+                partition: 0,
+                offset: 0,
+            },
+            graph: None,
             topic: String::new(),
             rows,
         }

@@ -9,7 +9,9 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use redis::aio::ConnectionManager;
 use sluice_common::kafka::headers as h;
 use sluice_common::now_ms;
-use sluice_schemas::{InferenceResult, ReplyRoute, encode_result};
+use sluice_schemas::{InferenceResult, ReplyRoute, encode_request, encode_result};
+
+use crate::flow::Outgoing;
 
 /// A record no step could process, with where it came from and why.
 #[derive(Debug, Clone)]
@@ -31,14 +33,24 @@ pub struct DeadLetter {
 }
 
 /// Everything to deliver for one consumed record before its offset may be committed.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Completion {
+    /// Which of the worker's topics the consumed record came from (index).
+    pub topic_index: usize,
     /// Partition of the consumed record.
     pub partition: i32,
     /// Its offset.
     pub offset: i64,
-    /// The result to publish (absent only for records too broken to name a request id).
+    /// The result to publish: a model's answer, a graph's answer (or error), a shadow
+    /// comparison. Absent for records too broken to name a request id and for graph records
+    /// that move on to a next step.
     pub result: Option<InferenceResult>,
+    /// Where the result goes; `None`: the model's result topic.
+    pub result_topic: Option<String>,
+    /// Write the result record as Open Inference Protocol JSON (the request came as JSON).
+    pub json_result: bool,
+    /// Records for the next steps of a graph.
+    pub forwards: Vec<Outgoing>,
     /// Where the waiting caller listens.
     pub reply: Option<ReplyRoute>,
     /// Request deadline (epoch ms, 0 = none): replies are retried until then.
@@ -92,22 +104,52 @@ impl Sink {
                 })
             })
             .collect();
+        let json: Vec<Option<Vec<u8>>> = items
+            .iter()
+            .map(|c| {
+                c.result
+                    .as_ref()
+                    .filter(|_| c.json_result)
+                    .map(sluice_schemas::oip::result_to_json)
+            })
+            .collect();
+        let forwards: Vec<(&Outgoing, Vec<u8>)> = items
+            .iter()
+            .flat_map(|c| &c.forwards)
+            .filter_map(|o| match encode_request(&o.request) {
+                Ok(b) => Some((o, b)),
+                Err(e) => {
+                    tracing::error!(id = %o.request.id, error = %e, "cannot encode request");
+                    None
+                }
+            })
+            .collect();
         let kafka = async {
-            let results = items.iter().zip(&encoded).filter_map(|(c, bytes)| {
-                let (r, bytes) = (c.result.as_ref()?, bytes.as_ref()?);
-                Some(self.produce_until_acked(
-                    &self.result_topic,
-                    Some(r.id.as_bytes()),
+            let results = items
+                .iter()
+                .zip(encoded.iter().zip(&json))
+                .filter_map(|(c, (avro, json))| {
+                    let r = c.result.as_ref()?;
+                    let (bytes, headers) = match json {
+                        Some(j) => (j, h::build(&[(h::CONTENT_TYPE, "application/json")])),
+                        None => (avro.as_ref()?, OwnedHeaders::new()),
+                    };
+                    let topic = c.result_topic.as_deref().unwrap_or(&self.result_topic);
+                    Some(self.produce_until_acked(topic, Some(r.id.as_bytes()), bytes, headers))
+                });
+            let next = forwards.iter().map(|(o, bytes)| {
+                self.produce_until_acked(
+                    &o.topic,
+                    Some(o.request.id.as_bytes()),
                     bytes,
                     OwnedHeaders::new(),
-                ))
+                )
             });
             let dead = items.iter().filter_map(|c| {
                 let d = c.dead_letter.as_ref()?;
                 Some(self.dead_letter(d, c.result.as_ref().map(|r| r.id.as_str())))
             });
-            join_all(results).await;
-            join_all(dead).await;
+            tokio::join!(join_all(results), join_all(next), join_all(dead));
         };
         let replies = self.reply_all(items, &encoded);
         tokio::join!(kafka, replies);

@@ -1,9 +1,12 @@
-//! A worker: one member of a model's consumer group. It consumes requests, batches them
-//! dynamically, runs the model on dedicated inference threads, delivers results and replies, and
-//! stores each offset only once everything up to it has been delivered (at-least-once).
+//! A worker: one member of a unit's consumer group. A unit is a model (whose pool serves plain
+//! requests and every graph step that runs it) or a graph's built-in, combine or route step. It
+//! consumes its topics, batches model requests dynamically and runs them on dedicated inference
+//! threads, moves graph requests on to their next step, delivers results and replies, and stores
+//! each offset only once everything up to it has been delivered (at-least-once).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -15,16 +18,26 @@ use rdkafka::consumer::{
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::producer::FutureProducer;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use sluice_common::graph::{Builtin, Graph, Graphs, StepKind, Unit};
 use sluice_common::kafka::headers as kafka_headers;
 use sluice_common::model::{validate_inputs, validate_outputs};
+use sluice_common::ops::ReloadRequest;
 use sluice_common::{Config, ModelConfig, now_ms, now_us};
 use sluice_schemas::envelope::codes;
-use sluice_schemas::{InferenceRequest, InferenceResult, ReplyRoute, decode_request};
+use sluice_schemas::{
+    GraphHop, InferenceError, InferenceRequest, InferenceResult, ReplyRoute, Tensor,
+    decode_request,
+};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 
 use crate::backend::{Backend, OrtBackend};
 use crate::batcher::{Dispatched, Item, run_batcher};
+use crate::combine::argmax;
+use crate::flow::{
+    self, Next, Outgoing, after_step, entry_carried, failed, step_error, step_inputs, topic_for,
+};
+use crate::join::{Held, Joiner, Offered};
 use crate::offsets::OffsetTracker;
 use crate::runner::run_batch;
 use crate::sink::{Completion, DeadLetter, Sink};
@@ -33,9 +46,12 @@ use crate::telemetry::WorkerMetrics;
 /// Why a worker could not start or stopped abnormally.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
-    /// The model is not in the config.
-    #[error("model '{0}' is not in the config")]
-    UnknownModel(String),
+    /// The unit is not in the config.
+    #[error("'{0}' is neither a model nor a built-in, combine or route step of a graph in the config")]
+    UnknownUnit(String),
+    /// The config's graphs do not compile.
+    #[error("config: {0}")]
+    Config(String),
     /// Loading the model failed.
     #[error("{0}")]
     Backend(#[from] crate::backend::BackendError),
@@ -50,24 +66,72 @@ pub enum WorkerError {
     Io(#[from] std::io::Error),
 }
 
+/// Where a consumed record came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Source {
+    /// Index of its topic among the worker's topics.
+    pub topic_index: usize,
+    /// Partition.
+    pub partition: i32,
+    /// Offset.
+    pub offset: i64,
+}
+
+/// A graph request at a model step.
+pub struct GraphJob {
+    /// The graph (as compiled when the record arrived).
+    pub graph: Arc<Graph>,
+    /// The step.
+    pub step: usize,
+    /// Tensors the rest of the graph needs.
+    pub carried: Vec<Tensor>,
+    /// A shadow copy (compared, never answered).
+    pub shadow: bool,
+}
+
 /// A consumed request waiting for, or in, a batch.
 pub struct Job {
-    /// The decoded request.
+    /// The decoded request; for a graph request, its inputs are the model's inputs.
     pub request: InferenceRequest,
-    /// Partition it came from.
-    pub partition: i32,
-    /// Its offset.
-    pub offset: i64,
+    /// Where it came from.
+    pub source: Source,
     /// The topic it came from.
     pub topic: String,
     /// Rows it contributes to a batch.
     pub rows: usize,
+    /// Set for a graph request.
+    pub graph: Option<GraphJob>,
 }
+
+/// A graph request at a built-in or route step.
+struct StepJob {
+    graph: Arc<Graph>,
+    step: usize,
+    base: InferenceRequest,
+    carried: Vec<Tensor>,
+    source: Source,
+}
+
+/// What became of a consumed record on arrival.
+enum Admission {
+    /// Nothing to run: deliver this and finish the record.
+    Done(Box<Completion>),
+    /// A model request for the batcher.
+    Batch(Job),
+    /// A built-in or route step to run now.
+    Step(StepJob),
+    /// A part for this worker's join.
+    Part(InferenceRequest, Source),
+}
+
+type PartitionKey = (usize, i32);
 
 /// Keeps the offset tracker in step with partition assignment and marks the worker ready.
 struct GroupContext {
-    tracker: Arc<Mutex<OffsetTracker>>,
-    stored: Arc<Mutex<HashMap<i32, i64>>>,
+    topics: Arc<Vec<String>>,
+    tracker: Arc<Mutex<OffsetTracker<PartitionKey>>>,
+    stored: Arc<Mutex<HashMap<PartitionKey, i64>>>,
+    revoked: Arc<Mutex<Vec<i32>>>,
     joined: Arc<AtomicBool>,
 }
 
@@ -83,16 +147,29 @@ impl ConsumerContext for GroupContext {
                 return;
             }
         };
-        let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+        let keys: Vec<PartitionKey> = tpl
+            .elements()
+            .iter()
+            .filter_map(|e| {
+                let t = self.topics.iter().position(|t| t == e.topic())?;
+                Some((t, e.partition()))
+            })
+            .collect();
         let mut tracker = lock(&self.tracker);
         let mut stored = lock(&self.stored);
-        for p in &partitions {
-            tracker.forget(*p);
-            stored.remove(p);
+        for k in &keys {
+            tracker.forget(*k);
+            stored.remove(k);
         }
-        tracing::info!(?partitions, "partitions {kind}");
+        let shown: Vec<(&str, i32)> = keys
+            .iter()
+            .map(|(t, p)| (self.topics[*t].as_str(), *p))
+            .collect();
+        tracing::info!(partitions = ?shown, "partitions {kind}");
         if kind == "assigned" {
             self.joined.store(true, Ordering::Relaxed);
+        } else {
+            lock(&self.revoked).extend(keys.iter().map(|(_, p)| *p));
         }
     }
 
@@ -115,10 +192,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// State shared by the consumer loop and the completion tasks.
 struct Shared {
     consumer: StreamConsumer<GroupContext>,
-    tracker: Arc<Mutex<OffsetTracker>>,
+    topics: Arc<Vec<String>>,
+    tracker: Arc<Mutex<OffsetTracker<PartitionKey>>>,
     sink: Sink,
-    topic: String,
-    stored: Arc<Mutex<HashMap<i32, i64>>>,
+    stored: Arc<Mutex<HashMap<PartitionKey, i64>>>,
     metrics: Arc<WorkerMetrics>,
 }
 
@@ -130,8 +207,9 @@ impl Shared {
         {
             let mut tracker = lock(&self.tracker);
             for c in &items {
-                if let Some(next) = tracker.finish(c.partition, c.offset) {
-                    advanced.push((c.partition, next));
+                let key = (c.topic_index, c.partition);
+                if let Some(next) = tracker.finish(key, c.offset) {
+                    advanced.push((key, next));
                 }
             }
         }
@@ -140,16 +218,16 @@ impl Shared {
             return;
         }
         let mut tpl = TopicPartitionList::new();
-        for (p, next) in &advanced {
-            if let Err(e) = tpl.add_partition_offset(&self.topic, *p, Offset::Offset(*next)) {
+        for ((t, p), next) in &advanced {
+            if let Err(e) = tpl.add_partition_offset(&self.topics[*t], *p, Offset::Offset(*next)) {
                 tracing::warn!(error = %e, "bad offset");
             }
         }
         match self.consumer.store_offsets(&tpl) {
             Ok(()) => {
                 let mut stored = lock(&self.stored);
-                for (p, next) in advanced {
-                    let e = stored.entry(p).or_insert(next);
+                for (k, next) in advanced {
+                    let e = stored.entry(k).or_insert(next);
                     *e = (*e).max(next);
                 }
             }
@@ -157,99 +235,160 @@ impl Shared {
             Err(e) => tracing::debug!(error = %e, "could not store offsets"),
         }
     }
+
+    fn spawn_complete(self: &Arc<Self>, tasks: &mut JoinSet<()>, items: Vec<Completion>) {
+        if items.is_empty() {
+            return;
+        }
+        let shared = Arc::clone(self);
+        tasks.spawn(async move { shared.complete(items).await });
+    }
 }
 
-/// Runs a worker for `model_name` until `shutdown` resolves, then drains and leaves the group.
+/// What a record is checked against on arrival.
+struct Admit<'a> {
+    unit: &'a Unit,
+    /// The model, for a model unit.
+    model: Option<&'a ModelConfig>,
+    /// The unit's own topic (a canary or shadow record for another model is not ours).
+    own_topic: &'a str,
+    graphs: &'a Graphs,
+    /// Graph entry topic → graph name.
+    entries: &'a HashMap<String, String>,
+    metrics: &'a WorkerMetrics,
+}
+
+/// Runs a worker for `unit` until `shutdown` resolves, then drains and leaves the group.
+/// `config_path` is re-read on SIGHUP or `POST /admin/reload` to change graph routing (canary
+/// shares, shadows, router rules, join settings) without a restart.
 pub async fn run(
     cfg: Config,
-    model_name: &str,
+    unit: &Unit,
+    config_path: Option<PathBuf>,
     metrics_listen: SocketAddr,
     metrics: PrometheusHandle,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), WorkerError> {
-    let model = cfg
-        .model(model_name)
-        .cloned()
-        .ok_or_else(|| WorkerError::UnknownModel(model_name.to_string()))?;
-    let mut backends = Vec::with_capacity(model.threads);
-    for _ in 0..model.threads {
-        backends.push(OrtBackend::load(&model)?);
+    let mut graphs = cfg
+        .compiled_graphs()
+        .map_err(|p| WorkerError::Config(p.join("; ")))?;
+    let label = unit.to_string();
+    let model: Option<ModelConfig> = match unit {
+        Unit::Model(m) => Some(
+            cfg.model(m)
+                .cloned()
+                .ok_or_else(|| WorkerError::UnknownUnit(label.clone()))?,
+        ),
+        Unit::Step { graph, step } => {
+            let known = graphs.get(graph).and_then(|g| {
+                let i = g.step_index(step)?;
+                (!matches!(g.steps[i].kind, StepKind::Model(_))).then_some(())
+            });
+            known.ok_or_else(|| WorkerError::UnknownUnit(label.clone()))?;
+            None
+        }
+    };
+    let mut backends = Vec::new();
+    if let Some(m) = &model {
+        for _ in 0..m.threads {
+            backends.push(OrtBackend::load(m)?);
+        }
+        tracing::info!(model = %label, threads = m.threads, onnx = %m.onnx.display(), "model loaded");
     }
-    tracing::info!(model = model_name, threads = model.threads, onnx = %model.onnx.display(), "model loaded");
+    let threads_n = model.as_ref().map_or(1, |m| m.threads);
 
-    let client_id = format!("sluice-worker-{model_name}-{}", std::process::id());
+    let topics = Arc::new(cfg.unit_topics(unit, &graphs));
+    let entries: HashMap<String, String> = graphs
+        .values()
+        .filter(|g| topics[1..].contains(&g.entry_topic))
+        .map(|g| (g.entry_topic.clone(), g.name.clone()))
+        .collect();
+    let client_id = format!("sluice-worker-{label}-{}", std::process::id());
     let tracker = Arc::new(Mutex::new(OffsetTracker::default()));
     let joined = Arc::new(AtomicBool::new(false));
     let stored = Arc::new(Mutex::new(HashMap::new()));
+    let revoked = Arc::new(Mutex::new(Vec::new()));
     let consumer: StreamConsumer<GroupContext> =
-        sluice_common::kafka::consumer_config(&cfg, &cfg.consumer_group(model_name), &client_id)
+        sluice_common::kafka::consumer_config(&cfg, &cfg.unit_group(unit), &client_id)
             .create_with_context(GroupContext {
+                topics: Arc::clone(&topics),
                 tracker: Arc::clone(&tracker),
                 stored: Arc::clone(&stored),
+                revoked: Arc::clone(&revoked),
                 joined: Arc::clone(&joined),
             })?;
-    let topic = cfg.request_topic(model_name);
-    consumer.subscribe(&[&topic])?;
+    let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&topic_refs)?;
     let producer: FutureProducer =
         sluice_common::kafka::producer_config(&cfg, &client_id, cfg.worker.result_linger)
             .create()?;
     let redis =
         redis::aio::ConnectionManager::new(redis::Client::open(cfg.redis.url.as_str())?).await?;
 
+    let (reload_tx, mut reload_rx) = mpsc::channel::<ReloadRequest>(4);
     let (ops_stop_tx, ops_stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let ops_addr =
-        sluice_common::ops::serve_ops(metrics_listen, metrics, Arc::clone(&joined), async {
+    let ops_addr = sluice_common::ops::serve_ops(
+        metrics_listen,
+        metrics,
+        Arc::clone(&joined),
+        Some(reload_tx),
+        async {
             let _ = ops_stop_rx.await;
-        })
-        .await?;
-    tracing::info!(%ops_addr, %topic, "worker serving metrics and health");
+        },
+    )
+    .await?;
+    tracing::info!(%ops_addr, topics = ?topics, "worker serving metrics and health");
 
-    let wm = Arc::new(WorkerMetrics::new(model_name));
+    let wm = Arc::new(WorkerMetrics::new(&label));
+    let result_topic = match unit {
+        Unit::Model(m) => cfg.result_topic(m),
+        Unit::Step { graph, .. } => cfg.result_topic(graph),
+    };
     let shared = Arc::new(Shared {
         consumer,
+        topics: Arc::clone(&topics),
         tracker,
         sink: Sink::new(
             producer.clone(),
             redis,
-            cfg.result_topic(model_name),
+            result_topic,
             cfg.dead_letter_topic(),
-            model_name.to_string(),
+            label.clone(),
         ),
-        topic: topic.clone(),
         stored,
         metrics: Arc::clone(&wm),
     });
 
-    // Pipeline: consumer loop → batcher → inference threads → completion tasks.
+    // Model units: consumer loop → batcher → inference threads → completion tasks.
     let (job_tx, job_rx) = mpsc::channel::<Item<Job>>(cfg.worker.max_queued);
-    let (batch_tx, batch_rx) = mpsc::channel::<Dispatched<Job>>(model.threads);
-    let (done_tx, mut done_rx) = mpsc::channel::<Vec<Completion>>(model.threads * 2);
-    let slots = Arc::new(Semaphore::new(model.threads));
-    let batcher = tokio::spawn(run_batcher(
-        job_rx,
-        batch_tx,
-        slots,
-        model.max_batch_size,
-        model.max_delay,
-    ));
+    let (batch_tx, batch_rx) = mpsc::channel::<Dispatched<Job>>(threads_n);
+    let (done_tx, mut done_rx) = mpsc::channel::<Vec<Completion>>(threads_n * 2);
+    let slots = Arc::new(Semaphore::new(threads_n));
+    let (max_batch, max_delay) = model
+        .as_ref()
+        .map_or((1, Duration::ZERO), |m| (m.max_batch_size, m.max_delay));
+    let batcher = tokio::spawn(run_batcher(job_rx, batch_tx, slots, max_batch, max_delay));
     let batch_rx = Arc::new(Mutex::new(batch_rx));
     let mut threads = Vec::new();
-    for (i, backend) in backends.into_iter().enumerate() {
-        let rx = Arc::clone(&batch_rx);
-        let tx = done_tx.clone();
-        let m = model.clone();
-        let wm = Arc::clone(&wm);
-        threads.push(
-            std::thread::Builder::new()
-                .name(format!("infer-{model_name}-{i}"))
-                .spawn(move || inference_thread(backend, &m, &wm, &rx, &tx))?,
-        );
+    if let Some(m) = &model {
+        for (i, backend) in backends.into_iter().enumerate() {
+            let rx = Arc::clone(&batch_rx);
+            let tx = done_tx.clone();
+            let m = m.clone();
+            let wm = Arc::clone(&wm);
+            let name = label.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("infer-{label}-{i}"))
+                    .spawn(move || inference_thread(backend, &m, &name, &wm, &rx, &tx))?,
+            );
+        }
     }
     drop(done_tx);
 
     let completer = {
         let shared = Arc::clone(&shared);
-        let limit = Arc::new(Semaphore::new(model.threads * 4));
+        let limit = Arc::new(Semaphore::new(threads_n * 4));
         tokio::spawn(async move {
             let mut tasks = JoinSet::new();
             while let Some(items) = done_rx.recv().await {
@@ -265,30 +404,97 @@ pub async fn run(
         })
     };
 
-    // Records rejected before batching (undecodable, invalid) complete on their own tasks.
-    let mut rejected = JoinSet::new();
+    // Combine steps hold parts until their request is decided.
+    let mut joiner = match unit {
+        Unit::Step { graph, step } => graphs.get(graph).and_then(|g| {
+            let i = g.step_index(step)?;
+            matches!(g.steps[i].kind, StepKind::Combine(_)).then(|| Joiner::new(Arc::clone(g), i))
+        }),
+        Unit::Model(_) => None,
+    };
+    let join_pending = metrics::gauge!("sluice_join_pending", "unit" => label.clone());
+
+    let own_topic = topics[0].clone();
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    // Records finished without a batch (rejected, built-in steps, joins) complete on their own tasks.
+    let mut side = JoinSet::new();
     tokio::pin!(shutdown);
     loop {
+        let wait = joiner.as_ref().and_then(Joiner::next_timeout);
+        let room = joiner
+            .as_ref()
+            .is_none_or(|j| j.pending() < cfg.worker.max_queued);
         tokio::select! {
             biased;
             _ = &mut shutdown => break,
-            msg = shared.consumer.recv() => match msg {
+            _ = hangup.recv() => {
+                let outcome = reload(config_path.as_ref(), &mut graphs, &mut joiner);
+                tracing::info!(?outcome, "SIGHUP: config reloaded");
+            }
+            Some(reply) = reload_rx.recv() => {
+                let _ = reply.send(reload(config_path.as_ref(), &mut graphs, &mut joiner));
+            }
+            _ = sleep_or_forever(wait) => {
+                if let Some(j) = joiner.as_mut() {
+                    for decided in j.expire(Instant::now()) {
+                        metrics::counter!("sluice_join_timeouts_total", "unit" => label.clone()).increment(1);
+                        let items = decided_completions(&j.graph(), decided);
+                        shared.spawn_complete(&mut side, items);
+                    }
+                    join_pending.set(j.pending() as f64);
+                }
+            }
+            msg = shared.consumer.recv(), if room => match msg {
                 Ok(m) => {
-                    lock(&shared.tracker).begin(m.partition(), m.offset());
+                    let Some(topic_index) = topics.iter().position(|t| t == m.topic()) else {
+                        continue;
+                    };
+                    let source = Source { topic_index, partition: m.partition(), offset: m.offset() };
+                    lock(&shared.tracker).begin((topic_index, m.partition()), m.offset());
                     wm.in_flight.increment(1.0);
-                    match admit(&m, &model, model_name, &wm) {
-                        Ok(job) => {
+                    let ctx = Admit {
+                        unit,
+                        model: model.as_ref(),
+                        own_topic: &own_topic,
+                        graphs: &graphs,
+                        entries: &entries,
+                        metrics: &wm,
+                    };
+                    match admit(&m, source, &ctx) {
+                        Admission::Batch(job) => {
                             let rows = job.rows;
                             if job_tx.send(Item { item: job, rows }).await.is_err() {
                                 break;
                             }
                         }
-                        Err(completion) => {
-                            let shared = Arc::clone(&shared);
-                            rejected.spawn(async move { shared.complete(vec![*completion]).await });
+                        Admission::Done(completion) => {
+                            shared.spawn_complete(&mut side, vec![*completion]);
+                        }
+                        Admission::Step(job) => {
+                            let items = vec![run_step(job, &wm)];
+                            shared.spawn_complete(&mut side, items);
+                        }
+                        Admission::Part(request, source) => {
+                            let items = match joiner.as_mut() {
+                                Some(j) => {
+                                    for p in lock(&revoked).drain(..).collect::<Vec<_>>() {
+                                        j.forget_partitions(&[p]);
+                                    }
+                                    let held = Held { topic_index: source.topic_index, partition: source.partition, offset: source.offset };
+                                    let items = match j.offer(request, held) {
+                                        Offered::Held => Vec::new(),
+                                        Offered::Duplicate => vec![bare(source)],
+                                        Offered::Decided(d) => decided_completions(&j.graph(), *d),
+                                    };
+                                    join_pending.set(j.pending() as f64);
+                                    items
+                                }
+                                None => vec![bare(source)],
+                            };
+                            shared.spawn_complete(&mut side, items);
                         }
                     }
-                    while rejected.try_join_next().is_some() {}
+                    while side.try_join_next().is_some() {}
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "consume error");
@@ -299,13 +505,14 @@ pub async fn run(
     }
 
     // Drain: stop taking records, finish everything taken, store and commit, leave the group.
+    // Parts a join still holds stay uncommitted: whoever owns the partition next reads them again.
     tracing::info!("draining");
     joined.store(false, Ordering::Relaxed);
     drop(job_tx);
     let drained = tokio::time::timeout(cfg.worker.drain_timeout, async {
         let _ = batcher.await;
         let _ = completer.await;
-        while rejected.join_next().await.is_some() {}
+        while side.join_next().await.is_some() {}
     })
     .await;
     if drained.is_err() {
@@ -317,17 +524,22 @@ pub async fn run(
         }
     }
     // Commit what was stored, for the partitions this worker still owns.
-    let owned: Vec<i32> = shared
+    let owned: Vec<(String, i32)> = shared
         .consumer
         .assignment()
-        .map(|a| a.elements().iter().map(|e| e.partition()).collect())
+        .map(|a| {
+            a.elements()
+                .iter()
+                .map(|e| (e.topic().to_string(), e.partition()))
+                .collect()
+        })
         .unwrap_or_default();
     let mut tpl = TopicPartitionList::new();
-    for (p, next) in lock(&shared.stored)
-        .iter()
-        .filter(|(p, _)| owned.contains(p))
-    {
-        let _ = tpl.add_partition_offset(&topic, *p, Offset::Offset(*next));
+    for ((t, p), next) in lock(&shared.stored).iter() {
+        let topic = &topics[*t];
+        if owned.iter().any(|(ot, op)| ot == topic && op == p) {
+            let _ = tpl.add_partition_offset(topic, *p, Offset::Offset(*next));
+        }
     }
     if tpl.count() > 0
         && let Err(e) = shared.consumer.commit(&tpl, CommitMode::Sync)
@@ -342,24 +554,130 @@ pub async fn run(
     Ok(())
 }
 
+async fn sleep_or_forever(d: Option<Duration>) {
+    match d {
+        Some(d) => tokio::time::sleep(d.max(Duration::from_millis(1))).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Re-reads the config's graphs; routing changes apply to records arriving from now on.
+fn reload(
+    path: Option<&PathBuf>,
+    graphs: &mut Graphs,
+    joiner: &mut Option<Joiner>,
+) -> Result<String, String> {
+    let cfg = Config::load(path.map(PathBuf::as_path)).map_err(|e| e.to_string())?;
+    let fresh = cfg.compiled_graphs().map_err(|p| p.join("; "))?;
+    if let Some(j) = joiner.as_mut() {
+        j.replace_graph(&fresh);
+    }
+    let summary: Vec<String> = fresh
+        .values()
+        .flat_map(|g| {
+            g.steps.iter().filter_map(|s| {
+                let c = s.canary.as_ref();
+                (c.is_some() || !s.shadows.is_empty()).then(|| {
+                    format!(
+                        "{}.{}: canary {} shadows {:?}",
+                        g.name,
+                        s.name,
+                        c.map_or("none".to_string(), |c| format!("{} at {}", c.model, c.share)),
+                        s.shadows.iter().map(|(m, _)| m).collect::<Vec<_>>()
+                    )
+                })
+            })
+        })
+        .collect();
+    *graphs = fresh;
+    metrics::counter!("sluice_worker_config_reloads_total").increment(1);
+    Ok(format!("reloaded {} graphs; {}", graphs.len(), summary.join("; ")))
+}
+
+fn bare(source: Source) -> Completion {
+    Completion {
+        topic_index: source.topic_index,
+        partition: source.partition,
+        offset: source.offset,
+        ..Default::default()
+    }
+}
+
+/// The completion that delivers what follows a graph step.
+fn next_completion(source: Source, graph: &Graph, base: &InferenceRequest, next: Next) -> Completion {
+    let answered = next.answer.is_some();
+    Completion {
+        topic_index: source.topic_index,
+        partition: source.partition,
+        offset: source.offset,
+        reply: if answered { base.reply.clone() } else { None },
+        deadline_ms: base.deadline_ms,
+        result: next.answer,
+        result_topic: Some(graph.result_topic.clone()),
+        json_result: base.reply_format == "json",
+        forwards: next.forwards,
+        dead_letter: None,
+    }
+}
+
+/// Completions for every record a decided join held: the first delivers what follows.
+fn decided_completions(graph: &Graph, d: crate::join::Decided) -> Vec<Completion> {
+    let mut out = Vec::with_capacity(d.records.len());
+    let mut next = Some(d.next);
+    for h in &d.records {
+        let source = Source {
+            topic_index: h.topic_index,
+            partition: h.partition,
+            offset: h.offset,
+        };
+        match next.take() {
+            Some(n) => out.push(next_completion(source, graph, &d.base, n)),
+            None => out.push(bare(source)),
+        }
+    }
+    out
+}
+
+/// Runs a built-in or route step.
+fn run_step(job: StepJob, wm: &WorkerMetrics) -> Completion {
+    let StepJob {
+        graph,
+        step,
+        base,
+        carried,
+        source,
+    } = job;
+    let outcome = match &graph.steps[step].kind {
+        StepKind::Builtin(Builtin::Argmax) => step_inputs(&graph, step, &carried)
+            .and_then(|inputs| argmax(&inputs[0]))
+            .map_err(|e| step_error(codes::INVALID_INPUT, &graph.steps[step].name, e))
+            .and_then(|outputs| after_step(&graph, step, &base, carried, outputs)),
+        _ => after_step(&graph, step, &base, carried, Vec::new()),
+    };
+    let next = match outcome {
+        Ok(n) => {
+            wm.ok.increment(1);
+            n
+        }
+        Err(e) => {
+            wm.failed.increment(1);
+            failed(&graph, step, &base, e)
+        }
+    };
+    next_completion(source, &graph, &base, next)
+}
+
 fn header<'a>(m: &'a BorrowedMessage<'_>, key: &str) -> Option<&'a str> {
     let headers = m.headers()?;
     headers
         .iter()
-        .find(|h| h.key == key)
+        .find(|h| h.key.eq_ignore_ascii_case(key))
         .and_then(|h| h.value)
         .and_then(|v| std::str::from_utf8(v).ok())
 }
 
-/// Decodes and validates a record; a record that cannot be run becomes a completion at once
-/// (dead letter, plus an error reply when the caller can be named).
-fn admit(
-    m: &BorrowedMessage<'_>,
-    model: &ModelConfig,
-    model_name: &str,
-    wm: &WorkerMetrics,
-) -> Result<Job, Box<Completion>> {
-    let dead = |class: &'static str, message: String| DeadLetter {
+fn dead_letter_of(m: &BorrowedMessage<'_>, class: &'static str, message: String) -> DeadLetter {
+    DeadLetter {
         key: m.key().map(<[u8]>::to_vec),
         payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
         topic: m.topic().to_string(),
@@ -367,90 +685,247 @@ fn admit(
         offset: m.offset(),
         class,
         message,
-    };
-    let request = match decode_request(m.payload().unwrap_or_default()) {
-        Ok(r) => r,
-        Err(e) => {
-            wm.undecodable.increment(1);
-            let message = format!("undecodable request record: {e}");
-            // The gateway also names the request and its reply route in headers, so even a
-            // record that cannot be decoded gets an error reply instead of a timeout.
-            let (result, reply) = match (
-                header(m, kafka_headers::REQUEST_ID),
-                header(m, kafka_headers::REPLY_CHANNEL),
-                header(m, kafka_headers::REPLY_KEY),
-            ) {
-                (Some(id), Some(channel), Some(key)) => {
-                    let stub = InferenceRequest {
-                        id: id.to_string(),
-                        model: model_name.to_string(),
-                        ..Default::default()
-                    };
-                    (
-                        Some(InferenceResult::failure(
-                            &stub,
-                            codes::UNDECODABLE,
-                            message.clone(),
-                        )),
-                        Some(ReplyRoute {
-                            channel: channel.to_string(),
-                            key: key.to_string(),
-                            ttl_ms: 60_000,
-                        }),
-                    )
-                }
-                _ => (None, None),
-            };
-            return Err(Box::new(Completion {
-                partition: m.partition(),
-                offset: m.offset(),
-                result,
-                reply,
-                deadline_ms: 0,
-                dead_letter: Some(dead(codes::UNDECODABLE, message)),
-            }));
-        }
-    };
-    let checked = if request.model != model_name {
-        Err(format!(
-            "request for model '{}' arrived on the topic of '{model_name}'",
-            request.model
-        ))
+    }
+}
+
+/// Decodes and routes a record: a model request for the batcher, a graph step to run here, a
+/// join part, or (for a record that cannot be run) a completion at once: dead letter, plus an
+/// error reply when the caller can be named.
+fn admit(m: &BorrowedMessage<'_>, source: Source, ctx: &Admit<'_>) -> Admission {
+    let payload = m.payload().unwrap_or_default();
+    let entry_graph = ctx.entries.get(m.topic());
+    let json = header(m, kafka_headers::CONTENT_TYPE).is_some_and(|v| v.starts_with("application/json"));
+    let decoded = if json {
+        let key = m.key().and_then(|k| std::str::from_utf8(k).ok());
+        let name = entry_graph.cloned().unwrap_or_else(|| ctx.unit.to_string());
+        sluice_schemas::oip::request_from_json(payload, key, &name, now_ms()).map_err(|e| e.to_string())
     } else {
-        validate_inputs(model, &request.inputs)
+        decode_request(payload).map_err(|e| e.to_string())
+    };
+    let mut request = match decoded {
+        Ok(r) => r,
+        Err(e) => return undecodable(m, source, ctx, e),
+    };
+    let invalid = |request: &InferenceRequest, message: String, json: bool| {
+        ctx.metrics.invalid.increment(1);
+        Admission::Done(Box::new(Completion {
+            topic_index: source.topic_index,
+            partition: source.partition,
+            offset: source.offset,
+            result: Some(InferenceResult::failure(request, codes::INVALID_INPUT, message.clone())),
+            reply: request.reply.clone(),
+            deadline_ms: request.deadline_ms,
+            json_result: json,
+            result_topic: entry_graph.map(|g| format!("{}", ctx.graphs.get(g).map_or(String::new(), |g| g.result_topic.clone()))),
+            dead_letter: Some(dead_letter_of(m, codes::INVALID_INPUT, message)),
+            ..Default::default()
+        }))
+    };
+
+    // A graph record: addressed to a step, or fresh on a graph's entry topic.
+    let graph_step = if let Some(hop) = &request.hop {
+        let Some(graph) = ctx.graphs.get(&hop.graph) else {
+            let msg = format!("unknown graph '{}'", hop.graph);
+            return invalid(&request, msg, json);
+        };
+        let Some(step) = graph.step_index(&hop.step) else {
+            let msg = format!("graph '{}' has no step '{}'", hop.graph, hop.step);
+            return invalid(&request, msg, json);
+        };
+        Some((Arc::clone(graph), step, false))
+    } else if let Some(name) = entry_graph {
+        let Some(graph) = ctx.graphs.get(name) else {
+            return invalid(&request, format!("unknown graph '{name}'"), json);
+        };
+        let checked = if request.model != *name {
+            Err(format!("request for '{}' arrived on the entry topic of graph '{name}'", request.model))
+        } else {
+            let interface = graph.interface();
+            validate_inputs(&interface, &request.inputs)
+                .and_then(|_| validate_outputs(&interface, &request.outputs))
+                .map_err(|e| e.to_string())
+        };
+        if let Err(e) = checked {
+            return invalid(&request, e, json);
+        }
+        let inputs = std::mem::take(&mut request.inputs);
+        request.inputs = entry_carried(inputs);
+        request.hop = Some(GraphHop {
+            graph: graph.name.clone(),
+            step: graph.steps[graph.entry].name.clone(),
+            ..Default::default()
+        });
+        Some((Arc::clone(graph), graph.entry, true))
+    } else {
+        None
+    };
+
+    let Some((graph, step, fresh)) = graph_step else {
+        return admit_model_request(m, source, ctx, request);
+    };
+    let carried = std::mem::take(&mut request.inputs);
+    let base = request;
+    let hop = base.hop.clone().unwrap_or_default();
+    let fail = |base: &InferenceRequest, error: InferenceError, class: &'static str| {
+        ctx.metrics.invalid.increment(1);
+        let next = flow::failed(&graph, step, base, error.clone());
+        let mut c = next_completion(source, &graph, base, next);
+        c.dead_letter = Some(dead_letter_of(m, class, error.message));
+        Admission::Done(Box::new(c))
+    };
+    let step_name = graph.steps[step].name.clone();
+    match (&graph.steps[step].kind, ctx.unit) {
+        (StepKind::Model(_), Unit::Model(me)) => {
+            let Some(model) = ctx.model else {
+                return fail(&base, step_error(codes::INTERNAL, &step_name, "no model"), codes::INVALID_INPUT);
+            };
+            // A fresh entry record whose canary picks another model moves on unchanged.
+            if fresh && topic_for(&graph, step, &base) != ctx.own_topic {
+                let forward = Outgoing {
+                    topic: topic_for(&graph, step, &base).to_string(),
+                    request: InferenceRequest { inputs: carried, ..base.clone() },
+                };
+                return Admission::Done(Box::new(Completion {
+                    topic_index: source.topic_index,
+                    partition: source.partition,
+                    offset: source.offset,
+                    forwards: vec![forward],
+                    ..Default::default()
+                }));
+            }
+            let (inputs, carried) = if hop.shadow {
+                carried
+                    .into_iter()
+                    .partition(|t| model.inputs.iter().any(|i| i.name == t.name))
+            } else {
+                match step_inputs(&graph, step, &carried) {
+                    Ok(inputs) => (inputs, carried),
+                    Err(e) => return fail(&base, step_error(codes::INVALID_INPUT, &step_name, e), codes::INVALID_INPUT),
+                }
+            };
+            let rows = match validate_inputs(model, &inputs) {
+                Ok(rows) => rows,
+                Err(e) => return fail(&base, step_error(codes::INVALID_INPUT, &step_name, e.to_string()), codes::INVALID_INPUT),
+            };
+            if !hop.shadow && graph.steps[step].canary.is_some() {
+                metrics::counter!("sluice_canary_served_total", "graph" => graph.name.clone(), "step" => step_name.clone(), "model" => me.clone()).increment(1);
+            }
+            Admission::Batch(Job {
+                request: InferenceRequest { inputs, ..base },
+                source,
+                topic: m.topic().to_string(),
+                rows,
+                graph: Some(GraphJob { graph, step, carried, shadow: hop.shadow }),
+            })
+        }
+        (StepKind::Combine(_), Unit::Step { step: mine, .. }) if *mine == step_name => {
+            Admission::Part(InferenceRequest { inputs: carried, ..base }, source)
+        }
+        (StepKind::Builtin(_) | StepKind::Route(_), Unit::Step { step: mine, .. }) if *mine == step_name => {
+            Admission::Step(StepJob { graph, step, base, carried, source })
+        }
+        _ => fail(
+            &base,
+            step_error(codes::INVALID_INPUT, &step_name, format!("a record for step '{step_name}' arrived at worker '{}'", ctx.unit)),
+            codes::INVALID_INPUT,
+        ),
+    }
+}
+
+/// A record that could not be decoded: dead-lettered, and answered when headers name the caller.
+fn undecodable(m: &BorrowedMessage<'_>, source: Source, ctx: &Admit<'_>, error: String) -> Admission {
+    ctx.metrics.undecodable.increment(1);
+    let message = format!("undecodable request record: {error}");
+    // The gateway also names the request and its reply route in headers, so even a record that
+    // cannot be decoded gets an error reply instead of a timeout.
+    let (result, reply) = match (
+        header(m, kafka_headers::REQUEST_ID),
+        header(m, kafka_headers::REPLY_CHANNEL),
+        header(m, kafka_headers::REPLY_KEY),
+    ) {
+        (Some(id), Some(channel), Some(key)) => {
+            let stub = InferenceRequest {
+                id: id.to_string(),
+                model: ctx.unit.to_string(),
+                ..Default::default()
+            };
+            (
+                Some(InferenceResult::failure(&stub, codes::UNDECODABLE, message.clone())),
+                Some(ReplyRoute {
+                    channel: channel.to_string(),
+                    key: key.to_string(),
+                    ttl_ms: 60_000,
+                }),
+            )
+        }
+        _ => (None, None),
+    };
+    Admission::Done(Box::new(Completion {
+        topic_index: source.topic_index,
+        partition: source.partition,
+        offset: source.offset,
+        result,
+        reply,
+        dead_letter: Some(dead_letter_of(m, codes::UNDECODABLE, message)),
+        ..Default::default()
+    }))
+}
+
+/// A plain request for this worker's model.
+fn admit_model_request(
+    m: &BorrowedMessage<'_>,
+    source: Source,
+    ctx: &Admit<'_>,
+    request: InferenceRequest,
+) -> Admission {
+    let json = request.reply_format == "json";
+    let checked = match (ctx.model, ctx.unit) {
+        (Some(model), Unit::Model(name)) if request.model == *name => validate_inputs(model, &request.inputs)
             .and_then(|rows| validate_outputs(model, &request.outputs).map(|()| rows))
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string()),
+        _ => Err(format!(
+            "request for model '{}' arrived on a topic of '{}'",
+            request.model, ctx.unit
+        )),
     };
     match checked {
-        Ok(rows) => Ok(Job {
+        Ok(rows) => Admission::Batch(Job {
             request,
-            partition: m.partition(),
-            offset: m.offset(),
+            source,
             topic: m.topic().to_string(),
             rows,
+            graph: None,
         }),
         Err(message) => {
-            wm.invalid.increment(1);
-            Err(Box::new(Completion {
-                partition: m.partition(),
-                offset: m.offset(),
-                result: Some(InferenceResult::failure(
-                    &request,
-                    codes::INVALID_INPUT,
-                    message.clone(),
-                )),
+            ctx.metrics.invalid.increment(1);
+            Admission::Done(Box::new(Completion {
+                topic_index: source.topic_index,
+                partition: source.partition,
+                offset: source.offset,
+                result: Some(InferenceResult::failure(&request, codes::INVALID_INPUT, message.clone())),
                 reply: request.reply.clone(),
                 deadline_ms: request.deadline_ms,
-                dead_letter: Some(dead(codes::INVALID_INPUT, message)),
+                json_result: json,
+                dead_letter: Some(dead_letter_of(m, codes::INVALID_INPUT, message)),
+                ..Default::default()
             }))
         }
     }
+}
+
+/// Per-batch facts copied into each answer.
+#[derive(Clone, Copy)]
+struct BatchFacts {
+    queue_us: i64,
+    infer_us: i64,
+    batch_size: i32,
 }
 
 /// One inference thread: owns a backend, runs batches handed to it, passes completions on.
 fn inference_thread(
     mut backend: impl Backend,
     model: &ModelConfig,
+    model_name: &str,
     wm: &WorkerMetrics,
     batches: &Mutex<mpsc::Receiver<Dispatched<Job>>>,
     done: &mpsc::Sender<Vec<Completion>>,
@@ -467,14 +942,15 @@ fn inference_thread(
             .into_iter()
             .partition(|j| j.request.deadline_ms != 0 && now >= j.request.deadline_ms);
         let mut completions = Vec::with_capacity(expired.len() + live.len());
+        let none = BatchFacts { queue_us: 0, infer_us: 0, batch_size: 0 };
         for j in expired {
             wm.expired.increment(1);
-            let result = InferenceResult::failure(
-                &j.request,
+            let error = step_error(
                 codes::DEADLINE_EXCEEDED,
+                &step_label(&j, model_name),
                 "the deadline passed before the request could run",
             );
-            completions.push(completion_of(j, result));
+            completions.push(finish_job(j, Err(error), none, model, model_name));
         }
         if !live.is_empty() {
             let rows: usize = live.iter().map(|j| j.rows).sum();
@@ -485,21 +961,15 @@ fn inference_thread(
             for (j, outcome) in live.into_iter().zip(outcomes) {
                 let queue_us = (started_us - j.request.sent_at_us).max(0);
                 wm.queue_wait_seconds.record(queue_us as f64 / 1e6);
-                let result = match outcome {
+                let facts = BatchFacts {
+                    queue_us,
+                    infer_us,
+                    batch_size: i32::try_from(rows).unwrap_or(i32::MAX),
+                };
+                let outcome = match outcome {
                     Ok(outputs) => {
                         wm.ok.increment(1);
-                        InferenceResult {
-                            id: j.request.id.clone(),
-                            client_id: j.request.client_id.clone(),
-                            model: j.request.model.clone(),
-                            model_version: model.version.clone(),
-                            error: None,
-                            outputs,
-                            parameters: Default::default(),
-                            queue_us,
-                            infer_us,
-                            batch_size: i32::try_from(rows).unwrap_or(i32::MAX),
-                        }
+                        Ok(outputs)
                     }
                     Err(message) => {
                         wm.failed.increment(1);
@@ -509,16 +979,164 @@ fn inference_thread(
                             error = %message,
                             "inference failed"
                         );
-                        InferenceResult::failure(&j.request, codes::MODEL_FAILED, message)
+                        Err(step_error(codes::MODEL_FAILED, &step_label(&j, model_name), message))
                     }
                 };
-                completions.push(completion_of(j, result));
+                completions.push(finish_job(j, outcome, facts, model, model_name));
             }
         }
         drop(permit);
         if done.blocking_send(completions).is_err() {
             return;
         }
+    }
+}
+
+/// The name errors carry: the graph step, or the model.
+fn step_label(j: &Job, model_name: &str) -> String {
+    match &j.graph {
+        Some(g) => g.graph.steps[g.step].name.clone(),
+        None => model_name.to_string(),
+    }
+}
+
+/// What follows a model's outcome for one job: its answer, its graph's next records, or a shadow
+/// comparison.
+fn finish_job(
+    mut j: Job,
+    outcome: Result<Vec<Tensor>, InferenceError>,
+    facts: BatchFacts,
+    model: &ModelConfig,
+    model_name: &str,
+) -> Completion {
+    let Some(g) = j.graph.take() else {
+        let result = match outcome {
+            Ok(outputs) => InferenceResult {
+                id: j.request.id.clone(),
+                client_id: j.request.client_id.clone(),
+                model: j.request.model.clone(),
+                model_version: model.version.clone(),
+                error: None,
+                outputs,
+                parameters: Default::default(),
+                queue_us: facts.queue_us,
+                infer_us: facts.infer_us,
+                batch_size: facts.batch_size,
+            },
+            Err(e) => InferenceResult::failure(&j.request, &e.code, e.message),
+        };
+        return completion_of(j, result);
+    };
+    let source = j.source;
+    let step = &g.graph.steps[g.step];
+    if g.shadow {
+        return shadow_completion(&j, &g, outcome, model, model_name);
+    }
+    if let Some(hop) = j.request.hop.as_mut() {
+        hop.served.insert(step.name.clone(), model_name.to_string());
+    }
+    let dead = |e: &InferenceError, request: &InferenceRequest| {
+        (e.code == codes::MODEL_FAILED).then(|| DeadLetter {
+            key: Some(request.id.clone().into_bytes()),
+            payload: sluice_schemas::encode_request(request).unwrap_or_default(),
+            topic: j.topic.clone(),
+            partition: source.partition,
+            offset: source.offset,
+            class: codes::MODEL_FAILED,
+            message: e.message.clone(),
+        })
+    };
+    let (next, dead_letter) = match outcome {
+        Ok(outputs) => {
+            let mut shadows = Vec::new();
+            if !step.shadows.is_empty() && matches!(&step.kind, StepKind::Model(p) if p == model_name) {
+                shadows = flow::shadow_copies(&g.graph, g.step, &j.request, &j.request.inputs, &outputs);
+            }
+            let mut next = match after_step(&g.graph, g.step, &j.request, g.carried, outputs) {
+                Ok(n) => n,
+                Err(e) => failed(&g.graph, g.step, &j.request, e),
+            };
+            if let Some(a) = next.answer.as_mut() {
+                a.queue_us = facts.queue_us;
+                a.infer_us = facts.infer_us;
+                a.batch_size = facts.batch_size;
+            }
+            next.forwards.extend(shadows);
+            (next, None)
+        }
+        Err(e) => {
+            let replay = InferenceRequest {
+                inputs: g.carried.clone(),
+                ..j.request.clone()
+            };
+            let dl = dead(&e, &replay);
+            (failed(&g.graph, g.step, &j.request, e), dl)
+        }
+    };
+    let mut c = next_completion(source, &g.graph, &j.request, next);
+    c.dead_letter = dead_letter;
+    c
+}
+
+/// A shadow's outputs compared with the primary's: metrics and a record on the comparison topic.
+fn shadow_completion(
+    j: &Job,
+    g: &GraphJob,
+    outcome: Result<Vec<Tensor>, InferenceError>,
+    model: &ModelConfig,
+    model_name: &str,
+) -> Completion {
+    let step = &g.graph.steps[g.step];
+    let primary = match &step.kind {
+        StepKind::Model(p) => p.clone(),
+        _ => String::new(),
+    };
+    let labels = |outcome: &str| {
+        [
+            ("graph", g.graph.name.clone()),
+            ("step", step.name.clone()),
+            ("shadow", model_name.to_string()),
+            ("outcome", outcome.to_string()),
+        ]
+    };
+    let mut parameters = std::collections::BTreeMap::from([
+        ("graph".to_string(), format!("\"{}\"", g.graph.name)),
+        ("step".to_string(), format!("\"{}\"", step.name)),
+        ("primary".to_string(), format!("\"{primary}\"")),
+    ]);
+    let result = match outcome {
+        Ok(outputs) => {
+            let c = flow::compare(&step.name, &g.carried, &outputs);
+            metrics::counter!("sluice_shadow_comparisons_total", &labels(if c.agree { "agree" } else { "disagree" })).increment(1);
+            metrics::histogram!("sluice_shadow_max_abs_diff", "graph" => g.graph.name.clone(), "step" => step.name.clone(), "shadow" => model_name.to_string()).record(c.max_abs_diff);
+            parameters.insert("agree".into(), c.agree.to_string());
+            parameters.insert("max_abs_diff".into(), c.max_abs_diff.to_string());
+            parameters.insert("rows_differing".into(), c.rows_differing.to_string());
+            InferenceResult {
+                id: j.request.id.clone(),
+                client_id: j.request.client_id.clone(),
+                model: model_name.to_string(),
+                model_version: model.version.clone(),
+                outputs,
+                parameters,
+                ..Default::default()
+            }
+        }
+        Err(e) => {
+            metrics::counter!("sluice_shadow_comparisons_total", &labels("failed")).increment(1);
+            let mut r = InferenceResult::failure(&j.request, &e.code, e.message);
+            r.model = model_name.to_string();
+            r.parameters = parameters;
+            r
+        }
+    };
+    Completion {
+        topic_index: j.source.topic_index,
+        partition: j.source.partition,
+        offset: j.source.offset,
+        result: Some(result),
+        result_topic: Some(g.graph.comparison_topic.clone()),
+        ..Default::default()
     }
 }
 
@@ -532,18 +1150,21 @@ fn completion_of(j: Job, result: InferenceResult) -> Completion {
             key: Some(j.request.id.clone().into_bytes()),
             payload: sluice_schemas::encode_request(&j.request).unwrap_or_default(),
             topic: j.topic.clone(),
-            partition: j.partition,
-            offset: j.offset,
+            partition: j.source.partition,
+            offset: j.source.offset,
             class: codes::MODEL_FAILED,
             message: e.message.clone(),
         });
     Completion {
-        partition: j.partition,
-        offset: j.offset,
+        topic_index: j.source.topic_index,
+        partition: j.source.partition,
+        offset: j.source.offset,
         reply: j.request.reply.clone(),
         deadline_ms: j.request.deadline_ms,
+        json_result: j.request.reply_format == "json",
         result: Some(result),
         dead_letter,
+        ..Default::default()
     }
 }
 
@@ -560,10 +1181,14 @@ mod tests {
                 deadline_ms: 42,
                 ..Default::default()
             },
-            partition: 3,
-            offset: 17,
+            source: Source {
+                topic_index: 0,
+                partition: 3,
+                offset: 17,
+            },
             topic: "sluice.m.requests".into(),
             rows: 1,
+            graph: None,
         }
     }
 
