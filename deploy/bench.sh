@@ -2,7 +2,8 @@
 # Reproducible benchmark: for each model, a fresh local stack (`sluice up --models M`, a new
 # in-memory tansu), then `sluice bench` (transport floor, in-process compute, HTTP load).
 # A fresh broker per model matters: tansu's per-request cost grows with the log it holds
-# (see README, Benchmarks). usage: deploy/bench.sh [MODEL...]   (default: mlp heavy)
+# (see README, Benchmarks). usage: deploy/bench.sh [MODEL_OR_GRAPH...]
+# (default: mlp heavy digits-pipeline digits-ensemble)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 deploy/setup.sh
@@ -11,12 +12,13 @@ source .sluice-env
 cargo build --release --quiet --bin sluice
 CONFIG=${SLUICE_BENCH_CONFIG:-examples/digits.toml}
 DURATION=${SLUICE_BENCH_DURATION:-10s}
-for model in "${@:-mlp heavy}"; do
+for model in "${@:-mlp heavy digits-pipeline digits-ensemble}"; do
   for m in $model; do
-    target/release/sluice --config "$CONFIG" up --models "$m" >/dev/null 2>/tmp/sluice-bench-up.log &
+    target/release/sluice --config "$CONFIG" up --models "$m" >/tmp/sluice-bench-up.out 2>/tmp/sluice-bench-up.log &
     up=$!
-    for _ in $(seq 1 150); do
-      curl -sf http://127.0.0.1:8000/v2/health/ready >/dev/null 2>&1 && curl -sf http://127.0.0.1:9100/health/ready >/dev/null 2>&1 && break
+    # `up` prints its banner once the gateway and every worker are ready.
+    for _ in $(seq 1 300); do
+      grep -q "Sluice is up" /tmp/sluice-bench-up.out 2>/dev/null && break
       sleep 0.2
     done
     target/release/sluice --config "$CONFIG" bench --model "$m" --concurrency 1,32 --duration "$DURATION" 2>/dev/null

@@ -4,6 +4,7 @@
 //! 1. **transport**: the broker's produce→consume latency, one record at a time, with the same
 //!    client settings the gateway and workers use (the floor any Kafka hop pays);
 //! 2. **compute**: ONNX Runtime in-process on the same model at each batch size (the model's limit);
+//!    for a graph, each of its models at batch 1 and their sum;
 //! 3. **http**: closed-loop load at each concurrency against a running gateway: requests/s, p50,
 //!    p90, p99, errors, and the CPU time Sluice's own processes (gateway, workers) spent per request.
 
@@ -24,7 +25,7 @@ use sluice_workers::backend::{Backend, OrtBackend};
 /// Options of `sluice bench`.
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// Model to measure.
+    /// Model or graph to measure.
     #[arg(long)]
     model: String,
     /// Gateway base URL (default: http://<gateway.listen>).
@@ -81,10 +82,25 @@ fn summarize(mut us: Vec<u64>) -> Summary {
 
 #[allow(clippy::print_stdout)]
 pub async fn run(cfg: Config, args: BenchArgs) -> anyhow::Result<()> {
-    let model = cfg
-        .model(&args.model)
-        .with_context(|| format!("model '{}' is not in the config", args.model))?
-        .clone();
+    let graph = cfg.graph(&args.model);
+    let model = match (&graph, cfg.model(&args.model)) {
+        (_, Some(m)) => m.clone(),
+        (Some(g), None) => {
+            // A graph: its interface, with the request samples next to its first model's file.
+            let first_model = g.steps.iter().find_map(|s| match &s.kind {
+                sluice_common::graph::StepKind::Model(m) => cfg.model(m),
+                _ => None,
+            });
+            sluice_common::ModelConfig {
+                onnx: first_model.map(|m| m.onnx.clone()).unwrap_or_default(),
+                ..g.interface()
+            }
+        }
+        (None, None) => bail!(
+            "'{}' is neither a model nor a graph in the config",
+            args.model
+        ),
+    };
     let body = request_body(&args, &model)?;
     println!(
         "sluice bench: model {}, {} per level after {} warm-up",
@@ -102,7 +118,40 @@ pub async fn run(cfg: Config, args: BenchArgs) -> anyhow::Result<()> {
         );
         transport_p50 = Some(s.p50);
     }
-    if !args.skip_compute {
+    let mut graph_compute_ms = None;
+    if let (Some(g), false) = (&graph, args.skip_compute) {
+        let inputs = parse_inputs(&body)?;
+        let mut sum = 0.0;
+        for step in &g.steps {
+            let sluice_common::graph::StepKind::Model(name) = &step.kind else {
+                continue;
+            };
+            let Some(m) = cfg.model(name) else { continue };
+            // Every example model reads one [batch, 64] FP32 tensor: the sample, renamed.
+            let input: Vec<Tensor> = m
+                .inputs
+                .iter()
+                .zip(&inputs)
+                .map(|(spec, t)| Tensor {
+                    name: spec.name.clone(),
+                    ..t.clone()
+                })
+                .collect();
+            let (_, s) = compute(m, &input, 1, Duration::from_secs(2))?;
+            println!(
+                "compute    step {} ({name}) in-process, batch 1: per call p50={:.3}ms p99={:.3}ms",
+                step.name, s.p50, s.p99
+            );
+            sum += s.p50;
+        }
+        println!(
+            "compute    graph {}: sum of its models' in-process p50 = {sum:.3}ms over {} topic hops",
+            g.name,
+            hops(g)
+        );
+        graph_compute_ms = Some(sum);
+    }
+    if !args.skip_compute && graph.is_none() {
         let inputs = parse_inputs(&body)?;
         // The model's own settings, and one intra-op thread (the single-core limit) if they differ.
         let mut variants = vec![model.clone()];
@@ -137,9 +186,18 @@ pub async fn run(cfg: Config, args: BenchArgs) -> anyhow::Result<()> {
             println!("           CPU (% of one core): {}", r.cpu_breakdown);
             let s = summarize(r.latencies_us);
             let rps = s.count as f64 / args.duration.as_secs_f64();
-            let over = transport_p50
-                .map(|t| format!(", p50 - transport p50 = {:.2}ms", s.p50 - t))
-                .unwrap_or_default();
+            let over = match (&graph, graph_compute_ms, transport_p50) {
+                (Some(g), Some(compute_ms), Some(t)) => {
+                    let n = hops(g) as f64;
+                    format!(
+                        ", {n} hops: (p50 - models' sum) / hops = {:.2}ms per hop vs transport p50 + 1ms = {:.2}ms",
+                        (s.p50 - compute_ms) / n,
+                        t + 1.0
+                    )
+                }
+                (None, _, Some(t)) => format!(", p50 - transport p50 = {:.2}ms", s.p50 - t),
+                _ => String::new(),
+            };
             println!(
                 "http       concurrency {c}: {rps:.0} req/s, p50={:.2}ms p90={:.2}ms p99={:.2}ms, errors={}, sluice CPU {:.3} ms/req over {} processes{over}",
                 s.p50,
@@ -152,6 +210,17 @@ pub async fn run(cfg: Config, args: BenchArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Topic hops on a graph's longest path: one per step a request passes through.
+fn hops(g: &sluice_common::graph::Graph) -> usize {
+    let mut depth = vec![1usize; g.steps.len()];
+    for i in 0..g.steps.len() {
+        for &n in &g.steps[i].next {
+            depth[n] = depth[n].max(depth[i] + 1);
+        }
+    }
+    depth.into_iter().max().unwrap_or(1)
 }
 
 fn request_body(args: &BenchArgs, model: &sluice_common::ModelConfig) -> anyhow::Result<Bytes> {

@@ -452,7 +452,9 @@ pub fn compile(
             p.push(format!("{skey}: unknown model '{m}'"));
         }
         if s.model.is_none() && (s.canary.is_some() || !s.shadow.is_empty()) {
-            p.push(format!("{skey}: canary and shadow apply to model steps only"));
+            p.push(format!(
+                "{skey}: canary and shadow apply to model steps only"
+            ));
         }
         if s.workers == 0 {
             p.push(format!("{skey}.workers: must be at least 1"));
@@ -567,12 +569,11 @@ pub fn compile(
     // Immediate predecessors: dependencies not already reached through another dependency.
     let mut next: Vec<Vec<usize>> = vec![Vec::new(); n];
     let mut entries = Vec::new();
-    for i in 0..n {
-        let s = &g.steps[i];
-        let preds: Vec<usize> = deps[i]
+    for (i, (s, dep)) in g.steps.iter().zip(&deps).enumerate() {
+        let preds: Vec<usize> = dep
             .iter()
             .copied()
-            .filter(|&d| !deps[i].iter().any(|&o| o != d && ancestors[o].contains(&d)))
+            .filter(|&d| !dep.iter().any(|&o| o != d && ancestors[o].contains(&d)))
             .collect();
         if preds.is_empty() {
             entries.push(i);
@@ -640,7 +641,9 @@ pub fn compile(
                 && let Some(&d) = index.get(step)
                 && !ancestors[i].contains(&d)
             {
-                p.push(format!("{skey}: reads '{src}' from a step that does not run before it"));
+                p.push(format!(
+                    "{skey}: reads '{src}' from a step that does not run before it"
+                ));
                 return None;
             }
             let spec = spec_of(src, &outputs);
@@ -668,7 +671,11 @@ pub fn compile(
                 }
             }
             outputs[i] = m.outputs.clone();
-            let variants = s.canary.iter().map(|c| c.model.clone()).chain(s.shadow.iter().cloned());
+            let variants = s
+                .canary
+                .iter()
+                .map(|c| c.model.clone())
+                .chain(s.shadow.iter().cloned());
             for v in variants {
                 match models.get(&v) {
                     None => p.push(format!("{skey}: unknown candidate/shadow model '{v}'")),
@@ -705,7 +712,9 @@ pub fn compile(
                 Builtin::Argmax => {
                     let names: Vec<&String> = s.inputs.keys().collect();
                     if names != ["probabilities"] {
-                        p.push(format!("{skey}: argmax reads exactly one input, 'probabilities'"));
+                        p.push(format!(
+                            "{skey}: argmax reads exactly one input, 'probabilities'"
+                        ));
                     } else if let Some(got) = reads(&s.inputs["probabilities"], &mut p)
                         && (got.datatype != DataType::Fp32 || got.shape.len() != 2)
                     {
@@ -737,11 +746,16 @@ pub fn compile(
                 p.push(format!("{skey}: a combine step needs parts"));
             }
             if !s.inputs.is_empty() {
-                p.push(format!("{skey}: a combine step takes 'parts', not 'inputs'"));
+                p.push(format!(
+                    "{skey}: a combine step takes 'parts', not 'inputs'"
+                ));
             }
             let quorum = s.quorum.unwrap_or(parts.len());
             if quorum == 0 || quorum > parts.len() {
-                p.push(format!("{skey}.quorum: must be between 1 and {}", parts.len()));
+                p.push(format!(
+                    "{skey}.quorum: must be between 1 and {}",
+                    parts.len()
+                ));
             }
             if c == Combiner::WeightedMean
                 && (s.weights.len() != parts.len()
@@ -791,7 +805,9 @@ pub fn compile(
     // Every way through the routers must reach exactly one final step, run no non-join step
     // twice, and bring each join all of its parts.
     let terminals: Vec<usize> = (0..n).filter(|&i| next[i].is_empty()).collect();
-    check_flows(&key, g, &order, entry, &next, &routes, &joins, &index, &mut p);
+    check_flows(
+        &key, g, &order, entry, &next, &routes, &joins, &index, &mut p,
+    );
     for &t in &terminals {
         if routes[t].is_some() {
             p.push(format!(
@@ -832,7 +848,7 @@ pub fn compile(
     }
     // A failure inside a join's branch goes to the join as a failed part.
     let mut failure_join: Vec<Option<(usize, Vec<String>)>> = vec![None; n];
-    for i in 0..n {
+    for (i, slot) in failure_join.iter_mut().enumerate() {
         for &j in &order {
             let Some(join) = &joins[j] else { continue };
             let reached: Vec<String> = join
@@ -846,7 +862,7 @@ pub fn compile(
                 .map(|(st, _)| st.clone())
                 .collect();
             if !reached.is_empty() && reached.len() < join.parts.len() {
-                failure_join[i] = Some((j, reached));
+                *slot = Some((j, reached));
                 break;
             }
         }
@@ -870,7 +886,11 @@ pub fn compile(
             Step {
                 name: s.name.clone(),
                 kind,
-                inputs: s.inputs.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                inputs: s
+                    .inputs
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
                 outputs: outputs[i].clone(),
                 next: next[i].clone(),
                 carry: carry[i].clone(),
@@ -1111,7 +1131,10 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
-    fn model(inputs: &[(&str, DataType, Vec<i64>)], outputs: &[(&str, DataType, Vec<i64>)]) -> ModelConfig {
+    fn model(
+        inputs: &[(&str, DataType, Vec<i64>)],
+        outputs: &[(&str, DataType, Vec<i64>)],
+    ) -> ModelConfig {
         let specs = |v: &[(&str, DataType, Vec<i64>)]| {
             v.iter().map(|(n, d, s)| spec(n, *d, s.clone())).collect()
         };
@@ -1268,7 +1291,10 @@ inputs = { input = "a.scaled" }
             "{unknown}"
         );
         let missing = err(&PIPELINE.replace("scale.scaled", "scale.nothing"));
-        assert!(missing.contains("'scale.nothing', which no step produces"), "{missing}");
+        assert!(
+            missing.contains("'scale.nothing', which no step produces"),
+            "{missing}"
+        );
         let model = err(&PIPELINE.replace("model = \"mlp\"", "model = \"mpl\""));
         assert!(model.contains("unknown model 'mpl'"), "{model}");
     }
@@ -1276,7 +1302,10 @@ inputs = { input = "a.scaled" }
     #[test]
     fn mismatched_dtypes_and_shapes_are_named() {
         let dtype = err(&PIPELINE.replace("scale.scaled", "classify.label"));
-        assert!(dtype.contains("cycle") || dtype.contains("own output"), "{dtype}");
+        assert!(
+            dtype.contains("cycle") || dtype.contains("own output"),
+            "{dtype}"
+        );
         let dtype = err(&PIPELINE.replace(
             "builtin = \"argmax\"\ninputs = { probabilities = \"classify.probabilities\" }",
             "model = \"scaler\"\ninputs = { input = \"classify.label\" }",
@@ -1347,13 +1376,19 @@ inputs = { input = "scale.scaled" }
         ))
         .unwrap();
         let c = ok.steps[1].canary.as_ref().unwrap();
-        assert_eq!((c.model.as_str(), c.topic.as_str()), ("logreg", "sluice.logreg.requests"));
+        assert_eq!(
+            (c.model.as_str(), c.topic.as_str()),
+            ("logreg", "sluice.logreg.requests")
+        );
         assert_eq!(ok.steps[1].shadows[0].0, "forest");
         let bad = err(&PIPELINE.replace(
             "model = \"mlp\"",
             "model = \"mlp\"\ncanary = { model = \"scaler\", share = 2.0 }",
         ));
-        assert!(bad.contains("same inputs and outputs") && bad.contains("share"), "{bad}");
+        assert!(
+            bad.contains("same inputs and outputs") && bad.contains("share"),
+            "{bad}"
+        );
     }
 
     #[test]

@@ -59,7 +59,10 @@ async fn render_metrics(State(s): State<OpsState>) -> String {
 
 async fn reload_config(State(s): State<OpsState>) -> (StatusCode, String) {
     let Some(tx) = s.reload else {
-        return (StatusCode::NOT_FOUND, "reload is not supported here\n".into());
+        return (
+            StatusCode::NOT_FOUND,
+            "reload is not supported here\n".into(),
+        );
     };
     let (reply_tx, reply_rx) = oneshot::channel();
     if tx.send(reply_tx).await.is_err() {

@@ -128,7 +128,11 @@ async fn model_metadata(
     State(gw): Shared,
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    Ok(metadata_json(&name, model(&gw, &name)?, platform(&gw, &name)))
+    Ok(metadata_json(
+        &name,
+        model(&gw, &name)?,
+        platform(&gw, &name),
+    ))
 }
 
 async fn model_metadata_v(

@@ -3,10 +3,10 @@
 
 use std::fmt;
 
+use crate::{DataType, Tensor, tensor::element_count};
 use serde::de::{self, DeserializeSeed, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
-use crate::{DataType, Tensor, tensor::element_count};
 
 /// Why an Open Inference Protocol body could not be read or written.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -180,13 +180,9 @@ pub fn parse_request(body: &[u8], json_len: Option<usize>) -> Result<ParsedReque
         .map_err(|e| OipError::BadRequest(format!("malformed request JSON: {e}")))?;
     let mut inputs = Vec::with_capacity(req.inputs.len());
     for input in req.inputs {
-        let datatype: DataType =
-            input
-                .datatype
-                .parse()
-                .map_err(|e: crate::TensorError| {
-                    OipError::InvalidTensor(format!("input '{}': {e}", input.name))
-                })?;
+        let datatype: DataType = input.datatype.parse().map_err(|e: crate::TensorError| {
+            OipError::InvalidTensor(format!("input '{}': {e}", input.name))
+        })?;
         let count = element_count(&input.shape).ok_or_else(|| {
             OipError::InvalidTensor(format!(
                 "input '{}' has an invalid shape {:?}",
@@ -488,7 +484,9 @@ pub fn request_from_json(
         .id
         .clone()
         .or_else(|| key.map(str::to_string))
-        .ok_or_else(|| OipError::BadRequest("a JSON request needs an id (or a record key)".into()))?;
+        .ok_or_else(|| {
+            OipError::BadRequest("a JSON request needs an id (or a record key)".into())
+        })?;
     let deadline_ms = match parsed.parameters.get("timeout") {
         Some(Value::Number(n)) => n
             .as_u64()
@@ -533,7 +531,13 @@ pub fn result_to_json(r: &crate::InferenceResult) -> Vec<u8> {
         })
         .collect();
     let outputs: Vec<(&Tensor, bool)> = r.outputs.iter().map(|t| (t, false)).collect();
-    match encode_response(&r.model, &r.model_version, Some(&r.id), parameters, &outputs) {
+    match encode_response(
+        &r.model,
+        &r.model_version,
+        Some(&r.id),
+        parameters,
+        &outputs,
+    ) {
         Ok(e) => e.body,
         Err(e) => serde_json::json!({"id": r.id, "model_name": r.model, "error": e.to_string()})
             .to_string()
@@ -551,25 +555,35 @@ mod tests {
         let body = br#"{"id":"k1","parameters":{"timeout":5000000,"tier":"gold"},
             "inputs":[{"name":"input","shape":[1,2],"datatype":"FP32","data":[1.5,2]}]}"#;
         let r = request_from_json(body, None, "g", 1_000).unwrap();
-        assert_eq!((r.id.as_str(), r.deadline_ms, r.reply_format.as_str()), ("k1", 6_000, "json"));
+        assert_eq!(
+            (r.id.as_str(), r.deadline_ms, r.reply_format.as_str()),
+            ("k1", 6_000, "json")
+        );
         assert_eq!(r.parameters["tier"], "\"gold\"");
         assert_eq!(r.inputs[0].values::<f32>(), [1.5, 2.0]);
         let no_id = br#"{"inputs":[{"name":"input","shape":[1],"datatype":"FP32","data":[1]}]}"#;
-        assert_eq!(request_from_json(no_id, Some("key-7"), "g", 0).unwrap().id, "key-7");
+        assert_eq!(
+            request_from_json(no_id, Some("key-7"), "g", 0).unwrap().id,
+            "key-7"
+        );
         assert!(request_from_json(no_id, None, "g", 0).is_err());
 
         let result = crate::InferenceResult {
             id: "k1".into(),
             model: "g".into(),
             model_version: "1".into(),
-            outputs: vec![Tensor::from_values("label", DataType::Int64, vec![1], &[4i64])],
+            outputs: vec![Tensor::from_values(
+                "label",
+                DataType::Int64,
+                vec![1],
+                &[4i64],
+            )],
             ..Default::default()
         };
         let v: Value = serde_json::from_slice(&result_to_json(&result)).unwrap();
         assert_eq!(v["outputs"][0]["data"][0], 4);
         assert_eq!(v["id"], "k1");
     }
-
 
     #[test]
     fn parses_nested_and_flat_json_data() {

@@ -69,6 +69,8 @@ pub struct Stack {
     pub kafka: String,
     pub redis_url: String,
     pub gateway: String,
+    /// The config file every process reads.
+    pub config: PathBuf,
     env: Vec<(String, String)>,
     procs: Vec<Proc>,
 }
@@ -84,6 +86,11 @@ pub fn wait_tcp(addr: &str, within: Duration) {
 impl Stack {
     /// Broker + Redis + topics + one gateway; `env` adds SLUICE__ overrides for all processes.
     pub fn start(env: &[(&str, &str)]) -> Option<Stack> {
+        Self::start_config(root().join("examples/digits.toml"), env)
+    }
+
+    /// As [`Stack::start`], with another config file (see [`config_variant`]).
+    pub fn start_config(config: PathBuf, env: &[(&str, &str)]) -> Option<Stack> {
         services_available()?;
         let dir = tempfile::tempdir().unwrap();
         let (kp, rp, gp) = (free_port(), free_port(), free_port());
@@ -94,6 +101,7 @@ impl Stack {
             kafka: kafka.clone(),
             redis_url: redis_url.clone(),
             gateway: format!("http://127.0.0.1:{gp}"),
+            config,
             env: vec![
                 ("SLUICE__KAFKA__BROKERS".into(), kafka.clone()),
                 ("SLUICE__REDIS__URL".into(), redis_url),
@@ -126,9 +134,7 @@ impl Stack {
     /// A `sluice` command with the stack's config and environment.
     pub fn sluice(&self, args: &[&str]) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_sluice"));
-        c.arg("--config")
-            .arg(root().join("examples/digits.toml"))
-            .args(args);
+        c.arg("--config").arg(&self.config).args(args);
         c.envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         c
     }
@@ -162,17 +168,28 @@ impl Stack {
         self.procs.len() - 1
     }
 
-    /// Starts a worker for `model` and waits until it has joined its group; returns its index.
-    pub fn start_worker(&mut self, model: &str) -> usize {
+    /// Starts a worker for `unit` (a model, or `<graph>.<step>`) and waits until it has joined
+    /// its group; returns its index.
+    pub fn start_worker(&mut self, unit: &str) -> usize {
+        self.start_worker_at(unit).0
+    }
+
+    /// As [`Stack::start_worker`]; also returns its ops address (`/metrics`, `/admin/reload`).
+    pub fn start_worker_at(&mut self, unit: &str) -> (usize, String) {
         let port = free_port();
         let addr = format!("127.0.0.1:{port}");
+        let flag = if unit.contains('.') {
+            "--step"
+        } else {
+            "--model"
+        };
         let i = self.spawn_sluice(
-            &format!("worker-{model}"),
-            &["worker", "--model", model, "--metrics-listen", &addr],
+            &format!("worker-{unit}"),
+            &["worker", flag, unit, "--metrics-listen", &addr],
             &[],
         );
         self.wait_ready(&format!("http://{addr}/health/ready"));
-        i
+        (i, addr)
     }
 
     pub fn wait_ready(&mut self, url: &str) {
@@ -198,6 +215,15 @@ impl Stack {
     /// Sends a signal to process `i` (e.g. "KILL", "TERM").
     pub fn signal(&mut self, i: usize, sig: &str) {
         self.procs[i].stopped = true;
+        let pid = self.procs[i].child.id().to_string();
+        Command::new("kill")
+            .args([&format!("-{sig}"), &pid])
+            .status()
+            .unwrap();
+    }
+
+    /// Sends a signal to process `i` that it survives (e.g. "HUP").
+    pub fn signal_keep(&mut self, i: usize, sig: &str) {
         let pid = self.procs[i].child.id().to_string();
         Command::new("kill")
             .args([&format!("-{sig}"), &pid])
@@ -238,6 +264,30 @@ impl Stack {
     pub fn log_of(&self, i: usize) -> String {
         std::fs::read_to_string(&self.procs[i].log).unwrap_or_default()
     }
+}
+
+/// Writes `examples/digits.toml` with each (from, to) replacement applied and `extra` appended,
+/// model paths made absolute, to `target/test-configs/<name>.toml`; returns its path.
+pub fn config_variant(name: &str, replacements: &[(&str, &str)], extra: &str) -> PathBuf {
+    let mut text = std::fs::read_to_string(root().join("examples/digits.toml")).unwrap();
+    for (from, to) in replacements {
+        assert!(
+            text.contains(from),
+            "config variant {name}: '{from}' not found"
+        );
+        text = text.replace(from, to);
+    }
+    let models = root().join("examples/models");
+    text = text.replace(
+        "onnx = \"models/",
+        &format!("onnx = \"{}/", models.display()),
+    );
+    text.push_str(extra);
+    let dir = root().join("target/test-configs");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, text).unwrap();
+    path
 }
 
 fn tail(p: &Path) -> String {

@@ -11,12 +11,12 @@ pub fn argmax(probabilities: &Tensor) -> Result<Vec<Tensor>, String> {
     let mut labels = Vec::with_capacity(rows);
     let mut best = Vec::with_capacity(rows);
     for row in values.chunks(width.max(1)).take(rows) {
-        let (i, p) = row
-            .iter()
-            .enumerate()
-            .fold((0usize, f32::NEG_INFINITY), |(bi, bp), (i, &p)| {
-                if p > bp { (i, p) } else { (bi, bp) }
-            });
+        let (i, p) =
+            row.iter()
+                .enumerate()
+                .fold((0usize, f32::NEG_INFINITY), |(bi, bp), (i, &p)| {
+                    if p > bp { (i, p) } else { (bi, bp) }
+                });
         labels.push(i as i64);
         best.push(p);
     }
@@ -90,7 +90,12 @@ pub fn combine(join: &Join, output: &str, arrived: &[(usize, Tensor)]) -> Result
                 }
             }
             let mean: Vec<f32> = acc.iter().map(|a| (a / total) as f32).collect();
-            Ok(Tensor::from_values(output, DataType::Fp32, first.shape.clone(), &mean))
+            Ok(Tensor::from_values(
+                output,
+                DataType::Fp32,
+                first.shape.clone(),
+                &mean,
+            ))
         }
         Combiner::MajorityVote => {
             let votes: Vec<Vec<i64>> = parts.iter().map(|(_, t)| labels(t)).collect();
@@ -234,11 +239,20 @@ mod tests {
             (0, f32s(&[1.0, 2.0], vec![1, 2])),
             (1, f32s(&[3.0, 4.0], vec![1, 2])),
         ];
-        let m = combine(&join(Combiner::Mean, vec![], TieRule::FirstListed), "p", &parts).unwrap();
+        let m = combine(
+            &join(Combiner::Mean, vec![], TieRule::FirstListed),
+            "p",
+            &parts,
+        )
+        .unwrap();
         assert_eq!(m.values::<f32>(), [2.0, 3.0]);
         assert_eq!(m.name, "p");
         let w = combine(
-            &join(Combiner::WeightedMean, vec![3.0, 1.0, 9.0], TieRule::FirstListed),
+            &join(
+                Combiner::WeightedMean,
+                vec![3.0, 1.0, 9.0],
+                TieRule::FirstListed,
+            ),
             "p",
             &parts,
         )
@@ -251,9 +265,19 @@ mod tests {
     fn majority_vote_with_both_tie_rules() {
         // Row 0: 7,7,2 → 7. Row 1: 5,3,9 → tie of three.
         let parts = vec![(2, i64s(&[2, 9])), (0, i64s(&[7, 5])), (1, i64s(&[7, 3]))];
-        let first = combine(&join(Combiner::MajorityVote, vec![], TieRule::FirstListed), "label", &parts).unwrap();
+        let first = combine(
+            &join(Combiner::MajorityVote, vec![], TieRule::FirstListed),
+            "label",
+            &parts,
+        )
+        .unwrap();
         assert_eq!(first.values::<i64>(), [7, 5], "part a is listed first");
-        let smallest = combine(&join(Combiner::MajorityVote, vec![], TieRule::Smallest), "label", &parts).unwrap();
+        let smallest = combine(
+            &join(Combiner::MajorityVote, vec![], TieRule::Smallest),
+            "label",
+            &parts,
+        )
+        .unwrap();
         assert_eq!(smallest.values::<i64>(), [7, 3]);
     }
 
@@ -267,17 +291,28 @@ mod tests {
         let mc = combine(&j(Combiner::MaxConfidence), "p", &parts).unwrap();
         assert_eq!(mc.values::<f32>(), [0.9, 0.1, 0.6, 0.4]);
         let first = combine(&j(Combiner::First), "p", &parts).unwrap();
-        assert_eq!(first.values::<f32>(), [0.2, 0.8, 0.6, 0.4], "first to arrive");
+        assert_eq!(
+            first.values::<f32>(),
+            [0.2, 0.8, 0.6, 0.4],
+            "first to arrive"
+        );
         let cat = combine(&j(Combiner::Concat), "p", &parts).unwrap();
         assert_eq!(cat.shape, [2, 4]);
-        assert_eq!(cat.values::<f32>(), [0.9, 0.1, 0.2, 0.8, 0.5, 0.5, 0.6, 0.4]);
+        assert_eq!(
+            cat.values::<f32>(),
+            [0.9, 0.1, 0.2, 0.8, 0.5, 0.5, 0.6, 0.4]
+        );
     }
 
     #[test]
     fn parts_with_different_rows_are_an_error() {
         let parts = vec![(0, i64s(&[1])), (1, i64s(&[1, 2]))];
-        let e = combine(&join(Combiner::MajorityVote, vec![], TieRule::FirstListed), "l", &parts)
-            .unwrap_err();
+        let e = combine(
+            &join(Combiner::MajorityVote, vec![], TieRule::FirstListed),
+            "l",
+            &parts,
+        )
+        .unwrap_err();
         assert!(e.contains("rows"), "{e}");
     }
 }

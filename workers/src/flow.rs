@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 
 use sluice_common::graph::{Graph, Selector, StepKind, canary_picks};
 use sluice_schemas::envelope::codes;
-use sluice_schemas::{DataType, GraphHop, InferenceError, InferenceRequest, InferenceResult, Tensor};
+use sluice_schemas::{
+    DataType, GraphHop, InferenceError, InferenceRequest, InferenceResult, Tensor,
+};
 
 /// A record to produce (key: the request id).
 #[derive(Debug, Clone, PartialEq)]
@@ -94,7 +96,11 @@ pub fn send_to(
     from: &str,
 ) -> Outgoing {
     let step = &graph.steps[t];
-    let served = base.hop.as_ref().map(|h| h.served.clone()).unwrap_or_default();
+    let served = base
+        .hop
+        .as_ref()
+        .map(|h| h.served.clone())
+        .unwrap_or_default();
     let request = InferenceRequest {
         inputs: carried
             .iter()
@@ -159,7 +165,10 @@ pub fn route_targets(
         return Ok(step.next.clone());
     };
     let value = match &route.by {
-        Selector::Parameter(p) => base.parameters.get(p).map(|v| v.trim_matches('"').to_string()),
+        Selector::Parameter(p) => base
+            .parameters
+            .get(p)
+            .map(|v| v.trim_matches('"').to_string()),
         Selector::Tensor(src) => carried
             .iter()
             .find(|t| &t.name == src)
@@ -221,7 +230,11 @@ pub fn step_error(code: &str, step: &str, message: impl Into<String>) -> Inferen
 }
 
 /// The graph's answer from its last step's outputs.
-pub fn final_result(graph: &Graph, base: &InferenceRequest, outputs: Vec<Tensor>) -> InferenceResult {
+pub fn final_result(
+    graph: &Graph,
+    base: &InferenceRequest,
+    outputs: Vec<Tensor>,
+) -> InferenceResult {
     let outputs = if base.outputs.is_empty() {
         outputs
     } else {
@@ -244,7 +257,11 @@ pub fn final_result(graph: &Graph, base: &InferenceRequest, outputs: Vec<Tensor>
 
 /// `served_by`: which model served each model step (a JSON object), for canary accounting.
 fn served_parameter(base: &InferenceRequest) -> BTreeMap<String, String> {
-    let served = base.hop.as_ref().map(|h| h.served.clone()).unwrap_or_default();
+    let served = base
+        .hop
+        .as_ref()
+        .map(|h| h.served.clone())
+        .unwrap_or_default();
     let json = serde_json::to_string(&served).unwrap_or_else(|_| "{}".into());
     [("served_by".to_string(), json)].into()
 }
@@ -259,7 +276,11 @@ pub fn failed(graph: &Graph, i: usize, base: &InferenceRequest, error: Inference
             "code": error.code, "message": error.message, "step": error.step
         })
         .to_string();
-        let served = base.hop.as_ref().map(|h| h.served.clone()).unwrap_or_default();
+        let served = base
+            .hop
+            .as_ref()
+            .map(|h| h.served.clone())
+            .unwrap_or_default();
         return Next {
             forwards: parts
                 .iter()
@@ -299,7 +320,12 @@ pub fn failed(graph: &Graph, i: usize, base: &InferenceRequest, error: Inference
 /// Parses a failed part's error.
 pub fn parse_failed(json: &str) -> InferenceError {
     let v: serde_json::Value = serde_json::from_str(json).unwrap_or_default();
-    let s = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or_default().to_string();
+    let s = |k: &str| {
+        v.get(k)
+            .and_then(|x| x.as_str())
+            .unwrap_or_default()
+            .to_string()
+    };
     InferenceError {
         code: s("code"),
         message: s("message"),
@@ -489,14 +515,23 @@ parts = ["left.label", "right.label"]
         let g = graph(ENSEMBLE);
         let first = g.step_index("first").unwrap();
         let carried = entry_carried(vec![row(&[1.0, 2.0])]);
-        let outputs = vec![Tensor::from_values("label", DataType::Int64, vec![1], &[1i64])];
+        let outputs = vec![Tensor::from_values(
+            "label",
+            DataType::Int64,
+            vec![1],
+            &[1i64],
+        )];
         let next = after_step(&g, first, &request(), carried, outputs).unwrap();
         assert!(next.answer.is_none());
         let topics: Vec<&str> = next.forwards.iter().map(|o| o.topic.as_str()).collect();
         assert_eq!(topics, ["s.a.requests", "s.b.requests"]);
         for o in &next.forwards {
             let names: Vec<&str> = o.request.inputs.iter().map(|t| t.name.as_str()).collect();
-            assert_eq!(names, ["request.input"], "first.label is read by nobody later");
+            assert_eq!(
+                names,
+                ["request.input"],
+                "first.label is read by nobody later"
+            );
             assert_eq!(o.request.hop.as_ref().unwrap().from, "first");
         }
         let left = g.step_index("left").unwrap();
@@ -543,7 +578,12 @@ parts = ["left.label", "right.label"]
     fn shadow_copies_carry_inputs_and_primary_outputs_and_compare() {
         let g = graph(ENSEMBLE);
         let right = g.step_index("right").unwrap();
-        let out = vec![Tensor::from_values("label", DataType::Int64, vec![2], &[1i64, 0])];
+        let out = vec![Tensor::from_values(
+            "label",
+            DataType::Int64,
+            vec![2],
+            &[1i64, 0],
+        )];
         let copies = shadow_copies(&g, right, &request(), &[row(&[1.0, 2.0])], &out);
         assert_eq!(copies.len(), 1);
         assert_eq!(copies[0].topic, "s.a.requests");
@@ -552,7 +592,12 @@ parts = ["left.label", "right.label"]
         assert_eq!(r.inputs[1].name, "right.label");
         let same = compare("right", &r.inputs, &out);
         assert!(same.agree);
-        let other = vec![Tensor::from_values("label", DataType::Int64, vec![2], &[1i64, 1])];
+        let other = vec![Tensor::from_values(
+            "label",
+            DataType::Int64,
+            vec![2],
+            &[1i64, 1],
+        )];
         let diff = compare("right", &r.inputs, &other);
         assert_eq!((diff.agree, diff.rows_differing), (false, 1));
     }

@@ -207,9 +207,14 @@ impl Joiner {
             .iter()
             .filter_map(|(i, v)| v.as_ref().ok().map(|t| (*i, t.clone())))
             .collect();
-        let failures: Vec<&InferenceError> =
-            p.parts.iter().filter_map(|(_, v)| v.as_ref().err()).collect();
-        let outcome = if ok.len() >= join.quorum || (join.combiner == sluice_common::graph::Combiner::First && !ok.is_empty()) {
+        let failures: Vec<&InferenceError> = p
+            .parts
+            .iter()
+            .filter_map(|(_, v)| v.as_ref().err())
+            .collect();
+        let outcome = if ok.len() >= join.quorum
+            || (join.combiner == sluice_common::graph::Combiner::First && !ok.is_empty())
+        {
             self.combine_parts(join, &p.base, &ok)
         } else {
             let missing: Vec<&str> = join
@@ -224,12 +229,18 @@ impl Joiner {
                 why.push(format!("missing parts {missing:?}"));
             }
             for f in &failures {
-                why.push(format!("part '{}' failed: {} ({})", f.step, f.message, f.code));
+                why.push(format!(
+                    "part '{}' failed: {} ({})",
+                    f.step, f.message, f.code
+                ));
             }
             let code = if timed_out && !missing.is_empty() {
                 codes::JOIN_TIMEOUT
             } else {
-                failures.first().map(|f| f.code.as_str()).unwrap_or(codes::INTERNAL)
+                failures
+                    .first()
+                    .map(|f| f.code.as_str())
+                    .unwrap_or(codes::INTERNAL)
             };
             let waited = if timed_out {
                 format!(" after waiting {:?}", join.timeout)
@@ -284,18 +295,25 @@ impl Joiner {
         ok: &[(usize, Vec<Tensor>)],
     ) -> Result<Next, InferenceError> {
         let step = &self.graph.steps[self.step];
-        let output = step.outputs.first().map(|o| o.name.clone()).unwrap_or_default();
+        let output = step
+            .outputs
+            .first()
+            .map(|o| o.name.clone())
+            .unwrap_or_default();
         let mut tensors = Vec::with_capacity(ok.len());
         let mut carried: BTreeMap<String, Tensor> = BTreeMap::new();
         for (i, part_carried) in ok {
             let src = &join.parts[*i].1;
-            let t = part_carried.iter().find(|t| &t.name == src).ok_or_else(|| {
-                step_error(
-                    codes::INTERNAL,
-                    &step.name,
-                    format!("part '{}' does not carry '{src}'", join.parts[*i].0),
-                )
-            })?;
+            let t = part_carried
+                .iter()
+                .find(|t| &t.name == src)
+                .ok_or_else(|| {
+                    step_error(
+                        codes::INTERNAL,
+                        &step.name,
+                        format!("part '{}' does not carry '{src}'", join.parts[*i].0),
+                    )
+                })?;
             tensors.push((*i, t.clone()));
             for c in part_carried {
                 carried.entry(c.name.clone()).or_insert_with(|| c.clone());
@@ -323,7 +341,6 @@ impl Joiner {
         }
     }
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -429,9 +446,18 @@ timeout = "50ms"
     #[test]
     fn all_parts_decide_with_every_record_released() {
         let mut j = joiner("");
-        assert!(matches!(j.offer(part("r1", "a", 7), held(0)), Offered::Held));
-        assert!(matches!(j.offer(part("r2", "a", 1), held(1)), Offered::Held));
-        assert!(matches!(j.offer(part("r1", "b", 3), held(2)), Offered::Held));
+        assert!(matches!(
+            j.offer(part("r1", "a", 7), held(0)),
+            Offered::Held
+        ));
+        assert!(matches!(
+            j.offer(part("r2", "a", 1), held(1)),
+            Offered::Held
+        ));
+        assert!(matches!(
+            j.offer(part("r1", "b", 3), held(2)),
+            Offered::Held
+        ));
         let Offered::Decided(d) = j.offer(part("r1", "c", 3), held(3)) else {
             panic!("not decided")
         };
@@ -440,14 +466,20 @@ timeout = "50ms"
         assert_eq!(offsets, [0, 2, 3], "r2's record stays held");
         assert_eq!(j.pending(), 1);
         // A late repeat of an answered request is dropped, not answered again.
-        assert!(matches!(j.offer(part("r1", "a", 7), held(4)), Offered::Duplicate));
+        assert!(matches!(
+            j.offer(part("r1", "a", 7), held(4)),
+            Offered::Duplicate
+        ));
     }
 
     #[test]
     fn a_repeated_part_is_held_once_and_released_with_the_rest() {
         let mut j = joiner("");
         j.offer(part("r1", "a", 1), held(0));
-        assert!(matches!(j.offer(part("r1", "a", 1), held(1)), Offered::Held));
+        assert!(matches!(
+            j.offer(part("r1", "a", 1), held(1)),
+            Offered::Held
+        ));
         j.offer(part("r1", "b", 1), held(2));
         let Offered::Decided(d) = j.offer(part("r1", "c", 2), held(3)) else {
             panic!("not decided")

@@ -125,18 +125,19 @@ impl Sink {
             })
             .collect();
         let kafka = async {
-            let results = items
-                .iter()
-                .zip(encoded.iter().zip(&json))
-                .filter_map(|(c, (avro, json))| {
-                    let r = c.result.as_ref()?;
-                    let (bytes, headers) = match json {
-                        Some(j) => (j, h::build(&[(h::CONTENT_TYPE, "application/json")])),
-                        None => (avro.as_ref()?, OwnedHeaders::new()),
-                    };
-                    let topic = c.result_topic.as_deref().unwrap_or(&self.result_topic);
-                    Some(self.produce_until_acked(topic, Some(r.id.as_bytes()), bytes, headers))
-                });
+            let results =
+                items
+                    .iter()
+                    .zip(encoded.iter().zip(&json))
+                    .filter_map(|(c, (avro, json))| {
+                        let r = c.result.as_ref()?;
+                        let (bytes, headers) = match json {
+                            Some(j) => (j, h::build(&[(h::CONTENT_TYPE, "application/json")])),
+                            None => (avro.as_ref()?, OwnedHeaders::new()),
+                        };
+                        let topic = c.result_topic.as_deref().unwrap_or(&self.result_topic);
+                        Some(self.produce_until_acked(topic, Some(r.id.as_bytes()), bytes, headers))
+                    });
             let next = forwards.iter().map(|(o, bytes)| {
                 self.produce_until_acked(
                     &o.topic,

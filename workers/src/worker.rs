@@ -25,8 +25,7 @@ use sluice_common::ops::ReloadRequest;
 use sluice_common::{Config, ModelConfig, now_ms, now_us};
 use sluice_schemas::envelope::codes;
 use sluice_schemas::{
-    GraphHop, InferenceError, InferenceRequest, InferenceResult, ReplyRoute, Tensor,
-    decode_request,
+    GraphHop, InferenceError, InferenceRequest, InferenceResult, ReplyRoute, Tensor, decode_request,
 };
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
@@ -47,7 +46,9 @@ use crate::telemetry::WorkerMetrics;
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
     /// The unit is not in the config.
-    #[error("'{0}' is neither a model nor a built-in, combine or route step of a graph in the config")]
+    #[error(
+        "'{0}' is neither a model nor a built-in, combine or route step of a graph in the config"
+    )]
     UnknownUnit(String),
     /// The config's graphs do not compile.
     #[error("config: {0}")]
@@ -582,7 +583,10 @@ fn reload(
                         "{}.{}: canary {} shadows {:?}",
                         g.name,
                         s.name,
-                        c.map_or("none".to_string(), |c| format!("{} at {}", c.model, c.share)),
+                        c.map_or("none".to_string(), |c| format!(
+                            "{} at {}",
+                            c.model, c.share
+                        )),
                         s.shadows.iter().map(|(m, _)| m).collect::<Vec<_>>()
                     )
                 })
@@ -591,7 +595,11 @@ fn reload(
         .collect();
     *graphs = fresh;
     metrics::counter!("sluice_worker_config_reloads_total").increment(1);
-    Ok(format!("reloaded {} graphs; {}", graphs.len(), summary.join("; ")))
+    Ok(format!(
+        "reloaded {} graphs; {}",
+        graphs.len(),
+        summary.join("; ")
+    ))
 }
 
 fn bare(source: Source) -> Completion {
@@ -604,7 +612,12 @@ fn bare(source: Source) -> Completion {
 }
 
 /// The completion that delivers what follows a graph step.
-fn next_completion(source: Source, graph: &Graph, base: &InferenceRequest, next: Next) -> Completion {
+fn next_completion(
+    source: Source,
+    graph: &Graph,
+    base: &InferenceRequest,
+    next: Next,
+) -> Completion {
     let answered = next.answer.is_some();
     Completion {
         topic_index: source.topic_index,
@@ -694,11 +707,13 @@ fn dead_letter_of(m: &BorrowedMessage<'_>, class: &'static str, message: String)
 fn admit(m: &BorrowedMessage<'_>, source: Source, ctx: &Admit<'_>) -> Admission {
     let payload = m.payload().unwrap_or_default();
     let entry_graph = ctx.entries.get(m.topic());
-    let json = header(m, kafka_headers::CONTENT_TYPE).is_some_and(|v| v.starts_with("application/json"));
+    let json =
+        header(m, kafka_headers::CONTENT_TYPE).is_some_and(|v| v.starts_with("application/json"));
     let decoded = if json {
         let key = m.key().and_then(|k| std::str::from_utf8(k).ok());
         let name = entry_graph.cloned().unwrap_or_else(|| ctx.unit.to_string());
-        sluice_schemas::oip::request_from_json(payload, key, &name, now_ms()).map_err(|e| e.to_string())
+        sluice_schemas::oip::request_from_json(payload, key, &name, now_ms())
+            .map_err(|e| e.to_string())
     } else {
         decode_request(payload).map_err(|e| e.to_string())
     };
@@ -712,11 +727,17 @@ fn admit(m: &BorrowedMessage<'_>, source: Source, ctx: &Admit<'_>) -> Admission 
             topic_index: source.topic_index,
             partition: source.partition,
             offset: source.offset,
-            result: Some(InferenceResult::failure(request, codes::INVALID_INPUT, message.clone())),
+            result: Some(InferenceResult::failure(
+                request,
+                codes::INVALID_INPUT,
+                message.clone(),
+            )),
             reply: request.reply.clone(),
             deadline_ms: request.deadline_ms,
             json_result: json,
-            result_topic: entry_graph.map(|g| format!("{}", ctx.graphs.get(g).map_or(String::new(), |g| g.result_topic.clone()))),
+            result_topic: entry_graph
+                .and_then(|g| ctx.graphs.get(g))
+                .map(|g| g.result_topic.clone()),
             dead_letter: Some(dead_letter_of(m, codes::INVALID_INPUT, message)),
             ..Default::default()
         }))
@@ -738,7 +759,10 @@ fn admit(m: &BorrowedMessage<'_>, source: Source, ctx: &Admit<'_>) -> Admission 
             return invalid(&request, format!("unknown graph '{name}'"), json);
         };
         let checked = if request.model != *name {
-            Err(format!("request for '{}' arrived on the entry topic of graph '{name}'", request.model))
+            Err(format!(
+                "request for '{}' arrived on the entry topic of graph '{name}'",
+                request.model
+            ))
         } else {
             let interface = graph.interface();
             validate_inputs(&interface, &request.inputs)
@@ -777,13 +801,20 @@ fn admit(m: &BorrowedMessage<'_>, source: Source, ctx: &Admit<'_>) -> Admission 
     match (&graph.steps[step].kind, ctx.unit) {
         (StepKind::Model(_), Unit::Model(me)) => {
             let Some(model) = ctx.model else {
-                return fail(&base, step_error(codes::INTERNAL, &step_name, "no model"), codes::INVALID_INPUT);
+                return fail(
+                    &base,
+                    step_error(codes::INTERNAL, &step_name, "no model"),
+                    codes::INVALID_INPUT,
+                );
             };
             // A fresh entry record whose canary picks another model moves on unchanged.
             if fresh && topic_for(&graph, step, &base) != ctx.own_topic {
                 let forward = Outgoing {
                     topic: topic_for(&graph, step, &base).to_string(),
-                    request: InferenceRequest { inputs: carried, ..base.clone() },
+                    request: InferenceRequest {
+                        inputs: carried,
+                        ..base.clone()
+                    },
                 };
                 return Admission::Done(Box::new(Completion {
                     topic_index: source.topic_index,
@@ -800,12 +831,24 @@ fn admit(m: &BorrowedMessage<'_>, source: Source, ctx: &Admit<'_>) -> Admission 
             } else {
                 match step_inputs(&graph, step, &carried) {
                     Ok(inputs) => (inputs, carried),
-                    Err(e) => return fail(&base, step_error(codes::INVALID_INPUT, &step_name, e), codes::INVALID_INPUT),
+                    Err(e) => {
+                        return fail(
+                            &base,
+                            step_error(codes::INVALID_INPUT, &step_name, e),
+                            codes::INVALID_INPUT,
+                        );
+                    }
                 }
             };
             let rows = match validate_inputs(model, &inputs) {
                 Ok(rows) => rows,
-                Err(e) => return fail(&base, step_error(codes::INVALID_INPUT, &step_name, e.to_string()), codes::INVALID_INPUT),
+                Err(e) => {
+                    return fail(
+                        &base,
+                        step_error(codes::INVALID_INPUT, &step_name, e.to_string()),
+                        codes::INVALID_INPUT,
+                    );
+                }
             };
             if !hop.shadow && graph.steps[step].canary.is_some() {
                 metrics::counter!("sluice_canary_served_total", "graph" => graph.name.clone(), "step" => step_name.clone(), "model" => me.clone()).increment(1);
@@ -815,25 +858,56 @@ fn admit(m: &BorrowedMessage<'_>, source: Source, ctx: &Admit<'_>) -> Admission 
                 source,
                 topic: m.topic().to_string(),
                 rows,
-                graph: Some(GraphJob { graph, step, carried, shadow: hop.shadow }),
+                graph: Some(GraphJob {
+                    graph,
+                    step,
+                    carried,
+                    shadow: hop.shadow,
+                }),
             })
         }
         (StepKind::Combine(_), Unit::Step { step: mine, .. }) if *mine == step_name => {
-            Admission::Part(InferenceRequest { inputs: carried, ..base }, source)
+            Admission::Part(
+                InferenceRequest {
+                    inputs: carried,
+                    ..base
+                },
+                source,
+            )
         }
-        (StepKind::Builtin(_) | StepKind::Route(_), Unit::Step { step: mine, .. }) if *mine == step_name => {
-            Admission::Step(StepJob { graph, step, base, carried, source })
+        (StepKind::Builtin(_) | StepKind::Route(_), Unit::Step { step: mine, .. })
+            if *mine == step_name =>
+        {
+            Admission::Step(StepJob {
+                graph,
+                step,
+                base,
+                carried,
+                source,
+            })
         }
         _ => fail(
             &base,
-            step_error(codes::INVALID_INPUT, &step_name, format!("a record for step '{step_name}' arrived at worker '{}'", ctx.unit)),
+            step_error(
+                codes::INVALID_INPUT,
+                &step_name,
+                format!(
+                    "a record for step '{step_name}' arrived at worker '{}'",
+                    ctx.unit
+                ),
+            ),
             codes::INVALID_INPUT,
         ),
     }
 }
 
 /// A record that could not be decoded: dead-lettered, and answered when headers name the caller.
-fn undecodable(m: &BorrowedMessage<'_>, source: Source, ctx: &Admit<'_>, error: String) -> Admission {
+fn undecodable(
+    m: &BorrowedMessage<'_>,
+    source: Source,
+    ctx: &Admit<'_>,
+    error: String,
+) -> Admission {
     ctx.metrics.undecodable.increment(1);
     let message = format!("undecodable request record: {error}");
     // The gateway also names the request and its reply route in headers, so even a record that
@@ -850,7 +924,11 @@ fn undecodable(m: &BorrowedMessage<'_>, source: Source, ctx: &Admit<'_>, error: 
                 ..Default::default()
             };
             (
-                Some(InferenceResult::failure(&stub, codes::UNDECODABLE, message.clone())),
+                Some(InferenceResult::failure(
+                    &stub,
+                    codes::UNDECODABLE,
+                    message.clone(),
+                )),
                 Some(ReplyRoute {
                     channel: channel.to_string(),
                     key: key.to_string(),
@@ -880,9 +958,11 @@ fn admit_model_request(
 ) -> Admission {
     let json = request.reply_format == "json";
     let checked = match (ctx.model, ctx.unit) {
-        (Some(model), Unit::Model(name)) if request.model == *name => validate_inputs(model, &request.inputs)
-            .and_then(|rows| validate_outputs(model, &request.outputs).map(|()| rows))
-            .map_err(|e| e.to_string()),
+        (Some(model), Unit::Model(name)) if request.model == *name => {
+            validate_inputs(model, &request.inputs)
+                .and_then(|rows| validate_outputs(model, &request.outputs).map(|()| rows))
+                .map_err(|e| e.to_string())
+        }
         _ => Err(format!(
             "request for model '{}' arrived on a topic of '{}'",
             request.model, ctx.unit
@@ -902,7 +982,11 @@ fn admit_model_request(
                 topic_index: source.topic_index,
                 partition: source.partition,
                 offset: source.offset,
-                result: Some(InferenceResult::failure(&request, codes::INVALID_INPUT, message.clone())),
+                result: Some(InferenceResult::failure(
+                    &request,
+                    codes::INVALID_INPUT,
+                    message.clone(),
+                )),
                 reply: request.reply.clone(),
                 deadline_ms: request.deadline_ms,
                 json_result: json,
@@ -942,7 +1026,11 @@ fn inference_thread(
             .into_iter()
             .partition(|j| j.request.deadline_ms != 0 && now >= j.request.deadline_ms);
         let mut completions = Vec::with_capacity(expired.len() + live.len());
-        let none = BatchFacts { queue_us: 0, infer_us: 0, batch_size: 0 };
+        let none = BatchFacts {
+            queue_us: 0,
+            infer_us: 0,
+            batch_size: 0,
+        };
         for j in expired {
             wm.expired.increment(1);
             let error = step_error(
@@ -979,7 +1067,11 @@ fn inference_thread(
                             error = %message,
                             "inference failed"
                         );
-                        Err(step_error(codes::MODEL_FAILED, &step_label(&j, model_name), message))
+                        Err(step_error(
+                            codes::MODEL_FAILED,
+                            &step_label(&j, model_name),
+                            message,
+                        ))
                     }
                 };
                 completions.push(finish_job(j, outcome, facts, model, model_name));
@@ -1049,8 +1141,11 @@ fn finish_job(
     let (next, dead_letter) = match outcome {
         Ok(outputs) => {
             let mut shadows = Vec::new();
-            if !step.shadows.is_empty() && matches!(&step.kind, StepKind::Model(p) if p == model_name) {
-                shadows = flow::shadow_copies(&g.graph, g.step, &j.request, &j.request.inputs, &outputs);
+            if !step.shadows.is_empty()
+                && matches!(&step.kind, StepKind::Model(p) if p == model_name)
+            {
+                shadows =
+                    flow::shadow_copies(&g.graph, g.step, &j.request, &j.request.inputs, &outputs);
             }
             let mut next = match after_step(&g.graph, g.step, &j.request, g.carried, outputs) {
                 Ok(n) => n,
@@ -1107,7 +1202,11 @@ fn shadow_completion(
     let result = match outcome {
         Ok(outputs) => {
             let c = flow::compare(&step.name, &g.carried, &outputs);
-            metrics::counter!("sluice_shadow_comparisons_total", &labels(if c.agree { "agree" } else { "disagree" })).increment(1);
+            metrics::counter!(
+                "sluice_shadow_comparisons_total",
+                &labels(if c.agree { "agree" } else { "disagree" })
+            )
+            .increment(1);
             metrics::histogram!("sluice_shadow_max_abs_diff", "graph" => g.graph.name.clone(), "step" => step.name.clone(), "shadow" => model_name.to_string()).record(c.max_abs_diff);
             parameters.insert("agree".into(), c.agree.to_string());
             parameters.insert("max_abs_diff".into(), c.max_abs_diff.to_string());
