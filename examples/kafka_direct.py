@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
-"""Calls a Sluice model straight through Kafka, with no gateway: produce an Avro request to the
-model's request topic, read the answer from its result topic.
+"""Calls a Sluice model or graph straight through Kafka, with no gateway: produce an Avro request
+to its request topic (a graph's entry topic), read the answer from its result topic.
 
   pip install fastavro confluent-kafka
   python examples/kafka_direct.py [--brokers 127.0.0.1:9092] [--model mlp]
+  python examples/kafka_direct.py --model digits-pipeline      # a graph: raw pixels in
 
 Records use Avro single-object encoding: C3 01, the 8-byte little-endian CRC-64-AVRO fingerprint
 of the writer schema, then the Avro binary datum (schemas/avro/*.avsc).
@@ -49,10 +50,13 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--brokers", default="127.0.0.1:9092")
     p.add_argument("--model", default="mlp")
+    p.add_argument("--input", choices=["raw", "scaled"],
+                   help="sample features (default: raw for the digits-* graphs and scaler, else scaled)")
     a = p.parse_args()
+    kind = a.input or ("raw" if a.model.startswith("digits-") or a.model == "scaler" else "scaled")
     request_schema, result_schema = load("request.avsc"), load("result.avsc")
     sample = json.load(open(os.path.join(HERE, "samples.json")))
-    x = sample["scaled"][0]
+    x = sample[kind][0]
     rid = f"py-{uuid.uuid4()}"
     now_us = int(time.time() * 1e6)
     request = {

@@ -603,3 +603,56 @@ fn a_broken_graph_is_reported_at_start_naming_graph_and_step() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_worker_killed_under_load_loses_and_mixes_nothing() {
+    let Some(mut stack) = Stack::start(&[("SLUICE__GATEWAY__DEFAULT_TIMEOUT", "40s")]) else {
+        return;
+    };
+    for unit in ["scaler", "mlp", "logreg", "forest"] {
+        stack.start_worker(unit);
+    }
+    let vote_worker = stack.start_worker("digits-ensemble.vote");
+    let s = Arc::new(samples());
+    let client = Arc::new(http());
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = Vec::new();
+    for c in 0..8 {
+        let (client, gw, s, stop) = (
+            Arc::clone(&client),
+            stack.gateway.clone(),
+            Arc::clone(&s),
+            Arc::clone(&stop),
+        );
+        load.push(tokio::spawn(async move {
+            let mut answered = 0usize;
+            let mut i = c;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // Each request a different sample: a part merged into the wrong request shows.
+                let sample = i % s.raw.len();
+                let r = infer(&client, &gw, "digits-ensemble", &[&s.raw[sample]]).await;
+                assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+                let labels = ["mlp", "logreg", "forest"].map(|m| expected(&s, m, sample).0);
+                assert_eq!(
+                    output(&r.json(), "label")["data"][0].as_i64(),
+                    Some(vote(labels))
+                );
+                answered += 1;
+                i += 8;
+            }
+            answered
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stack.signal(vote_worker, "KILL");
+    stack.wait_exit(vote_worker, Duration::from_secs(10));
+    stack.start_worker("digits-ensemble.vote");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut total = 0;
+    for t in load {
+        total += t.await.unwrap();
+    }
+    println!("answered {total} ensemble requests across a join worker's SIGKILL");
+    assert!(total > 16, "{total}");
+}

@@ -107,6 +107,9 @@ pub struct WorkerConfig {
     /// not wait for this (their reply goes through Redis at once); direct Kafka consumers do.
     #[serde(with = "humantime_serde")]
     pub result_linger: Duration,
+    /// Linger of records for a graph's next step: on the caller's path, so short.
+    #[serde(with = "humantime_serde")]
+    pub forward_linger: Duration,
 }
 
 /// Log output.

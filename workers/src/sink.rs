@@ -63,6 +63,7 @@ pub struct Completion {
 #[derive(Clone)]
 pub struct Sink {
     producer: FutureProducer,
+    forward_producer: FutureProducer,
     redis: ConnectionManager,
     result_topic: String,
     dead_letter_topic: String,
@@ -72,9 +73,11 @@ pub struct Sink {
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
 impl Sink {
-    /// A sink producing to `result_topic` and `dead_letter_topic`.
+    /// A sink producing results and dead letters with `producer`, and records for a graph's next
+    /// steps (on the caller's path, so with a shorter linger) with `forward_producer`.
     pub fn new(
         producer: FutureProducer,
+        forward_producer: FutureProducer,
         redis: ConnectionManager,
         result_topic: String,
         dead_letter_topic: String,
@@ -82,6 +85,7 @@ impl Sink {
     ) -> Sink {
         Sink {
             producer,
+            forward_producer,
             redis,
             result_topic,
             dead_letter_topic,
@@ -139,7 +143,8 @@ impl Sink {
                         Some(self.produce_until_acked(topic, Some(r.id.as_bytes()), bytes, headers))
                     });
             let next = forwards.iter().map(|(o, bytes)| {
-                self.produce_until_acked(
+                self.produce_until_acked_with(
+                    &self.forward_producer,
                     &o.topic,
                     Some(o.request.id.as_bytes()),
                     bytes,
@@ -163,6 +168,18 @@ impl Sink {
         payload: &[u8],
         headers: OwnedHeaders,
     ) {
+        self.produce_until_acked_with(&self.producer, topic, key, payload, headers)
+            .await
+    }
+
+    async fn produce_until_acked_with(
+        &self,
+        producer: &FutureProducer,
+        topic: &str,
+        key: Option<&[u8]>,
+        payload: &[u8],
+        headers: OwnedHeaders,
+    ) {
         let mut backoff = Duration::from_millis(20);
         loop {
             let mut record = FutureRecord::to(topic)
@@ -171,7 +188,7 @@ impl Sink {
             if let Some(k) = key {
                 record = record.key(k);
             }
-            match self.producer.send(record, Duration::from_secs(5)).await {
+            match producer.send(record, Duration::from_secs(5)).await {
                 Ok(_) => return,
                 Err((e, _)) => {
                     metrics::counter!("sluice_worker_produce_retries_total", "model" => self.model.clone()).increment(1);

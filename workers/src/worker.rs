@@ -323,6 +323,12 @@ pub async fn run(
     let producer: FutureProducer =
         sluice_common::kafka::producer_config(&cfg, &client_id, cfg.worker.result_linger)
             .create()?;
+    let forward_producer: FutureProducer = sluice_common::kafka::producer_config(
+        &cfg,
+        &format!("{client_id}-forward"),
+        cfg.worker.forward_linger,
+    )
+    .create()?;
     let redis =
         redis::aio::ConnectionManager::new(redis::Client::open(cfg.redis.url.as_str())?).await?;
 
@@ -351,6 +357,7 @@ pub async fn run(
         tracker,
         sink: Sink::new(
             producer.clone(),
+            forward_producer.clone(),
             redis,
             result_topic,
             cfg.dead_letter_topic(),
@@ -421,6 +428,13 @@ pub async fn run(
     let mut side = JoinSet::new();
     tokio::pin!(shutdown);
     loop {
+        // Requests whose parts came from revoked partitions belong to their new owner now.
+        if let Some(j) = joiner.as_mut() {
+            let gone: Vec<i32> = lock(&revoked).drain(..).collect();
+            if !gone.is_empty() {
+                j.forget_partitions(&gone);
+            }
+        }
         let wait = joiner.as_ref().and_then(Joiner::next_timeout);
         let room = joiner
             .as_ref()
@@ -478,9 +492,6 @@ pub async fn run(
                         Admission::Part(request, source) => {
                             let items = match joiner.as_mut() {
                                 Some(j) => {
-                                    for p in lock(&revoked).drain(..).collect::<Vec<_>>() {
-                                        j.forget_partitions(&[p]);
-                                    }
                                     let held = Held { topic_index: source.topic_index, partition: source.partition, offset: source.offset };
                                     let items = match j.offer(request, held) {
                                         Offered::Held => Vec::new(),
@@ -551,6 +562,7 @@ pub async fn run(
     let _ = ops_stop_tx.send(());
     use rdkafka::producer::Producer;
     let _ = producer.flush(Duration::from_secs(5));
+    let _ = forward_producer.flush(Duration::from_secs(5));
     tracing::info!("worker stopped");
     Ok(())
 }
