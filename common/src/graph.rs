@@ -25,9 +25,9 @@ pub struct GraphConfig {
     /// Most rows one request may carry.
     #[serde(default = "default_max_batch")]
     pub max_batch_size: usize,
-    /// Partitions of the graph's own topics; every model step's topic must have as many.
-    #[serde(default = "one_i32")]
-    pub partitions: i32,
+    /// Partitions of the graph's own topics (entry, steps, results). When set, every model step's
+    /// topic must have as many; when not, the most any of its models has.
+    pub partitions: Option<i32>,
     /// The steps, in any order.
     pub steps: Vec<StepConfig>,
 }
@@ -153,9 +153,6 @@ fn default_join_timeout() -> Duration {
     Duration::from_secs(2)
 }
 fn one() -> usize {
-    1
-}
-fn one_i32() -> i32 {
     1
 }
 
@@ -419,6 +416,9 @@ pub fn compile(
                 s.name
             ));
         }
+    }
+    if g.partitions.is_some_and(|n| n < 1) {
+        p.push(format!("{key}.partitions: must be at least 1"));
     }
     if g.max_batch_size == 0 {
         p.push(format!("{key}.max_batch_size: must be at least 1"));
@@ -699,12 +699,13 @@ pub fn compile(
                     p.push(format!("{skey}.canary.key: must be parameter:<name>"));
                 }
             }
-            if m.partitions != g.partitions {
+            if let Some(want) = g.partitions
+                && m.partitions != want
+            {
                 p.push(format!(
-                    "{skey}: model '{}' has {} partitions, the graph {}; a graph's topics must agree",
+                    "{skey}: model '{}' has {} partitions, the graph {want}; a graph's topics must agree",
                     s.model.as_deref().unwrap_or_default(),
                     m.partitions,
-                    g.partitions
                 ));
             }
         } else if let Some(b) = s.builtin {
@@ -941,7 +942,14 @@ pub fn compile(
         inputs: g.inputs.clone(),
         outputs: outputs[terminals[0]].clone(),
         max_batch_size: g.max_batch_size,
-        partitions: g.partitions,
+        partitions: g.partitions.unwrap_or_else(|| {
+            g.steps
+                .iter()
+                .filter_map(|s| models.get(s.model.as_ref()?))
+                .map(|m| m.partitions)
+                .max()
+                .unwrap_or(1)
+        }),
         steps,
         entry: pos[entry],
         entry_topic: topics.requests(name),
@@ -1389,6 +1397,13 @@ inputs = { input = "scale.scaled" }
             bad.contains("same inputs and outputs") && bad.contains("share"),
             "{bad}"
         );
+    }
+
+    #[test]
+    fn partitions_default_to_the_models_and_must_agree_when_set() {
+        assert_eq!(graph(PIPELINE).unwrap().partitions, 1);
+        let e = err(&format!("partitions = 2\n{PIPELINE}"));
+        assert!(e.contains("step 'scale': model 'scaler' has 1 partitions, the graph 2"), "{e}");
     }
 
     #[test]
