@@ -393,12 +393,22 @@ async fn stock_tritonclient_works_against_the_gateway() {
     let Some(mut stack) = Stack::start(&[]) else {
         return;
     };
-    stack.start_worker("mlp");
+    for unit in [
+        "scaler",
+        "mlp",
+        "logreg",
+        "forest",
+        "digits-pipeline.postprocess",
+        "digits-ensemble.vote",
+    ] {
+        stack.start_worker(unit);
+    }
     let host = stack.gateway.trim_start_matches("http://").to_string();
     let out = tokio::process::Command::new(python)
         .arg(root().join("tests/triton_client.py"))
         .arg(host)
         .arg(root().join("examples/samples.json"))
+        .arg("--graphs")
         .output()
         .await
         .unwrap();
@@ -408,6 +418,7 @@ async fn stock_tritonclient_works_against_the_gateway() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("tritonclient graphs OK"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

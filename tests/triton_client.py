@@ -1,7 +1,8 @@
 """Stock tritonclient (HTTP, default binary tensors) against a Sluice gateway.
 
-usage: python tests/triton_client.py HOST:PORT SAMPLES_JSON
-Exits non-zero on any mismatch with onnxruntime's expected outputs.
+usage: python tests/triton_client.py HOST:PORT SAMPLES_JSON [--graphs]
+Exits non-zero on any mismatch with onnxruntime's expected outputs. With --graphs, also calls the
+digits-pipeline and digits-ensemble graphs, which a client cannot tell from models.
 """
 import json
 import sys
@@ -36,4 +37,22 @@ res = client.infer("mlp", [inp])
 assert res.as_numpy("label")[0] == samples["expected"]["mlp"]["label"][0]
 stats = client.get_inference_statistics("mlp")
 assert stats["model_stats"][0]["inference_count"] >= 2, stats
+
+if "--graphs" in sys.argv:
+    raw = np.asarray(samples["raw"], dtype=np.float32)
+    exp = samples["expected"]
+    inp = httpclient.InferInput("input", list(raw.shape), "FP32")
+    inp.set_data_from_numpy(raw, binary_data=True)
+    assert client.get_model_metadata("digits-pipeline")["platform"] == "sluice_graph"
+    res = client.infer("digits-pipeline", [inp])
+    np.testing.assert_array_equal(res.as_numpy("label"), np.asarray(exp["mlp"]["label"]))
+    np.testing.assert_allclose(res.as_numpy("probability"),
+                               np.asarray(exp["mlp"]["probabilities"]).max(axis=1), rtol=1e-4, atol=1e-5)
+    res = client.infer("digits-ensemble", [inp])
+    votes = []
+    for row in zip(exp["mlp"]["label"], exp["logreg"]["label"], exp["forest"]["label"]):
+        counts = [row.count(v) for v in row]
+        votes.append(row[counts.index(max(counts))])  # ties: the earliest listed (mlp first)
+    np.testing.assert_array_equal(res.as_numpy("label"), np.asarray(votes))
+    print("tritonclient graphs OK")
 print("tritonclient OK")

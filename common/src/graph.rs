@@ -1403,7 +1403,10 @@ inputs = { input = "scale.scaled" }
     fn partitions_default_to_the_models_and_must_agree_when_set() {
         assert_eq!(graph(PIPELINE).unwrap().partitions, 1);
         let e = err(&format!("partitions = 2\n{PIPELINE}"));
-        assert!(e.contains("step 'scale': model 'scaler' has 1 partitions, the graph 2"), "{e}");
+        assert!(
+            e.contains("step 'scale': model 'scaler' has 1 partitions, the graph 2"),
+            "{e}"
+        );
     }
 
     #[test]
