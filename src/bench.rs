@@ -184,6 +184,9 @@ pub async fn run(cfg: Config, args: BenchArgs) -> anyhow::Result<()> {
             let (r, cpu_ms_per_req) =
                 http_load(&url, body.clone(), c, args.warmup, args.duration, &pids).await?;
             println!("           CPU (% of one core): {}", r.cpu_breakdown);
+            if let Some(e) = &r.first_error {
+                println!("           first error: {e}");
+            }
             let s = summarize(r.latencies_us);
             let rps = s.count as f64 / args.duration.as_secs_f64();
             let over = match (&graph, graph_compute_ms, transport_p50) {
@@ -367,6 +370,8 @@ async fn transport(cfg: &Config, duration: Duration) -> anyhow::Result<Summary> 
 struct LoadResult {
     latencies_us: Vec<u64>,
     errors: u64,
+    /// The first error seen, as status and body.
+    first_error: Option<String>,
     /// CPU use by process kind, in % of one core.
     cpu_breakdown: String,
 }
@@ -390,21 +395,20 @@ async fn http_load(
         let url = url.to_string();
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
-            let mut errors = 0u64;
+            let mut errors = Vec::new();
             loop {
                 let t = Instant::now();
                 if t >= end {
                     break;
                 }
-                let ok = matches!(
-                    crate::http::post_json(&client, &url, body.clone()).await,
-                    Ok((200, _))
-                );
+                let outcome = crate::http::post_json(&client, &url, body.clone()).await;
                 if t >= measure_from {
-                    if ok {
-                        lat.push(t.elapsed().as_micros() as u64);
-                    } else {
-                        errors += 1;
+                    match outcome {
+                        Ok((200, _)) => lat.push(t.elapsed().as_micros() as u64),
+                        Ok((status, body)) => {
+                            errors.push(format!("{status} {}", String::from_utf8_lossy(&body)))
+                        }
+                        Err(e) => errors.push(format!("transport: {e}")),
                     }
                 }
             }
@@ -425,12 +429,16 @@ async fn http_load(
     let mut result = LoadResult {
         latencies_us: Vec::new(),
         errors: 0,
+        first_error: None,
         cpu_breakdown: String::new(),
     };
     for t in tasks {
         let (lat, errors) = t.await?;
         result.latencies_us.extend(lat);
-        result.errors += errors;
+        result.errors += errors.len() as u64;
+        if result.first_error.is_none() {
+            result.first_error = errors.into_iter().next();
+        }
     }
     let ticks_per_s = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
         .ok()

@@ -37,7 +37,7 @@ use crate::flow::{
     self, Next, Outgoing, after_step, entry_carried, failed, step_error, step_inputs, topic_for,
 };
 use crate::join::{Held, Joiner, Offered};
-use crate::offsets::OffsetTracker;
+use crate::offsets::{GapGuard, Observed, OffsetTracker};
 use crate::runner::run_batch;
 use crate::sink::{Completion, DeadLetter, Sink};
 use crate::telemetry::WorkerMetrics;
@@ -131,6 +131,7 @@ type PartitionKey = (usize, i32);
 struct GroupContext {
     topics: Arc<Vec<String>>,
     tracker: Arc<Mutex<OffsetTracker<PartitionKey>>>,
+    gaps: Arc<Mutex<GapGuard<PartitionKey>>>,
     stored: Arc<Mutex<HashMap<PartitionKey, i64>>>,
     revoked: Arc<Mutex<Vec<i32>>>,
     joined: Arc<AtomicBool>,
@@ -158,9 +159,11 @@ impl ConsumerContext for GroupContext {
             .collect();
         let mut tracker = lock(&self.tracker);
         let mut stored = lock(&self.stored);
+        let mut gaps = lock(&self.gaps);
         for k in &keys {
             tracker.forget(*k);
             stored.remove(k);
+            gaps.forget(*k);
         }
         let shown: Vec<(&str, i32)> = keys
             .iter()
@@ -306,6 +309,7 @@ pub async fn run(
         .collect();
     let client_id = format!("sluice-worker-{label}-{}", std::process::id());
     let tracker = Arc::new(Mutex::new(OffsetTracker::default()));
+    let gaps = Arc::new(Mutex::new(GapGuard::default()));
     let joined = Arc::new(AtomicBool::new(false));
     let stored = Arc::new(Mutex::new(HashMap::new()));
     let revoked = Arc::new(Mutex::new(Vec::new()));
@@ -314,6 +318,7 @@ pub async fn run(
             .create_with_context(GroupContext {
                 topics: Arc::clone(&topics),
                 tracker: Arc::clone(&tracker),
+                gaps: Arc::clone(&gaps),
                 stored: Arc::clone(&stored),
                 revoked: Arc::clone(&revoked),
                 joined: Arc::clone(&joined),
@@ -465,6 +470,20 @@ pub async fn run(
                         continue;
                     };
                     let source = Source { topic_index, partition: m.partition(), offset: m.offset() };
+                    match lock(&gaps).observe((topic_index, m.partition()), m.offset(), Instant::now()) {
+                        Observed::Next => {}
+                        Observed::Seen | Observed::Gap { seek: false, .. } => continue,
+                        Observed::Gap { expected, seek: true } => {
+                            metrics::counter!("sluice_worker_fetch_gaps_total", "unit" => label.clone()).increment(1);
+                            tracing::warn!(topic = m.topic(), partition = m.partition(), expected, got = m.offset(), "the fetch skipped records; re-reading from the first one missing");
+                            let (topic, partition) = (m.topic().to_string(), m.partition());
+                            drop(m);
+                            if let Err(e) = shared.consumer.seek(&topic, partition, Offset::Offset(expected), Duration::from_secs(1)) {
+                                tracing::warn!(error = %e, "seek failed");
+                            }
+                            continue;
+                        }
+                    }
                     lock(&shared.tracker).begin((topic_index, m.partition()), m.offset());
                     wm.in_flight.increment(1.0);
                     let ctx = Admit {
@@ -495,7 +514,10 @@ pub async fn run(
                                     let held = Held { topic_index: source.topic_index, partition: source.partition, offset: source.offset };
                                     let items = match j.offer(request, held) {
                                         Offered::Held => Vec::new(),
-                                        Offered::Duplicate => vec![bare(source)],
+                                        Offered::Duplicate => {
+                                            metrics::counter!("sluice_join_late_parts_total", "unit" => label.clone()).increment(1);
+                                            vec![bare(source)]
+                                        }
                                         Offered::Decided(d) => decided_completions(&j.graph(), *d),
                                     };
                                     join_pending.set(j.pending() as f64);
