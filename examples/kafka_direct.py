@@ -5,6 +5,7 @@ to its request topic (a graph's entry topic), read the answer from its result to
   pip install fastavro confluent-kafka
   python examples/kafka_direct.py [--brokers 127.0.0.1:9092] [--model mlp]
   python examples/kafka_direct.py --model digits-pipeline      # a graph: raw pixels in
+  python examples/kafka_direct.py --model digits-pipeline --json   # OIP JSON both ways, no Avro
 
 Records use Avro single-object encoding: C3 01, the 8-byte little-endian CRC-64-AVRO fingerprint
 of the writer schema, then the Avro binary datum (schemas/avro/*.avsc).
@@ -52,6 +53,9 @@ def main():
     p.add_argument("--model", default="mlp")
     p.add_argument("--input", choices=["raw", "scaled"],
                    help="sample features (default: raw for the digits-* graphs and scaler, else scaled)")
+    p.add_argument("--json", action="store_true",
+                   help="send an Open Inference Protocol JSON body (content-type: application/json); "
+                        "the answer comes back as JSON")
     a = p.parse_args()
     kind = a.input or ("raw" if a.model.startswith("digits-") or a.model == "scaler" else "scaled")
     request_schema, result_schema = load("request.avsc"), load("result.avsc")
@@ -71,13 +75,26 @@ def main():
     consumer.subscribe([f"sluice.{a.model}.results"])
     consumer.poll(2.0)  # join the group before producing
     producer = Producer({"bootstrap.servers": a.brokers})
-    producer.produce(f"sluice.{a.model}.requests", key=rid, value=encode(request_schema, request))
+    if a.json:
+        body = {"id": rid, "parameters": {"timeout": 30_000_000},
+                "inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": x}]}
+        producer.produce(f"sluice.{a.model}.requests", key=rid, value=json.dumps(body),
+                         headers=[("content-type", "application/json")])
+    else:
+        producer.produce(f"sluice.{a.model}.requests", key=rid, value=encode(request_schema, request))
     producer.flush(10)
     deadline = time.time() + 30
     while time.time() < deadline:
         msg = consumer.poll(1.0)
         if msg is None or msg.error() or msg.key() != rid.encode():
             continue
+        if a.json:
+            answer = json.loads(msg.value())
+            if "error" in answer:
+                raise SystemExit(f"error: {answer}")
+            for t in answer["outputs"]:
+                print(t["name"], t["shape"], [round(v, 4) for v in t["data"]])
+            return
         result = decode(result_schema, msg.value())
         if result["error"]:
             raise SystemExit(f"error: {result['error']}")

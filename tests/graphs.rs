@@ -525,6 +525,28 @@ async fn a_graph_is_callable_over_kafka_in_avro_and_json() {
         output(&json_result, "label")["data"][0].as_i64(),
         Some(expected(&s, "mlp", 3).0)
     );
+
+    // The README's example client, Avro and JSON, against the graph.
+    let first_label = expected(&s, "mlp", 0).0;
+    for json_flag in [false, true] {
+        let mut cmd = tokio::process::Command::new(root().join(".venv/bin/python"));
+        cmd.arg(root().join("examples/kafka_direct.py"))
+            .args(["--brokers", &stack.kafka, "--model", "digits-pipeline"]);
+        if json_flag {
+            cmd.arg("--json");
+        }
+        let out = cmd.output().await.unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            stdout.contains(&format!("label [1] [{first_label}]")),
+            "json={json_flag}: {stdout}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
