@@ -530,8 +530,12 @@ async fn a_graph_is_callable_over_kafka_in_avro_and_json() {
     let first_label = expected(&s, "mlp", 0).0;
     for json_flag in [false, true] {
         let mut cmd = tokio::process::Command::new(root().join(".venv/bin/python"));
-        cmd.arg(root().join("examples/kafka_direct.py"))
-            .args(["--brokers", &stack.kafka, "--model", "digits-pipeline"]);
+        cmd.arg(root().join("examples/kafka_direct.py")).args([
+            "--brokers",
+            &stack.kafka,
+            "--model",
+            "digits-pipeline",
+        ]);
         if json_flag {
             cmd.arg("--json");
         }

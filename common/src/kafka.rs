@@ -195,6 +195,10 @@ pub mod headers {
     /// `application/json` on request records written as Open Inference Protocol JSON (and on
     /// the result records answering them); Avro otherwise.
     pub const CONTENT_TYPE: &str = "content-type";
+    /// Marks an empty record a join worker writes to its own partition when parts are overdue:
+    /// tansu 0.6.0 sometimes leaves an appended record invisible to fetches until the next
+    /// append to the partition. Workers skip these records.
+    pub const NUDGE: &str = "sluice-nudge";
     /// Request id (also the record key).
     pub const REQUEST_ID: &str = "sluice-request-id";
     /// Redis channel the waiting gateway listens on.

@@ -145,6 +145,8 @@ pub enum Observed {
 #[derive(Debug)]
 struct Expect {
     next: i64,
+    /// When the partition last delivered a record (or was last sought back).
+    last_seen: Instant,
     /// When the current gap was first seen, and when we last sought back for it.
     gap_since: Option<(Instant, Instant)>,
 }
@@ -181,11 +183,13 @@ impl<K: Hash + Eq + Copy> GapGuard<K> {
                 partition,
                 Expect {
                     next: offset + 1,
+                    last_seen: now,
                     gap_since: None,
                 },
             );
             return Observed::Next;
         };
+        e.last_seen = now;
         if offset < e.next {
             return Observed::Seen;
         }
@@ -220,6 +224,20 @@ impl<K: Hash + Eq + Copy> GapGuard<K> {
     /// Forgets a partition (revoked or reassigned).
     pub fn forget(&mut self, partition: K) {
         self.expected.remove(&partition);
+    }
+
+    /// Partitions that delivered nothing for `idle`, with the next offset each expects. A skipped
+    /// record at the end of a partition shows no gap until something follows it; the caller
+    /// compares these with the partition's high watermark and seeks back when it is past them.
+    pub fn idle(&mut self, now: Instant, idle: Duration) -> Vec<(K, i64)> {
+        self.expected
+            .iter_mut()
+            .filter(|(_, e)| now.duration_since(e.last_seen) >= idle)
+            .map(|(k, e)| {
+                e.last_seen = now;
+                (*k, e.next)
+            })
+            .collect()
     }
 }
 
@@ -264,6 +282,17 @@ mod gap_tests {
             Observed::Next,
             "partitions are separate"
         );
+    }
+
+    #[test]
+    fn idle_partitions_are_reported_once_per_idle_period() {
+        let mut g = GapGuard::default();
+        let t = Instant::now();
+        g.observe(0, 7, t);
+        g.observe(1, 3, t + Duration::from_millis(400));
+        let idle = Duration::from_millis(500);
+        assert_eq!(g.idle(t + Duration::from_millis(600), idle), [(0, 8)]);
+        assert!(g.idle(t + Duration::from_millis(700), idle).is_empty());
     }
 
     #[test]

@@ -161,6 +161,24 @@ impl Sink {
         tokio::join!(kafka, replies);
     }
 
+    /// Writes an empty nudge record to `partition` of `topic` (see
+    /// [`sluice_common::kafka::headers::NUDGE`]); best effort.
+    pub async fn nudge(&self, topic: &str, partition: i32) {
+        let headers = h::build(&[(h::NUDGE, "1")]);
+        let empty: &[u8] = &[];
+        let record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic)
+            .partition(partition)
+            .payload(empty)
+            .headers(headers);
+        if let Err((e, _)) = self
+            .forward_producer
+            .send(record, Duration::from_secs(1))
+            .await
+        {
+            tracing::debug!(%topic, partition, error = %e, "nudge not written");
+        }
+    }
+
     async fn produce_until_acked(
         &self,
         topic: &str,

@@ -431,6 +431,8 @@ pub async fn run(
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     // Records finished without a batch (rejected, built-in steps, joins) complete on their own tasks.
     let mut side = JoinSet::new();
+    let mut gap_check = tokio::time::interval(Duration::from_millis(250));
+    gap_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
     loop {
         // Requests whose parts came from revoked partitions belong to their new owner now.
@@ -453,6 +455,31 @@ pub async fn run(
             }
             Some(reply) = reload_rx.recv() => {
                 let _ = reply.send(reload(config_path.as_ref(), &mut graphs, &mut joiner));
+            }
+            _ = gap_check.tick() => {
+                // Parts overdue at a join may sit unseen in its partition until the next append.
+                if let Some(j) = joiner.as_mut() {
+                    for (t, p) in j.overdue(Duration::from_millis(200)) {
+                        metrics::counter!("sluice_join_nudges_total", "unit" => label.clone()).increment(1);
+                        let (shared, topic) = (Arc::clone(&shared), topics[t].clone());
+                        side.spawn(async move { shared.sink.nudge(&topic, p).await });
+                    }
+                }
+                // A record skipped at the end of a partition: the broker's high watermark is past
+                // what we were given, and nothing arrived for a while.
+                let idle = lock(&gaps).idle(Instant::now(), Duration::from_millis(500));
+                for ((t, p), expected) in idle {
+                    let hi = tokio::task::block_in_place(|| {
+                        shared.consumer.fetch_watermarks(&topics[t], p, Duration::from_millis(500)).map(|(_, hi)| hi)
+                    });
+                    if hi.is_ok_and(|hi| hi > expected) {
+                        metrics::counter!("sluice_worker_fetch_gaps_total", "unit" => label.clone()).increment(1);
+                        tracing::warn!(topic = %topics[t], partition = p, expected, "records below the high watermark never arrived; re-reading");
+                        if let Err(e) = shared.consumer.seek(&topics[t], p, Offset::Offset(expected), Duration::from_secs(1)) {
+                            tracing::warn!(error = %e, "seek failed");
+                        }
+                    }
+                }
             }
             _ = sleep_or_forever(wait) => {
                 if let Some(j) = joiner.as_mut() {
@@ -739,6 +766,9 @@ fn dead_letter_of(m: &BorrowedMessage<'_>, class: &'static str, message: String)
 /// join part, or (for a record that cannot be run) a completion at once: dead letter, plus an
 /// error reply when the caller can be named.
 fn admit(m: &BorrowedMessage<'_>, source: Source, ctx: &Admit<'_>) -> Admission {
+    if header(m, kafka_headers::NUDGE).is_some() {
+        return Admission::Done(Box::new(bare(source)));
+    }
     let payload = m.payload().unwrap_or_default();
     let entry_graph = ctx.entries.get(m.topic());
     let json =
