@@ -14,7 +14,7 @@ use common::*;
 use futures::StreamExt;
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{Value, json};
 use sluice_common::graph::canary_picks;
@@ -270,6 +270,40 @@ async fn joins_time_out_naming_missing_parts_or_answer_with_a_quorum() {
         message.contains("step 'pick'") && message.contains("tier"),
         "{message}"
     );
+
+    // Both failures are dead-lettered with their origin and class.
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &stack.kafka)
+        .set("group.id", "test-dead-letters")
+        .set("auto.offset.reset", "earliest")
+        .set("fetch.wait.max.ms", "5")
+        .create()
+        .unwrap();
+    consumer.subscribe(&["sluice.dead-letter"]).unwrap();
+    let mut stream = consumer.stream();
+    let mut classes = BTreeMap::new();
+    while classes.len() < 2 {
+        let m = tokio::time::timeout(Duration::from_secs(20), stream.next())
+            .await
+            .expect("dead letters")
+            .unwrap()
+            .unwrap();
+        let header = |k: &str| {
+            m.headers()
+                .and_then(|h| h.iter().find(|x| x.key == k).and_then(|x| x.value))
+                .map(|v| String::from_utf8_lossy(v).to_string())
+                .unwrap_or_default()
+        };
+        classes.insert(header("x-error-class"), header("x-original-topic"));
+    }
+    assert_eq!(
+        classes.get("join_timeout").map(String::as_str),
+        Some("sluice.digits-ensemble.vote.requests")
+    );
+    assert_eq!(
+        classes.get("no_route").map(String::as_str),
+        Some("sluice.digits-routed.pick.requests")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -427,6 +461,20 @@ async fn canary_shadow_and_routing_are_accounted_and_reloadable() {
     for t in load {
         assert_eq!(t.await.unwrap().status, 200);
     }
+    // The same reload through a worker's ops port.
+    let r = post(
+        &client,
+        &format!("http://{forest_ops}/admin/reload"),
+        &[],
+        "",
+    )
+    .await;
+    let text = String::from_utf8_lossy(&r.body).to_string();
+    assert_eq!(r.status, 200, "{text}");
+    assert!(
+        text.contains("digits-canary.classify: canary logreg at 1"),
+        "{text}"
+    );
     for i in 0..10 {
         let r = infer_with(
             &client,

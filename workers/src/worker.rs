@@ -111,6 +111,7 @@ struct StepJob {
     base: InferenceRequest,
     carried: Vec<Tensor>,
     source: Source,
+    topic: String,
 }
 
 /// What became of a consumed record on arrival.
@@ -485,7 +486,7 @@ pub async fn run(
                 if let Some(j) = joiner.as_mut() {
                     for decided in j.expire(Instant::now()) {
                         metrics::counter!("sluice_join_timeouts_total", "unit" => label.clone()).increment(1);
-                        let items = decided_completions(&j.graph(), decided);
+                        let items = decided_completions(&topics, &j.graph(), decided);
                         shared.spawn_complete(&mut side, items);
                     }
                     join_pending.set(j.pending() as f64);
@@ -545,7 +546,7 @@ pub async fn run(
                                             metrics::counter!("sluice_join_late_parts_total", "unit" => label.clone()).increment(1);
                                             vec![bare(source)]
                                         }
-                                        Offered::Decided(d) => decided_completions(&j.graph(), *d),
+                                        Offered::Decided(d) => decided_completions(&topics, &j.graph(), *d),
                                     };
                                     join_pending.set(j.pending() as f64);
                                     items
@@ -695,7 +696,11 @@ fn next_completion(
 }
 
 /// Completions for every record a decided join held: the first delivers what follows.
-fn decided_completions(graph: &Graph, d: crate::join::Decided) -> Vec<Completion> {
+fn decided_completions(
+    topics: &[String],
+    graph: &Graph,
+    d: crate::join::Decided,
+) -> Vec<Completion> {
     let mut out = Vec::with_capacity(d.records.len());
     let mut next = Some(d.next);
     for h in &d.records {
@@ -705,7 +710,16 @@ fn decided_completions(graph: &Graph, d: crate::join::Decided) -> Vec<Completion
             offset: h.offset,
         };
         match next.take() {
-            Some(n) => out.push(next_completion(source, graph, &d.base, n)),
+            Some(n) => {
+                // A join that could not answer dead-letters the request (its first part).
+                let error = n.answer.as_ref().and_then(|a| a.error.clone());
+                let mut c = next_completion(source, graph, &d.base, n);
+                if let Some(e) = error {
+                    let topic = topics.get(h.topic_index).map_or("", String::as_str);
+                    c.dead_letter = Some(graph_dead_letter(topic, source, &d.base, &e));
+                }
+                out.push(c);
+            }
             None => out.push(bare(source)),
         }
     }
@@ -720,7 +734,12 @@ fn run_step(job: StepJob, wm: &WorkerMetrics) -> Completion {
         base,
         carried,
         source,
+        topic,
     } = job;
+    let replay = InferenceRequest {
+        inputs: carried.clone(),
+        ..base.clone()
+    };
     let outcome = match &graph.steps[step].kind {
         StepKind::Builtin(Builtin::Argmax) => step_inputs(&graph, step, &carried)
             .and_then(|inputs| argmax(&inputs[0]))
@@ -735,10 +754,43 @@ fn run_step(job: StepJob, wm: &WorkerMetrics) -> Completion {
         }
         Err(e) => {
             wm.failed.increment(1);
-            failed(&graph, step, &base, e)
+            let dl = graph_dead_letter(&topic, source, &replay, &e);
+            let mut c = next_completion(source, &graph, &base, failed(&graph, step, &base, e));
+            c.dead_letter = Some(dl);
+            return c;
         }
     };
     next_completion(source, &graph, &base, next)
+}
+
+/// A dead letter for a graph record a step failed on: the record as it arrived, its origin, and
+/// the error.
+fn graph_dead_letter(
+    topic: &str,
+    source: Source,
+    request: &InferenceRequest,
+    e: &InferenceError,
+) -> DeadLetter {
+    let class = [
+        codes::INVALID_INPUT,
+        codes::DEADLINE_EXCEEDED,
+        codes::MODEL_FAILED,
+        codes::UNDECODABLE,
+        codes::JOIN_TIMEOUT,
+        codes::NO_ROUTE,
+    ]
+    .into_iter()
+    .find(|c| *c == e.code)
+    .unwrap_or(codes::INTERNAL);
+    DeadLetter {
+        key: Some(request.id.clone().into_bytes()),
+        payload: sluice_schemas::encode_request(request).unwrap_or_default(),
+        topic: topic.to_string(),
+        partition: source.partition,
+        offset: source.offset,
+        class,
+        message: format!("step '{}': {}", e.step, e.message),
+    }
 }
 
 fn header<'a>(m: &'a BorrowedMessage<'_>, key: &str) -> Option<&'a str> {
@@ -948,6 +1000,7 @@ fn admit(m: &BorrowedMessage<'_>, source: Source, ctx: &Admit<'_>) -> Admission 
                 base,
                 carried,
                 source,
+                topic: m.topic().to_string(),
             })
         }
         _ => fail(
