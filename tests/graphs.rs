@@ -76,19 +76,57 @@ async fn metric_sum(client: &Http, addr: &str, name: &str, label: &str) -> f64 {
         .sum()
 }
 
+/// Closed-loop load on `graph` from 8 tasks, each request a different sample (so a tensor merged
+/// into the wrong request shows), every answer checked against `want(sample)`. Runs until `stop`;
+/// each task returns how many requests it got answered.
+fn spawn_checked_load(
+    stack: &Stack,
+    graph: &'static str,
+    want: fn(&Samples, usize) -> i64,
+    stop: &Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<usize>> {
+    let s = Arc::new(samples());
+    let client = Arc::new(http());
+    (0..8)
+        .map(|c| {
+            let (client, gw, s, stop) = (
+                Arc::clone(&client),
+                stack.gateway.clone(),
+                Arc::clone(&s),
+                Arc::clone(stop),
+            );
+            tokio::spawn(async move {
+                let mut answered = 0usize;
+                let mut i = c;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let sample = i % s.raw.len();
+                    let r = infer(&client, &gw, graph, &[&s.raw[sample]]).await;
+                    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+                    let got = output(&r.json(), "label")["data"][0].as_i64();
+                    assert_eq!(got, Some(want(&s, sample)), "{graph} sample {sample}");
+                    answered += 1;
+                    i += 8;
+                }
+                answered
+            })
+        })
+        .collect()
+}
+
+async fn total_answered(load: Vec<tokio::task::JoinHandle<usize>>) -> usize {
+    let mut total = 0;
+    for t in load {
+        total += t.await.unwrap();
+    }
+    total
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipeline_and_ensemble_answer_as_onnxruntime_does() {
     let Some(mut stack) = Stack::start(&[]) else {
         return;
     };
-    for unit in [
-        "scaler",
-        "mlp",
-        "logreg",
-        "forest",
-        "digits-pipeline.postprocess",
-        "digits-ensemble.vote",
-    ] {
+    for unit in EXAMPLE_GRAPH_UNITS {
         stack.start_worker(unit);
     }
     let s = samples();
@@ -618,32 +656,13 @@ async fn scaling_a_step_from_one_to_three_workers_and_back_loses_nothing() {
     for unit in ["scaler", "mlp", "digits-pipeline.postprocess"] {
         stack.start_worker(unit);
     }
-    let s = Arc::new(samples());
-    let client = Arc::new(http());
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut load = Vec::new();
-    for c in 0..8 {
-        let (client, gw, s, stop) = (
-            Arc::clone(&client),
-            stack.gateway.clone(),
-            Arc::clone(&s),
-            Arc::clone(&stop),
-        );
-        load.push(tokio::spawn(async move {
-            let mut answered = 0usize;
-            let mut i = c;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let sample = i % s.raw.len();
-                let r = infer(&client, &gw, "digits-pipeline", &[&s.raw[sample]]).await;
-                assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-                let got = output(&r.json(), "label")["data"][0].as_i64();
-                assert_eq!(got, Some(expected(&s, "mlp", sample).0));
-                answered += 1;
-                i += 8;
-            }
-            answered
-        }));
-    }
+    let load = spawn_checked_load(
+        &stack,
+        "digits-pipeline",
+        |s, i| expected(s, "mlp", i).0,
+        &stop,
+    );
     tokio::time::sleep(Duration::from_secs(2)).await;
     let second = stack.start_worker("mlp");
     let third = stack.start_worker("mlp");
@@ -654,10 +673,7 @@ async fn scaling_a_step_from_one_to_three_workers_and_back_loses_nothing() {
     assert!(stack.wait_exit(third, Duration::from_secs(30)));
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let mut total = 0;
-    for t in load {
-        total += t.await.unwrap();
-    }
+    let total = total_answered(load).await;
     println!("answered {total} requests while scaling mlp 1 → 3 → 1");
     assert!(total > 50, "{total}");
 }
@@ -696,46 +712,17 @@ async fn a_join_worker_killed_under_load_loses_and_mixes_nothing() {
         stack.start_worker(unit);
     }
     let vote_worker = stack.start_worker("digits-ensemble.vote");
-    let s = Arc::new(samples());
-    let client = Arc::new(http());
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut load = Vec::new();
-    for c in 0..8 {
-        let (client, gw, s, stop) = (
-            Arc::clone(&client),
-            stack.gateway.clone(),
-            Arc::clone(&s),
-            Arc::clone(&stop),
-        );
-        load.push(tokio::spawn(async move {
-            let mut answered = 0usize;
-            let mut i = c;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                // Each request a different sample: a part merged into the wrong request shows.
-                let sample = i % s.raw.len();
-                let r = infer(&client, &gw, "digits-ensemble", &[&s.raw[sample]]).await;
-                assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-                let labels = ["mlp", "logreg", "forest"].map(|m| expected(&s, m, sample).0);
-                assert_eq!(
-                    output(&r.json(), "label")["data"][0].as_i64(),
-                    Some(vote(labels))
-                );
-                answered += 1;
-                i += 8;
-            }
-            answered
-        }));
-    }
+    let vote_of =
+        |s: &Samples, i: usize| vote(["mlp", "logreg", "forest"].map(|m| expected(s, m, i).0));
+    let load = spawn_checked_load(&stack, "digits-ensemble", vote_of, &stop);
     tokio::time::sleep(Duration::from_secs(2)).await;
     stack.signal(vote_worker, "KILL");
     stack.wait_exit(vote_worker, Duration::from_secs(10));
     stack.start_worker("digits-ensemble.vote");
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let mut total = 0;
-    for t in load {
-        total += t.await.unwrap();
-    }
+    let total = total_answered(load).await;
     println!("answered {total} ensemble requests across a join worker's SIGKILL");
     assert!(total > 16, "{total}");
 }

@@ -393,14 +393,7 @@ async fn stock_tritonclient_works_against_the_gateway() {
     let Some(mut stack) = Stack::start(&[]) else {
         return;
     };
-    for unit in [
-        "scaler",
-        "mlp",
-        "logreg",
-        "forest",
-        "digits-pipeline.postprocess",
-        "digits-ensemble.vote",
-    ] {
+    for unit in EXAMPLE_GRAPH_UNITS {
         stack.start_worker(unit);
     }
     let host = stack.gateway.trim_start_matches("http://").to_string();

@@ -1134,20 +1134,33 @@ fn check_flows(
     }
 }
 
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-    use super::*;
+/// Building graphs from TOML snippets in tests (enabled by the `fixtures` feature).
+#[cfg(any(test, feature = "fixtures"))]
+pub mod fixtures {
+    use std::collections::BTreeMap;
+    use std::time::Duration;
 
-    fn model(
-        inputs: &[(&str, DataType, Vec<i64>)],
-        outputs: &[(&str, DataType, Vec<i64>)],
-    ) -> ModelConfig {
-        let specs = |v: &[(&str, DataType, Vec<i64>)]| {
-            v.iter().map(|(n, d, s)| spec(n, *d, s.clone())).collect()
+    use sluice_schemas::DataType;
+
+    use super::{Graph, GraphConfig, TopicNames, compile};
+    use crate::config::{ModelConfig, TensorSpec};
+
+    /// A (name, datatype, shape) tensor declaration.
+    pub type Spec<'a> = (&'a str, DataType, Vec<i64>);
+
+    /// A model declaration with these inputs and outputs (file name `m.onnx`, batch 8).
+    pub fn model(inputs: &[Spec<'_>], outputs: &[Spec<'_>]) -> ModelConfig {
+        let specs = |v: &[Spec<'_>]| {
+            v.iter()
+                .map(|(name, datatype, shape)| TensorSpec {
+                    name: name.to_string(),
+                    datatype: *datatype,
+                    shape: shape.clone(),
+                })
+                .collect()
         };
         ModelConfig {
-            onnx: "x.onnx".into(),
+            onnx: "m.onnx".into(),
             version: "1".into(),
             inputs: specs(inputs),
             outputs: specs(outputs),
@@ -1159,6 +1172,28 @@ mod tests {
             workers: 1,
         }
     }
+
+    /// Compiles graph `g` from `[[steps]]` TOML, with one FP32 request input `input` of
+    /// `[-1, width]`, topics prefixed `prefix`.
+    pub fn compile_steps(
+        steps: &str,
+        width: i64,
+        models: &BTreeMap<String, ModelConfig>,
+        prefix: &str,
+    ) -> Result<Graph, Vec<String>> {
+        let text = format!(
+            "inputs = [{{ name = \"input\", datatype = \"FP32\", shape = [-1, {width}] }}]\n{steps}"
+        );
+        let g: GraphConfig = toml::from_str(&text).map_err(|e| vec![e.to_string()])?;
+        compile("g", &g, models, &TopicNames { prefix })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::fixtures::model;
+    use super::*;
 
     fn models() -> BTreeMap<String, ModelConfig> {
         let classifier = || {
@@ -1186,11 +1221,7 @@ mod tests {
     }
 
     fn graph(toml_steps: &str) -> Result<Graph, Vec<String>> {
-        let text = format!(
-            "inputs = [{{ name = \"input\", datatype = \"FP32\", shape = [-1, 64] }}]\n{toml_steps}"
-        );
-        let g: GraphConfig = toml::from_str(&text).unwrap();
-        compile("g", &g, &models(), &TopicNames { prefix: "sluice" })
+        fixtures::compile_steps(toml_steps, 64, &models(), "sluice")
     }
 
     const PIPELINE: &str = r#"

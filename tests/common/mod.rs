@@ -450,3 +450,13 @@ pub fn flat_f64(v: &Value) -> Vec<f64> {
         _ => panic!("not numeric: {v}"),
     }
 }
+
+/// Workers that serve the `digits-pipeline` and `digits-ensemble` example graphs.
+pub const EXAMPLE_GRAPH_UNITS: [&str; 6] = [
+    "scaler",
+    "mlp",
+    "logreg",
+    "forest",
+    "digits-pipeline.postprocess",
+    "digits-ensemble.vote",
+];

@@ -435,45 +435,25 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use std::collections::BTreeMap;
 
-    use sluice_common::graph::{GraphConfig, TopicNames, compile};
-    use sluice_common::{ModelConfig, TensorSpec};
+    use sluice_common::ModelConfig;
+    use sluice_common::graph::fixtures::{compile_steps, model};
 
     use super::*;
 
-    fn spec(name: &str, datatype: DataType, shape: Vec<i64>) -> TensorSpec {
-        TensorSpec {
-            name: name.into(),
-            datatype,
-            shape,
-        }
-    }
-
     fn graph(steps: &str) -> Graph {
-        let classifier = ModelConfig {
-            onnx: "m.onnx".into(),
-            version: "1".into(),
-            inputs: vec![spec("input", DataType::Fp32, vec![-1, 2])],
-            outputs: vec![
-                spec("label", DataType::Int64, vec![-1]),
-                spec("probabilities", DataType::Fp32, vec![-1, 2]),
+        let classifier = model(
+            &[("input", DataType::Fp32, vec![-1, 2])],
+            &[
+                ("label", DataType::Int64, vec![-1]),
+                ("probabilities", DataType::Fp32, vec![-1, 2]),
             ],
-            max_batch_size: 8,
-            max_delay: Default::default(),
-            threads: 1,
-            intra_op_threads: 1,
-            partitions: 1,
-            workers: 1,
-        };
+        );
         let models: BTreeMap<String, ModelConfig> = [
             ("a".to_string(), classifier.clone()),
             ("b".to_string(), classifier),
         ]
         .into();
-        let text = format!(
-            "inputs = [{{ name = \"input\", datatype = \"FP32\", shape = [-1, 2] }}]\n{steps}"
-        );
-        let g: GraphConfig = toml::from_str(&text).unwrap();
-        compile("g", &g, &models, &TopicNames { prefix: "s" }).unwrap()
+        compile_steps(steps, 2, &models, "s").unwrap()
     }
 
     const ENSEMBLE: &str = r#"

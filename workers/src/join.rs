@@ -367,34 +367,20 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use std::collections::BTreeMap;
 
-    use sluice_common::graph::{GraphConfig, TopicNames, compile};
-    use sluice_common::{ModelConfig, TensorSpec};
+    use sluice_common::ModelConfig;
+    use sluice_common::graph::fixtures::{compile_steps, model};
     use sluice_schemas::{DataType, GraphHop};
 
     use super::*;
 
     fn graph(extra: &str) -> Arc<Graph> {
-        let spec = |name: &str, datatype, shape: Vec<i64>| TensorSpec {
-            name: name.into(),
-            datatype,
-            shape,
-        };
-        let m = ModelConfig {
-            onnx: "m.onnx".into(),
-            version: "1".into(),
-            inputs: vec![spec("input", DataType::Fp32, vec![-1, 2])],
-            outputs: vec![spec("label", DataType::Int64, vec![-1])],
-            max_batch_size: 8,
-            max_delay: Duration::ZERO,
-            threads: 1,
-            intra_op_threads: 1,
-            partitions: 1,
-            workers: 1,
-        };
+        let m = model(
+            &[("input", DataType::Fp32, vec![-1, 2])],
+            &[("label", DataType::Int64, vec![-1])],
+        );
         let models: BTreeMap<String, ModelConfig> = [("m".to_string(), m)].into();
-        let text = format!(
-            r#"inputs = [{{ name = "input", datatype = "FP32", shape = [-1, 2] }}]
-[[steps]]
+        let steps = format!(
+            r#"[[steps]]
 name = "first"
 model = "m"
 inputs = {{ input = "request.input" }}
@@ -421,8 +407,7 @@ timeout = "50ms"
 {extra}
 "#
         );
-        let g: GraphConfig = toml::from_str(&text).unwrap();
-        Arc::new(compile("g", &g, &models, &TopicNames { prefix: "s" }).unwrap())
+        Arc::new(compile_steps(&steps, 2, &models, "s").unwrap())
     }
 
     fn part(id: &str, from: &str, label: i64) -> InferenceRequest {

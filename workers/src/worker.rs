@@ -838,25 +838,10 @@ fn admit(m: &BorrowedMessage<'_>, source: Source, ctx: &Admit<'_>) -> Admission 
         Err(e) => return undecodable(m, source, ctx, e),
     };
     let invalid = |request: &InferenceRequest, message: String, json: bool| {
-        ctx.metrics.invalid.increment(1);
-        Admission::Done(Box::new(Completion {
-            topic_index: source.topic_index,
-            partition: source.partition,
-            offset: source.offset,
-            result: Some(InferenceResult::failure(
-                request,
-                codes::INVALID_INPUT,
-                message.clone(),
-            )),
-            reply: request.reply.clone(),
-            deadline_ms: request.deadline_ms,
-            json_result: json,
-            result_topic: entry_graph
-                .and_then(|g| ctx.graphs.get(g))
-                .map(|g| g.result_topic.clone()),
-            dead_letter: Some(dead_letter_of(m, codes::INVALID_INPUT, message)),
-            ..Default::default()
-        }))
+        let result_topic = entry_graph
+            .and_then(|g| ctx.graphs.get(g))
+            .map(|g| g.result_topic.clone());
+        rejected(m, source, ctx, request, message, json, result_topic)
     };
 
     // A graph record: addressed to a step, or fresh on a graph's entry topic.
@@ -1066,6 +1051,36 @@ fn undecodable(
     }))
 }
 
+/// A request that does not fit what it was sent to: answered with `invalid_input` (on
+/// `result_topic`, or the unit's) and dead-lettered.
+fn rejected(
+    m: &BorrowedMessage<'_>,
+    source: Source,
+    ctx: &Admit<'_>,
+    request: &InferenceRequest,
+    message: String,
+    json: bool,
+    result_topic: Option<String>,
+) -> Admission {
+    ctx.metrics.invalid.increment(1);
+    Admission::Done(Box::new(Completion {
+        topic_index: source.topic_index,
+        partition: source.partition,
+        offset: source.offset,
+        result: Some(InferenceResult::failure(
+            request,
+            codes::INVALID_INPUT,
+            message.clone(),
+        )),
+        reply: request.reply.clone(),
+        deadline_ms: request.deadline_ms,
+        json_result: json,
+        result_topic,
+        dead_letter: Some(dead_letter_of(m, codes::INVALID_INPUT, message)),
+        ..Default::default()
+    }))
+}
+
 /// A plain request for this worker's model.
 fn admit_model_request(
     m: &BorrowedMessage<'_>,
@@ -1093,24 +1108,7 @@ fn admit_model_request(
             rows,
             graph: None,
         }),
-        Err(message) => {
-            ctx.metrics.invalid.increment(1);
-            Admission::Done(Box::new(Completion {
-                topic_index: source.topic_index,
-                partition: source.partition,
-                offset: source.offset,
-                result: Some(InferenceResult::failure(
-                    &request,
-                    codes::INVALID_INPUT,
-                    message.clone(),
-                )),
-                reply: request.reply.clone(),
-                deadline_ms: request.deadline_ms,
-                json_result: json,
-                dead_letter: Some(dead_letter_of(m, codes::INVALID_INPUT, message)),
-                ..Default::default()
-            }))
-        }
+        Err(message) => rejected(m, source, ctx, &request, message, json, None),
     }
 }
 
