@@ -583,6 +583,51 @@ parts = ["left.label", "right.label"]
     }
 
     #[test]
+    fn routers_choose_by_a_tensor_value_from_an_earlier_step() {
+        let g = graph(
+            r#"
+[[steps]]
+name = "first"
+model = "a"
+inputs = { input = "request.input" }
+[[steps]]
+name = "pick"
+route = { by = "first.label", cases = { "7" = ["seven"] }, default = ["other"] }
+[[steps]]
+name = "seven"
+model = "b"
+inputs = { input = "request.input" }
+[[steps]]
+name = "other"
+model = "a"
+inputs = { input = "request.input" }
+"#,
+        );
+        let pick = g.step_index("pick").unwrap();
+        let label = |v: i64| {
+            vec![
+                entry_carried(vec![row(&[0.0, 1.0])]),
+                vec![Tensor::from_values(
+                    "first.label",
+                    DataType::Int64,
+                    vec![1],
+                    &[v],
+                )],
+            ]
+            .concat()
+        };
+        let to = |v| {
+            after_step(&g, pick, &request(), label(v), vec![])
+                .unwrap()
+                .forwards[0]
+                .topic
+                .clone()
+        };
+        assert_eq!(to(7), "s.b.requests");
+        assert_eq!(to(3), "s.a.requests");
+    }
+
+    #[test]
     fn routers_choose_by_parameter_or_fail_naming_the_value() {
         let g = graph(
             r#"
