@@ -605,16 +605,14 @@ inputs = { input = "request.input" }
         );
         let pick = g.step_index("pick").unwrap();
         let label = |v: i64| {
-            vec![
-                entry_carried(vec![row(&[0.0, 1.0])]),
-                vec![Tensor::from_values(
-                    "first.label",
-                    DataType::Int64,
-                    vec![1],
-                    &[v],
-                )],
-            ]
-            .concat()
+            let mut carried = entry_carried(vec![row(&[0.0, 1.0])]);
+            carried.push(Tensor::from_values(
+                "first.label",
+                DataType::Int64,
+                vec![1],
+                &[v],
+            ));
+            carried
         };
         let to = |v| {
             after_step(&g, pick, &request(), label(v), vec![])
