@@ -136,7 +136,14 @@ impl Gateway {
 }
 
 /// Checks the broker and Redis every second and records the outcome for readiness and 503s.
+/// Probes failed in a row before a dependency counts as down: one slow answer from a busy broker
+/// must not turn a second of requests into 503s (a broker that is really gone also fails the
+/// produce of every request, which answers 503 on its own).
+const PROBES_TO_MARK_DOWN: u32 = 3;
+
 async fn health_loop(gw: std::sync::Weak<Gateway>, mut redis: redis::aio::ConnectionManager) {
+    // Consecutive failed probes per dependency; `None` until its first success.
+    let (mut broker_failures, mut redis_failures) = (None::<u32>, None::<u32>);
     loop {
         let Some(g) = gw.upgrade() else { return };
         let producer = g.producer.clone();
@@ -156,6 +163,16 @@ async fn health_loop(gw: std::sync::Weak<Gateway>, mut redis: redis::aio::Connec
         )
         .await;
         let redis_ok = matches!(pong, Ok(Ok(_)));
+        let settle = |ok: bool, failures: &mut Option<u32>| {
+            *failures = match (ok, *failures) {
+                (true, _) => Some(0),
+                (false, Some(n)) => Some(n + 1),
+                (false, None) => None,
+            };
+            ok || failures.is_some_and(|n| n < PROBES_TO_MARK_DOWN)
+        };
+        let broker = settle(broker, &mut broker_failures);
+        let redis_ok = settle(redis_ok, &mut redis_failures);
         if g.broker_ok.swap(broker, Ordering::Relaxed) != broker {
             tracing::info!(reachable = broker, "broker health changed");
         }

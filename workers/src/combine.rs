@@ -43,11 +43,6 @@ pub fn combine(join: &Join, output: &str, arrived: &[(usize, Tensor)]) -> Result
     let Some((_, first_arrived)) = arrived.first() else {
         return Err("no parts to combine".into());
     };
-    if join.combiner == Combiner::First {
-        let mut t = first_arrived.clone();
-        t.name = output.to_string();
-        return Ok(t);
-    }
     let mut parts: Vec<&(usize, Tensor)> = arrived.iter().collect();
     parts.sort_by_key(|(i, _)| *i);
     let rows = parts[0].1.shape.first().copied().unwrap_or(0);
@@ -165,12 +160,11 @@ pub fn combine(join: &Join, output: &str, arrived: &[(usize, Tensor)]) -> Result
                 data,
             })
         }
-        Combiner::First => unreachable_first(),
+        Combiner::First => Ok(Tensor {
+            name: output.to_string(),
+            ..first_arrived.clone()
+        }),
     }
-}
-
-fn unreachable_first() -> Result<Tensor, String> {
-    Err("internal: first is handled above".into())
 }
 
 fn labels(t: &Tensor) -> Vec<i64> {

@@ -470,10 +470,12 @@ pub async fn run(
                 // what we were given, and nothing arrived for a while.
                 let idle = lock(&gaps).idle(Instant::now(), Duration::from_millis(500));
                 for ((t, p), expected) in idle {
-                    let hi = tokio::task::block_in_place(|| {
-                        shared.consumer.fetch_watermarks(&topics[t], p, Duration::from_millis(500)).map(|(_, hi)| hi)
-                    });
-                    if hi.is_ok_and(|hi| hi > expected) {
+                    let (query, topic) = (Arc::clone(&shared), topics[t].clone());
+                    let hi = tokio::task::spawn_blocking(move || {
+                        query.consumer.fetch_watermarks(&topic, p, Duration::from_millis(500)).map(|(_, hi)| hi)
+                    })
+                    .await;
+                    if hi.is_ok_and(|hi| hi.is_ok_and(|hi| hi > expected)) {
                         metrics::counter!("sluice_worker_fetch_gaps_total", "unit" => label.clone()).increment(1);
                         tracing::warn!(topic = %topics[t], partition = p, expected, "records below the high watermark never arrived; re-reading");
                         if let Err(e) = shared.consumer.seek(&topics[t], p, Offset::Offset(expected), Duration::from_secs(1)) {
@@ -742,7 +744,12 @@ fn run_step(job: StepJob, wm: &WorkerMetrics) -> Completion {
     };
     let outcome = match &graph.steps[step].kind {
         StepKind::Builtin(Builtin::Argmax) => step_inputs(&graph, step, &carried)
-            .and_then(|inputs| argmax(&inputs[0]))
+            .and_then(|inputs| {
+                inputs
+                    .first()
+                    .ok_or_else(|| "argmax has no input".to_string())
+                    .and_then(argmax)
+            })
             .map_err(|e| step_error(codes::INVALID_INPUT, &graph.steps[step].name, e))
             .and_then(|outputs| after_step(&graph, step, &base, carried, outputs)),
         _ => after_step(&graph, step, &base, carried, Vec::new()),
