@@ -13,17 +13,7 @@ use sluice_schemas::{InferenceError, InferenceRequest, Tensor};
 
 use crate::combine::combine;
 use crate::flow::{Next, after_step, failed, parse_failed, step_error};
-
-/// A consumed record held by a join until its request is answered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Held {
-    /// Index of its topic among the worker's topics.
-    pub topic_index: usize,
-    /// Partition.
-    pub partition: i32,
-    /// Offset.
-    pub offset: i64,
-}
+use crate::worker::Source;
 
 /// A request's fate once its join decides.
 #[derive(Debug)]
@@ -31,7 +21,7 @@ pub struct Decided {
     /// What follows the join (next records, or the answer).
     pub next: Next,
     /// Every record of this request that the join held.
-    pub records: Vec<Held>,
+    pub records: Vec<Source>,
     /// The envelope of the first part (reply route, deadline).
     pub base: InferenceRequest,
 }
@@ -42,7 +32,7 @@ struct Pending {
     base: InferenceRequest,
     /// Arrival order: (index in `join.parts`, carried tensors or the part's error).
     parts: Vec<(usize, Result<Vec<Tensor>, InferenceError>)>,
-    records: Vec<Held>,
+    records: Vec<Source>,
 }
 
 /// The state of one combine step in one worker.
@@ -111,7 +101,7 @@ impl Joiner {
     }
 
     /// Takes one part (`request.hop.from` names it).
-    pub fn offer(&mut self, request: InferenceRequest, held: Held) -> Offered {
+    pub fn offer(&mut self, request: InferenceRequest, held: Source) -> Offered {
         let Some(join) = self.join().cloned() else {
             return Offered::Duplicate;
         };
@@ -294,7 +284,7 @@ impl Joiner {
     fn decide_with(
         &mut self,
         base: InferenceRequest,
-        records: Vec<Held>,
+        records: Vec<Source>,
         outcome: Result<Next, InferenceError>,
     ) -> Offered {
         let next = match outcome {
@@ -430,8 +420,8 @@ timeout = "50ms"
         }
     }
 
-    fn held(offset: i64) -> Held {
-        Held {
+    fn held(offset: i64) -> Source {
+        Source {
             topic_index: 0,
             partition: 0,
             offset,

@@ -36,7 +36,7 @@ use crate::combine::argmax;
 use crate::flow::{
     self, Next, Outgoing, after_step, entry_carried, failed, step_error, step_inputs, topic_for,
 };
-use crate::join::{Held, Joiner, Offered};
+use crate::join::{Joiner, Offered};
 use crate::offsets::{GapGuard, Observed, OffsetTracker};
 use crate::runner::run_batch;
 use crate::sink::{Completion, DeadLetter, Sink};
@@ -541,8 +541,7 @@ pub async fn run(
                         Admission::Part(request, source) => {
                             let items = match joiner.as_mut() {
                                 Some(j) => {
-                                    let held = Held { topic_index: source.topic_index, partition: source.partition, offset: source.offset };
-                                    let items = match j.offer(request, held) {
+                                    let items = match j.offer(request, source) {
                                         Offered::Held => Vec::new(),
                                         Offered::Duplicate => {
                                             metrics::counter!("sluice_join_late_parts_total", "unit" => label.clone()).increment(1);
@@ -705,19 +704,14 @@ fn decided_completions(
 ) -> Vec<Completion> {
     let mut out = Vec::with_capacity(d.records.len());
     let mut next = Some(d.next);
-    for h in &d.records {
-        let source = Source {
-            topic_index: h.topic_index,
-            partition: h.partition,
-            offset: h.offset,
-        };
+    for &source in &d.records {
         match next.take() {
             Some(n) => {
                 // A join that could not answer dead-letters the request (its first part).
                 let error = n.answer.as_ref().and_then(|a| a.error.clone());
                 let mut c = next_completion(source, graph, &d.base, n);
                 if let Some(e) = error {
-                    let topic = topics.get(h.topic_index).map_or("", String::as_str);
+                    let topic = topics.get(source.topic_index).map_or("", String::as_str);
                     c.dead_letter = Some(graph_dead_letter(topic, source, &d.base, &e));
                 }
                 out.push(c);
