@@ -466,23 +466,7 @@ pub async fn run(
                         side.spawn(async move { shared.sink.nudge(&topic, p).await });
                     }
                 }
-                // A record skipped at the end of a partition: the broker's high watermark is past
-                // what we were given, and nothing arrived for a while.
-                let idle = lock(&gaps).idle(Instant::now(), Duration::from_millis(500));
-                for ((t, p), expected) in idle {
-                    let (query, topic) = (Arc::clone(&shared), topics[t].clone());
-                    let hi = tokio::task::spawn_blocking(move || {
-                        query.consumer.fetch_watermarks(&topic, p, Duration::from_millis(500)).map(|(_, hi)| hi)
-                    })
-                    .await;
-                    if hi.is_ok_and(|hi| hi.is_ok_and(|hi| hi > expected)) {
-                        metrics::counter!("sluice_worker_fetch_gaps_total", "unit" => label.clone()).increment(1);
-                        tracing::warn!(topic = %topics[t], partition = p, expected, "records below the high watermark never arrived; re-reading");
-                        if let Err(e) = shared.consumer.seek(&topics[t], p, Offset::Offset(expected), Duration::from_secs(1)) {
-                            tracing::warn!(error = %e, "seek failed");
-                        }
-                    }
-                }
+                reread_stalled_partitions(&shared, &gaps, &label).await;
             }
             _ = sleep_or_forever(wait) => {
                 if let Some(j) = joiner.as_mut() {
@@ -616,6 +600,40 @@ pub async fn run(
     let _ = forward_producer.flush(Duration::from_secs(5));
     tracing::info!("worker stopped");
     Ok(())
+}
+
+/// Seeks back on partitions that delivered nothing for a while although the broker's high
+/// watermark is past what arrived: a record skipped at the end of a partition shows no gap until
+/// something follows it.
+async fn reread_stalled_partitions(
+    shared: &Arc<Shared>,
+    gaps: &Mutex<GapGuard<PartitionKey>>,
+    label: &str,
+) {
+    let idle = lock(gaps).idle(Instant::now(), Duration::from_millis(500));
+    for ((t, p), expected) in idle {
+        let (query, topic) = (Arc::clone(shared), shared.topics[t].clone());
+        let hi = tokio::task::spawn_blocking(move || {
+            query
+                .consumer
+                .fetch_watermarks(&topic, p, Duration::from_millis(500))
+                .map(|(_, hi)| hi)
+        })
+        .await;
+        if hi.is_ok_and(|hi| hi.is_ok_and(|hi| hi > expected)) {
+            let topic = &shared.topics[t];
+            metrics::counter!("sluice_worker_fetch_gaps_total", "unit" => label.to_string())
+                .increment(1);
+            tracing::warn!(%topic, partition = p, expected, "records below the high watermark never arrived; re-reading");
+            if let Err(e) =
+                shared
+                    .consumer
+                    .seek(topic, p, Offset::Offset(expected), Duration::from_secs(1))
+            {
+                tracing::warn!(error = %e, "seek failed");
+            }
+        }
+    }
 }
 
 async fn sleep_or_forever(d: Option<Duration>) {
