@@ -466,7 +466,12 @@ pub async fn run(
                         side.spawn(async move { shared.sink.nudge(&topic, p).await });
                     }
                 }
-                reread_stalled_partitions(&shared, &gaps, &label).await;
+                let idle = lock(&gaps).idle(Instant::now(), Duration::from_millis(500));
+                if !idle.is_empty() {
+                    // Off the loop: a slow broker answer must not hold up consumption.
+                    let (shared, label) = (Arc::clone(&shared), label.clone());
+                    side.spawn(async move { reread_stalled_partitions(&shared, idle, &label).await });
+                }
             }
             _ = sleep_or_forever(wait) => {
                 if let Some(j) = joiner.as_mut() {
@@ -607,10 +612,9 @@ pub async fn run(
 /// something follows it.
 async fn reread_stalled_partitions(
     shared: &Arc<Shared>,
-    gaps: &Mutex<GapGuard<PartitionKey>>,
+    idle: Vec<(PartitionKey, i64)>,
     label: &str,
 ) {
-    let idle = lock(gaps).idle(Instant::now(), Duration::from_millis(500));
     for ((t, p), expected) in idle {
         let (query, topic) = (Arc::clone(shared), shared.topics[t].clone());
         let hi = tokio::task::spawn_blocking(move || {
