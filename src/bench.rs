@@ -93,7 +93,7 @@ pub async fn run(cfg: Config, args: BenchArgs) -> anyhow::Result<()> {
             });
             sluice_common::ModelConfig {
                 onnx: first_model.map(|m| m.onnx.clone()).unwrap_or_default(),
-                ..g.interface()
+                ..g.interface().clone()
             }
         }
         (None, None) => bail!(

@@ -181,6 +181,8 @@ pub struct Graph {
     pub result_topic: String,
     /// Where shadow comparisons are written.
     pub comparison_topic: String,
+    /// The interface as a model declaration (see [`Graph::interface`]).
+    interface: ModelConfig,
 }
 
 /// A compiled step.
@@ -313,20 +315,10 @@ impl Unit {
 pub type Graphs = BTreeMap<String, Arc<Graph>>;
 
 impl Graph {
-    /// The graph's interface as a model: what clients send and get back.
-    pub fn interface(&self) -> ModelConfig {
-        ModelConfig {
-            onnx: Default::default(),
-            version: self.version.clone(),
-            inputs: self.inputs.clone(),
-            outputs: self.outputs.clone(),
-            max_batch_size: self.max_batch_size,
-            max_delay: Duration::ZERO,
-            threads: 1,
-            intra_op_threads: 1,
-            partitions: self.partitions,
-            workers: 1,
-        }
+    /// The graph's interface as a model: what clients send and get back (inputs, outputs,
+    /// version, batch limit), checked against every request entering the graph.
+    pub fn interface(&self) -> &ModelConfig {
+        &self.interface
     }
 
     /// The step called `name`.
@@ -936,20 +928,34 @@ pub fn compile(
             }
         }
     }
+    let partitions = g.partitions.unwrap_or_else(|| {
+        g.steps
+            .iter()
+            .filter_map(|s| models.get(s.model.as_ref()?))
+            .map(|m| m.partitions)
+            .max()
+            .unwrap_or(1)
+    });
+    let interface = ModelConfig {
+        onnx: Default::default(),
+        version: g.version.clone(),
+        inputs: g.inputs.clone(),
+        outputs: outputs[terminals[0]].clone(),
+        max_batch_size: g.max_batch_size,
+        max_delay: Duration::ZERO,
+        threads: 1,
+        intra_op_threads: 1,
+        partitions,
+        workers: 1,
+    };
     Ok(Graph {
         name: name.to_string(),
         version: g.version.clone(),
         inputs: g.inputs.clone(),
         outputs: outputs[terminals[0]].clone(),
         max_batch_size: g.max_batch_size,
-        partitions: g.partitions.unwrap_or_else(|| {
-            g.steps
-                .iter()
-                .filter_map(|s| models.get(s.model.as_ref()?))
-                .map(|m| m.partitions)
-                .max()
-                .unwrap_or(1)
-        }),
+        partitions,
+        interface,
         steps,
         entry: pos[entry],
         entry_topic: topics.requests(name),

@@ -207,7 +207,7 @@ fn servables(cfg: &Config) -> BTreeMap<String, Servable> {
         })
         .collect();
     for (name, g) in cfg.compiled_graphs().unwrap_or_default() {
-        let config = g.interface();
+        let config = g.interface().clone();
         out.insert(
             name,
             Servable {

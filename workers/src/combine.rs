@@ -74,7 +74,7 @@ pub fn combine(join: &Join, output: &str, arrived: &[(usize, Tensor)]) -> Result
                 return Err("the weights of the parts that arrived sum to zero".into());
             }
             let first = &parts[0].1;
-            let mut acc = vec![0f64; first.values::<f32>().len()];
+            let mut acc = vec![0f64; first.data.len() / DataType::Fp32.size()];
             for ((_, t), w) in parts.iter().zip(&weights) {
                 let v: Vec<f32> = t.values();
                 if v.len() != acc.len() {

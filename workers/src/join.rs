@@ -15,6 +15,14 @@ use crate::combine::combine;
 use crate::flow::{Next, after_step, failed, parse_failed, step_error};
 use crate::worker::Source;
 
+/// Step `step`'s join settings, when it is a combine step.
+fn combine_of(graph: &Graph, step: usize) -> Option<&Join> {
+    match &graph.steps[step].kind {
+        StepKind::Combine(j) => Some(j),
+        _ => None,
+    }
+}
+
 /// A request's fate once its join decides.
 #[derive(Debug)]
 pub struct Decided {
@@ -71,10 +79,7 @@ impl Joiner {
     }
 
     fn join(&self) -> Option<&Join> {
-        match &self.graph.steps[self.step].kind {
-            StepKind::Combine(j) => Some(j),
-            _ => None,
-        }
+        combine_of(&self.graph, self.step)
     }
 
     /// The graph this join belongs to.
@@ -102,7 +107,9 @@ impl Joiner {
 
     /// Takes one part (`request.hop.from` names it).
     pub fn offer(&mut self, request: InferenceRequest, held: Source) -> Offered {
-        let Some(join) = self.join().cloned() else {
+        // A handle on the graph, so the join settings are borrowed, not copied, per part.
+        let graph = Arc::clone(&self.graph);
+        let Some(join) = combine_of(&graph, self.step) else {
             return Offered::Duplicate;
         };
         let id = request.id.clone();
@@ -149,7 +156,7 @@ impl Joiner {
         if all || first_wins {
             let p = self.pending.remove(&id);
             return match p {
-                Some(p) => Offered::Decided(Box::new(self.decide(p, &join, false))),
+                Some(p) => Offered::Decided(Box::new(self.decide(p, join, false))),
                 None => Offered::Held,
             };
         }
@@ -158,7 +165,8 @@ impl Joiner {
 
     /// Decides every request whose timeout has passed.
     pub fn expire(&mut self, now: Instant) -> Vec<Decided> {
-        let Some(join) = self.join().cloned() else {
+        let graph = Arc::clone(&self.graph);
+        let Some(join) = combine_of(&graph, self.step) else {
             return Vec::new();
         };
         let due: Vec<String> = self
@@ -170,7 +178,7 @@ impl Joiner {
         let mut out = Vec::with_capacity(due.len());
         for id in due {
             if let Some(p) = self.pending.remove(&id) {
-                out.push(self.decide(p, &join, true));
+                out.push(self.decide(p, join, true));
             }
         }
         out

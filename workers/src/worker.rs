@@ -889,8 +889,8 @@ fn admit(m: &BorrowedMessage<'_>, source: Source, ctx: &Admit<'_>) -> Admission 
             ))
         } else {
             let interface = graph.interface();
-            validate_inputs(&interface, &request.inputs)
-                .and_then(|_| validate_outputs(&interface, &request.outputs))
+            validate_inputs(interface, &request.inputs)
+                .and_then(|_| validate_outputs(interface, &request.outputs))
                 .map_err(|e| e.to_string())
         };
         if let Err(e) = checked {
@@ -913,7 +913,7 @@ fn admit(m: &BorrowedMessage<'_>, source: Source, ctx: &Admit<'_>) -> Admission 
     };
     let carried = std::mem::take(&mut request.inputs);
     let base = request;
-    let hop = base.hop.clone().unwrap_or_default();
+    let shadow = base.hop.as_ref().is_some_and(|h| h.shadow);
     let fail = |base: &InferenceRequest, error: InferenceError, class: &'static str| {
         ctx.metrics.invalid.increment(1);
         let next = flow::failed(&graph, step, base, error.clone());
@@ -948,7 +948,7 @@ fn admit(m: &BorrowedMessage<'_>, source: Source, ctx: &Admit<'_>) -> Admission 
                     ..Default::default()
                 }));
             }
-            let (inputs, carried) = if hop.shadow {
+            let (inputs, carried) = if shadow {
                 carried
                     .into_iter()
                     .partition(|t| model.inputs.iter().any(|i| i.name == t.name))
@@ -974,7 +974,7 @@ fn admit(m: &BorrowedMessage<'_>, source: Source, ctx: &Admit<'_>) -> Admission 
                     );
                 }
             };
-            if !hop.shadow && graph.steps[step].canary.is_some() {
+            if !shadow && graph.steps[step].canary.is_some() {
                 metrics::counter!("sluice_canary_served_total", "graph" => graph.name.clone(), "step" => step_name.clone(), "model" => me.clone()).increment(1);
             }
             Admission::Batch(Job {
@@ -986,7 +986,7 @@ fn admit(m: &BorrowedMessage<'_>, source: Source, ctx: &Admit<'_>) -> Admission 
                     graph,
                     step,
                     carried,
-                    shadow: hop.shadow,
+                    shadow,
                 }),
             })
         }
