@@ -12,6 +12,7 @@ use sluice_common::now_ms;
 use sluice_schemas::{InferenceResult, ReplyRoute, encode_request, encode_result};
 
 use crate::flow::Outgoing;
+use crate::offsets::Source;
 
 /// A record no step could process, with where it came from and why.
 #[derive(Debug, Clone)]
@@ -35,12 +36,8 @@ pub struct DeadLetter {
 /// Everything to deliver for one consumed record before its offset may be committed.
 #[derive(Debug, Default)]
 pub struct Completion {
-    /// Which of the worker's topics the consumed record came from (index).
-    pub topic_index: usize,
-    /// Partition of the consumed record.
-    pub partition: i32,
-    /// Its offset.
-    pub offset: i64,
+    /// The consumed record.
+    pub source: Source,
     /// The result to publish: a model's answer, a graph's answer (or error), a shadow
     /// comparison. Absent for records too broken to name a request id and for graph records
     /// that move on to a next step.

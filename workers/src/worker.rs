@@ -37,6 +37,7 @@ use crate::flow::{
     self, Next, Outgoing, after_step, entry_carried, failed, step_error, step_inputs, topic_for,
 };
 use crate::join::{Joiner, Offered};
+pub use crate::offsets::Source;
 use crate::offsets::{GapGuard, Observed, OffsetTracker};
 use crate::runner::run_batch;
 use crate::sink::{Completion, DeadLetter, Sink};
@@ -65,17 +66,6 @@ pub enum WorkerError {
     /// Ops server error.
     #[error("ops server: {0}")]
     Io(#[from] std::io::Error),
-}
-
-/// Where a consumed record came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Source {
-    /// Index of its topic among the worker's topics.
-    pub topic_index: usize,
-    /// Partition.
-    pub partition: i32,
-    /// Offset.
-    pub offset: i64,
 }
 
 /// A graph request at a model step.
@@ -212,8 +202,8 @@ impl Shared {
         {
             let mut tracker = lock(&self.tracker);
             for c in &items {
-                let key = (c.topic_index, c.partition);
-                if let Some(next) = tracker.finish(key, c.offset) {
+                let key = (c.source.topic_index, c.source.partition);
+                if let Some(next) = tracker.finish(key, c.source.offset) {
                     advanced.push((key, next));
                 }
             }
@@ -689,9 +679,7 @@ fn reload(
 
 fn bare(source: Source) -> Completion {
     Completion {
-        topic_index: source.topic_index,
-        partition: source.partition,
-        offset: source.offset,
+        source,
         ..Default::default()
     }
 }
@@ -705,9 +693,7 @@ fn next_completion(
 ) -> Completion {
     let answered = next.answer.is_some();
     Completion {
-        topic_index: source.topic_index,
-        partition: source.partition,
-        offset: source.offset,
+        source,
         reply: if answered { base.reply.clone() } else { None },
         deadline_ms: base.deadline_ms,
         result: next.answer,
@@ -941,9 +927,7 @@ fn admit(m: &BorrowedMessage<'_>, source: Source, ctx: &Admit<'_>) -> Admission 
                     },
                 };
                 return Admission::Done(Box::new(Completion {
-                    topic_index: source.topic_index,
-                    partition: source.partition,
-                    offset: source.offset,
+                    source,
                     forwards: vec![forward],
                     ..Default::default()
                 }));
@@ -1064,9 +1048,7 @@ fn undecodable(
         _ => (None, None),
     };
     Admission::Done(Box::new(Completion {
-        topic_index: source.topic_index,
-        partition: source.partition,
-        offset: source.offset,
+        source,
         result,
         reply,
         dead_letter: Some(dead_letter_of(m, codes::UNDECODABLE, message)),
@@ -1087,9 +1069,7 @@ fn rejected(
 ) -> Admission {
     ctx.metrics.invalid.increment(1);
     Admission::Done(Box::new(Completion {
-        topic_index: source.topic_index,
-        partition: source.partition,
-        offset: source.offset,
+        source,
         result: Some(InferenceResult::failure(
             request,
             codes::INVALID_INPUT,
@@ -1368,9 +1348,7 @@ fn shadow_completion(
         }
     };
     Completion {
-        topic_index: j.source.topic_index,
-        partition: j.source.partition,
-        offset: j.source.offset,
+        source: j.source,
         result: Some(result),
         result_topic: Some(g.graph.comparison_topic.clone()),
         ..Default::default()
@@ -1393,9 +1371,7 @@ fn completion_of(j: Job, result: InferenceResult) -> Completion {
             message: e.message.clone(),
         });
     Completion {
-        topic_index: j.source.topic_index,
-        partition: j.source.partition,
-        offset: j.source.offset,
+        source: j.source,
         reply: j.request.reply.clone(),
         deadline_ms: j.request.deadline_ms,
         json_result: j.request.reply_format == "json",
