@@ -1,0 +1,383 @@
+//! What follows a record once its step ran (or could not): the model's answer, the graph's next
+//! records, a join's decision, a shadow comparison, and the dead letters of failures.
+
+use sluice_common::ModelConfig;
+use sluice_common::graph::{Builtin, Graph, StepKind};
+use sluice_schemas::envelope::codes;
+use sluice_schemas::{InferenceError, InferenceRequest, InferenceResult, Tensor};
+
+use crate::admission::{GraphJob, Job, StepJob};
+use crate::combine::argmax;
+use crate::flow::{self, Next, after_step, failed, step_error, step_inputs};
+use crate::offsets::Source;
+use crate::sink::{Completion, DeadLetter};
+use crate::telemetry::WorkerMetrics;
+
+pub(crate) fn bare(source: Source) -> Completion {
+    Completion {
+        source,
+        ..Default::default()
+    }
+}
+
+/// The completion that delivers what follows a graph step.
+pub(crate) fn next_completion(
+    source: Source,
+    graph: &Graph,
+    base: &InferenceRequest,
+    next: Next,
+) -> Completion {
+    let answered = next.answer.is_some();
+    Completion {
+        source,
+        reply: if answered { base.reply.clone() } else { None },
+        deadline_ms: base.deadline_ms,
+        result: next.answer,
+        result_topic: Some(graph.result_topic.clone()),
+        json_result: base.reply_format == "json",
+        forwards: next.forwards,
+        dead_letter: None,
+    }
+}
+
+/// Completions for every record a decided join held: the first delivers what follows.
+pub(crate) fn decided_completions(
+    topics: &[String],
+    graph: &Graph,
+    d: crate::join::Decided,
+) -> Vec<Completion> {
+    let mut out = Vec::with_capacity(d.records.len());
+    let mut next = Some(d.next);
+    for &source in &d.records {
+        match next.take() {
+            Some(n) => {
+                // A join that could not answer dead-letters the request (its first part).
+                let error = n.answer.as_ref().and_then(|a| a.error.clone());
+                let mut c = next_completion(source, graph, &d.base, n);
+                if let Some(e) = error {
+                    let topic = topics.get(source.topic_index).map_or("", String::as_str);
+                    c.dead_letter = Some(graph_dead_letter(topic, source, &d.base, &e));
+                }
+                out.push(c);
+            }
+            None => out.push(bare(source)),
+        }
+    }
+    out
+}
+
+/// Runs a built-in or route step.
+pub(crate) fn run_step(job: StepJob, wm: &WorkerMetrics) -> Completion {
+    let StepJob {
+        graph,
+        step,
+        base,
+        carried,
+        source,
+        topic,
+    } = job;
+    let replay = InferenceRequest {
+        inputs: carried.clone(),
+        ..base.clone()
+    };
+    let outcome = match &graph.steps[step].kind {
+        StepKind::Builtin(Builtin::Argmax) => step_inputs(&graph, step, &carried)
+            .and_then(|inputs| {
+                inputs
+                    .first()
+                    .ok_or_else(|| "argmax has no input".to_string())
+                    .and_then(argmax)
+            })
+            .map_err(|e| step_error(codes::INVALID_INPUT, &graph.steps[step].name, e))
+            .and_then(|outputs| after_step(&graph, step, &base, carried, outputs)),
+        _ => after_step(&graph, step, &base, carried, Vec::new()),
+    };
+    let next = match outcome {
+        Ok(n) => {
+            wm.ok.increment(1);
+            n
+        }
+        Err(e) => {
+            wm.failed.increment(1);
+            let dl = graph_dead_letter(&topic, source, &replay, &e);
+            let mut c = next_completion(source, &graph, &base, failed(&graph, step, &base, e));
+            c.dead_letter = Some(dl);
+            return c;
+        }
+    };
+    next_completion(source, &graph, &base, next)
+}
+
+/// A dead letter for a graph record a step failed on: the record as it arrived, its origin, and
+/// the error.
+pub(crate) fn graph_dead_letter(
+    topic: &str,
+    source: Source,
+    request: &InferenceRequest,
+    e: &InferenceError,
+) -> DeadLetter {
+    let class = [
+        codes::INVALID_INPUT,
+        codes::DEADLINE_EXCEEDED,
+        codes::MODEL_FAILED,
+        codes::UNDECODABLE,
+        codes::JOIN_TIMEOUT,
+        codes::NO_ROUTE,
+    ]
+    .into_iter()
+    .find(|c| *c == e.code)
+    .unwrap_or(codes::INTERNAL);
+    DeadLetter {
+        key: Some(request.id.clone().into_bytes()),
+        payload: sluice_schemas::encode_request(request).unwrap_or_default(),
+        topic: topic.to_string(),
+        partition: source.partition,
+        offset: source.offset,
+        class,
+        message: format!("step '{}': {}", e.step, e.message),
+    }
+}
+
+/// Per-batch facts copied into each answer.
+#[derive(Clone, Copy)]
+pub(crate) struct BatchFacts {
+    pub(crate) queue_us: i64,
+    pub(crate) infer_us: i64,
+    pub(crate) batch_size: i32,
+}
+
+/// The name errors carry: the graph step, or the model.
+pub(crate) fn step_label(j: &Job, model_name: &str) -> String {
+    match &j.graph {
+        Some(g) => g.graph.steps[g.step].name.clone(),
+        None => model_name.to_string(),
+    }
+}
+
+/// What follows a model's outcome for one job: its answer, its graph's next records, or a shadow
+/// comparison.
+pub(crate) fn finish_job(
+    mut j: Job,
+    outcome: Result<Vec<Tensor>, InferenceError>,
+    facts: BatchFacts,
+    model: &ModelConfig,
+    model_name: &str,
+) -> Completion {
+    let Some(g) = j.graph.take() else {
+        let result = match outcome {
+            Ok(outputs) => InferenceResult {
+                id: j.request.id.clone(),
+                client_id: j.request.client_id.clone(),
+                model: j.request.model.clone(),
+                model_version: model.version.clone(),
+                error: None,
+                outputs,
+                parameters: Default::default(),
+                queue_us: facts.queue_us,
+                infer_us: facts.infer_us,
+                batch_size: facts.batch_size,
+            },
+            Err(e) => InferenceResult::failure(&j.request, &e.code, e.message),
+        };
+        return completion_of(j, result);
+    };
+    let source = j.source;
+    let step = &g.graph.steps[g.step];
+    if g.shadow {
+        return shadow_completion(&j, &g, outcome, model, model_name);
+    }
+    if let Some(hop) = j.request.hop.as_mut() {
+        hop.served.insert(step.name.clone(), model_name.to_string());
+    }
+    let dead = |e: &InferenceError, request: &InferenceRequest| {
+        (e.code == codes::MODEL_FAILED).then(|| DeadLetter {
+            key: Some(request.id.clone().into_bytes()),
+            payload: sluice_schemas::encode_request(request).unwrap_or_default(),
+            topic: j.topic.clone(),
+            partition: source.partition,
+            offset: source.offset,
+            class: codes::MODEL_FAILED,
+            message: e.message.clone(),
+        })
+    };
+    let (next, dead_letter) = match outcome {
+        Ok(outputs) => {
+            let mut shadows = Vec::new();
+            if !step.shadows.is_empty()
+                && matches!(&step.kind, StepKind::Model(p) if p == model_name)
+            {
+                shadows =
+                    flow::shadow_copies(&g.graph, g.step, &j.request, &j.request.inputs, &outputs);
+            }
+            let mut next = match after_step(&g.graph, g.step, &j.request, g.carried, outputs) {
+                Ok(n) => n,
+                Err(e) => failed(&g.graph, g.step, &j.request, e),
+            };
+            if let Some(a) = next.answer.as_mut() {
+                a.queue_us = facts.queue_us;
+                a.infer_us = facts.infer_us;
+                a.batch_size = facts.batch_size;
+            }
+            next.forwards.extend(shadows);
+            (next, None)
+        }
+        Err(e) => {
+            let replay = InferenceRequest {
+                inputs: g.carried.clone(),
+                ..j.request.clone()
+            };
+            let dl = dead(&e, &replay);
+            (failed(&g.graph, g.step, &j.request, e), dl)
+        }
+    };
+    let mut c = next_completion(source, &g.graph, &j.request, next);
+    c.dead_letter = dead_letter;
+    c
+}
+
+/// A shadow's outputs compared with the primary's: metrics and a record on the comparison topic.
+pub(crate) fn shadow_completion(
+    j: &Job,
+    g: &GraphJob,
+    outcome: Result<Vec<Tensor>, InferenceError>,
+    model: &ModelConfig,
+    model_name: &str,
+) -> Completion {
+    let step = &g.graph.steps[g.step];
+    let primary = match &step.kind {
+        StepKind::Model(p) => p.clone(),
+        _ => String::new(),
+    };
+    let labels = |outcome: &str| {
+        [
+            ("graph", g.graph.name.clone()),
+            ("step", step.name.clone()),
+            ("shadow", model_name.to_string()),
+            ("outcome", outcome.to_string()),
+        ]
+    };
+    let mut parameters = std::collections::BTreeMap::from([
+        ("graph".to_string(), format!("\"{}\"", g.graph.name)),
+        ("step".to_string(), format!("\"{}\"", step.name)),
+        ("primary".to_string(), format!("\"{primary}\"")),
+    ]);
+    let result = match outcome {
+        Ok(outputs) => {
+            let c = flow::compare(&step.name, &g.carried, &outputs);
+            metrics::counter!(
+                "sluice_shadow_comparisons_total",
+                &labels(if c.agree { "agree" } else { "disagree" })
+            )
+            .increment(1);
+            metrics::histogram!("sluice_shadow_max_abs_diff", "graph" => g.graph.name.clone(), "step" => step.name.clone(), "shadow" => model_name.to_string()).record(c.max_abs_diff);
+            parameters.insert("agree".into(), c.agree.to_string());
+            parameters.insert("max_abs_diff".into(), c.max_abs_diff.to_string());
+            parameters.insert("rows_differing".into(), c.rows_differing.to_string());
+            InferenceResult {
+                id: j.request.id.clone(),
+                client_id: j.request.client_id.clone(),
+                model: model_name.to_string(),
+                model_version: model.version.clone(),
+                outputs,
+                parameters,
+                ..Default::default()
+            }
+        }
+        Err(e) => {
+            metrics::counter!("sluice_shadow_comparisons_total", &labels("failed")).increment(1);
+            let mut r = InferenceResult::failure(&j.request, &e.code, e.message);
+            r.model = model_name.to_string();
+            r.parameters = parameters;
+            r
+        }
+    };
+    Completion {
+        source: j.source,
+        result: Some(result),
+        result_topic: Some(g.graph.comparison_topic.clone()),
+        ..Default::default()
+    }
+}
+
+pub(crate) fn completion_of(j: Job, result: InferenceResult) -> Completion {
+    // A request the model failed on is dead-lettered too, so it can be inspected and replayed.
+    let dead_letter = result
+        .error
+        .as_ref()
+        .filter(|e| e.code == codes::MODEL_FAILED)
+        .map(|e| DeadLetter {
+            key: Some(j.request.id.clone().into_bytes()),
+            payload: sluice_schemas::encode_request(&j.request).unwrap_or_default(),
+            topic: j.topic.clone(),
+            partition: j.source.partition,
+            offset: j.source.offset,
+            class: codes::MODEL_FAILED,
+            message: e.message.clone(),
+        });
+    Completion {
+        source: j.source,
+        reply: j.request.reply.clone(),
+        deadline_ms: j.request.deadline_ms,
+        json_result: j.request.reply_format == "json",
+        result: Some(result),
+        dead_letter,
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use sluice_schemas::decode_request;
+
+    use super::*;
+
+    fn job() -> Job {
+        Job {
+            request: InferenceRequest {
+                id: "r1".into(),
+                model: "m".into(),
+                deadline_ms: 42,
+                ..Default::default()
+            },
+            source: Source {
+                topic_index: 0,
+                partition: 3,
+                offset: 17,
+            },
+            topic: "sluice.m.requests".into(),
+            rows: 1,
+            graph: None,
+        }
+    }
+
+    #[test]
+    fn model_failures_are_dead_lettered_with_their_origin() {
+        let j = job();
+        let failed = InferenceResult::failure(&j.request, codes::MODEL_FAILED, "boom");
+        let c = completion_of(j, failed);
+        let d = c.dead_letter.unwrap();
+        assert_eq!(
+            (d.topic.as_str(), d.partition, d.offset, d.class),
+            ("sluice.m.requests", 3, 17, codes::MODEL_FAILED)
+        );
+        assert_eq!(
+            decode_request(&d.payload).unwrap().id,
+            "r1",
+            "the request itself, replayable"
+        );
+        assert_eq!(c.deadline_ms, 42);
+    }
+
+    #[test]
+    fn successes_and_expiries_are_not_dead_lettered() {
+        let j = job();
+        let expired = InferenceResult::failure(&j.request, codes::DEADLINE_EXCEEDED, "late");
+        assert!(completion_of(j, expired).dead_letter.is_none());
+        let ok = InferenceResult {
+            id: "r1".into(),
+            ..Default::default()
+        };
+        assert!(completion_of(job(), ok).dead_letter.is_none());
+    }
+}
