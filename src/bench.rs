@@ -17,8 +17,8 @@ use clap::Args;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Message, Offset, TopicPartitionList};
-use sluice_common::Config;
 use sluice_common::kafka::{TopicSpec, apply_topics, consumer_config, producer_config};
+use sluice_common::{Config, Deployment};
 use sluice_schemas::{DataType, Tensor};
 use sluice_workers::backend::{Backend, OrtBackend};
 
@@ -81,27 +81,24 @@ fn summarize(mut us: Vec<u64>) -> Summary {
 }
 
 #[allow(clippy::print_stdout)]
-pub async fn run(cfg: Config, args: BenchArgs) -> anyhow::Result<()> {
-    let graph = cfg.graph(&args.model);
-    let model = match (&graph, cfg.model(&args.model)) {
-        (_, Some(m)) => m.clone(),
-        (Some(g), None) => {
-            // A graph: its interface, with the request samples next to its first model's file.
-            let first_model = g.steps.iter().find_map(|s| match &s.kind {
-                sluice_common::graph::StepKind::Model(m) => cfg.model(m),
-                _ => None,
-            });
-            sluice_common::ModelConfig {
-                onnx: first_model.map(|m| m.onnx.clone()).unwrap_or_default(),
-                ..g.interface().clone()
-            }
-        }
-        (None, None) => bail!(
+pub async fn run(deployment: Deployment, args: BenchArgs) -> anyhow::Result<()> {
+    let cfg = &deployment.config;
+    let graph = deployment.graph(&args.model).cloned();
+    let Some(servable) = deployment.servable(&args.model) else {
+        bail!(
             "'{}' is neither a model nor a graph in the config",
             args.model
-        ),
+        );
     };
-    let body = request_body(&args, &model)?;
+    // Request samples live in `requests/` beside the models' folder (the first model of a graph).
+    let model_file = match &graph {
+        None => deployment.model(&args.model).map(|m| m.onnx.clone()),
+        Some(g) => g.steps.iter().find_map(|s| match &s.kind {
+            sluice_common::graph::StepKind::Model(m) => deployment.model(m).map(|m| m.onnx.clone()),
+            _ => None,
+        }),
+    };
+    let body = request_body(&args, &servable.signature, model_file.as_deref())?;
     println!(
         "sluice bench: model {}, {} per level after {} warm-up",
         args.model,
@@ -111,7 +108,7 @@ pub async fn run(cfg: Config, args: BenchArgs) -> anyhow::Result<()> {
 
     let mut transport_p50 = None;
     if !args.skip_transport {
-        let s = transport(&cfg, args.duration.min(Duration::from_secs(10))).await?;
+        let s = transport(cfg, args.duration.min(Duration::from_secs(10))).await?;
         println!(
             "transport  produce→consume, 1 in flight: n={} p50={:.2}ms p90={:.2}ms p99={:.2}ms",
             s.count, s.p50, s.p90, s.p99
@@ -126,7 +123,9 @@ pub async fn run(cfg: Config, args: BenchArgs) -> anyhow::Result<()> {
             let sluice_common::graph::StepKind::Model(name) = &step.kind else {
                 continue;
             };
-            let Some(m) = cfg.model(name) else { continue };
+            let Some(m) = deployment.model(name) else {
+                continue;
+            };
             // Every example model reads one [batch, 64] FP32 tensor: the sample, renamed.
             let input: Vec<Tensor> = m
                 .inputs
@@ -151,7 +150,7 @@ pub async fn run(cfg: Config, args: BenchArgs) -> anyhow::Result<()> {
         );
         graph_compute_ms = Some(sum);
     }
-    if !args.skip_compute && graph.is_none() {
+    if let (false, None, Some(model)) = (args.skip_compute, &graph, deployment.model(&args.model)) {
         let inputs = parse_inputs(&body)?;
         // The model's own settings, and one intra-op thread (the single-core limit) if they differ.
         let mut variants = vec![model.clone()];
@@ -226,11 +225,14 @@ fn hops(g: &sluice_common::graph::Graph) -> usize {
     depth.into_iter().max().unwrap_or(1)
 }
 
-fn request_body(args: &BenchArgs, model: &sluice_common::ModelConfig) -> anyhow::Result<Bytes> {
+fn request_body(
+    args: &BenchArgs,
+    model: &sluice_common::Signature,
+    model_file: Option<&std::path::Path>,
+) -> anyhow::Result<Bytes> {
     let path = args.input.clone().unwrap_or_else(|| {
-        let dir = model
-            .onnx
-            .parent()
+        let dir = model_file
+            .and_then(|f| f.parent())
             .and_then(|p| p.parent())
             .map(PathBuf::from)
             .unwrap_or_default();

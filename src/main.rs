@@ -14,7 +14,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use sluice_common::Config;
+use sluice_common::Deployment;
+use sluice_common::graph::Unit;
 
 #[derive(Parser)]
 #[command(
@@ -73,26 +74,26 @@ enum TopicsAction {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let cfg = match Config::load(cli.config.as_deref()) {
-        Ok(c) => c,
+    let deployment = match Deployment::load(cli.config.as_deref()) {
+        Ok(d) => d,
         Err(e) => {
             eprintln!("sluice: {e}");
             return ExitCode::from(2);
         }
     };
-    sluice_common::telemetry::init_logging(&cfg.telemetry);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    sluice_common::telemetry::init_logging(&deployment.config.telemetry);
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if deployment.config.runtime.threads > 0 {
+        builder.worker_threads(deployment.config.runtime.threads);
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             tracing::error!(error = %e, "cannot start the async runtime");
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(run(cli.command, cli.config, cfg));
+    let result = runtime.block_on(run(cli.command, cli.config, deployment));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -102,18 +103,22 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(command: Command, config_path: Option<PathBuf>, cfg: Config) -> anyhow::Result<()> {
+async fn run(
+    command: Command,
+    config_path: Option<PathBuf>,
+    deployment: Deployment,
+) -> anyhow::Result<()> {
     match command {
-        Command::Up { models } => up::run(cfg, config_path, models).await,
+        Command::Up { models } => up::run(deployment, config_path, models).await,
         Command::Gateway { listen } => {
-            let mut cfg = cfg;
+            let mut deployment = deployment;
             if let Some(l) = listen {
-                cfg.gateway.listen = l;
+                deployment.config.gateway.listen = l;
             }
-            tracing::info!(config = %cfg.redacted(), "effective config");
+            tracing::info!(config = %deployment.config.redacted(), "effective config");
             let metrics = sluice_common::telemetry::install_metrics();
-            let listener = tokio::net::TcpListener::bind(cfg.gateway.listen).await?;
-            let gw = sluice_gateway::Gateway::connect(cfg, metrics).await?;
+            let listener = tokio::net::TcpListener::bind(deployment.config.gateway.listen).await?;
+            let gw = sluice_gateway::Gateway::connect(deployment, metrics).await?;
             // Routing lives in the workers; a SIGHUP meant for the whole stack must not stop the
             // gateway (graph interfaces change only with a restart).
             let mut hangup =
@@ -134,22 +139,23 @@ async fn run(command: Command, config_path: Option<PathBuf>, cfg: Config) -> any
             metrics_listen,
         } => {
             let unit = match (model, step) {
-                (Some(m), _) => sluice_common::graph::Unit::Model(m),
-                (None, Some(s)) => match sluice_common::graph::Unit::parse(&s) {
-                    u @ sluice_common::graph::Unit::Step { .. } => u,
+                (Some(m), _) => Unit::Model(m),
+                (None, Some(s)) => match Unit::parse(&s) {
+                    u @ Unit::Step { .. } => u,
                     _ => anyhow::bail!("--step takes <graph>.<step>, got '{s}'"),
                 },
                 (None, None) => anyhow::bail!("give --model or --step"),
             };
-            tracing::info!(config = %cfg.redacted(), "effective config");
-            let metrics = sluice_common::telemetry::install_metrics();
-            let addr = metrics_listen.unwrap_or(cfg.worker.metrics_listen);
+            tracing::info!(config = %deployment.config.redacted(), "effective config");
+            let ops = sluice_workers::Ops {
+                listen: metrics_listen.unwrap_or(deployment.config.worker.metrics_listen),
+                metrics: sluice_common::telemetry::install_metrics(),
+            };
             sluice_workers::run(
-                cfg,
+                deployment,
                 &unit,
                 config_path,
-                addr,
-                metrics,
+                ops,
                 sluice_common::ops::shutdown_signal(),
             )
             .await?;
@@ -158,12 +164,12 @@ async fn run(command: Command, config_path: Option<PathBuf>, cfg: Config) -> any
         Command::Topics {
             action: TopicsAction::Apply,
         } => {
-            let topics = sluice_common::kafka::required_topics(&cfg);
-            let report = sluice_common::kafka::apply_topics(&cfg, &topics).await?;
+            let topics = deployment.required_topics();
+            let report = sluice_common::kafka::apply_topics(&deployment.config, &topics).await?;
             tracing::info!(created = ?report.created, existing = ?report.existing, "topics applied");
             sluice_common::kafka::check_partitions(&report)?;
             Ok(())
         }
-        Command::Bench(args) => bench::run(cfg, args).await,
+        Command::Bench(args) => bench::run(deployment, args).await,
     }
 }

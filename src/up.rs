@@ -15,7 +15,7 @@ use anyhow::{Context, bail};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use sluice_common::graph::Unit;
-use sluice_common::{Config, local};
+use sluice_common::{Config, Deployment, local};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 
@@ -134,38 +134,40 @@ async fn wait_http_ready(
 }
 
 pub async fn run(
-    cfg: Config,
+    deployment: Deployment,
     config_path: Option<PathBuf>,
     only: Vec<String>,
 ) -> anyhow::Result<()> {
-    if let Some(unknown) = only
-        .iter()
-        .find(|m| cfg.model(m).is_none() && !cfg.graphs.contains_key(*m))
-    {
+    if let Some(unknown) = only.iter().find(|m| deployment.servable(m).is_none()) {
         bail!("--models: '{unknown}' is neither a model nor a graph in the config");
     }
     let mut stack = Stack::default();
-    let result = start_and_wait(&cfg, config_path.as_deref(), &only, &mut stack).await;
+    let result = start_and_wait(&deployment, config_path.as_deref(), &only, &mut stack).await;
     stack
-        .stop(cfg.worker.drain_timeout + Duration::from_secs(5))
+        .stop(deployment.config.worker.drain_timeout + Duration::from_secs(5))
         .await;
     result
 }
 
 async fn start_and_wait(
-    cfg: &Config,
+    deployment: &Deployment,
     config_path: Option<&Path>,
     only: &[String],
     stack: &mut Stack,
 ) -> anyhow::Result<()> {
+    let cfg = &deployment.config;
     let exe = std::env::current_exe().context("locating the sluice binary")?;
     let broker = host_port(
         cfg.kafka.brokers.split(',').next().unwrap_or_default(),
         9092,
     );
+    // The components learn that the broker is tansu (and needs its work-arounds) when `up`
+    // starts it; a config or environment that says otherwise wins.
+    let mut quirks = None;
     if reachable(&broker).await {
         tracing::info!(%broker, "using the broker already running");
     } else {
+        quirks = Some("tansu");
         stack.spawn(
             "tansu",
             &mut Command::from(local::tansu_command(&broker, &cfg.local.kafka_storage)),
@@ -188,7 +190,7 @@ async fn start_and_wait(
         wait_reachable(&redis, "redis-server", Duration::from_secs(10)).await?;
     }
 
-    let topics = sluice_common::kafka::required_topics(cfg);
+    let topics = deployment.required_topics();
     let mut attempt = 0;
     let report = loop {
         match sluice_common::kafka::apply_topics(cfg, &topics).await {
@@ -210,6 +212,12 @@ async fn start_and_wait(
             c.arg("--config").arg(p);
         }
         c.args(args);
+        if let Some(q) = quirks
+            && std::env::var_os("SLUICE__KAFKA__BROKER_QUIRKS").is_none()
+            && cfg.kafka.broker_quirks == sluice_common::config::BrokerQuirks::None
+        {
+            c.env("SLUICE__KAFKA__BROKER_QUIRKS", q);
+        }
         c
     };
     let client = crate::http::client(4);
@@ -222,7 +230,7 @@ async fn start_and_wait(
         base.port()
     };
     let mut workers = Vec::new();
-    for (unit, count) in selected_units(cfg, only) {
+    for (unit, count) in selected_units(deployment, only) {
         for i in 0..count {
             let addr = SocketAddr::new(base.ip(), port);
             let (flag, name) = match &unit {
@@ -272,14 +280,13 @@ async fn start_and_wait(
 
 /// The worker units to start: every model and graph step, or those of the named models and
 /// graphs (a graph brings its models, canaries, shadows and built-in steps).
-fn selected_units(cfg: &Config, only: &[String]) -> Vec<(Unit, usize)> {
-    let graphs = cfg.compiled_graphs().unwrap_or_default();
+fn selected_units(deployment: &Deployment, only: &[String]) -> Vec<(Unit, usize)> {
     let mut wanted: Vec<Unit> = Vec::new();
     for name in only {
-        if cfg.model(name).is_some() {
+        if deployment.model(name).is_some() {
             wanted.push(Unit::Model(name.clone()));
         }
-        if let Some(g) = graphs.get(name) {
+        if let Some(g) = deployment.graph(name) {
             for (i, s) in g.steps.iter().enumerate() {
                 wanted.push(g.unit_of(i));
                 wanted.extend(s.canary.iter().map(|c| Unit::Model(c.model.clone())));
@@ -287,7 +294,8 @@ fn selected_units(cfg: &Config, only: &[String]) -> Vec<(Unit, usize)> {
             }
         }
     }
-    cfg.units()
+    deployment
+        .units()
         .into_iter()
         .filter(|(u, _)| only.is_empty() || wanted.contains(u))
         .collect()

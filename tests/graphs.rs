@@ -17,7 +17,6 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{Value, json};
-use sluice_common::graph::canary_picks;
 use sluice_schemas::{DataType, InferenceRequest, Tensor, decode_result, encode_request};
 
 /// onnxruntime's outputs for sample `i`: (label, probabilities) of `model`.
@@ -65,15 +64,6 @@ async fn infer_with(
         body.to_string(),
     )
     .await
-}
-
-async fn metric_sum(client: &Http, addr: &str, name: &str, label: &str) -> f64 {
-    let text = get(client, &format!("http://{addr}/metrics")).await.body;
-    String::from_utf8_lossy(&text)
-        .lines()
-        .filter(|l| l.starts_with(name) && l.contains(label))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 /// Closed-loop load on `graph` from 8 tasks, each request a different sample (so a tensor merged
@@ -373,7 +363,10 @@ async fn canary_shadow_and_routing_are_accounted_and_reloadable() {
         .await;
         assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
         let resp = r.json();
-        let model = if canary_picks(&user, 0.3) {
+        // Known answers, worked out apart from the code under test: FNV-1a 64 of "user-<i>",
+        // modulo 10,000, is below 3,000 (a 30% share) for exactly these users.
+        const LOGREG_USERS: [usize; 9] = [1, 6, 10, 11, 20, 23, 25, 36, 37];
+        let model = if LOGREG_USERS.contains(&i) {
             "logreg"
         } else {
             "mlp"
@@ -653,9 +646,10 @@ async fn scaling_a_step_from_one_to_three_workers_and_back_loses_nothing() {
     let Some(mut stack) = Stack::start_config(config, &[]) else {
         return;
     };
-    for unit in ["scaler", "mlp", "digits-pipeline.postprocess"] {
-        stack.start_worker(unit);
-    }
+    stack.start_worker("scaler");
+    stack.start_worker("digits-pipeline.postprocess");
+    let (_, first) = stack.start_worker_at("mlp");
+    let client = http();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let load = spawn_checked_load(
         &stack,
@@ -663,15 +657,45 @@ async fn scaling_a_step_from_one_to_three_workers_and_back_loses_nothing() {
         |s, i| expected(s, "mlp", i).0,
         &stop,
     );
+    let assigned = "sluice_worker_assigned_partitions";
+    let ok = "sluice_worker_requests_total";
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let second = stack.start_worker("mlp");
-    let third = stack.start_worker("mlp");
+    assert_eq!(
+        metric_sum(&client, &first, assigned, "").await,
+        3.0,
+        "one worker owns all"
+    );
+    let (second, second_ops) = stack.start_worker_at("mlp");
+    let (third, third_ops) = stack.start_worker_at("mlp");
     tokio::time::sleep(Duration::from_secs(3)).await;
+    // Each added worker was given a partition and answered requests on it.
+    let mut owned = 0.0;
+    for ops in [&first, &second_ops, &third_ops] {
+        let n = metric_sum(&client, ops, assigned, "").await;
+        assert!(n >= 1.0, "worker {ops} owns {n} partitions");
+        owned += n;
+        let answered = metric_sum(&client, ops, ok, "outcome=\"ok\"").await;
+        assert!(answered > 0.0, "worker {ops} answered nothing");
+    }
+    assert_eq!(owned, 3.0, "the three partitions are shared, none twice");
     stack.signal(second, "TERM");
     stack.signal(third, "TERM");
     assert!(stack.wait_exit(second, Duration::from_secs(30)));
     assert!(stack.wait_exit(third, Duration::from_secs(30)));
+    // The first worker took their partitions over, and keeps answering (every answer checked).
     tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        metric_sum(&client, &first, assigned, "").await,
+        3.0,
+        "taken back over"
+    );
+    let before = metric_sum(&client, &first, ok, "outcome=\"ok\"").await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = metric_sum(&client, &first, ok, "outcome=\"ok\"").await;
+    assert!(
+        after > before,
+        "the remaining worker serves: {before} → {after}"
+    );
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let total = total_answered(load).await;
     println!("answered {total} requests while scaling mlp 1 → 3 → 1");

@@ -6,7 +6,7 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::{Value, json};
@@ -90,7 +90,7 @@ async fn two_hundred_concurrent_requests_are_all_answered_correctly() {
     let Some(mut stack) = Stack::start(&[]) else {
         return;
     };
-    stack.start_worker("mlp");
+    let (_, ops) = stack.start_worker_at("mlp");
     let s = Arc::new(samples());
     let client = http();
     let url = format!("{}/v2/models/mlp/infer", stack.gateway);
@@ -123,9 +123,14 @@ async fn two_hundred_concurrent_requests_are_all_answered_correctly() {
         answered += 1;
     }
     assert_eq!(answered, 200);
-    // Batching happened: the worker ran fewer model calls than requests.
-    let metrics = get(&client, &format!("{}/metrics", stack.gateway)).await;
-    assert!(String::from_utf8_lossy(&metrics.body).contains("sluice_gateway_requests_total"));
+    // Batching happened: the batch-size histogram counts fewer model calls than rows, and some
+    // batches held more than one row.
+    let rows = metric_sum(&client, &ops, "sluice_worker_batch_size_sum", "").await;
+    let calls = metric_sum(&client, &ops, "sluice_worker_batch_size_count", "").await;
+    let single = metric_sum(&client, &ops, "sluice_worker_batch_size_bucket", "le=\"1\"").await;
+    assert_eq!(rows, 200.0, "every row ran once");
+    assert!(calls < rows, "{calls} model calls for {rows} rows");
+    assert!(calls - single > 0.0, "no batch held more than one row");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -358,25 +363,89 @@ async fn worker_killed_under_load_loses_no_accepted_request() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_drains_and_leaves_cleanly() {
+async fn sigterm_with_requests_in_flight_answers_each_exactly_once() {
     let Some(mut stack) = Stack::start(&[]) else {
         return;
     };
-    let w = stack.start_worker("mlp");
-    let s = samples();
+    // `heavy` batches (up to 6 ms) and runs for milliseconds: records are in flight at the signal.
+    let w = stack.start_worker("heavy");
+    let s = Arc::new(samples());
     let client = http();
-    let r = infer(&client, &stack.gateway, "mlp", &[&s.scaled[0]]).await;
-    assert_eq!(r.status, 200);
+    let url = format!("{}/v2/models/heavy/infer", stack.gateway);
+    let total = 96;
+    let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let tasks: Vec<_> = (0..total)
+        .map(|i| {
+            let (client, url, s, answered) = (client.clone(), url.clone(), Arc::clone(&s), Arc::clone(&answered));
+            tokio::spawn(async move {
+                let k = i % s.scaled.len();
+                let body = json!({"id": format!("drain-{i}"), "parameters": {"timeout": 60_000_000}, "inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": s.scaled[k]}]});
+                let r = post(&client, &url, &[], body.to_string()).await;
+                answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                (i, k, r)
+            })
+        })
+        .collect();
+    // Signal once the worker is answering, before it has answered everything.
+    let end = Instant::now() + Duration::from_secs(20);
+    while answered.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < end, "nothing answered");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
     stack.signal(w, "TERM");
+    let at_signal = answered.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        at_signal < total,
+        "requests were in flight at the signal ({at_signal} of {total} answered)"
+    );
     assert!(
         stack.wait_exit(w, Duration::from_secs(25)),
         "worker exits 0 after SIGTERM"
     );
-    assert!(stack.log_of(w).contains("worker stopped"));
-    // A new worker resumes from the committed offset: the next request is answered once.
-    stack.start_worker("mlp");
-    let r = infer(&client, &stack.gateway, "mlp", &[&s.scaled[1]]).await;
-    assert_eq!(r.status, 200);
+    let log = stack.log_of(w);
+    assert!(
+        log.contains("draining") && log.contains("worker stopped"),
+        "{log}"
+    );
+    // What the first worker did not take, a new one reads from the committed offset.
+    stack.start_worker("heavy");
+    for t in tasks {
+        let (i, k, r) = t.await.unwrap();
+        assert_eq!(
+            r.status,
+            200,
+            "request {i}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        check_outputs(&r.json(), &s.expected["heavy"], k..k + 1, "heavy");
+    }
+    // Exactly once: each request has one record on the result topic (none redelivered and
+    // answered again after the drain committed).
+    let consumer: rdkafka::consumer::StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &stack.kafka)
+        .set("group.id", "test-drain-results")
+        .set("auto.offset.reset", "earliest")
+        .set("fetch.wait.max.ms", "5")
+        .create()
+        .unwrap();
+    rdkafka::consumer::Consumer::subscribe(&consumer, &["sluice.heavy.results"]).unwrap();
+    let mut seen = std::collections::BTreeMap::<String, usize>::new();
+    let quiet_until = |now: Instant| now + Duration::from_secs(2);
+    let mut until = quiet_until(Instant::now() + Duration::from_secs(8));
+    while Instant::now() < until {
+        let Ok(Ok(m)) = tokio::time::timeout(Duration::from_millis(200), consumer.recv()).await
+        else {
+            continue;
+        };
+        let r = sluice_schemas::decode_result(rdkafka::Message::payload(&m).unwrap()).unwrap();
+        *seen.entry(r.client_id.unwrap_or_default()).or_default() += 1;
+        if seen.len() == total {
+            until = until.min(quiet_until(Instant::now()));
+        }
+    }
+    assert_eq!(seen.len(), total, "every request has a result record");
+    let repeated: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(repeated.is_empty(), "answered more than once: {repeated:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -58,52 +58,7 @@ fn apply(c: &mut ClientConfig, overrides: &std::collections::BTreeMap<String, St
     }
 }
 
-/// A topic Sluice needs, with its partition count.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TopicSpec {
-    /// Topic name.
-    pub name: String,
-    /// Partitions.
-    pub partitions: i32,
-}
-
-/// Every topic the config needs: each model's request and result topics, each graph's entry,
-/// result and comparison topics and its built-in steps' topics, and the dead-letter topic.
-pub fn required_topics(cfg: &Config) -> Vec<TopicSpec> {
-    let mut topics = vec![TopicSpec {
-        name: cfg.dead_letter_topic(),
-        partitions: 1,
-    }];
-    for (name, m) in &cfg.models {
-        topics.push(TopicSpec {
-            name: cfg.request_topic(name),
-            partitions: m.partitions,
-        });
-        topics.push(TopicSpec {
-            name: cfg.result_topic(name),
-            partitions: m.partitions,
-        });
-    }
-    for g in cfg.compiled_graphs().unwrap_or_default().values() {
-        let mut names = vec![
-            g.entry_topic.clone(),
-            g.result_topic.clone(),
-            g.comparison_topic.clone(),
-        ];
-        for s in &g.steps {
-            if !matches!(s.kind, crate::graph::StepKind::Model(_)) {
-                names.push(s.topic.clone());
-            }
-        }
-        for name in names {
-            topics.push(TopicSpec {
-                name,
-                partitions: g.partitions,
-            });
-        }
-    }
-    topics
-}
+pub use crate::topics::TopicSpec;
 
 /// Errors from topic administration.
 #[derive(Debug, thiserror::Error)]

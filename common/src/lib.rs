@@ -1,15 +1,21 @@
 //! Plumbing shared by Sluice's gateway, workers and CLI: layered configuration, Kafka client
 //! settings and topic administration, model input validation, telemetry and clocks.
+//! [`Deployment`] is what every process starts from: the config loaded, validated and compiled.
 
+// In dependency order: each module uses only those above it.
 pub mod config;
+pub mod deployment;
 pub mod graph;
 pub mod kafka;
 pub mod local;
-pub mod model;
 pub mod ops;
+pub mod signature;
 pub mod telemetry;
+pub mod topics;
 
 pub use config::{Config, ConfigError, ModelConfig, TensorSpec};
+pub use deployment::Deployment;
+pub use signature::Signature;
 
 /// Microseconds since the Unix epoch.
 pub fn now_us() -> i64 {

@@ -5,7 +5,7 @@ use std::time::Duration;
 use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use sluice_common::model::InputError;
+use sluice_common::signature::InputError;
 use sluice_schemas::InferenceError;
 use sluice_schemas::envelope::codes;
 

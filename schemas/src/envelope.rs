@@ -87,6 +87,8 @@ pub mod codes {
     pub const JOIN_TIMEOUT: &str = "join_timeout";
     /// A router found no route for the request.
     pub const NO_ROUTE: &str = "no_route";
+    /// A record could not be written to Kafka for good (too large, not authorized, no topic).
+    pub const PRODUCE_FAILED: &str = "produce_failed";
     /// Anything else.
     pub const INTERNAL: &str = "internal";
 }

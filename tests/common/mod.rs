@@ -107,6 +107,9 @@ impl Stack {
                 ("SLUICE__REDIS__URL".into(), redis_url),
                 ("SLUICE__GATEWAY__LISTEN".into(), format!("127.0.0.1:{gp}")),
                 ("SLUICE__TELEMETRY__LOG_LEVEL".into(), "info".into()),
+                // The harness starts tansu, so every process gets its work-arounds (a test can
+                // pass `SLUICE__KAFKA__BROKER_QUIRKS=none` to run without them).
+                ("SLUICE__KAFKA__BROKER_QUIRKS".into(), "tansu".into()),
             ],
             procs: Vec::new(),
         };
@@ -460,3 +463,17 @@ pub const EXAMPLE_GRAPH_UNITS: [&str; 6] = [
     "digits-pipeline.postprocess",
     "digits-ensemble.vote",
 ];
+
+/// Sum of the samples of metric `name` whose line contains `label`, from a worker's `/metrics`.
+pub async fn metric_sum(client: &Http, addr: &str, name: &str, label: &str) -> f64 {
+    let text = get(client, &format!("http://{addr}/metrics")).await.body;
+    String::from_utf8_lossy(&text)
+        .lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+                && l.contains(label)
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}

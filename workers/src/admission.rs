@@ -6,103 +6,59 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use rdkafka::message::{BorrowedMessage, Headers, Message};
-use sluice_common::graph::{Graph, Graphs, StepKind, Unit};
+use sluice_common::graph::{Graphs, StepKind, Unit};
 use sluice_common::kafka::headers as kafka_headers;
-use sluice_common::model::{validate_inputs, validate_outputs};
-use sluice_common::{ModelConfig, now_ms};
+use sluice_common::now_ms;
+use sluice_common::signature::{Signature, validate_inputs, validate_outputs};
 use sluice_schemas::envelope::codes;
 use sluice_schemas::{
-    GraphHop, InferenceError, InferenceRequest, InferenceResult, ReplyRoute, Tensor, decode_request,
+    GraphHop, InferenceError, InferenceRequest, InferenceResult, ReplyRoute, decode_request,
 };
 
+use crate::completion::{Completion, DeadLetter};
 use crate::flow::{self, Outgoing, entry_carried, step_error, step_inputs, topic_for};
-use crate::offsets::Source;
+use crate::job::{GraphJob, Job, Source, StepInput};
 use crate::outcome::{bare, next_completion};
-use crate::sink::{Completion, DeadLetter};
+use crate::record::Record;
 use crate::telemetry::WorkerMetrics;
 
-/// A graph request at a model step.
-pub struct GraphJob {
-    /// The graph (as compiled when the record arrived).
-    pub graph: Arc<Graph>,
-    /// The step.
-    pub step: usize,
-    /// Tensors the rest of the graph needs.
-    pub carried: Vec<Tensor>,
-    /// A shadow copy (compared, never answered).
-    pub shadow: bool,
-}
-
-/// A consumed request waiting for, or in, a batch.
-pub struct Job {
-    /// The decoded request; for a graph request, its inputs are the model's inputs.
-    pub request: InferenceRequest,
-    /// Where it came from.
-    pub source: Source,
-    /// The topic it came from.
-    pub topic: String,
-    /// Rows it contributes to a batch.
-    pub rows: usize,
-    /// Set for a graph request.
-    pub graph: Option<GraphJob>,
-}
-
-/// A graph request at a built-in or route step.
-pub(crate) struct StepJob {
-    pub(crate) graph: Arc<Graph>,
-    pub(crate) step: usize,
-    pub(crate) base: InferenceRequest,
-    pub(crate) carried: Vec<Tensor>,
-    pub(crate) source: Source,
-    pub(crate) topic: String,
-}
-
 /// What became of a consumed record on arrival.
-pub(crate) enum Admission {
+#[derive(Debug)]
+pub enum Admission {
     /// Nothing to run: deliver this and finish the record.
     Done(Box<Completion>),
-    /// A model request for the batcher.
-    Batch(Job),
-    /// A built-in or route step to run now.
-    Step(StepJob),
+    /// A job for this worker's step.
+    Run(Box<Job>),
     /// A part for this worker's join.
-    Part(InferenceRequest, Source),
+    Part(Box<InferenceRequest>, Source),
 }
 
 /// What a record is checked against on arrival.
-pub(crate) struct Admit<'a> {
-    pub(crate) unit: &'a Unit,
-    /// The model, for a model unit.
-    pub(crate) model: Option<&'a ModelConfig>,
+pub struct Admit<'a> {
+    /// The unit this worker serves.
+    pub unit: &'a Unit,
+    /// The model's signature, for a model unit.
+    pub model: Option<&'a Signature>,
     /// The unit's own topic (a canary or shadow record for another model is not ours).
-    pub(crate) own_topic: &'a str,
-    pub(crate) graphs: &'a Graphs,
+    pub own_topic: &'a str,
+    /// Every graph, as compiled now.
+    pub graphs: &'a Graphs,
     /// Graph entry topic → graph name.
-    pub(crate) entries: &'a HashMap<String, String>,
-    pub(crate) metrics: &'a WorkerMetrics,
+    pub entries: &'a HashMap<String, String>,
+    /// How long an error reply for an undecodable record is stored.
+    pub result_ttl_ms: i64,
+    /// Counters.
+    pub metrics: &'a WorkerMetrics,
 }
 
-pub(crate) fn header<'a>(m: &'a BorrowedMessage<'_>, key: &str) -> Option<&'a str> {
-    let headers = m.headers()?;
-    headers
-        .iter()
-        .find(|h| h.key.eq_ignore_ascii_case(key))
-        .and_then(|h| h.value)
-        .and_then(|v| std::str::from_utf8(v).ok())
-}
-
-pub(crate) fn dead_letter_of(
-    m: &BorrowedMessage<'_>,
-    class: &'static str,
-    message: String,
-) -> DeadLetter {
+/// The record as a dead letter of `class`.
+pub fn dead_letter_of(r: &Record<'_>, class: &'static str, message: String) -> DeadLetter {
     DeadLetter {
-        key: m.key().map(<[u8]>::to_vec),
-        payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
-        topic: m.topic().to_string(),
-        partition: m.partition(),
-        offset: m.offset(),
+        key: r.key.map(<[u8]>::to_vec),
+        payload: r.payload.to_vec(),
+        topic: r.topic.to_string(),
+        partition: r.partition,
+        offset: r.offset,
         class,
         message,
     }
@@ -111,16 +67,17 @@ pub(crate) fn dead_letter_of(
 /// Decodes and routes a record: a model request for the batcher, a graph step to run here, a
 /// join part, or (for a record that cannot be run) a completion at once: dead letter, plus an
 /// error reply when the caller can be named.
-pub(crate) fn admit(m: &BorrowedMessage<'_>, source: Source, ctx: &Admit<'_>) -> Admission {
-    if header(m, kafka_headers::NUDGE).is_some() {
+pub fn admit(m: &Record<'_>, source: Source, ctx: &Admit<'_>) -> Admission {
+    if m.header(kafka_headers::NUDGE).is_some() {
         return Admission::Done(Box::new(bare(source)));
     }
-    let payload = m.payload().unwrap_or_default();
-    let entry_graph = ctx.entries.get(m.topic());
-    let json =
-        header(m, kafka_headers::CONTENT_TYPE).is_some_and(|v| v.starts_with("application/json"));
+    let payload = m.payload;
+    let entry_graph = ctx.entries.get(m.topic);
+    let json = m
+        .header(kafka_headers::CONTENT_TYPE)
+        .is_some_and(|v| v.starts_with("application/json"));
     let decoded = if json {
-        let key = m.key().and_then(|k| std::str::from_utf8(k).ok());
+        let key = m.key_str();
         let name = entry_graph.cloned().unwrap_or_else(|| ctx.unit.to_string());
         sluice_schemas::oip::request_from_json(payload, key, &name, now_ms())
             .map_err(|e| e.to_string())
@@ -159,9 +116,9 @@ pub(crate) fn admit(m: &BorrowedMessage<'_>, source: Source, ctx: &Admit<'_>) ->
                 request.model
             ))
         } else {
-            let interface = graph.interface();
-            validate_inputs(interface, &request.inputs)
-                .and_then(|_| validate_outputs(interface, &request.outputs))
+            let signature = &graph.signature;
+            validate_inputs(signature, &request.inputs)
+                .and_then(|_| validate_outputs(signature, &request.outputs))
                 .map_err(|e| e.to_string())
         };
         if let Err(e) = checked {
@@ -195,7 +152,7 @@ pub(crate) fn admit(m: &BorrowedMessage<'_>, source: Source, ctx: &Admit<'_>) ->
     let step_name = graph.steps[step].name.clone();
     match (&graph.steps[step].kind, ctx.unit) {
         (StepKind::Model(_), Unit::Model(me)) => {
-            let Some(model) = ctx.model else {
+            let Some(signature) = ctx.model else {
                 return fail(
                     &base,
                     step_error(codes::INTERNAL, &step_name, "no model"),
@@ -220,7 +177,7 @@ pub(crate) fn admit(m: &BorrowedMessage<'_>, source: Source, ctx: &Admit<'_>) ->
             let (inputs, carried) = if shadow {
                 carried
                     .into_iter()
-                    .partition(|t| model.inputs.iter().any(|i| i.name == t.name))
+                    .partition(|t| signature.inputs.iter().any(|i| i.name == t.name))
             } else {
                 match step_inputs(&graph, step, &carried) {
                     Ok(inputs) => (inputs, carried),
@@ -233,8 +190,8 @@ pub(crate) fn admit(m: &BorrowedMessage<'_>, source: Source, ctx: &Admit<'_>) ->
                     }
                 }
             };
-            let rows = match validate_inputs(model, &inputs) {
-                Ok(rows) => rows,
+            match validate_inputs(signature, &inputs) {
+                Ok(_) => {}
                 Err(e) => {
                     return fail(
                         &base,
@@ -244,41 +201,72 @@ pub(crate) fn admit(m: &BorrowedMessage<'_>, source: Source, ctx: &Admit<'_>) ->
                 }
             };
             if !shadow && graph.steps[step].canary.is_some() {
-                metrics::counter!("sluice_canary_served_total", "graph" => graph.name.clone(), "step" => step_name.clone(), "model" => me.clone()).increment(1);
+                ctx.metrics.canary_served(&graph.name, &step_name, me);
             }
-            Admission::Batch(Job {
-                request: InferenceRequest { inputs, ..base },
+            // The primary's inputs go with its outputs to each shadow: keep a copy then.
+            let kept = if !shadow && !graph.steps[step].shadows.is_empty() {
+                inputs.clone()
+            } else {
+                Vec::new()
+            };
+            Admission::Run(Box::new(Job {
+                request: InferenceRequest {
+                    inputs: kept,
+                    ..base
+                },
+                input: StepInput {
+                    tensors: inputs,
+                    wanted: Vec::new(),
+                },
                 source,
-                topic: m.topic().to_string(),
-                rows,
+                held: Vec::new(),
+                topic: m.topic.to_string(),
                 graph: Some(GraphJob {
                     graph,
                     step,
                     carried,
                     shadow,
                 }),
-            })
+            }))
         }
         (StepKind::Combine(_), Unit::Step { step: mine, .. }) if *mine == step_name => {
             Admission::Part(
-                InferenceRequest {
+                Box::new(InferenceRequest {
                     inputs: carried,
                     ..base
-                },
+                }),
                 source,
             )
         }
         (StepKind::Builtin(_) | StepKind::Route(_), Unit::Step { step: mine, .. })
             if *mine == step_name =>
         {
-            Admission::Step(StepJob {
-                graph,
-                step,
-                base,
-                carried,
+            let inputs = match step_inputs(&graph, step, &carried) {
+                Ok(inputs) => inputs,
+                Err(e) => {
+                    return fail(
+                        &base,
+                        step_error(codes::INVALID_INPUT, &step_name, e),
+                        codes::INVALID_INPUT,
+                    );
+                }
+            };
+            Admission::Run(Box::new(Job {
+                request: base,
+                input: StepInput {
+                    tensors: inputs,
+                    wanted: Vec::new(),
+                },
                 source,
-                topic: m.topic().to_string(),
-            })
+                held: Vec::new(),
+                topic: m.topic.to_string(),
+                graph: Some(GraphJob {
+                    graph,
+                    step,
+                    carried,
+                    shadow: false,
+                }),
+            }))
         }
         _ => fail(
             &base,
@@ -296,20 +284,15 @@ pub(crate) fn admit(m: &BorrowedMessage<'_>, source: Source, ctx: &Admit<'_>) ->
 }
 
 /// A record that could not be decoded: dead-lettered, and answered when headers name the caller.
-pub(crate) fn undecodable(
-    m: &BorrowedMessage<'_>,
-    source: Source,
-    ctx: &Admit<'_>,
-    error: String,
-) -> Admission {
+fn undecodable(m: &Record<'_>, source: Source, ctx: &Admit<'_>, error: String) -> Admission {
     ctx.metrics.undecodable.increment(1);
     let message = format!("undecodable request record: {error}");
     // The gateway also names the request and its reply route in headers, so even a record that
     // cannot be decoded gets an error reply instead of a timeout.
     let (result, reply) = match (
-        header(m, kafka_headers::REQUEST_ID),
-        header(m, kafka_headers::REPLY_CHANNEL),
-        header(m, kafka_headers::REPLY_KEY),
+        m.header(kafka_headers::REQUEST_ID),
+        m.header(kafka_headers::REPLY_CHANNEL),
+        m.header(kafka_headers::REPLY_KEY),
     ) {
         (Some(id), Some(channel), Some(key)) => {
             let stub = InferenceRequest {
@@ -326,7 +309,7 @@ pub(crate) fn undecodable(
                 Some(ReplyRoute {
                     channel: channel.to_string(),
                     key: key.to_string(),
-                    ttl_ms: 60_000,
+                    ttl_ms: ctx.result_ttl_ms,
                 }),
             )
         }
@@ -343,8 +326,8 @@ pub(crate) fn undecodable(
 
 /// A request that does not fit what it was sent to: answered with `invalid_input` (on
 /// `result_topic`, or the unit's) and dead-lettered.
-pub(crate) fn rejected(
-    m: &BorrowedMessage<'_>,
+fn rejected(
+    m: &Record<'_>,
     source: Source,
     ctx: &Admit<'_>,
     request: &InferenceRequest,
@@ -370,17 +353,17 @@ pub(crate) fn rejected(
 }
 
 /// A plain request for this worker's model.
-pub(crate) fn admit_model_request(
-    m: &BorrowedMessage<'_>,
+fn admit_model_request(
+    m: &Record<'_>,
     source: Source,
     ctx: &Admit<'_>,
     request: InferenceRequest,
 ) -> Admission {
     let json = request.reply_format == "json";
     let checked = match (ctx.model, ctx.unit) {
-        (Some(model), Unit::Model(name)) if request.model == *name => {
-            validate_inputs(model, &request.inputs)
-                .and_then(|rows| validate_outputs(model, &request.outputs).map(|()| rows))
+        (Some(signature), Unit::Model(name)) if request.model == *name => {
+            validate_inputs(signature, &request.inputs)
+                .and_then(|_| validate_outputs(signature, &request.outputs))
                 .map_err(|e| e.to_string())
         }
         _ => Err(format!(
@@ -389,13 +372,153 @@ pub(crate) fn admit_model_request(
         )),
     };
     match checked {
-        Ok(rows) => Admission::Batch(Job {
-            request,
-            source,
-            topic: m.topic().to_string(),
-            rows,
-            graph: None,
-        }),
+        Ok(()) => {
+            // The request keeps its inputs for a dead letter, should the model fail on them.
+            let input = StepInput {
+                tensors: request.inputs.clone(),
+                wanted: request.outputs.clone(),
+            };
+            Admission::Run(Box::new(Job {
+                request,
+                input,
+                source,
+                held: Vec::new(),
+                topic: m.topic.to_string(),
+                graph: None,
+            }))
+        }
         Err(message) => rejected(m, source, ctx, &request, message, json, None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use sluice_common::graph::fixtures::model;
+    use sluice_common::{Config, Deployment};
+    use sluice_schemas::{DataType, Tensor, encode_request};
+
+    use super::*;
+
+    fn deployment() -> Deployment {
+        let mut cfg = Config::load_with_env(None, &[]).unwrap();
+        let m = model(
+            &[("x", DataType::Fp32, vec![-1, 2])],
+            &[("y", DataType::Fp32, vec![-1])],
+        );
+        cfg.models.insert("m".into(), m);
+        Deployment::compile(cfg).unwrap()
+    }
+
+    fn request(rows: i64) -> InferenceRequest {
+        let x = vec![1f32; rows as usize * 2];
+        InferenceRequest {
+            id: "r1".into(),
+            model: "m".into(),
+            deadline_ms: 99,
+            inputs: vec![Tensor::from_values("x", DataType::Fp32, vec![rows, 2], &x)],
+            reply: Some(ReplyRoute {
+                channel: "c".into(),
+                key: "k".into(),
+                ttl_ms: 1000,
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// Admits `payload` (with `headers`) arriving on model `m`'s topic at offset 7.
+    fn admit_payload(payload: &[u8], headers: &[(&str, &[u8])]) -> Admission {
+        let d = deployment();
+        let unit = Unit::Model("m".into());
+        let signature = d.model("m").unwrap().signature();
+        let metrics = WorkerMetrics::new("m", &d);
+        let ctx = Admit {
+            unit: &unit,
+            model: Some(&signature),
+            own_topic: "sluice.m.requests",
+            graphs: &d.graphs,
+            entries: &HashMap::new(),
+            result_ttl_ms: 60_000,
+            metrics: &metrics,
+        };
+        let record = Record {
+            topic: "sluice.m.requests",
+            partition: 2,
+            offset: 7,
+            key: Some(b"r1"),
+            payload,
+            headers,
+        };
+        let source = Source {
+            topic_index: 0,
+            partition: 2,
+            offset: 7,
+        };
+        admit(&record, source, &ctx)
+    }
+
+    #[test]
+    fn a_fitting_request_becomes_a_job_with_its_rows() {
+        let Admission::Run(job) = admit_payload(&encode_request(&request(3)).unwrap(), &[]) else {
+            panic!("not a job")
+        };
+        assert_eq!(job.rows(), 3);
+        assert_eq!(job.input.tensors, request(3).inputs);
+        assert_eq!(
+            job.request.inputs,
+            request(3).inputs,
+            "kept for a dead letter"
+        );
+        assert_eq!((job.source.partition, job.source.offset), (2, 7));
+        assert!(job.graph.is_none());
+    }
+
+    #[test]
+    fn a_request_that_does_not_fit_is_answered_and_dead_lettered() {
+        let mut r = request(1);
+        r.inputs[0] = Tensor::from_values("x", DataType::Fp32, vec![1, 3], &[0f32; 3]);
+        let Admission::Done(c) = admit_payload(&encode_request(&r).unwrap(), &[]) else {
+            panic!("not answered at once")
+        };
+        let e = c.result.as_ref().unwrap().error.clone().unwrap();
+        assert_eq!(e.code, codes::INVALID_INPUT);
+        assert!(e.message.contains("shape"), "{}", e.message);
+        assert_eq!(c.reply.as_ref().unwrap().key, "k", "the caller is answered");
+        let d = c.dead_letter.unwrap();
+        assert_eq!(
+            (d.class, d.partition, d.offset),
+            (codes::INVALID_INPUT, 2, 7)
+        );
+    }
+
+    #[test]
+    fn an_undecodable_record_named_by_headers_gets_an_error_reply() {
+        let headers: [(&str, &[u8]); 3] = [
+            (kafka_headers::REQUEST_ID, b"r9"),
+            (kafka_headers::REPLY_CHANNEL, b"chan"),
+            (kafka_headers::REPLY_KEY, b"key9"),
+        ];
+        let Admission::Done(c) = admit_payload(b"not avro", &headers) else {
+            panic!("not answered at once")
+        };
+        let result = c.result.unwrap();
+        assert_eq!(result.id, "r9");
+        assert_eq!(result.error.unwrap().code, codes::UNDECODABLE);
+        let reply = c.reply.unwrap();
+        assert_eq!(
+            (reply.channel.as_str(), reply.key.as_str(), reply.ttl_ms),
+            ("chan", "key9", 60_000)
+        );
+        assert_eq!(c.dead_letter.unwrap().payload, b"not avro");
+    }
+
+    #[test]
+    fn a_nudge_only_finishes_its_record() {
+        let headers: [(&str, &[u8]); 1] = [(kafka_headers::NUDGE, b"1")];
+        let Admission::Done(c) = admit_payload(b"", &headers) else {
+            panic!("a nudge runs nothing")
+        };
+        assert!(c.result.is_none() && c.dead_letter.is_none() && c.forwards.is_empty());
+        assert_eq!(c.source.offset, 7);
     }
 }

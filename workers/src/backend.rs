@@ -1,6 +1,6 @@
 //! The inference seam: a small synchronous [`Backend`] trait, and its ONNX Runtime implementation.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use ort::environment::Environment;
@@ -31,18 +31,10 @@ pub trait Backend: Send {
 
 static ENVIRONMENT: OnceLock<Result<Environment, String>> = OnceLock::new();
 
-/// Where the ONNX Runtime shared library is: `ORT_DYLIB_PATH`, else the project's `.venv`.
+/// Where the ONNX Runtime shared library is: `ORT_DYLIB_PATH` (`deploy/setup.sh` writes it to
+/// `.sluice-env`). There is no fallback: a guessed library could be the wrong version.
 pub fn ort_library_path() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH") {
-        return Some(PathBuf::from(p));
-    }
-    let lib = Path::new(".venv/lib");
-    std::fs::read_dir(lib).ok()?.flatten().find_map(|d| {
-        let p = d
-            .path()
-            .join("site-packages/onnxruntime/capi/libonnxruntime.so.1.31.1");
-        p.is_file().then_some(p)
-    })
+    std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from)
 }
 
 /// Loads ONNX Runtime once per process.
@@ -50,9 +42,15 @@ pub fn environment() -> Result<&'static Environment, BackendError> {
     ENVIRONMENT
         .get_or_init(|| {
             let path = ort_library_path().ok_or_else(|| {
-                "ONNX Runtime not found: set ORT_DYLIB_PATH to libonnxruntime.so (deploy/setup.sh installs it)"
+                "ONNX Runtime not found: set ORT_DYLIB_PATH to libonnxruntime.so.1.31.1 (deploy/setup.sh installs it; `source .sluice-env` sets it)"
                     .to_string()
             })?;
+            if !path.is_file() {
+                return Err(format!(
+                    "ORT_DYLIB_PATH={} is not a file (deploy/setup.sh installs onnxruntime 1.31.1)",
+                    path.display()
+                ));
+            }
             ort::init_from(&path)
                 .map_err(|e| format!("{}: {e}", path.display()))?
                 .with_name("sluice")

@@ -123,6 +123,7 @@ pub async fn run_batcher<T: Send>(
 ) {
     let mut queue = BatchQueue::new(max_rows, max_delay);
     let mut open = true;
+    let depth = metrics::histogram!("sluice_worker_queue_depth_at_dispatch");
     loop {
         if queue.is_empty() {
             if !open {
@@ -155,8 +156,7 @@ pub async fn run_batcher<T: Send>(
             let now = Instant::now();
             match queue.next_batch(if open { now } else { now + max_delay }) {
                 Next::Batch(items) => {
-                    metrics::histogram!("sluice_worker_queue_depth_at_dispatch")
-                        .record(queue.len() as f64);
+                    depth.record(queue.len() as f64);
                     if output.send(Dispatched { items, permit }).await.is_err() {
                         return;
                     }

@@ -247,7 +247,7 @@ pub fn final_result(
         id: base.id.clone(),
         client_id: base.client_id.clone(),
         model: graph.name.clone(),
-        model_version: graph.version.clone(),
+        model_version: graph.signature.version.clone(),
         error: None,
         outputs,
         parameters: served_parameter(base),
@@ -309,7 +309,7 @@ pub fn failed(graph: &Graph, i: usize, base: &InferenceRequest, error: Inference
             id: base.id.clone(),
             client_id: base.client_id.clone(),
             model: graph.name.clone(),
-            model_version: graph.version.clone(),
+            model_version: graph.signature.version.clone(),
             error: Some(error),
             parameters: served_parameter(base),
             ..Default::default()

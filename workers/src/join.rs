@@ -11,9 +11,8 @@ use sluice_common::graph::{Graph, Join, StepKind};
 use sluice_schemas::envelope::codes;
 use sluice_schemas::{InferenceError, InferenceRequest, Tensor};
 
-use crate::combine::combine;
-use crate::flow::{Next, after_step, failed, parse_failed, step_error};
-use crate::worker::Source;
+use crate::flow::{Next, failed, parse_failed, step_error};
+use crate::job::{GraphJob, Job, Source, StepInput};
 
 /// Step `step`'s join settings, when it is a combine step.
 fn combine_of(graph: &Graph, step: usize) -> Option<&Join> {
@@ -24,6 +23,15 @@ fn combine_of(graph: &Graph, step: usize) -> Option<&Join> {
 }
 
 /// A request's fate once its join decides.
+#[derive(Debug)]
+pub enum Decision {
+    /// Enough parts arrived: run the combine step on them (the job holds every record).
+    Combine(Box<Job>),
+    /// The join could not answer (too few parts by the timeout, failed parts, a stray part).
+    Failed(Box<Decided>),
+}
+
+/// A join that failed: what follows, and the records it held.
 #[derive(Debug)]
 pub struct Decided {
     /// What follows the join (next records, or the answer).
@@ -47,6 +55,7 @@ struct Pending {
 pub struct Joiner {
     graph: Arc<Graph>,
     step: usize,
+    topic: String,
     pending: HashMap<String, Pending>,
     /// Recently answered requests: late or repeated parts for them are dropped.
     answered: HashSet<String>,
@@ -62,15 +71,16 @@ pub enum Offered {
     /// The request was already answered (or this part repeats one held): nothing to do.
     Duplicate,
     /// The join decided.
-    Decided(Box<Decided>),
+    Decided(Box<Decision>),
 }
 
 impl Joiner {
-    /// A joiner for step `step` of `graph` (a combine step).
-    pub fn new(graph: Arc<Graph>, step: usize) -> Joiner {
+    /// A joiner for step `step` of `graph` (a combine step), whose parts arrive on `topic`.
+    pub fn new(graph: Arc<Graph>, step: usize, topic: String) -> Joiner {
         Joiner {
             graph,
             step,
+            topic,
             pending: HashMap::new(),
             answered: HashSet::new(),
             answered_order: VecDeque::new(),
@@ -164,7 +174,7 @@ impl Joiner {
     }
 
     /// Decides every request whose timeout has passed.
-    pub fn expire(&mut self, now: Instant) -> Vec<Decided> {
+    pub fn expire(&mut self, now: Instant) -> Vec<Decision> {
         let graph = Arc::clone(&self.graph);
         let Some(join) = combine_of(&graph, self.step) else {
             return Vec::new();
@@ -218,22 +228,22 @@ impl Joiner {
             .min()
     }
 
-    fn decide(&mut self, p: Pending, join: &Join, timed_out: bool) -> Decided {
+    fn decide(&mut self, p: Pending, join: &Join, timed_out: bool) -> Decision {
         let name = self.graph.steps[self.step].name.clone();
-        let ok: Vec<(usize, Vec<Tensor>)> = p
-            .parts
-            .iter()
-            .filter_map(|(i, v)| v.as_ref().ok().map(|t| (*i, t.clone())))
-            .collect();
+        let ok = p.parts.iter().filter(|(_, v)| v.is_ok()).count();
         let failures: Vec<&InferenceError> = p
             .parts
             .iter()
             .filter_map(|(_, v)| v.as_ref().err())
             .collect();
-        let outcome = if ok.len() >= join.quorum
-            || (join.combiner == sluice_common::graph::Combiner::First && !ok.is_empty())
+        let outcome = if ok >= join.quorum
+            || (join.combiner == sluice_common::graph::Combiner::First && ok > 0)
         {
-            self.combine_parts(join, &p.base, &ok)
+            self.remember_answered(&p.base.id);
+            return match self.combine_job(join, p) {
+                Ok(job) => Decision::Combine(Box::new(job)),
+                Err(d) => Decision::Failed(d),
+            };
         } else {
             let missing: Vec<&str> = join
                 .parts
@@ -270,7 +280,7 @@ impl Joiner {
                 &name,
                 format!(
                     "{} of {} parts answered, {} needed{waited}: {}",
-                    ok.len(),
+                    ok,
                     join.parts.len(),
                     join.quorum,
                     why.join("; ")
@@ -282,11 +292,11 @@ impl Joiner {
             Err(e) => failed(&self.graph, self.step, &p.base, e),
         };
         self.remember_answered(&p.base.id);
-        Decided {
+        Decision::Failed(Box::new(Decided {
             next,
             records: p.records,
             base: p.base,
-        }
+        }))
     }
 
     fn decide_with(
@@ -299,53 +309,57 @@ impl Joiner {
             Ok(n) => n,
             Err(e) => failed(&self.graph, self.step, &base, e),
         };
-        Offered::Decided(Box::new(Decided {
+        Offered::Decided(Box::new(Decision::Failed(Box::new(Decided {
             next,
             records,
             base,
-        }))
+        }))))
     }
 
-    fn combine_parts(
-        &self,
-        join: &Join,
-        base: &InferenceRequest,
-        ok: &[(usize, Vec<Tensor>)],
-    ) -> Result<Next, InferenceError> {
+    /// The combine step's job: the parts that arrived (arrival order, named by source), what
+    /// every branch carried, and every record held.
+    fn combine_job(&self, join: &Join, p: Pending) -> Result<Job, Box<Decided>> {
         let step = &self.graph.steps[self.step];
-        let output = step
-            .outputs
-            .first()
-            .map(|o| o.name.clone())
-            .unwrap_or_default();
-        let mut tensors = Vec::with_capacity(ok.len());
+        let mut tensors = Vec::with_capacity(p.parts.len());
         let mut carried: BTreeMap<String, Tensor> = BTreeMap::new();
-        for (i, part_carried) in ok {
+        for (i, part) in &p.parts {
+            let Ok(part_carried) = part else { continue };
             let src = &join.parts[*i].1;
-            let t = part_carried
-                .iter()
-                .find(|t| &t.name == src)
-                .ok_or_else(|| {
-                    step_error(
-                        codes::INTERNAL,
-                        &step.name,
-                        format!("part '{}' does not carry '{src}'", join.parts[*i].0),
-                    )
-                })?;
-            tensors.push((*i, t.clone()));
+            let Some(t) = part_carried.iter().find(|t| &t.name == src) else {
+                let e = step_error(
+                    codes::INTERNAL,
+                    &step.name,
+                    format!("part '{}' does not carry '{src}'", join.parts[*i].0),
+                );
+                return Err(Box::new(Decided {
+                    next: failed(&self.graph, self.step, &p.base, e),
+                    records: p.records,
+                    base: p.base,
+                }));
+            };
+            tensors.push(t.clone());
             for c in part_carried {
                 carried.entry(c.name.clone()).or_insert_with(|| c.clone());
             }
         }
-        let combined = combine(join, &output, &tensors)
-            .map_err(|e| step_error(codes::INVALID_INPUT, &step.name, e))?;
-        after_step(
-            &self.graph,
-            self.step,
-            base,
-            carried.into_values().collect(),
-            vec![combined],
-        )
+        let mut records = p.records.into_iter();
+        let source = records.next().unwrap_or_default();
+        Ok(Job {
+            request: p.base,
+            input: StepInput {
+                tensors,
+                wanted: Vec::new(),
+            },
+            source,
+            held: records.collect(),
+            topic: self.topic.clone(),
+            graph: Some(GraphJob {
+                graph: Arc::clone(&self.graph),
+                step: self.step,
+                carried: carried.into_values().collect(),
+                shadow: false,
+            }),
+        })
     }
 
     fn remember_answered(&mut self, id: &str) {
@@ -439,11 +453,41 @@ timeout = "50ms"
     fn joiner(extra: &str) -> Joiner {
         let g = graph(extra);
         let vote = g.step_index("vote").unwrap();
-        Joiner::new(g, vote)
+        Joiner::new(g, vote, "s.g.vote.requests".into())
     }
 
-    fn answer(d: &Decided) -> &sluice_schemas::InferenceResult {
+    /// A failed join's answer.
+    fn answer(d: &Decision) -> &sluice_schemas::InferenceResult {
+        let Decision::Failed(d) = d else {
+            panic!("the join did not fail")
+        };
         d.next.answer.as_ref().unwrap()
+    }
+
+    /// The combined labels, by the combine step behind the seam.
+    fn combined(d: &Decision) -> Vec<i64> {
+        let Decision::Combine(job) = d else {
+            panic!("not a combine job: {d:?}")
+        };
+        let g = &job.graph.as_ref().unwrap().graph;
+        let StepKind::Combine(join) = &g.steps[g.step_index("vote").unwrap()].kind else {
+            panic!("not a join")
+        };
+        let step = crate::step::combine::CombineStep::new(join.clone(), "label".into());
+        use crate::step::Step;
+        let out = futures::executor::block_on(step.run(vec![job.input.clone()]));
+        out[0].as_ref().unwrap()[0].values::<i64>()
+    }
+
+    /// Every record a decision releases.
+    fn records(d: &Decision) -> Vec<i64> {
+        match d {
+            Decision::Combine(job) => std::iter::once(&job.source)
+                .chain(&job.held)
+                .map(|s| s.offset)
+                .collect(),
+            Decision::Failed(d) => d.records.iter().map(|s| s.offset).collect(),
+        }
     }
 
     #[test]
@@ -464,9 +508,8 @@ timeout = "50ms"
         let Offered::Decided(d) = j.offer(part("r1", "c", 3), held(3)) else {
             panic!("not decided")
         };
-        assert_eq!(answer(&d).outputs[0].values::<i64>(), [3]);
-        let offsets: Vec<i64> = d.records.iter().map(|h| h.offset).collect();
-        assert_eq!(offsets, [0, 2, 3], "r2's record stays held");
+        assert_eq!(combined(&d), [3]);
+        assert_eq!(records(&d), [0, 2, 3], "r2's record stays held");
         assert_eq!(j.pending(), 1);
         // A late repeat of an answered request is dropped, not answered again.
         assert!(matches!(
@@ -487,8 +530,8 @@ timeout = "50ms"
         let Offered::Decided(d) = j.offer(part("r1", "c", 2), held(3)) else {
             panic!("not decided")
         };
-        assert_eq!(d.records.len(), 4, "the repeat's offset completes too");
-        assert_eq!(answer(&d).outputs[0].values::<i64>(), [1]);
+        assert_eq!(records(&d).len(), 4, "the repeat's offset completes too");
+        assert_eq!(combined(&d), [1]);
     }
 
     #[test]
@@ -512,7 +555,7 @@ timeout = "50ms"
         j.offer(part("r1", "a", 5), held(1));
         let decided = j.expire(Instant::now() + Duration::from_millis(60));
         // 5 (a) and 4 (c) tie; a is listed first.
-        assert_eq!(answer(&decided[0]).outputs[0].values::<i64>(), [5]);
+        assert_eq!(combined(&decided[0]), [5]);
     }
 
     #[test]

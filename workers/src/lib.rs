@@ -1,19 +1,37 @@
 //! Sluice's worker: one member of a unit's consumer group (a model, or a graph's built-in, join or
-//! route step). `worker` runs the consumer loop and offsets, `admission` decides what each record
-//! is, the batcher and runner feed ONNX Runtime, `flow`/`join`/`combine` move graph requests on,
-//! `outcome` says what follows each record and `sink` delivers it, at least once.
+//! route step). Modules in dependency order, leaves first:
+//!
+//! - `record` (a consumed record as plain data), `job` (where it came from, the job for a step),
+//!   `completion` (what must be delivered before its offset commits), `offsets`, `batcher`,
+//!   `backend` (ONNX Runtime), `runner` (concatenate and split a batch), `flow` (moving a
+//!   request through its graph), `telemetry`, `tasks`;
+//! - `pool` (inference threads), `step` (**the step seam**: model, built-in, combine and route
+//!   steps behind one trait), `join` (holding a join's parts), `outcome` (what follows a step's
+//!   result), `admission` (what a record is), `reply` (Redis) and `sink` (Kafka);
+//! - `group` (partitions, offsets, delivery), `executor` (batches through the step), `quirks`
+//!   (tansu work-arounds);
+//! - `consumer`: the consumer loop, [`run`].
 
-pub mod admission;
+mod admission;
 pub mod backend;
-pub mod batcher;
-pub mod combine;
-pub mod flow;
-pub mod join;
-pub mod offsets;
-pub mod outcome;
-pub mod runner;
-pub mod sink;
-pub mod telemetry;
-pub mod worker;
+mod batcher;
+mod completion;
+mod consumer;
+mod executor;
+mod flow;
+mod group;
+mod job;
+mod join;
+mod offsets;
+mod outcome;
+mod pool;
+mod quirks;
+mod record;
+mod reply;
+mod runner;
+mod sink;
+pub mod step;
+mod tasks;
+mod telemetry;
 
-pub use worker::{WorkerError, run};
+pub use consumer::{Ops, WorkerError, run};

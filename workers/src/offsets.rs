@@ -16,17 +16,6 @@ struct PartitionState {
     stored: i64,
 }
 
-/// Where a consumed record came from.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Source {
-    /// Index of its topic among the worker's topics.
-    pub topic_index: usize,
-    /// Partition.
-    pub partition: i32,
-    /// Offset.
-    pub offset: i64,
-}
-
 /// Per-partition tracking of unfinished offsets. `K` names a partition: a partition number, or
 /// (topic, partition) for a consumer of several topics.
 #[derive(Debug)]

@@ -1,18 +1,16 @@
 //! What follows a record once its step ran (or could not): the model's answer, the graph's next
 //! records, a join's decision, a shadow comparison, and the dead letters of failures.
 
-use sluice_common::ModelConfig;
-use sluice_common::graph::{Builtin, Graph, StepKind};
+use sluice_common::graph::{Graph, StepKind};
 use sluice_schemas::envelope::codes;
 use sluice_schemas::{InferenceError, InferenceRequest, InferenceResult, Tensor};
 
-use crate::admission::{GraphJob, Job, StepJob};
-use crate::combine::argmax;
-use crate::flow::{self, Next, after_step, failed, step_error, step_inputs};
-use crate::offsets::Source;
-use crate::sink::{Completion, DeadLetter};
+use crate::completion::{Completion, DeadLetter};
+use crate::flow::{self, Next, after_step, failed};
+use crate::job::{GraphJob, Job, Source};
 use crate::telemetry::WorkerMetrics;
 
+/// A completion that only finishes its record.
 pub(crate) fn bare(source: Source) -> Completion {
     Completion {
         source,
@@ -40,8 +38,8 @@ pub(crate) fn next_completion(
     }
 }
 
-/// Completions for every record a decided join held: the first delivers what follows.
-pub(crate) fn decided_completions(
+/// Completions for every record a failed join held: the first delivers what follows.
+pub(crate) fn failed_join_completions(
     topics: &[String],
     graph: &Graph,
     d: crate::join::Decided,
@@ -64,48 +62,6 @@ pub(crate) fn decided_completions(
         }
     }
     out
-}
-
-/// Runs a built-in or route step.
-pub(crate) fn run_step(job: StepJob, wm: &WorkerMetrics) -> Completion {
-    let StepJob {
-        graph,
-        step,
-        base,
-        carried,
-        source,
-        topic,
-    } = job;
-    let replay = InferenceRequest {
-        inputs: carried.clone(),
-        ..base.clone()
-    };
-    let outcome = match &graph.steps[step].kind {
-        StepKind::Builtin(Builtin::Argmax) => step_inputs(&graph, step, &carried)
-            .and_then(|inputs| {
-                inputs
-                    .first()
-                    .ok_or_else(|| "argmax has no input".to_string())
-                    .and_then(argmax)
-            })
-            .map_err(|e| step_error(codes::INVALID_INPUT, &graph.steps[step].name, e))
-            .and_then(|outputs| after_step(&graph, step, &base, carried, outputs)),
-        _ => after_step(&graph, step, &base, carried, Vec::new()),
-    };
-    let next = match outcome {
-        Ok(n) => {
-            wm.ok.increment(1);
-            n
-        }
-        Err(e) => {
-            wm.failed.increment(1);
-            let dl = graph_dead_letter(&topic, source, &replay, &e);
-            let mut c = next_completion(source, &graph, &base, failed(&graph, step, &base, e));
-            c.dead_letter = Some(dl);
-            return c;
-        }
-    };
-    next_completion(source, &graph, &base, next)
 }
 
 /// A dead letter for a graph record a step failed on: the record as it arrived, its origin, and
@@ -146,30 +102,58 @@ pub(crate) struct BatchFacts {
     pub(crate) batch_size: i32,
 }
 
-/// The name errors carry: the graph step, or the model.
-pub(crate) fn step_label(j: &Job, model_name: &str) -> String {
+/// The name errors carry: the graph step, or the unit.
+pub(crate) fn step_label(j: &Job, unit: &str) -> String {
     match &j.graph {
         Some(g) => g.graph.steps[g.step].name.clone(),
-        None => model_name.to_string(),
+        None => unit.to_string(),
     }
 }
 
-/// What follows a model's outcome for one job: its answer, its graph's next records, or a shadow
-/// comparison.
-pub(crate) fn finish_job(
-    mut j: Job,
-    outcome: Result<Vec<Tensor>, InferenceError>,
-    facts: BatchFacts,
-    model: &ModelConfig,
-    model_name: &str,
-) -> Completion {
-    let Some(g) = j.graph.take() else {
+/// Who is finishing jobs: what results and comparisons say about the step that ran.
+pub(crate) struct Finisher<'a> {
+    /// The unit's name (a model's name for model units).
+    pub(crate) unit: &'a str,
+    /// The model's version, for model units.
+    pub(crate) version: &'a str,
+    /// Whether the unit runs a model (model steps record who served them and feed shadows).
+    pub(crate) model: bool,
+    /// Counters.
+    pub(crate) metrics: &'a WorkerMetrics,
+}
+
+impl Finisher<'_> {
+    /// What follows a step's outcome for one job: its answer, its graph's next records, or a
+    /// shadow comparison; then a bare completion for each other record it held.
+    pub(crate) fn finish(
+        &self,
+        mut j: Job,
+        outcome: Result<Vec<Tensor>, InferenceError>,
+        facts: BatchFacts,
+    ) -> Vec<Completion> {
+        let held = std::mem::take(&mut j.held);
+        let first = match j.graph.take() {
+            None => self.plain(j, outcome, facts),
+            Some(g) if g.shadow => self.shadow_completion(&j, &g, outcome),
+            Some(g) => self.graph_step(j, g, outcome, facts),
+        };
+        std::iter::once(first)
+            .chain(held.into_iter().map(bare))
+            .collect()
+    }
+
+    fn plain(
+        &self,
+        j: Job,
+        outcome: Result<Vec<Tensor>, InferenceError>,
+        facts: BatchFacts,
+    ) -> Completion {
         let result = match outcome {
             Ok(outputs) => InferenceResult {
                 id: j.request.id.clone(),
                 client_id: j.request.client_id.clone(),
                 model: j.request.model.clone(),
-                model_version: model.version.clone(),
+                model_version: self.version.to_string(),
                 error: None,
                 outputs,
                 parameters: Default::default(),
@@ -179,126 +163,138 @@ pub(crate) fn finish_job(
             },
             Err(e) => InferenceResult::failure(&j.request, &e.code, e.message),
         };
-        return completion_of(j, result);
-    };
-    let source = j.source;
-    let step = &g.graph.steps[g.step];
-    if g.shadow {
-        return shadow_completion(&j, &g, outcome, model, model_name);
+        completion_of(j, result)
     }
-    if let Some(hop) = j.request.hop.as_mut() {
-        hop.served.insert(step.name.clone(), model_name.to_string());
+
+    fn graph_step(
+        &self,
+        mut j: Job,
+        g: GraphJob,
+        outcome: Result<Vec<Tensor>, InferenceError>,
+        facts: BatchFacts,
+    ) -> Completion {
+        let source = j.source;
+        let step = &g.graph.steps[g.step];
+        if self.model
+            && let Some(hop) = j.request.hop.as_mut()
+        {
+            hop.served.insert(step.name.clone(), self.unit.to_string());
+        }
+        let (next, dead_letter) = match outcome {
+            Ok(outputs) => {
+                let mut shadows = Vec::new();
+                if self.model
+                    && !step.shadows.is_empty()
+                    && matches!(&step.kind, StepKind::Model(p) if p == self.unit)
+                {
+                    shadows = flow::shadow_copies(
+                        &g.graph,
+                        g.step,
+                        &j.request,
+                        &j.request.inputs,
+                        &outputs,
+                    );
+                }
+                j.request.inputs.clear();
+                // A router's choice can fail (no route): its dead letter replays what it carried.
+                let replay_inputs = match step.kind {
+                    StepKind::Route(_) => g.carried.clone(),
+                    _ => Vec::new(),
+                };
+                let mut dead_letter = None;
+                let mut next = match after_step(&g.graph, g.step, &j.request, g.carried, outputs) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        let replay = InferenceRequest {
+                            inputs: replay_inputs,
+                            ..j.request.clone()
+                        };
+                        dead_letter = Some(graph_dead_letter(&j.topic, source, &replay, &e));
+                        failed(&g.graph, g.step, &j.request, e)
+                    }
+                };
+                if let Some(a) = next.answer.as_mut() {
+                    a.queue_us = facts.queue_us;
+                    a.infer_us = facts.infer_us;
+                    a.batch_size = facts.batch_size;
+                }
+                next.forwards.extend(shadows);
+                (next, dead_letter)
+            }
+            Err(e) => {
+                let replay = InferenceRequest {
+                    inputs: g.carried.clone(),
+                    ..j.request.clone()
+                };
+                let dl = (e.code != codes::DEADLINE_EXCEEDED)
+                    .then(|| graph_dead_letter(&j.topic, source, &replay, &e));
+                (failed(&g.graph, g.step, &j.request, e), dl)
+            }
+        };
+        let mut c = next_completion(source, &g.graph, &j.request, next);
+        c.dead_letter = dead_letter;
+        c
     }
-    let dead = |e: &InferenceError, request: &InferenceRequest| {
-        (e.code == codes::MODEL_FAILED).then(|| DeadLetter {
-            key: Some(request.id.clone().into_bytes()),
-            payload: sluice_schemas::encode_request(request).unwrap_or_default(),
-            topic: j.topic.clone(),
-            partition: source.partition,
-            offset: source.offset,
-            class: codes::MODEL_FAILED,
-            message: e.message.clone(),
-        })
-    };
-    let (next, dead_letter) = match outcome {
-        Ok(outputs) => {
-            let mut shadows = Vec::new();
-            if !step.shadows.is_empty()
-                && matches!(&step.kind, StepKind::Model(p) if p == model_name)
-            {
-                shadows =
-                    flow::shadow_copies(&g.graph, g.step, &j.request, &j.request.inputs, &outputs);
+
+    /// A shadow's outputs compared with the primary's: metrics and a record on the comparison topic.
+    fn shadow_completion(
+        &self,
+        j: &Job,
+        g: &GraphJob,
+        outcome: Result<Vec<Tensor>, InferenceError>,
+    ) -> Completion {
+        let model_name = self.unit;
+        let step = &g.graph.steps[g.step];
+        let primary = match &step.kind {
+            StepKind::Model(p) => p.clone(),
+            _ => String::new(),
+        };
+        let counters = self.metrics.shadow(&g.graph.name, &step.name, model_name);
+        let mut parameters = std::collections::BTreeMap::from([
+            ("graph".to_string(), format!("\"{}\"", g.graph.name)),
+            ("step".to_string(), format!("\"{}\"", step.name)),
+            ("primary".to_string(), format!("\"{primary}\"")),
+        ]);
+        let result = match outcome {
+            Ok(outputs) => {
+                let c = flow::compare(&step.name, &g.carried, &outputs);
+                if let Some(m) = counters {
+                    if c.agree { &m.agree } else { &m.disagree }.increment(1);
+                    m.max_abs_diff.record(c.max_abs_diff);
+                }
+                parameters.insert("agree".into(), c.agree.to_string());
+                parameters.insert("max_abs_diff".into(), c.max_abs_diff.to_string());
+                parameters.insert("rows_differing".into(), c.rows_differing.to_string());
+                InferenceResult {
+                    id: j.request.id.clone(),
+                    client_id: j.request.client_id.clone(),
+                    model: model_name.to_string(),
+                    model_version: self.version.to_string(),
+                    outputs,
+                    parameters,
+                    ..Default::default()
+                }
             }
-            let mut next = match after_step(&g.graph, g.step, &j.request, g.carried, outputs) {
-                Ok(n) => n,
-                Err(e) => failed(&g.graph, g.step, &j.request, e),
-            };
-            if let Some(a) = next.answer.as_mut() {
-                a.queue_us = facts.queue_us;
-                a.infer_us = facts.infer_us;
-                a.batch_size = facts.batch_size;
+            Err(e) => {
+                if let Some(m) = counters {
+                    m.failed.increment(1);
+                }
+                let mut r = InferenceResult::failure(&j.request, &e.code, e.message);
+                r.model = model_name.to_string();
+                r.parameters = parameters;
+                r
             }
-            next.forwards.extend(shadows);
-            (next, None)
+        };
+        Completion {
+            source: j.source,
+            result: Some(result),
+            result_topic: Some(g.graph.comparison_topic.clone()),
+            ..Default::default()
         }
-        Err(e) => {
-            let replay = InferenceRequest {
-                inputs: g.carried.clone(),
-                ..j.request.clone()
-            };
-            let dl = dead(&e, &replay);
-            (failed(&g.graph, g.step, &j.request, e), dl)
-        }
-    };
-    let mut c = next_completion(source, &g.graph, &j.request, next);
-    c.dead_letter = dead_letter;
-    c
+    }
 }
 
-/// A shadow's outputs compared with the primary's: metrics and a record on the comparison topic.
-pub(crate) fn shadow_completion(
-    j: &Job,
-    g: &GraphJob,
-    outcome: Result<Vec<Tensor>, InferenceError>,
-    model: &ModelConfig,
-    model_name: &str,
-) -> Completion {
-    let step = &g.graph.steps[g.step];
-    let primary = match &step.kind {
-        StepKind::Model(p) => p.clone(),
-        _ => String::new(),
-    };
-    let labels = |outcome: &str| {
-        [
-            ("graph", g.graph.name.clone()),
-            ("step", step.name.clone()),
-            ("shadow", model_name.to_string()),
-            ("outcome", outcome.to_string()),
-        ]
-    };
-    let mut parameters = std::collections::BTreeMap::from([
-        ("graph".to_string(), format!("\"{}\"", g.graph.name)),
-        ("step".to_string(), format!("\"{}\"", step.name)),
-        ("primary".to_string(), format!("\"{primary}\"")),
-    ]);
-    let result = match outcome {
-        Ok(outputs) => {
-            let c = flow::compare(&step.name, &g.carried, &outputs);
-            metrics::counter!(
-                "sluice_shadow_comparisons_total",
-                &labels(if c.agree { "agree" } else { "disagree" })
-            )
-            .increment(1);
-            metrics::histogram!("sluice_shadow_max_abs_diff", "graph" => g.graph.name.clone(), "step" => step.name.clone(), "shadow" => model_name.to_string()).record(c.max_abs_diff);
-            parameters.insert("agree".into(), c.agree.to_string());
-            parameters.insert("max_abs_diff".into(), c.max_abs_diff.to_string());
-            parameters.insert("rows_differing".into(), c.rows_differing.to_string());
-            InferenceResult {
-                id: j.request.id.clone(),
-                client_id: j.request.client_id.clone(),
-                model: model_name.to_string(),
-                model_version: model.version.clone(),
-                outputs,
-                parameters,
-                ..Default::default()
-            }
-        }
-        Err(e) => {
-            metrics::counter!("sluice_shadow_comparisons_total", &labels("failed")).increment(1);
-            let mut r = InferenceResult::failure(&j.request, &e.code, e.message);
-            r.model = model_name.to_string();
-            r.parameters = parameters;
-            r
-        }
-    };
-    Completion {
-        source: j.source,
-        result: Some(result),
-        result_topic: Some(g.graph.comparison_topic.clone()),
-        ..Default::default()
-    }
-}
-
+/// The completion answering a plain request: result, reply, and for a model failure a dead letter.
 pub(crate) fn completion_of(j: Job, result: InferenceResult) -> Completion {
     // A request the model failed on is dead-lettered too, so it can be inspected and replayed.
     let dead_letter = result
@@ -340,13 +336,14 @@ mod tests {
                 deadline_ms: 42,
                 ..Default::default()
             },
+            input: Default::default(),
             source: Source {
                 topic_index: 0,
                 partition: 3,
                 offset: 17,
             },
+            held: Vec::new(),
             topic: "sluice.m.requests".into(),
-            rows: 1,
             graph: None,
         }
     }

@@ -5,22 +5,18 @@ use sluice_common::ModelConfig;
 use sluice_schemas::Tensor;
 
 use crate::backend::Backend;
-use crate::worker::Job;
+use crate::step::StepInput;
 
 /// The non-batch dimensions of every input: requests can share a model call only if these match.
-fn signature(job: &Job) -> Vec<Vec<i64>> {
-    job.request
-        .inputs
-        .iter()
-        .map(|t| t.shape[1..].to_vec())
-        .collect()
+fn signature(job: &StepInput) -> Vec<Vec<i64>> {
+    job.tensors.iter().map(|t| t.shape[1..].to_vec()).collect()
 }
 
 /// Runs `jobs` (already validated) and returns each one's outputs, or its error message.
 pub fn run_batch(
     backend: &mut impl Backend,
     model: &ModelConfig,
-    jobs: &[Job],
+    jobs: &[StepInput],
 ) -> Vec<Result<Vec<Tensor>, String>> {
     let mut results: Vec<Option<Result<Vec<Tensor>, String>>> =
         (0..jobs.len()).map(|_| None).collect();
@@ -30,7 +26,7 @@ pub fn run_batch(
         let (group, rest): (Vec<usize>, Vec<usize>) =
             remaining.iter().partition(|&&i| signature(&jobs[i]) == sig);
         remaining = rest;
-        let members: Vec<&Job> = group.iter().map(|&i| &jobs[i]).collect();
+        let members: Vec<&StepInput> = group.iter().map(|&i| &jobs[i]).collect();
         let outcome = run_group(backend, model, &members);
         for (k, &i) in group.iter().enumerate() {
             results[i] = Some(match &outcome {
@@ -48,9 +44,9 @@ pub fn run_batch(
 fn run_group(
     backend: &mut impl Backend,
     model: &ModelConfig,
-    jobs: &[&Job],
+    jobs: &[&StepInput],
 ) -> Result<Vec<Vec<Tensor>>, String> {
-    let rows: Vec<usize> = jobs.iter().map(|j| j.rows).collect();
+    let rows: Vec<usize> = jobs.iter().map(|j| j.rows()).collect();
     let total: usize = rows.iter().sum();
     let inputs: Vec<Tensor> = model
         .inputs
@@ -58,7 +54,7 @@ fn run_group(
         .map(|spec| {
             let parts: Vec<&Tensor> = jobs
                 .iter()
-                .filter_map(|j| j.request.inputs.iter().find(|t| t.name == spec.name))
+                .filter_map(|j| j.tensors.iter().find(|t| t.name == spec.name))
                 .collect();
             concat(parts, total)
         })
@@ -80,7 +76,7 @@ fn run_group(
         let mut at = 0;
         for (k, j) in jobs.iter().enumerate() {
             let n = rows[k];
-            if !j.request.outputs.is_empty() && !j.request.outputs.contains(&out.name) {
+            if !j.wanted.is_empty() && !j.wanted.contains(&out.name) {
                 at += n * row_bytes;
                 continue;
             }
@@ -124,7 +120,7 @@ mod tests {
     use super::*;
     use crate::backend::BackendError;
     use sluice_common::TensorSpec;
-    use sluice_schemas::{DataType, InferenceRequest};
+    use sluice_schemas::DataType;
     use std::time::Duration;
 
     /// Doubles its input and reports the row index: enough to check concatenation and splitting.
@@ -180,27 +176,16 @@ mod tests {
         }
     }
 
-    fn job(rows: usize, width: usize, start: f32, outputs: Vec<String>) -> Job {
+    fn job(rows: usize, width: usize, start: f32, wanted: Vec<String>) -> StepInput {
         let vals: Vec<f32> = (0..rows * width).map(|i| start + i as f32).collect();
-        Job {
-            request: InferenceRequest {
-                inputs: vec![Tensor::from_values(
-                    "x",
-                    DataType::Fp32,
-                    vec![rows as i64, width as i64],
-                    &vals,
-                )],
-                outputs,
-                ..Default::default()
-            },
-            source: crate::worker::Source {
-                topic_index: 0,
-                partition: 0,
-                offset: 0,
-            },
-            graph: None,
-            topic: String::new(),
-            rows,
+        StepInput {
+            tensors: vec![Tensor::from_values(
+                "x",
+                DataType::Fp32,
+                vec![rows as i64, width as i64],
+                &vals,
+            )],
+            wanted,
         }
     }
 

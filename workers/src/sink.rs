@@ -1,73 +1,85 @@
-//! Delivering what a worker has to say about each record: the result on the model's result topic,
-//! the reply through Redis (SET with TTL, then PUBLISH), and dead-letter records.
+//! Delivering what a worker has to say about each record to Kafka: the result on its result
+//! topic, records for a graph's next steps, and dead letters; the Redis reply goes alongside
+//! ([`crate::reply`]).
+//!
+//! Produce errors are classified. Retriable ones (broker unreachable, leader moving, queue full)
+//! are retried with backoff until the request's deadline (without one, until acknowledged: the
+//! offset must not be committed before). Non-retriable ones (record too large, invalid topic,
+//! authorization) are not retried: the record is dead-lettered and, for a request still on its way
+//! through a graph, the caller gets an error reply, so one bad record never pins its partition.
 
 use std::time::Duration;
 
 use futures::future::join_all;
+use rdkafka::error::KafkaError;
 use rdkafka::message::OwnedHeaders;
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use redis::aio::ConnectionManager;
+use rdkafka::types::RDKafkaErrorCode;
 use sluice_common::kafka::headers as h;
 use sluice_common::now_ms;
-use sluice_schemas::{InferenceResult, ReplyRoute, encode_request, encode_result};
+use sluice_schemas::envelope::codes;
+use sluice_schemas::{InferenceResult, encode_request, encode_result};
 
-use crate::flow::Outgoing;
-use crate::offsets::Source;
+use crate::completion::{Completion, DeadLetter};
+use crate::reply::Replier;
+use crate::telemetry::WorkerMetrics;
 
-/// A record no step could process, with where it came from and why.
-#[derive(Debug, Clone)]
-pub struct DeadLetter {
-    /// Original key.
-    pub key: Option<Vec<u8>>,
-    /// Original payload.
-    pub payload: Vec<u8>,
-    /// Original topic.
-    pub topic: String,
-    /// Original partition.
-    pub partition: i32,
-    /// Original offset.
-    pub offset: i64,
-    /// Error class: `undecodable`, `invalid_input`, `model_failed`.
-    pub class: &'static str,
-    /// Error message.
-    pub message: String,
+/// How a failed produce is handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProduceError {
+    /// Worth retrying: the broker or the network may recover.
+    Retriable,
+    /// Will fail the same way every time.
+    Fatal,
 }
 
-/// Everything to deliver for one consumed record before its offset may be committed.
-#[derive(Debug, Default)]
-pub struct Completion {
-    /// The consumed record.
-    pub source: Source,
-    /// The result to publish: a model's answer, a graph's answer (or error), a shadow
-    /// comparison. Absent for records too broken to name a request id and for graph records
-    /// that move on to a next step.
-    pub result: Option<InferenceResult>,
-    /// Where the result goes; `None`: the model's result topic.
-    pub result_topic: Option<String>,
-    /// Write the result record as Open Inference Protocol JSON (the request came as JSON).
-    pub json_result: bool,
-    /// Records for the next steps of a graph.
-    pub forwards: Vec<Outgoing>,
-    /// Where the waiting caller listens.
-    pub reply: Option<ReplyRoute>,
-    /// Request deadline (epoch ms, 0 = none): replies are retried until then.
-    pub deadline_ms: i64,
-    /// A dead-letter record to write.
-    pub dead_letter: Option<DeadLetter>,
+/// Classifies a produce error.
+pub fn classify(e: &KafkaError) -> ProduceError {
+    use RDKafkaErrorCode as C;
+    let code = match e {
+        KafkaError::MessageProduction(c) => *c,
+        _ => return ProduceError::Retriable,
+    };
+    match code {
+        C::MessageSizeTooLarge
+        | C::InvalidMessageSize
+        | C::InvalidMessage
+        | C::InvalidRecord
+        | C::InvalidTopic
+        | C::UnknownTopic
+        | C::TopicAuthorizationFailed
+        | C::ClusterAuthorizationFailed
+        | C::TransactionalIdAuthorizationFailed
+        | C::SaslAuthenticationFailed
+        | C::PolicyViolation
+        | C::InvalidRequiredAcks
+        | C::UnsupportedForMessageFormat => ProduceError::Fatal,
+        _ => ProduceError::Retriable,
+    }
 }
 
-/// Writes results, replies and dead letters.
+/// Why a record was not written.
+#[derive(Debug)]
+struct NotWritten {
+    error: KafkaError,
+    class: ProduceError,
+}
+
+/// Writes results, next-step records and dead letters.
 #[derive(Clone)]
 pub struct Sink {
     producer: FutureProducer,
     forward_producer: FutureProducer,
-    redis: ConnectionManager,
+    replier: Replier,
     result_topic: String,
     dead_letter_topic: String,
-    model: String,
+    unit: String,
+    metrics: std::sync::Arc<WorkerMetrics>,
 }
 
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// Dead letters keep at most this much of the original payload when the whole is too large.
+const DEAD_LETTER_HEAD: usize = 64 * 1024;
 
 impl Sink {
     /// A sink producing results and dead letters with `producer`, and records for a graph's next
@@ -75,23 +87,25 @@ impl Sink {
     pub fn new(
         producer: FutureProducer,
         forward_producer: FutureProducer,
-        redis: ConnectionManager,
+        replier: Replier,
         result_topic: String,
         dead_letter_topic: String,
-        model: String,
+        unit: String,
+        metrics: std::sync::Arc<WorkerMetrics>,
     ) -> Sink {
         Sink {
             producer,
             forward_producer,
-            redis,
+            replier,
             result_topic,
             dead_letter_topic,
-            model,
+            unit,
+            metrics,
         }
     }
 
-    /// Delivers a batch of completions. Kafka writes are retried until acknowledged (the offsets
-    /// must not be committed before); Redis replies are retried until the request's deadline.
+    /// Delivers a batch of completions: Kafka records and Redis replies together. A record that
+    /// cannot be written for good is dead-lettered, and its caller answered with the error.
     pub async fn deliver(&self, items: &[Completion]) {
         let encoded: Vec<Option<Vec<u8>>> = items
             .iter()
@@ -105,57 +119,112 @@ impl Sink {
                 })
             })
             .collect();
-        let json: Vec<Option<Vec<u8>>> = items
-            .iter()
-            .map(|c| {
-                c.result
-                    .as_ref()
-                    .filter(|_| c.json_result)
-                    .map(sluice_schemas::oip::result_to_json)
-            })
-            .collect();
-        let forwards: Vec<(&Outgoing, Vec<u8>)> = items
-            .iter()
-            .flat_map(|c| &c.forwards)
-            .filter_map(|o| match encode_request(&o.request) {
-                Ok(b) => Some((o, b)),
-                Err(e) => {
-                    tracing::error!(id = %o.request.id, error = %e, "cannot encode request");
-                    None
-                }
-            })
-            .collect();
         let kafka = async {
-            let results =
-                items
-                    .iter()
-                    .zip(encoded.iter().zip(&json))
-                    .filter_map(|(c, (avro, json))| {
-                        let r = c.result.as_ref()?;
-                        let (bytes, headers) = match json {
-                            Some(j) => (j, h::build(&[(h::CONTENT_TYPE, "application/json")])),
-                            None => (avro.as_ref()?, OwnedHeaders::new()),
-                        };
-                        let topic = c.result_topic.as_deref().unwrap_or(&self.result_topic);
-                        Some(self.produce_until_acked(topic, Some(r.id.as_bytes()), bytes, headers))
-                    });
-            let next = forwards.iter().map(|(o, bytes)| {
-                self.produce_until_acked_with(
-                    &self.forward_producer,
-                    &o.topic,
-                    Some(o.request.id.as_bytes()),
-                    bytes,
-                    OwnedHeaders::new(),
-                )
+            let results = items.iter().zip(&encoded).map(|(c, avro)| async move {
+                let (Some(r), Some(avro)) = (c.result.as_ref(), avro.as_ref()) else {
+                    return None;
+                };
+                let json;
+                let (bytes, headers) = if c.json_result {
+                    json = sluice_schemas::oip::result_to_json(r);
+                    (&json, h::build(&[(h::CONTENT_TYPE, "application/json")]))
+                } else {
+                    (avro, OwnedHeaders::new())
+                };
+                let topic = c.result_topic.as_deref().unwrap_or(&self.result_topic);
+                let key = Some(r.id.as_bytes());
+                let sent = self
+                    .produce(&self.producer, topic, key, bytes, headers, c.deadline_ms)
+                    .await;
+                sent.err().map(|e| (c, r.id.clone(), topic.to_string(), e))
+            });
+            let forwards = items
+                .iter()
+                .flat_map(|c| c.forwards.iter().map(move |o| (c, o)));
+            let next = forwards.map(|(c, o)| async move {
+                let bytes = match encode_request(&o.request) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        tracing::error!(id = %o.request.id, error = %e, "cannot encode request");
+                        return None;
+                    }
+                };
+                let key = Some(o.request.id.as_bytes());
+                let sent = self
+                    .produce(
+                        &self.forward_producer,
+                        &o.topic,
+                        key,
+                        &bytes,
+                        OwnedHeaders::new(),
+                        o.request.deadline_ms,
+                    )
+                    .await;
+                sent.err().map(|e| (c, o, e))
             });
             let dead = items.iter().filter_map(|c| {
                 let d = c.dead_letter.as_ref()?;
                 Some(self.dead_letter(d, c.result.as_ref().map(|r| r.id.as_str())))
             });
-            tokio::join!(join_all(results), join_all(next), join_all(dead));
+            let (results, next, _) =
+                tokio::join!(join_all(results), join_all(next), join_all(dead));
+            (results, next)
         };
-        let replies = self.reply_all(items, &encoded);
-        tokio::join!(kafka, replies);
+        let replies = self.replier.reply_all(items, &encoded);
+        let ((results, next), ()) = tokio::join!(kafka, replies);
+
+        // Records that could not be written for good: dead letters, and errors for callers of
+        // requests that can no longer reach their next step.
+        for (c, id, topic, e) in results.into_iter().flatten() {
+            let message = format!("the result could not be written to '{topic}': {}", e.error);
+            let d = self.produce_dead_letter(c, &id, &topic, message);
+            self.dead_letter(&d, Some(&id)).await;
+        }
+        let mut answers = Vec::new();
+        for (c, o, e) in next.into_iter().flatten() {
+            let message = format!(
+                "the request could not be passed on to '{}': {}",
+                o.topic, e.error
+            );
+            let d = self.produce_dead_letter(c, &o.request.id, &o.topic, message.clone());
+            self.dead_letter(&d, Some(&o.request.id)).await;
+            if e.class == ProduceError::Fatal {
+                answers.push(Completion {
+                    source: c.source,
+                    result: Some(InferenceResult::failure(
+                        &o.request,
+                        codes::PRODUCE_FAILED,
+                        message,
+                    )),
+                    result_topic: c.result_topic.clone(),
+                    json_result: c.json_result,
+                    reply: o.request.reply.clone(),
+                    deadline_ms: o.request.deadline_ms,
+                    ..Default::default()
+                });
+            }
+        }
+        if !answers.is_empty() {
+            Box::pin(self.deliver(&answers)).await;
+        }
+    }
+
+    fn produce_dead_letter(
+        &self,
+        c: &Completion,
+        id: &str,
+        topic: &str,
+        message: String,
+    ) -> DeadLetter {
+        DeadLetter {
+            key: Some(id.as_bytes().to_vec()),
+            payload: Vec::new(),
+            topic: topic.to_string(),
+            partition: c.source.partition,
+            offset: c.source.offset,
+            class: codes::PRODUCE_FAILED,
+            message,
+        }
     }
 
     /// Writes an empty nudge record to `partition` of `topic` (see
@@ -176,25 +245,17 @@ impl Sink {
         }
     }
 
-    async fn produce_until_acked(
-        &self,
-        topic: &str,
-        key: Option<&[u8]>,
-        payload: &[u8],
-        headers: OwnedHeaders,
-    ) {
-        self.produce_until_acked_with(&self.producer, topic, key, payload, headers)
-            .await
-    }
-
-    async fn produce_until_acked_with(
+    /// Produces one record: retriable errors are retried with backoff until `deadline_ms`
+    /// (0: until acknowledged), fatal ones returned at once.
+    async fn produce(
         &self,
         producer: &FutureProducer,
         topic: &str,
         key: Option<&[u8]>,
         payload: &[u8],
         headers: OwnedHeaders,
-    ) {
+        deadline_ms: i64,
+    ) -> Result<(), NotWritten> {
         let mut backoff = Duration::from_millis(20);
         loop {
             let mut record = FutureRecord::to(topic)
@@ -203,18 +264,30 @@ impl Sink {
             if let Some(k) = key {
                 record = record.key(k);
             }
-            match producer.send(record, Duration::from_secs(5)).await {
-                Ok(_) => return,
-                Err((e, _)) => {
-                    metrics::counter!("sluice_worker_produce_retries_total", "model" => self.model.clone()).increment(1);
-                    tracing::warn!(%topic, error = %e, "produce failed; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
-                }
+            let error = match producer.send(record, Duration::from_secs(5)).await {
+                Ok(_) => return Ok(()),
+                Err((e, _)) => e,
+            };
+            let class = classify(&error);
+            if class == ProduceError::Fatal {
+                self.metrics.produce_failures.increment(1);
+                tracing::error!(%topic, %error, "produce failed for good");
+                return Err(NotWritten { error, class });
             }
+            if deadline_ms != 0 && now_ms() >= deadline_ms {
+                self.metrics.produce_failures.increment(1);
+                tracing::warn!(%topic, %error, "produce failed until the request's deadline passed");
+                return Err(NotWritten { error, class });
+            }
+            self.metrics.produce_retries.increment(1);
+            tracing::warn!(%topic, %error, "produce failed; retrying");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
         }
     }
 
+    /// Writes a dead letter, retrying until acknowledged: it is the last record of what went
+    /// wrong. One too large goes without the tail of its payload.
     async fn dead_letter(&self, d: &DeadLetter, request_id: Option<&str>) {
         let partition = d.partition.to_string();
         let offset = d.offset.to_string();
@@ -223,7 +296,7 @@ impl Sink {
             (h::ORIGINAL_TOPIC, d.topic.as_str()),
             (h::ORIGINAL_PARTITION, partition.as_str()),
             (h::ORIGINAL_OFFSET, offset.as_str()),
-            (h::MODEL, self.model.as_str()),
+            (h::MODEL, self.unit.as_str()),
             (h::ERROR_CLASS, d.class),
             (h::ERROR_MESSAGE, message.as_str()),
         ];
@@ -231,57 +304,64 @@ impl Sink {
             pairs.push((h::DEAD_REQUEST_ID, id));
         }
         let headers = h::build(&pairs);
-        metrics::counter!("sluice_worker_dead_letters_total", "model" => self.model.clone(), "class" => d.class).increment(1);
+        self.metrics.dead_letter(d.class).increment(1);
         tracing::warn!(topic = %d.topic, partition = d.partition, offset = d.offset, class = d.class, error = %d.message, "dead-lettered");
-        self.produce_until_acked(
-            &self.dead_letter_topic,
-            d.key.as_deref(),
-            &d.payload,
-            headers,
-        )
-        .await;
-    }
-
-    async fn reply_all(&self, items: &[Completion], encoded: &[Option<Vec<u8>>]) {
-        let mut pipe = redis::pipe();
-        let mut latest_deadline = 0;
-        let mut any = false;
-        for (c, bytes) in items.iter().zip(encoded) {
-            let (Some(route), Some(bytes)) = (&c.reply, bytes) else {
-                continue;
-            };
-            pipe.cmd("SET")
-                .arg(&route.key)
-                .arg(bytes.as_slice())
-                .arg("PX")
-                .arg(route.ttl_ms.max(1000))
-                .ignore();
-            pipe.cmd("PUBLISH")
-                .arg(&route.channel)
-                .arg(bytes.as_slice())
-                .ignore();
-            latest_deadline = latest_deadline.max(c.deadline_ms);
-            any = true;
-        }
-        if !any {
-            return;
-        }
-        let mut backoff = Duration::from_millis(10);
+        let key = d.key.as_deref();
+        let mut payload: &[u8] = &d.payload;
         loop {
-            let mut conn = self.redis.clone();
-            match pipe.query_async::<()>(&mut conn).await {
+            match self
+                .produce(
+                    &self.producer,
+                    &self.dead_letter_topic,
+                    key,
+                    payload,
+                    headers.clone(),
+                    0,
+                )
+                .await
+            {
                 Ok(()) => return,
+                Err(_) if payload.len() > DEAD_LETTER_HEAD => {
+                    payload = &payload[..DEAD_LETTER_HEAD]
+                }
                 Err(e) => {
-                    if latest_deadline != 0 && now_ms() >= latest_deadline {
-                        metrics::counter!("sluice_worker_replies_dropped_total", "model" => self.model.clone()).increment(1);
-                        tracing::warn!(error = %e, "redis reply failed past every deadline; results stay on the result topic");
-                        return;
-                    }
-                    tracing::warn!(error = %e, "redis reply failed; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    tracing::error!(error = %e.error, "dead letter could not be written; it is only in this log");
+                    return;
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn too_large_invalid_topic_and_authorization_are_fatal() {
+        let fatal = |c| classify(&KafkaError::MessageProduction(c));
+        use RDKafkaErrorCode as C;
+        for c in [
+            C::MessageSizeTooLarge,
+            C::InvalidTopic,
+            C::UnknownTopic,
+            C::TopicAuthorizationFailed,
+        ] {
+            assert_eq!(fatal(c), ProduceError::Fatal, "{c:?}");
+        }
+        for c in [
+            C::QueueFull,
+            C::MessageTimedOut,
+            C::NotLeaderForPartition,
+            C::AllBrokersDown,
+            C::BrokerTransportFailure,
+        ] {
+            assert_eq!(fatal(c), ProduceError::Retriable, "{c:?}");
+        }
+        assert_eq!(
+            classify(&KafkaError::Canceled),
+            ProduceError::Retriable,
+            "anything else is worth another try"
+        );
     }
 }

@@ -1,7 +1,49 @@
-//! Built-in tensor steps: `argmax`, and the combiners a join applies to its parts' tensors.
+//! Combine steps: what a join does with its parts once they arrived (the join itself, holding
+//! parts until their request is decided, is `crate::join`). Also `argmax`'s arithmetic.
 
+use futures::future::BoxFuture;
 use sluice_common::graph::{Combiner, Join, TieRule};
 use sluice_schemas::{DataType, Tensor};
+
+use super::{Step, StepFailure, StepInput, StepResult};
+
+/// The step of a combine step: its job's tensors are the parts that arrived, in arrival order,
+/// each named by its source (`<step>.<output>`).
+pub struct CombineStep {
+    join: Join,
+    output: String,
+}
+
+impl CombineStep {
+    /// Combines parts by `join`'s rule into a tensor called `output`.
+    pub fn new(join: Join, output: String) -> CombineStep {
+        CombineStep { join, output }
+    }
+
+    fn one(&self, job: &StepInput) -> StepResult {
+        let mut arrived = Vec::with_capacity(job.tensors.len());
+        for t in &job.tensors {
+            let i = self
+                .join
+                .parts
+                .iter()
+                .position(|(_, src)| *src == t.name)
+                .ok_or_else(|| {
+                    StepFailure::invalid(format!("'{}' is not a part of this join", t.name))
+                })?;
+            arrived.push((i, t.clone()));
+        }
+        combine(&self.join, &self.output, &arrived)
+            .map(|t| vec![t])
+            .map_err(StepFailure::invalid)
+    }
+}
+
+impl Step for CombineStep {
+    fn run(&self, batch: Vec<StepInput>) -> BoxFuture<'_, Vec<StepResult>> {
+        Box::pin(async move { batch.iter().map(|j| self.one(j)).collect() })
+    }
+}
 
 /// `argmax`: per row of FP32 `probabilities` [batch, classes], the best class as `label` (INT64)
 /// and its probability as `probability` (FP32).

@@ -1,8 +1,34 @@
-//! Checking request tensors against a model's declared inputs (shared by gateway and workers).
+//! A servable's signature (what callers send and get back) and the checks of request tensors
+//! against it, shared by the gateway and the workers. Models and graphs both have one.
 
 use sluice_schemas::{DataType, Tensor, tensor::element_count};
 
 use crate::config::{ModelConfig, TensorSpec};
+
+/// What a model or graph takes and gives: checked against every request it receives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Signature {
+    /// Version reported in metadata and results.
+    pub version: String,
+    /// Request tensors (batch dimension first, -1 for variable dimensions).
+    pub inputs: Vec<TensorSpec>,
+    /// Answer tensors.
+    pub outputs: Vec<TensorSpec>,
+    /// Most rows one request may carry.
+    pub max_batch_size: usize,
+}
+
+impl ModelConfig {
+    /// The model's signature as declared in config.
+    pub fn signature(&self) -> Signature {
+        Signature {
+            version: self.version.clone(),
+            inputs: self.inputs.clone(),
+            outputs: self.outputs.clone(),
+            max_batch_size: self.max_batch_size,
+        }
+    }
+}
 
 /// Why a request's tensors do not fit the model.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -95,7 +121,7 @@ fn shape_fits(spec: &TensorSpec, shape: &[i64]) -> bool {
 }
 
 /// Checks `inputs` against the model's declared inputs; returns the batch size (rows).
-pub fn validate_inputs(model: &ModelConfig, inputs: &[Tensor]) -> Result<usize, InputError> {
+pub fn validate_inputs(model: &Signature, inputs: &[Tensor]) -> Result<usize, InputError> {
     let mut batch: Option<(String, i64)> = None;
     for (i, t) in inputs.iter().enumerate() {
         if inputs[..i].iter().any(|o| o.name == t.name) {
@@ -165,7 +191,7 @@ pub fn validate_inputs(model: &ModelConfig, inputs: &[Tensor]) -> Result<usize, 
 }
 
 /// Checks that every requested output exists.
-pub fn validate_outputs(model: &ModelConfig, requested: &[String]) -> Result<(), InputError> {
+pub fn validate_outputs(model: &Signature, requested: &[String]) -> Result<(), InputError> {
     for name in requested {
         if !model.outputs.iter().any(|s| &s.name == name) {
             return Err(InputError::UnknownOutput {
@@ -226,12 +252,12 @@ mod tests {
 
     #[test]
     fn accepts_matching_inputs_and_returns_rows() {
-        assert_eq!(validate_inputs(&model(), &[x(2), k(2)]), Ok(2));
+        assert_eq!(validate_inputs(&model().signature(), &[x(2), k(2)]), Ok(2));
     }
 
     #[test]
     fn names_each_kind_of_mismatch() {
-        let m = model();
+        let m = model().signature();
         assert_eq!(
             validate_inputs(&m, &[x(1)]),
             Err(InputError::Missing("k".into()))
@@ -290,9 +316,12 @@ mod tests {
 
     #[test]
     fn outputs_must_exist() {
-        assert_eq!(validate_outputs(&model(), &["y".into()]), Ok(()));
+        assert_eq!(
+            validate_outputs(&model().signature(), &["y".into()]),
+            Ok(())
+        );
         assert!(matches!(
-            validate_outputs(&model(), &["nope".into()]),
+            validate_outputs(&model().signature(), &["nope".into()]),
             Err(InputError::UnknownOutput { .. })
         ));
     }

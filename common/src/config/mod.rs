@@ -8,9 +8,11 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use sluice_schemas::DataType;
 
-use crate::graph::{self, Graph, GraphConfig, Graphs, StepKind, TopicNames, Unit};
+mod graphs;
 
-const DEFAULTS: &str = include_str!("../default.toml");
+pub use graphs::{Builtin, CanaryConfig, Combiner, GraphConfig, RouteConfig, StepConfig, TieRule};
+
+const DEFAULTS: &str = include_str!("../../default.toml");
 
 /// Everything a Sluice process needs to know.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -28,6 +30,8 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
     /// Settings used only by `sluice up` (the local stack).
     pub local: LocalConfig,
+    /// The async runtime every Sluice process runs on.
+    pub runtime: RuntimeConfig,
     /// Served models, by name.
     #[serde(default)]
     pub models: BTreeMap<String, ModelConfig>,
@@ -46,6 +50,9 @@ pub struct KafkaConfig {
     pub topic_prefix: String,
     /// Replication factor for topics Sluice creates.
     pub replication_factor: i32,
+    /// Work-arounds for a broker's known defects: `tansu` turns on the fetch-gap guard, the
+    /// re-read of stalled partitions and join nudges; `none` (any correct Kafka broker) has none.
+    pub broker_quirks: BrokerQuirks,
     /// librdkafka properties for every client (applied after Sluice's defaults).
     #[serde(default)]
     pub client: BTreeMap<String, String>,
@@ -57,6 +64,16 @@ pub struct KafkaConfig {
     pub consumer: BTreeMap<String, String>,
 }
 
+/// Known broker defects Sluice works around (see README, Benchmarks).
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum BrokerQuirks {
+    /// A broker that follows the Kafka protocol: no work-arounds.
+    None,
+    /// tansu 0.6.0: fetches may skip records, and records may stay unseen until the next append.
+    Tansu,
+}
+
 /// Redis connection and result storage.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -65,7 +82,8 @@ pub struct RedisConfig {
     pub url: String,
     /// Prefix of reply channels (`<prefix>:reply:<gateway>`) and result keys (`<prefix>:result:<id>`).
     pub key_prefix: String,
-    /// How long a stored result lives.
+    /// How long a stored result lives at least; a request with a longer deadline keeps its result
+    /// until that deadline has passed (the gateway's last read of it happens then).
     #[serde(with = "humantime_serde")]
     pub result_ttl: Duration,
 }
@@ -90,6 +108,12 @@ pub struct GatewayConfig {
     /// added to every request's latency, saves broker and client CPU under load.
     #[serde(with = "humantime_serde")]
     pub produce_linger: Duration,
+    /// How often the gateway probes the broker and Redis for readiness.
+    #[serde(with = "humantime_serde")]
+    pub health_interval: Duration,
+    /// Probes failed in a row before a dependency counts as down (one slow answer from a busy
+    /// broker must not turn requests away).
+    pub health_failures: u32,
 }
 
 /// Worker processes.
@@ -110,6 +134,21 @@ pub struct WorkerConfig {
     /// Linger of records for a graph's next step: on the caller's path, so short.
     #[serde(with = "humantime_serde")]
     pub forward_linger: Duration,
+    /// `broker_quirks = "tansu"`: a partition silent this long although its high watermark is past
+    /// what arrived is read again.
+    #[serde(with = "humantime_serde")]
+    pub stalled_partition_after: Duration,
+    /// `broker_quirks = "tansu"`: a join whose parts are this overdue nudges its partition.
+    #[serde(with = "humantime_serde")]
+    pub join_nudge_after: Duration,
+}
+
+/// The async runtime.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Threads of the async runtime (0: one per core). Inference runs on threads of its own.
+    pub threads: usize,
 }
 
 /// Log output.
@@ -322,6 +361,17 @@ impl Config {
                 g.max_timeout
             ));
         }
+        if g.health_interval.is_zero() {
+            p.push("gateway.health_interval: must be > 0".into());
+        }
+        if g.health_failures == 0 {
+            p.push("gateway.health_failures: must be at least 1".into());
+        }
+        if self.worker.stalled_partition_after.is_zero() || self.worker.join_nudge_after.is_zero() {
+            p.push(
+                "worker.stalled_partition_after and worker.join_nudge_after: must be > 0".into(),
+            );
+        }
         if self.worker.max_queued == 0 {
             p.push("worker.max_queued: must be at least 1".into());
         }
@@ -372,7 +422,7 @@ impl Config {
                 }
             }
         }
-        for (name, g) in &self.graphs {
+        for name in self.graphs.keys() {
             if !valid_name(name) {
                 p.push(format!(
                     "graphs.{name}: graph names may only contain a-z, 0-9, '_' and '-'"
@@ -383,82 +433,8 @@ impl Config {
                     "graphs.{name}: a model has the same name; graphs and models share one namespace"
                 ));
             }
-            if let Err(e) = graph::compile(name, g, &self.models, &self.topic_names()) {
-                p.extend(e);
-            }
         }
         p
-    }
-
-    /// Topic naming for graph compilation.
-    pub fn topic_names(&self) -> TopicNames<'_> {
-        TopicNames {
-            prefix: &self.kafka.topic_prefix,
-        }
-    }
-
-    /// Every graph, compiled (a config that loaded has graphs that compile).
-    pub fn compiled_graphs(&self) -> Result<Graphs, Vec<String>> {
-        let mut out = Graphs::new();
-        for (name, g) in &self.graphs {
-            let compiled = graph::compile(name, g, &self.models, &self.topic_names())?;
-            out.insert(name.clone(), std::sync::Arc::new(compiled));
-        }
-        Ok(out)
-    }
-
-    /// Every worker unit: each model, then each graph's built-in, combine and route steps.
-    pub fn units(&self) -> Vec<(Unit, usize)> {
-        let mut units: Vec<(Unit, usize)> = self
-            .models
-            .iter()
-            .map(|(m, c)| (Unit::Model(m.clone()), c.workers))
-            .collect();
-        for g in self.compiled_graphs().unwrap_or_default().values() {
-            for s in &g.steps {
-                if !matches!(s.kind, StepKind::Model(_)) {
-                    units.push((
-                        Unit::Step {
-                            graph: g.name.clone(),
-                            step: s.name.clone(),
-                        },
-                        s.workers,
-                    ));
-                }
-            }
-        }
-        units
-    }
-
-    /// The topics a unit's workers consume: its own, plus the entry topic of every graph whose
-    /// first step it runs.
-    pub fn unit_topics(&self, unit: &Unit, graphs: &Graphs) -> Vec<String> {
-        let mut topics = vec![match unit {
-            Unit::Model(m) => self.request_topic(m),
-            Unit::Step { graph, step } => self.topic_names().step(graph, step),
-        }];
-        for g in graphs.values() {
-            if &g.unit_of(g.entry) == unit {
-                topics.push(g.entry_topic.clone());
-            }
-        }
-        topics
-    }
-
-    /// Consumer group of a unit's workers.
-    pub fn unit_group(&self, unit: &Unit) -> String {
-        format!("{}.{unit}", self.kafka.topic_prefix)
-    }
-
-    /// The graph called `name`, compiled.
-    pub fn graph(&self, name: &str) -> Option<Graph> {
-        let g = self.graphs.get(name)?;
-        graph::compile(name, g, &self.models, &self.topic_names()).ok()
-    }
-
-    /// The model called `name`.
-    pub fn model(&self, name: &str) -> Option<&ModelConfig> {
-        self.models.get(name)
     }
 
     /// The effective config as TOML, with secrets replaced by `***`.
@@ -477,26 +453,6 @@ impl Config {
             }
         }
         toml::to_string(&c).unwrap_or_else(|e| format!("<unprintable config: {e}>"))
-    }
-
-    /// Topic a model's requests are produced to.
-    pub fn request_topic(&self, model: &str) -> String {
-        format!("{}.{model}.requests", self.kafka.topic_prefix)
-    }
-
-    /// Topic a model's results are produced to.
-    pub fn result_topic(&self, model: &str) -> String {
-        format!("{}.{model}.results", self.kafka.topic_prefix)
-    }
-
-    /// Topic for records no step could process.
-    pub fn dead_letter_topic(&self) -> String {
-        format!("{}.dead-letter", self.kafka.topic_prefix)
-    }
-
-    /// Consumer group of a model's workers.
-    pub fn consumer_group(&self, model: &str) -> String {
-        format!("{}.{model}", self.kafka.topic_prefix)
     }
 
     /// Redis pub/sub channel a gateway instance listens on.
@@ -576,7 +532,7 @@ outputs = [{ name = "label", datatype = "INT64", shape = [-1] }]
             c.kafka.client.get("fetch.wait.max.ms").map(String::as_str),
             Some("1")
         );
-        let m = c.model("mlp").unwrap();
+        let m = &c.models["mlp"];
         assert_eq!(m.max_delay, Duration::from_millis(2));
         assert_eq!(m.onnx, f.path().parent().unwrap().join("mlp.onnx"));
         assert_eq!(m.inputs[0].datatype, DataType::Fp32);

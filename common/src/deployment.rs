@@ -1,0 +1,305 @@
+//! The deployment: the config file loaded, validated and compiled once into everything a Sluice
+//! process needs (models, compiled graphs, topic names, each servable's signature, the worker
+//! units and their topics). The gateway, workers, `topics apply`, `up` and `bench` all take one,
+//! so a graph that does not compile stops start-up instead of going missing.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::config::{Config, ConfigError, ModelConfig};
+use crate::graph::{self, Graph, Graphs, StepKind, Unit};
+use crate::signature::Signature;
+use crate::topics::{TopicSpec, Topics};
+
+/// What kind of thing is served under a name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServableKind {
+    /// An ONNX model.
+    Model,
+    /// A graph of steps.
+    Graph,
+}
+
+impl ServableKind {
+    /// The platform reported in metadata (`onnxruntime_onnx` or `sluice_graph`).
+    pub fn platform(self) -> &'static str {
+        match self {
+            ServableKind::Model => "onnxruntime_onnx",
+            ServableKind::Graph => "sluice_graph",
+        }
+    }
+}
+
+/// Something callers can name in `/v2/models/<name>`: a model or a graph.
+#[derive(Debug, Clone)]
+pub struct Servable {
+    /// What it takes and gives.
+    pub signature: Signature,
+    /// Model or graph.
+    pub kind: ServableKind,
+    /// Partitions of its request topic.
+    pub partitions: i32,
+}
+
+/// A validated, compiled configuration.
+#[derive(Debug, Clone)]
+pub struct Deployment {
+    /// The effective configuration.
+    pub config: Config,
+    /// Topic and group names.
+    pub topics: Topics,
+    /// Every graph, compiled.
+    pub graphs: Graphs,
+    servables: BTreeMap<String, Servable>,
+}
+
+impl Deployment {
+    /// Loads defaults → `file` → `SLUICE__…` environment, validates and compiles.
+    pub fn load(file: Option<&Path>) -> Result<Deployment, ConfigError> {
+        let vars: Vec<(String, String)> = std::env::vars().collect();
+        Self::load_with_env(file, &vars)
+    }
+
+    /// As [`Deployment::load`], with the environment given explicitly (for tests).
+    pub fn load_with_env(
+        file: Option<&Path>,
+        env: &[(String, String)],
+    ) -> Result<Deployment, ConfigError> {
+        let config = Config::load_with_env(file, env)?;
+        let file_name = file.map_or_else(|| "<defaults>".into(), |f| f.display().to_string());
+        Self::compile(config).map_err(|problems| ConfigError::Invalid {
+            file: file_name,
+            problems,
+        })
+    }
+
+    /// Compiles a loaded config; every problem found, each naming its graph and step.
+    pub fn compile(config: Config) -> Result<Deployment, Vec<String>> {
+        let topics = Topics::new(&config.kafka.topic_prefix);
+        let mut problems = Vec::new();
+        let mut graphs = Graphs::new();
+        for (name, g) in &config.graphs {
+            match graph::compile(name, g, &config.models, &topics) {
+                Ok(compiled) => {
+                    graphs.insert(name.clone(), Arc::new(compiled));
+                }
+                Err(p) => problems.extend(p),
+            }
+        }
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        let mut servables: BTreeMap<String, Servable> = config
+            .models
+            .iter()
+            .map(|(name, m)| {
+                let s = Servable {
+                    signature: m.signature(),
+                    kind: ServableKind::Model,
+                    partitions: m.partitions,
+                };
+                (name.clone(), s)
+            })
+            .collect();
+        for (name, g) in &graphs {
+            let s = Servable {
+                signature: g.signature.clone(),
+                kind: ServableKind::Graph,
+                partitions: g.partitions,
+            };
+            servables.insert(name.clone(), s);
+        }
+        Ok(Deployment {
+            config,
+            topics,
+            graphs,
+            servables,
+        })
+    }
+
+    /// Every model and graph, by name.
+    pub fn servables(&self) -> &BTreeMap<String, Servable> {
+        &self.servables
+    }
+
+    /// The model or graph called `name`.
+    pub fn servable(&self, name: &str) -> Option<&Servable> {
+        self.servables.get(name)
+    }
+
+    /// The model called `name`.
+    pub fn model(&self, name: &str) -> Option<&ModelConfig> {
+        self.config.models.get(name)
+    }
+
+    /// The graph called `name`.
+    pub fn graph(&self, name: &str) -> Option<&Arc<Graph>> {
+        self.graphs.get(name)
+    }
+
+    /// Every worker unit with the workers `sluice up` starts: each model, then each graph's
+    /// built-in, combine and route steps.
+    pub fn units(&self) -> Vec<(Unit, usize)> {
+        let mut units: Vec<(Unit, usize)> = self
+            .config
+            .models
+            .iter()
+            .map(|(m, c)| (Unit::Model(m.clone()), c.workers))
+            .collect();
+        for g in self.graphs.values() {
+            for s in &g.steps {
+                if !matches!(s.kind, StepKind::Model(_)) {
+                    let unit = Unit::Step {
+                        graph: g.name.clone(),
+                        step: s.name.clone(),
+                    };
+                    units.push((unit, s.workers));
+                }
+            }
+        }
+        units
+    }
+
+    /// Whether `unit` is in this deployment (a model, or a graph's non-model step).
+    pub fn has_unit(&self, unit: &Unit) -> bool {
+        match unit {
+            Unit::Model(m) => self.config.models.contains_key(m),
+            Unit::Step { graph, step } => self.graph(graph).is_some_and(|g| {
+                g.step_index(step)
+                    .is_some_and(|i| !matches!(g.steps[i].kind, StepKind::Model(_)))
+            }),
+        }
+    }
+
+    /// The topics a unit's workers consume: its own first, then the entry topic of every graph
+    /// whose first step it runs.
+    pub fn unit_topics(&self, unit: &Unit) -> Vec<String> {
+        let mut topics = vec![match unit {
+            Unit::Model(m) => self.topics.requests(m),
+            Unit::Step { graph, step } => self.topics.step(graph, step),
+        }];
+        for g in self.graphs.values() {
+            if &g.unit_of(g.entry) == unit {
+                topics.push(g.entry_topic.clone());
+            }
+        }
+        topics
+    }
+
+    /// Consumer group of a unit's workers.
+    pub fn unit_group(&self, unit: &Unit) -> String {
+        self.topics.group(&unit.to_string())
+    }
+
+    /// Where a unit writes results of plain requests: its model's result topic, or its graph's.
+    pub fn unit_result_topic(&self, unit: &Unit) -> String {
+        match unit {
+            Unit::Model(m) => self.topics.results(m),
+            Unit::Step { graph, .. } => self.topics.results(graph),
+        }
+    }
+
+    /// Every topic the deployment needs: each model's request and result topics, each graph's
+    /// entry, result and comparison topics and its non-model steps' topics, and the dead letters.
+    pub fn required_topics(&self) -> Vec<TopicSpec> {
+        let spec = |name: String, partitions: i32| TopicSpec { name, partitions };
+        let mut topics = vec![spec(self.topics.dead_letter(), 1)];
+        for (name, m) in &self.config.models {
+            topics.push(spec(self.topics.requests(name), m.partitions));
+            topics.push(spec(self.topics.results(name), m.partitions));
+        }
+        for g in self.graphs.values() {
+            let mut names = vec![
+                g.entry_topic.clone(),
+                g.result_topic.clone(),
+                g.comparison_topic.clone(),
+            ];
+            for s in &g.steps {
+                if !matches!(s.kind, StepKind::Model(_)) {
+                    names.push(s.topic.clone());
+                }
+            }
+            topics.extend(names.into_iter().map(|n| spec(n, g.partitions)));
+        }
+        topics
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::io::Write;
+
+    fn load(toml: &str) -> Result<Deployment, ConfigError> {
+        let mut f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+        f.write_all(toml.as_bytes()).unwrap();
+        Deployment::load_with_env(Some(f.path()), &[])
+    }
+
+    const MODELS: &str = r#"
+[models.scaler]
+onnx = "scaler.onnx"
+max_batch_size = 8
+inputs = [{ name = "input", datatype = "FP32", shape = [-1, 4] }]
+outputs = [{ name = "scaled", datatype = "FP32", shape = [-1, 4] }]
+[models.clf]
+onnx = "clf.onnx"
+max_batch_size = 8
+inputs = [{ name = "input", datatype = "FP32", shape = [-1, 4] }]
+outputs = [{ name = "probabilities", datatype = "FP32", shape = [-1, 3] }]
+[graphs.g]
+inputs = [{ name = "input", datatype = "FP32", shape = [-1, 4] }]
+[[graphs.g.steps]]
+name = "scale"
+model = "scaler"
+inputs = { input = "request.input" }
+[[graphs.g.steps]]
+name = "classify"
+model = "clf"
+inputs = { input = "scale.scaled" }
+[[graphs.g.steps]]
+name = "post"
+builtin = "argmax"
+inputs = { probabilities = "classify.probabilities" }
+"#;
+
+    #[test]
+    fn compiles_once_into_servables_units_and_topics() {
+        let d = load(MODELS).unwrap();
+        let names: Vec<&String> = d.servables().keys().collect();
+        assert_eq!(names, ["clf", "g", "scaler"]);
+        let g = d.servable("g").unwrap();
+        assert_eq!(g.kind.platform(), "sluice_graph");
+        let outs: Vec<&str> = g
+            .signature
+            .outputs
+            .iter()
+            .map(|o| o.name.as_str())
+            .collect();
+        assert_eq!(outs, ["label", "probability"]);
+        let post = Unit::parse("g.post");
+        assert!(d.has_unit(&post) && !d.has_unit(&Unit::parse("g.classify")));
+        assert_eq!(d.unit_topics(&post), ["sluice.g.post.requests"]);
+        assert_eq!(
+            d.unit_topics(&Unit::Model("scaler".into())),
+            ["sluice.scaler.requests", "sluice.g.requests"],
+            "the first step's pool also reads the graph's entry topic"
+        );
+        let topics: Vec<String> = d.required_topics().into_iter().map(|t| t.name).collect();
+        assert!(topics.contains(&"sluice.g.post.requests".to_string()));
+        assert!(topics.contains(&"sluice.dead-letter".to_string()));
+    }
+
+    #[test]
+    fn a_graph_that_does_not_compile_stops_loading() {
+        let err = load(&MODELS.replace("scale.scaled", "scale.nothing"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("graphs.g step 'classify'") && err.contains("scale.nothing"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,164 @@
+//! Compiling a graph from its config: five passes, each checking one thing and handing the next
+//! what it found; then the plan is assembled in topological order with its topics.
+//!
+//! 1. `names`: graph settings, step names and kinds, known models.
+//! 2. `order`: dependencies, topological order (cycles), successors, the first step.
+//! 3. `tensors`: what each step reads and produces, and whether it fits.
+//! 4. `flows`: every route answers exactly once and brings each join its parts.
+//! 5. `carry`: what each record carries, and where a failure inside a branch goes.
+
+mod carry;
+mod flows;
+mod names;
+mod order;
+mod tensors;
+
+use std::collections::BTreeMap;
+
+use super::{Canary, Graph, Step, StepKind};
+use crate::config::{Builtin, GraphConfig, ModelConfig};
+use crate::signature::Signature;
+use crate::topics::Topics;
+
+/// Compiles graph `name`; every problem found is returned, each naming the graph and step.
+pub fn compile(
+    name: &str,
+    g: &GraphConfig,
+    models: &BTreeMap<String, ModelConfig>,
+    topics: &Topics,
+) -> Result<Graph, Vec<String>> {
+    let key = format!("graphs.{name}");
+    let index = names::check(&key, g, models)?;
+    let shape = order::resolve(&key, g, &index)?;
+    let flow = tensors::resolve(&key, g, models, &index, &shape)?;
+    let terminals = flows::check(&key, g, &index, &shape, &flow)?;
+    let carried = carry::resolve(g, &index, &shape, &flow);
+    Ok(assemble(
+        name, g, models, topics, &shape, &flow, &carried, &terminals,
+    ))
+}
+
+/// The plan in topological order, step references re-indexed to that order.
+#[allow(clippy::too_many_arguments)]
+fn assemble(
+    name: &str,
+    g: &GraphConfig,
+    models: &BTreeMap<String, ModelConfig>,
+    topics: &Topics,
+    shape: &order::Order,
+    flow: &tensors::Flow,
+    carried: &carry::Carried,
+    terminals: &[usize],
+) -> Graph {
+    let n = g.steps.len();
+    let steps: Vec<Step> = shape
+        .order
+        .iter()
+        .map(|&i| {
+            let s = &g.steps[i];
+            let kind = match (&s.model, s.builtin, &flow.joins[i], &flow.routes[i]) {
+                (Some(m), _, _, _) => StepKind::Model(m.clone()),
+                (_, Some(b), _, _) => StepKind::Builtin(b),
+                (_, _, Some(j), _) => StepKind::Combine(j.clone()),
+                (_, _, _, Some(r)) => StepKind::Route(r.clone()),
+                _ => StepKind::Builtin(Builtin::Argmax),
+            };
+            let topic = match &s.model {
+                Some(m) => topics.requests(m),
+                None => topics.step(name, &s.name),
+            };
+            Step {
+                name: s.name.clone(),
+                kind,
+                inputs: s
+                    .inputs
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+                outputs: flow.outputs[i].clone(),
+                next: shape.next[i].clone(),
+                carry: carried.carry[i].clone(),
+                failure_join: carried.failure_join[i].clone(),
+                topic,
+                canary: s.canary.as_ref().map(|c| Canary {
+                    model: c.model.clone(),
+                    topic: topics.requests(&c.model),
+                    share: c.share,
+                    key_parameter: c
+                        .key
+                        .as_ref()
+                        .and_then(|k| k.strip_prefix("parameter:"))
+                        .map(str::to_string),
+                }),
+                shadows: s
+                    .shadow
+                    .iter()
+                    .map(|m| (m.clone(), topics.requests(m)))
+                    .collect(),
+                workers: s.workers,
+            }
+        })
+        .collect();
+    // Re-index step references from config order to topological order.
+    let pos: Vec<usize> = {
+        let mut pos = vec![0; n];
+        for (k, &i) in shape.order.iter().enumerate() {
+            pos[i] = k;
+        }
+        pos
+    };
+    let mut steps = steps;
+    for s in &mut steps {
+        s.next = s.next.iter().map(|&i| pos[i]).collect();
+        if let Some((j, parts)) = &s.failure_join {
+            s.failure_join = Some((pos[*j], parts.clone()));
+        }
+        if let StepKind::Route(r) = &mut s.kind {
+            for v in r.cases.values_mut().chain(std::iter::once(&mut r.default)) {
+                *v = v.iter().map(|&i| pos[i]).collect();
+            }
+        }
+    }
+    let partitions = g.partitions.unwrap_or_else(|| {
+        g.steps
+            .iter()
+            .filter_map(|s| models.get(s.model.as_ref()?))
+            .map(|m| m.partitions)
+            .max()
+            .unwrap_or(1)
+    });
+    Graph {
+        name: name.to_string(),
+        signature: Signature {
+            version: g.version.clone(),
+            inputs: g.inputs.clone(),
+            outputs: flow.outputs[terminals[0]].clone(),
+            max_batch_size: g.max_batch_size,
+        },
+        partitions,
+        steps,
+        entry: pos[shape.entry],
+        entry_topic: topics.requests(name),
+        result_topic: topics.results(name),
+        comparison_topic: topics.comparisons(name),
+    }
+}
+
+fn source_step(source: &str) -> Option<&str> {
+    match source.split_once('.') {
+        Some(("request", _)) => None,
+        Some((step, _)) => Some(step),
+        None => None,
+    }
+}
+
+fn shapes_compatible(a: &[i64], b: &[i64]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| *x == -1 || *y == -1 || x == y)
+}
+
+fn valid_step_name(s: &str) -> bool {
+    !s.is_empty()
+        && s != "request"
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}

@@ -1,0 +1,204 @@
+//! Graphs: named DAGs of steps declared in config and compiled, at start-up, into a routing plan
+//! that every process holds. A step is a model, a built-in step, a combiner (a join) or a router.
+//! Each step reads tensors from the request (`request.<input>`) or from earlier steps
+//! (`<step>.<output>`); the compiled plan says which topic each step consumes, where each step's
+//! records go next, and which tensors a record must still carry. [`compile`] runs the passes in
+//! `compile/`; this module holds what they produce.
+
+mod compile;
+#[cfg(any(test, feature = "fixtures"))]
+pub mod fixtures;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::TensorSpec;
+pub use crate::config::{
+    Builtin, CanaryConfig, Combiner, GraphConfig, RouteConfig, StepConfig, TieRule,
+};
+use crate::signature::Signature;
+pub use compile::compile;
+
+/// A compiled graph: the plan every process routes by.
+#[derive(Debug, Clone)]
+pub struct Graph {
+    /// Graph name (served as a model of that name).
+    pub name: String,
+    /// What callers send and get back (the answer is the final step's outputs), checked
+    /// against every request entering the graph.
+    pub signature: Signature,
+    /// Partitions of the graph's topics.
+    pub partitions: i32,
+    /// Steps in an order where every step comes after those it reads from.
+    pub steps: Vec<Step>,
+    /// The step that reads the graph's entry topic.
+    pub entry: usize,
+    /// Where clients (and the gateway) write requests.
+    pub entry_topic: String,
+    /// Where final results are written.
+    pub result_topic: String,
+    /// Where shadow comparisons are written.
+    pub comparison_topic: String,
+}
+
+/// A compiled step.
+#[derive(Debug, Clone)]
+pub struct Step {
+    /// Step name.
+    pub name: String,
+    /// What it runs.
+    pub kind: StepKind,
+    /// (name the step reads, source) pairs.
+    pub inputs: Vec<(String, String)>,
+    /// The tensors it produces (unqualified names).
+    pub outputs: Vec<TensorSpec>,
+    /// Steps its records go to next (a router picks among these).
+    pub next: Vec<usize>,
+    /// Sources a record arriving at this step must carry.
+    pub carry: BTreeSet<String>,
+    /// For a step inside a branch of a join: the join, and the parts a failure here stands for.
+    pub failure_join: Option<(usize, Vec<String>)>,
+    /// The topic the step's workers consume (for model steps, the primary model's topic).
+    pub topic: String,
+    /// Canary variant.
+    pub canary: Option<Canary>,
+    /// Shadow models: (model, its request topic).
+    pub shadows: Vec<(String, String)>,
+    /// Workers `sluice up` starts (built-in, combine and route steps).
+    pub workers: usize,
+}
+
+/// A compiled canary.
+#[derive(Debug, Clone)]
+pub struct Canary {
+    /// Candidate model.
+    pub model: String,
+    /// Its request topic.
+    pub topic: String,
+    /// Share of requests, 0.0..=1.0.
+    pub share: f64,
+    /// Request parameter that keys the choice; `None` = the request id.
+    pub key_parameter: Option<String>,
+}
+
+/// What a step runs.
+#[derive(Debug, Clone)]
+pub enum StepKind {
+    /// A model (its worker pool is shared by every graph using it).
+    Model(String),
+    /// A built-in step.
+    Builtin(Builtin),
+    /// A join.
+    Combine(Join),
+    /// A router.
+    Route(Route),
+}
+
+/// A compiled combine step.
+#[derive(Debug, Clone)]
+pub struct Join {
+    /// How parts merge.
+    pub combiner: Combiner,
+    /// (part step name, source) per part, in listed order.
+    pub parts: Vec<(String, String)>,
+    /// Per-part weights (`weighted_mean`).
+    pub weights: Vec<f64>,
+    /// Tie rule (`majority_vote`).
+    pub tie: TieRule,
+    /// Parts needed to answer at the timeout.
+    pub quorum: usize,
+    /// Wait after the first part.
+    pub timeout: Duration,
+}
+
+/// A compiled router.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// What the rule reads.
+    pub by: Selector,
+    /// Value → step indices.
+    pub cases: BTreeMap<String, Vec<usize>>,
+    /// Step indices for other values.
+    pub default: Vec<usize>,
+}
+
+/// What a router reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Selector {
+    /// A request parameter (JSON strings compare without their quotes).
+    Parameter(String),
+    /// The first element of a carried tensor.
+    Tensor(String),
+}
+
+/// What one worker process runs.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Unit {
+    /// A model's worker pool.
+    Model(String),
+    /// A graph's built-in, combine or route step.
+    Step {
+        /// The graph.
+        graph: String,
+        /// The step.
+        step: String,
+    },
+}
+
+impl std::fmt::Display for Unit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unit::Model(m) => write!(f, "{m}"),
+            Unit::Step { graph, step } => write!(f, "{graph}.{step}"),
+        }
+    }
+}
+
+impl Unit {
+    /// Parses `model` or `graph.step`.
+    pub fn parse(s: &str) -> Unit {
+        match s.split_once('.') {
+            Some((graph, step)) => Unit::Step {
+                graph: graph.into(),
+                step: step.into(),
+            },
+            None => Unit::Model(s.into()),
+        }
+    }
+}
+
+/// Every compiled graph, by name.
+pub type Graphs = BTreeMap<String, Arc<Graph>>;
+
+impl Graph {
+    /// The step called `name`.
+    pub fn step_index(&self, name: &str) -> Option<usize> {
+        self.steps.iter().position(|s| s.name == name)
+    }
+
+    /// The unit that runs step `i` (for model steps, the primary model).
+    pub fn unit_of(&self, i: usize) -> Unit {
+        match &self.steps[i].kind {
+            StepKind::Model(m) => Unit::Model(m.clone()),
+            _ => Unit::Step {
+                graph: self.name.clone(),
+                step: self.steps[i].name.clone(),
+            },
+        }
+    }
+}
+
+/// Whether the canary candidate serves the request keyed `key` (FNV-1a, stable across processes
+/// and versions).
+pub fn canary_picks(key: &str, share: f64) -> bool {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    let threshold = (share.clamp(0.0, 1.0) * 10_000.0).round() as u64;
+    h % 10_000 < threshold
+}

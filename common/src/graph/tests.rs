@@ -1,0 +1,285 @@
+//! Compiler tests: plans for the example shapes, and start-up errors naming graph and step.
+#![allow(clippy::unwrap_used)]
+
+use super::fixtures::model;
+use super::*;
+use crate::config::ModelConfig;
+use sluice_schemas::DataType;
+
+fn models() -> BTreeMap<String, ModelConfig> {
+    let classifier = || {
+        model(
+            &[("input", DataType::Fp32, vec![-1, 64])],
+            &[
+                ("label", DataType::Int64, vec![-1]),
+                ("probabilities", DataType::Fp32, vec![-1, 10]),
+            ],
+        )
+    };
+    [
+        (
+            "scaler".to_string(),
+            model(
+                &[("input", DataType::Fp32, vec![-1, 64])],
+                &[("scaled", DataType::Fp32, vec![-1, 64])],
+            ),
+        ),
+        ("mlp".to_string(), classifier()),
+        ("logreg".to_string(), classifier()),
+        ("forest".to_string(), classifier()),
+    ]
+    .into()
+}
+
+fn graph(toml_steps: &str) -> Result<Graph, Vec<String>> {
+    fixtures::compile_steps(toml_steps, 64, &models(), "sluice")
+}
+
+const PIPELINE: &str = r#"
+[[steps]]
+name = "post"
+builtin = "argmax"
+inputs = { probabilities = "classify.probabilities" }
+[[steps]]
+name = "scale"
+model = "scaler"
+inputs = { input = "request.input" }
+[[steps]]
+name = "classify"
+model = "mlp"
+inputs = { input = "scale.scaled" }
+"#;
+
+const ENSEMBLE: &str = r#"
+[[steps]]
+name = "scale"
+model = "scaler"
+inputs = { input = "request.input" }
+[[steps]]
+name = "mlp"
+model = "mlp"
+inputs = { input = "scale.scaled" }
+[[steps]]
+name = "logreg"
+model = "logreg"
+inputs = { input = "scale.scaled" }
+[[steps]]
+name = "forest"
+model = "forest"
+inputs = { input = "scale.scaled" }
+[[steps]]
+name = "vote"
+combine = "majority_vote"
+parts = ["mlp.label", "logreg.label", "forest.label"]
+"#;
+
+#[test]
+fn pipeline_compiles_in_order_with_carried_tensors() {
+    let g = graph(PIPELINE).unwrap();
+    let names: Vec<&str> = g.steps.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["scale", "classify", "post"]);
+    assert_eq!(g.entry, 0);
+    assert_eq!(g.steps[0].topic, "sluice.scaler.requests");
+    assert_eq!(g.steps[2].topic, "sluice.g.post.requests");
+    assert_eq!(g.steps[0].next, [1]);
+    assert_eq!(g.steps[1].next, [2]);
+    assert!(g.steps[2].next.is_empty());
+    assert_eq!(
+        g.steps[1].carry,
+        BTreeSet::from(["scale.scaled".to_string()])
+    );
+    assert_eq!(
+        g.steps[2].carry,
+        BTreeSet::from(["classify.probabilities".to_string()])
+    );
+    let outs: Vec<&str> = g
+        .signature
+        .outputs
+        .iter()
+        .map(|o| o.name.as_str())
+        .collect();
+    assert_eq!(outs, ["label", "probability"]);
+    assert_eq!(g.entry_topic, "sluice.g.requests");
+}
+
+#[test]
+fn ensemble_fans_out_and_joins() {
+    let g = graph(ENSEMBLE).unwrap();
+    let scale = g.step_index("scale").unwrap();
+    let vote = g.step_index("vote").unwrap();
+    assert_eq!(g.steps[scale].next.len(), 3);
+    assert!(g.steps[scale].failure_join.is_none(), "before the fan-out");
+    let mlp = g.step_index("mlp").unwrap();
+    assert_eq!(g.steps[mlp].next, [vote]);
+    assert_eq!(
+        g.steps[mlp].failure_join,
+        Some((vote, vec!["mlp".to_string()]))
+    );
+    let StepKind::Combine(j) = &g.steps[vote].kind else {
+        panic!("not a join")
+    };
+    assert_eq!(j.quorum, 3);
+    assert_eq!(g.signature.outputs[0].name, "label");
+    assert_eq!(g.signature.outputs[0].datatype, DataType::Int64);
+}
+
+fn err(steps: &str) -> String {
+    graph(steps).unwrap_err().join("\n")
+}
+
+#[test]
+fn cycles_unknown_steps_and_missing_tensors_are_named() {
+    let cyc = err(r#"
+[[steps]]
+name = "a"
+model = "scaler"
+inputs = { input = "b.scaled" }
+[[steps]]
+name = "b"
+model = "scaler"
+inputs = { input = "a.scaled" }
+"#);
+    assert!(cyc.contains("cycle") && cyc.contains("\"a\""), "{cyc}");
+    let unknown = err(&PIPELINE.replace("scale.scaled", "scal.scaled"));
+    assert!(
+        unknown.contains("step 'classify'") && unknown.contains("no step 'scal'"),
+        "{unknown}"
+    );
+    let missing = err(&PIPELINE.replace("scale.scaled", "scale.nothing"));
+    assert!(
+        missing.contains("'scale.nothing', which no step produces"),
+        "{missing}"
+    );
+    let model = err(&PIPELINE.replace("model = \"mlp\"", "model = \"mpl\""));
+    assert!(model.contains("unknown model 'mpl'"), "{model}");
+}
+
+#[test]
+fn mismatched_dtypes_and_shapes_are_named() {
+    let dtype = err(&PIPELINE.replace("scale.scaled", "classify.label"));
+    assert!(
+        dtype.contains("cycle") || dtype.contains("own output"),
+        "{dtype}"
+    );
+    let dtype = err(&PIPELINE.replace(
+        "builtin = \"argmax\"\ninputs = { probabilities = \"classify.probabilities\" }",
+        "model = \"scaler\"\ninputs = { input = \"classify.label\" }",
+    ));
+    assert!(
+        dtype.contains("step 'post': input 'input' wants FP32, but 'classify.label' is INT64"),
+        "{dtype}"
+    );
+    let shape = err(&ENSEMBLE.replace(
+        "parts = [\"mlp.label\", \"logreg.label\", \"forest.label\"]",
+        "parts = [\"mlp.label\", \"logreg.probabilities\"]",
+    ));
+    assert!(shape.contains("different"), "{shape}");
+}
+
+#[test]
+fn parallel_steps_without_a_join_are_rejected() {
+    let no_join = err(&ENSEMBLE.replace(
+        "combine = \"majority_vote\"\nparts = [\"mlp.label\", \"logreg.label\", \"forest.label\"]",
+        "builtin = \"argmax\"\ninputs = { probabilities = \"mlp.probabilities\" }",
+    ));
+    assert!(no_join.contains("answered"), "{no_join}");
+    let two_preds = err(&ENSEMBLE.replace(
+        "combine = \"majority_vote\"\nparts = [\"mlp.label\", \"logreg.label\", \"forest.label\"]",
+        "model = \"scaler\"\ninputs = { input = \"mlp.probabilities\", other = \"logreg.probabilities\" }",
+    ));
+    assert!(two_preds.contains("run in parallel"), "{two_preds}");
+}
+
+#[test]
+fn routers_pick_among_branches_that_each_answer() {
+    let g = graph(
+        r#"
+[[steps]]
+name = "scale"
+model = "scaler"
+inputs = { input = "request.input" }
+[[steps]]
+name = "pick"
+after = "scale"
+route = { by = "parameter:tier", cases = { fast = ["fast"] }, default = ["accurate"] }
+[[steps]]
+name = "fast"
+model = "logreg"
+inputs = { input = "scale.scaled" }
+[[steps]]
+name = "accurate"
+model = "mlp"
+inputs = { input = "scale.scaled" }
+"#,
+    )
+    .unwrap();
+    let pick = g.step_index("pick").unwrap();
+    assert_eq!(g.steps[pick].next.len(), 2);
+    let StepKind::Route(r) = &g.steps[pick].kind else {
+        panic!("not a router")
+    };
+    assert_eq!(r.by, Selector::Parameter("tier".into()));
+    assert_eq!(r.cases["fast"], [g.step_index("fast").unwrap()]);
+    assert!(g.steps[pick].carry.contains("scale.scaled"));
+}
+
+#[test]
+fn canary_and_shadow_need_compatible_models() {
+    let ok = graph(&PIPELINE.replace(
+        "model = \"mlp\"",
+        "model = \"mlp\"\ncanary = { model = \"logreg\", share = 0.25 }\nshadow = [\"forest\"]",
+    ))
+    .unwrap();
+    let c = ok.steps[1].canary.as_ref().unwrap();
+    assert_eq!(
+        (c.model.as_str(), c.topic.as_str()),
+        ("logreg", "sluice.logreg.requests")
+    );
+    assert_eq!(ok.steps[1].shadows[0].0, "forest");
+    let bad = err(&PIPELINE.replace(
+        "model = \"mlp\"",
+        "model = \"mlp\"\ncanary = { model = \"scaler\", share = 2.0 }",
+    ));
+    assert!(
+        bad.contains("same inputs and outputs") && bad.contains("share"),
+        "{bad}"
+    );
+}
+
+#[test]
+fn partitions_default_to_the_models_and_must_agree_when_set() {
+    assert_eq!(graph(PIPELINE).unwrap().partitions, 1);
+    let e = err(&format!("partitions = 2\n{PIPELINE}"));
+    assert!(
+        e.contains("step 'scale': model 'scaler' has 1 partitions, the graph 2"),
+        "{e}"
+    );
+}
+
+#[test]
+fn canary_choice_is_stable_and_close_to_the_share() {
+    let picked = (0..10_000)
+        .filter(|i| canary_picks(&format!("req-{i}"), 0.2))
+        .count();
+    assert!((1_800..2_200).contains(&picked), "{picked}");
+    assert!(canary_picks("x", 1.0) && !canary_picks("x", 0.0));
+    assert_eq!(canary_picks("user-7", 0.5), canary_picks("user-7", 0.5));
+}
+
+#[test]
+fn canary_choice_matches_published_fnv1a_vectors() {
+    // FNV-1a 64 test vectors (the algorithm's reference values): "" = 0xcbf29ce484222325,
+    // "a" = 0xaf63dc4c8601ec8c, "foobar" = 0x85944171f73967e8. A key is picked when its hash
+    // modulo 10,000 is below share × 10,000: buckets 6037, 1996 and 6968.
+    for (key, bucket) in [("", 6037u32), ("a", 1996), ("foobar", 6968)] {
+        let share = |b: u32| f64::from(b) / 10_000.0;
+        assert!(
+            !canary_picks(key, share(bucket)),
+            "{key:?} is not below its own bucket"
+        );
+        assert!(
+            canary_picks(key, share(bucket + 1)),
+            "{key:?} is picked one step above"
+        );
+    }
+}

@@ -1,0 +1,133 @@
+//! Publishing a validated request: its reply route, the Avro record with the headers that name
+//! the caller, and the produce to the servable's request topic with Kafka errors mapped to
+//! HTTP answers.
+
+use std::time::Duration;
+
+use rdkafka::error::KafkaError;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::types::RDKafkaErrorCode;
+use sluice_common::Config;
+use sluice_common::kafka::headers as kafka_headers;
+use sluice_common::topics::Topics;
+use sluice_schemas::{InferenceRequest, ReplyRoute, encode_request};
+use tokio::time::Instant;
+
+use crate::error::ApiError;
+
+/// Writes request records for one gateway instance.
+pub struct Publisher {
+    producer: FutureProducer,
+    topics: Topics,
+    reply_channel: String,
+    result_key_prefix: String,
+    result_ttl: Duration,
+}
+
+impl Publisher {
+    /// A publisher producing with `producer`, replies routed to gateway `gateway_id`'s channel.
+    pub fn new(producer: FutureProducer, cfg: &Config, gateway_id: &str) -> Publisher {
+        Publisher {
+            producer,
+            topics: sluice_common::topics::Topics::new(&cfg.kafka.topic_prefix),
+            reply_channel: cfg.reply_channel(gateway_id),
+            result_key_prefix: cfg.result_key(""),
+            result_ttl: cfg.redis.result_ttl,
+        }
+    }
+
+    /// The producer (for health probes and flushing).
+    pub fn producer(&self) -> &FutureProducer {
+        &self.producer
+    }
+
+    /// Where request `id`'s answer is published and stored. The stored result outlives the
+    /// request's deadline (the gateway reads it one last time then), and at least
+    /// `redis.result_ttl`.
+    pub fn reply_route(&self, id: &str, timeout: Duration) -> ReplyRoute {
+        ReplyRoute {
+            channel: self.reply_channel.clone(),
+            key: format!("{}{id}", self.result_key_prefix),
+            ttl_ms: result_ttl(self.result_ttl, timeout).as_millis() as i64,
+        }
+    }
+
+    /// Produces `request` to `servable`'s request topic, waiting at most until `deadline`.
+    pub async fn publish(
+        &self,
+        servable: &str,
+        request: &InferenceRequest,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<(), ApiError> {
+        let payload = encode_request(request).map_err(|e| ApiError::Internal(e.to_string()))?;
+        let mut pairs = vec![(kafka_headers::REQUEST_ID, request.id.as_str())];
+        if let Some(route) = &request.reply {
+            pairs.push((kafka_headers::REPLY_CHANNEL, &route.channel));
+            pairs.push((kafka_headers::REPLY_KEY, &route.key));
+        }
+        let headers = kafka_headers::build(&pairs);
+        let topic = self.topics.requests(servable);
+        let record = FutureRecord::to(&topic)
+            .key(&request.id)
+            .payload(&payload)
+            .headers(headers);
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        match self.producer.send(record, remaining).await {
+            Ok(_) => Ok(()),
+            Err((e, _)) => Err(produce_error(e, Instant::now() >= deadline, timeout)),
+        }
+    }
+}
+
+/// How long a stored result must live: past the deadline, and at least the configured TTL.
+fn result_ttl(configured: Duration, timeout: Duration) -> Duration {
+    configured.max(timeout + Duration::from_secs(1))
+}
+
+/// The HTTP answer for a failed produce.
+fn produce_error(e: KafkaError, past_deadline: bool, timeout: Duration) -> ApiError {
+    match e {
+        KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut) if past_deadline => {
+            ApiError::DeadlineExceeded(timeout)
+        }
+        KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull) => {
+            ApiError::Unavailable("the Kafka producer queue is full; retry later".into())
+        }
+        KafkaError::MessageProduction(code) => {
+            ApiError::Unavailable(format!("could not publish the request to Kafka: {code}"))
+        }
+        other => ApiError::Unavailable(format!("could not publish the request to Kafka: {other}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::StatusCode;
+
+    #[test]
+    fn a_stored_result_outlives_the_deadline() {
+        let s = Duration::from_secs;
+        assert_eq!(result_ttl(s(60), s(10)), s(60));
+        assert_eq!(result_ttl(s(60), s(300)), s(301));
+    }
+
+    #[test]
+    fn produce_errors_map_to_503_or_504() {
+        let t = Duration::from_secs(1);
+        let timed_out = || KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut);
+        assert_eq!(
+            produce_error(timed_out(), true, t).status(),
+            StatusCode::GATEWAY_TIMEOUT
+        );
+        assert_eq!(
+            produce_error(timed_out(), false, t).status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        let full = KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull);
+        let e = produce_error(full, false, t);
+        assert_eq!(e.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(e.to_string().contains("queue is full"), "{e}");
+    }
+}

@@ -1,0 +1,203 @@
+//! The worker's consumer-group membership and offsets: partitions assigned and revoked, which
+//! offsets are safe to store (only once every record up to them has been delivered), and the
+//! final commit when the worker leaves.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+
+use crate::completion::Completion;
+use crate::offsets::{GapGuard, OffsetTracker};
+use crate::sink::Sink;
+use crate::telemetry::WorkerMetrics;
+
+/// A partition of one of the worker's topics: (topic index, partition).
+pub(crate) type PartitionKey = (usize, i32);
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Each critical section is a single update: a panic cannot leave the state half-changed.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Per-partition state the consumer loop, the rebalance callback and delivery share.
+#[derive(Default)]
+pub(crate) struct PartitionState {
+    /// Unfinished offsets.
+    pub(crate) tracker: Mutex<OffsetTracker<PartitionKey>>,
+    /// The fetch-gap guard (`broker_quirks = "tansu"`).
+    pub(crate) gaps: Mutex<GapGuard<PartitionKey>>,
+    /// Offsets stored for commit.
+    pub(crate) stored: Mutex<HashMap<PartitionKey, i64>>,
+    /// Partitions revoked since the loop last looked.
+    pub(crate) revoked: Mutex<Vec<i32>>,
+    /// Whether the worker has been assigned partitions (readiness).
+    pub(crate) joined: Arc<AtomicBool>,
+}
+
+/// Keeps the partition state in step with assignment and marks the worker ready.
+pub(crate) struct GroupContext {
+    pub(crate) topics: Arc<Vec<String>>,
+    pub(crate) state: Arc<PartitionState>,
+    /// Partitions owned now (`sluice_worker_assigned_partitions`).
+    pub(crate) assigned: std::sync::atomic::AtomicI64,
+    pub(crate) assigned_gauge: metrics::Gauge,
+}
+
+impl ClientContext for GroupContext {}
+
+impl ConsumerContext for GroupContext {
+    fn post_rebalance(&self, _base: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let (kind, tpl) = match rebalance {
+            Rebalance::Assign(tpl) => ("assigned", *tpl),
+            Rebalance::Revoke(tpl) => ("revoked", *tpl),
+            Rebalance::Error(e) => {
+                tracing::warn!(error = %e, "rebalance error");
+                return;
+            }
+        };
+        let keys: Vec<PartitionKey> = tpl
+            .elements()
+            .iter()
+            .filter_map(|e| {
+                let t = self.topics.iter().position(|t| t == e.topic())?;
+                Some((t, e.partition()))
+            })
+            .collect();
+        {
+            let mut tracker = lock(&self.state.tracker);
+            let mut stored = lock(&self.state.stored);
+            let mut gaps = lock(&self.state.gaps);
+            for k in &keys {
+                tracker.forget(*k);
+                stored.remove(k);
+                gaps.forget(*k);
+            }
+        }
+        let shown: Vec<(&str, i32)> = keys
+            .iter()
+            .map(|(t, p)| (self.topics[*t].as_str(), *p))
+            .collect();
+        tracing::info!(partitions = ?shown, "partitions {kind}");
+        let n = i64::try_from(keys.len()).unwrap_or(0);
+        let owned = if kind == "assigned" {
+            self.assigned.fetch_add(n, Ordering::Relaxed) + n
+        } else {
+            self.assigned.fetch_sub(n, Ordering::Relaxed) - n
+        };
+        self.assigned_gauge.set(owned as f64);
+        if kind == "assigned" {
+            self.state.joined.store(true, Ordering::Relaxed);
+        } else {
+            lock(&self.state.revoked).extend(keys.iter().map(|(_, p)| *p));
+        }
+    }
+
+    fn commit_callback(
+        &self,
+        result: rdkafka::error::KafkaResult<()>,
+        offsets: &TopicPartitionList,
+    ) {
+        match result {
+            Ok(()) => tracing::trace!(?offsets, "offsets committed"),
+            Err(e) => tracing::debug!(error = %e, "offset commit failed"),
+        }
+    }
+}
+
+/// Delivers completions and stores the offsets that became committable.
+pub(crate) struct Completer {
+    pub(crate) consumer: StreamConsumer<GroupContext>,
+    pub(crate) topics: Arc<Vec<String>>,
+    pub(crate) state: Arc<PartitionState>,
+    pub(crate) sink: Sink,
+    pub(crate) metrics: Arc<WorkerMetrics>,
+}
+
+impl Completer {
+    /// Delivers `items`, then stores the offsets that became committable.
+    pub(crate) async fn complete(&self, items: Vec<Completion>) {
+        if items.is_empty() {
+            return;
+        }
+        self.sink.deliver(&items).await;
+        let advanced = self.finished(&items);
+        self.metrics.in_flight.decrement(items.len() as f64);
+        if advanced.is_empty() {
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
+        for ((t, p), next) in &advanced {
+            if let Err(e) = tpl.add_partition_offset(&self.topics[*t], *p, Offset::Offset(*next)) {
+                tracing::warn!(error = %e, "bad offset");
+            }
+        }
+        match self.consumer.store_offsets(&tpl) {
+            Ok(()) => {
+                let mut stored = lock(&self.state.stored);
+                for (k, next) in advanced {
+                    let e = stored.entry(k).or_insert(next);
+                    *e = (*e).max(next);
+                }
+            }
+            // The partition was revoked meanwhile: its new owner re-reads from the last commit.
+            Err(e) => tracing::debug!(error = %e, "could not store offsets"),
+        }
+    }
+
+    /// Marks the items' records finished; returns each partition whose commit point moved.
+    fn finished(&self, items: &[Completion]) -> Vec<(PartitionKey, i64)> {
+        let mut tracker = lock(&self.state.tracker);
+        items
+            .iter()
+            .filter_map(|c| {
+                let key = (c.source.topic_index, c.source.partition);
+                tracker.finish(key, c.source.offset).map(|next| (key, next))
+            })
+            .collect()
+    }
+
+    /// Commits what was stored for the partitions this worker still owns, and leaves the group.
+    pub(crate) fn commit_and_leave(&self) {
+        let owned: Vec<(String, i32)> = self
+            .consumer
+            .assignment()
+            .map(|a| {
+                a.elements()
+                    .iter()
+                    .map(|e| (e.topic().to_string(), e.partition()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut tpl = TopicPartitionList::new();
+        for ((t, p), next) in lock(&self.state.stored).iter() {
+            let topic = &self.topics[*t];
+            if owned.iter().any(|(ot, op)| ot == topic && op == p) {
+                let _ = tpl.add_partition_offset(topic, *p, Offset::Offset(*next));
+            }
+        }
+        if tpl.count() > 0
+            && let Err(e) = self.consumer.commit(&tpl, CommitMode::Sync)
+        {
+            tracing::warn!(error = %e, "final commit failed");
+        }
+        self.consumer.unsubscribe();
+    }
+
+    /// Moves consumption of `topic`/`partition` back to `offset`.
+    pub(crate) fn seek(&self, topic: &str, partition: i32, offset: i64) {
+        if let Err(e) = self.consumer.seek(
+            topic,
+            partition,
+            Offset::Offset(offset),
+            Duration::from_secs(1),
+        ) {
+            tracing::warn!(error = %e, "seek failed");
+        }
+    }
+}

@@ -1,0 +1,104 @@
+//! Work-arounds for tansu 0.6.0, on only with `kafka.broker_quirks = "tansu"` (a correct Kafka
+//! broker needs none). tansu sometimes leaves records out of a fetch, or unseen until the next
+//! append, when several producers write one partition:
+//! - the gap guard: an offset past the next expected one means records were skipped, so the
+//!   worker seeks back instead of committing past them;
+//! - stalled partitions: one silent for `worker.stalled_partition_after` although its high
+//!   watermark is past what arrived is read again;
+//! - join nudges: a join whose parts are `worker.join_nudge_after` overdue writes an empty record
+//!   to its partition, which makes tansu show what it held back.
+
+use std::sync::Arc;
+
+use rdkafka::consumer::Consumer;
+use std::time::{Duration, Instant};
+
+use crate::group::{Completer, PartitionKey, lock};
+use crate::join::Joiner;
+use crate::offsets::Observed;
+use crate::tasks::BoundedTasks;
+
+/// The tansu work-arounds' settings.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct TansuQuirks {
+    pub(crate) stalled_after: Duration,
+    pub(crate) nudge_after: Duration,
+}
+
+/// What the consumer loop does with a record, by the gap guard.
+pub(crate) enum Arrival {
+    /// The next record: handle it.
+    Next,
+    /// Already seen, or a gap accepted after a while: skip it.
+    Skip,
+    /// Records before it were skipped: seek back to `expected`.
+    SeekBack(i64),
+}
+
+impl TansuQuirks {
+    /// How often the periodic checks run.
+    pub(crate) fn check_interval(&self) -> Duration {
+        (self.stalled_after.min(self.nudge_after) / 2).max(Duration::from_millis(10))
+    }
+
+    /// Checks a record's offset against what its partition delivered so far.
+    pub(crate) fn arrival(&self, completer: &Completer, key: PartitionKey, offset: i64) -> Arrival {
+        match lock(&completer.state.gaps).observe(key, offset, Instant::now()) {
+            Observed::Next => Arrival::Next,
+            Observed::Seen | Observed::Gap { seek: false, .. } => Arrival::Skip,
+            Observed::Gap {
+                expected,
+                seek: true,
+            } => {
+                completer.metrics.fetch_gaps.increment(1);
+                Arrival::SeekBack(expected)
+            }
+        }
+    }
+
+    /// The periodic checks: nudge overdue joins' partitions, re-read stalled partitions. Both
+    /// run off the consumer loop: a slow broker answer must not hold up consumption.
+    pub(crate) async fn check(
+        &self,
+        completer: &Arc<Completer>,
+        joiner: Option<&mut Joiner>,
+        side: &mut BoundedTasks,
+    ) {
+        if let Some(j) = joiner {
+            for (t, p) in j.overdue(self.nudge_after) {
+                completer.metrics.join_nudges.increment(1);
+                let (c, topic) = (Arc::clone(completer), completer.topics[t].clone());
+                side.spawn(async move { c.sink.nudge(&topic, p).await })
+                    .await;
+            }
+        }
+        let idle = lock(&completer.state.gaps).idle(Instant::now(), self.stalled_after);
+        if !idle.is_empty() {
+            let c = Arc::clone(completer);
+            side.spawn(async move { reread_stalled_partitions(&c, idle).await })
+                .await;
+        }
+    }
+}
+
+/// Seeks back on partitions that delivered nothing for a while although the broker's high
+/// watermark is past what arrived: a record skipped at the end of a partition shows no gap until
+/// something follows it.
+async fn reread_stalled_partitions(c: &Arc<Completer>, idle: Vec<(PartitionKey, i64)>) {
+    for ((t, p), expected) in idle {
+        let (query, topic) = (Arc::clone(c), c.topics[t].clone());
+        let hi = tokio::task::spawn_blocking(move || {
+            query
+                .consumer
+                .fetch_watermarks(&topic, p, Duration::from_millis(500))
+                .map(|(_, hi)| hi)
+        })
+        .await;
+        if hi.is_ok_and(|hi| hi.is_ok_and(|hi| hi > expected)) {
+            let topic = &c.topics[t];
+            c.metrics.fetch_gaps.increment(1);
+            tracing::warn!(%topic, partition = p, expected, "records below the high watermark never arrived; re-reading");
+            c.seek(topic, p, expected);
+        }
+    }
+}

@@ -1,0 +1,46 @@
+//! Model steps: ONNX models run by ONNX Runtime on inference threads ([`InferencePool`]), one
+//! session per thread, the batch concatenated into one call and split back per job.
+
+use futures::future::BoxFuture;
+use sluice_common::ModelConfig;
+use sluice_schemas::envelope::codes;
+
+use super::{BuildError, Step, StepFailure, StepInput, StepResult};
+use crate::backend::OrtBackend;
+use crate::pool::InferencePool;
+
+/// A loaded model.
+pub struct ModelStep {
+    pool: InferencePool,
+}
+
+impl ModelStep {
+    /// Loads `model.threads` sessions of the model and starts their threads.
+    pub fn load(name: &str, model: &ModelConfig) -> Result<ModelStep, BuildError> {
+        let backends = (0..model.threads)
+            .map(|_| OrtBackend::load(model))
+            .collect::<Result<Vec<_>, _>>()?;
+        tracing::info!(model = %name, threads = model.threads, onnx = %model.onnx.display(), "model loaded");
+        Ok(ModelStep {
+            pool: InferencePool::start(name, model, backends)?,
+        })
+    }
+}
+
+impl Step for ModelStep {
+    fn run(&self, batch: Vec<StepInput>) -> BoxFuture<'_, Vec<StepResult>> {
+        Box::pin(async move {
+            self.pool
+                .run(batch)
+                .await
+                .into_iter()
+                .map(|r| {
+                    r.map_err(|message| StepFailure {
+                        code: codes::MODEL_FAILED,
+                        message,
+                    })
+                })
+                .collect()
+        })
+    }
+}
