@@ -3,25 +3,29 @@
 # in-memory tansu), then `sluice bench` (transport floor, in-process compute, HTTP load).
 # A fresh broker per model matters: tansu's per-request cost grows with the log it holds
 # (see README, Benchmarks). usage: deploy/bench.sh [MODEL_OR_GRAPH...]
-# (default: mlp heavy digits-pipeline digits-ensemble)
+# (default: mlp heavy digits-pipeline digits-ensemble). SLUICE_BIN=path runs another sluice
+# binary (to compare builds in one run); otherwise the release build of this checkout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 deploy/setup.sh
 # shellcheck disable=SC1091
 source .sluice-env
-cargo build --release --quiet --bin sluice
+if [ -z "${SLUICE_BIN:-}" ]; then
+  cargo build --release --quiet --bin sluice
+fi
+BIN=${SLUICE_BIN:-target/release/sluice}
 CONFIG=${SLUICE_BENCH_CONFIG:-examples/digits.toml}
 DURATION=${SLUICE_BENCH_DURATION:-10s}
 for model in "${@:-mlp heavy digits-pipeline digits-ensemble}"; do
   for m in $model; do
-    target/release/sluice --config "$CONFIG" up --models "$m" >/tmp/sluice-bench-up.out 2>/tmp/sluice-bench-up.log &
+    "$BIN" --config "$CONFIG" up --models "$m" >/tmp/sluice-bench-up.out 2>/tmp/sluice-bench-up.log &
     up=$!
     # `up` prints its banner once the gateway and every worker are ready.
     for _ in $(seq 1 300); do
       grep -q "Sluice is up" /tmp/sluice-bench-up.out 2>/dev/null && break
       sleep 0.2
     done
-    target/release/sluice --config "$CONFIG" bench --model "$m" --concurrency 1,32 --duration "$DURATION" 2>/dev/null
+    "$BIN" --config "$CONFIG" bench --model "$m" --concurrency 1,32 --duration "$DURATION" 2>/dev/null
     kill -TERM "$up"
     wait "$up" || true
   done

@@ -750,3 +750,112 @@ async fn a_join_worker_killed_under_load_loses_and_mixes_nothing() {
     println!("answered {total} ensemble requests across a join worker's SIGKILL");
     assert!(total > 16, "{total}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graphs_serve_without_the_broker_work_arounds() {
+    // `none` is what a correct Kafka broker gets: no gap guard, no re-reads, no join nudges.
+    let Some(mut stack) = Stack::start(&[("SLUICE__KAFKA__BROKER_QUIRKS", "none")]) else {
+        return;
+    };
+    let mut ops = Vec::new();
+    for unit in ["scaler", "mlp", "logreg", "forest", "digits-ensemble.vote"] {
+        ops.push(stack.start_worker_at(unit));
+    }
+    let s = samples();
+    let client = http();
+    for i in 0..30 {
+        let sample = i % s.raw.len();
+        let r = infer(
+            &client,
+            &stack.gateway,
+            "digits-ensemble",
+            &[&s.raw[sample]],
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        let want = vote([
+            expected(&s, "mlp", sample).0,
+            expected(&s, "logreg", sample).0,
+            expected(&s, "forest", sample).0,
+        ]);
+        assert_eq!(output(&r.json(), "label")["data"][0].as_i64(), Some(want));
+    }
+    for (i, addr) in &ops {
+        for metric in ["sluice_worker_fetch_gaps_total", "sluice_join_nudges_total"] {
+            assert_eq!(
+                metric_sum(&client, addr, metric, "").await,
+                0.0,
+                "{metric} at {addr}"
+            );
+        }
+        let log = stack.log_of(*i);
+        assert!(!log.contains("re-reading"), "no work-around ran: {log}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_too_large_to_pass_on_is_answered_and_dead_lettered() {
+    let Some(mut stack) = Stack::start(&[]) else {
+        return;
+    };
+    // The scale step's producer takes records up to 2,000 bytes: 1 row passes on, 16 do not.
+    let small = config_variant(
+        "small-records",
+        &[],
+        "\n[kafka.producer]\n\"message.max.bytes\" = \"2000\"\n",
+    );
+    stack.start_worker_with_config("scaler", &small);
+    stack.start_worker("mlp");
+    stack.start_worker("digits-pipeline.postprocess");
+    let s = samples();
+    let client = http();
+    let r = infer(&client, &stack.gateway, "digits-pipeline", &[&s.raw[0]]).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let rows: Vec<&Vec<f32>> = (0..16).map(|i| &s.raw[i % s.raw.len()]).collect();
+    let started = std::time::Instant::now();
+    let r = infer(&client, &stack.gateway, "digits-pipeline", &rows).await;
+    assert_eq!(r.status, 500, "{}", String::from_utf8_lossy(&r.body));
+    let message = r.json()["error"].as_str().unwrap().to_string();
+    assert!(
+        message.contains("could not be passed on") && message.contains("sluice.mlp.requests"),
+        "{message}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "answered at once, not at the deadline"
+    );
+    // The partition is not pinned: the next request is served.
+    let r = infer(&client, &stack.gateway, "digits-pipeline", &[&s.raw[1]]).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &stack.kafka)
+        .set("group.id", "test-produce-failed")
+        .set("auto.offset.reset", "earliest")
+        .set("fetch.wait.max.ms", "5")
+        .create()
+        .unwrap();
+    consumer.subscribe(&["sluice.dead-letter"]).unwrap();
+    let mut stream = consumer.stream();
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(20), stream.next())
+            .await
+            .expect("a dead letter")
+            .unwrap()
+            .unwrap();
+        let header = |k: &str| {
+            m.headers()
+                .and_then(|h| h.iter().find(|x| x.key == k).and_then(|x| x.value))
+                .map(|v| String::from_utf8_lossy(v).to_string())
+                .unwrap_or_default()
+        };
+        if header("x-error-class") == "produce_failed" {
+            assert_eq!(
+                header("x-original-topic"),
+                "sluice.digits-pipeline.requests"
+            );
+            assert!(header("x-error-message").contains("sluice.mlp.requests"));
+            break;
+        }
+    }
+}

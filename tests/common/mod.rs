@@ -171,6 +171,24 @@ impl Stack {
         self.procs.len() - 1
     }
 
+    /// Starts a worker for `unit` reading `config` instead of the stack's (with the stack's
+    /// environment), and waits until it has joined its group; returns its ops address.
+    pub fn start_worker_with_config(&mut self, unit: &str, config: &Path) -> String {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let flag = if unit.contains('.') {
+            "--step"
+        } else {
+            "--model"
+        };
+        let mut c = Command::new(env!("CARGO_BIN_EXE_sluice"));
+        c.arg("--config").arg(config);
+        c.args(["worker", flag, unit, "--metrics-listen", &addr]);
+        c.envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        self.spawn_raw(&format!("worker-{unit}-own-config"), &mut c);
+        self.wait_ready(&format!("http://{addr}/health/ready"));
+        addr
+    }
+
     /// Starts a worker for `unit` (a model, or `<graph>.<step>`) and waits until it has joined
     /// its group; returns its index.
     pub fn start_worker(&mut self, unit: &str) -> usize {

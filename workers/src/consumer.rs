@@ -31,7 +31,7 @@ use crate::outcome::{bare, failed_join_completions};
 use crate::quirks::{Arrival, TansuQuirks};
 use crate::record::Record;
 use crate::reply::Replier;
-use crate::sink::Sink;
+use crate::sink::{Producers, Sink, SinkNames};
 use crate::tasks::BoundedTasks;
 use crate::telemetry::WorkerMetrics;
 
@@ -129,12 +129,17 @@ pub async fn run(
         topics: Arc::clone(&topics),
         state: Arc::clone(&state),
         sink: Sink::new(
-            producer.clone(),
-            forward_producer.clone(),
+            Producers {
+                results: producer.clone(),
+                forwards: forward_producer.clone(),
+            },
             Replier::new(redis, Arc::clone(&wm)),
-            deployment.unit_result_topic(unit),
-            deployment.topics.dead_letter(),
-            label.clone(),
+            SinkNames {
+                result_topic: deployment.unit_result_topic(unit),
+                dead_letter_topic: deployment.topics.dead_letter(),
+                unit: label.clone(),
+                topics: Arc::clone(&topics),
+            },
             Arc::clone(&wm),
         ),
         metrics: Arc::clone(&wm),

@@ -65,6 +65,26 @@ struct NotWritten {
     class: ProduceError,
 }
 
+/// The sink's producers.
+pub struct Producers {
+    /// Results and dead letters (off the caller's path: a longer linger).
+    pub results: FutureProducer,
+    /// Records for a graph's next steps (on the caller's path: a short linger).
+    pub forwards: FutureProducer,
+}
+
+/// What the sink names.
+pub struct SinkNames {
+    /// Where plain results go.
+    pub result_topic: String,
+    /// Where dead letters go.
+    pub dead_letter_topic: String,
+    /// The unit (dead letters' `x-model`).
+    pub unit: String,
+    /// The worker's topics, by index.
+    pub topics: std::sync::Arc<Vec<String>>,
+}
+
 /// Writes results, next-step records and dead letters.
 #[derive(Clone)]
 pub struct Sink {
@@ -74,6 +94,8 @@ pub struct Sink {
     result_topic: String,
     dead_letter_topic: String,
     unit: String,
+    /// The worker's topics, by index (where a record came from).
+    topics: std::sync::Arc<Vec<String>>,
     metrics: std::sync::Arc<WorkerMetrics>,
 }
 
@@ -82,24 +104,23 @@ const MAX_BACKOFF: Duration = Duration::from_secs(2);
 const DEAD_LETTER_HEAD: usize = 64 * 1024;
 
 impl Sink {
-    /// A sink producing results and dead letters with `producer`, and records for a graph's next
-    /// steps (on the caller's path, so with a shorter linger) with `forward_producer`.
+    /// A sink producing results and dead letters with `producers.results`, and records for a
+    /// graph's next steps (on the caller's path, so with a shorter linger) with
+    /// `producers.forwards`.
     pub fn new(
-        producer: FutureProducer,
-        forward_producer: FutureProducer,
+        producers: Producers,
         replier: Replier,
-        result_topic: String,
-        dead_letter_topic: String,
-        unit: String,
+        names: SinkNames,
         metrics: std::sync::Arc<WorkerMetrics>,
     ) -> Sink {
         Sink {
-            producer,
-            forward_producer,
+            producer: producers.results,
+            forward_producer: producers.forwards,
             replier,
-            result_topic,
-            dead_letter_topic,
-            unit,
+            result_topic: names.result_topic,
+            dead_letter_topic: names.dead_letter_topic,
+            unit: names.unit,
+            topics: names.topics,
             metrics,
         }
     }
@@ -177,7 +198,7 @@ impl Sink {
         // requests that can no longer reach their next step.
         for (c, id, topic, e) in results.into_iter().flatten() {
             let message = format!("the result could not be written to '{topic}': {}", e.error);
-            let d = self.produce_dead_letter(c, &id, &topic, message);
+            let d = self.produce_dead_letter(c, &id, message);
             self.dead_letter(&d, Some(&id)).await;
         }
         let mut answers = Vec::new();
@@ -186,7 +207,7 @@ impl Sink {
                 "the request could not be passed on to '{}': {}",
                 o.topic, e.error
             );
-            let d = self.produce_dead_letter(c, &o.request.id, &o.topic, message.clone());
+            let d = self.produce_dead_letter(c, &o.request.id, message.clone());
             self.dead_letter(&d, Some(&o.request.id)).await;
             if e.class == ProduceError::Fatal {
                 answers.push(Completion {
@@ -209,17 +230,13 @@ impl Sink {
         }
     }
 
-    fn produce_dead_letter(
-        &self,
-        c: &Completion,
-        id: &str,
-        topic: &str,
-        message: String,
-    ) -> DeadLetter {
+    /// The dead letter of a record that could not be written (the destination is in `message`).
+    fn produce_dead_letter(&self, c: &Completion, id: &str, message: String) -> DeadLetter {
+        let from = self.topics.get(c.source.topic_index).cloned();
         DeadLetter {
             key: Some(id.as_bytes().to_vec()),
             payload: Vec::new(),
-            topic: topic.to_string(),
+            topic: from.unwrap_or_default(),
             partition: c.source.partition,
             offset: c.source.offset,
             class: codes::PRODUCE_FAILED,
