@@ -17,7 +17,7 @@ use sluice_schemas::oip::{self, HEADER_LENGTH};
 
 use crate::Gateway;
 use crate::error::ApiError;
-use crate::routes::{Shared, model, model_version};
+use crate::servable::{Shared, model, model_version};
 
 /// `POST /v2/models/{model}/versions/{version}/infer`.
 pub(crate) async fn infer_v(

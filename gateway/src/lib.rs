@@ -10,6 +10,7 @@ mod health;
 mod infer;
 pub mod publish;
 mod routes;
+mod servable;
 mod stats;
 
 use std::collections::HashMap;

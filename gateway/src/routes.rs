@@ -14,8 +14,7 @@ use sluice_common::deployment::Servable;
 use crate::Gateway;
 use crate::error::ApiError;
 use crate::infer::{infer, infer_v};
-
-pub(crate) type Shared = State<Arc<Gateway>>;
+use crate::servable::{Shared, model, model_version};
 
 pub(crate) fn router(gw: Arc<Gateway>) -> Router {
     Router::new()
@@ -47,27 +46,6 @@ pub(crate) fn router(gw: Arc<Gateway>) -> Router {
         .route("/v2/models/{model}/versions/{version}/infer", post(infer_v))
         .route("/metrics", get(render_metrics))
         .with_state(gw)
-}
-
-/// The model or graph called `name`, or 404.
-pub(crate) fn model<'a>(gw: &'a Gateway, name: &str) -> Result<&'a Servable, ApiError> {
-    gw.deployment
-        .servable(name)
-        .ok_or_else(|| ApiError::ModelNotFound(name.to_string()))
-}
-
-/// The model or graph called `name` at `version`, or 404.
-pub(crate) fn model_version<'a>(
-    gw: &'a Gateway,
-    name: &str,
-    version: &str,
-) -> Result<&'a Servable, ApiError> {
-    let m = model(gw, name)?;
-    if m.signature.version == version {
-        Ok(m)
-    } else {
-        Err(ApiError::ModelNotFound(format!("{name} version {version}")))
-    }
 }
 
 async fn server_metadata() -> Json<Value> {

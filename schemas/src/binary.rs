@@ -5,8 +5,8 @@
 
 use std::collections::BTreeMap;
 
-use crate::codec::CodecError;
 use crate::envelope::{GraphHop, InferenceError, InferenceRequest, InferenceResult, ReplyRoute};
+use crate::error::CodecError;
 use crate::{DataType, Tensor};
 
 /// Appends Avro values to a buffer.

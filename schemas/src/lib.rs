@@ -10,6 +10,7 @@
 pub mod binary;
 pub mod codec;
 pub mod envelope;
+pub mod error;
 pub mod oip;
 pub mod tensor;
 

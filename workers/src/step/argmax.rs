@@ -5,7 +5,7 @@ use futures::future::BoxFuture;
 use sluice_common::graph::Builtin;
 
 use super::combine::argmax;
-use super::{Step, StepFailure, StepInput, StepResult};
+use super::seam::{Step, StepFailure, StepInput, StepResult};
 
 /// A built-in step.
 pub struct Argmax {

@@ -5,7 +5,7 @@ use futures::future::BoxFuture;
 use sluice_common::graph::{Combiner, Join, TieRule};
 use sluice_schemas::{DataType, Tensor};
 
-use super::{Step, StepFailure, StepInput, StepResult};
+use super::seam::{Step, StepFailure, StepInput, StepResult};
 
 /// The step of a combine step: its job's tensors are the parts that arrived, in arrival order,
 /// each named by its source (`<step>.<output>`).

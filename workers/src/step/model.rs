@@ -5,7 +5,7 @@ use futures::future::BoxFuture;
 use sluice_common::ModelConfig;
 use sluice_schemas::envelope::codes;
 
-use super::{BuildError, Step, StepFailure, StepInput, StepResult};
+use super::seam::{BuildError, Step, StepFailure, StepInput, StepResult};
 use crate::backend::OrtBackend;
 use crate::pool::InferencePool;
 

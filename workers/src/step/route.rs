@@ -3,7 +3,7 @@
 
 use futures::future::BoxFuture;
 
-use super::{Step, StepInput, StepResult};
+use super::seam::{Step, StepInput, StepResult};
 
 /// The step of a route step: no outputs of its own.
 pub struct RouteStep;

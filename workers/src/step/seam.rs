@@ -1,0 +1,51 @@
+//! The seam itself: what every step kind implements, and what goes in and out.
+
+use futures::future::BoxFuture;
+use sluice_schemas::Tensor;
+use sluice_schemas::envelope::codes;
+
+pub use crate::job::StepInput;
+
+/// Why a step could not produce a job's outputs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepFailure {
+    /// Error class (`codes::MODEL_FAILED`, `codes::INVALID_INPUT`, ...).
+    pub code: &'static str,
+    /// What went wrong.
+    pub message: String,
+}
+
+impl StepFailure {
+    /// The inputs did not suit the step.
+    pub fn invalid(message: impl Into<String>) -> StepFailure {
+        StepFailure {
+            code: codes::INVALID_INPUT,
+            message: message.into(),
+        }
+    }
+}
+
+/// One job's outcome: output tensors (unqualified names) or a failure.
+pub type StepResult = Result<Vec<Tensor>, StepFailure>;
+
+/// A kind of step.
+pub trait Step: Send + Sync {
+    /// Runs a batch; returns one result per job, in order.
+    fn run(&self, batch: Vec<StepInput>) -> BoxFuture<'_, Vec<StepResult>>;
+}
+
+/// Why a unit's step could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// Not a model, nor a non-model step of a graph.
+    #[error(
+        "'{0}' is neither a model nor a built-in, combine or route step of a graph in the config"
+    )]
+    UnknownUnit(String),
+    /// Loading the model failed.
+    #[error("{0}")]
+    Backend(#[from] crate::backend::BackendError),
+    /// Inference threads could not start.
+    #[error("inference threads: {0}")]
+    Threads(#[from] std::io::Error),
+}
