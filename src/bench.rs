@@ -81,6 +81,7 @@ fn summarize(mut us: Vec<u64>) -> Summary {
 }
 
 #[allow(clippy::print_stdout)]
+// Long on purpose: the benchmark's three measurements in the order they are printed.
 pub async fn run(deployment: Deployment, args: BenchArgs) -> anyhow::Result<()> {
     let cfg = &deployment.config;
     let graph = deployment.graph(&args.model).cloned();

@@ -149,6 +149,8 @@ pub async fn run(
     result
 }
 
+// Long on purpose: the stack's start-up in order (broker, Redis, topics, gateway, workers, banner,
+// then serve); each step uses what the previous ones started.
 async fn start_and_wait(
     deployment: &Deployment,
     config_path: Option<&Path>,

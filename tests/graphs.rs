@@ -300,14 +300,7 @@ async fn joins_time_out_naming_missing_parts_or_answer_with_a_quorum() {
     );
 
     // Both failures are dead-lettered with their origin and class.
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &stack.kafka)
-        .set("group.id", "test-dead-letters")
-        .set("auto.offset.reset", "earliest")
-        .set("fetch.wait.max.ms", "5")
-        .create()
-        .unwrap();
-    consumer.subscribe(&["sluice.dead-letter"]).unwrap();
+    let consumer = from_start(&stack, "test-dead-letters", "sluice.dead-letter");
     let mut stream = consumer.stream();
     let mut classes = BTreeMap::new();
     while classes.len() < 2 {
@@ -316,12 +309,7 @@ async fn joins_time_out_naming_missing_parts_or_answer_with_a_quorum() {
             .expect("dead letters")
             .unwrap()
             .unwrap();
-        let header = |k: &str| {
-            m.headers()
-                .and_then(|h| h.iter().find(|x| x.key == k).and_then(|x| x.value))
-                .map(|v| String::from_utf8_lossy(v).to_string())
-                .unwrap_or_default()
-        };
+        let header = |k: &str| header_of(&m, k);
         classes.insert(header("x-error-class"), header("x-original-topic"));
     }
     assert_eq!(
@@ -828,14 +816,7 @@ async fn a_record_too_large_to_pass_on_is_answered_and_dead_lettered() {
     let r = infer(&client, &stack.gateway, "digits-pipeline", &[&s.raw[1]]).await;
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
 
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &stack.kafka)
-        .set("group.id", "test-produce-failed")
-        .set("auto.offset.reset", "earliest")
-        .set("fetch.wait.max.ms", "5")
-        .create()
-        .unwrap();
-    consumer.subscribe(&["sluice.dead-letter"]).unwrap();
+    let consumer = from_start(&stack, "test-produce-failed", "sluice.dead-letter");
     let mut stream = consumer.stream();
     loop {
         let m = tokio::time::timeout(Duration::from_secs(20), stream.next())
@@ -843,12 +824,7 @@ async fn a_record_too_large_to_pass_on_is_answered_and_dead_lettered() {
             .expect("a dead letter")
             .unwrap()
             .unwrap();
-        let header = |k: &str| {
-            m.headers()
-                .and_then(|h| h.iter().find(|x| x.key == k).and_then(|x| x.value))
-                .map(|v| String::from_utf8_lossy(v).to_string())
-                .unwrap_or_default()
-        };
+        let header = |k: &str| header_of(&m, k);
         if header("x-error-class") == "produce_failed" {
             assert_eq!(
                 header("x-original-topic"),
@@ -858,4 +834,25 @@ async fn a_record_too_large_to_pass_on_is_answered_and_dead_lettered() {
             break;
         }
     }
+}
+
+/// A consumer of `topic` from its first record, in group `group`.
+fn from_start(stack: &Stack, group: &str, topic: &str) -> StreamConsumer {
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &stack.kafka)
+        .set("group.id", group)
+        .set("auto.offset.reset", "earliest")
+        .set("fetch.wait.max.ms", "5")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    consumer
+}
+
+/// Header `k` of `m` as text (empty when absent).
+fn header_of(m: &rdkafka::message::BorrowedMessage<'_>, k: &str) -> String {
+    m.headers()
+        .and_then(|h| h.iter().find(|x| x.key == k).and_then(|x| x.value))
+        .map(|v| String::from_utf8_lossy(v).to_string())
+        .unwrap_or_default()
 }

@@ -25,6 +25,7 @@ pub struct Correlator {
     subscribed: AtomicBool,
     redis: ConnectionManager,
     key_of: Box<dyn Fn(&str) -> String + Send + Sync>,
+    unmatched: metrics::Counter,
 }
 
 /// A caller's claim on the result for one request id; dropping it stops waiting.
@@ -55,6 +56,7 @@ impl Correlator {
             subscribed: AtomicBool::new(true),
             redis,
             key_of: Box::new(key_of),
+            unmatched: metrics::counter!("sluice_gateway_unmatched_replies_total"),
         });
         tokio::spawn(listen(Arc::clone(&c), client, channel, pubsub));
         Ok(c)
@@ -89,7 +91,7 @@ impl Correlator {
                 let _ = tx.send(result);
             }
             None => {
-                metrics::counter!("sluice_gateway_unmatched_replies_total").increment(1);
+                self.unmatched.increment(1);
                 tracing::debug!(id = %result.id, "reply for a request nobody waits for (duplicate or late)");
             }
         }
@@ -162,5 +164,149 @@ async fn listen(
         c.subscribed.store(true, Ordering::Relaxed);
         tracing::info!(%channel, "reply subscription restored");
         c.recover_missed().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use sluice_schemas::encode_result;
+    use tokio::time::Instant;
+
+    /// A redis-server of its own on a free port (None, and the test skips, where none is
+    /// installed outside CI; under `CI=true` a missing one fails).
+    struct Redis(std::process::Child, String);
+
+    impl Drop for Redis {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    async fn redis() -> Option<Redis> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .ok()?
+            .local_addr()
+            .ok()?
+            .port();
+        let mut cmd = sluice_common::local::redis_command(port);
+        cmd.stdout(std::process::Stdio::null());
+        let child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) if std::env::var("CI").is_ok_and(|v| v == "true") => {
+                panic!("redis-server missing under CI=true: {e}")
+            }
+            Err(_) => return None,
+        };
+        let url = format!("redis://127.0.0.1:{port}");
+        let end = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < end, "redis-server did not start");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Some(Redis(child, url))
+    }
+
+    async fn start(url: &str) -> (Arc<Correlator>, ConnectionManager) {
+        let client = redis::Client::open(url).unwrap();
+        let conn = ConnectionManager::new(client.clone()).await.unwrap();
+        let c = Correlator::start(client, "test:reply:gw".into(), conn.clone(), |id| {
+            format!("test:result:{id}")
+        })
+        .await
+        .unwrap();
+        (c, conn)
+    }
+
+    fn result(id: &str, label: i64) -> InferenceResult {
+        InferenceResult {
+            id: id.into(),
+            outputs: vec![sluice_schemas::Tensor::from_values(
+                "label",
+                sluice_schemas::DataType::Int64,
+                vec![1],
+                &[label],
+            )],
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_published_reply_reaches_its_caller_once() {
+        let Some(r) = redis().await else { return };
+        let (c, mut conn) = start(&r.1).await;
+        let pending = c.register("r1");
+        assert_eq!(c.waiting(), 1);
+        let publish = |res: InferenceResult| {
+            let bytes = encode_result(&res).unwrap();
+            redis::cmd("PUBLISH")
+                .arg("test:reply:gw")
+                .arg(bytes)
+                .to_owned()
+        };
+        // A reply for nobody is dropped; the caller's own arrives.
+        publish(result("other", 9))
+            .query_async::<()>(&mut conn)
+            .await
+            .unwrap();
+        publish(result("r1", 3))
+            .query_async::<()>(&mut conn)
+            .await
+            .unwrap();
+        let got = pending
+            .wait(Instant::now() + Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(got.outputs[0].values::<i64>(), [3]);
+        assert_eq!(c.waiting(), 0, "the waiter is gone once answered");
+        // A duplicate after the answer finds nobody (no panic, nothing delivered twice).
+        publish(result("r1", 3))
+            .query_async::<()>(&mut conn)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(c.waiting(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_missed_publish_is_read_from_the_stored_result_at_the_deadline() {
+        let Some(r) = redis().await else { return };
+        let (c, mut conn) = start(&r.1).await;
+        let pending = c.register("r2");
+        let bytes = encode_result(&result("r2", 5)).unwrap();
+        redis::cmd("SET")
+            .arg("test:result:r2")
+            .arg(bytes)
+            .query_async::<()>(&mut conn)
+            .await
+            .unwrap();
+        let started = Instant::now();
+        let got = pending
+            .wait(started + Duration::from_millis(200))
+            .await
+            .unwrap();
+        assert!(
+            started.elapsed() >= Duration::from_millis(200),
+            "read at the deadline"
+        );
+        assert_eq!(got.outputs[0].values::<i64>(), [5]);
+        // Nothing stored and nothing published: no answer.
+        let pending = c.register("r3");
+        assert!(
+            pending
+                .wait(Instant::now() + Duration::from_millis(50))
+                .await
+                .is_none()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_caller_that_gives_up_stops_waiting() {
+        let Some(r) = redis().await else { return };
+        let (c, _) = start(&r.1).await;
+        drop(c.register("r4"));
+        assert_eq!(c.waiting(), 0);
     }
 }

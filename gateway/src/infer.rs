@@ -105,6 +105,8 @@ fn timeout_of(gw: &Gateway, params: &serde_json::Map<String, Value>) -> Result<D
 
 type InferOk = (Response, i64, i64);
 
+// Long on purpose: one request's path in order (admission, parse, validate, envelope, publish,
+// wait, encode); each step's error maps to its own status.
 async fn infer_inner(gw: &Arc<Gateway>, name: &str, req: Request) -> Result<InferOk, ApiError> {
     let m = &model(gw, name)?.signature;
     let _permit =
@@ -176,8 +178,9 @@ async fn infer_inner(gw: &Arc<Gateway>, name: &str, req: Request) -> Result<Infe
     // Register before producing so the reply can never arrive unseen.
     let pending = gw.correlator.register(&id);
     let produce_started = Instant::now();
+    let in_flight = gw.config().gateway.max_in_flight - gw.permits.available_permits();
     gw.publisher
-        .publish(name, &envelope, deadline, timeout)
+        .publish(name, &envelope, deadline, timeout, in_flight)
         .await?;
     gw.produce_seconds
         .record(produce_started.elapsed().as_secs_f64());

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use metrics_exporter_prometheus::PrometheusHandle;
-use rdkafka::producer::{FutureProducer, Producer};
+use rdkafka::producer::FutureProducer;
 use sluice_common::{Config, Deployment};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -67,12 +67,17 @@ impl Gateway {
     ) -> Result<Arc<Gateway>, StartError> {
         let cfg = &deployment.config;
         let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
-        let producer: FutureProducer = sluice_common::kafka::producer_config(
-            cfg,
-            &format!("sluice-gateway-{id}"),
-            cfg.gateway.produce_linger,
-        )
-        .create()?;
+        let client_id = format!("sluice-gateway-{id}");
+        let producer: FutureProducer =
+            sluice_common::kafka::producer_config(cfg, &client_id, Duration::ZERO).create()?;
+        let lingering: Option<FutureProducer> = if cfg.gateway.produce_linger.is_zero() {
+            None
+        } else {
+            let linger = cfg.gateway.produce_linger;
+            let c =
+                sluice_common::kafka::producer_config(cfg, &format!("{client_id}-linger"), linger);
+            Some(c.create()?)
+        };
         let client = redis::Client::open(cfg.redis.url.as_str())?;
         let manager_cfg = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(2)))
@@ -91,7 +96,7 @@ impl Gateway {
             .keys()
             .map(|m| (m.clone(), (ModelStats::default(), ModelMetrics::new(m))))
             .collect();
-        let publisher = Publisher::new(producer, cfg, &id);
+        let publisher = Publisher::new(producer, lingering, cfg, &id);
         let gw = Arc::new(Gateway {
             permits: Arc::new(Semaphore::new(cfg.gateway.max_in_flight)),
             deployment,
@@ -143,7 +148,7 @@ impl Gateway {
         axum::serve(listener, app)
             .with_graceful_shutdown(shutdown)
             .await?;
-        let _ = self.publisher.producer().flush(Duration::from_secs(5));
+        self.publisher.flush(Duration::from_secs(5));
         Ok(())
     }
 }

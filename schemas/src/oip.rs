@@ -165,6 +165,7 @@ fn param_bool(p: &Map<String, Value>, key: &str) -> bool {
 
 /// Parses an infer request body. `json_len` is the `Inference-Header-Content-Length` header value
 /// when the body carries binary tensors after its JSON part.
+// Long on purpose: the request body's fields in protocol order, each with its own error message.
 pub fn parse_request(body: &[u8], json_len: Option<usize>) -> Result<ParsedRequest, OipError> {
     let (json, mut binary) = match json_len {
         Some(n) if n > body.len() => {

@@ -67,6 +67,8 @@ pub fn dead_letter_of(r: &Record<'_>, class: &'static str, message: String) -> D
 /// Decodes and routes a record: a model request for the batcher, a graph step to run here, a
 /// join part, or (for a record that cannot be run) a completion at once: dead letter, plus an
 /// error reply when the caller can be named.
+// Long on purpose: a record's cases in one place (nudge, decode, graph hop or entry, then per
+// step kind); each early return answers one way a record can be wrong.
 pub fn admit(m: &Record<'_>, source: Source, ctx: &Admit<'_>) -> Admission {
     if m.header(kafka_headers::NUDGE).is_some() {
         return Admission::Done(Box::new(bare(source)));

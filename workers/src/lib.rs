@@ -30,8 +30,9 @@ mod record;
 mod reply;
 mod runner;
 mod sink;
-pub mod step;
+mod step;
 mod tasks;
 mod telemetry;
 
 pub use consumer::{Ops, WorkerError, run};
+pub use step::BuildError;

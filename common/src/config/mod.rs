@@ -108,6 +108,9 @@ pub struct GatewayConfig {
     /// added to every request's latency, saves broker and client CPU under load.
     #[serde(with = "humantime_serde")]
     pub produce_linger: Duration,
+    /// Requests in flight from which request records linger (`produce_linger`); below it they go
+    /// at once, so a lone request never waits for company.
+    pub produce_linger_from: usize,
     /// How often the gateway probes the broker and Redis for readiness.
     #[serde(with = "humantime_serde")]
     pub health_interval: Duration,
@@ -328,6 +331,7 @@ impl Config {
     }
 
     /// Every invalid value, each naming its key.
+    // Long on purpose: one flat list of checks, one per key, so every problem is reported at once.
     pub fn problems(&self) -> Vec<String> {
         let mut p = Vec::new();
         if self.kafka.brokers.trim().is_empty() {
@@ -360,6 +364,9 @@ impl Config {
                 "gateway.default_timeout: must be > 0 and <= gateway.max_timeout ({:?})",
                 g.max_timeout
             ));
+        }
+        if g.produce_linger_from == 0 {
+            p.push("gateway.produce_linger_from: must be at least 1".into());
         }
         if g.health_interval.is_zero() {
             p.push("gateway.health_interval: must be > 0".into());

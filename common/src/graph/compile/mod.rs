@@ -40,6 +40,7 @@ pub fn compile(
 
 /// The plan in topological order, step references re-indexed to that order.
 #[allow(clippy::too_many_arguments)]
+// Long on purpose: builds each compiled step field by field, then re-indexes step references.
 fn assemble(
     name: &str,
     g: &GraphConfig,

@@ -20,6 +20,8 @@ pub(super) struct Order {
 }
 
 /// Resolves dependencies and order; every problem names its step.
+// Long on purpose: one pass over the dependency graph (dependencies, topological order,
+// ancestors, successors, router checks), each stage using the previous one's sets.
 pub(super) fn resolve(
     key: &str,
     g: &GraphConfig,

@@ -22,6 +22,8 @@ pub(super) struct Flow {
 }
 
 /// Resolves each step's inputs and outputs; every problem names its step.
+// Long on purpose: one walk in topological order, one arm per step kind, all sharing the
+// outputs resolved so far; a new step kind's checks go in a new arm (or its own function).
 pub(super) fn resolve(
     key: &str,
     g: &GraphConfig,
