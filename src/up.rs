@@ -3,13 +3,14 @@
 //! Starts tansu and Redis when nothing answers at the configured addresses, creates the topics,
 //! starts the gateway and `workers` workers per model and per built-in graph step, waits until
 //! every part is ready, prints how to call it, passes SIGHUP on to the workers (config reload),
+//! restarts a gateway or worker that exits (with backoff; a crash loop is reported, not fatal),
 //! and on Ctrl-C (or SIGTERM) stops everything it started: workers and gateway first (SIGTERM, so
 //! they drain), then Redis and the broker.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use nix::sys::signal::{Signal, kill};
@@ -23,10 +24,38 @@ use tokio::process::{Child, Command};
 /// names none; workers get consecutive ports from there.
 const WORKER_PORT_BASE: u16 = 9100;
 
+/// How to start a process again (the gateway and workers are supervised).
+#[derive(Clone)]
+struct Spec {
+    program: PathBuf,
+    args: Vec<String>,
+    envs: Vec<(String, String)>,
+}
+
+impl Spec {
+    fn command(&self) -> Command {
+        let mut c = Command::new(&self.program);
+        c.args(&self.args);
+        c.envs(self.envs.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        c
+    }
+}
+
+/// Restarts within this window count towards a crash loop.
+const CRASH_WINDOW: Duration = Duration::from_secs(60);
+/// Restarts within [`CRASH_WINDOW`] that make a crash loop (reported; restarts go on).
+const CRASH_LOOP: usize = 5;
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
 /// A process `up` started, stopped in reverse order of start.
 struct Started {
     name: String,
     child: Child,
+    /// Set for supervised processes: restarted when they exit.
+    spec: Option<Spec>,
+    /// When it was (re)started, and the restarts within [`CRASH_WINDOW`].
+    started: Instant,
+    restarts: Vec<Instant>,
 }
 
 #[derive(Default)]
@@ -36,29 +65,68 @@ struct Stack {
 
 impl Stack {
     fn spawn(&mut self, name: &str, cmd: &mut Command) -> anyhow::Result<()> {
-        let child = cmd
-            .kill_on_drop(true)
-            .stdin(Stdio::null())
-            .spawn()
-            .with_context(|| format!("starting {name}"))?;
-        tracing::info!(process = name, pid = child.id(), "started");
+        self.start(name, cmd, None)
+    }
+
+    /// Starts a process that is restarted whenever it exits.
+    fn spawn_supervised(&mut self, name: &str, spec: Spec) -> anyhow::Result<()> {
+        self.start(name, &mut spec.command(), Some(spec.clone()))
+    }
+
+    fn start(&mut self, name: &str, cmd: &mut Command, spec: Option<Spec>) -> anyhow::Result<()> {
+        let child = launch(name, cmd)?;
         self.processes.push(Started {
             name: name.to_string(),
             child,
+            spec,
+            started: Instant::now(),
+            restarts: Vec::new(),
         });
         Ok(())
     }
 
-    /// Resolves when any started process exits; returns its name.
-    async fn any_exit(&mut self) -> String {
+    /// Resolves when any started process exits; returns its index and exit status.
+    async fn next_exit(&mut self) -> (usize, String) {
         loop {
-            for p in &mut self.processes {
+            for (i, p) in self.processes.iter_mut().enumerate() {
                 if let Ok(Some(status)) = p.child.try_wait() {
-                    return format!("{} ({status})", p.name);
+                    return (i, status.to_string());
                 }
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// Resolves when any started process exits; returns its name.
+    async fn any_exit(&mut self) -> String {
+        let (i, status) = self.next_exit().await;
+        format!("{} ({status})", self.processes[i].name)
+    }
+
+    /// Restarts supervised process `i` after a backoff that grows with its recent restarts;
+    /// an unsupervised one (broker, Redis) ends the stack.
+    async fn restart(&mut self, i: usize, status: &str) -> anyhow::Result<()> {
+        let p = &mut self.processes[i];
+        let Some(spec) = p.spec.clone() else {
+            bail!("{} ({status}) exited; stopping the stack", p.name);
+        };
+        let now = Instant::now();
+        p.restarts.retain(|t| now.duration_since(*t) < CRASH_WINDOW);
+        let recent = u32::try_from(p.restarts.len()).unwrap_or(u32::MAX);
+        let backoff = (Duration::from_millis(100) * 2u32.saturating_pow(recent)).min(MAX_BACKOFF);
+        let ran = now.duration_since(p.started);
+        if p.restarts.len() >= CRASH_LOOP {
+            tracing::error!(process = %p.name, %status, restarts = p.restarts.len(), window = ?CRASH_WINDOW, "crash-looping; still restarting, every {backoff:?}");
+        } else {
+            tracing::warn!(process = %p.name, %status, ran = ?ran, "exited; restarting in {backoff:?}");
+        }
+        tokio::time::sleep(backoff).await;
+        let p = &mut self.processes[i];
+        p.child = launch(&p.name, &mut spec.command())?;
+        p.started = Instant::now();
+        p.restarts.push(p.started);
+        tracing::info!(process = %p.name, restarts = p.restarts.len(), "restarted");
+        Ok(())
     }
 
     /// SIGTERM each process (newest first), waiting up to `grace` for each before SIGKILL.
@@ -76,6 +144,16 @@ impl Stack {
             }
         }
     }
+}
+
+fn launch(name: &str, cmd: &mut Command) -> anyhow::Result<Child> {
+    let child = cmd
+        .kill_on_drop(true)
+        .stdin(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {name}"))?;
+    tracing::info!(process = name, pid = child.id(), "started");
+    Ok(child)
 }
 
 fn host_port(url_or_addr: &str, default_port: u16) -> String {
@@ -209,22 +287,28 @@ async fn start_and_wait(
     sluice_common::kafka::check_partitions(&report)?;
 
     let component = |args: &[String]| {
-        let mut c = Command::new(&exe);
+        let mut spec = Spec {
+            program: exe.clone(),
+            args: Vec::new(),
+            envs: Vec::new(),
+        };
         if let Some(p) = config_path {
-            c.arg("--config").arg(p);
+            spec.args.push("--config".into());
+            spec.args.push(p.display().to_string());
         }
-        c.args(args);
+        spec.args.extend(args.iter().cloned());
         if let Some(q) = quirks
             && std::env::var_os("SLUICE__KAFKA__BROKER_QUIRKS").is_none()
             && cfg.kafka.broker_quirks == sluice_common::config::BrokerQuirks::None
         {
-            c.env("SLUICE__KAFKA__BROKER_QUIRKS", q);
+            spec.envs
+                .push(("SLUICE__KAFKA__BROKER_QUIRKS".into(), q.into()));
         }
-        c
+        spec
     };
     let client = crate::http::client(4);
     let mut ready_urls = vec![format!("http://{}/v2/health/ready", cfg.gateway.listen)];
-    stack.spawn("gateway", &mut component(&["gateway".into()]))?;
+    stack.spawn_supervised("gateway", component(&["gateway".into()]))?;
     let base = cfg.worker.metrics_listen;
     let mut port = if base.port() == 0 {
         WORKER_PORT_BASE
@@ -239,9 +323,9 @@ async fn start_and_wait(
                 Unit::Model(m) => ("--model", m.clone()),
                 Unit::Step { .. } => ("--step", unit.to_string()),
             };
-            stack.spawn(
+            stack.spawn_supervised(
                 &format!("worker {unit}#{i}"),
-                &mut component(&[
+                component(&[
                     "worker".into(),
                     flag.into(),
                     name,
@@ -275,7 +359,7 @@ async fn start_and_wait(
                 }
                 tracing::info!(workers = workers.len(), "SIGHUP passed on to the workers");
             }
-            exited = stack.any_exit() => bail!("{exited} exited; stopping the stack"),
+            (i, status) = stack.next_exit() => stack.restart(i, &status).await?,
         }
     }
 }

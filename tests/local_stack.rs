@@ -1,6 +1,6 @@
 //! `sluice up`, the README's first command: it starts the broker, Redis, gateway and workers,
 //! prints a curl line that answers correctly, and stops everything on SIGTERM.
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::print_stdout)]
 
 mod common;
 
@@ -76,5 +76,124 @@ fn up_serves_the_example_and_stops_cleanly() {
             std::net::TcpStream::connect(("127.0.0.1", p)).is_err(),
             "port {p} still open"
         );
+    }
+}
+
+/// The pid of the process whose command line holds every one of `parts`.
+fn pid_with(parts: &[&str]) -> Option<i32> {
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if parts.iter().all(|p| cmdline.contains(p)) {
+            return Some(pid);
+        }
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_restarts_a_worker_killed_under_load() {
+    if services_available().is_none() {
+        return;
+    }
+    let (kp, rp, gp, wp) = (free_port(), free_port(), free_port(), free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("up.log");
+    let mut up = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .current_dir(root())
+        .args(["--config", "examples/digits.toml", "up", "--models", "mlp"])
+        .env("SLUICE__KAFKA__BROKERS", format!("127.0.0.1:{kp}"))
+        .env("SLUICE__REDIS__URL", format!("redis://127.0.0.1:{rp}"))
+        .env("SLUICE__GATEWAY__LISTEN", format!("127.0.0.1:{gp}"))
+        .env("SLUICE__WORKER__METRICS_LISTEN", format!("127.0.0.1:{wp}"))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let gateway = format!("http://127.0.0.1:{gp}");
+    let end = Instant::now() + Duration::from_secs(90);
+    let worker_addr = format!("127.0.0.1:{wp}");
+    let first = loop {
+        if blocking_get_status(&format!("http://{worker_addr}/health/ready")) == Ok(200) {
+            break pid_with(&["worker", "--model", "mlp", &worker_addr]).expect("the worker's pid");
+        }
+        assert!(Instant::now() < end, "the stack did not come up");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+
+    // Closed-loop load from 8 clients; every answer checked.
+    let s = std::sync::Arc::new(samples());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load: Vec<_> = (0..8)
+        .map(|c| {
+            let (s, stop, gateway) = (s.clone(), stop.clone(), gateway.clone());
+            tokio::spawn(async move {
+                let client = http();
+                let (mut answered, mut longest, mut last) = (0usize, Duration::ZERO, Instant::now());
+                let mut i = c;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let k = i % s.scaled.len();
+                    let body = serde_json::json!({"parameters": {"timeout": 30_000_000}, "inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": s.scaled[k]}]});
+                    let url = format!("{gateway}/v2/models/mlp/infer");
+                    let r = post(&client, &url, &[], body.to_string()).await;
+                    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+                    assert_eq!(r.json()["outputs"][0]["data"][0], s.expected["mlp"]["label"][k]);
+                    answered += 1;
+                    longest = longest.max(last.elapsed());
+                    last = Instant::now();
+                    i += 8;
+                }
+                (answered, longest)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    Command::new("kill")
+        .args(["-KILL", &first.to_string()])
+        .status()
+        .unwrap();
+    // A new worker process takes its place.
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(pid) = pid_with(&["worker", "--model", "mlp", &worker_addr])
+            && pid != first
+        {
+            break;
+        }
+        assert!(Instant::now() < end, "the worker was not restarted");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Serving goes on: requests keep being answered after the restart.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut answered, mut longest) = (0, Duration::ZERO);
+    for t in load {
+        let (n, l) = t.await.unwrap();
+        answered += n;
+        longest = longest.max(l);
+    }
+    println!("answered {answered}; longest wait for an answer {longest:?}");
+    assert!(answered > 100, "{answered}");
+    // The dead member's partition moves once the group notices (session.timeout.ms = 6 s).
+    assert!(
+        longest < Duration::from_secs(15),
+        "serving stopped for {longest:?}"
+    );
+    assert!(up.try_wait().unwrap().is_none(), "the stack kept running");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("restarted"), "{text}");
+    Command::new("kill")
+        .args(["-TERM", &up.id().to_string()])
+        .status()
+        .unwrap();
+    let end = Instant::now() + Duration::from_secs(40);
+    while up.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < end, "sluice up did not stop");
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

@@ -333,7 +333,8 @@ impl Drop for Stack {
     }
 }
 
-fn blocking_get_status(url: &str) -> Result<u16, ()> {
+/// The status of a GET of `url`, or Err when nothing answers.
+pub fn blocking_get_status(url: &str) -> Result<u16, ()> {
     // A tiny HTTP/1.0 GET, enough for health checks without a runtime.
     let rest = url.strip_prefix("http://").ok_or(())?;
     let (host, path) = rest
