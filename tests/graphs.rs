@@ -655,16 +655,27 @@ async fn scaling_a_step_from_one_to_three_workers_and_back_loses_nothing() {
     );
     let (second, second_ops) = stack.start_worker_at("mlp");
     let (third, third_ops) = stack.start_worker_at("mlp");
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    // Each added worker was given a partition and answered requests on it.
-    let mut owned = 0.0;
-    for ops in [&first, &second_ops, &third_ops] {
-        let n = metric_sum(&client, ops, assigned, "").await;
-        assert!(n >= 1.0, "worker {ops} owns {n} partitions");
-        owned += n;
-        let answered = metric_sum(&client, ops, ok, "outcome=\"ok\"").await;
-        assert!(answered > 0.0, "worker {ops} answered nothing");
-    }
+    // Each added worker is given a partition and answers requests on it (a cooperative
+    // rebalance takes a few seconds per member on tansu).
+    let end = tokio::time::Instant::now() + Duration::from_secs(30);
+    let owned = loop {
+        let mut owned = 0.0;
+        let mut all_serve = true;
+        for ops in [&first, &second_ops, &third_ops] {
+            let n = metric_sum(&client, ops, assigned, "").await;
+            let answered = metric_sum(&client, ops, ok, "outcome=\"ok\"").await;
+            all_serve &= n >= 1.0 && answered > 0.0;
+            owned += n;
+        }
+        if all_serve {
+            break owned;
+        }
+        assert!(
+            tokio::time::Instant::now() < end,
+            "not every worker owns a partition and answers"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
     assert_eq!(owned, 3.0, "the three partitions are shared, none twice");
     stack.signal(second, "TERM");
     stack.signal(third, "TERM");

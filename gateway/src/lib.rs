@@ -70,7 +70,10 @@ impl Gateway {
         let client_id = format!("sluice-gateway-{id}");
         let producer: FutureProducer =
             sluice_common::kafka::producer_config(cfg, &client_id, Duration::ZERO).create()?;
-        let lingering: Option<FutureProducer> = if cfg.gateway.produce_linger.is_zero() {
+        // tansu 0.6.0 drops records when two producers write one partition at the same moment,
+        // so with it the gateway keeps to one (prompt) producer.
+        let tansu = cfg.kafka.broker_quirks == sluice_common::config::BrokerQuirks::Tansu;
+        let lingering: Option<FutureProducer> = if cfg.gateway.produce_linger.is_zero() || tansu {
             None
         } else {
             let linger = cfg.gateway.produce_linger;

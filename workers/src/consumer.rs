@@ -320,7 +320,7 @@ impl<'a> Worker<'a> {
         };
         let key = (topic_index, m.partition());
         if let Some(q) = &self.quirks {
-            match q.arrival(&self.completer, key, m.offset()).await {
+            match q.arrival(&self.completer, key, m.offset()) {
                 Arrival::Next => {}
                 Arrival::Skip => return true,
                 Arrival::SeekBack(expected) => {

@@ -221,24 +221,6 @@ impl<K: Hash + Eq + Copy> GapGuard<K> {
         Observed::Next
     }
 
-    /// Whether `partition` has delivered a record (or been told where it starts) since assignment.
-    pub fn knows(&self, partition: K) -> bool {
-        self.expected.contains_key(&partition)
-    }
-
-    /// Sets where `partition` starts (its committed offset, or its first one), so a skipped first
-    /// record shows as a gap too.
-    pub fn starts_at(&mut self, partition: K, next: i64, now: Instant) {
-        self.expected.insert(
-            partition,
-            Expect {
-                next,
-                last_seen: now,
-                gap_since: None,
-            },
-        );
-    }
-
     /// Forgets a partition (revoked or reassigned).
     pub fn forget(&mut self, partition: K) {
         self.expected.remove(&partition);
@@ -300,24 +282,6 @@ mod gap_tests {
             Observed::Next,
             "partitions are separate"
         );
-    }
-
-    #[test]
-    fn a_skipped_first_record_is_a_gap_once_the_start_is_known() {
-        let mut g = GapGuard::default();
-        let now = Instant::now();
-        assert!(!g.knows(0));
-        g.starts_at(0, 5, now);
-        assert!(g.knows(0));
-        assert_eq!(
-            g.observe(0, 6, now),
-            Observed::Gap {
-                expected: 5,
-                seek: true
-            }
-        );
-        assert_eq!(g.observe(0, 5, now), Observed::Next);
-        assert_eq!(g.observe(0, 6, now), Observed::Next);
     }
 
     #[test]

@@ -2,8 +2,7 @@
 //! broker needs none). tansu sometimes leaves records out of a fetch, or unseen until the next
 //! append, when several producers write one partition:
 //! - the gap guard: an offset past the next expected one means records were skipped, so the
-//!   worker seeks back instead of committing past them (a partition's first record is checked
-//!   against where it starts, asked of the broker);
+//!   worker seeks back instead of committing past them;
 //! - stalled partitions: one silent for `worker.stalled_partition_after` although its high
 //!   watermark is past what arrived is read again;
 //! - join nudges: a join whose parts are `worker.join_nudge_after` overdue writes an empty record
@@ -42,24 +41,8 @@ impl TansuQuirks {
         (self.stalled_after.min(self.nudge_after) / 2).max(Duration::from_millis(10))
     }
 
-    /// Checks a record's offset against what its partition delivered so far. For a partition's
-    /// first record since assignment, its start (the committed offset, or the log's first one)
-    /// is asked of the broker first, so a first record the fetch skipped is caught too.
-    pub(crate) async fn arrival(
-        &self,
-        completer: &Arc<Completer>,
-        key: PartitionKey,
-        offset: i64,
-    ) -> Arrival {
-        let known = lock(&completer.state.gaps).knows(key);
-        let start = if known {
-            None
-        } else {
-            start_of(completer, key).await
-        };
-        if let Some(start) = start {
-            lock(&completer.state.gaps).starts_at(key, start, Instant::now());
-        }
+    /// Checks a record's offset against what its partition delivered so far.
+    pub(crate) fn arrival(&self, completer: &Completer, key: PartitionKey, offset: i64) -> Arrival {
         match lock(&completer.state.gaps).observe(key, offset, Instant::now()) {
             Observed::Next => Arrival::Next,
             Observed::Seen | Observed::Gap { seek: false, .. } => Arrival::Skip,
@@ -118,29 +101,4 @@ async fn reread_stalled_partitions(c: &Arc<Completer>, idle: Vec<(PartitionKey, 
             c.seek(topic, p, expected);
         }
     }
-}
-
-/// Where consumption of a partition starts: its committed offset, or (none committed; the
-/// consumers reset to the earliest) its low watermark. `None` when the broker does not say.
-async fn start_of(c: &Arc<Completer>, (t, p): PartitionKey) -> Option<i64> {
-    let (query, topic) = (Arc::clone(c), c.topics.get(t)?.clone());
-    tokio::task::spawn_blocking(move || {
-        let mut tpl = rdkafka::TopicPartitionList::new();
-        tpl.add_partition(&topic, p);
-        let committed = query
-            .consumer
-            .committed_offsets(tpl, Duration::from_secs(1))
-            .ok()?;
-        match committed.find_partition(&topic, p)?.offset() {
-            rdkafka::Offset::Offset(o) => Some(o),
-            _ => query
-                .consumer
-                .fetch_watermarks(&topic, p, Duration::from_secs(1))
-                .ok()
-                .map(|(low, _)| low),
-        }
-    })
-    .await
-    .ok()
-    .flatten()
 }
