@@ -10,19 +10,25 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
+/// `sluice up --models mlp` with the broker, Redis, gateway and first worker on these ports.
+fn up_mlp((kp, rp, gp, wp): (u16, u16, u16, u16)) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_sluice"));
+    c.current_dir(root())
+        .args(["--config", "examples/digits.toml", "up", "--models", "mlp"])
+        .env("SLUICE__KAFKA__BROKERS", format!("127.0.0.1:{kp}"))
+        .env("SLUICE__REDIS__URL", format!("redis://127.0.0.1:{rp}"))
+        .env("SLUICE__GATEWAY__LISTEN", format!("127.0.0.1:{gp}"))
+        .env("SLUICE__WORKER__METRICS_LISTEN", format!("127.0.0.1:{wp}"));
+    c
+}
+
 #[test]
 fn up_serves_the_example_and_stops_cleanly() {
     if services_available().is_none() {
         return;
     }
     let (kp, rp, gp, wp) = (free_port(), free_port(), free_port(), free_port());
-    let mut up = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .current_dir(root())
-        .args(["--config", "examples/digits.toml", "up", "--models", "mlp"])
-        .env("SLUICE__KAFKA__BROKERS", format!("127.0.0.1:{kp}"))
-        .env("SLUICE__REDIS__URL", format!("redis://127.0.0.1:{rp}"))
-        .env("SLUICE__GATEWAY__LISTEN", format!("127.0.0.1:{gp}"))
-        .env("SLUICE__WORKER__METRICS_LISTEN", format!("127.0.0.1:{wp}"))
+    let mut up = up_mlp((kp, rp, gp, wp))
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -104,13 +110,7 @@ async fn up_restarts_a_worker_killed_under_load() {
     let (kp, rp, gp, wp) = (free_port(), free_port(), free_port(), free_port());
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("up.log");
-    let mut up = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .current_dir(root())
-        .args(["--config", "examples/digits.toml", "up", "--models", "mlp"])
-        .env("SLUICE__KAFKA__BROKERS", format!("127.0.0.1:{kp}"))
-        .env("SLUICE__REDIS__URL", format!("redis://127.0.0.1:{rp}"))
-        .env("SLUICE__GATEWAY__LISTEN", format!("127.0.0.1:{gp}"))
-        .env("SLUICE__WORKER__METRICS_LISTEN", format!("127.0.0.1:{wp}"))
+    let mut up = up_mlp((kp, rp, gp, wp))
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()

@@ -12,7 +12,7 @@ use sluice_common::now_ms;
 use sluice_common::signature::{Signature, validate_inputs, validate_outputs};
 use sluice_schemas::envelope::codes;
 use sluice_schemas::{
-    GraphHop, InferenceError, InferenceRequest, InferenceResult, ReplyRoute, decode_request,
+    GraphHop, InferenceError, InferenceRequest, InferenceResult, ReplyRoute, Tensor, decode_request,
 };
 
 use crate::completion::{Completion, DeadLetter};
@@ -211,25 +211,17 @@ pub fn admit(m: &Record<'_>, source: Source, ctx: &Admit<'_>) -> Admission {
             } else {
                 Vec::new()
             };
-            Admission::Run(Box::new(Job {
-                request: InferenceRequest {
-                    inputs: kept,
-                    ..base
-                },
-                input: StepInput {
-                    tensors: inputs,
-                    wanted: Vec::new(),
-                },
-                source,
-                held: Vec::new(),
-                topic: m.topic.to_string(),
-                graph: Some(GraphJob {
-                    graph,
-                    step,
-                    carried,
-                    shadow,
-                }),
-            }))
+            let request = InferenceRequest {
+                inputs: kept,
+                ..base
+            };
+            let at = GraphJob {
+                graph,
+                step,
+                carried,
+                shadow,
+            };
+            graph_job(request, inputs, source, m.topic, at)
         }
         (StepKind::Combine(_), Unit::Step { step: mine, .. }) if *mine == step_name => {
             Admission::Part(
@@ -253,22 +245,13 @@ pub fn admit(m: &Record<'_>, source: Source, ctx: &Admit<'_>) -> Admission {
                     );
                 }
             };
-            Admission::Run(Box::new(Job {
-                request: base,
-                input: StepInput {
-                    tensors: inputs,
-                    wanted: Vec::new(),
-                },
-                source,
-                held: Vec::new(),
-                topic: m.topic.to_string(),
-                graph: Some(GraphJob {
-                    graph,
-                    step,
-                    carried,
-                    shadow: false,
-                }),
-            }))
+            let at = GraphJob {
+                graph,
+                step,
+                carried,
+                shadow: false,
+            };
+            graph_job(base, inputs, source, m.topic, at)
         }
         _ => fail(
             &base,
@@ -283,6 +266,27 @@ pub fn admit(m: &Record<'_>, source: Source, ctx: &Admit<'_>) -> Admission {
             codes::INVALID_INPUT,
         ),
     }
+}
+
+/// The job running a graph request's step on `inputs`.
+fn graph_job(
+    request: InferenceRequest,
+    inputs: Vec<Tensor>,
+    source: Source,
+    topic: &str,
+    at: GraphJob,
+) -> Admission {
+    Admission::Run(Box::new(Job {
+        request,
+        input: StepInput {
+            tensors: inputs,
+            wanted: Vec::new(),
+        },
+        source,
+        held: Vec::new(),
+        topic: topic.to_string(),
+        graph: Some(at),
+    }))
 }
 
 /// A record that could not be decoded: dead-lettered, and answered when headers name the caller.

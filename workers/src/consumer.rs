@@ -87,6 +87,8 @@ struct Worker<'a> {
     /// Graph entry topic → graph name.
     entries: HashMap<String, String>,
     signature: Option<sluice_common::Signature>,
+    /// How long an error reply for an undecodable record is stored (ms).
+    result_ttl_ms: i64,
     step: StepSlot,
     graphs: sluice_common::graph::Graphs,
     metrics: Arc<WorkerMetrics>,
@@ -236,6 +238,7 @@ impl<'a> Worker<'a> {
             topics,
             entries,
             signature: model.map(|m| m.signature()),
+            result_ttl_ms: i64::try_from(cfg.redis.result_ttl.as_millis()).unwrap_or(i64::MAX),
             step,
             graphs: deployment.graphs.clone(),
             metrics: wm,
@@ -343,14 +346,13 @@ impl<'a> Worker<'a> {
         };
         lock(&self.state.tracker).begin(key, m.offset());
         self.metrics.in_flight.increment(1.0);
-        let cfg = &self.deployment.config;
         let ctx = Admit {
             unit: self.unit,
             model: self.signature.as_ref(),
             own_topic: &self.topics[0],
             graphs: &self.graphs,
             entries: &self.entries,
-            result_ttl_ms: i64::try_from(cfg.redis.result_ttl.as_millis()).unwrap_or(i64::MAX),
+            result_ttl_ms: self.result_ttl_ms,
             metrics: &self.metrics,
         };
         let headers = Record::headers_of(m);

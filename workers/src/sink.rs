@@ -323,7 +323,7 @@ impl Sink {
             pairs.push((h::DEAD_REQUEST_ID, id));
         }
         let headers = h::build(&pairs);
-        self.metrics.dead_letter(d.class).increment(1);
+        self.metrics.dead_letter(d.class);
         tracing::warn!(topic = %d.topic, partition = d.partition, offset = d.offset, class = d.class, error = %d.message, "dead-lettered");
         let key = d.key.as_deref();
         let mut payload: &[u8] = &d.payload;

@@ -59,11 +59,29 @@ pub struct WorkerMetrics {
     pub join_pending: Gauge,
     /// Config reloads applied.
     pub config_reloads: Counter,
-    dead_letters: Vec<(&'static str, Counter)>,
-    canary: HashMap<(String, String, String), Counter>,
-    shadows: HashMap<(String, String, String), ShadowMetrics>,
+    dead_letters: HashMap<&'static str, Counter>,
+    /// Canary counters by graph, step, then model (looked up by `&str`, no allocation).
+    canary: ByStep<Counter>,
+    /// Shadow comparison handles by graph, step, then shadow model.
+    shadows: ByStep<ShadowMetrics>,
 }
 
+/// Handles by graph → step → model.
+type ByStep<T> = HashMap<String, HashMap<String, HashMap<String, T>>>;
+
+fn by_step<'a, T>(map: &'a ByStep<T>, graph: &str, step: &str, model: &str) -> Option<&'a T> {
+    map.get(graph)?.get(step)?.get(model)
+}
+
+fn insert<T>(map: &mut ByStep<T>, graph: &str, step: &str, model: &str, value: T) {
+    map.entry(graph.to_string())
+        .or_default()
+        .entry(step.to_string())
+        .or_default()
+        .insert(model.to_string(), value);
+}
+
+/// Dead-letter classes with counters of their own; anything else counts as `internal`.
 const DEAD_LETTER_CLASSES: [&str; 8] = [
     codes::UNDECODABLE,
     codes::INVALID_INPUT,
@@ -81,8 +99,8 @@ impl WorkerMetrics {
     pub fn new(unit: &str, deployment: &Deployment) -> WorkerMetrics {
         let u = || unit.to_string();
         let requests = |outcome: &'static str| metrics::counter!("sluice_worker_requests_total", "unit" => u(), "outcome" => outcome);
-        let mut canary = HashMap::new();
-        let mut shadows = HashMap::new();
+        let mut canary = ByStep::new();
+        let mut shadows = ByStep::new();
         for g in deployment.graphs.values() {
             for s in &g.steps {
                 let StepKind::Model(primary) = &s.kind else {
@@ -90,9 +108,8 @@ impl WorkerMetrics {
                 };
                 if let Some(c) = &s.canary {
                     for m in [primary, &c.model] {
-                        let key = (g.name.clone(), s.name.clone(), m.clone());
-                        let counter = metrics::counter!("sluice_canary_served_total", "graph" => key.0.clone(), "step" => key.1.clone(), "model" => key.2.clone());
-                        canary.insert(key, counter);
+                        let counter = metrics::counter!("sluice_canary_served_total", "graph" => g.name.clone(), "step" => s.name.clone(), "model" => m.clone());
+                        insert(&mut canary, &g.name, &s.name, m, counter);
                     }
                 }
                 for (shadow, _) in &s.shadows {
@@ -103,7 +120,7 @@ impl WorkerMetrics {
                         failed: labels("failed"),
                         max_abs_diff: metrics::histogram!("sluice_shadow_max_abs_diff", "graph" => g.name.clone(), "step" => s.name.clone(), "shadow" => shadow.clone()),
                     };
-                    shadows.insert((g.name.clone(), s.name.clone(), shadow.clone()), m);
+                    insert(&mut shadows, &g.name, &s.name, shadow, m);
                 }
             }
         }
@@ -135,33 +152,26 @@ impl WorkerMetrics {
         }
     }
 
-    /// The dead-letter counter for `class` (unknown classes count as `internal`).
-    pub fn dead_letter(&self, class: &str) -> &Counter {
-        let found = self.dead_letters.iter().find(|(c, _)| *c == class);
-        let internal = self.dead_letters.last();
-        match found.or(internal) {
-            Some((_, c)) => c,
-            None => unreachable_counter(),
+    /// Counts a dead letter of `class` (unknown classes count as `internal`).
+    pub fn dead_letter(&self, class: &str) {
+        let counter = self
+            .dead_letters
+            .get(class)
+            .or_else(|| self.dead_letters.get(codes::INTERNAL));
+        if let Some(c) = counter {
+            c.increment(1);
         }
     }
 
     /// Counts a canary-step request served by `model`.
     pub fn canary_served(&self, graph: &str, step: &str, model: &str) {
-        let key = (graph.to_string(), step.to_string(), model.to_string());
-        if let Some(c) = self.canary.get(&key) {
+        if let Some(c) = by_step(&self.canary, graph, step, model) {
             c.increment(1);
         }
     }
 
     /// The comparison handles of `shadow` at `graph`'s `step`.
     pub fn shadow(&self, graph: &str, step: &str, shadow: &str) -> Option<&ShadowMetrics> {
-        self.shadows
-            .get(&(graph.to_string(), step.to_string(), shadow.to_string()))
+        by_step(&self.shadows, graph, step, shadow)
     }
-}
-
-/// A counter that records nothing (never used: the class list is not empty).
-fn unreachable_counter() -> &'static Counter {
-    static NOOP: std::sync::OnceLock<Counter> = std::sync::OnceLock::new();
-    NOOP.get_or_init(Counter::noop)
 }
