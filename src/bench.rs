@@ -53,6 +53,18 @@ pub struct BenchArgs {
     /// Skip the broker transport measurement.
     #[arg(long)]
     skip_transport: bool,
+    /// Soak mode: closed-loop HTTP load at the first --concurrency level for this long, printing
+    /// each --report-every: req/s, p50/p99, errors, the broker's memory and CPU; then the
+    /// last-to-first ratio. Nothing else is measured.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    soak: Option<Duration>,
+    /// Soak mode: the reporting interval.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1m")]
+    report_every: Duration,
+    /// Idle mode: send nothing for this long and print the CPU the stack's processes used
+    /// (% of one core). Nothing else is measured.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    idle: Option<Duration>,
 }
 
 /// Latency summary in milliseconds.
@@ -100,6 +112,18 @@ pub async fn run(deployment: Deployment, args: BenchArgs) -> anyhow::Result<()> 
         }),
     };
     let body = request_body(&args, &servable.signature, model_file.as_deref())?;
+    if let Some(idle) = args.idle {
+        return crate::soak::idle(idle).await;
+    }
+    if let Some(total) = args.soak {
+        let base = args
+            .url
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", cfg.gateway.listen));
+        let url = format!("{base}/v2/models/{}/infer", args.model);
+        let concurrency = args.concurrency.first().copied().unwrap_or(32);
+        return crate::soak::soak(&url, body, concurrency, total, args.report_every).await;
+    }
     println!(
         "sluice bench: model {}, {} per level after {} warm-up",
         args.model,
@@ -332,6 +356,7 @@ async fn transport(cfg: &Config, duration: Duration) -> anyhow::Result<Summary> 
         &[TopicSpec {
             name: topic.clone(),
             partitions: 1,
+            purgeable: true,
         }],
     )
     .await?;
@@ -462,14 +487,17 @@ async fn http_load(
 }
 
 /// Which kind of process a pid is, by its command line.
-fn process_kind(pid: u32) -> Option<&'static str> {
+pub(crate) fn process_kind(pid: u32) -> Option<&'static str> {
     let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
     let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
     let exe = *args.first()?;
     let has = |w: &[u8]| args.contains(&w);
-    if exe.ends_with(b"sluice") && has(b"gateway") {
+    // `sluice`, or a renamed copy such as `sluice-before` (comparing builds).
+    let name = exe.rsplit(|b| *b == b'/').next().unwrap_or(exe);
+    let sluice = name.starts_with(b"sluice");
+    if sluice && has(b"gateway") {
         Some("gateway")
-    } else if exe.ends_with(b"sluice") && has(b"worker") {
+    } else if sluice && has(b"worker") {
         Some("workers")
     } else if exe.ends_with(b"tansu")
         || args.iter().any(|a| a.windows(5).any(|w| w == b"kafka")) && has(b"broker")
@@ -483,7 +511,7 @@ fn process_kind(pid: u32) -> Option<&'static str> {
 }
 
 /// Pids of processes of `kind` on this machine.
-fn pids_of(kind: &str) -> Vec<u32> {
+pub(crate) fn pids_of(kind: &str) -> Vec<u32> {
     let me = std::process::id();
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Vec::new();
@@ -502,7 +530,7 @@ fn sluice_pids() -> Vec<u32> {
 }
 
 /// Total user+system clock ticks of `pids`.
-fn cpu_ticks(pids: &[u32]) -> u64 {
+pub(crate) fn cpu_ticks(pids: &[u32]) -> u64 {
     pids.iter()
         .filter_map(|pid| {
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;

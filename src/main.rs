@@ -7,6 +7,7 @@
 
 mod bench;
 mod http;
+mod soak;
 mod up;
 
 use std::net::SocketAddr;
@@ -38,6 +39,10 @@ enum Command {
         /// Start workers only for these models (comma-separated; default: every model).
         #[arg(long, value_delimiter = ',')]
         models: Vec<String>,
+        /// One worker process (and consumer group) per step pool instead of the config's
+        /// deployment units.
+        #[arg(long)]
+        per_step: bool,
     },
     /// Run the HTTP gateway.
     Gateway {
@@ -45,10 +50,17 @@ enum Command {
         #[arg(long)]
         listen: Option<SocketAddr>,
     },
-    /// Run a worker for one model, or for one built-in, combine or route step of a graph.
+    /// Run a worker for a deployment unit (several steps behind one consumer), one model, or
+    /// one built-in, combine or route step of a graph.
     Worker {
+        /// A deployment unit (`[units.<name>]`, or `all` when the config declares none).
+        #[arg(long, conflicts_with_all = ["model", "step"], required_unless_present_any = ["model", "step"])]
+        unit: Option<String>,
+        /// With --unit: serve only these of its models, graphs and steps (comma-separated).
+        #[arg(long, value_delimiter = ',', requires = "unit")]
+        only: Vec<String>,
         /// Model name from the config.
-        #[arg(long, conflicts_with = "step", required_unless_present = "step")]
+        #[arg(long, conflicts_with = "step")]
         model: Option<String>,
         /// A graph's non-model step, as `<graph>.<step>`.
         #[arg(long)]
@@ -109,7 +121,9 @@ async fn run(
     deployment: Deployment,
 ) -> anyhow::Result<()> {
     match command {
-        Command::Up { models } => up::run(deployment, config_path, models).await,
+        Command::Up { models, per_step } => {
+            up::run(deployment, config_path, models, per_step).await
+        }
         Command::Gateway { listen } => {
             let mut deployment = deployment;
             if let Some(l) = listen {
@@ -134,17 +148,30 @@ async fn run(
             Ok(())
         }
         Command::Worker {
+            unit,
+            only,
             model,
             step,
             metrics_listen,
         } => {
-            let unit = match (model, step) {
-                (Some(m), _) => Unit::Model(m),
-                (None, Some(s)) => match Unit::parse(&s) {
-                    u @ Unit::Step { .. } => u,
+            let unit = match (unit, model, step) {
+                (Some(name), _, _) => {
+                    let Some(u) = deployment.worker_unit(&name) else {
+                        let known: Vec<&str> = deployment
+                            .worker_units()
+                            .iter()
+                            .map(|u| u.name.as_str())
+                            .collect();
+                        anyhow::bail!("--unit: no unit '{name}' (the config has: {known:?})");
+                    };
+                    up::only_members(&deployment, u, &only)?
+                }
+                (None, Some(m), _) => deployment.pool_unit(&Unit::Model(m)),
+                (None, None, Some(s)) => match Unit::parse(&s) {
+                    u @ Unit::Step { .. } => deployment.pool_unit(&u),
                     _ => anyhow::bail!("--step takes <graph>.<step>, got '{s}'"),
                 },
-                (None, None) => anyhow::bail!("give --model or --step"),
+                (None, None, None) => anyhow::bail!("give --unit, --model or --step"),
             };
             tracing::info!(config = %deployment.config.redacted(), "effective config");
             let ops = sluice_workers::Ops {

@@ -16,7 +16,7 @@ use anyhow::{Context, bail};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use sluice_common::graph::Unit;
-use sluice_common::{Config, Deployment, local};
+use sluice_common::{Config, Deployment, WorkerUnit, local};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 
@@ -33,6 +33,26 @@ struct Spec {
 }
 
 impl Spec {
+    /// The program, arguments and environment of `c`.
+    fn of(c: &std::process::Command) -> Spec {
+        Spec {
+            program: PathBuf::from(c.get_program()),
+            args: c
+                .get_args()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect(),
+            envs: c
+                .get_envs()
+                .filter_map(|(k, v)| {
+                    Some((
+                        k.to_string_lossy().into_owned(),
+                        v?.to_string_lossy().into_owned(),
+                    ))
+                })
+                .collect(),
+        }
+    }
+
     fn command(&self) -> Command {
         let mut c = Command::new(&self.program);
         c.args(&self.args);
@@ -64,10 +84,6 @@ struct Stack {
 }
 
 impl Stack {
-    fn spawn(&mut self, name: &str, cmd: &mut Command) -> anyhow::Result<()> {
-        self.start(name, cmd, None)
-    }
-
     /// Starts a process that is restarted whenever it exits.
     fn spawn_supervised(&mut self, name: &str, spec: Spec) -> anyhow::Result<()> {
         self.start(name, &mut spec.command(), Some(spec.clone()))
@@ -104,7 +120,7 @@ impl Stack {
     }
 
     /// Restarts supervised process `i` after a backoff that grows with its recent restarts;
-    /// an unsupervised one (broker, Redis) ends the stack.
+    /// an unsupervised one ends the stack.
     async fn restart(&mut self, i: usize, status: &str) -> anyhow::Result<()> {
         let p = &mut self.processes[i];
         let Some(spec) = p.spec.clone() else {
@@ -215,12 +231,14 @@ pub async fn run(
     deployment: Deployment,
     config_path: Option<PathBuf>,
     only: Vec<String>,
+    per_step: bool,
 ) -> anyhow::Result<()> {
     if let Some(unknown) = only.iter().find(|m| deployment.servable(m).is_none()) {
         bail!("--models: '{unknown}' is neither a model nor a graph in the config");
     }
     let mut stack = Stack::default();
-    let result = start_and_wait(&deployment, config_path.as_deref(), &only, &mut stack).await;
+    let workers = worker_processes(&deployment, &only, per_step)?;
+    let result = start_and_wait(&deployment, config_path.as_deref(), &workers, &mut stack).await;
     stack
         .stop(deployment.config.worker.drain_timeout + Duration::from_secs(5))
         .await;
@@ -232,7 +250,7 @@ pub async fn run(
 async fn start_and_wait(
     deployment: &Deployment,
     config_path: Option<&Path>,
-    only: &[String],
+    worker_specs: &[WorkerProcess],
     stack: &mut Stack,
 ) -> anyhow::Result<()> {
     let cfg = &deployment.config;
@@ -248,10 +266,8 @@ async fn start_and_wait(
         tracing::info!(%broker, "using the broker already running");
     } else {
         quirks = Some("tansu");
-        stack.spawn(
-            "tansu",
-            &mut Command::from(local::tansu_command(&broker, &cfg.local.kafka_storage)),
-        )?;
+        let storage = local::tansu_storage(&cfg.local.kafka_storage);
+        stack.spawn_supervised(BROKER, Spec::of(&local::tansu_command(&broker, &storage)))?;
         wait_reachable(&broker, "tansu", Duration::from_secs(30)).await?;
     }
     let redis = host_port(&cfg.redis.url, cfg.local.redis_port);
@@ -263,17 +279,19 @@ async fn start_and_wait(
             .next()
             .and_then(|p| p.parse().ok())
             .unwrap_or(cfg.local.redis_port);
-        stack.spawn(
-            "redis-server",
-            &mut Command::from(local::redis_command(port)),
-        )?;
+        stack.spawn_supervised("redis-server", Spec::of(&local::redis_command(port)))?;
         wait_reachable(&redis, "redis-server", Duration::from_secs(10)).await?;
     }
 
     let topics = deployment.required_topics();
+    // Topics are created as the components will see the broker (tansu: with a retention bound).
+    let mut topic_cfg = cfg.clone();
+    if quirks.is_some() && std::env::var_os("SLUICE__KAFKA__BROKER_QUIRKS").is_none() {
+        topic_cfg.kafka.broker_quirks = sluice_common::config::BrokerQuirks::Tansu;
+    }
     let mut attempt = 0;
     let report = loop {
-        match sluice_common::kafka::apply_topics(cfg, &topics).await {
+        match sluice_common::kafka::apply_topics(&topic_cfg, &topics).await {
             Ok(r) => break r,
             Err(e) if attempt < 10 => {
                 attempt += 1;
@@ -316,23 +334,13 @@ async fn start_and_wait(
         base.port()
     };
     let mut workers = Vec::new();
-    for (unit, count) in selected_units(deployment, only) {
-        for i in 0..count {
+    for w in worker_specs {
+        for i in 0..w.count {
             let addr = SocketAddr::new(base.ip(), port);
-            let (flag, name) = match &unit {
-                Unit::Model(m) => ("--model", m.clone()),
-                Unit::Step { .. } => ("--step", unit.to_string()),
-            };
-            stack.spawn_supervised(
-                &format!("worker {unit}#{i}"),
-                component(&[
-                    "worker".into(),
-                    flag.into(),
-                    name,
-                    "--metrics-listen".into(),
-                    addr.to_string(),
-                ]),
-            )?;
+            let mut args = vec!["worker".to_string()];
+            args.extend(w.args.iter().cloned());
+            args.extend(["--metrics-listen".to_string(), addr.to_string()]);
+            stack.spawn_supervised(&format!("worker {}#{i}", w.name), component(&args))?;
             workers.push(stack.processes.len() - 1);
             ready_urls.push(format!("http://{addr}/health/ready"));
             port += 1;
@@ -359,32 +367,148 @@ async fn start_and_wait(
                 }
                 tracing::info!(workers = workers.len(), "SIGHUP passed on to the workers");
             }
-            (i, status) = stack.next_exit() => stack.restart(i, &status).await?,
+            (i, status) = stack.next_exit() => {
+                stack.restart(i, &status).await?;
+                if stack.processes[i].name == BROKER {
+                    broker_restarted(&topic_cfg, &topics, &broker).await;
+                }
+            }
         }
     }
 }
 
-/// The worker units to start: every model and graph step, or those of the named models and
-/// graphs (a graph brings its models, canaries, shadows and built-in steps).
-fn selected_units(deployment: &Deployment, only: &[String]) -> Vec<(Unit, usize)> {
-    let mut wanted: Vec<Unit> = Vec::new();
-    for name in only {
-        if deployment.model(name).is_some() {
-            wanted.push(Unit::Model(name.clone()));
-        }
-        if let Some(g) = deployment.graph(name) {
-            for (i, s) in g.steps.iter().enumerate() {
-                wanted.push(g.unit_of(i));
-                wanted.extend(s.canary.iter().map(|c| Unit::Model(c.model.clone())));
-                wanted.extend(s.shadows.iter().map(|(m, _)| Unit::Model(m.clone())));
+/// The name `up` gives the tansu process it starts.
+const BROKER: &str = "tansu";
+
+/// After the broker `up` started was restarted: says what its storage kept, and creates the
+/// topics again (memory storage lost them, and a worker would otherwise wait for them forever).
+async fn broker_restarted(cfg: &Config, topics: &[sluice_common::kafka::TopicSpec], broker: &str) {
+    if cfg.local.kafka_storage.starts_with("memory:") {
+        tracing::warn!(
+            "the broker restarted on memory storage: the records and committed offsets it held are gone (requests in flight get 504 at their deadline); sqlite:// storage keeps them"
+        );
+    }
+    if let Err(e) = wait_reachable(broker, "tansu", Duration::from_secs(30)).await {
+        tracing::error!(error = %e, "the restarted broker does not answer");
+        return;
+    }
+    for attempt in 0..10 {
+        match sluice_common::kafka::apply_topics(cfg, topics).await {
+            Ok(r) => {
+                tracing::info!(created = ?r.created, "topics applied after the broker restart");
+                return;
+            }
+            Err(e) if attempt < 9 => {
+                tracing::debug!(error = %e, "topics not applied yet; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "topics could not be applied after the broker restart")
             }
         }
     }
-    deployment
-        .units()
-        .into_iter()
-        .filter(|(u, _)| only.is_empty() || wanted.contains(u))
-        .collect()
+}
+
+/// Worker processes of one kind that `up` starts: a name for logs, `sluice worker` arguments,
+/// and how many.
+struct WorkerProcess {
+    name: String,
+    args: Vec<String>,
+    count: usize,
+}
+
+/// The worker processes to start: each deployment unit (only its members among `only`'s models
+/// and graphs, when given), and a process per step pool that no unit serves; with `per_step`,
+/// a process per step pool, each in a group of its own.
+fn worker_processes(
+    deployment: &Deployment,
+    only: &[String],
+    per_step: bool,
+) -> anyhow::Result<Vec<WorkerProcess>> {
+    let mut wanted: Vec<Unit> = Vec::new();
+    for name in only {
+        wanted.extend(deployment.pools_named(name).unwrap_or_default());
+    }
+    let selected = |u: &Unit| only.is_empty() || wanted.contains(u);
+    let pool = |u: &Unit, count: usize| {
+        let (flag, name) = match u {
+            Unit::Model(m) => ("--model", m.clone()),
+            Unit::Step { .. } => ("--step", u.to_string()),
+        };
+        WorkerProcess {
+            name: u.to_string(),
+            args: vec![flag.into(), name],
+            count,
+        }
+    };
+    if per_step {
+        return Ok(deployment
+            .units()
+            .iter()
+            .filter(|(u, _)| selected(u))
+            .map(|(u, n)| pool(u, *n))
+            .collect());
+    }
+    let mut out = Vec::new();
+    for unit in deployment.worker_units() {
+        let members: Vec<String> = unit
+            .members
+            .iter()
+            .filter(|u| selected(u))
+            .map(Unit::to_string)
+            .collect();
+        if members.is_empty() {
+            continue;
+        }
+        let mut args = vec!["--unit".to_string(), unit.name.clone()];
+        if members.len() < unit.members.len() {
+            args.extend(["--only".to_string(), members.join(",")]);
+        }
+        out.push(WorkerProcess {
+            name: unit.name.clone(),
+            args,
+            count: unit.workers,
+        });
+    }
+    out.extend(
+        deployment
+            .pools_outside_units()
+            .iter()
+            .filter(|(u, _)| selected(u))
+            .map(|(u, n)| pool(u, *n)),
+    );
+    Ok(out)
+}
+
+/// `unit` narrowed to the pools of `only` (models, graphs, graph steps); all of it when empty.
+pub fn only_members(
+    deployment: &Deployment,
+    unit: &WorkerUnit,
+    only: &[String],
+) -> anyhow::Result<WorkerUnit> {
+    if only.is_empty() {
+        return Ok(unit.clone());
+    }
+    let mut wanted = Vec::new();
+    for name in only {
+        let Some(pools) = deployment.pools_named(name) else {
+            bail!("--only: '{name}' is not a model, a graph or a graph's step");
+        };
+        wanted.extend(pools);
+    }
+    let members: Vec<Unit> = unit
+        .members
+        .iter()
+        .filter(|u| wanted.contains(u))
+        .cloned()
+        .collect();
+    if members.is_empty() {
+        bail!("--only: unit '{}' serves none of {only:?}", unit.name);
+    }
+    Ok(WorkerUnit {
+        members,
+        ..unit.clone()
+    })
 }
 
 #[allow(clippy::print_stdout)]

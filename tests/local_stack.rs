@@ -120,7 +120,7 @@ async fn up_restarts_a_worker_killed_under_load() {
     let worker_addr = format!("127.0.0.1:{wp}");
     let first = loop {
         if blocking_get_status(&format!("http://{worker_addr}/health/ready")) == Ok(200) {
-            break pid_with(&["worker", "--model", "mlp", &worker_addr]).expect("the worker's pid");
+            break pid_with(&["worker", "--unit", "all", &worker_addr]).expect("the worker's pid");
         }
         assert!(Instant::now() < end, "the stack did not come up");
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -160,7 +160,7 @@ async fn up_restarts_a_worker_killed_under_load() {
     // A new worker process takes its place.
     let end = Instant::now() + Duration::from_secs(30);
     loop {
-        if let Some(pid) = pid_with(&["worker", "--model", "mlp", &worker_addr])
+        if let Some(pid) = pid_with(&["worker", "--unit", "all", &worker_addr])
             && pid != first
         {
             break;

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::config::{Config, ConfigError, ModelConfig};
+use crate::config::{Config, ConfigError, ModelConfig, Serves};
 use crate::graph::{self, Graph, Graphs, StepKind, Unit};
 use crate::signature::Signature;
 use crate::topics::{TopicSpec, Topics};
@@ -52,7 +52,26 @@ pub struct Deployment {
     /// Every graph, compiled.
     pub graphs: Graphs,
     servables: BTreeMap<String, Servable>,
+    worker_units: Vec<WorkerUnit>,
 }
+
+/// What one worker process serves through one consumer: a deployment unit (`[units.<name>]`,
+/// several step pools in one consumer group), or a single step pool (a model, or a graph's
+/// built-in, combine or route step, in a group of its own).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerUnit {
+    /// The unit's name, or the pool's (`mlp`, `graph.step`): the `unit` label of its metrics.
+    pub name: String,
+    /// Its consumer group.
+    pub group: String,
+    /// The step pools it serves, each on its own topics.
+    pub members: Vec<Unit>,
+    /// Workers `sluice up` starts.
+    pub workers: usize,
+}
+
+/// The deployment unit implied when the config declares none: everything in one.
+pub const IMPLIED_UNIT: &str = "all";
 
 impl Deployment {
     /// Loads defaults → `file` → `SLUICE__…` environment, validates and compiles.
@@ -110,12 +129,163 @@ impl Deployment {
             };
             servables.insert(name.clone(), s);
         }
-        Ok(Deployment {
+        let mut deployment = Deployment {
             config,
             topics,
             graphs,
             servables,
-        })
+            worker_units: Vec::new(),
+        };
+        deployment.worker_units = deployment.resolve_units()?;
+        Ok(deployment)
+    }
+
+    /// Resolves `[units.*]` (or the implied `all`) into their step pools: named entries first,
+    /// then `"*"` takes what no unit named. A pool in two units, an unknown name, two `"*"` units
+    /// or an empty unit is a problem.
+    fn resolve_units(&self) -> Result<Vec<WorkerUnit>, Vec<String>> {
+        let mut declared = self.config.units.clone();
+        if declared.is_empty() {
+            declared.insert(
+                IMPLIED_UNIT.into(),
+                crate::config::UnitConfig {
+                    serves: Serves::All("*".into()),
+                    workers: 1,
+                },
+            );
+        }
+        let pools: Vec<Unit> = self.units().into_iter().map(|(u, _)| u).collect();
+        let mut problems = Vec::new();
+        let mut owner: BTreeMap<Unit, String> = BTreeMap::new();
+        let mut resolved: BTreeMap<String, Vec<Unit>> = BTreeMap::new();
+        let mut wildcard = None;
+        for (name, u) in &declared {
+            let key = format!("units.{name}");
+            if u.workers == 0 {
+                problems.push(format!("{key}.workers: must be at least 1"));
+            }
+            let names = match &u.serves {
+                Serves::All(s) if s == "*" => {
+                    if let Some(other) = wildcard.replace(name.clone()) {
+                        problems.push(format!(
+                            "{key}.serves: \"*\" is also served by units.{other}"
+                        ));
+                    }
+                    continue;
+                }
+                Serves::All(s) => {
+                    problems.push(format!("{key}.serves: \"{s}\" is neither \"*\" nor a list"));
+                    continue;
+                }
+                Serves::Named(names) => names,
+            };
+            let mut members = Vec::new();
+            for n in names {
+                match self.pools_named(n) {
+                    Some(found) => members.extend(found),
+                    None => problems.push(format!(
+                        "{key}.serves: '{n}' is not a model, a graph or a graph's step"
+                    )),
+                }
+            }
+            for m in members {
+                match owner.get(&m) {
+                    Some(other) if other != name => problems.push(format!(
+                        "{key}.serves: '{m}' is also served by units.{other} (a topic read by two groups is processed twice)"
+                    )),
+                    Some(_) => {}
+                    None => {
+                        owner.insert(m.clone(), name.clone());
+                        resolved.entry(name.clone()).or_default().push(m);
+                    }
+                }
+            }
+        }
+        if let Some(name) = &wildcard {
+            let rest: Vec<Unit> = pools
+                .iter()
+                .filter(|p| !owner.contains_key(*p))
+                .cloned()
+                .collect();
+            resolved.entry(name.clone()).or_default().extend(rest);
+        }
+        let mut units = Vec::new();
+        for (name, u) in &declared {
+            let members = resolved.remove(name).unwrap_or_default();
+            if u.serves == Serves::Named(Vec::new()) {
+                problems.push(format!("units.{name}.serves: names nothing"));
+            }
+            // A "*" unit that everything else was named away from has nothing to run.
+            if members.is_empty() {
+                continue;
+            }
+            units.push(WorkerUnit {
+                name: name.clone(),
+                group: self.topics.unit_group(name),
+                members,
+                workers: u.workers,
+            });
+        }
+        if problems.is_empty() {
+            Ok(units)
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// The step pools a unit's `serves` entry names: a model, every pool of a graph (its steps,
+    /// canaries and shadows), or one graph step (a model step names its model's pool).
+    pub fn pools_named(&self, name: &str) -> Option<Vec<Unit>> {
+        if self.config.models.contains_key(name) {
+            return Some(vec![Unit::Model(name.into())]);
+        }
+        if let Some(g) = self.graph(name) {
+            let mut pools = Vec::new();
+            for (i, s) in g.steps.iter().enumerate() {
+                pools.push(g.unit_of(i));
+                pools.extend(s.canary.iter().map(|c| Unit::Model(c.model.clone())));
+                pools.extend(s.shadows.iter().map(|(m, _)| Unit::Model(m.clone())));
+            }
+            let mut unique = Vec::new();
+            for p in pools {
+                if !unique.contains(&p) {
+                    unique.push(p);
+                }
+            }
+            return Some(unique);
+        }
+        let (graph, step) = name.split_once('.')?;
+        let g = self.graph(graph)?;
+        g.step_index(step).map(|i| vec![g.unit_of(i)])
+    }
+
+    /// The deployment units: those declared under `[units.*]`, or the implied `all` serving
+    /// every step pool when none is declared.
+    pub fn worker_units(&self) -> &[WorkerUnit] {
+        &self.worker_units
+    }
+
+    /// The deployment unit called `name`.
+    pub fn worker_unit(&self, name: &str) -> Option<&WorkerUnit> {
+        self.worker_units.iter().find(|u| u.name == name)
+    }
+
+    /// A single step pool as a worker unit of its own (`sluice worker --model/--step`).
+    pub fn pool_unit(&self, unit: &Unit) -> WorkerUnit {
+        WorkerUnit {
+            name: unit.to_string(),
+            group: self.unit_group(unit),
+            members: vec![unit.clone()],
+            workers: 1,
+        }
+    }
+
+    /// Step pools that no declared unit serves: `sluice up` runs them in groups of their own.
+    pub fn pools_outside_units(&self) -> Vec<(Unit, usize)> {
+        self.units()
+            .into_iter()
+            .filter(|(u, _)| !self.worker_units.iter().any(|w| w.members.contains(u)))
+            .collect()
     }
 
     /// Every model and graph, by name.
@@ -203,24 +373,28 @@ impl Deployment {
     /// Every topic the deployment needs: each model's request and result topics, each graph's
     /// entry, result and comparison topics and its non-model steps' topics, and the dead letters.
     pub fn required_topics(&self) -> Vec<TopicSpec> {
-        let spec = |name: String, partitions: i32| TopicSpec { name, partitions };
-        let mut topics = vec![spec(self.topics.dead_letter(), 1)];
+        let spec = |name: String, partitions: i32, purgeable: bool| TopicSpec {
+            name,
+            partitions,
+            purgeable,
+        };
+        let mut topics = vec![spec(self.topics.dead_letter(), 1, false)];
         for (name, m) in &self.config.models {
-            topics.push(spec(self.topics.requests(name), m.partitions));
-            topics.push(spec(self.topics.results(name), m.partitions));
+            topics.push(spec(self.topics.requests(name), m.partitions, true));
+            topics.push(spec(self.topics.results(name), m.partitions, false));
         }
         for g in self.graphs.values() {
             let mut names = vec![
-                g.entry_topic.clone(),
-                g.result_topic.clone(),
-                g.comparison_topic.clone(),
+                (g.entry_topic.clone(), true),
+                (g.result_topic.clone(), false),
+                (g.comparison_topic.clone(), false),
             ];
             for s in &g.steps {
                 if !matches!(s.kind, StepKind::Model(_)) {
-                    names.push(s.topic.clone());
+                    names.push((s.topic.clone(), true));
                 }
             }
-            topics.extend(names.into_iter().map(|n| spec(n, g.partitions)));
+            topics.extend(names.into_iter().map(|(n, p)| spec(n, g.partitions, p)));
         }
         topics
     }

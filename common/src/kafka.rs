@@ -90,20 +90,43 @@ pub struct TopicReport {
     pub mismatched: Vec<(String, i32, i32)>,
 }
 
-/// Creates the missing topics (idempotent: existing topics are left as they are).
-pub async fn apply_topics(cfg: &Config, topics: &[TopicSpec]) -> Result<TopicReport, TopicError> {
+/// Admin client settings: the brokers, then `kafka.client` from the config.
+pub fn admin_config(cfg: &Config) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &cfg.kafka.brokers);
     apply(&mut c, &cfg.kafka.client);
-    let admin: AdminClient<DefaultClientContext> = c.create()?;
+    c
+}
+
+/// The `retention.ms` request and step topics are created with: `kafka.purge_retention` where
+/// the broker cannot delete records on request (tansu), so its log stays bounded; none otherwise
+/// (workers purge what their group committed).
+pub fn purge_retention_ms(cfg: &Config) -> Option<String> {
+    let k = &cfg.kafka;
+    (k.purge_consumed
+        && k.broker_quirks == crate::config::BrokerQuirks::Tansu
+        && !k.purge_retention.is_zero())
+    .then(|| k.purge_retention.as_millis().to_string())
+}
+
+/// Creates the missing topics (idempotent: existing topics are left as they are).
+pub async fn apply_topics(cfg: &Config, topics: &[TopicSpec]) -> Result<TopicReport, TopicError> {
+    let admin: AdminClient<DefaultClientContext> = admin_config(cfg).create()?;
+    let retention = purge_retention_ms(cfg);
     let new: Vec<NewTopic<'_>> = topics
         .iter()
         .map(|t| {
-            NewTopic::new(
+            let topic = NewTopic::new(
                 &t.name,
                 t.partitions,
                 TopicReplication::Fixed(cfg.kafka.replication_factor),
-            )
+            );
+            match (&retention, t.purgeable) {
+                (Some(ms), true) => topic
+                    .set("cleanup.policy", "delete")
+                    .set("retention.ms", ms),
+                _ => topic,
+            }
         })
         .collect();
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));

@@ -14,7 +14,7 @@ pub mod telemetry;
 pub mod topics;
 
 pub use config::{Config, ConfigError, ModelConfig, TensorSpec};
-pub use deployment::Deployment;
+pub use deployment::{Deployment, WorkerUnit};
 pub use signature::Signature;
 
 /// Microseconds since the Unix epoch.

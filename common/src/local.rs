@@ -17,6 +17,21 @@ pub fn tansu_binary() -> Option<PathBuf> {
     p.is_file().then_some(p)
 }
 
+/// The tansu storage URL for `configured` (`local.kafka_storage`): for `sqlite://FILE`, the
+/// file's folder is created (tansu opens FILE relative to its working directory).
+pub fn tansu_storage(configured: &str) -> String {
+    if let Some(rest) = configured.strip_prefix("sqlite://") {
+        let file = rest.split('?').next().unwrap_or(rest);
+        if let Some(dir) = std::path::Path::new(file).parent()
+            && !dir.as_os_str().is_empty()
+            && let Err(e) = std::fs::create_dir_all(dir)
+        {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot create the broker's storage folder");
+        }
+    }
+    configured.to_string()
+}
+
 /// A tansu broker listening on and advertising `host:port`, storing in `storage`
 /// (`memory://tansu/` or `sqlite://FILE`).
 pub fn tansu_command(addr: &str, storage: &str) -> Command {

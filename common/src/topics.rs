@@ -7,6 +7,10 @@ pub struct TopicSpec {
     pub name: String,
     /// Partitions.
     pub partitions: i32,
+    /// Read only by Sluice's own workers, so its records may go once their group committed past
+    /// them (request, graph-entry and step topics); results, comparisons and dead letters are
+    /// for others to read and never purged.
+    pub purgeable: bool,
 }
 
 /// Names of every topic and group, from `kafka.topic_prefix`.
@@ -52,6 +56,12 @@ impl Topics {
     pub fn group(&self, unit: &str) -> String {
         format!("{}.{unit}", self.prefix)
     }
+
+    /// The consumer group of a deployment unit (`<prefix>.unit:<name>`; `:` is in no model or
+    /// graph name, so it never meets a step pool's group).
+    pub fn unit_group(&self, name: &str) -> String {
+        format!("{}.unit:{name}", self.prefix)
+    }
 }
 
 #[cfg(test)]
@@ -67,5 +77,6 @@ mod tests {
         assert_eq!(t.comparisons("g"), "sluice.g.comparisons");
         assert_eq!(t.dead_letter(), "sluice.dead-letter");
         assert_eq!(t.group("g.vote"), "sluice.g.vote");
+        assert_eq!(t.unit_group("cpu"), "sluice.unit:cpu");
     }
 }

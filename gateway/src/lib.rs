@@ -2,7 +2,7 @@
 //!
 //! A request is validated against the servable's signature ([`infer`]), published to its request
 //! topic ([`publish`]), and answered when its result comes back through Redis ([`correlator`]).
-//! [`health`] probes the broker and Redis; [`routes`] serves metadata.
+//! [`health`] probes the broker and Redis; [`routes`] serves metadata; `wake` wakes idle workers.
 
 pub mod correlator;
 pub mod error;
@@ -12,6 +12,7 @@ pub mod publish;
 mod routes;
 mod servable;
 mod stats;
+mod wake;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -27,6 +28,7 @@ use tokio::sync::Semaphore;
 use crate::correlator::Correlator;
 use crate::publish::Publisher;
 use crate::stats::{ModelMetrics, ModelStats};
+use crate::wake::Waker;
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +59,7 @@ pub struct Gateway {
     in_flight: metrics::Gauge,
     ready_gauge: metrics::Gauge,
     produce_seconds: metrics::Histogram,
+    waker: Waker,
 }
 
 impl Gateway {
@@ -100,6 +103,7 @@ impl Gateway {
             .map(|m| (m.clone(), (ModelStats::default(), ModelMetrics::new(m))))
             .collect();
         let publisher = Publisher::new(producer, lingering, cfg, &id);
+        let waker = Waker::new(&deployment, conn.clone());
         let gw = Arc::new(Gateway {
             permits: Arc::new(Semaphore::new(cfg.gateway.max_in_flight)),
             deployment,
@@ -114,6 +118,7 @@ impl Gateway {
             in_flight: metrics::gauge!("sluice_gateway_in_flight"),
             ready_gauge: metrics::gauge!("sluice_gateway_ready"),
             produce_seconds: metrics::histogram!("sluice_gateway_produce_seconds"),
+            waker,
         });
         tokio::spawn(health::probe_loop(Arc::downgrade(&gw), conn));
         Ok(gw)

@@ -213,6 +213,19 @@ impl Stack {
         (i, addr)
     }
 
+    /// Starts a worker for deployment unit `unit` (`all` when the config declares none) and
+    /// waits until it has joined its group; returns its index and ops address.
+    pub fn start_unit(&mut self, unit: &str, env: &[(&str, &str)]) -> (usize, String) {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let i = self.spawn_sluice(
+            &format!("unit-{unit}"),
+            &["worker", "--unit", unit, "--metrics-listen", &addr],
+            env,
+        );
+        self.wait_ready(&format!("http://{addr}/health/ready"));
+        (i, addr)
+    }
+
     pub fn wait_ready(&mut self, url: &str) {
         let end = Instant::now() + Duration::from_secs(60);
         loop {

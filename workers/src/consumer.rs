@@ -1,8 +1,10 @@
-//! A worker: one member of a unit's consumer group. It consumes the unit's topics, turns each
-//! record into a job ([`crate::admission`]), batches jobs and runs them through the unit's step
-//! ([`crate::executor`]), holds a join's parts until their request is decided, delivers what
-//! follows, and stores each offset only once everything up to it has been delivered
-//! (at-least-once, [`crate::group`]).
+//! A worker: one member of a unit's consumer group. A unit is one step pool, or a deployment
+//! unit of several behind one consumer (one fetch loop for all their topics). Each record goes
+//! to the lane of the step pool that owns its topic, which turns it into a job
+//! ([`crate::admission`]), batches jobs and runs them through its step ([`crate::executor`]),
+//! holds a join's parts until their request is decided and delivers what follows; each offset is
+//! stored only once everything up to it has been delivered (at-least-once, [`crate::group`]).
+//! The lanes share the fetch: a lane whose queue is full holds up the others of its unit.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -15,16 +17,17 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::producer::{FutureProducer, Producer};
-use sluice_common::Deployment;
 use sluice_common::config::BrokerQuirks;
 use sluice_common::graph::{StepKind, Unit};
 use sluice_common::ops::ReloadRequest;
+use sluice_common::{Deployment, WorkerUnit};
 use tokio::sync::{Semaphore, mpsc};
 
 use crate::admission::{Admission, Admit, admit};
 use crate::batcher::{Dispatched, Item, run_batcher};
 use crate::executor::{StepSlot, UnitFacts};
-use crate::group::{Completer, GroupContext, PartitionState, lock};
+use crate::group::{Completer, GroupContext, PartitionKey, PartitionState, lock};
+use crate::idle::IdleFetch;
 use crate::job::{Job, Source};
 use crate::join::{Decision, Joiner, Offered};
 use crate::outcome::{bare, failed_join_completions};
@@ -60,12 +63,13 @@ pub struct Ops {
     pub metrics: PrometheusHandle,
 }
 
-/// Runs a worker for `unit` until `shutdown` resolves, then drains and leaves the group.
-/// `config_path` is re-read on SIGHUP or `POST /admin/reload` to change graph routing (canary
-/// shares, shadows, router rules, join settings) without a restart.
+/// Runs a worker for `unit` (one step pool, or a deployment unit of several) until `shutdown`
+/// resolves, then drains and leaves the group. `config_path` is re-read on SIGHUP or
+/// `POST /admin/reload` to change graph routing (canary shares, shadows, router rules, join
+/// settings) without a restart.
 pub async fn run(
     deployment: Deployment,
-    unit: &Unit,
+    unit: &WorkerUnit,
     config_path: Option<PathBuf>,
     ops: Ops,
     shutdown: impl std::future::Future<Output = ()>,
@@ -76,112 +80,66 @@ pub async fn run(
     Ok(())
 }
 
-/// A running worker: its clients, its pipeline (batcher → executor → delivery) and its join.
-struct Worker<'a> {
-    deployment: &'a Deployment,
-    unit: &'a Unit,
-    config_path: Option<PathBuf>,
-    completer: Arc<Completer>,
-    state: Arc<PartitionState>,
-    topics: Arc<Vec<String>>,
+/// One step pool inside a worker: its step, its pipeline (batcher → executor → delivery), its
+/// join, and where its records come from. A worker has one lane per step pool it serves.
+struct Lane {
+    unit: Unit,
+    /// Index of the pool's own topic among the worker's topics.
+    own_topic: usize,
     /// Graph entry topic → graph name.
     entries: HashMap<String, String>,
     signature: Option<sluice_common::Signature>,
-    /// How long an error reply for an undecodable record is stored (ms).
-    result_ttl_ms: i64,
     step: StepSlot,
-    graphs: sluice_common::graph::Graphs,
     metrics: Arc<WorkerMetrics>,
+    completer: Arc<Completer>,
     jobs: Option<mpsc::Sender<Item<Job>>>,
     pipeline: Vec<tokio::task::JoinHandle<()>>,
     joiner: Option<Joiner>,
-    quirks: Option<TansuQuirks>,
-    /// Records finished without a batch (rejected records, join decisions).
-    side: BoundedTasks,
-    reloads: mpsc::Receiver<ReloadRequest>,
-    ops_stop: Option<tokio::sync::oneshot::Sender<()>>,
-    producers: [FutureProducer; 2],
 }
 
-impl<'a> Worker<'a> {
-    /// Builds the unit's step, connects to Kafka and Redis, serves ops, starts the pipeline.
-    // Long on purpose: the worker's start-up in order (step, clients, ops server, sink, pipeline,
-    // join, quirks); each piece takes what the earlier ones made.
-    async fn start(
-        deployment: &'a Deployment,
-        unit: &'a Unit,
-        config_path: Option<PathBuf>,
-        ops: Ops,
-    ) -> Result<Worker<'a>, WorkerError> {
-        let cfg = &deployment.config;
+/// What every lane's pipeline is built from.
+struct Shared<'a> {
+    deployment: &'a Deployment,
+    consumer: &'a Arc<StreamConsumer<GroupContext>>,
+    state: &'a Arc<PartitionState>,
+    topics: &'a Arc<Vec<String>>,
+    producers: &'a [FutureProducer; 2],
+    redis: &'a redis::aio::ConnectionManager,
+}
+
+impl Lane {
+    /// Builds the pool's step and starts its pipeline.
+    fn start(shared: &Shared<'_>, unit: &Unit, own_topic: usize) -> Result<Lane, WorkerError> {
+        let deployment = shared.deployment;
         let label = unit.to_string();
         let step: StepSlot = Arc::new(RwLock::new(crate::step::for_unit(deployment, unit)?));
         let model = match unit {
             Unit::Model(m) => deployment.model(m),
             Unit::Step { .. } => None,
         };
-        let topics = Arc::new(deployment.unit_topics(unit));
+        let own = deployment.unit_topics(unit);
         let entries = deployment
             .graphs
             .values()
-            .filter(|g| topics[1..].contains(&g.entry_topic))
+            .filter(|g| own[1..].contains(&g.entry_topic))
             .map(|g| (g.entry_topic.clone(), g.name.clone()))
             .collect();
-        let client_id = format!("sluice-worker-{label}-{}", std::process::id());
-        let state = Arc::new(PartitionState::default());
-        let consumer: StreamConsumer<GroupContext> =
-            sluice_common::kafka::consumer_config(cfg, &deployment.unit_group(unit), &client_id)
-                .create_with_context(GroupContext {
-                    topics: Arc::clone(&topics),
-                    state: Arc::clone(&state),
-                    assigned: Default::default(),
-                    assigned_gauge: metrics::gauge!("sluice_worker_assigned_partitions", "unit" => label.clone()),
-                })?;
-        let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
-        consumer.subscribe(&topic_refs)?;
-        let producer: FutureProducer =
-            sluice_common::kafka::producer_config(cfg, &client_id, cfg.worker.result_linger)
-                .create()?;
-        let forward_producer: FutureProducer = sluice_common::kafka::producer_config(
-            cfg,
-            &format!("{client_id}-forward"),
-            cfg.worker.forward_linger,
-        )
-        .create()?;
-        let redis =
-            redis::aio::ConnectionManager::new(redis::Client::open(cfg.redis.url.as_str())?)
-                .await?;
-
-        let (reload_tx, reloads) = mpsc::channel::<ReloadRequest>(4);
-        let (ops_stop, ops_stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let ops_addr = sluice_common::ops::serve_ops(
-            ops.listen,
-            ops.metrics,
-            Arc::clone(&state.joined),
-            Some(reload_tx),
-            async {
-                let _ = ops_stop_rx.await;
-            },
-        )
-        .await?;
-        tracing::info!(%ops_addr, topics = ?topics, "worker serving metrics and health");
-
         let wm = Arc::new(WorkerMetrics::new(&label, deployment));
         let completer = Arc::new(Completer {
-            consumer,
-            topics: Arc::clone(&topics),
-            state: Arc::clone(&state),
+            consumer: Arc::clone(shared.consumer),
+            topics: Arc::clone(shared.topics),
+            state: Arc::clone(shared.state),
             sink: Sink::new(
                 Producers {
-                    results: producer.clone(),
-                    forwards: forward_producer.clone(),
+                    results: shared.producers[0].clone(),
+                    forwards: shared.producers[1].clone(),
                 },
-                Replier::new(redis, Arc::clone(&wm)),
+                Replier::new(shared.redis.clone(), Arc::clone(&wm)),
                 SinkNames {
                     result_topic: deployment.unit_result_topic(unit),
                     dead_letter_topic: deployment.topics.dead_letter(),
                     unit: label.clone(),
-                    topics: Arc::clone(&topics),
+                    topics: Arc::clone(shared.topics),
                 },
                 Arc::clone(&wm),
             ),
@@ -194,7 +152,7 @@ impl<'a> Worker<'a> {
             // Built-in, combine and route steps are cheap: several small batches at once.
             None => (4, 256, Duration::ZERO),
         };
-        let (jobs, job_rx) = mpsc::channel::<Item<Job>>(cfg.worker.max_queued);
+        let (jobs, job_rx) = mpsc::channel::<Item<Job>>(deployment.config.worker.max_queued);
         let (batch_tx, batch_rx) = mpsc::channel::<Dispatched<Job>>(slots);
         let batcher = tokio::spawn(run_batcher(
             job_rx,
@@ -204,7 +162,7 @@ impl<'a> Worker<'a> {
             max_delay,
         ));
         let facts = UnitFacts {
-            name: label.clone(),
+            name: label,
             version: model.map(|m| m.version.clone()).unwrap_or_default(),
             model: model.is_some(),
         };
@@ -221,41 +179,183 @@ impl<'a> Worker<'a> {
             Unit::Step { graph, step } => deployment.graph(graph).and_then(|g| {
                 let i = g.step_index(step)?;
                 matches!(g.steps[i].kind, StepKind::Combine(_))
-                    .then(|| Joiner::new(Arc::clone(g), i, topics[0].clone()))
+                    .then(|| Joiner::new(Arc::clone(g), i, shared.topics[own_topic].clone()))
             }),
             Unit::Model(_) => None,
         };
+        Ok(Lane {
+            unit: unit.clone(),
+            own_topic,
+            entries,
+            signature: model.map(|m| m.signature()),
+            step,
+            metrics: wm,
+            completer,
+            jobs: Some(jobs),
+            pipeline: vec![batcher, executor],
+            joiner,
+        })
+    }
+
+    /// Whether its join can hold more requests (a pool without a join always can).
+    fn has_room(&self, max_queued: usize) -> bool {
+        self.joiner
+            .as_ref()
+            .is_none_or(|j| j.pending() < max_queued)
+    }
+}
+
+/// A running worker: one consumer and its clients, shared by one lane per step pool it serves.
+struct Worker<'a> {
+    deployment: &'a Deployment,
+    config_path: Option<PathBuf>,
+    consumer: Arc<StreamConsumer<GroupContext>>,
+    state: Arc<PartitionState>,
+    topics: Arc<Vec<String>>,
+    /// Topic index → the lane that serves it.
+    lane_of: Vec<usize>,
+    lanes: Vec<Lane>,
+    /// How long an error reply for an undecodable record is stored (ms).
+    result_ttl_ms: i64,
+    graphs: sluice_common::graph::Graphs,
+    quirks: Option<TansuQuirks>,
+    idle: IdleFetch,
+    wake: mpsc::Receiver<()>,
+    /// Records finished without a batch (rejected records, join decisions).
+    side: BoundedTasks,
+    reloads: mpsc::Receiver<ReloadRequest>,
+    ops_stop: Option<tokio::sync::oneshot::Sender<()>>,
+    background: Vec<tokio::task::JoinHandle<()>>,
+    producers: [FutureProducer; 2],
+}
+
+impl<'a> Worker<'a> {
+    /// Connects to Kafka and Redis, serves ops, builds each lane's step and pipeline.
+    // Long on purpose: the worker's start-up in order (clients, ops server, lanes, quirks,
+    // background tasks); each piece takes what the earlier ones made.
+    async fn start(
+        deployment: &'a Deployment,
+        spec: &'a WorkerUnit,
+        config_path: Option<PathBuf>,
+        ops: Ops,
+    ) -> Result<Worker<'a>, WorkerError> {
+        let cfg = &deployment.config;
+        let mut topics = Vec::new();
+        let mut lane_of = Vec::new();
+        let mut own_topics = Vec::new();
+        for (lane, unit) in spec.members.iter().enumerate() {
+            if !deployment.has_unit(unit) {
+                return Err(crate::step::BuildError::UnknownUnit(unit.to_string()).into());
+            }
+            own_topics.push(topics.len());
+            for t in deployment.unit_topics(unit) {
+                topics.push(t);
+                lane_of.push(lane);
+            }
+        }
+        let topics = Arc::new(topics);
+        let client_id = format!("sluice-worker-{}-{}", spec.name, std::process::id());
+        let state = Arc::new(PartitionState::default());
+        let consumer: Arc<StreamConsumer<GroupContext>> = Arc::new(
+            sluice_common::kafka::consumer_config(cfg, &spec.group, &client_id)
+                .create_with_context(GroupContext {
+                    topics: Arc::clone(&topics),
+                    state: Arc::clone(&state),
+                    assigned: Default::default(),
+                    assigned_gauge: metrics::gauge!("sluice_worker_assigned_partitions", "unit" => spec.name.clone()),
+                })?,
+        );
+        let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
+        consumer.subscribe(&topic_refs)?;
+        let producer: FutureProducer =
+            sluice_common::kafka::producer_config(cfg, &client_id, cfg.worker.result_linger)
+                .create()?;
+        let forward_producer: FutureProducer = sluice_common::kafka::producer_config(
+            cfg,
+            &format!("{client_id}-forward"),
+            cfg.worker.forward_linger,
+        )
+        .create()?;
+        let redis_client = redis::Client::open(cfg.redis.url.as_str())?;
+        let redis = redis::aio::ConnectionManager::new(redis_client.clone()).await?;
+
+        let (reload_tx, reloads) = mpsc::channel::<ReloadRequest>(4);
+        let (ops_stop, ops_stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let ops_addr = sluice_common::ops::serve_ops(
+            ops.listen,
+            ops.metrics,
+            Arc::clone(&state.joined),
+            Some(reload_tx),
+            async {
+                let _ = ops_stop_rx.await;
+            },
+        )
+        .await?;
+        tracing::info!(%ops_addr, unit = %spec.name, group = %spec.group, topics = ?topics, "worker serving metrics and health");
+
+        let producers = [producer, forward_producer];
+        let shared = Shared {
+            deployment,
+            consumer: &consumer,
+            state: &state,
+            topics: &topics,
+            producers: &producers,
+            redis: &redis,
+        };
+        let lanes = spec
+            .members
+            .iter()
+            .zip(own_topics)
+            .map(|(unit, own)| Lane::start(&shared, unit, own))
+            .collect::<Result<Vec<_>, _>>()?;
         let quirks = (cfg.kafka.broker_quirks == BrokerQuirks::Tansu).then_some(TansuQuirks {
             stalled_after: cfg.worker.stalled_partition_after,
             nudge_after: cfg.worker.join_nudge_after,
         });
+        let (wake_tx, wake) = mpsc::channel(1);
+        let idle = IdleFetch::new(
+            cfg,
+            metrics::gauge!("sluice_worker_fetch_paused", "unit" => spec.name.clone()),
+        );
+        let mut background = Vec::new();
+        if idle.enabled() {
+            let channel = cfg.wake_channel();
+            background.push(tokio::spawn(crate::idle::listen_for_wake(
+                redis_client,
+                channel,
+                wake_tx,
+            )));
+        }
+        if cfg.kafka.purge_consumed {
+            background.push(tokio::spawn(crate::purge::run(
+                Arc::clone(&consumer),
+                cfg.clone(),
+            )));
+        }
         Ok(Worker {
             deployment,
-            unit,
             config_path,
-            completer,
+            consumer,
             state,
             topics,
-            entries,
-            signature: model.map(|m| m.signature()),
+            lane_of,
+            lanes,
             result_ttl_ms: i64::try_from(cfg.redis.result_ttl.as_millis()).unwrap_or(i64::MAX),
-            step,
             graphs: deployment.graphs.clone(),
-            metrics: wm,
-            jobs: Some(jobs),
-            pipeline: vec![batcher, executor],
-            joiner,
             quirks,
+            idle,
+            wake,
             side: BoundedTasks::new(cfg.worker.max_queued),
             reloads,
             ops_stop: Some(ops_stop),
-            producers: [producer, forward_producer],
+            background,
+            producers,
         })
     }
 
     /// The consumer loop: one `select!` over every event source (shutdown, reloads, the tansu
-    /// checks, join timeouts, records), so their order is decided in one place. Returns at
-    /// shutdown, or when the pipeline is gone.
+    /// checks, join timeouts, idle fetching, records), so their order is decided in one place.
+    /// Returns at shutdown, or when a pipeline is gone.
     async fn serve(
         &mut self,
         shutdown: impl std::future::Future<Output = ()>,
@@ -267,21 +367,23 @@ impl<'a> Worker<'a> {
         );
         quirk_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
-        let completer = Arc::clone(&self.completer);
+        let consumer = Arc::clone(&self.consumer);
         tokio::pin!(shutdown);
         loop {
             // Requests whose parts came from revoked partitions belong to their new owner now.
-            if let Some(j) = self.joiner.as_mut() {
-                let gone: Vec<i32> = lock(&self.state.revoked).drain(..).collect();
-                if !gone.is_empty() {
+            let gone: Vec<PartitionKey> = lock(&self.state.revoked).drain(..).collect();
+            if !gone.is_empty() {
+                for j in self.lanes.iter_mut().filter_map(|l| l.joiner.as_mut()) {
                     j.forget_partitions(&gone);
                 }
             }
-            let wait = self.joiner.as_ref().and_then(Joiner::next_timeout);
-            let room = self
-                .joiner
-                .as_ref()
-                .is_none_or(|j| j.pending() < max_queued);
+            let wait = self
+                .lanes
+                .iter()
+                .filter_map(|l| l.joiner.as_ref().and_then(Joiner::next_timeout))
+                .min();
+            let room = self.lanes.iter().all(|l| l.has_room(max_queued));
+            let idle_at = self.idle.next_change();
             let open = tokio::select! {
                 biased;
                 _ = &mut shutdown => false,
@@ -295,14 +397,24 @@ impl<'a> Worker<'a> {
                     true
                 }
                 _ = quirk_check.tick(), if self.quirks.is_some() => {
-                    if let Some(q) = self.quirks {
-                        q.check(&completer, self.joiner.as_mut(), &mut self.side).await;
-                    }
+                    self.check_quirks().await;
                     true
                 }
                 _ = sleep_or_forever(wait) => self.expire_joins().await,
-                msg = completer.consumer.recv(), if room => match msg {
-                    Ok(m) => self.on_record(&m).await,
+                Some(()) = self.wake.recv() => {
+                    self.idle.woken(&self.consumer, Instant::now());
+                    true
+                }
+                _ = sleep_until_or_forever(idle_at) => {
+                    let rebalances = self.state.rebalances.load(Ordering::Relaxed);
+                    self.idle.tick(&self.consumer, rebalances, Instant::now());
+                    true
+                }
+                msg = consumer.recv(), if room => match msg {
+                    Ok(m) => {
+                        self.idle.record_arrived(&self.consumer, Instant::now());
+                        self.on_record(&m).await
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, "consume error");
                         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -316,14 +428,34 @@ impl<'a> Worker<'a> {
         }
     }
 
+    /// The tansu checks: nudge each join's overdue partitions, re-read stalled partitions.
+    async fn check_quirks(&mut self) {
+        let Some(q) = self.quirks else {
+            return;
+        };
+        for lane in &mut self.lanes {
+            if let Some(j) = lane.joiner.as_mut() {
+                q.nudge(&lane.completer, j, &mut self.side).await;
+            }
+        }
+        let by_topic: Vec<Arc<Completer>> = self
+            .lane_of
+            .iter()
+            .map(|&l| Arc::clone(&self.lanes[l].completer))
+            .collect();
+        q.reread_stalled(&self.state, by_topic, &mut self.side)
+            .await;
+    }
+
     /// Handles one consumed record; false when the pipeline is gone (the worker is stopping).
     async fn on_record(&mut self, m: &BorrowedMessage<'_>) -> bool {
         let Some(topic_index) = self.topics.iter().position(|t| t == m.topic()) else {
             return true;
         };
+        let lane_index = self.lane_of[topic_index];
         let key = (topic_index, m.partition());
         if let Some(q) = &self.quirks {
-            match q.arrival(&self.completer, key, m.offset()) {
+            match q.arrival(&self.lanes[lane_index].completer, key, m.offset()) {
                 Arrival::Next => {}
                 Arrival::Skip => return true,
                 Arrival::SeekBack(expected) => {
@@ -334,7 +466,9 @@ impl<'a> Worker<'a> {
                         got = m.offset(),
                         "the fetch skipped records; re-reading from the first one missing"
                     );
-                    self.completer.seek(m.topic(), m.partition(), expected);
+                    self.lanes[lane_index]
+                        .completer
+                        .seek(m.topic(), m.partition(), expected);
                     return true;
                 }
             }
@@ -345,39 +479,41 @@ impl<'a> Worker<'a> {
             offset: m.offset(),
         };
         lock(&self.state.tracker).begin(key, m.offset());
-        self.metrics.in_flight.increment(1.0);
+        let lane = &self.lanes[lane_index];
+        lane.metrics.in_flight.increment(1.0);
         let ctx = Admit {
-            unit: self.unit,
-            model: self.signature.as_ref(),
-            own_topic: &self.topics[0],
+            unit: &lane.unit,
+            model: lane.signature.as_ref(),
+            own_topic: &self.topics[lane.own_topic],
             graphs: &self.graphs,
-            entries: &self.entries,
+            entries: &lane.entries,
             result_ttl_ms: self.result_ttl_ms,
-            metrics: &self.metrics,
+            metrics: &lane.metrics,
         };
         let headers = Record::headers_of(m);
         let admission = admit(&Record::of(m, &headers), source, &ctx);
         match admission {
-            Admission::Run(job) => self.run(*job).await,
+            Admission::Run(job) => self.run(lane_index, *job).await,
             Admission::Done(completion) => {
-                self.finish(vec![*completion]).await;
+                self.finish(lane_index, vec![*completion]).await;
                 true
             }
             Admission::Part(request, source) => {
-                let Some(j) = self.joiner.as_mut() else {
-                    self.finish(vec![bare(source)]).await;
+                let lane = &mut self.lanes[lane_index];
+                let Some(j) = lane.joiner.as_mut() else {
+                    self.finish(lane_index, vec![bare(source)]).await;
                     return true;
                 };
                 let offered = j.offer(*request, source);
-                self.metrics.join_pending.set(j.pending() as f64);
+                lane.metrics.join_pending.set(j.pending() as f64);
                 match offered {
                     Offered::Held => true,
                     Offered::Duplicate => {
-                        self.metrics.join_late_parts.increment(1);
-                        self.finish(vec![bare(source)]).await;
+                        lane.metrics.join_late_parts.increment(1);
+                        self.finish(lane_index, vec![bare(source)]).await;
                         true
                     }
-                    Offered::Decided(d) => self.decide(*d).await,
+                    Offered::Decided(d) => self.decide(lane_index, *d).await,
                 }
             }
         }
@@ -385,66 +521,72 @@ impl<'a> Worker<'a> {
 
     /// Decides every join request whose timeout has passed.
     async fn expire_joins(&mut self) -> bool {
-        let Some(j) = self.joiner.as_mut() else {
-            return true;
-        };
-        let decided = j.expire(Instant::now());
-        self.metrics.join_pending.set(j.pending() as f64);
-        for d in decided {
-            self.metrics.join_timeouts.increment(1);
-            if !self.decide(d).await {
-                return false;
+        for lane_index in 0..self.lanes.len() {
+            let lane = &mut self.lanes[lane_index];
+            let Some(j) = lane.joiner.as_mut() else {
+                continue;
+            };
+            let decided = j.expire(Instant::now());
+            lane.metrics.join_pending.set(j.pending() as f64);
+            for d in decided {
+                self.lanes[lane_index].metrics.join_timeouts.increment(1);
+                if !self.decide(lane_index, d).await {
+                    return false;
+                }
             }
         }
         true
     }
 
-    /// Hands a job to the batcher; false when the pipeline is gone.
-    async fn run(&mut self, job: Job) -> bool {
+    /// Hands a job to its lane's batcher; false when the pipeline is gone.
+    async fn run(&mut self, lane: usize, job: Job) -> bool {
         let rows = job.rows().max(1);
-        match &self.jobs {
+        match &self.lanes[lane].jobs {
             Some(jobs) => jobs.send(Item { item: job, rows }).await.is_ok(),
             None => false,
         }
     }
 
     /// Delivers completions of records finished without a batch, off the loop (bounded).
-    async fn finish(&mut self, items: Vec<crate::completion::Completion>) {
-        let c = Arc::clone(&self.completer);
+    async fn finish(&mut self, lane: usize, items: Vec<crate::completion::Completion>) {
+        let c = Arc::clone(&self.lanes[lane].completer);
         self.side
             .spawn(async move { c.complete(items).await })
             .await;
     }
 
     /// Acts on a join's decision: its combine job goes to the batcher, a failure is delivered.
-    async fn decide(&mut self, d: Decision) -> bool {
+    async fn decide(&mut self, lane: usize, d: Decision) -> bool {
         match d {
-            Decision::Combine(job) => self.run(*job).await,
+            Decision::Combine(job) => self.run(lane, *job).await,
             Decision::Failed(d) => {
-                let Some(graph) = self.joiner.as_ref().map(Joiner::graph) else {
+                let Some(graph) = self.lanes[lane].joiner.as_ref().map(Joiner::graph) else {
                     return true;
                 };
                 let items = failed_join_completions(&self.topics, &graph, *d);
-                self.finish(items).await;
+                self.finish(lane, items).await;
                 true
             }
         }
     }
 
     /// Re-reads the config's graphs; routing changes apply to records arriving from now on, and
-    /// a non-model step is rebuilt (a join's weights, say).
+    /// non-model steps are rebuilt (a join's weights, say).
     fn reload(&mut self) -> Result<String, String> {
         let fresh = Deployment::load(self.config_path.as_deref()).map_err(|e| e.to_string())?;
-        if let Some(j) = self.joiner.as_mut() {
-            j.replace_graph(&fresh.graphs);
-        }
-        if matches!(self.unit, Unit::Step { .. }) && fresh.has_unit(self.unit) {
-            let rebuilt = crate::step::for_unit(&fresh, self.unit).map_err(|e| e.to_string())?;
-            *self.step.write().unwrap_or_else(|e| e.into_inner()) = rebuilt;
+        for lane in &mut self.lanes {
+            if let Some(j) = lane.joiner.as_mut() {
+                j.replace_graph(&fresh.graphs);
+            }
+            if matches!(lane.unit, Unit::Step { .. }) && fresh.has_unit(&lane.unit) {
+                let rebuilt =
+                    crate::step::for_unit(&fresh, &lane.unit).map_err(|e| e.to_string())?;
+                *lane.step.write().unwrap_or_else(|e| e.into_inner()) = rebuilt;
+            }
+            lane.metrics.config_reloads.increment(1);
         }
         let summary = routing_summary(&fresh.graphs);
         self.graphs = fresh.graphs;
-        self.metrics.config_reloads.increment(1);
         Ok(format!("reloaded {} graphs; {summary}", self.graphs.len()))
     }
 
@@ -453,9 +595,14 @@ impl<'a> Worker<'a> {
     async fn drain(&mut self) {
         tracing::info!("draining");
         self.state.joined.store(false, Ordering::Relaxed);
-        self.jobs = None;
+        self.idle.resume_all(&self.consumer);
         let timeout = self.deployment.config.worker.drain_timeout;
-        let (pipeline, side) = (std::mem::take(&mut self.pipeline), &mut self.side);
+        let mut pipeline = Vec::new();
+        for lane in &mut self.lanes {
+            lane.jobs = None;
+            pipeline.append(&mut lane.pipeline);
+        }
+        let side = &mut self.side;
         let drained = tokio::time::timeout(timeout, async {
             for task in pipeline {
                 let _ = task.await;
@@ -471,7 +618,12 @@ impl<'a> Worker<'a> {
                 "drain timed out; unfinished records will be redelivered"
             );
         }
-        self.completer.commit_and_leave();
+        for task in self.background.drain(..) {
+            task.abort();
+        }
+        if let Some(lane) = self.lanes.first() {
+            lane.completer.commit_and_leave();
+        }
         if let Some(stop) = self.ops_stop.take() {
             let _ = stop.send(());
         }
@@ -479,6 +631,13 @@ impl<'a> Worker<'a> {
             let _ = p.flush(Duration::from_secs(5));
         }
         tracing::info!("worker stopped");
+    }
+}
+
+async fn sleep_until_or_forever(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
 }
 

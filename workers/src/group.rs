@@ -35,9 +35,11 @@ pub(crate) struct PartitionState {
     /// Offsets stored for commit.
     pub(crate) stored: Mutex<HashMap<PartitionKey, i64>>,
     /// Partitions revoked since the loop last looked.
-    pub(crate) revoked: Mutex<Vec<i32>>,
+    pub(crate) revoked: Mutex<Vec<PartitionKey>>,
     /// Whether the worker has been assigned partitions (readiness).
     pub(crate) joined: Arc<AtomicBool>,
+    /// Rebalances seen (the idle cycle stays active for a while after each).
+    pub(crate) rebalances: std::sync::atomic::AtomicU64,
 }
 
 /// Keeps the partition state in step with assignment and marks the worker ready.
@@ -91,10 +93,11 @@ impl ConsumerContext for GroupContext {
             self.assigned.fetch_sub(n, Ordering::Relaxed) - n
         };
         self.assigned_gauge.set(owned as f64);
+        self.state.rebalances.fetch_add(1, Ordering::Relaxed);
         if kind == "assigned" {
             self.state.joined.store(true, Ordering::Relaxed);
         } else {
-            lock(&self.state.revoked).extend(keys.iter().map(|(_, p)| *p));
+            lock(&self.state.revoked).extend(keys.iter().copied());
         }
     }
 
@@ -112,7 +115,8 @@ impl ConsumerContext for GroupContext {
 
 /// Delivers completions and stores the offsets that became committable.
 pub(crate) struct Completer {
-    pub(crate) consumer: StreamConsumer<GroupContext>,
+    /// The worker's one consumer, shared by its lanes.
+    pub(crate) consumer: Arc<StreamConsumer<GroupContext>>,
     pub(crate) topics: Arc<Vec<String>>,
     pub(crate) state: Arc<PartitionState>,
     pub(crate) sink: Sink,

@@ -196,9 +196,12 @@ impl Joiner {
 
     /// Forgets requests whose records came from partitions this worker no longer owns (their
     /// new owner is sent them again).
-    pub fn forget_partitions(&mut self, partitions: &[i32]) {
-        self.pending
-            .retain(|_, p| !p.records.iter().any(|h| partitions.contains(&h.partition)));
+    pub fn forget_partitions(&mut self, partitions: &[(usize, i32)]) {
+        self.pending.retain(|_, p| {
+            !p.records
+                .iter()
+                .any(|h| partitions.contains(&(h.topic_index, h.partition)))
+        });
     }
 
     /// Partitions holding requests that have waited longer than `after` for their parts (each
@@ -588,7 +591,13 @@ timeout = "50ms"
     fn revoked_partitions_are_forgotten() {
         let mut j = joiner("");
         j.offer(part("r1", "a", 1), held(0));
-        j.forget_partitions(&[0]);
+        j.forget_partitions(&[(1, 0)]);
+        assert_eq!(
+            j.pending(),
+            1,
+            "another topic's partition 0 is not this one"
+        );
+        j.forget_partitions(&[(0, 0)]);
         assert_eq!(j.pending(), 0);
     }
 }

@@ -9,7 +9,7 @@
 //!   steps behind one trait), `join` (holding a join's parts), `outcome` (what follows a step's
 //!   result), `admission` (what a record is), `reply` (Redis) and `sink` (Kafka);
 //! - `group` (partitions, offsets, delivery), `executor` (batches through the step), `quirks`
-//!   (tansu work-arounds);
+//!   (tansu work-arounds), `idle` (fetching less while idle), `purge` (deleting consumed records);
 //! - `consumer`: the consumer loop, [`run`].
 
 mod admission;
@@ -20,11 +20,13 @@ mod consumer;
 mod executor;
 mod flow;
 mod group;
+mod idle;
 mod job;
 mod join;
 mod offsets;
 mod outcome;
 mod pool;
+mod purge;
 mod quirks;
 mod record;
 mod reply;

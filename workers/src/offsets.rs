@@ -149,6 +149,8 @@ struct Expect {
     last_seen: Instant,
     /// When the current gap was first seen, and when we last sought back for it.
     gap_since: Option<(Instant, Instant)>,
+    /// Idle checks reported since the last record: each doubles the wait for the next.
+    idle_checks: u32,
 }
 
 /// Catches offsets a fetch skipped. Offsets of a non-compacted, non-transactional topic are
@@ -185,11 +187,13 @@ impl<K: Hash + Eq + Copy> GapGuard<K> {
                     next: offset + 1,
                     last_seen: now,
                     gap_since: None,
+                    idle_checks: 0,
                 },
             );
             return Observed::Next;
         };
         e.last_seen = now;
+        e.idle_checks = 0;
         if offset < e.next {
             return Observed::Seen;
         }
@@ -229,12 +233,15 @@ impl<K: Hash + Eq + Copy> GapGuard<K> {
     /// Partitions that delivered nothing for `idle`, with the next offset each expects. A skipped
     /// record at the end of a partition shows no gap until something follows it; the caller
     /// compares these with the partition's high watermark and seeks back when it is past them.
+    /// A partition that stays silent is reported after `idle`, then 2×, 4× and at most 8× that
+    /// since the last report, so an idle worker does not keep asking the broker.
     pub fn idle(&mut self, now: Instant, idle: Duration) -> Vec<(K, i64)> {
         self.expected
             .iter_mut()
-            .filter(|(_, e)| now.duration_since(e.last_seen) >= idle)
+            .filter(|(_, e)| now.duration_since(e.last_seen) >= idle * (1 << e.idle_checks.min(3)))
             .map(|(k, e)| {
                 e.last_seen = now;
+                e.idle_checks = e.idle_checks.saturating_add(1);
                 (*k, e.next)
             })
             .collect()
@@ -293,6 +300,14 @@ mod gap_tests {
         let idle = Duration::from_millis(500);
         assert_eq!(g.idle(t + Duration::from_millis(600), idle), [(0, 8)]);
         assert!(g.idle(t + Duration::from_millis(700), idle).is_empty());
+        // Still silent: partition 0's next report waits twice as long (1 s); partition 1 has
+        // not been reported yet, so its first comes after 500 ms.
+        assert_eq!(g.idle(t + Duration::from_millis(1500), idle), [(1, 4)]);
+        assert_eq!(g.idle(t + Duration::from_millis(1600), idle), [(0, 8)]);
+        // A record resets the wait to `idle`; partition 1 now waits 1 s.
+        g.observe(0, 8, t + Duration::from_millis(1600));
+        assert_eq!(g.idle(t + Duration::from_millis(2100), idle), [(0, 9)]);
+        assert_eq!(g.idle(t + Duration::from_millis(2500), idle), [(1, 4)]);
     }
 
     #[test]

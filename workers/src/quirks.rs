@@ -4,7 +4,8 @@
 //! - the gap guard: an offset past the next expected one means records were skipped, so the
 //!   worker seeks back instead of committing past them;
 //! - stalled partitions: one silent for `worker.stalled_partition_after` although its high
-//!   watermark is past what arrived is read again;
+//!   watermark is past what arrived is read again (a partition that stays silent is checked
+//!   less and less often, up to every 8 × that, so an idle worker costs the broker little);
 //! - join nudges: a join whose parts are `worker.join_nudge_after` overdue writes an empty record
 //!   to its partition, which makes tansu show what it held back.
 
@@ -13,7 +14,7 @@ use std::sync::Arc;
 use rdkafka::consumer::Consumer;
 use std::time::{Duration, Instant};
 
-use crate::group::{Completer, PartitionKey, lock};
+use crate::group::{Completer, PartitionKey, PartitionState, lock};
 use crate::join::Joiner;
 use crate::offsets::Observed;
 use crate::tasks::BoundedTasks;
@@ -56,26 +57,32 @@ impl TansuQuirks {
         }
     }
 
-    /// The periodic checks: nudge overdue joins' partitions, re-read stalled partitions. Both
-    /// run off the consumer loop: a slow broker answer must not hold up consumption.
-    pub(crate) async fn check(
+    /// Nudges the partitions of a join's overdue requests, off the consumer loop.
+    pub(crate) async fn nudge(
         &self,
         completer: &Arc<Completer>,
-        joiner: Option<&mut Joiner>,
+        joiner: &mut Joiner,
         side: &mut BoundedTasks,
     ) {
-        if let Some(j) = joiner {
-            for (t, p) in j.overdue(self.nudge_after) {
-                completer.metrics.join_nudges.increment(1);
-                let (c, topic) = (Arc::clone(completer), completer.topics[t].clone());
-                side.spawn(async move { c.sink.nudge(&topic, p).await })
-                    .await;
-            }
+        for (t, p) in joiner.overdue(self.nudge_after) {
+            completer.metrics.join_nudges.increment(1);
+            let (c, topic) = (Arc::clone(completer), completer.topics[t].clone());
+            side.spawn(async move { c.sink.nudge(&topic, p).await })
+                .await;
         }
-        let idle = lock(&completer.state.gaps).idle(Instant::now(), self.stalled_after);
+    }
+
+    /// Re-reads stalled partitions, off the consumer loop (a slow broker answer must not hold
+    /// up consumption). `by_topic` is the completer of the lane serving each topic.
+    pub(crate) async fn reread_stalled(
+        &self,
+        state: &PartitionState,
+        by_topic: Vec<Arc<Completer>>,
+        side: &mut BoundedTasks,
+    ) {
+        let idle = lock(&state.gaps).idle(Instant::now(), self.stalled_after);
         if !idle.is_empty() {
-            let c = Arc::clone(completer);
-            side.spawn(async move { reread_stalled_partitions(&c, idle).await })
+            side.spawn(async move { reread_stalled_partitions(&by_topic, idle).await })
                 .await;
         }
     }
@@ -84,8 +91,11 @@ impl TansuQuirks {
 /// Seeks back on partitions that delivered nothing for a while although the broker's high
 /// watermark is past what arrived: a record skipped at the end of a partition shows no gap until
 /// something follows it.
-async fn reread_stalled_partitions(c: &Arc<Completer>, idle: Vec<(PartitionKey, i64)>) {
+async fn reread_stalled_partitions(by_topic: &[Arc<Completer>], idle: Vec<(PartitionKey, i64)>) {
     for ((t, p), expected) in idle {
+        let Some(c) = by_topic.get(t) else {
+            continue;
+        };
         let (query, topic) = (Arc::clone(c), c.topics[t].clone());
         let hi = tokio::task::spawn_blocking(move || {
             query

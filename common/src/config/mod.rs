@@ -38,6 +38,34 @@ pub struct Config {
     /// Graphs of steps, by name (served like models).
     #[serde(default)]
     pub graphs: BTreeMap<String, GraphConfig>,
+    /// Deployment units, by name: worker processes that serve several steps through one
+    /// consumer. None declared: `sluice up` runs everything in one unit, `all`.
+    #[serde(default)]
+    pub units: BTreeMap<String, UnitConfig>,
+}
+
+/// A deployment unit: the steps one worker process serves through one consumer (one group,
+/// subscribed to all their topics), each record still running its own step.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct UnitConfig {
+    /// What it serves: `"*"` (every step no other unit names), or a list of models
+    /// (`"mlp"`), graphs (`"digits-pipeline"`: each of its steps) and graph steps
+    /// (`"digits-pipeline.postprocess"`).
+    pub serves: Serves,
+    /// Workers `sluice up` starts for this unit (they share its partitions).
+    #[serde(default = "one")]
+    pub workers: usize,
+}
+
+/// What a deployment unit serves.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum Serves {
+    /// `"*"`: every step no other unit names.
+    All(String),
+    /// Models, graphs and graph steps by name.
+    Named(Vec<String>),
 }
 
 /// Broker connection and client tuning.
@@ -53,6 +81,26 @@ pub struct KafkaConfig {
     /// Work-arounds for a broker's known defects: `tansu` turns on the fetch-gap guard, the
     /// re-read of stalled partitions and join nudges; `none` (any correct Kafka broker) has none.
     pub broker_quirks: BrokerQuirks,
+    /// Delete records of request and step topics once the group has committed past them
+    /// (`DeleteRecords`, as Kafka Streams does for its repartition topics). Results, comparisons
+    /// and dead letters are never purged.
+    pub purge_consumed: bool,
+    /// How often a worker purges the partitions it owns.
+    #[serde(with = "humantime_serde")]
+    pub purge_interval: Duration,
+    /// Where the broker cannot delete records on request (tansu 0.6.0), request and step topics
+    /// are created with this `retention.ms` instead (0: none). Longer than `gateway.max_timeout`,
+    /// so nothing is deleted before its deadline passed.
+    #[serde(with = "humantime_serde")]
+    pub purge_retention: Duration,
+    /// A consumer idle this long fetches less often (`idle_fetch_interval`), until records
+    /// arrive again or the gateway signals a request through Redis. 0 keeps fetching always.
+    #[serde(with = "humantime_serde")]
+    pub idle_after: Duration,
+    /// How often an idle consumer still fetches (the longest an idle worker can miss a record
+    /// written without the gateway, e.g. by a direct Kafka producer).
+    #[serde(with = "humantime_serde")]
+    pub idle_fetch_interval: Duration,
     /// librdkafka properties for every client (applied after Sluice's defaults).
     #[serde(default)]
     pub client: BTreeMap<String, String>,
@@ -379,6 +427,19 @@ impl Config {
                 "worker.stalled_partition_after and worker.join_nudge_after: must be > 0".into(),
             );
         }
+        let k = &self.kafka;
+        if k.purge_interval.is_zero() {
+            p.push("kafka.purge_interval: must be > 0".into());
+        }
+        if !k.purge_retention.is_zero() && k.purge_retention <= g.max_timeout {
+            p.push(format!(
+                "kafka.purge_retention: must be 0 or longer than gateway.max_timeout ({:?}), so no request is deleted before its deadline",
+                g.max_timeout
+            ));
+        }
+        if k.idle_fetch_interval.is_zero() {
+            p.push("kafka.idle_fetch_interval: must be > 0".into());
+        }
         if self.worker.max_queued == 0 {
             p.push("worker.max_queued: must be at least 1".into());
         }
@@ -465,6 +526,11 @@ impl Config {
     /// Redis pub/sub channel a gateway instance listens on.
     pub fn reply_channel(&self, gateway_id: &str) -> String {
         format!("{}:reply:{gateway_id}", self.redis.key_prefix)
+    }
+
+    /// Redis pub/sub channel on which gateways wake idle workers (see `kafka.idle_after`).
+    pub fn wake_channel(&self) -> String {
+        format!("{}:wake", self.redis.key_prefix)
     }
 
     /// Redis key a request's result is stored under.

@@ -1,0 +1,182 @@
+//! `sluice bench --soak` and `--idle`: what the running stack does over time. Soak keeps a
+//! closed-loop load on one servable and prints, per interval, requests/s, p50/p99, errors, and the
+//! broker's resident memory and CPU, so a slowdown or a growing broker shows as it happens; idle
+//! sends nothing and prints what the stack's processes cost while waiting.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use crate::bench::{cpu_ticks, pids_of};
+
+/// One reporting interval's requests.
+#[derive(Default)]
+struct Interval {
+    latencies_us: Vec<u64>,
+    errors: u64,
+    first_error: Option<String>,
+}
+
+/// The stack's process kinds, as `sluice bench` names them.
+const KINDS: [&str; 4] = ["gateway", "workers", "broker", "redis"];
+
+fn ticks_per_s() -> f64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64
+}
+
+/// Resident memory of `pids` in MiB.
+fn rss_mib(pids: &[u32]) -> f64 {
+    pids.iter()
+        .filter_map(|pid| {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+            let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+            line.split_whitespace().nth(1)?.parse::<f64>().ok()
+        })
+        .sum::<f64>()
+        / 1024.0
+}
+
+fn percentile(sorted: &[u64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+    sorted[i] as f64 / 1000.0
+}
+
+/// Runs the soak and prints one line per `every`, then the last-to-first ratio.
+#[allow(clippy::print_stdout)]
+pub async fn soak(
+    url: &str,
+    body: Bytes,
+    concurrency: usize,
+    total: Duration,
+    every: Duration,
+) -> anyhow::Result<()> {
+    let every = every.min(total).max(Duration::from_secs(1));
+    let intervals = (total.as_secs_f64() / every.as_secs_f64()).ceil() as usize;
+    let buckets: Arc<Mutex<Vec<Interval>>> = Arc::new(Mutex::new(
+        (0..intervals).map(|_| Interval::default()).collect(),
+    ));
+    let client = crate::http::client(concurrency);
+    let start = Instant::now();
+    let end = start + every * intervals as u32;
+    println!(
+        "sluice bench --soak: {url}, concurrency {concurrency}, {} in intervals of {}",
+        humantime::format_duration(every * intervals as u32),
+        humantime::format_duration(every)
+    );
+    println!(
+        "{:>8} {:>9} {:>9} {:>9} {:>7} {:>11} {:>10} {:>12}",
+        "interval", "req/s", "p50 ms", "p99 ms", "errors", "broker MiB", "broker %", "stack %"
+    );
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (client, body, url, buckets) = (
+            client.clone(),
+            body.clone(),
+            url.to_string(),
+            Arc::clone(&buckets),
+        );
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let t = Instant::now();
+                if t >= end {
+                    break;
+                }
+                let outcome = crate::http::post_json(&client, &url, body.clone()).await;
+                let i = (t.duration_since(start).as_secs_f64() / every.as_secs_f64()) as usize;
+                let mut b = buckets.lock().unwrap_or_else(|e| e.into_inner());
+                let Some(bucket) = b.get_mut(i) else {
+                    break;
+                };
+                match outcome {
+                    Ok((200, _)) => bucket.latencies_us.push(t.elapsed().as_micros() as u64),
+                    Ok((status, body)) => {
+                        bucket.errors += 1;
+                        bucket.first_error.get_or_insert_with(|| {
+                            format!("{status} {}", String::from_utf8_lossy(&body))
+                        });
+                    }
+                    Err(e) => {
+                        bucket.errors += 1;
+                        bucket
+                            .first_error
+                            .get_or_insert_with(|| format!("transport: {e}"));
+                    }
+                }
+            }
+        }));
+    }
+    let mut rates = Vec::new();
+    for i in 0..intervals {
+        // Pids are looked up each interval: a supervised process may have been restarted.
+        let broker = pids_of("broker");
+        let stack: Vec<u32> = KINDS.iter().flat_map(|k| pids_of(k)).collect();
+        let (b0, s0) = (cpu_ticks(&broker), cpu_ticks(&stack));
+        tokio::time::sleep_until((start + every * (i as u32 + 1)).into()).await;
+        let (b1, s1) = (cpu_ticks(&broker), cpu_ticks(&stack));
+        let secs = every.as_secs_f64();
+        let share = |a: u64, b: u64| a.saturating_sub(b) as f64 / ticks_per_s() / secs * 100.0;
+        // Requests still in flight at the interval's end land in it shortly after: let them.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (mut lat, errors, first_error) = {
+            let mut b = buckets.lock().unwrap_or_else(|e| e.into_inner());
+            let bucket = std::mem::take(&mut b[i]);
+            (bucket.latencies_us, bucket.errors, bucket.first_error)
+        };
+        lat.sort_unstable();
+        let rps = lat.len() as f64 / secs;
+        rates.push(rps);
+        println!(
+            "{:>8} {:>9.0} {:>9.2} {:>9.2} {:>7} {:>11.0} {:>10.0} {:>12.0}",
+            i + 1,
+            rps,
+            percentile(&lat, 0.5),
+            percentile(&lat, 0.99),
+            errors,
+            rss_mib(&broker),
+            share(b1, b0),
+            share(s1, s0)
+        );
+        if let Some(e) = first_error {
+            println!("         first error: {e}");
+        }
+    }
+    for t in tasks {
+        t.await?;
+    }
+    if let (Some(first), Some(last)) = (rates.first(), rates.last()) {
+        println!(
+            "last / first interval: {:.2} ({last:.0} / {first:.0} req/s)",
+            last / first.max(1e-9)
+        );
+    }
+    Ok(())
+}
+
+/// Sends nothing for `duration` and prints the CPU each kind of the stack's processes used.
+#[allow(clippy::print_stdout)]
+pub async fn idle(duration: Duration) -> anyhow::Result<()> {
+    let pids: Vec<(&str, Vec<u32>)> = KINDS.iter().map(|k| (*k, pids_of(k))).collect();
+    let before: Vec<u64> = pids.iter().map(|(_, p)| cpu_ticks(p)).collect();
+    tokio::time::sleep(duration).await;
+    let secs = duration.as_secs_f64();
+    let mut total = 0.0;
+    let mut parts = Vec::new();
+    for ((kind, p), b) in pids.iter().zip(before) {
+        let share = cpu_ticks(p).saturating_sub(b) as f64 / ticks_per_s() / secs * 100.0;
+        total += share;
+        parts.push(format!("{kind} {share:.1}% ({} processes)", p.len()));
+    }
+    println!(
+        "idle for {}: the stack used {total:.1}% of one core: {}",
+        humantime::format_duration(duration),
+        parts.join(", ")
+    );
+    Ok(())
+}

@@ -1,0 +1,287 @@
+//! Deployment units over real processes (tansu, redis-server, gateway, workers running
+//! onnxruntime): one worker process serving models and graph steps through one consumer, killed
+//! under load; idle fetching and the gateway's wake-up; topics created for purging.
+#![allow(clippy::unwrap_used, clippy::print_stdout)]
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::*;
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+use rdkafka::client::DefaultClientContext;
+use serde_json::Value;
+use sluice_common::Deployment;
+
+/// The label the answer of `servable` for sample `i` must carry (onnxruntime's, see
+/// examples/samples.json): mlp's for mlp and the pipeline, the vote of three for the ensemble.
+fn want(s: &Samples, servable: &str, i: usize) -> i64 {
+    let label = |m: &str| s.expected[m]["label"][i].as_i64().unwrap();
+    match servable {
+        "digits-ensemble" => {
+            let l = [label("mlp"), label("logreg"), label("forest")];
+            // Majority; a tie goes to the first listed (examples/digits.toml: first_listed).
+            let count = |x: i64| l.iter().filter(|y| **y == x).count();
+            let top = l.iter().map(|x| count(*x)).max().unwrap();
+            *l.iter().find(|x| count(**x) == top).unwrap()
+        }
+        _ => label("mlp"),
+    }
+}
+
+fn label_of(v: &Value) -> Option<i64> {
+    v["outputs"]
+        .as_array()?
+        .iter()
+        .find(|o| o["name"] == "label")?["data"][0]
+        .as_i64()
+}
+
+/// Closed-loop load from 9 clients over a model, a pipeline and an ensemble (3 each), every
+/// answer checked; each task returns how many it got answered.
+fn spawn_mixed_load(stack: &Stack, stop: &Arc<AtomicBool>) -> Vec<tokio::task::JoinHandle<usize>> {
+    let s = Arc::new(samples());
+    let client = Arc::new(http());
+    (0..9)
+        .map(|c| {
+            let servable = ["mlp", "digits-pipeline", "digits-ensemble"][c % 3];
+            let (client, gw, s, stop) = (
+                Arc::clone(&client),
+                stack.gateway.clone(),
+                Arc::clone(&s),
+                Arc::clone(stop),
+            );
+            tokio::spawn(async move {
+                let (mut answered, mut i) = (0usize, c);
+                while !stop.load(Ordering::Relaxed) {
+                    let k = i % s.raw.len();
+                    // mlp takes scaled rows; the graphs scale raw ones themselves.
+                    let row = if servable == "mlp" {
+                        &s.scaled[k]
+                    } else {
+                        &s.raw[k]
+                    };
+                    let r = infer(&client, &gw, servable, &[row]).await;
+                    assert_eq!(
+                        r.status,
+                        200,
+                        "{servable}: {}",
+                        String::from_utf8_lossy(&r.body)
+                    );
+                    assert_eq!(
+                        label_of(&r.json()),
+                        Some(want(&s, servable, k)),
+                        "{servable} sample {k}"
+                    );
+                    answered += 1;
+                    i += 9;
+                }
+                answered
+            })
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_unit_serves_models_and_graph_steps_through_one_consumer_and_survives_kill_9() {
+    let Some(mut stack) = Stack::start(&[("SLUICE__GATEWAY__DEFAULT_TIMEOUT", "40s")]) else {
+        return;
+    };
+    // The config declares no units: `all` serves every model and graph step.
+    let deployment = Deployment::load_with_env(Some(&stack.config), &[]).unwrap();
+    let all = deployment.worker_unit("all").unwrap();
+    let topics: usize = all
+        .members
+        .iter()
+        .map(|u| deployment.unit_topics(u).len())
+        .sum();
+    assert!(all.members.len() >= 8, "{:?}", all.members);
+
+    let (first, addr) = stack.start_unit("all", &[]);
+    let client = http();
+    // One consumer owns every partition of every topic the unit's steps read (1 partition each).
+    let owned = metric_sum(
+        &client,
+        &addr,
+        "sluice_worker_assigned_partitions",
+        "unit=\"all\"",
+    )
+    .await;
+    assert_eq!(
+        owned as usize, topics,
+        "one member owns all {topics} partitions"
+    );
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = spawn_mixed_load(&stack, &stop);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Each lane counts its own requests under its own label.
+    for unit in [
+        "mlp",
+        "scaler",
+        "digits-pipeline.postprocess",
+        "digits-ensemble.vote",
+    ] {
+        let ok = metric_sum(
+            &client,
+            &addr,
+            "sluice_worker_requests_total",
+            &format!("unit=\"{unit}\",outcome=\"ok\""),
+        )
+        .await;
+        assert!(ok > 0.0, "{unit} served nothing");
+    }
+    stack.signal(first, "KILL");
+    stack.wait_exit(first, Duration::from_secs(10));
+    let (_, addr) = stack.start_unit("all", &[]);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut total = 0;
+    for t in load {
+        total += t.await.unwrap();
+    }
+    println!(
+        "answered {total} requests over mlp, a pipeline and an ensemble across a unit's SIGKILL"
+    );
+    assert!(total > 50, "{total}");
+    let after = metric_sum(
+        &client,
+        &addr,
+        "sluice_worker_requests_total",
+        "outcome=\"ok\"",
+    )
+    .await;
+    assert!(after > 0.0, "the new worker served the rest");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_unit_fetches_rarely_and_the_gateway_wakes_it() {
+    // Idle after 1 s; an idle worker looks only every 20 s on its own, so an answer within a
+    // few seconds can only come from the gateway's wake-up.
+    let Some(mut stack) = Stack::start(&[
+        ("SLUICE__KAFKA__IDLE_AFTER", "1s"),
+        ("SLUICE__KAFKA__IDLE_FETCH_INTERVAL", "20s"),
+    ]) else {
+        return;
+    };
+    let (_, addr) = stack.start_unit("all", &[]);
+    let client = http();
+    let s = samples();
+    let r = infer(&client, &stack.gateway, "mlp", &[&s.scaled[0]]).await;
+    assert_eq!(r.status, 200);
+    let end = Instant::now() + Duration::from_secs(10);
+    while metric_sum(&client, &addr, "sluice_worker_fetch_paused", "unit=\"all\"").await != 1.0 {
+        assert!(
+            Instant::now() < end,
+            "the idle worker never paused fetching"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Quiet for longer than the gateway's threshold (half of idle_after), then one request.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for (servable, row) in [("mlp", &s.scaled[1]), ("digits-pipeline", &s.raw[1])] {
+        let t = Instant::now();
+        let r = infer(&client, &stack.gateway, servable, &[row]).await;
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        assert_eq!(label_of(&r.json()), Some(want(&s, servable, 1)));
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "{servable}: {:?}: woken by the gateway, not by the 20 s idle fetch",
+            t.elapsed()
+        );
+        assert_eq!(
+            metric_sum(&client, &addr, "sluice_worker_fetch_paused", "unit=\"all\"").await,
+            0.0,
+            "fetching again"
+        );
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_and_step_topics_are_created_to_be_purged_and_results_are_kept() {
+    // The harness's broker is tansu, which cannot delete records on request: request and step
+    // topics get retention.ms = kafka.purge_retention instead; results and dead letters do not.
+    let Some(stack) = Stack::start(&[]) else {
+        return;
+    };
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &stack.kafka)
+        .create()
+        .unwrap();
+    let retention = |topic: &'static str| {
+        let admin = &admin;
+        async move {
+            let r = admin
+                .describe_configs(&[ResourceSpecifier::Topic(topic)], &AdminOptions::new())
+                .await
+                .unwrap();
+            let resource = r.into_iter().next().unwrap().unwrap();
+            resource
+                .get("retention.ms")
+                .and_then(|e| e.value.clone())
+                .unwrap_or_default()
+        }
+    };
+    for purged in [
+        "sluice.mlp.requests",
+        "sluice.digits-pipeline.requests",
+        "sluice.digits-pipeline.postprocess.requests",
+    ] {
+        assert_eq!(retention(purged).await, "600000", "{purged}");
+    }
+    for kept in [
+        "sluice.mlp.results",
+        "sluice.dead-letter",
+        "sluice.digits-shadow.comparisons",
+    ] {
+        assert_ne!(retention(kept).await, "600000", "{kept}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_cannot_delete_records_is_logged_once_and_serving_goes_on() {
+    // Without the tansu setting the worker asks tansu to delete what its group committed;
+    // tansu 0.6.0 drops the connection instead of answering. The worker gives up, says so once,
+    // and keeps serving.
+    let Some(mut stack) = Stack::start(&[
+        ("SLUICE__KAFKA__BROKER_QUIRKS", "none"),
+        ("SLUICE__KAFKA__PURGE_INTERVAL", "500ms"),
+    ]) else {
+        return;
+    };
+    let (worker, _) = stack.start_unit("all", &[]);
+    let client = http();
+    let s = samples();
+    let end = Instant::now() + Duration::from_secs(6);
+    let mut answered = 0;
+    while Instant::now() < end {
+        let k = answered % s.scaled.len();
+        let r = infer(&client, &stack.gateway, "mlp", &[&s.scaled[k]]).await;
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        assert_eq!(label_of(&r.json()), Some(want(&s, "mlp", k)));
+        answered += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Each failed request waits for its timeout (10 s): give the worker time to give up.
+    let end = Instant::now() + Duration::from_secs(60);
+    while !stack
+        .log_of(worker)
+        .contains("does not answer DeleteRecords")
+    {
+        assert!(Instant::now() < end, "{}", stack.log_of(worker));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let r = infer(&client, &stack.gateway, "mlp", &[&s.scaled[0]]).await;
+    assert_eq!(r.status, 200, "still serving");
+    let log = stack.log_of(worker);
+    assert_eq!(
+        log.matches("does not answer DeleteRecords").count(),
+        1,
+        "{log}"
+    );
+    println!("answered {answered} requests while the purge gave up");
+}
