@@ -2,7 +2,7 @@
 # Installs everything Sluice's local stack and tests need on a fresh Debian machine.
 # Idempotent and fast on re-runs: each step is skipped when its result is already there.
 #   - Debian packages: redis-server, kcat, libb64-0d (perf_analyzer), build tools for librdkafka
-#   - tansu 0.6.0 (Kafka-compatible broker) from crates.io
+#   - tansu 0.6.0 (Kafka-compatible broker) from crates.io, built alongside the Python set-up
 #   - a Python venv in .venv with onnxruntime 1.31.1 (its shared library is what the workers load),
 #     scikit-learn/skl2onnx for the example models, tritonclient for compatibility checks
 #   - the example models (examples/models/*.onnx; `heavy` is generated here, not committed)
@@ -31,10 +31,20 @@ fi
 if ! command -v cargo >/dev/null; then
   log "cargo not found: install a Rust toolchain (rustup) first"; exit 1
 fi
-TANSU_BIN="${CARGO_HOME:-$HOME/.cargo}/bin/tansu"
+# The broker: an installed one is used as it is (SLUICE_TANSU_BIN, or a broker already answering
+# at kafka.brokers, which `sluice up` uses without starting tansu). Otherwise tansu 0.6.0 is built
+# from crates.io once, in the background while the Python side is set up, with only the storage
+# engines named in SLUICE_TANSU_FEATURES (default: dynostore, the memory engine `sluice up` uses;
+# add libsql for sqlite:// storage).
+TANSU_BIN="${SLUICE_TANSU_BIN:-${CARGO_HOME:-$HOME/.cargo}/bin/tansu}"
+TANSU_FEATURES="${SLUICE_TANSU_FEATURES:-dynostore}"
+TANSU_PID=
 if [ ! -x "$TANSU_BIN" ]; then
-  log "building tansu 0.6.0 (first time only; ~30 min on 2 cores)"
-  cargo install tansu@0.6.0 --locked --features dynostore,libsql
+  TANSU_LOG=$(mktemp)
+  log "building tansu 0.6.0 ($TANSU_FEATURES) in the background (first time only; ~25 min on 2 cores); log: $TANSU_LOG"
+  cargo install tansu@0.6.0 --locked --no-default-features --features "$TANSU_FEATURES" \
+    --root "$(dirname "$(dirname "$TANSU_BIN")")" >"$TANSU_LOG" 2>&1 &
+  TANSU_PID=$!
 fi
 
 # make_venv DIR REQUIREMENTS: (re)creates a venv when its requirements file changed.
@@ -59,6 +69,23 @@ ORT_LIB=$(ls "$VENV"/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.
 if [ ! -f "$ROOT/examples/models/heavy.onnx" ] || [ ! -f "$ROOT/examples/models/mlp.onnx" ]; then
   log "generating example models"
   "$VENV/bin/python" "$ROOT/examples/make_models.py"
+fi
+
+# Waits for the tansu build, printing progress and an estimate of the time left (it compiles
+# about 400 crates with the default features).
+if [ -n "$TANSU_PID" ]; then
+  started=$(date +%s)
+  while kill -0 "$TANSU_PID" 2>/dev/null; do
+    sleep 30
+    done_crates=$(grep -c "Compiling" "$TANSU_LOG" || true)
+    elapsed=$(( $(date +%s) - started ))
+    if [ "$done_crates" -gt 10 ]; then
+      left=$(( elapsed * (400 - done_crates) / done_crates / 60 ))
+      log "tansu: $done_crates/~400 crates compiled, ~$(( left > 0 ? left : 0 )) min left"
+    fi
+  done
+  wait "$TANSU_PID" || { tail -20 "$TANSU_LOG" >&2; log "building tansu failed"; exit 1; }
+  log "tansu built in $(( ($(date +%s) - started) / 60 )) min"
 fi
 
 # Environment for the other scripts (sourced by deploy/env.sh users).

@@ -197,3 +197,83 @@ async fn up_restarts_a_worker_killed_under_load() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_restarts_a_broker_killed_and_serving_resumes() {
+    if services_available().is_none() {
+        return;
+    }
+    let (kp, rp, gp, wp) = (free_port(), free_port(), free_port(), free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("up.log");
+    let mut up = up_mlp((kp, rp, gp, wp))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let gateway = format!("http://127.0.0.1:{gp}");
+    let url = format!("{gateway}/v2/models/mlp/infer");
+    let s = samples();
+    let client = http();
+    let body = |k: usize| {
+        serde_json::json!({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": s.scaled[k]}]})
+            .to_string()
+    };
+    let broker = format!("127.0.0.1:{kp}");
+    let end = Instant::now() + Duration::from_secs(90);
+    let first = loop {
+        if blocking_get_status(&format!("http://127.0.0.1:{wp}/health/ready")) == Ok(200)
+            && let Some(pid) = pid_with(&["tansu", "broker", &broker])
+        {
+            break pid;
+        }
+        assert!(Instant::now() < end, "the stack did not come up");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let r = post(&client, &url, &[], body(0)).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+
+    Command::new("kill")
+        .args(["-KILL", &first.to_string()])
+        .status()
+        .unwrap();
+    // A new broker takes its place, the topics are created again, and mlp answers again.
+    let end = Instant::now() + Duration::from_secs(90);
+    let mut k = 1;
+    loop {
+        // The gateway may be restarting too (connection refused): only the outcome counts.
+        let r = try_post(&client, &url, body(k)).await;
+        if let Some(r) = r.as_ref().filter(|r| r.status == 200) {
+            assert_eq!(
+                r.json()["outputs"][0]["data"][0],
+                s.expected["mlp"]["label"][k]
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "serving did not resume after the broker restart: {:?}\n{}",
+            r.map(|r| (r.status, String::from_utf8_lossy(&r.body).to_string())),
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        k = (k + 1) % s.scaled.len();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let second = pid_with(&["tansu", "broker", &broker]).expect("a broker runs");
+    assert_ne!(second, first, "the broker was restarted");
+    assert!(up.try_wait().unwrap().is_none(), "the stack kept running");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("topics applied after the broker restart"),
+        "{text}"
+    );
+    Command::new("kill")
+        .args(["-TERM", &up.id().to_string()])
+        .status()
+        .unwrap();
+    let end = Instant::now() + Duration::from_secs(40);
+    while up.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < end, "sluice up did not stop");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

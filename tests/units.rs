@@ -158,30 +158,43 @@ async fn one_unit_serves_models_and_graph_steps_through_one_consumer_and_survive
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_idle_unit_fetches_rarely_and_the_gateway_wakes_it() {
-    // Idle after 1 s; an idle worker looks only every 20 s on its own, so an answer within a
-    // few seconds can only come from the gateway's wake-up.
+async fn idle_partitions_are_paused_and_the_gateway_and_forwards_wake_them() {
+    // Idle after 1 s; a paused partition is probed only every 20 s on its own, so an answer
+    // within a few seconds can only come from a wake-up: the gateway's (a request after a quiet
+    // spell) or the worker's own (a record it forwards to a paused partition of its unit).
     let Some(mut stack) = Stack::start(&[
         ("SLUICE__KAFKA__IDLE_AFTER", "1s"),
         ("SLUICE__KAFKA__IDLE_FETCH_INTERVAL", "20s"),
     ]) else {
         return;
     };
+    let deployment = Deployment::load_with_env(Some(&stack.config), &[]).unwrap();
+    let all = deployment.worker_unit("all").unwrap();
+    let topics: usize = all
+        .members
+        .iter()
+        .map(|u| deployment.unit_topics(u).len())
+        .sum();
     let (_, addr) = stack.start_unit("all", &[]);
     let client = http();
     let s = samples();
-    let r = infer(&client, &stack.gateway, "mlp", &[&s.scaled[0]]).await;
-    assert_eq!(r.status, 200);
-    let end = Instant::now() + Duration::from_secs(10);
-    while metric_sum(&client, &addr, "sluice_worker_fetch_paused", "unit=\"all\"").await != 1.0 {
+    let paused = || {
+        metric_sum(
+            &client,
+            &addr,
+            "sluice_worker_paused_partitions",
+            "unit=\"all\"",
+        )
+    };
+    let end = Instant::now() + Duration::from_secs(15);
+    while paused().await as usize != topics {
         assert!(
             Instant::now() < end,
-            "the idle worker never paused fetching"
+            "the idle worker never paused all {topics} partitions"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     // Quiet for longer than the gateway's threshold (half of idle_after), then one request.
-    tokio::time::sleep(Duration::from_secs(2)).await;
     for (servable, row) in [("mlp", &s.scaled[1]), ("digits-pipeline", &s.raw[1])] {
         let t = Instant::now();
         let r = infer(&client, &stack.gateway, servable, &[row]).await;
@@ -189,16 +202,52 @@ async fn an_idle_unit_fetches_rarely_and_the_gateway_wakes_it() {
         assert_eq!(label_of(&r.json()), Some(want(&s, servable, 1)));
         assert!(
             t.elapsed() < Duration::from_secs(5),
-            "{servable}: {:?}: woken by the gateway, not by the 20 s idle fetch",
+            "{servable}: {:?}: woken by the gateway, not by the 20 s probe",
             t.elapsed()
-        );
-        assert_eq!(
-            metric_sum(&client, &addr, "sluice_worker_fetch_paused", "unit=\"all\"").await,
-            0.0,
-            "fetching again"
         );
         tokio::time::sleep(Duration::from_secs(3)).await;
     }
+    // Under steady load on mlp alone, mlp's partition keeps fetching while the graph's
+    // partitions pause again; a pipeline request then passes through partitions that were
+    // paused, woken by the gateway (entry) and by the worker's own forwards (next steps).
+    let stop = Arc::new(AtomicBool::new(false));
+    let busy = {
+        let (stop, gw, row) = (
+            Arc::clone(&stop),
+            stack.gateway.clone(),
+            s.scaled[2].clone(),
+        );
+        tokio::spawn(async move {
+            let client = http();
+            while !stop.load(Ordering::Relaxed) {
+                let r = infer(&client, &gw, "mlp", &[&row]).await;
+                assert_eq!(r.status, 200);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    let end = Instant::now() + Duration::from_secs(15);
+    while (paused().await as usize) < topics - 1 {
+        assert!(
+            Instant::now() < end,
+            "the quiet partitions of a busy worker never paused"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for i in 3..6 {
+        let t = Instant::now();
+        let r = infer(&client, &stack.gateway, "digits-pipeline", &[&s.raw[i]]).await;
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        assert_eq!(label_of(&r.json()), Some(want(&s, "digits-pipeline", i)));
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "pipeline {i}: {:?}",
+            t.elapsed()
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    busy.await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -60,6 +60,24 @@ fn apply(c: &mut ClientConfig, overrides: &std::collections::BTreeMap<String, St
 
 pub use crate::topics::TopicSpec;
 
+/// Whether a produce error leaves an idempotent producer unable to go on: librdkafka's fatal
+/// error, or the broker no longer knowing or accepting its producer id and epoch (a broker
+/// that lost its state in a restart). Such a producer must be replaced.
+pub fn producer_is_dead(e: &rdkafka::error::KafkaError) -> bool {
+    use rdkafka::error::RDKafkaErrorCode as C;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            C::Fatal
+                | C::ProducerFenced
+                | C::InvalidProducerEpoch
+                | C::UnknownProducerId
+                | C::OutOfOrderSequenceNumber
+                | C::InvalidProducerIdMapping
+        )
+    )
+}
+
 /// Errors from topic administration.
 #[derive(Debug, thiserror::Error)]
 pub enum TopicError {

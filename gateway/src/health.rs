@@ -34,7 +34,7 @@ pub(crate) async fn probe_loop(gw: Weak<Gateway>, mut redis: redis::aio::Connect
         let Some(g) = gw.upgrade() else { return };
         let cfg = &g.config().gateway;
         let (interval, failures) = (cfg.health_interval, cfg.health_failures);
-        let producer = g.publisher.producer().clone();
+        let producer = g.publisher.producer();
         // One topic's metadata proves the broker answers, without listing every topic.
         let probe = g.deployment.topics.dead_letter();
         let timeout = interval.max(Duration::from_millis(100));

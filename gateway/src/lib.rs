@@ -20,7 +20,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use metrics_exporter_prometheus::PrometheusHandle;
-use rdkafka::producer::FutureProducer;
 use sluice_common::{Config, Deployment};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -70,20 +69,6 @@ impl Gateway {
     ) -> Result<Arc<Gateway>, StartError> {
         let cfg = &deployment.config;
         let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
-        let client_id = format!("sluice-gateway-{id}");
-        let producer: FutureProducer =
-            sluice_common::kafka::producer_config(cfg, &client_id, Duration::ZERO).create()?;
-        // tansu 0.6.0 drops records when two producers write one partition at the same moment,
-        // so with it the gateway keeps to one (prompt) producer.
-        let tansu = cfg.kafka.broker_quirks == sluice_common::config::BrokerQuirks::Tansu;
-        let lingering: Option<FutureProducer> = if cfg.gateway.produce_linger.is_zero() || tansu {
-            None
-        } else {
-            let linger = cfg.gateway.produce_linger;
-            let c =
-                sluice_common::kafka::producer_config(cfg, &format!("{client_id}-linger"), linger);
-            Some(c.create()?)
-        };
         let client = redis::Client::open(cfg.redis.url.as_str())?;
         let manager_cfg = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(2)))
@@ -102,7 +87,7 @@ impl Gateway {
             .keys()
             .map(|m| (m.clone(), (ModelStats::default(), ModelMetrics::new(m))))
             .collect();
-        let publisher = Publisher::new(producer, lingering, cfg, &id);
+        let publisher = Publisher::new(cfg, &id)?;
         let waker = Waker::new(&deployment, conn.clone());
         let gw = Arc::new(Gateway {
             permits: Arc::new(Semaphore::new(cfg.gateway.max_in_flight)),

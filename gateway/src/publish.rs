@@ -7,23 +7,52 @@
 //! fuller produce requests (less broker and client CPU) without making a lone request wait
 //! (librdkafka wakes a lingering producer with millisecond granularity: see README, Benchmarks).
 
+use std::sync::RwLock;
 use std::time::Duration;
 
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
 use sluice_common::Config;
+use sluice_common::config::BrokerQuirks;
 use sluice_common::kafka::headers as kafka_headers;
+use sluice_common::kafka::producer_config;
 use sluice_common::topics::Topics;
 use sluice_schemas::{InferenceRequest, ReplyRoute, encode_request};
 use tokio::time::Instant;
 
 use crate::error::ApiError;
 
+/// The gateway's producers: a prompt one, and one that lingers (not with tansu).
+#[derive(Clone)]
+struct Producers {
+    prompt: FutureProducer,
+    lingering: Option<FutureProducer>,
+}
+
+impl Producers {
+    fn create(cfg: &Config, client_id: &str) -> KafkaResult<Producers> {
+        let prompt = producer_config(cfg, client_id, Duration::ZERO).create()?;
+        // tansu 0.6.0 drops records when two producers write one partition at the same moment,
+        // so with it the gateway keeps to one (prompt) producer.
+        let tansu = cfg.kafka.broker_quirks == BrokerQuirks::Tansu;
+        let lingering = if cfg.gateway.produce_linger.is_zero() || tansu {
+            None
+        } else {
+            let linger = cfg.gateway.produce_linger;
+            Some(producer_config(cfg, &format!("{client_id}-linger"), linger).create()?)
+        };
+        Ok(Producers { prompt, lingering })
+    }
+}
+
 /// Writes request records for one gateway instance.
 pub struct Publisher {
-    producer: FutureProducer,
-    lingering: Option<FutureProducer>,
+    /// Replaced when a producer fails for good (an idempotent producer whose broker lost its
+    /// state, e.g. a restarted in-memory broker, cannot go on).
+    producers: RwLock<Producers>,
+    cfg: Config,
+    client_id: String,
     linger_from: usize,
     topics: Topics,
     reply_channel: String,
@@ -32,44 +61,61 @@ pub struct Publisher {
 }
 
 impl Publisher {
-    /// A publisher producing with `producer` (no linger), and with `lingering` once
-    /// `gateway.produce_linger_from` requests are in flight; replies routed to gateway
-    /// `gateway_id`'s channel.
-    pub fn new(
-        producer: FutureProducer,
-        lingering: Option<FutureProducer>,
-        cfg: &Config,
-        gateway_id: &str,
-    ) -> Publisher {
-        Publisher {
-            producer,
-            lingering,
+    /// A publisher for gateway `gateway_id`: a prompt producer, and a lingering one used once
+    /// `gateway.produce_linger_from` requests are in flight; replies routed to the gateway's
+    /// channel.
+    pub fn new(cfg: &Config, gateway_id: &str) -> KafkaResult<Publisher> {
+        let client_id = format!("sluice-gateway-{gateway_id}");
+        Ok(Publisher {
+            producers: RwLock::new(Producers::create(cfg, &client_id)?),
+            cfg: cfg.clone(),
+            client_id,
             linger_from: cfg.gateway.produce_linger_from,
             topics: sluice_common::topics::Topics::new(&cfg.kafka.topic_prefix),
             reply_channel: cfg.reply_channel(gateway_id),
             result_key_prefix: cfg.result_key(""),
             result_ttl: cfg.redis.result_ttl,
-        }
+        })
+    }
+
+    fn current(&self) -> Producers {
+        self.producers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The prompt producer (for health probes).
-    pub fn producer(&self) -> &FutureProducer {
-        &self.producer
+    pub fn producer(&self) -> FutureProducer {
+        self.current().prompt
     }
 
     /// Waits up to `timeout` for records still queued in either producer.
     pub fn flush(&self, timeout: Duration) {
         use rdkafka::producer::Producer;
-        for p in std::iter::once(&self.producer).chain(&self.lingering) {
+        let p = self.current();
+        for p in std::iter::once(&p.prompt).chain(&p.lingering) {
             let _ = p.flush(timeout);
         }
     }
 
     /// The producer for a request arriving with `in_flight` requests in flight (itself included).
-    fn producer_for(&self, in_flight: usize) -> &FutureProducer {
-        match &self.lingering {
-            Some(p) if in_flight >= self.linger_from => p,
-            _ => &self.producer,
+    fn producer_for(&self, in_flight: usize) -> FutureProducer {
+        let p = self.current();
+        match p.lingering {
+            Some(l) if in_flight >= self.linger_from => l,
+            _ => p.prompt,
+        }
+    }
+
+    /// Replaces the producers after one failed for good; later requests use the new ones.
+    fn replace_producers(&self) {
+        match Producers::create(&self.cfg, &self.client_id) {
+            Ok(fresh) => {
+                *self.producers.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+                tracing::warn!("the Kafka producer failed for good; replaced it");
+            }
+            Err(e) => tracing::error!(error = %e, "cannot replace the failed Kafka producer"),
         }
     }
 
@@ -109,7 +155,12 @@ impl Publisher {
         let remaining = deadline.saturating_duration_since(Instant::now());
         match self.producer_for(in_flight).send(record, remaining).await {
             Ok(_) => Ok(()),
-            Err((e, _)) => Err(produce_error(e, Instant::now() >= deadline, timeout)),
+            Err((e, _)) => {
+                if sluice_common::kafka::producer_is_dead(&e) {
+                    self.replace_producers();
+                }
+                Err(produce_error(e, Instant::now() >= deadline, timeout))
+            }
         }
     }
 }

@@ -401,6 +401,23 @@ async fn send(client: &Http, req: hyper::Request<Full<Bytes>>) -> Reply {
     }
 }
 
+/// As [`post`], but `None` when nothing answers (a process being restarted).
+pub async fn try_post(client: &Http, url: &str, body: impl Into<Bytes>) -> Option<Reply> {
+    let req = hyper::Request::post(url)
+        .header("content-type", "application/json")
+        .body(Full::new(body.into()))
+        .unwrap();
+    let resp = client.request(req).await.ok()?;
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.ok()?.to_bytes();
+    Some(Reply {
+        status,
+        headers,
+        body,
+    })
+}
+
 pub async fn post(
     client: &Http,
     url: &str,

@@ -105,6 +105,8 @@ struct Shared<'a> {
     topics: &'a Arc<Vec<String>>,
     producers: &'a [FutureProducer; 2],
     redis: &'a redis::aio::ConnectionManager,
+    /// Where sinks report records written to the worker's own partitions (idle fetching on).
+    written: Option<mpsc::Sender<PartitionKey>>,
 }
 
 impl Lane {
@@ -140,6 +142,7 @@ impl Lane {
                     dead_letter_topic: deployment.topics.dead_letter(),
                     unit: label.clone(),
                     topics: Arc::clone(shared.topics),
+                    own_writes: shared.written.clone(),
                 },
                 Arc::clone(&wm),
             ),
@@ -221,6 +224,8 @@ struct Worker<'a> {
     quirks: Option<TansuQuirks>,
     idle: IdleFetch,
     wake: mpsc::Receiver<()>,
+    /// Partitions of its own this worker wrote records to (resumed at once if paused).
+    written: mpsc::Receiver<PartitionKey>,
     /// Records finished without a batch (rejected records, join decisions).
     side: BoundedTasks,
     reloads: mpsc::Receiver<ReloadRequest>,
@@ -294,7 +299,10 @@ impl<'a> Worker<'a> {
         tracing::info!(%ops_addr, unit = %spec.name, group = %spec.group, topics = ?topics, "worker serving metrics and health");
 
         let producers = [producer, forward_producer];
+        let idle_on = cfg.kafka.idle_after > Duration::ZERO;
+        let (written_tx, written) = mpsc::channel(1024);
         let shared = Shared {
+            written: idle_on.then_some(written_tx),
             deployment,
             consumer: &consumer,
             state: &state,
@@ -315,7 +323,8 @@ impl<'a> Worker<'a> {
         let (wake_tx, wake) = mpsc::channel(1);
         let idle = IdleFetch::new(
             cfg,
-            metrics::gauge!("sluice_worker_fetch_paused", "unit" => spec.name.clone()),
+            Arc::clone(&topics),
+            metrics::gauge!("sluice_worker_paused_partitions", "unit" => spec.name.clone()),
         );
         let mut background = Vec::new();
         if idle.enabled() {
@@ -345,6 +354,7 @@ impl<'a> Worker<'a> {
             quirks,
             idle,
             wake,
+            written,
             side: BoundedTasks::new(cfg.worker.max_queued),
             reloads,
             ops_stop: Some(ops_stop),
@@ -383,7 +393,9 @@ impl<'a> Worker<'a> {
                 .filter_map(|l| l.joiner.as_ref().and_then(Joiner::next_timeout))
                 .min();
             let room = self.lanes.iter().all(|l| l.has_room(max_queued));
-            let idle_at = self.idle.next_change();
+            let idle_at = self
+                .idle
+                .next_change(self.state.rebalances.load(Ordering::Relaxed));
             let open = tokio::select! {
                 biased;
                 _ = &mut shutdown => false,
@@ -405,16 +417,17 @@ impl<'a> Worker<'a> {
                     self.idle.woken(&self.consumer, Instant::now());
                     true
                 }
+                Some(key) = self.written.recv() => {
+                    self.idle.written_to(&self.consumer, key, Instant::now());
+                    true
+                }
                 _ = sleep_until_or_forever(idle_at) => {
                     let rebalances = self.state.rebalances.load(Ordering::Relaxed);
                     self.idle.tick(&self.consumer, rebalances, Instant::now());
                     true
                 }
                 msg = consumer.recv(), if room => match msg {
-                    Ok(m) => {
-                        self.idle.record_arrived(&self.consumer, Instant::now());
-                        self.on_record(&m).await
-                    }
+                    Ok(m) => self.on_record(&m).await,
                     Err(e) => {
                         tracing::warn!(error = %e, "consume error");
                         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -443,7 +456,9 @@ impl<'a> Worker<'a> {
             .iter()
             .map(|&l| Arc::clone(&self.lanes[l].completer))
             .collect();
-        q.reread_stalled(&self.state, by_topic, &mut self.side)
+        // A paused partition fetches nothing on purpose: it has not stalled.
+        let idle = &self.idle;
+        q.reread_stalled(&self.state, |k| idle.is_paused(k), by_topic, &mut self.side)
             .await;
     }
 
@@ -454,6 +469,7 @@ impl<'a> Worker<'a> {
         };
         let lane_index = self.lane_of[topic_index];
         let key = (topic_index, m.partition());
+        self.idle.record_arrived(key, Instant::now());
         if let Some(q) = &self.quirks {
             match q.arrival(&self.lanes[lane_index].completer, key, m.offset()) {
                 Arrival::Next => {}

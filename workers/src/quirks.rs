@@ -77,10 +77,12 @@ impl TansuQuirks {
     pub(crate) async fn reread_stalled(
         &self,
         state: &PartitionState,
+        paused: impl Fn(&PartitionKey) -> bool,
         by_topic: Vec<Arc<Completer>>,
         side: &mut BoundedTasks,
     ) {
-        let idle = lock(&state.gaps).idle(Instant::now(), self.stalled_after);
+        let mut idle = lock(&state.gaps).idle(Instant::now(), self.stalled_after);
+        idle.retain(|(k, _)| !paused(k));
         if !idle.is_empty() {
             side.spawn(async move { reread_stalled_partitions(&by_topic, idle).await })
                 .await;

@@ -58,6 +58,21 @@ pub fn classify(e: &KafkaError) -> ProduceError {
     }
 }
 
+/// Ends the worker process: its idempotent producer has failed for good (librdkafka's fatal
+/// error or a fenced producer, e.g. after the broker lost its producer state in a restart), so nothing more can be
+/// delivered. Offsets of undelivered records were never stored, so a restarted worker (by
+/// `sluice up`, or any supervisor) processes them again: at-least-once holds.
+fn exit_on_fatal_producer(error: &KafkaError) -> ! {
+    tracing::error!(%error, "the Kafka producer failed for good; the worker exits to be restarted");
+    // `_exit`, not `exit`: exit handlers (ONNX Runtime's among them) would run while librdkafka
+    // and inference threads still use what they tear down.
+    #[allow(unsafe_code)]
+    // SAFETY: `_exit` ends the process at once and touches no Rust state.
+    unsafe {
+        libc::_exit(70)
+    }
+}
+
 /// Why a record was not written.
 #[derive(Debug)]
 struct NotWritten {
@@ -83,6 +98,9 @@ pub struct SinkNames {
     pub unit: String,
     /// The worker's topics, by index.
     pub topics: std::sync::Arc<Vec<String>>,
+    /// Told of each record written to one of the worker's own topics (a graph's next step in
+    /// the same unit), so a partition paused while idle is fetched at once.
+    pub own_writes: Option<tokio::sync::mpsc::Sender<(usize, i32)>>,
 }
 
 /// Writes results, next-step records and dead letters.
@@ -96,6 +114,7 @@ pub struct Sink {
     unit: String,
     /// The worker's topics, by index (where a record came from).
     topics: std::sync::Arc<Vec<String>>,
+    own_writes: Option<tokio::sync::mpsc::Sender<(usize, i32)>>,
     metrics: std::sync::Arc<WorkerMetrics>,
 }
 
@@ -121,6 +140,7 @@ impl Sink {
             dead_letter_topic: names.dead_letter_topic,
             unit: names.unit,
             topics: names.topics,
+            own_writes: names.own_writes,
             metrics,
         }
     }
@@ -183,6 +203,12 @@ impl Sink {
                         o.request.deadline_ms,
                     )
                     .await;
+                if let (Ok(partition), Some(tx)) = (&sent, &self.own_writes)
+                    && let Some(t) = self.topics.iter().position(|t| *t == o.topic)
+                {
+                    // Full: the loop is busy and will catch up at the next probe anyway.
+                    let _ = tx.try_send((t, *partition));
+                }
                 sent.err().map(|e| (c, o, e))
             });
             let dead = items.iter().filter_map(|c| {
@@ -265,7 +291,7 @@ impl Sink {
     }
 
     /// Produces one record: retriable errors are retried with backoff until `deadline_ms`
-    /// (0: until acknowledged), fatal ones returned at once.
+    /// (0: until acknowledged), fatal ones returned at once. Returns the partition written.
     async fn produce(
         &self,
         producer: &FutureProducer,
@@ -274,7 +300,7 @@ impl Sink {
         payload: &[u8],
         headers: OwnedHeaders,
         deadline_ms: i64,
-    ) -> Result<(), NotWritten> {
+    ) -> Result<i32, NotWritten> {
         let mut backoff = Duration::from_millis(20);
         loop {
             let mut record = FutureRecord::to(topic)
@@ -284,9 +310,12 @@ impl Sink {
                 record = record.key(k);
             }
             let error = match producer.send(record, Duration::from_secs(5)).await {
-                Ok(_) => return Ok(()),
+                Ok(delivered) => return Ok(delivered.partition),
                 Err((e, _)) => e,
             };
+            if sluice_common::kafka::producer_is_dead(&error) {
+                exit_on_fatal_producer(&error);
+            }
             let class = classify(&error);
             if class == ProduceError::Fatal {
                 self.metrics.produce_failures.increment(1);
@@ -339,7 +368,7 @@ impl Sink {
                 )
                 .await
             {
-                Ok(()) => return,
+                Ok(_) => return,
                 Err(_) if payload.len() > DEAD_LETTER_HEAD => {
                     payload = &payload[..DEAD_LETTER_HEAD]
                 }
