@@ -85,6 +85,30 @@ fn up_serves_the_example_and_stops_cleanly() {
     }
 }
 
+/// A running `sluice up`: the process, its ports (broker, Redis, gateway, worker), and its log
+/// (in a temporary folder that lives as long as this).
+struct LoggedUp(
+    std::process::Child,
+    (u16, u16, u16, u16),
+    tempfile::TempDir,
+    std::path::PathBuf,
+);
+
+/// `sluice up --models mlp` on free ports, logging to a file; `None` when the services are
+/// missing.
+fn spawn_up_logged() -> Option<LoggedUp> {
+    services_available()?;
+    let ports = (free_port(), free_port(), free_port(), free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("up.log");
+    let up = up_mlp(ports)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    Some(LoggedUp(up, ports, dir, log))
+}
+
 /// The pid of the process whose command line holds every one of `parts`.
 fn pid_with(parts: &[&str]) -> Option<i32> {
     for entry in std::fs::read_dir("/proc").ok()?.flatten() {
@@ -104,17 +128,9 @@ fn pid_with(parts: &[&str]) -> Option<i32> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn up_restarts_a_worker_killed_under_load() {
-    if services_available().is_none() {
+    let Some(LoggedUp(mut up, (_, _, gp, wp), _dir, log)) = spawn_up_logged() else {
         return;
-    }
-    let (kp, rp, gp, wp) = (free_port(), free_port(), free_port(), free_port());
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("up.log");
-    let mut up = up_mlp((kp, rp, gp, wp))
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    };
     let gateway = format!("http://127.0.0.1:{gp}");
     let end = Instant::now() + Duration::from_secs(90);
     let worker_addr = format!("127.0.0.1:{wp}");
@@ -200,17 +216,9 @@ async fn up_restarts_a_worker_killed_under_load() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn up_restarts_a_broker_killed_and_serving_resumes() {
-    if services_available().is_none() {
+    let Some(LoggedUp(mut up, (kp, _, gp, wp), _dir, log)) = spawn_up_logged() else {
         return;
-    }
-    let (kp, rp, gp, wp) = (free_port(), free_port(), free_port(), free_port());
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("up.log");
-    let mut up = up_mlp((kp, rp, gp, wp))
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    };
     let gateway = format!("http://127.0.0.1:{gp}");
     let url = format!("{gateway}/v2/models/mlp/infer");
     let s = samples();

@@ -85,20 +85,24 @@ fn spawn_mixed_load(stack: &Stack, stop: &Arc<AtomicBool>) -> Vec<tokio::task::J
         .collect()
 }
 
+/// Partitions the implied unit `all` reads (the example topics have one each). The config
+/// declares no units, so `all` serves every model and graph step.
+fn partitions_of_all(stack: &Stack) -> usize {
+    let deployment = Deployment::load_with_env(Some(&stack.config), &[]).unwrap();
+    let all = deployment.worker_unit("all").unwrap();
+    assert!(all.members.len() >= 8, "{:?}", all.members);
+    all.members
+        .iter()
+        .map(|u| deployment.unit_topics(u).len())
+        .sum()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_unit_serves_models_and_graph_steps_through_one_consumer_and_survives_kill_9() {
     let Some(mut stack) = Stack::start(&[("SLUICE__GATEWAY__DEFAULT_TIMEOUT", "40s")]) else {
         return;
     };
-    // The config declares no units: `all` serves every model and graph step.
-    let deployment = Deployment::load_with_env(Some(&stack.config), &[]).unwrap();
-    let all = deployment.worker_unit("all").unwrap();
-    let topics: usize = all
-        .members
-        .iter()
-        .map(|u| deployment.unit_topics(u).len())
-        .sum();
-    assert!(all.members.len() >= 8, "{:?}", all.members);
+    let topics = partitions_of_all(&stack);
 
     let (first, addr) = stack.start_unit("all", &[]);
     let client = http();
@@ -168,13 +172,7 @@ async fn idle_partitions_are_paused_and_the_gateway_and_forwards_wake_them() {
     ]) else {
         return;
     };
-    let deployment = Deployment::load_with_env(Some(&stack.config), &[]).unwrap();
-    let all = deployment.worker_unit("all").unwrap();
-    let topics: usize = all
-        .members
-        .iter()
-        .map(|u| deployment.unit_topics(u).len())
-        .sum();
+    let topics = partitions_of_all(&stack);
     let (_, addr) = stack.start_unit("all", &[]);
     let client = http();
     let s = samples();
