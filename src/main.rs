@@ -7,6 +7,7 @@
 
 mod bench;
 mod http;
+mod procs;
 mod soak;
 mod up;
 

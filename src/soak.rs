@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use crate::bench::{cpu_ticks, pids_of};
+use crate::procs::{cpu_ticks, pids_of, ticks_per_s};
 
 /// One reporting interval's requests.
 #[derive(Default)]
@@ -20,13 +20,6 @@ struct Interval {
 
 /// The stack's process kinds, as `sluice bench` names them.
 const KINDS: [&str; 4] = ["gateway", "workers", "broker", "redis"];
-
-fn ticks_per_s() -> f64 {
-    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .ok()
-        .flatten()
-        .unwrap_or(100) as f64
-}
 
 /// Resident memory of `pids` in MiB.
 fn rss_mib(pids: &[u32]) -> f64 {
