@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -27,7 +27,7 @@ use crate::admission::{Admission, Admit, admit};
 use crate::batcher::{Dispatched, Item, run_batcher};
 use crate::executor::{StepSlot, UnitFacts};
 use crate::group::{Completer, GroupContext, PartitionKey, PartitionState, lock};
-use crate::idle::IdleFetch;
+use crate::idle::{IdleFetch, OwnWrites};
 use crate::job::{Job, Source};
 use crate::join::{Decision, Joiner, Offered};
 use crate::outcome::{bare, failed_join_completions};
@@ -106,7 +106,7 @@ struct Shared<'a> {
     producers: &'a [FutureProducer; 2],
     redis: &'a redis::aio::ConnectionManager,
     /// Where sinks report records written to the worker's own partitions (idle fetching on).
-    written: Option<mpsc::Sender<PartitionKey>>,
+    written: Option<OwnWrites>,
 }
 
 impl Lane {
@@ -301,8 +301,13 @@ impl<'a> Worker<'a> {
         let producers = [producer, forward_producer];
         let idle_on = cfg.kafka.idle_after > Duration::ZERO;
         let (written_tx, written) = mpsc::channel(1024);
+        let paused_topics: Arc<Vec<AtomicBool>> =
+            Arc::new(topics.iter().map(|_| AtomicBool::new(false)).collect());
         let shared = Shared {
-            written: idle_on.then_some(written_tx),
+            written: idle_on.then(|| OwnWrites {
+                tx: written_tx,
+                paused_topics: Arc::clone(&paused_topics),
+            }),
             deployment,
             consumer: &consumer,
             state: &state,
@@ -324,6 +329,7 @@ impl<'a> Worker<'a> {
         let idle = IdleFetch::new(
             cfg,
             Arc::clone(&topics),
+            paused_topics,
             metrics::gauge!("sluice_worker_paused_partitions", "unit" => spec.name.clone()),
         );
         let mut background = Vec::new();

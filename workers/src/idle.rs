@@ -8,6 +8,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use rdkafka::TopicPartitionList;
@@ -16,6 +17,30 @@ use sluice_common::Config;
 use tokio::sync::mpsc;
 
 use crate::group::{GroupContext, PartitionKey};
+
+/// How a sink tells the consumer loop it wrote to one of the worker's own partitions: only for
+/// topics with a partition paused now (`paused_topics`, by topic index; it may say paused when
+/// none is, never the other way round), so a busy pipeline sends nothing.
+#[derive(Clone)]
+pub(crate) struct OwnWrites {
+    pub(crate) tx: tokio::sync::mpsc::Sender<PartitionKey>,
+    pub(crate) paused_topics: Arc<Vec<AtomicBool>>,
+}
+
+impl OwnWrites {
+    /// Reports a record written to partition `partition` of topic `topic` (index), if that
+    /// topic has a partition paused.
+    pub(crate) fn wrote(&self, topic: usize, partition: i32) {
+        if self
+            .paused_topics
+            .get(topic)
+            .is_some_and(|p| p.load(Ordering::Relaxed))
+        {
+            // Full: the loop is busy and will catch up at the next probe anyway.
+            let _ = self.tx.try_send((topic, partition));
+        }
+    }
+}
 
 /// The idle cycle of one worker's consumer, partition by partition: a partition that brought
 /// no record for `after` is paused; paused partitions are probed together every `every` (resumed
@@ -41,6 +66,8 @@ pub(crate) struct IdleFetch {
     rebalances: u64,
     /// `sluice_worker_paused_partitions`.
     paused_gauge: metrics::Gauge,
+    /// Topics with a partition paused (shared with the sinks, see [`OwnWrites`]).
+    paused_topics: Arc<Vec<AtomicBool>>,
 }
 
 /// librdkafka's own default for `fetch.wait.max.ms`.
@@ -49,7 +76,12 @@ const DEFAULT_FETCH_WAIT_MS: u64 = 500;
 impl IdleFetch {
     /// From `kafka.idle_after` and `kafka.idle_fetch_interval`; off when the consumer's fetch
     /// wait is already as long as the idle interval (a broker that answers when data arrives).
-    pub(crate) fn new(cfg: &Config, topics: Arc<Vec<String>>, paused: metrics::Gauge) -> IdleFetch {
+    pub(crate) fn new(
+        cfg: &Config,
+        topics: Arc<Vec<String>>,
+        paused_topics: Arc<Vec<AtomicBool>>,
+        paused: metrics::Gauge,
+    ) -> IdleFetch {
         let wait_ms = cfg
             .kafka
             .consumer
@@ -75,6 +107,7 @@ impl IdleFetch {
             next_probe: Instant::now(),
             rebalances: 0,
             paused_gauge: paused,
+            paused_topics,
         }
     }
 
@@ -152,6 +185,11 @@ impl IdleFetch {
             .map(|(k, _)| *k)
             .collect();
         if !silent.is_empty() {
+            for (t, _) in &silent {
+                if let Some(flag) = self.paused_topics.get(*t) {
+                    flag.store(true, Ordering::Relaxed);
+                }
+            }
             set_paused(consumer, &self.topics, &silent, true);
             if self.paused.is_empty() {
                 self.next_probe = now + self.every;
@@ -206,6 +244,9 @@ impl IdleFetch {
             return;
         }
         let all: Vec<PartitionKey> = self.paused.drain().collect();
+        for flag in self.paused_topics.iter() {
+            flag.store(false, Ordering::Relaxed);
+        }
         if self.probing_until.take().is_none() {
             set_paused(consumer, &self.topics, &all, false);
         }
@@ -326,6 +367,7 @@ mod tests {
         IdleFetch::new(
             &cfg,
             Arc::new(vec!["t".to_string()]),
+            Arc::new(vec![AtomicBool::new(false)]),
             metrics::gauge!("sluice_worker_paused_partitions"),
         )
     }

@@ -100,7 +100,7 @@ pub struct SinkNames {
     pub topics: std::sync::Arc<Vec<String>>,
     /// Told of each record written to one of the worker's own topics (a graph's next step in
     /// the same unit), so a partition paused while idle is fetched at once.
-    pub own_writes: Option<tokio::sync::mpsc::Sender<(usize, i32)>>,
+    pub(crate) own_writes: Option<crate::idle::OwnWrites>,
 }
 
 /// Writes results, next-step records and dead letters.
@@ -114,7 +114,7 @@ pub struct Sink {
     unit: String,
     /// The worker's topics, by index (where a record came from).
     topics: std::sync::Arc<Vec<String>>,
-    own_writes: Option<tokio::sync::mpsc::Sender<(usize, i32)>>,
+    own_writes: Option<crate::idle::OwnWrites>,
     metrics: std::sync::Arc<WorkerMetrics>,
 }
 
@@ -203,11 +203,10 @@ impl Sink {
                         o.request.deadline_ms,
                     )
                     .await;
-                if let (Ok(partition), Some(tx)) = (&sent, &self.own_writes)
+                if let (Ok(partition), Some(own)) = (&sent, &self.own_writes)
                     && let Some(t) = self.topics.iter().position(|t| *t == o.topic)
                 {
-                    // Full: the loop is busy and will catch up at the next probe anyway.
-                    let _ = tx.try_send((t, *partition));
+                    own.wrote(t, *partition);
                 }
                 sent.err().map(|e| (c, o, e))
             });
