@@ -41,7 +41,7 @@ TANSU_FEATURES="${SLUICE_TANSU_FEATURES:-dynostore}"
 TANSU_PID=
 if [ ! -x "$TANSU_BIN" ]; then
   TANSU_LOG=$(mktemp)
-  log "building tansu 0.6.0 ($TANSU_FEATURES) in the background (first time only; ~25 min on 2 cores); log: $TANSU_LOG"
+  log "building tansu 0.6.0 ($TANSU_FEATURES) in the background (first time only; ~10 min on 2 cores); log: $TANSU_LOG"
   cargo install tansu@0.6.0 --locked --no-default-features --features "$TANSU_FEATURES" \
     --root "$(dirname "$(dirname "$TANSU_BIN")")" >"$TANSU_LOG" 2>&1 &
   TANSU_PID=$!
