@@ -109,6 +109,19 @@ fn spawn_up_logged() -> Option<LoggedUp> {
     Some(LoggedUp(up, ports, dir, log))
 }
 
+/// SIGTERM to `sluice up`, then waits (at most 40 s) for it to stop.
+async fn stop_up(up: &mut std::process::Child) {
+    Command::new("kill")
+        .args(["-TERM", &up.id().to_string()])
+        .status()
+        .unwrap();
+    let end = Instant::now() + Duration::from_secs(40);
+    while up.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < end, "sluice up did not stop");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// The pid of the process whose command line holds every one of `parts`.
 fn pid_with(parts: &[&str]) -> Option<i32> {
     for entry in std::fs::read_dir("/proc").ok()?.flatten() {
@@ -203,15 +216,7 @@ async fn up_restarts_a_worker_killed_under_load() {
     assert!(up.try_wait().unwrap().is_none(), "the stack kept running");
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("restarted"), "{text}");
-    Command::new("kill")
-        .args(["-TERM", &up.id().to_string()])
-        .status()
-        .unwrap();
-    let end = Instant::now() + Duration::from_secs(40);
-    while up.try_wait().unwrap().is_none() {
-        assert!(Instant::now() < end, "sluice up did not stop");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    stop_up(&mut up).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -275,13 +280,5 @@ async fn up_restarts_a_broker_killed_and_serving_resumes() {
         text.contains("topics applied after the broker restart"),
         "{text}"
     );
-    Command::new("kill")
-        .args(["-TERM", &up.id().to_string()])
-        .status()
-        .unwrap();
-    let end = Instant::now() + Duration::from_secs(40);
-    while up.try_wait().unwrap().is_none() {
-        assert!(Instant::now() < end, "sluice up did not stop");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    stop_up(&mut up).await;
 }
