@@ -28,16 +28,18 @@ pub(crate) struct OwnWrites {
 }
 
 impl OwnWrites {
-    /// Reports a record written to partition `partition` of topic `topic` (index), if that
-    /// topic has a partition paused.
-    pub(crate) fn wrote(&self, topic: usize, partition: i32) {
-        if self
+    /// Reports a record written to partition `partition` of `topic`, if that is one of the
+    /// worker's `topics` with a partition paused. Only paused topics' names are compared, so a
+    /// busy worker does no work here.
+    pub(crate) fn wrote(&self, topics: &[String], topic: &str, partition: i32) {
+        let paused = self
             .paused_topics
-            .get(topic)
-            .is_some_and(|p| p.load(Ordering::Relaxed))
-        {
+            .iter()
+            .zip(topics)
+            .position(|(p, t)| p.load(Ordering::Relaxed) && t == topic);
+        if let Some(t) = paused {
             // Full: the loop is busy and will catch up at the next probe anyway.
-            let _ = self.tx.try_send((topic, partition));
+            let _ = self.tx.try_send((t, partition));
         }
     }
 }

@@ -203,10 +203,8 @@ impl Sink {
                         o.request.deadline_ms,
                     )
                     .await;
-                if let (Ok(partition), Some(own)) = (&sent, &self.own_writes)
-                    && let Some(t) = self.topics.iter().position(|t| *t == o.topic)
-                {
-                    own.wrote(t, *partition);
+                if let (Ok(partition), Some(own)) = (&sent, &self.own_writes) {
+                    own.wrote(&self.topics, &o.topic, *partition);
                 }
                 sent.err().map(|e| (c, o, e))
             });
