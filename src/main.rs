@@ -4,8 +4,10 @@
 //! - `sluice gateway` / `sluice worker --model M` / `sluice worker --step G.S` run one component.
 //! - `sluice topics apply` creates the topics a config needs.
 //! - `sluice bench` measures HTTP load, in-process compute and the broker's transport floor.
+//! - `sluice features load|get` writes and shows a feature step's rows in Redis.
 
 mod bench;
+mod features;
 mod http;
 mod procs;
 mod soak;
@@ -77,6 +79,11 @@ enum Command {
     },
     /// Measure throughput and latency (see README, "Benchmarks").
     Bench(bench::BenchArgs),
+    /// Load and inspect the feature store a feature-lookup step reads.
+    Features {
+        #[command(subcommand)]
+        action: features::FeaturesAction,
+    },
 }
 
 #[derive(Subcommand)]
@@ -199,5 +206,6 @@ async fn run(
             Ok(())
         }
         Command::Bench(args) => bench::run(deployment, args).await,
+        Command::Features { action } => features::run(&deployment, action).await,
     }
 }

@@ -6,6 +6,7 @@
 pub mod config;
 pub mod deployment;
 pub mod graph;
+pub mod hash;
 pub mod kafka;
 pub mod local;
 pub mod ops;

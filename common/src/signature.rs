@@ -170,8 +170,15 @@ pub fn validate_inputs(model: &Signature, inputs: &[Tensor]) -> Result<usize, In
             None => batch = Some((t.name.clone(), rows)),
         }
         let want = element_count(&t.shape).unwrap_or(usize::MAX);
-        let got = t.data.len() / t.datatype.size();
-        if want.saturating_mul(t.datatype.size()) != t.data.len() {
+        let got = match t.datatype.element_size() {
+            Some(size) => t.data.len() / size,
+            None => sluice_schemas::tensor::bytes_elements(&t.data).map_or(usize::MAX, |e| e.len()),
+        };
+        if got != want
+            || t.datatype
+                .element_size()
+                .is_some_and(|size| want.saturating_mul(size) != t.data.len())
+        {
             return Err(InputError::ElementCount {
                 name: t.name.clone(),
                 shape: t.shape.clone(),

@@ -85,6 +85,7 @@ impl ApiError {
             codes::INVALID_INPUT => ApiError::InvalidTensor(msg),
             codes::UNDECODABLE | codes::NO_ROUTE => ApiError::BadRequest(msg),
             codes::JOIN_TIMEOUT => ApiError::StepTimedOut(msg),
+            codes::UNAVAILABLE => ApiError::Unavailable(msg),
             codes::DEADLINE_EXCEEDED => ApiError::DeadlineExceeded(Duration::ZERO),
             codes::MODEL_FAILED => ApiError::ModelFailed {
                 step: e.step.clone(),
@@ -176,6 +177,7 @@ mod tests {
         assert_eq!(ApiError::from_result(&e(codes::UNDECODABLE)).status(), 400);
         assert_eq!(ApiError::from_result(&e(codes::NO_ROUTE)).status(), 400);
         assert_eq!(ApiError::from_result(&e(codes::JOIN_TIMEOUT)).status(), 504);
+        assert_eq!(ApiError::from_result(&e(codes::UNAVAILABLE)).status(), 503);
         assert!(
             ApiError::from_result(&e(codes::MODEL_FAILED))
                 .to_string()

@@ -89,6 +89,8 @@ pub mod codes {
     pub const NO_ROUTE: &str = "no_route";
     /// A record could not be written to Kafka for good (too large, not authorized, no topic).
     pub const PRODUCE_FAILED: &str = "produce_failed";
+    /// A service a step depends on (Redis, a database, an HTTP API) is down or too slow.
+    pub const UNAVAILABLE: &str = "unavailable";
     /// Anything else.
     pub const INTERNAL: &str = "internal";
 }

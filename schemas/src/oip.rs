@@ -88,6 +88,8 @@ pub enum Scalar {
     F(f64),
     /// Boolean.
     B(bool),
+    /// String (a BYTES element).
+    S(String),
 }
 
 /// A tensor's `data`, flattened in row-major order whatever its nesting.
@@ -107,7 +109,7 @@ struct Flatten<'a>(&'a mut Vec<Scalar>);
 impl<'de> Visitor<'de> for Flatten<'_> {
     type Value = ();
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("numbers or booleans, possibly in nested arrays")
+        f.write_str("numbers, booleans or strings, possibly in nested arrays")
     }
     fn visit_i64<E: de::Error>(self, v: i64) -> Result<(), E> {
         self.0.push(if v >= 0 {
@@ -127,6 +129,14 @@ impl<'de> Visitor<'de> for Flatten<'_> {
     }
     fn visit_bool<E: de::Error>(self, v: bool) -> Result<(), E> {
         self.0.push(Scalar::B(v));
+        Ok(())
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<(), E> {
+        self.0.push(Scalar::S(v.to_string()));
+        Ok(())
+    }
+    fn visit_string<E: de::Error>(self, v: String) -> Result<(), E> {
+        self.0.push(Scalar::S(v));
         Ok(())
     }
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
@@ -229,21 +239,32 @@ pub fn parse_request(body: &[u8], json_len: Option<usize>) -> Result<ParsedReque
                 )));
             }
         };
-        let want = count.saturating_mul(datatype.size());
-        if data.len() != want {
-            return Err(OipError::InvalidTensor(format!(
-                "input '{}' has {} elements of data but shape {:?} needs {count}",
-                input.name,
-                data.len() / datatype.size(),
-                input.shape
-            )));
-        }
-        inputs.push(Tensor {
+        let tensor = Tensor {
             name: input.name,
             datatype,
             shape: input.shape,
             data,
-        });
+        };
+        match datatype.element_size() {
+            Some(size) if tensor.data.len() != count.saturating_mul(size) => {
+                return Err(OipError::InvalidTensor(format!(
+                    "input '{}' has {} elements of data but shape {:?} needs {count}",
+                    tensor.name,
+                    tensor.data.len() / size,
+                    tensor.shape
+                )));
+            }
+            Some(_) => {}
+            None => {
+                tensor.check().map_err(|e| match e {
+                    crate::TensorError::BytesFraming { problem, .. } => OipError::InvalidTensor(
+                        format!("input '{}' (BYTES): {problem}", tensor.name),
+                    ),
+                    e => OipError::InvalidTensor(e.to_string()),
+                })?;
+            }
+        }
+        inputs.push(tensor);
     }
     if !binary.is_empty() {
         return Err(OipError::BadRequest(format!(
@@ -278,7 +299,7 @@ fn json_to_bytes(name: &str, dt: DataType, values: &[Scalar]) -> Result<Vec<u8>,
             "input '{name}': element {i} ({v:?}) is not a valid {dt} value"
         ))
     };
-    let mut out = Vec::with_capacity(values.len() * dt.size());
+    let mut out = Vec::with_capacity(values.len() * dt.element_size().unwrap_or(8));
     macro_rules! ints {
         ($t:ty) => {
             for (i, v) in values.iter().enumerate() {
@@ -303,7 +324,7 @@ fn json_to_bytes(name: &str, dt: DataType, values: &[Scalar]) -> Result<Vec<u8>,
                     Scalar::I(n) => n as $t,
                     Scalar::U(n) => n as $t,
                     Scalar::F(f) => f as $t,
-                    Scalar::B(_) => return Err(bad(i, v)),
+                    Scalar::B(_) | Scalar::S(_) => return Err(bad(i, v)),
                 };
                 out.extend_from_slice(&x.to_le_bytes());
             }
@@ -333,6 +354,18 @@ fn json_to_bytes(name: &str, dt: DataType, values: &[Scalar]) -> Result<Vec<u8>,
                 "input '{name}': FP16 data is accepted only as binary tensor data"
             )));
         }
+        DataType::Bytes => {
+            for (i, v) in values.iter().enumerate() {
+                match v {
+                    Scalar::S(s) => crate::tensor::push_bytes_element(&mut out, s.as_bytes()),
+                    _ => {
+                        return Err(OipError::InvalidTensor(format!(
+                            "input '{name}': element {i} ({v:?}) is not a string; BYTES data in JSON is strings"
+                        )));
+                    }
+                }
+            }
+        }
     }
     Ok(out)
 }
@@ -346,6 +379,7 @@ enum JsonData {
     I64(Vec<i64>),
     U64(Vec<u64>),
     Bool(Vec<bool>),
+    Str(Vec<String>),
 }
 
 fn bytes_to_json(t: &Tensor) -> Result<JsonData, OipError> {
@@ -377,6 +411,22 @@ fn bytes_to_json(t: &Tensor) -> Result<JsonData, OipError> {
                 t.name
             )));
         }
+        DataType::Bytes => {
+            let elements = t
+                .bytes_elements()
+                .map_err(|e| OipError::Internal(e.to_string()))?;
+            let strings = elements
+                .into_iter()
+                .map(|e| String::from_utf8(e.to_vec()))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|_| {
+                    OipError::InvalidTensor(format!(
+                        "output '{}' holds bytes that are not UTF-8: request it with binary_data",
+                        t.name
+                    ))
+                })?;
+            JsonData::Str(strings)
+        }
     })
 }
 
@@ -403,6 +453,7 @@ struct ResponseJson<'a> {
 }
 
 /// An encoded infer response: the body, and the JSON part's length when binary data follows.
+#[derive(Debug)]
 pub struct EncodedResponse {
     /// Full body.
     pub body: Vec<u8>,
@@ -597,6 +648,46 @@ mod tests {
         assert_eq!(r.inputs[0].values::<f32>(), vec![1.0, 2.5, -3.0, 4.0]);
         assert_eq!(r.inputs[1].values::<i64>(), vec![7, -8]);
         assert_eq!(r.inputs[2].data, vec![1]);
+    }
+
+    #[test]
+    fn bytes_travel_as_json_strings_and_binary_elements() {
+        let json = r#"{"inputs":[{"name":"ids","shape":[2,1],"datatype":"BYTES","data":[["u1"],["héllo"]]},
+            {"name":"raw","shape":[2],"datatype":"BYTES","parameters":{"binary_data_size":11}}]}"#
+            .as_bytes();
+        let mut body = json.to_vec();
+        body.extend_from_slice(&[2, 0, 0, 0, 0xff, 0x00, 1, 0, 0, 0, b'z']);
+        let r = parse_request(&body, Some(json.len())).unwrap();
+        assert_eq!(
+            r.inputs[0].bytes_elements().unwrap(),
+            vec![&b"u1"[..], "héllo".as_bytes()]
+        );
+        assert_eq!(
+            r.inputs[1].bytes_elements().unwrap(),
+            vec![&[0xff, 0][..], b"z"]
+        );
+        // JSON answers carry strings; bytes that are not UTF-8 need binary_data.
+        let ok = encode_response("m", "1", None, Map::new(), &[(&r.inputs[0], false)]).unwrap();
+        let v: Value = serde_json::from_slice(&ok.body).unwrap();
+        assert_eq!(v["outputs"][0]["data"], serde_json::json!(["u1", "héllo"]));
+        let err =
+            encode_response("m", "1", None, Map::new(), &[(&r.inputs[1], false)]).unwrap_err();
+        assert_eq!(err.http_status(), 422);
+        let bin = encode_response("m", "1", None, Map::new(), &[(&r.inputs[1], true)]).unwrap();
+        assert_eq!(&bin.body[bin.json_len.unwrap()..], &body[json.len()..]);
+        // Wrong element counts, broken framing and non-strings are 422s naming the input.
+        for (bad, bin) in [
+            (&br#"{"inputs":[{"name":"s","shape":[3],"datatype":"BYTES","data":["a","b"]}]}"#[..], &[][..]),
+            (br#"{"inputs":[{"name":"s","shape":[1],"datatype":"BYTES","data":[7]}]}"#, &[]),
+            (br#"{"inputs":[{"name":"s","shape":[1],"datatype":"BYTES","parameters":{"binary_data_size":5}}]}"#,
+             &[9, 0, 0, 0, b'a']),
+        ] {
+            let mut body = bad.to_vec();
+            body.extend_from_slice(bin);
+            let e = parse_request(&body, (!bin.is_empty()).then_some(bad.len())).unwrap_err();
+            assert_eq!(e.http_status(), 422, "{e}");
+            assert!(e.to_string().contains("'s'"), "{e}");
+        }
     }
 
     #[test]

@@ -36,11 +36,15 @@ pub enum DataType {
     Fp32,
     /// IEEE double precision.
     Fp64,
+    /// Variable-length byte strings (text, ids, encoded images). On the wire and in memory each
+    /// element is a 4-byte little-endian length followed by its bytes, as in Triton's binary
+    /// tensor extension.
+    Bytes,
 }
 
 impl DataType {
     /// Every supported datatype.
-    pub const ALL: [DataType; 12] = [
+    pub const ALL: [DataType; 13] = [
         DataType::Bool,
         DataType::Uint8,
         DataType::Uint16,
@@ -53,6 +57,7 @@ impl DataType {
         DataType::Fp16,
         DataType::Fp32,
         DataType::Fp64,
+        DataType::Bytes,
     ];
 
     /// The protocol name, e.g. `FP32`.
@@ -70,21 +75,26 @@ impl DataType {
             DataType::Fp16 => "FP16",
             DataType::Fp32 => "FP32",
             DataType::Fp64 => "FP64",
+            DataType::Bytes => "BYTES",
         }
     }
 
-    /// Triton's model-configuration name, e.g. `TYPE_FP32`.
+    /// Triton's model-configuration name, e.g. `TYPE_FP32` (`TYPE_STRING` for BYTES).
     pub fn triton_config_name(self) -> String {
-        format!("TYPE_{}", self.as_str())
+        match self {
+            DataType::Bytes => "TYPE_STRING".into(),
+            d => format!("TYPE_{}", d.as_str()),
+        }
     }
 
-    /// Bytes per element.
-    pub fn size(self) -> usize {
+    /// Bytes per element; `None` for BYTES, whose elements vary in length.
+    pub fn element_size(self) -> Option<usize> {
         match self {
-            DataType::Bool | DataType::Uint8 | DataType::Int8 => 1,
-            DataType::Uint16 | DataType::Int16 | DataType::Fp16 => 2,
-            DataType::Uint32 | DataType::Int32 | DataType::Fp32 => 4,
-            DataType::Uint64 | DataType::Int64 | DataType::Fp64 => 8,
+            DataType::Bool | DataType::Uint8 | DataType::Int8 => Some(1),
+            DataType::Uint16 | DataType::Int16 | DataType::Fp16 => Some(2),
+            DataType::Uint32 | DataType::Int32 | DataType::Fp32 => Some(4),
+            DataType::Uint64 | DataType::Int64 | DataType::Fp64 => Some(8),
+            DataType::Bytes => None,
         }
     }
 }
@@ -124,7 +134,7 @@ impl From<DataType> for String {
 pub enum TensorError {
     /// The datatype name is not one Sluice supports.
     #[error(
-        "unknown datatype '{0}' (expected one of BOOL, UINT8..UINT64, INT8..INT64, FP16, FP32, FP64)"
+        "unknown datatype '{0}' (expected one of BOOL, UINT8..UINT64, INT8..INT64, FP16, FP32, FP64, BYTES)"
     )]
     UnknownDatatype(String),
     /// A dimension is negative.
@@ -151,6 +161,49 @@ pub enum TensorError {
         /// Bytes given.
         got: usize,
     },
+    /// A BYTES tensor's data is not a whole number of length-prefixed elements, or holds a
+    /// different number of elements than its shape.
+    #[error("tensor '{name}' (BYTES): {problem}")]
+    BytesFraming {
+        /// Tensor name.
+        name: String,
+        /// What is wrong.
+        problem: String,
+    },
+}
+
+/// Appends one BYTES element (its 4-byte little-endian length, then the bytes) to `out`.
+pub fn push_bytes_element(out: &mut Vec<u8>, element: &[u8]) {
+    let len = u32::try_from(element.len()).unwrap_or(u32::MAX);
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(&element[..len as usize]);
+}
+
+/// Splits BYTES data into its elements; `Err` says where the framing breaks.
+pub fn bytes_elements(data: &[u8]) -> Result<Vec<&[u8]>, String> {
+    let mut out = Vec::new();
+    let mut rest = data;
+    while !rest.is_empty() {
+        let Some((len, tail)) = rest.split_first_chunk::<4>() else {
+            return Err(format!(
+                "element {} has a truncated length prefix ({} bytes left)",
+                out.len(),
+                rest.len()
+            ));
+        };
+        let len = u32::from_le_bytes(*len) as usize;
+        if len > tail.len() {
+            return Err(format!(
+                "element {} declares {len} bytes but only {} remain",
+                out.len(),
+                tail.len()
+            ));
+        }
+        let (element, tail) = tail.split_at(len);
+        out.push(element);
+        rest = tail;
+    }
+    Ok(out)
 }
 
 /// A named tensor with its raw little-endian row-major bytes.
@@ -193,13 +246,54 @@ impl Tensor {
         }
     }
 
-    /// Checks that the byte length matches shape and datatype; returns the element count.
+    /// Builds a BYTES tensor from its elements (row-major).
+    pub fn from_bytes_elements<E: AsRef<[u8]>>(
+        name: impl Into<String>,
+        shape: Vec<i64>,
+        elements: impl IntoIterator<Item = E>,
+    ) -> Tensor {
+        let mut data = Vec::new();
+        for e in elements {
+            push_bytes_element(&mut data, e.as_ref());
+        }
+        Tensor {
+            name: name.into(),
+            datatype: DataType::Bytes,
+            shape,
+            data,
+        }
+    }
+
+    /// A BYTES tensor's elements (row-major); `Err` for another datatype or broken framing.
+    pub fn bytes_elements(&self) -> Result<Vec<&[u8]>, TensorError> {
+        let framing = |problem: String| TensorError::BytesFraming {
+            name: self.name.clone(),
+            problem,
+        };
+        if self.datatype != DataType::Bytes {
+            return Err(framing(format!("is {}, not BYTES", self.datatype)));
+        }
+        bytes_elements(&self.data).map_err(framing)
+    }
+
+    /// Checks that the data matches shape and datatype (for BYTES: whole length-prefixed
+    /// elements, as many as the shape holds); returns the element count.
     pub fn check(&self) -> Result<usize, TensorError> {
         let n = element_count(&self.shape).ok_or_else(|| TensorError::NegativeDim {
             name: self.name.clone(),
             shape: self.shape.clone(),
         })?;
-        let want = n.saturating_mul(self.datatype.size());
+        let Some(size) = self.datatype.element_size() else {
+            let got = self.bytes_elements()?.len();
+            if got != n {
+                return Err(TensorError::BytesFraming {
+                    name: self.name.clone(),
+                    problem: format!("holds {got} elements but shape {:?} needs {n}", self.shape),
+                });
+            }
+            return Ok(n);
+        };
+        let want = n.saturating_mul(size);
         if want != self.data.len() {
             return Err(TensorError::ByteLength {
                 name: self.name.clone(),
@@ -212,6 +306,92 @@ impl Tensor {
         Ok(n)
     }
 
+    /// Splits the tensor along its first dimension into pieces of `rows[k]` rows each (the
+    /// rows must add up to the first dimension). Works for BYTES too.
+    pub fn split_rows(&self, rows: &[usize]) -> Result<Vec<Tensor>, TensorError> {
+        let total: usize = rows.iter().sum();
+        let per_row = element_count(self.shape.get(1..).unwrap_or_default()).unwrap_or(0);
+        let framing = |problem: String| TensorError::BytesFraming {
+            name: self.name.clone(),
+            problem,
+        };
+        if self.shape.first().copied() != i64::try_from(total).ok() {
+            return Err(framing(format!(
+                "shape {:?} cannot be split into {total} rows",
+                self.shape
+            )));
+        }
+        // Byte offset where each element starts, plus the end.
+        let bounds: Vec<usize> = match self.datatype.element_size() {
+            Some(size) => (0..=total * per_row).map(|i| i * size).collect(),
+            None => {
+                let mut at = 0;
+                let mut b = vec![0];
+                for e in self.bytes_elements()? {
+                    at += 4 + e.len();
+                    b.push(at);
+                }
+                b
+            }
+        };
+        if bounds.len() != total * per_row + 1 || bounds.last() != Some(&self.data.len()) {
+            return Err(framing(format!(
+                "{} bytes do not fit shape {:?}",
+                self.data.len(),
+                self.shape
+            )));
+        }
+        let mut out = Vec::with_capacity(rows.len());
+        let mut first = 0;
+        for &n in rows {
+            let mut shape = self.shape.clone();
+            shape[0] = n as i64;
+            let (from, to) = (bounds[first * per_row], bounds[(first + n) * per_row]);
+            out.push(Tensor {
+                name: self.name.clone(),
+                datatype: self.datatype,
+                shape,
+                data: self.data[from..to].to_vec(),
+            });
+            first += n;
+        }
+        Ok(out)
+    }
+
+    /// The elements as `f64` (any numeric datatype; BOOL as 0/1); `None` for BYTES and FP16.
+    pub fn to_f64(&self) -> Option<Vec<f64>> {
+        fn le<const N: usize>(data: &[u8], f: impl Fn([u8; N]) -> f64) -> Vec<f64> {
+            data.chunks_exact(N)
+                .map(|c| {
+                    let mut a = [0u8; N];
+                    a.copy_from_slice(c);
+                    f(a)
+                })
+                .collect()
+        }
+        let d = &self.data;
+        Some(match self.datatype {
+            DataType::Bool | DataType::Uint8 => d.iter().map(|&b| f64::from(b)).collect(),
+            DataType::Int8 => d.iter().map(|&b| f64::from(b as i8)).collect(),
+            DataType::Uint16 => le(d, |a| f64::from(u16::from_le_bytes(a))),
+            DataType::Int16 => le(d, |a| f64::from(i16::from_le_bytes(a))),
+            DataType::Uint32 => le(d, |a| f64::from(u32::from_le_bytes(a))),
+            DataType::Int32 => le(d, |a| f64::from(i32::from_le_bytes(a))),
+            DataType::Uint64 => le(d, |a| u64::from_le_bytes(a) as f64),
+            DataType::Int64 => le(d, |a| i64::from_le_bytes(a) as f64),
+            DataType::Fp32 => le(d, |a| f64::from(f32::from_le_bytes(a))),
+            DataType::Fp64 => le(d, f64::from_le_bytes),
+            DataType::Fp16 | DataType::Bytes => return None,
+        })
+    }
+
+    /// Rows (the first dimension; 0 for a scalar).
+    pub fn rows(&self) -> usize {
+        self.shape
+            .first()
+            .map_or(0, |&n| usize::try_from(n).unwrap_or(0))
+    }
+
     /// Copies the elements out as `T` (which must match the datatype's size).
     pub fn values<T: bytemuck::Pod>(&self) -> Vec<T> {
         bytemuck::pod_collect_to_vec(&self.data)
@@ -220,6 +400,7 @@ impl Tensor {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]
@@ -248,6 +429,50 @@ mod tests {
         ));
         t.shape = vec![-1, 2];
         assert!(matches!(t.check(), Err(TensorError::NegativeDim { .. })));
+    }
+
+    #[test]
+    fn bytes_elements_round_trip_and_framing_is_checked() {
+        let t = Tensor::from_bytes_elements("ids", vec![3], ["u1", "", "héllo"]);
+        assert_eq!(t.check(), Ok(3));
+        assert_eq!(
+            t.bytes_elements().unwrap(),
+            vec![&b"u1"[..], b"", "héllo".as_bytes()]
+        );
+        assert_eq!(&t.data[..6], &[2, 0, 0, 0, b'u', b'1']);
+        let mut wrong_count = t.clone();
+        wrong_count.shape = vec![2];
+        assert!(matches!(
+            wrong_count.check(),
+            Err(TensorError::BytesFraming { .. })
+        ));
+        let mut truncated = t.clone();
+        truncated.data.pop();
+        assert!(matches!(
+            truncated.check(),
+            Err(TensorError::BytesFraming { .. })
+        ));
+        truncated.data.truncate(7);
+        assert!(matches!(
+            truncated.check(),
+            Err(TensorError::BytesFraming { .. })
+        ));
+    }
+
+    #[test]
+    fn split_rows_cuts_fixed_and_bytes_tensors() {
+        let t = Tensor::from_values("x", DataType::Int32, vec![3, 2], &[1i32, 2, 3, 4, 5, 6]);
+        let parts = t.split_rows(&[1, 2]).unwrap();
+        assert_eq!(parts[0].values::<i32>(), [1, 2]);
+        assert_eq!(
+            (parts[1].shape.clone(), parts[1].values::<i32>()),
+            (vec![2, 2], vec![3, 4, 5, 6])
+        );
+        let b = Tensor::from_bytes_elements("s", vec![3], ["a", "bcd", ""]);
+        let parts = b.split_rows(&[2, 1]).unwrap();
+        assert_eq!(parts[0].bytes_elements().unwrap(), vec![&b"a"[..], b"bcd"]);
+        assert_eq!(parts[1].bytes_elements().unwrap(), vec![&b""[..]]);
+        assert!(b.split_rows(&[1, 1]).is_err());
     }
 
     #[test]

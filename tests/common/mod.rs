@@ -281,6 +281,14 @@ impl Stack {
         }
     }
 
+    /// Starts another redis-server (e.g. a feature store apart from the reply Redis) on `port`;
+    /// returns its index.
+    pub fn start_redis(&mut self, name: &str, port: u16) -> usize {
+        self.spawn_raw(name, &mut sluice_common::local::redis_command(port));
+        wait_tcp(&format!("127.0.0.1:{port}"), Duration::from_secs(10));
+        self.procs.len() - 1
+    }
+
     /// Kills Redis (SIGKILL) and starts a fresh one on the same port.
     pub fn restart_redis(&mut self) {
         let i = self
@@ -303,7 +311,18 @@ impl Stack {
 /// Writes `examples/digits.toml` with each (from, to) replacement applied and `extra` appended,
 /// model paths made absolute, to `target/test-configs/<name>.toml`; returns its path.
 pub fn config_variant(name: &str, replacements: &[(&str, &str)], extra: &str) -> PathBuf {
-    let mut text = std::fs::read_to_string(root().join("examples/digits.toml")).unwrap();
+    example_variant("digits", name, replacements, extra)
+}
+
+/// As [`config_variant`], from `examples/<example>.toml`.
+pub fn example_variant(
+    example: &str,
+    name: &str,
+    replacements: &[(&str, &str)],
+    extra: &str,
+) -> PathBuf {
+    let mut text =
+        std::fs::read_to_string(root().join(format!("examples/{example}.toml"))).unwrap();
     for (from, to) in replacements {
         assert!(
             text.contains(from),
@@ -311,11 +330,8 @@ pub fn config_variant(name: &str, replacements: &[(&str, &str)], extra: &str) ->
         );
         text = text.replace(from, to);
     }
-    let models = root().join("examples/models");
-    text = text.replace(
-        "onnx = \"models/",
-        &format!("onnx = \"{}/", models.display()),
-    );
+    let examples = root().join("examples");
+    text = text.replace("onnx = \"", &format!("onnx = \"{}/", examples.display()));
     text.push_str(extra);
     let dir = root().join("target/test-configs");
     std::fs::create_dir_all(&dir).unwrap();

@@ -281,6 +281,7 @@ fn graph_job(
         input: StepInput {
             tensors: inputs,
             wanted: Vec::new(),
+            ..Default::default()
         },
         source,
         held: Vec::new(),
@@ -383,6 +384,7 @@ fn admit_model_request(
             let input = StepInput {
                 tensors: request.inputs.clone(),
                 wanted: request.outputs.clone(),
+                ..Default::default()
             };
             Admission::Run(Box::new(Job {
                 request,

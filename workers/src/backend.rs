@@ -80,6 +80,7 @@ fn to_ort_type(d: DataType) -> Option<TensorElementType> {
         DataType::Fp16 => TensorElementType::Float16,
         DataType::Fp32 => TensorElementType::Float32,
         DataType::Fp64 => TensorElementType::Float64,
+        DataType::Bytes => TensorElementType::String,
     })
 }
 
@@ -180,6 +181,17 @@ fn to_ort_value(t: &Tensor) -> Result<DynValue, BackendError> {
                 t.name
             )));
         }
+        DataType::Bytes => {
+            let run = |m: String| BackendError::Run(format!("input '{}': {m}", t.name));
+            let strings = t
+                .bytes_elements()
+                .map_err(|e| run(e.to_string()))?
+                .into_iter()
+                .map(|e| String::from_utf8(e.to_vec()))
+                .collect::<Result<Vec<String>, _>>()
+                .map_err(|_| run("an ONNX string tensor needs UTF-8 elements".into()))?;
+            OrtTensor::from_string_array((shape, &strings[..])).map(|v| v.into_dyn())
+        }
     };
     value.map_err(|e| BackendError::Run(format!("input '{}': {e}", t.name)))
 }
@@ -224,6 +236,10 @@ fn from_ort_value(name: &str, v: &DynValue) -> Result<Tensor, BackendError> {
                 shape: shape.to_vec(),
                 data: data.iter().map(|b| u8::from(*b)).collect(),
             }
+        }
+        TensorElementType::String => {
+            let (shape, strings) = v.try_extract_strings().map_err(err)?;
+            Tensor::from_bytes_elements(name, shape.to_vec(), strings)
         }
         other => {
             return Err(BackendError::Run(format!(

@@ -102,7 +102,14 @@ pub(crate) async fn run_batch(
     wm.batch_size.record(rows as f64);
     let inputs = live
         .iter_mut()
-        .map(|j| std::mem::take(&mut j.input))
+        .map(|j| {
+            let mut input = std::mem::take(&mut j.input);
+            input.deadline_ms = j.request.deadline_ms;
+            if !j.request.parameters.is_empty() {
+                input.parameters = j.request.parameters.clone();
+            }
+            input
+        })
         .collect();
     let outcomes = step.run(inputs).await;
     let infer_us = now_us() - started_us;

@@ -197,7 +197,11 @@ pub fn route_targets(
 
 /// The first element of a tensor, as a router compares it.
 fn first_value(t: &Tensor) -> Option<String> {
-    let size = t.datatype.size();
+    if t.datatype == DataType::Bytes {
+        let first = *t.bytes_elements().ok()?.first()?;
+        return Some(String::from_utf8_lossy(first).into_owned());
+    }
+    let size = t.datatype.element_size()?;
     let b = t.data.get(..size)?;
     let arr = |n: usize| -> [u8; 8] {
         let mut a = [0u8; 8];
@@ -216,7 +220,7 @@ fn first_value(t: &Tensor) -> Option<String> {
         DataType::Uint64 => u64::from_le_bytes(arr(8)).to_string(),
         DataType::Fp32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]).to_string(),
         DataType::Fp64 => f64::from_le_bytes(arr(8)).to_string(),
-        DataType::Fp16 => return None,
+        DataType::Fp16 | DataType::Bytes => return None,
     })
 }
 

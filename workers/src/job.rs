@@ -24,6 +24,11 @@ pub struct StepInput {
     pub tensors: Vec<Tensor>,
     /// Outputs the caller asked for (empty: all).
     pub wanted: Vec<String>,
+    /// When the request's caller stops waiting (ms since the epoch; 0: no deadline). Steps
+    /// that wait on I/O bound their waits by it.
+    pub deadline_ms: i64,
+    /// The request's parameters (JSON-encoded values).
+    pub parameters: std::collections::BTreeMap<String, String>,
 }
 
 impl StepInput {

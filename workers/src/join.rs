@@ -352,6 +352,7 @@ impl Joiner {
             input: StepInput {
                 tensors,
                 wanted: Vec::new(),
+                ..Default::default()
             },
             source,
             held: records.collect(),

@@ -72,23 +72,12 @@ fn run_group(
                 out.name, out.shape
             ));
         }
-        let row_bytes = out.data.len().checked_div(total).unwrap_or(0);
-        let mut at = 0;
-        for (k, j) in jobs.iter().enumerate() {
-            let n = rows[k];
-            if !j.wanted.is_empty() && !j.wanted.contains(&out.name) {
-                at += n * row_bytes;
-                continue;
+        let pieces = out.split_rows(&rows).map_err(|e| e.to_string())?;
+        for (k, piece) in pieces.into_iter().enumerate() {
+            let j = jobs[k];
+            if j.wanted.is_empty() || j.wanted.contains(&out.name) {
+                per_job[k].push(piece);
             }
-            let mut shape = out.shape.clone();
-            shape[0] = n as i64;
-            per_job[k].push(Tensor {
-                name: out.name.clone(),
-                datatype: out.datatype,
-                shape,
-                data: out.data[at..at + n * row_bytes].to_vec(),
-            });
-            at += n * row_bytes;
         }
     }
     Ok(per_job)
@@ -186,6 +175,7 @@ mod tests {
                 &vals,
             )],
             wanted,
+            ..Default::default()
         }
     }
 

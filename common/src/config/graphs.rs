@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::TensorSpec;
+use super::logic::{DecideConfig, EncodeColumn, FeaturesConfig, ValidationRule};
 
 /// A graph as written in config (`[graphs.<name>]`).
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -27,7 +28,8 @@ pub struct GraphConfig {
     pub steps: Vec<StepConfig>,
 }
 
-/// One step as written in config. Exactly one of `model`, `builtin`, `combine`, `route` is set.
+/// One step as written in config. Exactly one of `model`, `builtin`, `combine`, `route`,
+/// `validate`, `encode`, `decide`, `features` is set.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct StepConfig {
@@ -41,16 +43,26 @@ pub struct StepConfig {
     pub combine: Option<Combiner>,
     /// Pick the next step(s) by a rule.
     pub route: Option<RouteConfig>,
+    /// Check the inputs against rules; outputs them unchanged (under their input names).
+    pub validate: Option<Vec<ValidationRule>>,
+    /// Encode the inputs into one FP32 feature vector (named by `output`, default `features`).
+    pub encode: Option<Vec<EncodeColumn>>,
+    /// Turn scores into a business decision (`decision`, `rule` outputs).
+    pub decide: Option<DecideConfig>,
+    /// Look features up in Redis by the entity keys of an input.
+    pub features: Option<FeaturesConfig>,
     /// Run after this step even without reading from it (e.g. a router choosing by a request
     /// parameter once `after` has run).
     pub after: Option<String>,
-    /// Model and built-in steps: input name → source (`request.<input>` or `<step>.<output>`).
+    /// Every step but combine and route: input name → source (`request.<input>` or
+    /// `<step>.<output>`).
     #[serde(default)]
     pub inputs: BTreeMap<String, String>,
     /// Combine steps: one source per part, each from a different parallel step.
     #[serde(default)]
     pub parts: Vec<String>,
-    /// Combine steps: name of the combined tensor (default: the parts' tensor name).
+    /// Combine steps: name of the combined tensor (default: the parts' tensor name); encode
+    /// steps: name of the feature vector (default `features`).
     pub output: Option<String>,
     /// `weighted_mean`: one weight per part.
     #[serde(default)]
@@ -68,7 +80,7 @@ pub struct StepConfig {
     /// Model steps: models that get a copy of every request, compared with the primary.
     #[serde(default)]
     pub shadow: Vec<String>,
-    /// Built-in, combine and route steps: workers `sluice up` starts.
+    /// Steps other than models: workers `sluice up --per-step` starts.
     #[serde(default = "one")]
     pub workers: usize,
 }

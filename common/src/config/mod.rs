@@ -9,8 +9,13 @@ use serde::{Deserialize, Serialize};
 use sluice_schemas::DataType;
 
 mod graphs;
+mod logic;
 
 pub use graphs::{Builtin, CanaryConfig, Combiner, GraphConfig, RouteConfig, StepConfig, TieRule};
+pub use logic::{
+    AllowedValue, DecideConfig, DecisionRule, EncodeColumn, EncodeOp, FeatureLayout, FeatureSpec,
+    FeaturesConfig, JoinKeyType, OnMissing, RuleKind, Unknown, ValidationRule,
+};
 
 const DEFAULTS: &str = include_str!("../../default.toml");
 

@@ -1,5 +1,6 @@
 //! Graphs: named DAGs of steps declared in config and compiled, at start-up, into a routing plan
-//! that every process holds. A step is a model, a built-in step, a combiner (a join) or a router.
+//! that every process holds. A step is a model, a built-in step, a combiner (a join), a router,
+//! or a business-logic step (validation, encoding, decision, feature lookup).
 //! Each step reads tensors from the request (`request.<input>`) or from earlier steps
 //! (`<step>.<output>`); the compiled plan says which topic each step consumes, where each step's
 //! records go next, and which tensors a record must still carry. [`compile`] runs the passes in
@@ -17,7 +18,8 @@ use std::time::Duration;
 
 use crate::config::TensorSpec;
 pub use crate::config::{
-    Builtin, CanaryConfig, Combiner, GraphConfig, RouteConfig, StepConfig, TieRule,
+    Builtin, CanaryConfig, Combiner, DecideConfig, EncodeColumn, FeaturesConfig, GraphConfig,
+    RouteConfig, StepConfig, TieRule, ValidationRule,
 };
 use crate::signature::Signature;
 pub use compile::compile;
@@ -95,6 +97,14 @@ pub enum StepKind {
     Combine(Join),
     /// A router.
     Route(Route),
+    /// Validation rules.
+    Validate(Vec<ValidationRule>),
+    /// Encodings into one feature vector, named by the second field.
+    Encode(Vec<EncodeColumn>, String),
+    /// A decision.
+    Decide(DecideConfig),
+    /// A feature lookup.
+    Features(Box<FeaturesConfig>),
 }
 
 /// A compiled combine step.
@@ -139,7 +149,7 @@ pub enum Selector {
 pub enum Unit {
     /// A model's worker pool.
     Model(String),
-    /// A graph's built-in, combine or route step.
+    /// A graph's step that is not a model.
     Step {
         /// The graph.
         graph: String,

@@ -117,7 +117,7 @@ pub fn combine(join: &Join, output: &str, arrived: &[(usize, Tensor)]) -> Result
                 return Err("the weights of the parts that arrived sum to zero".into());
             }
             let first = &parts[0].1;
-            let mut acc = vec![0f64; first.data.len() / DataType::Fp32.size()];
+            let mut acc = vec![0f64; first.data.len() / 4];
             for ((_, t), w) in parts.iter().zip(&weights) {
                 let v: Vec<f32> = t.values();
                 if v.len() != acc.len() {
@@ -181,7 +181,9 @@ pub fn combine(join: &Join, output: &str, arrived: &[(usize, Tensor)]) -> Result
         }
         Combiner::Concat => {
             let dtype = parts[0].1.datatype;
-            let size = dtype.size();
+            let Some(size) = dtype.element_size() else {
+                return Err("concat cannot join BYTES parts".into());
+            };
             let mut width = 0i64;
             let mut data = Vec::new();
             for (_, t) in &parts {

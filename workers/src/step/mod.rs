@@ -1,5 +1,5 @@
-//! The step seam: every kind of step (a model, a built-in, a join's combiner, a router; later
-//! lookups, validators, encoders, learners, user steps) runs behind [`Step`]. A step takes a batch
+//! The step seam: every kind of step (a model, a built-in, a join's combiner, a router, a
+//! validator, an encoder, a decision, a feature lookup) runs behind [`Step`]. A step takes a batch
 //! of jobs, each a set of named tensors, and returns per job its named output tensors or an error.
 //! The consumer loop, batching, deadlines, offsets and delivery are the same for every kind; a new
 //! kind is one module here plus its config type, built in [`for_unit`].
@@ -9,9 +9,13 @@
 
 mod argmax;
 pub mod combine;
+mod decide;
+mod encode;
+mod features;
 mod model;
 mod route;
 mod seam;
+mod validate;
 
 use std::sync::Arc;
 
@@ -41,6 +45,17 @@ pub fn for_unit(deployment: &Deployment, unit: &Unit) -> Result<Arc<dyn Step>, B
                     output.unwrap_or_default(),
                 ))),
                 StepKind::Route(_) => Ok(Arc::new(route::RouteStep)),
+                StepKind::Validate(rules) => Ok(Arc::new(validate::ValidateStep::new(rules)?)),
+                StepKind::Encode(columns, output) => Ok(Arc::new(encode::EncodeStep::new(
+                    columns.clone(),
+                    output.clone(),
+                ))),
+                StepKind::Decide(d) => Ok(Arc::new(decide::DecideStep::new(d.clone()))),
+                StepKind::Features(f) => Ok(Arc::new(features::FeaturesStep::new(
+                    &unit.to_string(),
+                    f,
+                    &deployment.config.redis.url,
+                )?)),
             }
         }
     }

@@ -38,9 +38,7 @@ pub trait Step: Send + Sync {
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
     /// Not a model, nor a non-model step of a graph.
-    #[error(
-        "'{0}' is neither a model nor a built-in, combine or route step of a graph in the config"
-    )]
+    #[error("'{0}' is neither a model nor a step of a graph in the config")]
     UnknownUnit(String),
     /// Loading the model failed.
     #[error("{0}")]
@@ -48,4 +46,7 @@ pub enum BuildError {
     /// Inference threads could not start.
     #[error("inference threads: {0}")]
     Threads(#[from] std::io::Error),
+    /// The step's settings cannot be used.
+    #[error("{0}")]
+    Settings(String),
 }

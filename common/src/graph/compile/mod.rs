@@ -3,12 +3,14 @@
 //!
 //! 1. `names`: graph settings, step names and kinds, known models.
 //! 2. `order`: dependencies, topological order (cycles), successors, the first step.
-//! 3. `tensors`: what each step reads and produces, and whether it fits.
+//! 3. `tensors`: what each step reads and produces, and whether it fits (business-logic steps'
+//!    own checks in `logic`).
 //! 4. `flows`: every route answers exactly once and brings each join its parts.
 //! 5. `carry`: what each record carries, and where a failure inside a branch goes.
 
 mod carry;
 mod flows;
+mod logic;
 mod names;
 mod order;
 mod tensors;
@@ -62,7 +64,7 @@ fn assemble(
                 (_, Some(b), _, _) => StepKind::Builtin(b),
                 (_, _, Some(j), _) => StepKind::Combine(j.clone()),
                 (_, _, _, Some(r)) => StepKind::Route(r.clone()),
-                _ => StepKind::Builtin(Builtin::Argmax),
+                _ => logic::kind(s).unwrap_or(StepKind::Builtin(Builtin::Argmax)),
             };
             let topic = match &s.model {
                 Some(m) => topics.requests(m),

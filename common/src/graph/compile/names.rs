@@ -50,10 +50,14 @@ pub(super) fn check(
             s.builtin.is_some(),
             s.combine.is_some(),
             s.route.is_some(),
+            s.validate.is_some(),
+            s.encode.is_some(),
+            s.decide.is_some(),
+            s.features.is_some(),
         ];
         if kinds.iter().filter(|k| **k).count() != 1 {
             p.push(format!(
-                "{skey}: set exactly one of model, builtin, combine, route"
+                "{skey}: set exactly one of model, builtin, combine, route, validate, encode, decide, features"
             ));
         }
         if let Some(m) = &s.model

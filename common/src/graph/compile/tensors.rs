@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 
 use sluice_schemas::DataType;
 
+use super::logic;
 use super::order::Order;
 use super::{shapes_compatible, source_step};
 use crate::config::{Builtin, Combiner, GraphConfig, ModelConfig, TensorSpec};
@@ -194,6 +195,16 @@ pub(super) fn resolve(
                 quorum,
                 timeout: s.timeout,
             });
+        } else if logic::is_logic(s) {
+            let mut specs = BTreeMap::new();
+            for (input, src) in &s.inputs {
+                if let Some(got) = reads(src, &mut p) {
+                    specs.insert(input.clone(), got);
+                }
+            }
+            if specs.len() == s.inputs.len() {
+                outputs[i] = logic::outputs(&skey, s, &specs, &mut p);
+            }
         } else if let Some(r) = &s.route {
             let by = match r.by.strip_prefix("parameter:") {
                 Some(name) => Selector::Parameter(name.to_string()),

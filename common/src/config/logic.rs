@@ -1,0 +1,289 @@
+//! Business-logic steps as written in config: validation rules, encodings, decisions and feature
+//! lookups. Each is one field of a graph step (`validate`, `encode`, `decide`, `features`); the
+//! graph compiler checks them against the tensors they read ([`crate::graph`]), the workers run
+//! them.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use sluice_schemas::DataType;
+
+/// One validation rule (`validate = [{ input = "amount", rule = "range", min = 0 }, ...]`).
+/// A request breaking any rule fails with 422 naming the input, the row and the rule; nothing
+/// after the step runs.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ValidationRule {
+    /// The step input it checks (a key of the step's `inputs`); or, for `required`, the
+    /// request parameter named by `parameter`.
+    pub input: Option<String>,
+    /// For `required`: a request parameter that must be present.
+    pub parameter: Option<String>,
+    /// What it checks.
+    pub rule: RuleKind,
+    /// `range`: smallest allowed value; `length`, `sequence_length`: fewest characters/elements.
+    pub min: Option<f64>,
+    /// `range`: largest allowed value; `length`, `sequence_length`: most characters/elements.
+    pub max: Option<f64>,
+    /// `one_of`: the allowed values (strings for BYTES inputs, numbers otherwise).
+    #[serde(default)]
+    pub values: Vec<AllowedValue>,
+    /// `regex`: the pattern every element must match (use `^...$` to match whole strings).
+    pub pattern: Option<String>,
+}
+
+/// The kinds of validation rule.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RuleKind {
+    /// The input has elements and none is empty (BYTES) or NaN (floats); or the named request
+    /// parameter is present.
+    Required,
+    /// Every element is a number within `[min, max]` (either bound may be left out).
+    Range,
+    /// Every element is one of `values`.
+    OneOf,
+    /// Every element is a finite number (no NaN or ±Inf).
+    Finite,
+    /// Every BYTES element has between `min` and `max` characters.
+    Length,
+    /// Every BYTES element matches `pattern`.
+    Regex,
+    /// Each row has between `min` and `max` elements (the second dimension).
+    SequenceLength,
+}
+
+/// A value a `one_of` rule allows.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(untagged)]
+pub enum AllowedValue {
+    /// A number.
+    Number(f64),
+    /// A string.
+    Text(String),
+}
+
+impl std::fmt::Display for AllowedValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AllowedValue::Number(n) => write!(f, "{n}"),
+            AllowedValue::Text(s) => write!(f, "{s:?}"),
+        }
+    }
+}
+
+/// One column group of an `encode` step: an input, transformed by `ops` in order, becomes one
+/// or more columns of the step's FP32 feature vector.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EncodeColumn {
+    /// The step input ([batch] or [batch, k]).
+    pub input: String,
+    /// Transforms, applied in order: numeric ones element by element, then at most one
+    /// categorical one (`one_hot`, `ordinal`, `hash`), last.
+    #[serde(default)]
+    pub ops: Vec<EncodeOp>,
+}
+
+/// A transform of an encode column.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum EncodeOp {
+    /// `(x - mean) / std` (scikit-learn's StandardScaler).
+    Standardize {
+        /// Mean.
+        mean: f64,
+        /// Standard deviation (> 0).
+        std: f64,
+    },
+    /// `(x - min) / (max - min)` (scikit-learn's MinMaxScaler).
+    MinMax {
+        /// Value mapped to 0.
+        min: f64,
+        /// Value mapped to 1.
+        max: f64,
+    },
+    /// `ln(1 + x)`.
+    Log1p,
+    /// Clamped to `[min, max]`.
+    Clip {
+        /// Lower bound.
+        min: f64,
+        /// Upper bound.
+        max: f64,
+    },
+    /// The index of the bucket `x` falls in: the number of edges `<= x` (numpy's `digitize`).
+    Bucketize {
+        /// Increasing bucket edges.
+        edges: Vec<f64>,
+    },
+    /// One column per vocabulary entry, 1 where the element equals it (scikit-learn's
+    /// OneHotEncoder with fixed categories).
+    OneHot {
+        /// The categories, in column order.
+        vocabulary: Vec<String>,
+        /// What an element outside the vocabulary becomes.
+        #[serde(default)]
+        unknown: Unknown,
+    },
+    /// The element's index in the vocabulary (scikit-learn's OrdinalEncoder); unknowns -1
+    /// (or an error, or an extra index).
+    Ordinal {
+        /// The categories, in index order.
+        vocabulary: Vec<String>,
+        /// What an element outside the vocabulary becomes.
+        #[serde(default)]
+        unknown: Unknown,
+    },
+    /// The hashing trick for high-cardinality strings: `buckets` columns, each element adding
+    /// ±1 to the column its MurmurHash3 picks (scikit-learn's FeatureHasher, string input,
+    /// alternate signs).
+    Hash {
+        /// Number of columns.
+        buckets: usize,
+    },
+}
+
+/// What a categorical encoding does with a value outside its vocabulary.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Unknown {
+    /// `one_hot`: all zeros; `ordinal`: -1.
+    #[default]
+    Ignore,
+    /// An extra category after the vocabulary (`one_hot`: one more column).
+    Bucket,
+    /// The request fails with 422 naming the value.
+    Error,
+}
+
+/// A decision step: rules turn scores (and any other inputs) into a business answer.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DecideConfig {
+    /// Rules, tried in order per row; the first that holds decides.
+    pub rules: Vec<DecisionRule>,
+    /// The decision when no rule holds.
+    pub otherwise: String,
+    /// Inputs passed through to the answer next to `decision` and `rule` (default: all).
+    pub keep: Option<Vec<String>>,
+}
+
+/// One decision rule: `input[column] <op> value` → `decision`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DecisionRule {
+    /// Rule name, reported in the `rule` output (default: `<input> <op> <value>`).
+    pub name: Option<String>,
+    /// The step input it reads ([batch] or [batch, k]).
+    pub input: String,
+    /// Which column of a [batch, k] input (default 0).
+    #[serde(default)]
+    pub column: usize,
+    /// Comparison: `>`, `>=`, `<`, `<=`, `==`, `!=`.
+    pub op: String,
+    /// The threshold.
+    pub value: f64,
+    /// The answer when it holds.
+    pub decision: String,
+}
+
+/// A feature lookup: entity keys from a request tensor, features from Redis, one pipelined
+/// round trip per batch.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FeaturesConfig {
+    /// The step input holding one entity key per row ([batch] or [batch, 1]; BYTES, INT64 or
+    /// INT32).
+    pub entity: String,
+    /// How features are laid out in Redis.
+    #[serde(default)]
+    pub layout: FeatureLayout,
+    /// Redis URL (default: `redis.url`).
+    pub redis: Option<String>,
+    /// `sluice` layout: the hash key is this prefix plus the entity key.
+    #[serde(default)]
+    pub key_prefix: String,
+    /// `feast` layout: the Feast project.
+    pub project: Option<String>,
+    /// `feast` layout: the entity's join key name (default: the `entity` input's name).
+    pub join_key: Option<String>,
+    /// `feast` layout: the join key's Feast value type (default from the tensor: BYTES →
+    /// string, INT64 → int64, INT32 → int32).
+    pub join_key_type: Option<JoinKeyType>,
+    /// `feast` layout: entity key serialization version (3 from Feast 0.50; 1 or 2 for stores
+    /// written by older Feast).
+    #[serde(default = "three")]
+    pub entity_key_version: u32,
+    /// `feast` layout: features written longer ago than this count as missing.
+    #[serde(with = "humantime_serde", default)]
+    pub max_age: Option<Duration>,
+    /// A missing entity or feature: its default, or a 422 naming it.
+    #[serde(default)]
+    pub on_missing: OnMissing,
+    /// Longest wait for Redis (capped by the request's deadline); past it the request fails
+    /// with 503.
+    #[serde(with = "humantime_serde", default = "default_lookup_timeout")]
+    pub timeout: Duration,
+    /// The features, in output order.
+    pub features: Vec<FeatureSpec>,
+}
+
+/// One looked-up feature, output as a tensor of its name.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FeatureSpec {
+    /// Feature name (and output tensor name).
+    pub name: String,
+    /// `feast` layout: its feature view.
+    pub view: Option<String>,
+    /// Output datatype (FP32, FP64, INT64, INT32, BOOL or BYTES).
+    pub datatype: DataType,
+    /// List features: elements per row (output [batch, length]); scalars leave it out.
+    pub length: Option<usize>,
+    /// Used when the entity or the feature is missing (`on_missing = "default"`); without one,
+    /// a missing value fails the request with 422.
+    pub default: Option<AllowedValue>,
+}
+
+/// How features are laid out in Redis.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum FeatureLayout {
+    /// One hash per entity (`<key_prefix><entity>`), plain text fields named by feature.
+    #[default]
+    Sluice,
+    /// What `feast materialize` writes (serialized entity key + project; murmur3 field names;
+    /// protobuf values; `_ts:<view>` timestamps).
+    Feast,
+}
+
+/// A Feast join key's value type.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum JoinKeyType {
+    /// STRING.
+    String,
+    /// INT64.
+    Int64,
+    /// INT32.
+    Int32,
+}
+
+/// What a lookup does when an entity or a feature is missing.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum OnMissing {
+    /// Each feature's `default` (a feature without one fails the request).
+    #[default]
+    Default,
+    /// The request fails with 422 naming the entity and feature.
+    Reject,
+}
+
+fn three() -> u32 {
+    3
+}
+fn default_lookup_timeout() -> Duration {
+    Duration::from_millis(100)
+}

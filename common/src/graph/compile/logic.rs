@@ -1,0 +1,384 @@
+//! Part of pass 3 for business-logic steps (validate, encode, decide, features): each step's
+//! settings checked against the tensors it reads, and the tensors it produces.
+
+use std::collections::BTreeMap;
+
+use sluice_schemas::DataType;
+
+use crate::config::{
+    AllowedValue, EncodeOp, FeatureLayout, FeaturesConfig, RuleKind, StepConfig, TensorSpec,
+    Unknown,
+};
+use crate::graph::StepKind;
+
+/// Whether `s` is a business-logic step.
+pub(super) fn is_logic(s: &StepConfig) -> bool {
+    s.validate.is_some() || s.encode.is_some() || s.decide.is_some() || s.features.is_some()
+}
+
+/// The compiled kind of a business-logic step.
+pub(super) fn kind(s: &StepConfig) -> Option<StepKind> {
+    if let Some(v) = &s.validate {
+        return Some(StepKind::Validate(v.clone()));
+    }
+    if let Some(e) = &s.encode {
+        return Some(StepKind::Encode(e.clone(), encode_output(s)));
+    }
+    if let Some(d) = &s.decide {
+        return Some(StepKind::Decide(d.clone()));
+    }
+    s.features
+        .as_ref()
+        .map(|f| StepKind::Features(Box::new(f.clone())))
+}
+
+fn encode_output(s: &StepConfig) -> String {
+    s.output.clone().unwrap_or_else(|| "features".into())
+}
+
+fn numeric(d: DataType) -> bool {
+    !matches!(d, DataType::Bytes | DataType::Fp16)
+}
+
+/// Elements per row of a [batch] or [batch, k] tensor; `None` for other ranks or a variable k.
+fn row_width(spec: &TensorSpec) -> Option<usize> {
+    match spec.shape.as_slice() {
+        [_] => Some(1),
+        [_, k] if *k >= 0 => usize::try_from(*k).ok(),
+        _ => None,
+    }
+}
+
+/// Checks a business-logic step; returns its outputs (problems go to `p`, each naming `skey`).
+pub(super) fn outputs(
+    skey: &str,
+    s: &StepConfig,
+    inputs: &BTreeMap<String, TensorSpec>,
+    p: &mut Vec<String>,
+) -> Vec<TensorSpec> {
+    let named = |name: &str, spec: &TensorSpec| TensorSpec {
+        name: name.to_string(),
+        ..spec.clone()
+    };
+    if let Some(rules) = &s.validate {
+        validate(skey, rules, inputs, p);
+        return inputs.iter().map(|(n, spec)| named(n, spec)).collect();
+    }
+    if let Some(columns) = &s.encode {
+        let width = encode(skey, columns, inputs, p);
+        return vec![spec(
+            &encode_output(s),
+            DataType::Fp32,
+            vec![-1, width as i64],
+        )];
+    }
+    if let Some(d) = &s.decide {
+        for (k, r) in d.rules.iter().enumerate() {
+            let rkey = format!("{skey}.decide.rules[{k}]");
+            match inputs.get(&r.input) {
+                None => p.push(format!(
+                    "{rkey}: '{}' is not one of the step's inputs",
+                    r.input
+                )),
+                Some(t) if !numeric(t.datatype) => p.push(format!(
+                    "{rkey}: '{}' is {}, not numeric",
+                    r.input, t.datatype
+                )),
+                Some(t) => match row_width(t) {
+                    Some(w) if r.column < w => {}
+                    _ => p.push(format!(
+                        "{rkey}: column {} is not in '{}' {:?}",
+                        r.column, r.input, t.shape
+                    )),
+                },
+            }
+            if !matches!(r.op.as_str(), ">" | ">=" | "<" | "<=" | "==" | "!=") {
+                p.push(format!(
+                    "{rkey}.op: '{}' is not one of >, >=, <, <=, ==, !=",
+                    r.op
+                ));
+            }
+        }
+        if d.rules.is_empty() {
+            p.push(format!("{skey}.decide.rules: at least one rule is needed"));
+        }
+        let mut out = vec![
+            spec("decision", DataType::Bytes, vec![-1]),
+            spec("rule", DataType::Bytes, vec![-1]),
+        ];
+        let keep: Vec<String> = match &d.keep {
+            Some(k) => k.clone(),
+            None => inputs.keys().cloned().collect(),
+        };
+        for k in keep {
+            match inputs.get(&k) {
+                Some(t) if k != "decision" && k != "rule" => out.push(named(&k, t)),
+                Some(_) => p.push(format!(
+                    "{skey}.decide.keep: '{k}' clashes with the decision's own outputs"
+                )),
+                None => p.push(format!(
+                    "{skey}.decide.keep: '{k}' is not one of the step's inputs"
+                )),
+            }
+        }
+        return out;
+    }
+    if let Some(f) = &s.features {
+        return features(skey, f, inputs, p);
+    }
+    Vec::new()
+}
+
+fn validate(
+    skey: &str,
+    rules: &[crate::config::ValidationRule],
+    inputs: &BTreeMap<String, TensorSpec>,
+    p: &mut Vec<String>,
+) {
+    for (k, r) in rules.iter().enumerate() {
+        let rkey = format!("{skey}.validate[{k}]");
+        if r.rule == RuleKind::Required && r.parameter.is_some() {
+            if r.input.is_some() {
+                p.push(format!("{rkey}: set input or parameter, not both"));
+            }
+            continue;
+        }
+        let Some(input) = &r.input else {
+            p.push(format!("{rkey}: names no input"));
+            continue;
+        };
+        let Some(t) = inputs.get(input) else {
+            p.push(format!("{rkey}: '{input}' is not one of the step's inputs"));
+            continue;
+        };
+        let bytes = t.datatype == DataType::Bytes;
+        let problem = match r.rule {
+            RuleKind::Range if r.min.is_none() && r.max.is_none() => Some("needs min or max"),
+            RuleKind::Range | RuleKind::Finite if bytes => Some("needs a numeric input"),
+            RuleKind::Length | RuleKind::Regex if !bytes => Some("needs a BYTES input"),
+            RuleKind::Length | RuleKind::SequenceLength if r.min.is_none() && r.max.is_none() => {
+                Some("needs min or max")
+            }
+            RuleKind::SequenceLength if t.shape.len() < 2 => Some("needs a [batch, n] input"),
+            RuleKind::OneOf if r.values.is_empty() => Some("needs values"),
+            RuleKind::OneOf
+                if r.values
+                    .iter()
+                    .any(|v| matches!(v, AllowedValue::Text(_)) != bytes) =>
+            {
+                Some("values must be strings for a BYTES input and numbers otherwise")
+            }
+            RuleKind::Regex => match r.pattern.as_deref().map(regex::Regex::new) {
+                None => Some("needs a pattern"),
+                Some(Err(e)) => {
+                    p.push(format!("{rkey}.pattern: {e}"));
+                    None
+                }
+                Some(Ok(_)) => None,
+            },
+            _ => None,
+        };
+        if let Some(problem) = problem {
+            p.push(format!("{rkey} ({:?} on '{input}'): {problem}", r.rule));
+        }
+    }
+}
+
+/// Checks an encode step's columns; returns the feature vector's width.
+fn encode(
+    skey: &str,
+    columns: &[crate::config::EncodeColumn],
+    inputs: &BTreeMap<String, TensorSpec>,
+    p: &mut Vec<String>,
+) -> usize {
+    let mut width = 0;
+    if columns.is_empty() {
+        p.push(format!("{skey}.encode: at least one column is needed"));
+    }
+    for (k, c) in columns.iter().enumerate() {
+        let ckey = format!("{skey}.encode[{k}] ('{}')", c.input);
+        let Some(t) = inputs.get(&c.input) else {
+            p.push(format!("{ckey}: not one of the step's inputs"));
+            continue;
+        };
+        let Some(w) = row_width(t) else {
+            p.push(format!(
+                "{ckey}: needs a [batch] or [batch, k] input with a fixed k, not {:?}",
+                t.shape
+            ));
+            continue;
+        };
+        let mut text = t.datatype == DataType::Bytes;
+        let mut out = w;
+        for (j, op) in c.ops.iter().enumerate() {
+            let last = j + 1 == c.ops.len();
+            let categorical = matches!(
+                op,
+                EncodeOp::OneHot { .. } | EncodeOp::Ordinal { .. } | EncodeOp::Hash { .. }
+            );
+            if categorical && !last {
+                p.push(format!(
+                    "{ckey}: {} must be the column's last op",
+                    op_name(op)
+                ));
+            }
+            if !categorical && text {
+                p.push(format!(
+                    "{ckey}: {} needs numbers; the input is BYTES (encode it with one_hot, ordinal or hash)",
+                    op_name(op)
+                ));
+            }
+            match op {
+                EncodeOp::Standardize { std, .. } if *std <= 0.0 || !std.is_finite() => {
+                    p.push(format!("{ckey}: standardize needs std > 0"))
+                }
+                EncodeOp::MinMax { min, max } | EncodeOp::Clip { min, max } if min >= max => {
+                    p.push(format!("{ckey}: {} needs min < max", op_name(op)))
+                }
+                EncodeOp::Bucketize { edges }
+                    if edges.is_empty() || edges.windows(2).any(|e| e[0] >= e[1]) =>
+                {
+                    p.push(format!("{ckey}: bucketize needs increasing edges"))
+                }
+                EncodeOp::OneHot {
+                    vocabulary,
+                    unknown,
+                } => {
+                    let extra = usize::from(*unknown == Unknown::Bucket);
+                    out = w * (vocabulary.len() + extra);
+                    vocabulary_problems(&ckey, vocabulary, p);
+                }
+                EncodeOp::Ordinal { vocabulary, .. } => vocabulary_problems(&ckey, vocabulary, p),
+                EncodeOp::Hash { buckets } => {
+                    if *buckets == 0 {
+                        p.push(format!("{ckey}: hash needs at least one bucket"));
+                    }
+                    out = *buckets;
+                }
+                _ => {}
+            }
+            if categorical {
+                text = false;
+            }
+        }
+        if text {
+            p.push(format!(
+                "{ckey}: a BYTES input needs a one_hot, ordinal or hash op"
+            ));
+        }
+        width += out;
+    }
+    width
+}
+
+fn vocabulary_problems(ckey: &str, vocabulary: &[String], p: &mut Vec<String>) {
+    if vocabulary.is_empty() {
+        p.push(format!("{ckey}: the vocabulary is empty"));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for v in vocabulary {
+        if !seen.insert(v) {
+            p.push(format!("{ckey}: '{v}' is in the vocabulary twice"));
+        }
+    }
+}
+
+fn op_name(op: &EncodeOp) -> &'static str {
+    match op {
+        EncodeOp::Standardize { .. } => "standardize",
+        EncodeOp::MinMax { .. } => "min_max",
+        EncodeOp::Log1p => "log1p",
+        EncodeOp::Clip { .. } => "clip",
+        EncodeOp::Bucketize { .. } => "bucketize",
+        EncodeOp::OneHot { .. } => "one_hot",
+        EncodeOp::Ordinal { .. } => "ordinal",
+        EncodeOp::Hash { .. } => "hash",
+    }
+}
+
+fn features(
+    skey: &str,
+    f: &FeaturesConfig,
+    inputs: &BTreeMap<String, TensorSpec>,
+    p: &mut Vec<String>,
+) -> Vec<TensorSpec> {
+    let fkey = format!("{skey}.features");
+    match inputs.get(&f.entity) {
+        None => p.push(format!(
+            "{fkey}.entity: '{}' is not one of the step's inputs",
+            f.entity
+        )),
+        Some(t) => {
+            if !matches!(
+                t.datatype,
+                DataType::Bytes | DataType::Int64 | DataType::Int32
+            ) || row_width(t) != Some(1)
+            {
+                p.push(format!(
+                    "{fkey}.entity: '{}' must be BYTES, INT64 or INT32 with one key per row ([batch] or [batch, 1]), not {} {:?}",
+                    f.entity, t.datatype, t.shape
+                ));
+            }
+        }
+    }
+    if f.layout == FeatureLayout::Feast {
+        if f.project.as_deref().is_none_or(str::is_empty) {
+            p.push(format!(
+                "{fkey}.project: the feast layout needs the Feast project"
+            ));
+        }
+        if !(1..=3).contains(&f.entity_key_version) {
+            p.push(format!("{fkey}.entity_key_version: must be 1, 2 or 3"));
+        }
+    }
+    if f.features.is_empty() {
+        p.push(format!("{fkey}.features: at least one feature is needed"));
+    }
+    let mut out = Vec::new();
+    for (k, feat) in f.features.iter().enumerate() {
+        let key = format!("{fkey}.features[{k}] ('{}')", feat.name);
+        if f.layout == FeatureLayout::Feast && feat.view.is_none() {
+            p.push(format!("{key}: the feast layout needs the feature's view"));
+        }
+        if !matches!(
+            feat.datatype,
+            DataType::Fp32
+                | DataType::Fp64
+                | DataType::Int64
+                | DataType::Int32
+                | DataType::Bool
+                | DataType::Bytes
+        ) {
+            p.push(format!(
+                "{key}: datatype {} is not one a lookup produces (FP32, FP64, INT64, INT32, BOOL, BYTES)",
+                feat.datatype
+            ));
+        }
+        match (&feat.default, feat.datatype) {
+            (Some(AllowedValue::Text(_)), d) if d != DataType::Bytes => p.push(format!(
+                "{key}: the default of a {d} feature must be a number"
+            )),
+            (Some(AllowedValue::Number(_)), DataType::Bytes) => p.push(format!(
+                "{key}: the default of a BYTES feature must be a string"
+            )),
+            _ => {}
+        }
+        if out.iter().any(|o: &TensorSpec| o.name == feat.name) {
+            p.push(format!("{key}: declared twice"));
+        }
+        let shape = match feat.length {
+            Some(n) => vec![-1, n as i64],
+            None => vec![-1],
+        };
+        out.push(spec(&feat.name, feat.datatype, shape));
+    }
+    out
+}
+
+fn spec(name: &str, datatype: DataType, shape: Vec<i64>) -> TensorSpec {
+    TensorSpec {
+        name: name.to_string(),
+        datatype,
+        shape,
+    }
+}
