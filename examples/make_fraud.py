@@ -158,8 +158,11 @@ validate = [
   {{ input = "device", rule = "required" }},
 ]
 
+# fused = true: the step runs in the worker of the step before it, in process, with no broker
+# hop in between; the edge into the model stays a topic, so the model scales on its own.
 [[graphs.fraud.steps]]
 name = "user_features"
+fused = true
 inputs = {{ user_id = "check.user_id" }}
 [graphs.fraud.steps.features]
 entity = "user_id"
@@ -174,6 +177,7 @@ features = [
 
 [[graphs.fraud.steps]]
 name = "encode"
+fused = true
 inputs = {{ amount = "check.amount", hour = "check.hour", country = "check.country", merchant_category = "check.merchant_category", device = "check.device", txn_count_7d = "user_features.txn_count_7d", avg_amount_30d = "user_features.avg_amount_30d", chargebacks_90d = "user_features.chargebacks_90d", account_age_days = "user_features.account_age_days" }}
 output = "input"
 encode = [
@@ -195,6 +199,7 @@ inputs = {{ input = "encode.input" }}
 
 [[graphs.fraud.steps]]
 name = "decision"
+fused = true
 inputs = {{ probabilities = "model.probabilities", amount = "check.amount" }}
 [graphs.fraud.steps.decide]
 otherwise = "approve"

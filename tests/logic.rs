@@ -168,6 +168,12 @@ async fn fraud_graph_answers_what_sklearn_and_onnxruntime_compute() {
         1.0,
         "one pipelined round trip for the batch"
     );
+    // The fused steps ran in process (check → user_features → encode, model → decision).
+    for step in ["user_features", "encode", "decision"] {
+        let label = format!("step=\"{step}\"");
+        let runs = metric_sum(&client, &ops, "sluice_fused_runs_total", &label).await;
+        assert!(runs >= 1.0, "{step} fused runs: {runs}");
+    }
 
     // The encoded vectors equal the Python reference (sklearn / numpy on the same rows, with
     // unknown users getting the configured defaults).

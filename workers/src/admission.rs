@@ -232,9 +232,15 @@ pub fn admit(m: &Record<'_>, source: Source, ctx: &Admit<'_>) -> Admission {
                 source,
             )
         }
-        (StepKind::Builtin(_) | StepKind::Route(_), Unit::Step { step: mine, .. })
-            if *mine == step_name =>
-        {
+        (
+            StepKind::Builtin(_)
+            | StepKind::Route(_)
+            | StepKind::Validate(_)
+            | StepKind::Encode(..)
+            | StepKind::Decide(_)
+            | StepKind::Features(_),
+            Unit::Step { step: mine, .. },
+        ) if *mine == step_name => {
             let inputs = match step_inputs(&graph, step, &carried) {
                 Ok(inputs) => inputs,
                 Err(e) => {

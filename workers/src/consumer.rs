@@ -90,6 +90,8 @@ struct Lane {
     entries: HashMap<String, String>,
     signature: Option<sluice_common::Signature>,
     step: StepSlot,
+    /// Steps fused after this one, run in process.
+    fused: crate::executor::FusedSlot,
     metrics: Arc<WorkerMetrics>,
     completer: Arc<Completer>,
     jobs: Option<mpsc::Sender<Item<Job>>>,
@@ -115,6 +117,9 @@ impl Lane {
         let deployment = shared.deployment;
         let label = unit.to_string();
         let step: StepSlot = Arc::new(RwLock::new(crate::step::for_unit(deployment, unit)?));
+        let fused: crate::executor::FusedSlot = Arc::new(RwLock::new(Arc::new(
+            crate::executor::fused_after(deployment, unit)?,
+        )));
         let model = match unit {
             Unit::Model(m) => deployment.model(m),
             Unit::Step { .. } => None,
@@ -173,6 +178,7 @@ impl Lane {
             batch_rx,
             Arc::clone(&step),
             facts,
+            Arc::clone(&fused),
             Arc::clone(&completer),
             slots * 4,
         ));
@@ -192,6 +198,7 @@ impl Lane {
             entries,
             signature: model.map(|m| m.signature()),
             step,
+            fused,
             metrics: wm,
             completer,
             jobs: Some(jobs),
@@ -605,6 +612,9 @@ impl<'a> Worker<'a> {
                     crate::step::for_unit(&fresh, &lane.unit).map_err(|e| e.to_string())?;
                 *lane.step.write().unwrap_or_else(|e| e.into_inner()) = rebuilt;
             }
+            let fused =
+                crate::executor::fused_after(&fresh, &lane.unit).map_err(|e| e.to_string())?;
+            *lane.fused.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(fused);
             lane.metrics.config_reloads.increment(1);
         }
         let summary = routing_summary(&fresh.graphs);

@@ -2,9 +2,11 @@
 //! running, the rest run as one call, and each outcome becomes its completions. Batches run
 //! concurrently up to the batcher's slots; delivery is bounded too, so neither grows without limit.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
+use sluice_common::graph::Graph;
 use sluice_common::{now_ms, now_us};
 use sluice_schemas::InferenceError;
 use sluice_schemas::envelope::codes;
@@ -23,6 +25,59 @@ use crate::telemetry::WorkerMetrics;
 /// The unit's step; replaced when a config reload changes it (a join's settings, say).
 pub type StepSlot = Arc<RwLock<Arc<dyn Step>>>;
 
+/// A step fused after the unit's (`fused = true`): its graph, index, step and facts.
+pub(crate) struct FusedStep {
+    pub(crate) graph: Arc<Graph>,
+    pub(crate) index: usize,
+    pub(crate) step: Arc<dyn Step>,
+    pub(crate) facts: UnitFacts,
+    /// Records that ran here instead of through the step's topic.
+    pub(crate) runs: metrics::Counter,
+}
+
+/// Steps fused after the unit's, by (graph, step): their records run here, in process, instead
+/// of going through their topic.
+pub(crate) type Fused = BTreeMap<(String, String), FusedStep>;
+
+/// The fused steps; replaced on a config reload.
+pub(crate) type FusedSlot = Arc<RwLock<Arc<Fused>>>;
+
+/// The steps fused after `unit`'s, in chains (a step fused after a fused step runs here too).
+pub(crate) fn fused_after(
+    deployment: &sluice_common::Deployment,
+    unit: &sluice_common::graph::Unit,
+) -> Result<Fused, crate::step::BuildError> {
+    let mut out = Fused::new();
+    for g in deployment.graphs.values() {
+        let mut here: Vec<usize> = (0..g.steps.len())
+            .filter(|&i| g.unit_of(i) == *unit)
+            .collect();
+        for i in 0..g.steps.len() {
+            let Some(p) = g.fused_after(i) else { continue };
+            if !here.contains(&p) {
+                continue;
+            }
+            here.push(i);
+            let own = g.unit_of(i);
+            out.insert(
+                (g.name.clone(), g.steps[i].name.clone()),
+                FusedStep {
+                    graph: Arc::clone(g),
+                    index: i,
+                    step: crate::step::for_unit(deployment, &own)?,
+                    facts: UnitFacts {
+                        name: own.to_string(),
+                        version: g.signature.version.clone(),
+                        model: false,
+                    },
+                    runs: metrics::counter!("sluice_fused_runs_total", "graph" => g.name.clone(), "step" => g.steps[i].name.clone()),
+                },
+            );
+        }
+    }
+    Ok(out)
+}
+
 /// What finished jobs say about the unit.
 #[derive(Clone)]
 pub(crate) struct UnitFacts {
@@ -36,6 +91,7 @@ pub(crate) async fn run(
     mut batches: mpsc::Receiver<Dispatched<Job>>,
     step: StepSlot,
     unit: UnitFacts,
+    fused: FusedSlot,
     completer: Arc<Completer>,
     deliveries: usize,
 ) {
@@ -43,13 +99,18 @@ pub(crate) async fn run(
     let mut tasks = JoinSet::new();
     while let Some(Dispatched { items, permit }) = batches.recv().await {
         let current = Arc::clone(&*step.read().unwrap_or_else(|e| e.into_inner()));
-        let (unit, completer, delivery_slots) = (
+        let (unit, completer, delivery_slots, fused) = (
             unit.clone(),
             Arc::clone(&completer),
             Arc::clone(&delivery_slots),
+            Arc::clone(&*fused.read().unwrap_or_else(|e| e.into_inner())),
         );
         tasks.spawn(async move {
-            let completions = run_batch(current.as_ref(), items, &unit, &completer.metrics).await;
+            let mut completions =
+                run_batch(current.as_ref(), items, &unit, &completer.metrics).await;
+            if !fused.is_empty() {
+                completions = run_fused(completions, &fused, &completer.metrics).await;
+            }
             // Take a delivery slot before freeing the step's, so finished batches cannot pile up.
             let delivery = delivery_slots.acquire_owned().await;
             drop(permit);
@@ -59,6 +120,92 @@ pub(crate) async fn run(
         while tasks.try_join_next().is_some() {}
     }
     while tasks.join_next().await.is_some() {}
+}
+
+/// Runs the fused steps the completions forward to, in process: each such forward becomes a
+/// job of its step, and the job's completions (answer, further forwards, dead letter) replace
+/// the forward. Repeats for chains of fused steps. A completion that also answers or
+/// dead-letters keeps its forwards as records (they reach the fused step through its topic).
+pub(crate) async fn run_fused(
+    mut completions: Vec<Completion>,
+    fused: &Fused,
+    wm: &WorkerMetrics,
+) -> Vec<Completion> {
+    loop {
+        // (completion index, step key, job) for every forward that runs here.
+        let mut jobs: BTreeMap<(String, String), Vec<(usize, Job)>> = BTreeMap::new();
+        for (k, c) in completions.iter_mut().enumerate() {
+            if c.result.is_some() || c.dead_letter.is_some() || c.forwards.is_empty() {
+                continue;
+            }
+            let forwards = std::mem::take(&mut c.forwards);
+            for f in forwards {
+                let key = f
+                    .request
+                    .hop
+                    .as_ref()
+                    .map(|h| (h.graph.clone(), h.step.clone()))
+                    .filter(|key| fused.contains_key(key));
+                let job = key.and_then(|key| {
+                    let fs = fused.get(&key)?;
+                    Some((fused_job(fs, f.clone(), c.source)?, key))
+                });
+                match job {
+                    Some((job, key)) => jobs.entry(key).or_default().push((k, job)),
+                    None => c.forwards.push(f),
+                }
+            }
+        }
+        if jobs.is_empty() {
+            return completions;
+        }
+        for (key, batch) in jobs {
+            let Some(fs) = fused.get(&key) else {
+                continue;
+            };
+            let (owners, batch): (Vec<usize>, Vec<Job>) = batch.into_iter().unzip();
+            fs.runs.increment(batch.len() as u64);
+            let done = Box::pin(run_batch(fs.step.as_ref(), batch, &fs.facts, wm)).await;
+            // One completion per job, in order (fused jobs hold no other records).
+            for (k, mut d) in owners.into_iter().zip(done) {
+                let c = &mut completions[k];
+                d.forwards.append(&mut c.forwards);
+                d.source = c.source;
+                *c = d;
+            }
+        }
+    }
+}
+
+/// The job a forward to a fused step becomes (as if its record had been consumed).
+fn fused_job(
+    fs: &FusedStep,
+    out: crate::flow::Outgoing,
+    source: crate::job::Source,
+) -> Option<Job> {
+    let (graph, step) = (Arc::clone(&fs.graph), fs.index);
+    let carried = out.request.inputs.clone();
+    let inputs = crate::flow::step_inputs(&graph, step, &carried).ok()?;
+    let request = sluice_schemas::InferenceRequest {
+        inputs: Vec::new(),
+        ..out.request
+    };
+    Some(Job {
+        request,
+        input: crate::job::StepInput {
+            tensors: inputs,
+            ..Default::default()
+        },
+        source,
+        held: Vec::new(),
+        topic: out.topic,
+        graph: Some(crate::job::GraphJob {
+            graph,
+            step,
+            carried,
+            shadow: false,
+        }),
+    })
 }
 
 /// Runs one batch and returns every completion it leads to.

@@ -80,6 +80,11 @@ pub struct StepConfig {
     /// Model steps: models that get a copy of every request, compared with the primary.
     #[serde(default)]
     pub shadow: Vec<String>,
+    /// Run in the worker of the step it reads from, in process, with no broker hop between
+    /// them (that step must lead only here, and this step must not be a model or combine
+    /// step). The step keeps its topic, so a record that cannot be fused still gets through.
+    #[serde(default)]
+    pub fused: bool,
     /// Steps other than models: workers `sluice up --per-step` starts.
     #[serde(default = "one")]
     pub workers: usize,

@@ -71,6 +71,8 @@ pub struct Step {
     pub shadows: Vec<(String, String)>,
     /// Workers `sluice up` starts (built-in, combine and route steps).
     pub workers: usize,
+    /// Runs in process right after its only predecessor, in that step's worker.
+    pub fused: bool,
 }
 
 /// A compiled canary.
@@ -187,6 +189,14 @@ impl Graph {
     /// The step called `name`.
     pub fn step_index(&self, name: &str) -> Option<usize> {
         self.steps.iter().position(|s| s.name == name)
+    }
+
+    /// The step that fused step `i` runs after, if `i` is fused.
+    pub fn fused_after(&self, i: usize) -> Option<usize> {
+        if !self.steps[i].fused {
+            return None;
+        }
+        self.steps.iter().position(|s| s.next.contains(&i))
     }
 
     /// The unit that runs step `i` (for model steps, the primary model).

@@ -283,3 +283,83 @@ fn canary_choice_matches_published_fnv1a_vectors() {
         );
     }
 }
+
+#[test]
+fn business_logic_steps_compile_with_their_outputs_and_fused_edges() {
+    let g = graph(
+        r#"
+[[steps]]
+name = "check"
+inputs = { input = "request.input" }
+validate = [{ input = "input", rule = "finite" }, { input = "input", rule = "range", min = -100, max = 100 }]
+[[steps]]
+name = "enc"
+fused = true
+inputs = { input = "check.input" }
+output = "x"
+encode = [{ input = "input", ops = [{ op = "clip", min = -5, max = 5 }] }]
+[[steps]]
+name = "classify"
+model = "mlp"
+inputs = { input = "enc.x" }
+[[steps]]
+name = "decide"
+fused = true
+inputs = { probabilities = "classify.probabilities" }
+decide = { otherwise = "no", rules = [{ input = "probabilities", column = 3, op = ">=", value = 0.5, decision = "three" }] }
+"#,
+    )
+    .unwrap();
+    let enc = g.step_index("enc").unwrap();
+    assert_eq!(g.steps[enc].outputs[0].shape, vec![-1, 64]);
+    assert_eq!(g.fused_after(enc), g.step_index("check"));
+    let names: Vec<&str> = g
+        .signature
+        .outputs
+        .iter()
+        .map(|o| o.name.as_str())
+        .collect();
+    assert_eq!(names, ["decision", "rule", "probabilities"]);
+    assert_eq!(g.signature.outputs[0].datatype, DataType::Bytes);
+    assert_eq!(
+        g.fused_after(g.step_index("decide").unwrap()),
+        g.step_index("classify")
+    );
+}
+
+#[test]
+fn bad_business_logic_and_fusion_are_named() {
+    let cases = [
+        (
+            "[[steps]]\nname = \"a\"\ninputs = { input = \"request.input\" }\nvalidate = [{ input = \"input\", rule = \"regex\", pattern = \"x\" }]",
+            "needs a BYTES input",
+        ),
+        (
+            "[[steps]]\nname = \"a\"\ninputs = { input = \"request.input\" }\nvalidate = [{ input = \"nope\", rule = \"finite\" }]",
+            "'nope' is not one of the step's inputs",
+        ),
+        (
+            "[[steps]]\nname = \"a\"\ninputs = { input = \"request.input\" }\nencode = [{ input = \"input\", ops = [{ op = \"standardize\", mean = 0, std = 0 }] }]",
+            "standardize needs std > 0",
+        ),
+        (
+            "[[steps]]\nname = \"a\"\nfused = true\ninputs = { input = \"request.input\" }\nencode = [{ input = \"input\" }]",
+            "the first step cannot be fused",
+        ),
+        (
+            "[[steps]]\nname = \"a\"\ninputs = { input = \"request.input\" }\nfeatures = { entity = \"input\", features = [{ name = \"f\", datatype = \"FP32\" }] }",
+            "must be BYTES, INT64 or INT32",
+        ),
+        (
+            "[[steps]]\nname = \"a\"\ninputs = { input = \"request.input\" }\nencode = [{ input = \"input\" }]\n[[steps]]\nname = \"m\"\nmodel = \"mlp\"\nfused = true\ninputs = { input = \"a.features\" }",
+            "a model or combine step cannot be fused",
+        ),
+    ];
+    for (steps, want) in cases {
+        let errors = graph(steps).unwrap_err();
+        assert!(
+            errors.iter().any(|e| e.contains(want)),
+            "{want}: got {errors:?}"
+        );
+    }
+}

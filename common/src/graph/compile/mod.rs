@@ -35,6 +35,7 @@ pub fn compile(
     let flow = tensors::resolve(&key, g, models, &index, &shape)?;
     let terminals = flows::check(&key, g, &index, &shape, &flow)?;
     let carried = carry::resolve(g, &index, &shape, &flow);
+    check_fusion(&key, g, &shape)?;
     Ok(assemble(
         name, g, models, topics, &shape, &flow, &carried, &terminals,
     ))
@@ -99,6 +100,7 @@ fn assemble(
                     .map(|m| (m.clone(), topics.requests(m)))
                     .collect(),
                 workers: s.workers,
+                fused: s.fused,
             }
         })
         .collect();
@@ -145,6 +147,45 @@ fn assemble(
         result_topic: topics.results(name),
         comparison_topic: topics.comparisons(name),
     }
+}
+
+/// A fused step runs in its predecessor's worker: it needs exactly one predecessor, which
+/// leads only to it and is not a router; it cannot be a model (its own pool) or a join.
+fn check_fusion(key: &str, g: &GraphConfig, shape: &order::Order) -> Result<(), Vec<String>> {
+    let mut p = Vec::new();
+    for (i, s) in g.steps.iter().enumerate() {
+        if !s.fused {
+            continue;
+        }
+        let skey = format!("{key} step '{}'", s.name);
+        if s.model.is_some() || s.combine.is_some() {
+            p.push(format!(
+                "{skey}: a model or combine step cannot be fused (it has workers of its own)"
+            ));
+            continue;
+        }
+        let preds: Vec<usize> = (0..g.steps.len())
+            .filter(|&d| shape.next[d].contains(&i))
+            .collect();
+        match preds.as_slice() {
+            [] => p.push(format!(
+                "{skey}: the first step cannot be fused (nothing runs before it)"
+            )),
+            [d] if g.steps[*d].route.is_some() => p.push(format!(
+                "{skey}: cannot be fused after router '{}'",
+                g.steps[*d].name
+            )),
+            [d] if shape.next[*d].len() != 1 => p.push(format!(
+                "{skey}: '{}' leads to several steps, so this one cannot be fused after it",
+                g.steps[*d].name
+            )),
+            [_] => {}
+            _ => p.push(format!(
+                "{skey}: a fused step needs exactly one step before it"
+            )),
+        }
+    }
+    if p.is_empty() { Ok(()) } else { Err(p) }
 }
 
 fn source_step(source: &str) -> Option<&str> {
