@@ -4,7 +4,8 @@
 #   - Debian packages: redis-server, kcat, libb64-0d (perf_analyzer), build tools for librdkafka
 #   - tansu 0.6.0 (Kafka-compatible broker) from crates.io, built alongside the Python set-up
 #   - a Python venv in .venv with onnxruntime 1.31.1 (its shared library is what the workers load),
-#     scikit-learn/skl2onnx for the example models, tritonclient for compatibility checks
+#     scikit-learn/skl2onnx for the example models; tritonclient (.venv-triton) and Feast
+#     (.venv-feast) for compatibility checks and the fraud example
 #   - the example models (examples/models/*.onnx; `heavy` is generated here, not committed)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -62,6 +63,8 @@ VENV="$ROOT/.venv"
 make_venv "$VENV" "$ROOT/deploy/requirements.txt"
 # tritonclient (and perf_analyzer) pin an older numpy, so they live in their own venv.
 make_venv "$ROOT/.venv-triton" "$ROOT/deploy/requirements-triton.txt"
+# Feast (the fraud example's feature store, and the compatibility tests) pins its own numpy too.
+make_venv "$ROOT/.venv-feast" "$ROOT/deploy/requirements-feast.txt"
 
 ORT_LIB=$(ls "$VENV"/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so.1.31.1 | head -1)
 [ -f "$ORT_LIB" ] || { log "onnxruntime shared library missing"; exit 1; }

@@ -226,6 +226,18 @@ impl Stack {
         (i, addr)
     }
 
+    /// As [`Stack::start_unit`], reading `config` instead of the stack's; returns its ops address.
+    pub fn start_unit_with_config(&mut self, unit: &str, config: &Path) -> String {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let mut c = Command::new(env!("CARGO_BIN_EXE_sluice"));
+        c.arg("--config").arg(config);
+        c.args(["worker", "--unit", unit, "--metrics-listen", &addr]);
+        c.envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        self.spawn_raw(&format!("unit-{unit}-own-config"), &mut c);
+        self.wait_ready(&format!("http://{addr}/health/ready"));
+        addr
+    }
+
     pub fn wait_ready(&mut self, url: &str) {
         let end = Instant::now() + Duration::from_secs(60);
         loop {
