@@ -238,7 +238,8 @@ pub fn admit(m: &Record<'_>, source: Source, ctx: &Admit<'_>) -> Admission {
             | StepKind::Validate(_)
             | StepKind::Encode(..)
             | StepKind::Decide(_)
-            | StepKind::Features(_),
+            | StepKind::Features(_)
+            | StepKind::Custom(_),
             Unit::Step { step: mine, .. },
         ) if *mine == step_name => {
             let inputs = match step_inputs(&graph, step, &carried) {

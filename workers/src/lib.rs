@@ -32,7 +32,7 @@ mod record;
 mod reply;
 mod runner;
 mod sink;
-mod step;
+pub mod step;
 mod tasks;
 mod telemetry;
 

@@ -281,6 +281,20 @@ pub enum OnMissing {
     Reject,
 }
 
+/// A user step: a kind registered by the binary that runs the worker
+/// (`sluice_workers::registry::register`), its settings, and the outputs it declares.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CustomStepConfig {
+    /// The registered kind.
+    pub kind: String,
+    /// Free-form settings handed to the step's builder.
+    #[serde(default)]
+    pub settings: serde_json::Value,
+    /// The tensors the step produces (checked against what later steps read).
+    pub outputs: Vec<super::TensorSpec>,
+}
+
 fn three() -> u32 {
     3
 }

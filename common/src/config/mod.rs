@@ -13,8 +13,9 @@ mod logic;
 
 pub use graphs::{Builtin, CanaryConfig, Combiner, GraphConfig, RouteConfig, StepConfig, TieRule};
 pub use logic::{
-    AllowedValue, DecideConfig, DecisionRule, EncodeColumn, EncodeOp, FeatureLayout, FeatureSpec,
-    FeaturesConfig, JoinKeyType, OnMissing, RuleKind, Unknown, ValidationRule,
+    AllowedValue, CustomStepConfig, DecideConfig, DecisionRule, EncodeColumn, EncodeOp,
+    FeatureLayout, FeatureSpec, FeaturesConfig, JoinKeyType, OnMissing, RuleKind, Unknown,
+    ValidationRule,
 };
 
 const DEFAULTS: &str = include_str!("../../default.toml");

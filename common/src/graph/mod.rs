@@ -107,6 +107,8 @@ pub enum StepKind {
     Decide(DecideConfig),
     /// A feature lookup.
     Features(Box<FeaturesConfig>),
+    /// A user step, built by the kind's registered builder.
+    Custom(Box<crate::config::CustomStepConfig>),
 }
 
 /// A compiled combine step.

@@ -13,6 +13,7 @@ mod decide;
 mod encode;
 mod features;
 mod model;
+pub mod registry;
 mod route;
 mod seam;
 mod validate;
@@ -23,7 +24,7 @@ use sluice_common::Deployment;
 use sluice_common::graph::{StepKind, Unit};
 
 pub use model::ModelStep;
-pub use seam::{BuildError, Step, StepFailure};
+pub use seam::{BuildError, Step, StepFailure, StepInput, StepResult};
 
 /// The step a worker unit runs, built from the deployment.
 pub fn for_unit(deployment: &Deployment, unit: &Unit) -> Result<Arc<dyn Step>, BuildError> {
@@ -56,6 +57,17 @@ pub fn for_unit(deployment: &Deployment, unit: &Unit) -> Result<Arc<dyn Step>, B
                     f,
                     &deployment.config.redis.url,
                 )?)),
+                StepKind::Custom(c) => registry::build(
+                    &registry::StepContext {
+                        graph: &g.name,
+                        step: &g.steps[i].name,
+                        settings: &c.settings,
+                        inputs: &g.steps[i].inputs,
+                        outputs: &c.outputs,
+                        deployment,
+                    },
+                    &c.kind,
+                ),
             }
         }
     }

@@ -25,6 +25,16 @@ impl StepFailure {
     }
 }
 
+impl StepFailure {
+    /// A service the step needs is down or too slow (503 at the gateway).
+    pub fn unavailable(message: impl Into<String>) -> StepFailure {
+        StepFailure {
+            code: codes::UNAVAILABLE,
+            message: message.into(),
+        }
+    }
+}
+
 /// One job's outcome: output tensors (unqualified names) or a failure.
 pub type StepResult = Result<Vec<Tensor>, StepFailure>;
 
@@ -49,4 +59,14 @@ pub enum BuildError {
     /// The step's settings cannot be used.
     #[error("{0}")]
     Settings(String),
+    /// A `custom` step names a kind the running binary did not register.
+    #[error(
+        "no step kind '{kind}' is registered in this binary (registered: {registered:?}); a user step needs a binary that registers it, see examples/custom-step"
+    )]
+    UnknownKind {
+        /// The kind asked for.
+        kind: String,
+        /// The kinds registered.
+        registered: Vec<String>,
+    },
 }

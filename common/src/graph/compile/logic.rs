@@ -13,7 +13,11 @@ use crate::graph::StepKind;
 
 /// Whether `s` is a business-logic step.
 pub(super) fn is_logic(s: &StepConfig) -> bool {
-    s.validate.is_some() || s.encode.is_some() || s.decide.is_some() || s.features.is_some()
+    s.validate.is_some()
+        || s.encode.is_some()
+        || s.decide.is_some()
+        || s.features.is_some()
+        || s.custom.is_some()
 }
 
 /// The compiled kind of a business-logic step.
@@ -26,6 +30,9 @@ pub(super) fn kind(s: &StepConfig) -> Option<StepKind> {
     }
     if let Some(d) = &s.decide {
         return Some(StepKind::Decide(d.clone()));
+    }
+    if let Some(c) = &s.custom {
+        return Some(StepKind::Custom(Box::new(c.clone())));
     }
     s.features
         .as_ref()
@@ -125,6 +132,17 @@ pub(super) fn outputs(
     }
     if let Some(f) = &s.features {
         return features(skey, f, inputs, p);
+    }
+    if let Some(c) = &s.custom {
+        if c.kind.is_empty() {
+            p.push(format!("{skey}.custom.kind: names no step kind"));
+        }
+        if c.outputs.is_empty() {
+            p.push(format!(
+                "{skey}.custom.outputs: declare what the step produces"
+            ));
+        }
+        return c.outputs.clone();
     }
     Vec::new()
 }

@@ -54,10 +54,11 @@ pub(super) fn check(
             s.encode.is_some(),
             s.decide.is_some(),
             s.features.is_some(),
+            s.custom.is_some(),
         ];
         if kinds.iter().filter(|k| **k).count() != 1 {
             p.push(format!(
-                "{skey}: set exactly one of model, builtin, combine, route, validate, encode, decide, features"
+                "{skey}: set exactly one of model, builtin, combine, route, validate, encode, decide, features, custom"
             ));
         }
         if let Some(m) = &s.model

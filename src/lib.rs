@@ -1,0 +1,213 @@
+//! `sluice`: the command line of the Sluice serving system, as a library so that a binary with
+//! user steps (`sluice_workers::step::registry`) can run it: register, then call [`main`].
+//!
+//! - `sluice up` runs the local stack (broker, Redis, gateway, one worker per model).
+//! - `sluice gateway` / `sluice worker --model M` / `sluice worker --step G.S` run one component.
+//! - `sluice topics apply` creates the topics a config needs.
+//! - `sluice bench` measures HTTP load, in-process compute and the broker's transport floor.
+//! - `sluice features load|get` writes and shows a feature step's rows in Redis.
+
+mod bench;
+mod features;
+mod http;
+mod procs;
+mod soak;
+mod up;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use sluice_common::Deployment;
+use sluice_common::graph::Unit;
+
+#[derive(Parser)]
+#[command(
+    name = "sluice",
+    version,
+    about = "Streaming ML inference behind Kafka"
+)]
+struct Cli {
+    /// Config file (TOML). Defaults apply for anything it leaves out; SLUICE__… env vars win.
+    #[arg(long, short, global = true, env = "SLUICE_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the local stack: broker and Redis (started if not reachable), topics, gateway, workers.
+    Up {
+        /// Start workers only for these models (comma-separated; default: every model).
+        #[arg(long, value_delimiter = ',')]
+        models: Vec<String>,
+        /// One worker process (and consumer group) per step pool instead of the config's
+        /// deployment units.
+        #[arg(long)]
+        per_step: bool,
+    },
+    /// Run the HTTP gateway.
+    Gateway {
+        /// Listen address (overrides gateway.listen).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+    },
+    /// Run a worker for a deployment unit (several steps behind one consumer), one model, or
+    /// one built-in, combine or route step of a graph.
+    Worker {
+        /// A deployment unit (`[units.<name>]`, or `all` when the config declares none).
+        #[arg(long, conflicts_with_all = ["model", "step"], required_unless_present_any = ["model", "step"])]
+        unit: Option<String>,
+        /// With --unit: serve only these of its models, graphs and steps (comma-separated).
+        #[arg(long, value_delimiter = ',', requires = "unit")]
+        only: Vec<String>,
+        /// Model name from the config.
+        #[arg(long, conflicts_with = "step")]
+        model: Option<String>,
+        /// A graph's non-model step, as `<graph>.<step>`.
+        #[arg(long)]
+        step: Option<String>,
+        /// Address for /metrics and health (overrides worker.metrics_listen).
+        #[arg(long)]
+        metrics_listen: Option<SocketAddr>,
+    },
+    /// Manage topics.
+    Topics {
+        #[command(subcommand)]
+        action: TopicsAction,
+    },
+    /// Measure throughput and latency (see README, "Benchmarks").
+    Bench(bench::BenchArgs),
+    /// Load and inspect the feature store a feature-lookup step reads.
+    Features {
+        #[command(subcommand)]
+        action: features::FeaturesAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum TopicsAction {
+    /// Create the topics the config needs (idempotent).
+    Apply,
+}
+
+/// Runs the `sluice` command line with the process's arguments.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let deployment = match Deployment::load(cli.config.as_deref()) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("sluice: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    sluice_common::telemetry::init_logging(&deployment.config.telemetry);
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if deployment.config.runtime.threads > 0 {
+        builder.worker_threads(deployment.config.runtime.threads);
+    }
+    let runtime = match builder.enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the async runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(run(cli.command, cli.config, deployment));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(
+    command: Command,
+    config_path: Option<PathBuf>,
+    deployment: Deployment,
+) -> anyhow::Result<()> {
+    match command {
+        Command::Up { models, per_step } => {
+            up::run(deployment, config_path, models, per_step).await
+        }
+        Command::Gateway { listen } => {
+            let mut deployment = deployment;
+            if let Some(l) = listen {
+                deployment.config.gateway.listen = l;
+            }
+            tracing::info!(config = %deployment.config.redacted(), "effective config");
+            let metrics = sluice_common::telemetry::install_metrics();
+            let listener = tokio::net::TcpListener::bind(deployment.config.gateway.listen).await?;
+            let gw = sluice_gateway::Gateway::connect(deployment, metrics).await?;
+            // Routing lives in the workers; a SIGHUP meant for the whole stack must not stop the
+            // gateway (graph interfaces change only with a restart).
+            let mut hangup =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+            tokio::spawn(async move {
+                while hangup.recv().await.is_some() {
+                    tracing::info!("SIGHUP: the gateway has nothing to reload");
+                }
+            });
+            tracing::info!(addr = %listener.local_addr()?, gateway = gw.id(), "gateway listening");
+            gw.serve(listener, sluice_common::ops::shutdown_signal())
+                .await?;
+            Ok(())
+        }
+        Command::Worker {
+            unit,
+            only,
+            model,
+            step,
+            metrics_listen,
+        } => {
+            let unit = match (unit, model, step) {
+                (Some(name), _, _) => {
+                    let Some(u) = deployment.worker_unit(&name) else {
+                        let known: Vec<&str> = deployment
+                            .worker_units()
+                            .iter()
+                            .map(|u| u.name.as_str())
+                            .collect();
+                        anyhow::bail!("--unit: no unit '{name}' (the config has: {known:?})");
+                    };
+                    up::only_members(&deployment, u, &only)?
+                }
+                (None, Some(m), _) => deployment.pool_unit(&Unit::Model(m)),
+                (None, None, Some(s)) => match Unit::parse(&s) {
+                    u @ Unit::Step { .. } => deployment.pool_unit(&u),
+                    _ => anyhow::bail!("--step takes <graph>.<step>, got '{s}'"),
+                },
+                (None, None, None) => anyhow::bail!("give --unit, --model or --step"),
+            };
+            tracing::info!(config = %deployment.config.redacted(), "effective config");
+            let ops = sluice_workers::Ops {
+                listen: metrics_listen.unwrap_or(deployment.config.worker.metrics_listen),
+                metrics: sluice_common::telemetry::install_metrics(),
+            };
+            sluice_workers::run(
+                deployment,
+                &unit,
+                config_path,
+                ops,
+                sluice_common::ops::shutdown_signal(),
+            )
+            .await?;
+            Ok(())
+        }
+        Command::Topics {
+            action: TopicsAction::Apply,
+        } => {
+            let topics = deployment.required_topics();
+            let report = sluice_common::kafka::apply_topics(&deployment.config, &topics).await?;
+            tracing::info!(created = ?report.created, existing = ?report.existing, "topics applied");
+            sluice_common::kafka::check_partitions(&report)?;
+            Ok(())
+        }
+        Command::Bench(args) => bench::run(deployment, args).await,
+        Command::Features { action } => features::run(&deployment, action).await,
+    }
+}
