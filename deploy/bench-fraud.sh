@@ -24,8 +24,9 @@ graph = text[text.index("[graphs.fraud]"):]
 unfused = graph.replace("graphs.fraud", "graphs.fraud-unfused").replace("fused = true\n", "")
 # fraud-direct: the four user features are request inputs; no lookup step.
 direct = graph.replace("graphs.fraud", "graphs.fraud-direct")
-direct = re.sub(r"# What `feast materialize`.*?\]\n\n", "", direct, flags=re.S)
-direct = re.sub(r"# fused = true.*?\n\[\[graphs.fraud-direct.steps\]\]\nname = \"user_features\".*?\n\n", "", direct, flags=re.S)
+start = direct.index("# fused = true: the step runs")
+end = direct.index('[[graphs.fraud-direct.steps]]\nname = "encode"')
+direct = direct[:start] + direct[end:]
 feats = ["txn_count_7d", "avg_amount_30d", "chargebacks_90d", "account_age_days"]
 types = {"txn_count_7d": "FP32", "avg_amount_30d": "FP32", "chargebacks_90d": "INT64", "account_age_days": "INT64"}
 for f in feats:
