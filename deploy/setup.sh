@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything Sluice's local stack and tests need on a fresh Debian machine.
 # Idempotent and fast on re-runs: each step is skipped when its result is already there.
-#   - Debian packages: redis-server, kcat, libb64-0d (perf_analyzer), build tools for librdkafka
+#   - Debian packages: redis-server, kcat, libb64-0d (perf_analyzer), build tools for librdkafka;
+#     PostgreSQL running on 127.0.0.1:5432 (the machine's own, or installed and started)
 #   - tansu 0.6.0 (Kafka-compatible broker) from crates.io, built alongside the Python set-up
 #   - a Python venv in .venv with onnxruntime 1.31.1 (its shared library is what the workers load),
 #     scikit-learn/skl2onnx for the example models; tritonclient (.venv-triton) and Feast
@@ -27,6 +28,29 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+# PostgreSQL (the database lookup step's tests): the machine's own, on 127.0.0.1:5432, with the
+# postgres user trusted over local TCP; installed and started here when missing.
+if ! command -v pg_isready >/dev/null || ! pg_isready -q -h 127.0.0.1 -p 5432; then
+  if ! command -v pg_ctlcluster >/dev/null; then
+    log "apt-get install postgresql"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq postgresql >/dev/null
+  fi
+  pg_version=$(ls /usr/lib/postgresql | sort -n | tail -1)
+  pg_ctlcluster "$pg_version" main start 2>/dev/null || service postgresql start
+  for _ in $(seq 1 50); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 0.2; done
+fi
+if ! psql -h 127.0.0.1 -U postgres -c 'select 1' >/dev/null 2>&1; then
+  hba=$(ls /etc/postgresql/*/main/pg_hba.conf 2>/dev/null | tail -1)
+  if [ -n "$hba" ]; then
+    log "PostgreSQL: trusting the postgres user over 127.0.0.1 ($hba)"
+    sed -i '1i host all postgres 127.0.0.1/32 trust' "$hba"
+    pg_version=$(ls /usr/lib/postgresql | sort -n | tail -1)
+    pg_ctlcluster "$pg_version" main reload 2>/dev/null || service postgresql reload
+  fi
 fi
 
 if ! command -v cargo >/dev/null; then

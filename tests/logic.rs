@@ -493,3 +493,208 @@ async fn features_materialized_by_feast_are_read_and_sluices_are_read_by_feast()
     }
     assert_eq!(got["txn_count_7d"][2], Value::Null, "unknown user: {got}");
 }
+
+/// Runs SQL through psql against the machine's PostgreSQL (127.0.0.1:5432, user postgres).
+fn psql(db: &str, sql: &str) -> bool {
+    std::process::Command::new("psql")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+            "-d",
+            db,
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-q",
+            "-c",
+            sql,
+        ])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// A fresh database with a `merchants` table, or `None` (skipped) outside CI without PostgreSQL.
+fn merchants_db() -> Option<String> {
+    if !psql("postgres", "select 1") {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "PostgreSQL not reachable at 127.0.0.1:5432 under CI=true; run deploy/setup.sh"
+        );
+        eprintln!("SKIPPED: no PostgreSQL at 127.0.0.1:5432");
+        return None;
+    }
+    let db = format!("sluice_test_{}", free_port());
+    psql("postgres", &format!("DROP DATABASE IF EXISTS {db}"));
+    assert!(psql("postgres", &format!("CREATE DATABASE {db}")));
+    assert!(psql(
+        &db,
+        "CREATE TABLE merchants (id text PRIMARY KEY, risk real, chargeback_rate double precision, \
+         orders bigint, region text, active boolean);
+         INSERT INTO merchants VALUES ('m1', 0.25, 0.01, 120, 'eu', true),
+                                      ('m2', 0.75, 0.20, 5, 'us', false),
+                                      ('m3', NULL, 0.05, NULL, NULL, true);"
+    ));
+    Some(db)
+}
+
+fn merchants_config(name: &str, url: &str, on_missing: &str) -> std::path::PathBuf {
+    example_variant(
+        "fraud",
+        name,
+        &[],
+        &format!(
+            r#"
+[graphs.merchants]
+inputs = [{{ name = "merchant_id", datatype = "BYTES", shape = [-1] }}]
+[[graphs.merchants.steps]]
+name = "lookup"
+inputs = {{ merchant_id = "request.merchant_id" }}
+[graphs.merchants.steps.postgres]
+url = "{url}"
+query = "SELECT id, risk, chargeback_rate, orders, region, active FROM merchants WHERE id = ANY($1)"
+key = "merchant_id"
+on_missing = "{on_missing}"
+timeout = "300ms"
+pool = 2
+columns = [
+  {{ name = "risk", datatype = "FP32", default = 0.5 }},
+  {{ name = "chargeback_rate", datatype = "FP64", default = 0 }},
+  {{ name = "orders", datatype = "INT64", default = 0 }},
+  {{ name = "region", datatype = "BYTES", default = "unknown" }},
+  {{ name = "active", datatype = "BOOL", default = 0 }},
+]
+"#
+        ),
+    )
+}
+
+fn merchants_body(ids: &[&str]) -> String {
+    json!({"inputs": [{"name": "merchant_id", "datatype": "BYTES", "shape": [ids.len()], "data": ids}]})
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_lookup_maps_rows_to_tensors_with_defaults_and_fails_clearly() {
+    let Some(db) = merchants_db() else {
+        return;
+    };
+    let url = format!("postgres://postgres:secret-pw@127.0.0.1:5432/{db}");
+    let config = merchants_config(&format!("merchants-{db}"), &url, "default");
+    let Some(mut stack) = Stack::start_config(config, &[]) else {
+        return;
+    };
+    let (unit, _) = stack.start_unit("all", &[]);
+    let client = http();
+    let url_infer = format!("{}/v2/models/merchants/infer", stack.gateway);
+    // Present, NULL-valued, absent, and a repeated key, in one request.
+    let r = post(
+        &client,
+        &url_infer,
+        &[],
+        merchants_body(&["m2", "m3", "nope", "m1", "m2"]),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let b = r.json();
+    assert_close(
+        &flat_f64(&output(&b, "risk")["data"]),
+        &[0.75, 0.5, 0.5, 0.25, 0.75],
+        "risk",
+    );
+    assert_close(
+        &flat_f64(&output(&b, "chargeback_rate")["data"]),
+        &[0.2, 0.05, 0.0, 0.01, 0.2],
+        "chargeback_rate",
+    );
+    assert_eq!(output(&b, "orders")["data"], json!([5, 0, 0, 120, 5]));
+    assert_eq!(
+        output(&b, "region")["data"],
+        json!(["us", "unknown", "unknown", "eu", "us"])
+    );
+    assert_eq!(
+        output(&b, "active")["data"],
+        json!([false, true, false, true, false])
+    );
+    // The password never reaches the logs.
+    assert!(
+        !stack.log_of(unit).contains("secret-pw"),
+        "password in the worker's log"
+    );
+
+    // Connections killed by the server (as in a restart) are replaced.
+    assert!(psql(
+        "postgres",
+        &format!("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{db}'")
+    ));
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = post(&client, &url_infer, &[], merchants_body(&["m1"])).await;
+        if r.status == 200 {
+            assert_close(
+                &flat_f64(&output(&r.json(), "risk")["data"]),
+                &[0.25],
+                "risk after",
+            );
+            break;
+        }
+        assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+        assert!(
+            Instant::now() < end,
+            "no recovery after the connections were killed"
+        );
+    }
+    psql(
+        "postgres",
+        &format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_missing_rows_rejected_and_an_unreachable_database_is_503() {
+    let Some(db) = merchants_db() else {
+        return;
+    };
+    // on_missing = "reject": an absent merchant is a 422 naming it.
+    let url = format!("postgres://postgres@127.0.0.1:5432/{db}");
+    let config = merchants_config(&format!("merchants-reject-{db}"), &url, "reject");
+    let Some(mut stack) = Stack::start_config(config, &[]) else {
+        return;
+    };
+    stack.start_unit("all", &[]);
+    let client = http();
+    let infer = format!("{}/v2/models/merchants/infer", stack.gateway);
+    let r = post(&client, &infer, &[], merchants_body(&["m1", "ghost"])).await;
+    assert_eq!(r.status, 422, "{}", String::from_utf8_lossy(&r.body));
+    let e = r.json()["error"].as_str().unwrap().to_string();
+    assert!(
+        e.contains("step 'lookup'") && e.contains("no row for key 'ghost'"),
+        "{e}"
+    );
+    psql(
+        "postgres",
+        &format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"),
+    );
+
+    // A database that does not answer: 503 naming it (password hidden), well within 2 s.
+    let dead = format!("postgres://postgres:pw@127.0.0.1:{}/{db}", free_port());
+    let config = merchants_config(&format!("merchants-dead-{db}"), &dead, "default");
+    let Some(mut stack) = Stack::start_config(config, &[]) else {
+        return;
+    };
+    stack.start_unit("all", &[]);
+    let infer = format!("{}/v2/models/merchants/infer", stack.gateway);
+    let started = Instant::now();
+    let r = post(&client, &infer, &[], merchants_body(&["m1"])).await;
+    assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+    let e = r.json()["error"].as_str().unwrap().to_string();
+    assert!(
+        e.contains("database postgres://postgres:***@127.0.0.1") && !e.contains(":pw@"),
+        "{e}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
+}

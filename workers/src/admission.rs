@@ -239,6 +239,7 @@ pub fn admit(m: &Record<'_>, source: Source, ctx: &Admit<'_>) -> Admission {
             | StepKind::Encode(..)
             | StepKind::Decide(_)
             | StepKind::Features(_)
+            | StepKind::Postgres(_)
             | StepKind::Custom(_),
             Unit::Step { step: mine, .. },
         ) if *mine == step_name => {

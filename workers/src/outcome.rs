@@ -79,6 +79,7 @@ pub(crate) fn graph_dead_letter(
         codes::UNDECODABLE,
         codes::JOIN_TIMEOUT,
         codes::NO_ROUTE,
+        codes::UNAVAILABLE,
     ]
     .into_iter()
     .find(|c| *c == e.code)

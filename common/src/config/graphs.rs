@@ -7,7 +7,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::TensorSpec;
-use super::logic::{CustomStepConfig, DecideConfig, EncodeColumn, FeaturesConfig, ValidationRule};
+use super::logic::{
+    CustomStepConfig, DecideConfig, EncodeColumn, FeaturesConfig, PostgresConfig, ValidationRule,
+};
 
 /// A graph as written in config (`[graphs.<name>]`).
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -29,7 +31,7 @@ pub struct GraphConfig {
 }
 
 /// One step as written in config. Exactly one of `model`, `builtin`, `combine`, `route`,
-/// `validate`, `encode`, `decide`, `features`, `custom` is set.
+/// `validate`, `encode`, `decide`, `features`, `postgres`, `custom` is set.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct StepConfig {
@@ -51,6 +53,8 @@ pub struct StepConfig {
     pub decide: Option<DecideConfig>,
     /// Look features up in Redis by the entity keys of an input.
     pub features: Option<FeaturesConfig>,
+    /// Look rows up in PostgreSQL by the keys of an input.
+    pub postgres: Option<PostgresConfig>,
     /// Run a user step registered under this kind (in the binary running the worker).
     pub custom: Option<CustomStepConfig>,
     /// Run after this step even without reading from it (e.g. a router choosing by a request

@@ -281,6 +281,42 @@ pub enum OnMissing {
     Reject,
 }
 
+/// A PostgreSQL lookup: one parameterized query per batch (`$1` is the array of the batch's
+/// keys), each declared column output as a tensor.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// `postgres://user:password@host:port/database` (redacted in logs; set it from the
+    /// environment with `SLUICE__GRAPHS__<G>__STEPS__<N>__POSTGRES__URL` or keep the password
+    /// in `PGPASSWORD`).
+    pub url: String,
+    /// The query; `$1` is the keys (`text[]` for BYTES keys, `bigint[]` for INT64, `int[]` for
+    /// INT32), e.g. `SELECT id, risk FROM merchants WHERE id = ANY($1)`.
+    pub query: String,
+    /// The step input holding one key per row.
+    pub key: String,
+    /// The result column matching the keys (default: the first column).
+    pub key_column: Option<String>,
+    /// Result columns to output, by name, each with its datatype and default.
+    pub columns: Vec<FeatureSpec>,
+    /// A missing row or NULL value: the column's default, or a 422.
+    #[serde(default)]
+    pub on_missing: OnMissing,
+    /// Statement timeout and longest wait (capped by the request's deadline); past it, 503.
+    #[serde(with = "humantime_serde", default = "default_query_timeout")]
+    pub timeout: Duration,
+    /// Connections kept open.
+    #[serde(default = "default_pool")]
+    pub pool: usize,
+}
+
+fn default_query_timeout() -> Duration {
+    Duration::from_millis(200)
+}
+fn default_pool() -> usize {
+    4
+}
+
 /// A user step: a kind registered by the binary that runs the worker
 /// (`sluice_workers::registry::register`), its settings, and the outputs it declares.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]

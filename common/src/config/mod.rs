@@ -14,8 +14,8 @@ mod logic;
 pub use graphs::{Builtin, CanaryConfig, Combiner, GraphConfig, RouteConfig, StepConfig, TieRule};
 pub use logic::{
     AllowedValue, CustomStepConfig, DecideConfig, DecisionRule, EncodeColumn, EncodeOp,
-    FeatureLayout, FeatureSpec, FeaturesConfig, JoinKeyType, OnMissing, RuleKind, Unknown,
-    ValidationRule,
+    FeatureLayout, FeatureSpec, FeaturesConfig, JoinKeyType, OnMissing, PostgresConfig, RuleKind,
+    Unknown, ValidationRule,
 };
 
 const DEFAULTS: &str = include_str!("../../default.toml");
@@ -515,6 +515,18 @@ impl Config {
     pub fn redacted(&self) -> String {
         let mut c = self.clone();
         c.redis.url = redact_url(&c.redis.url);
+        for g in c.graphs.values_mut() {
+            for s in &mut g.steps {
+                if let Some(p) = s.postgres.as_mut() {
+                    p.url = redact_url(&p.url);
+                }
+                if let Some(f) = s.features.as_mut()
+                    && let Some(url) = f.redis.as_mut()
+                {
+                    *url = redact_url(url);
+                }
+            }
+        }
         for map in [
             &mut c.kafka.client,
             &mut c.kafka.producer,

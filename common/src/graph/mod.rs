@@ -107,6 +107,8 @@ pub enum StepKind {
     Decide(DecideConfig),
     /// A feature lookup.
     Features(Box<FeaturesConfig>),
+    /// A PostgreSQL lookup.
+    Postgres(Box<crate::config::PostgresConfig>),
     /// A user step, built by the kind's registered builder.
     Custom(Box<crate::config::CustomStepConfig>),
 }

@@ -184,20 +184,29 @@ fn missing(
     } else {
         format!("entity '{entity}' has no value for feature '{}'", spec.name)
     };
-    match (config.on_missing, &spec.default) {
+    missing_value(config.on_missing, spec, what)
+}
+
+/// A missing value's default under `on_missing`, or the 422 saying `what` is missing.
+pub(super) fn missing_value(
+    on_missing: OnMissing,
+    spec: &FeatureSpec,
+    what: String,
+) -> Result<Value, StepFailure> {
+    match (on_missing, &spec.default) {
         (OnMissing::Default, Some(AllowedValue::Number(n))) => Ok(match spec.length {
             Some(len) => Value::List(vec![*n; len]),
             None => Value::Float(*n),
         }),
         (OnMissing::Default, Some(AllowedValue::Text(t))) => Ok(Value::Text(t.as_bytes().to_vec())),
         (OnMissing::Default, None) => Err(StepFailure::invalid(format!(
-            "{what}, and the feature has no default"
+            "{what}, and it has no default"
         ))),
         (OnMissing::Reject, _) => Err(StepFailure::invalid(what)),
     }
 }
 
-fn to_tensor(spec: &FeatureSpec, values: &[Value]) -> Result<Tensor, StepFailure> {
+pub(super) fn to_tensor(spec: &FeatureSpec, values: &[Value]) -> Result<Tensor, StepFailure> {
     let rows = values.len() as i64;
     let wrong = |v: &Value| {
         StepFailure::invalid(format!(
@@ -276,7 +285,7 @@ fn entity_datatype(job: &StepInput, input: &str) -> DataType {
 }
 
 /// The job's entity keys as text, one per row.
-fn entity_keys(job: &StepInput, input: &str) -> Result<Vec<String>, StepFailure> {
+pub(super) fn entity_keys(job: &StepInput, input: &str) -> Result<Vec<String>, StepFailure> {
     let t = job
         .tensors
         .iter()
@@ -301,7 +310,7 @@ fn entity_keys(job: &StepInput, input: &str) -> Result<Vec<String>, StepFailure>
     }
 }
 
-fn now_ms() -> i64 {
+pub(super) fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)

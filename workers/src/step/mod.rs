@@ -13,6 +13,7 @@ mod decide;
 mod encode;
 mod features;
 mod model;
+mod postgres;
 pub mod registry;
 mod route;
 mod seam;
@@ -57,6 +58,7 @@ pub fn for_unit(deployment: &Deployment, unit: &Unit) -> Result<Arc<dyn Step>, B
                     f,
                     &deployment.config.redis.url,
                 )?)),
+                StepKind::Postgres(pg) => Ok(Arc::new(postgres::PostgresStep::new(pg))),
                 StepKind::Custom(c) => registry::build(
                     &registry::StepContext {
                         graph: &g.name,

@@ -17,6 +17,7 @@ pub(super) fn is_logic(s: &StepConfig) -> bool {
         || s.encode.is_some()
         || s.decide.is_some()
         || s.features.is_some()
+        || s.postgres.is_some()
         || s.custom.is_some()
 }
 
@@ -33,6 +34,9 @@ pub(super) fn kind(s: &StepConfig) -> Option<StepKind> {
     }
     if let Some(c) = &s.custom {
         return Some(StepKind::Custom(Box::new(c.clone())));
+    }
+    if let Some(pg) = &s.postgres {
+        return Some(StepKind::Postgres(Box::new(pg.clone())));
     }
     s.features
         .as_ref()
@@ -132,6 +136,9 @@ pub(super) fn outputs(
     }
     if let Some(f) = &s.features {
         return features(skey, f, inputs, p);
+    }
+    if let Some(pg) = &s.postgres {
+        return postgres(skey, pg, inputs, p);
     }
     if let Some(c) = &s.custom {
         if c.kind.is_empty() {
@@ -389,6 +396,65 @@ fn features(
             None => vec![-1],
         };
         out.push(spec(&feat.name, feat.datatype, shape));
+    }
+    out
+}
+
+fn postgres(
+    skey: &str,
+    pg: &crate::config::PostgresConfig,
+    inputs: &BTreeMap<String, TensorSpec>,
+    p: &mut Vec<String>,
+) -> Vec<TensorSpec> {
+    let key = format!("{skey}.postgres");
+    match inputs.get(&pg.key) {
+        None => p.push(format!(
+            "{key}.key: '{}' is not one of the step's inputs",
+            pg.key
+        )),
+        Some(t) => {
+            if !matches!(
+                t.datatype,
+                DataType::Bytes | DataType::Int64 | DataType::Int32
+            ) || row_width(t) != Some(1)
+            {
+                p.push(format!(
+                    "{key}.key: '{}' must be BYTES, INT64 or INT32 with one key per row, not {} {:?}",
+                    pg.key, t.datatype, t.shape
+                ));
+            }
+        }
+    }
+    if !pg.query.contains("$1") {
+        p.push(format!("{key}.query: must use $1 (the batch's keys)"));
+    }
+    if pg.pool == 0 {
+        p.push(format!("{key}.pool: must be at least 1"));
+    }
+    if pg.columns.is_empty() {
+        p.push(format!("{key}.columns: at least one column is needed"));
+    }
+    let mut out = Vec::new();
+    for (k, c) in pg.columns.iter().enumerate() {
+        let ckey = format!("{key}.columns[{k}] ('{}')", c.name);
+        if c.length.is_some() {
+            p.push(format!("{ckey}: list columns are not supported"));
+        }
+        if !matches!(
+            c.datatype,
+            DataType::Fp32
+                | DataType::Fp64
+                | DataType::Int64
+                | DataType::Int32
+                | DataType::Bool
+                | DataType::Bytes
+        ) {
+            p.push(format!(
+                "{ckey}: datatype {} is not one a lookup produces",
+                c.datatype
+            ));
+        }
+        out.push(spec(&c.name, c.datatype, vec![-1]));
     }
     out
 }

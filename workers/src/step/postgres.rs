@@ -1,0 +1,291 @@
+//! PostgreSQL lookup steps: the batch's keys go to the database as one array parameter of one
+//! parameterized query (`... WHERE id = ANY($1)`); each declared column of the matching rows is
+//! output as a tensor. A missing row or NULL takes the column's default, or fails the request
+//! with 422 naming the key and column; the database down or slower than the timeout (capped by the
+//! request's deadline) fails the batch with 503. Connections are kept in a small pool and
+//! replaced when they break; each runs with `statement_timeout` set to the step's timeout.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use sluice_common::config::PostgresConfig;
+use sluice_features::Value;
+use sluice_schemas::DataType;
+use tokio::sync::Mutex;
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::{Client, NoTls, Row};
+
+use super::features::{entity_keys, missing_value, now_ms, to_tensor};
+use super::seam::{Step, StepFailure, StepInput, StepResult};
+
+/// A PostgreSQL lookup step.
+pub struct PostgresStep {
+    config: PostgresConfig,
+    /// The URL with its password hidden, for messages.
+    shown: String,
+    pool: Vec<Mutex<Option<Client>>>,
+    next: AtomicUsize,
+}
+
+impl PostgresStep {
+    /// The step for `config`; connects on first use, so a worker starts while the database is
+    /// down.
+    pub fn new(config: &PostgresConfig) -> PostgresStep {
+        PostgresStep {
+            shown: sluice_common::config::redact_url(&config.url),
+            pool: (0..config.pool.max(1)).map(|_| Mutex::new(None)).collect(),
+            next: AtomicUsize::new(0),
+            config: config.clone(),
+        }
+    }
+
+    fn down(&self, e: impl std::fmt::Display) -> StepFailure {
+        StepFailure::unavailable(format!("database {}: {e}", self.shown))
+    }
+
+    async fn connect(&self) -> Result<Client, StepFailure> {
+        let (client, connection) = tokio_postgres::connect(&self.config.url, NoTls)
+            .await
+            .map_err(|e| self.down(e))?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::warn!(error = %e, "database connection closed");
+            }
+        });
+        let ms = self.config.timeout.as_millis().max(1);
+        client
+            .batch_execute(&format!("SET statement_timeout = {ms}"))
+            .await
+            .map_err(|e| self.down(e))?;
+        Ok(client)
+    }
+
+    /// Runs the query for `keys` on a pooled connection (opened or replaced as needed).
+    async fn query(&self, keys: &(dyn ToSql + Sync)) -> Result<Vec<Row>, StepFailure> {
+        let slot = &self.pool[self.next.fetch_add(1, Ordering::Relaxed) % self.pool.len()];
+        let mut conn = slot.lock().await;
+        if conn.as_ref().is_none_or(Client::is_closed) {
+            *conn = Some(self.connect().await?);
+        }
+        let Some(client) = conn.as_ref() else {
+            return Err(self.down("no connection"));
+        };
+        match client.query(&self.config.query, &[keys]).await {
+            Ok(rows) => Ok(rows),
+            Err(e) => {
+                // A broken connection is replaced next time; a query error is the config's.
+                let broken = e.is_closed() || e.as_db_error().is_none();
+                let timed_out = e.as_db_error().is_some_and(|d| d.code().code() == "57014");
+                if broken {
+                    *conn = None;
+                }
+                if broken || timed_out {
+                    Err(self.down(e))
+                } else {
+                    Err(StepFailure {
+                        code: sluice_schemas::envelope::codes::INTERNAL,
+                        message: format!("database query failed: {e}"),
+                    })
+                }
+            }
+        }
+    }
+
+    async fn batch(&self, batch: &[StepInput]) -> Result<Vec<StepResult>, StepFailure> {
+        let datatype = batch
+            .first()
+            .and_then(|j| j.tensors.iter().find(|t| t.name == self.config.key))
+            .map_or(DataType::Bytes, |t| t.datatype);
+        let per_job: Vec<Result<Vec<String>, StepFailure>> = batch
+            .iter()
+            .map(|j| entity_keys(j, &self.config.key))
+            .collect();
+        let mut keys: Vec<String> = per_job.iter().flatten().flatten().cloned().collect();
+        keys.sort();
+        keys.dedup();
+        let deadline = batch.iter().map(|j| j.deadline_ms).filter(|&d| d > 0).min();
+        let mut wait = self.config.timeout;
+        if let Some(d) = deadline {
+            wait = wait.min(Duration::from_millis(
+                u64::try_from(d - now_ms()).unwrap_or(0),
+            ));
+        }
+        let run = async {
+            match datatype {
+                DataType::Int64 => {
+                    let ks = parse_keys::<i64>(&keys)?;
+                    self.query(&ks).await
+                }
+                DataType::Int32 => {
+                    let ks = parse_keys::<i32>(&keys)?;
+                    self.query(&ks).await
+                }
+                _ => self.query(&keys).await,
+            }
+        };
+        let rows = if keys.is_empty() {
+            Vec::new()
+        } else {
+            tokio::time::timeout(wait, run)
+                .await
+                .map_err(|_| self.down(format!("no answer within {}ms", wait.as_millis())))??
+        };
+        let by_key = self.index(&rows)?;
+        Ok(per_job
+            .into_iter()
+            .map(|keys| self.tensors(&keys?, &by_key))
+            .collect())
+    }
+
+    /// Each row's declared columns, by its key (as text).
+    fn index(&self, rows: &[Row]) -> Result<HashMap<String, Vec<Value>>, StepFailure> {
+        let mut out = HashMap::with_capacity(rows.len());
+        for row in rows {
+            let key_at = match &self.config.key_column {
+                Some(name) => row.columns().iter().position(|c| c.name() == name),
+                None => Some(0),
+            }
+            .ok_or_else(|| self.config_error("the key column is not in the query's result"))?;
+            let key = match value(row, key_at)? {
+                Value::Text(t) => String::from_utf8_lossy(&t).into_owned(),
+                Value::Int(i) => i.to_string(),
+                other => return Err(self.config_error(&format!("key column holds {other:?}"))),
+            };
+            let values = self
+                .config
+                .columns
+                .iter()
+                .map(|c| {
+                    let at = row
+                        .columns()
+                        .iter()
+                        .position(|col| col.name() == c.name)
+                        .ok_or_else(|| {
+                            self.config_error(&format!(
+                                "column '{}' is not in the query's result",
+                                c.name
+                            ))
+                        })?;
+                    value(row, at)
+                })
+                .collect::<Result<Vec<Value>, StepFailure>>()?;
+            out.insert(key, values);
+        }
+        Ok(out)
+    }
+
+    fn config_error(&self, m: &str) -> StepFailure {
+        StepFailure {
+            code: sluice_schemas::envelope::codes::INTERNAL,
+            message: format!("database lookup: {m}"),
+        }
+    }
+
+    fn tensors(&self, keys: &[String], by_key: &HashMap<String, Vec<Value>>) -> StepResult {
+        let mut columns: Vec<Vec<Value>> =
+            vec![Vec::with_capacity(keys.len()); self.config.columns.len()];
+        for key in keys {
+            let row = by_key.get(key);
+            for (k, spec) in self.config.columns.iter().enumerate() {
+                let v = match row.map(|r| &r[k]) {
+                    Some(Value::Missing) => missing_value(
+                        self.config.on_missing,
+                        spec,
+                        format!("row '{key}' has no value for column '{}'", spec.name),
+                    )?,
+                    None => missing_value(
+                        self.config.on_missing,
+                        spec,
+                        format!("no row for key '{key}' (column '{}')", spec.name),
+                    )?,
+                    Some(v) => v.clone(),
+                };
+                columns[k].push(v);
+            }
+        }
+        self.config
+            .columns
+            .iter()
+            .zip(columns)
+            .map(|(spec, values)| to_tensor(spec, &values))
+            .collect()
+    }
+}
+
+fn parse_keys<T: std::str::FromStr>(keys: &[String]) -> Result<Vec<T>, StepFailure> {
+    keys.iter()
+        .map(|k| {
+            k.parse()
+                .map_err(|_| StepFailure::invalid(format!("key '{k}' is not a number")))
+        })
+        .collect()
+}
+
+/// Column `at` of `row` as a value (NULL → missing).
+fn value(row: &Row, at: usize) -> Result<Value, StepFailure> {
+    let ty = row.columns()[at].type_().clone();
+    let bad = |e: tokio_postgres::Error| StepFailure {
+        code: sluice_schemas::envelope::codes::INTERNAL,
+        message: format!("column '{}': {e}", row.columns()[at].name()),
+    };
+    let v = match ty {
+        Type::FLOAT8 => row
+            .try_get::<_, Option<f64>>(at)
+            .map_err(bad)?
+            .map(Value::Float),
+        Type::FLOAT4 => row
+            .try_get::<_, Option<f32>>(at)
+            .map_err(bad)?
+            .map(|x| Value::Float(f64::from(x))),
+        Type::INT8 => row
+            .try_get::<_, Option<i64>>(at)
+            .map_err(bad)?
+            .map(Value::Int),
+        Type::INT4 => row
+            .try_get::<_, Option<i32>>(at)
+            .map_err(bad)?
+            .map(|x| Value::Int(i64::from(x))),
+        Type::INT2 => row
+            .try_get::<_, Option<i16>>(at)
+            .map_err(bad)?
+            .map(|x| Value::Int(i64::from(x))),
+        Type::BOOL => row
+            .try_get::<_, Option<bool>>(at)
+            .map_err(bad)?
+            .map(Value::Bool),
+        Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::NAME => row
+            .try_get::<_, Option<String>>(at)
+            .map_err(bad)?
+            .map(|s| Value::Text(s.into_bytes())),
+        Type::BYTEA => row
+            .try_get::<_, Option<Vec<u8>>>(at)
+            .map_err(bad)?
+            .map(Value::Text),
+        other => {
+            return Err(StepFailure {
+                code: sluice_schemas::envelope::codes::INTERNAL,
+                message: format!(
+                    "column '{}' is {other}; cast it in the query to float8, int8, bool or text",
+                    row.columns()[at].name()
+                ),
+            });
+        }
+    };
+    Ok(v.unwrap_or(Value::Missing))
+}
+
+impl Step for PostgresStep {
+    fn run(&self, batch: Vec<StepInput>) -> BoxFuture<'_, Vec<StepResult>> {
+        Box::pin(async move {
+            match self.batch(&batch).await {
+                Ok(results) => results,
+                Err(e) => {
+                    tracing::warn!(error = %e.message, jobs = batch.len(), "database lookup failed");
+                    batch.iter().map(|_| Err(e.clone())).collect()
+                }
+            }
+        })
+    }
+}
