@@ -31,6 +31,7 @@ MERCHANTS = ["grocery", "fuel", "travel", "electronics", "gambling", "restaurant
 DEVICES = [f"dev-{i:04d}" for i in range(400)]
 HOUR_EDGES = [6, 12, 18]
 USERS = 1000
+MERCHANT_COUNT = 200
 
 
 def users():
@@ -46,14 +47,30 @@ def users():
     return rows
 
 
-def transactions(n, people):
+def merchants():
+    rows = []
+    for i in range(MERCHANT_COUNT):
+        category = MERCHANTS[RNG.integers(len(MERCHANTS))]
+        base = 0.6 if category in ("gambling", "crypto") else 0.2
+        rows.append({
+            "merchant_id": f"m{i:04d}",
+            "category": category,
+            "risk": float(np.float32(np.clip(RNG.normal(base, 0.15), 0, 1))),
+            "chargeback_rate": float(np.round(RNG.beta(1, 40), 5)),
+        })
+    return rows
+
+
+def transactions(n, people, shops):
     rows = []
     for _ in range(n):
         u = people[RNG.integers(len(people))]
+        m = shops[RNG.integers(len(shops))]
         rows.append({
             "user_id": u["user_id"],
+            "merchant_id": m["merchant_id"],
             "amount": float(np.float32(np.round(RNG.lognormal(3.8, 1.2), 2))),
-            "merchant_category": MERCHANTS[RNG.integers(len(MERCHANTS))],
+            "merchant_category": m["category"],
             "hour": int(RNG.integers(0, 24)),
             "country": COUNTRIES[RNG.choice(len(COUNTRIES), p=[.5, .15, .1, .1, .08, .07])],
             "device": DEVICES[RNG.integers(len(DEVICES))],
@@ -61,8 +78,8 @@ def transactions(n, people):
     return rows
 
 
-def label(t, u):
-    z = (-4.0 + 0.9 * np.log1p(t["amount"]) / 3 + 1.4 * (t["country"] in ("NG", "BR"))
+def label(t, u, m):
+    z = (-4.6 + 2.0 * m["risk"] + 25 * m["chargeback_rate"] + 0.9 * np.log1p(t["amount"]) / 3 + 1.4 * (t["country"] in ("NG", "BR"))
          + 1.2 * (t["merchant_category"] in ("gambling", "crypto")) + 0.9 * (t["hour"] < 6)
          + 0.8 * u["chargebacks_90d"] - 0.4 * np.log1p(u["account_age_days"]) / 3
          + 0.6 * (t["amount"] > 4 * max(u["avg_amount_30d"], 1.0)))
@@ -70,6 +87,7 @@ def label(t, u):
 
 
 USER_FEATURES = ["txn_count_7d", "avg_amount_30d", "chargebacks_90d", "account_age_days"]
+MERCHANT_DEFAULTS = {"risk": 0.5, "chargeback_rate": 0.0}
 DEFAULTS = {"txn_count_7d": 0.0, "avg_amount_30d": 0.0, "chargebacks_90d": 0, "account_age_days": 0}
 
 
@@ -82,7 +100,7 @@ def encoder_stats(txns, feats):
             "avg": (r(lv.mean()), r(lv.std()))}
 
 
-def encode(txns, feats, stats):
+def encode(txns, feats, shops, stats):
     """The reference encoding, column group by column group, as the graph's encode step does."""
     f64 = lambda k, rows: np.array([r[k] for r in rows], np.float32).astype(np.float64)
     cols = []
@@ -103,6 +121,8 @@ def encode(txns, feats, stats):
     cols.append(((np.log1p(f64("avg_amount_30d", feats)) - m) / s)[:, None])
     cols.append(np.clip(f64("chargebacks_90d", feats), 0, 5)[:, None])
     cols.append(((f64("account_age_days", feats) - 0) / (3650 - 0))[:, None])
+    cols.append(np.clip(f64("risk", shops), 0, 1)[:, None])
+    cols.append(np.log1p(np.array([m["chargeback_rate"] for m in shops], np.float64) * 100)[:, None])
     return np.hstack(cols).astype(np.float32)
 
 
@@ -140,6 +160,7 @@ outputs = [
 [graphs.fraud]
 inputs = [
   {{ name = "user_id", datatype = "BYTES", shape = [-1] }},
+  {{ name = "merchant_id", datatype = "BYTES", shape = [-1] }},
   {{ name = "amount", datatype = "FP32", shape = [-1] }},
   {{ name = "merchant_category", datatype = "BYTES", shape = [-1] }},
   {{ name = "hour", datatype = "INT64", shape = [-1] }},
@@ -149,9 +170,10 @@ inputs = [
 
 [[graphs.fraud.steps]]
 name = "check"
-inputs = {{ user_id = "request.user_id", amount = "request.amount", merchant_category = "request.merchant_category", hour = "request.hour", country = "request.country", device = "request.device" }}
+inputs = {{ user_id = "request.user_id", merchant_id = "request.merchant_id", amount = "request.amount", merchant_category = "request.merchant_category", hour = "request.hour", country = "request.country", device = "request.device" }}
 validate = [
   {{ input = "user_id", rule = "regex", pattern = "^u[0-9]{{5}}$" }},
+  {{ input = "merchant_id", rule = "regex", pattern = "^m[0-9]{{4}}$" }},
   {{ input = "amount", rule = "finite" }},
   {{ input = "amount", rule = "range", min = 0, max = 1000000 }},
   {{ input = "hour", rule = "range", min = 0, max = 23 }},
@@ -162,9 +184,25 @@ validate = [
 
 # fused = true: the step runs in the worker of the step before it, in process, with no broker
 # hop in between; the edge into the model stays a topic, so the model scales on its own.
+# The merchant's row from PostgreSQL (examples/fraud/merchants.sql), one query per batch.
+[[graphs.fraud.steps]]
+name = "merchant"
+fused = true
+inputs = {{ merchant_id = "check.merchant_id" }}
+[graphs.fraud.steps.postgres]
+url = "postgres://postgres@127.0.0.1:5432/postgres"
+query = "SELECT merchant_id, risk, chargeback_rate FROM fraud_merchants WHERE merchant_id = ANY($1)"
+key = "merchant_id"
+timeout = "200ms"
+columns = [
+  {{ name = "risk", datatype = "FP32", default = 0.5 }},
+  {{ name = "chargeback_rate", datatype = "FP64", default = 0 }},
+]
+
 [[graphs.fraud.steps]]
 name = "user_features"
 fused = true
+after = "merchant"
 inputs = {{ user_id = "check.user_id" }}
 # What `feast materialize` wrote (examples/fraud/feature_repo), read as Feast's own server does.
 [graphs.fraud.steps.features]
@@ -183,7 +221,7 @@ features = [
 [[graphs.fraud.steps]]
 name = "encode"
 fused = true
-inputs = {{ amount = "check.amount", hour = "check.hour", country = "check.country", merchant_category = "check.merchant_category", device = "check.device", txn_count_7d = "user_features.txn_count_7d", avg_amount_30d = "user_features.avg_amount_30d", chargebacks_90d = "user_features.chargebacks_90d", account_age_days = "user_features.account_age_days" }}
+inputs = {{ amount = "check.amount", hour = "check.hour", country = "check.country", merchant_category = "check.merchant_category", device = "check.device", txn_count_7d = "user_features.txn_count_7d", avg_amount_30d = "user_features.avg_amount_30d", chargebacks_90d = "user_features.chargebacks_90d", account_age_days = "user_features.account_age_days", merchant_risk = "merchant.risk", merchant_chargeback_rate = "merchant.chargeback_rate" }}
 output = "input"
 encode = [
   {{ input = "amount", ops = [{{ op = "clip", min = 0, max = 20000 }}, {{ op = "log1p" }}, {{ op = "standardize", mean = {am}, std = {asd} }}] }},
@@ -195,6 +233,8 @@ encode = [
   {{ input = "avg_amount_30d", ops = [{{ op = "log1p" }}, {{ op = "standardize", mean = {vm}, std = {vsd} }}] }},
   {{ input = "chargebacks_90d", ops = [{{ op = "clip", min = 0, max = 5 }}] }},
   {{ input = "account_age_days", ops = [{{ op = "min_max", min = 0, max = 3650 }}] }},
+  {{ input = "merchant_risk", ops = [{{ op = "clip", min = 0, max = 1 }}] }},
+  {{ input = "merchant_chargeback_rate", ops = [{{ op = "standardize", mean = 0, std = 0.01 }}, {{ op = "log1p" }}] }},
 ]
 
 [[graphs.fraud.steps]]
@@ -231,11 +271,13 @@ def main():
     os.makedirs(OUT, exist_ok=True)
     people = users()
     by_id = {u["user_id"]: u for u in people}
-    txns = transactions(20000, people)
-    y = np.array([label(t, by_id[t["user_id"]]) for t in txns])
+    shops = merchants()
+    shop_by_id = {m["merchant_id"]: m for m in shops}
+    txns = transactions(20000, people, shops)
+    y = np.array([label(t, by_id[t["user_id"]], shop_by_id[t["merchant_id"]]) for t in txns])
     feats = [by_id[t["user_id"]] for t in txns]
     stats = encoder_stats(txns, feats)
-    x = encode(txns, feats, stats)
+    x = encode(txns, feats, [shop_by_id[t["merchant_id"]] for t in txns], stats)
     model = GradientBoostingClassifier(n_estimators=60, max_depth=3, random_state=0).fit(x, y)
     onx = convert_sklearn(model, initial_types=[("input", FloatTensorType([None, x.shape[1]]))],
                           options={id(model): {"zipmap": False}}, target_opset=17)
@@ -252,6 +294,15 @@ def main():
         w.writeheader()
         for u in people:
             w.writerow(u)
+    with open(os.path.join(OUT, "merchants.sql"), "w") as f:
+        f.write("-- The fraud example's merchant table (generated by examples/make_fraud.py).\n"
+                "-- psql -h 127.0.0.1 -U postgres -f examples/fraud/merchants.sql\n"
+                "DROP TABLE IF EXISTS fraud_merchants;\n"
+                "CREATE TABLE fraud_merchants (merchant_id text PRIMARY KEY, category text NOT NULL,\n"
+                "  risk real NOT NULL, chargeback_rate double precision NOT NULL);\n"
+                "INSERT INTO fraud_merchants VALUES\n")
+        f.write(",\n".join(f"  ('{m['merchant_id']}', '{m['category']}', {m['risk']!r}, {m['chargeback_rate']!r})"
+                            for m in shops) + ";\n")
     j = lambda v: json.dumps(v)
     with open(os.path.join(HERE, "fraud.toml"), "w") as f:
         f.write(CONFIG.format(width=x.shape[1], merchants=j(MERCHANTS), countries=j(COUNTRIES),
@@ -259,16 +310,19 @@ def main():
                               cm=stats["count"][0], csd=stats["count"][1], vm=stats["avg"][0],
                               vsd=stats["avg"][1]))
     # Samples: fresh transactions, some from users the feature store does not know (defaults).
-    sample = transactions(40, people)
+    sample = transactions(40, people, shops)
     for k, t in enumerate(sample[:6]):
         t["user_id"] = f"u9{k:04d}"
+    for k, t in enumerate(sample[4:8]):  # merchants the database does not know (defaults)
+        t["merchant_id"] = f"m9{k:03d}"
     for t in sample[6:14]:  # risky ones, so every decision shows up
         t.update(country="NG", merchant_category="crypto", hour=3)
         t["amount"] = float(np.float32(t["amount"] * 20))
     for t in sample[14:16]:
         t["amount"] = 15000.0
     sfeats = [by_id.get(t["user_id"], DEFAULTS) for t in sample]
-    sx = encode(sample, sfeats, stats)
+    sshops = [shop_by_id.get(t["merchant_id"], MERCHANT_DEFAULTS) for t in sample]
+    sx = encode(sample, sfeats, sshops, stats)
     sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     labels, probs = sess.run(["label", "probabilities"], {"input": sx})
     decisions = [decide(p[1], t["amount"]) for p, t in zip(probs, sample)]
@@ -278,6 +332,7 @@ def main():
                      "probabilities": probs.tolist(), "decision": [d for d, _ in decisions],
                      "rule": [r for _, r in decisions]},
         "unknown_users": [t["user_id"] for t in sample[:6]],
+        "unknown_merchants": [t["merchant_id"] for t in sample[4:8]],
     }, open(os.path.join(OUT, "samples.json"), "w"), indent=1)
     # The request `sluice up` prints for the graph: one approved and one declined transaction.
     pick = [[d for d, _ in decisions].index(k) for k in ("approve", "decline")]
@@ -285,6 +340,7 @@ def main():
     col = lambda k: [r[k] for r in rows]
     request = {"inputs": [
         {"name": "user_id", "datatype": "BYTES", "shape": [2], "data": col("user_id")},
+        {"name": "merchant_id", "datatype": "BYTES", "shape": [2], "data": col("merchant_id")},
         {"name": "amount", "datatype": "FP32", "shape": [2], "data": col("amount")},
         {"name": "merchant_category", "datatype": "BYTES", "shape": [2], "data": col("merchant_category")},
         {"name": "hour", "datatype": "INT64", "shape": [2], "data": col("hour")},

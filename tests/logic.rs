@@ -24,6 +24,7 @@ fn fraud_body(rows: &[&Value]) -> String {
     let n = rows.len();
     json!({"inputs": [
         {"name": "user_id", "datatype": "BYTES", "shape": [n], "data": col("user_id")},
+        {"name": "merchant_id", "datatype": "BYTES", "shape": [n], "data": col("merchant_id")},
         {"name": "amount", "datatype": "FP32", "shape": [n], "data": col("amount")},
         {"name": "merchant_category", "datatype": "BYTES", "shape": [n], "data": col("merchant_category")},
         {"name": "hour", "datatype": "INT64", "shape": [n], "data": col("hour")},
@@ -44,10 +45,57 @@ fn output<'a>(body: &'a Value, name: &str) -> &'a Value {
 
 /// The fraud example with its feature store in a Redis of its own (port `features_port`), and
 /// a second graph answering the encoded feature vector, to compare with the Python reference.
+/// The fraud example's merchant table in a fresh database (the example's own SQL), or `None`
+/// (skipped) outside CI without PostgreSQL.
+fn fraud_db() -> Option<String> {
+    if !psql("postgres", "select 1") {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "PostgreSQL not reachable at 127.0.0.1:5432 under CI=true; run deploy/setup.sh"
+        );
+        eprintln!("SKIPPED: no PostgreSQL at 127.0.0.1:5432");
+        return None;
+    }
+    let db = format!("sluice_fraud_{}", free_port());
+    psql("postgres", &format!("DROP DATABASE IF EXISTS {db}"));
+    assert!(psql("postgres", &format!("CREATE DATABASE {db}")));
+    let sql = root().join("examples/fraud/merchants.sql");
+    let ok = std::process::Command::new("psql")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+            "-d",
+            &db,
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-f",
+        ])
+        .arg(sql)
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(ok, "loading merchants.sql failed");
+    Some(db)
+}
+
+/// `examples/fraud.toml` reading the merchant table from `db`, with more replacements.
+fn fraud_variant(name: &str, db: &str, more: &[(&str, &str)], extra: &str) -> std::path::PathBuf {
+    let url = format!("url = \"postgres://postgres@127.0.0.1:5432/{db}\"");
+    let mut all = vec![(
+        "url = \"postgres://postgres@127.0.0.1:5432/postgres\"",
+        url.as_str(),
+    )];
+    all.extend_from_slice(more);
+    example_variant("fraud", name, &all, extra)
+}
+
 fn fraud_stack(features_port: u16) -> Option<(Stack, usize)> {
-    let config = example_variant(
-        "fraud",
+    let db = fraud_db()?;
+    let config = fraud_variant(
         &format!("fraud-logic-{features_port}"),
+        &db,
         &[(
             "layout = \"feast\"",
             &format!("layout = \"feast\"\nredis = \"redis://127.0.0.1:{features_port}\""),
@@ -56,6 +104,7 @@ fn fraud_stack(features_port: u16) -> Option<(Stack, usize)> {
 [graphs.fraud-features]
 inputs = [
   { name = "user_id", datatype = "BYTES", shape = [-1] },
+  { name = "merchant_id", datatype = "BYTES", shape = [-1] },
   { name = "amount", datatype = "FP32", shape = [-1] },
   { name = "merchant_category", datatype = "BYTES", shape = [-1] },
   { name = "hour", datatype = "INT64", shape = [-1] },
@@ -168,8 +217,8 @@ async fn fraud_graph_answers_what_sklearn_and_onnxruntime_compute() {
         1.0,
         "one pipelined round trip for the batch"
     );
-    // The fused steps ran in process (check → user_features → encode, model → decision).
-    for step in ["user_features", "encode", "decision"] {
+    // The fused steps ran in process (check → merchant → user_features → encode, model → decision).
+    for step in ["merchant", "user_features", "encode", "decision"] {
         let label = format!("step=\"{step}\"");
         let runs = metric_sum(&client, &ops, "sluice_fused_runs_total", &label).await;
         assert!(runs >= 1.0, "{step} fused runs: {runs}");
@@ -181,7 +230,8 @@ async fn fraud_graph_answers_what_sklearn_and_onnxruntime_compute() {
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     let body = r.json();
     let got = output(&body, "input");
-    assert_eq!(got["shape"], json!([requests.len(), 31]));
+    let width = exp["features"][0].as_array().unwrap().len();
+    assert_eq!(got["shape"], json!([requests.len(), width]));
     assert_close(
         &flat_f64(&got["data"]),
         &flat_f64(&exp["features"]),
@@ -281,7 +331,7 @@ async fn bad_transactions_get_422_naming_the_rule_and_nothing_downstream_runs() 
     }
     // A wrong datatype for a BYTES input is refused by the gateway.
     let mut bad: Value = serde_json::from_str(&fraud_body(&[&good])).unwrap();
-    bad["inputs"][4]["datatype"] = json!("FP32");
+    bad["inputs"][5]["datatype"] = json!("FP32");
     let bad = bad.to_string();
     assert_eq!(post(&client, &url, &[], bad).await.status, 422);
     assert_eq!(
@@ -428,9 +478,10 @@ async fn features_materialized_by_feast_are_read_and_sluices_are_read_by_feast()
         String::from_utf8_lossy(&out.stderr)
     );
     // The whole graph in one worker whose lookup reads the store Feast filled.
-    let config_feast = example_variant(
-        "fraud",
+    let db = fraud_db().unwrap();
+    let config_feast = fraud_variant(
         &format!("fraud-feast-{feast_port}"),
+        &db,
         &[(
             "layout = \"feast\"",
             &format!("layout = \"feast\"\nredis = \"redis://127.0.0.1:{feast_port}\""),

@@ -23,6 +23,7 @@ def inputs(binary):
     def text(k):
         return np.array([r[k].encode() for r in rows], dtype=np.object_)
     columns = [("user_id", text("user_id"), "BYTES"),
+               ("merchant_id", text("merchant_id"), "BYTES"),
                ("amount", np.array([r["amount"] for r in rows], np.float32), "FP32"),
                ("merchant_category", text("merchant_category"), "BYTES"),
                ("hour", np.array([r["hour"] for r in rows], np.int64), "INT64"),
