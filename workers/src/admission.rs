@@ -240,6 +240,7 @@ pub fn admit(m: &Record<'_>, source: Source, ctx: &Admit<'_>) -> Admission {
             | StepKind::Decide(_)
             | StepKind::Features(_)
             | StepKind::Postgres(_)
+            | StepKind::Http(_)
             | StepKind::Custom(_),
             Unit::Step { step: mine, .. },
         ) if *mine == step_name => {

@@ -8,7 +8,8 @@ use serde::{Deserialize, Serialize};
 
 use super::TensorSpec;
 use super::logic::{
-    CustomStepConfig, DecideConfig, EncodeColumn, FeaturesConfig, PostgresConfig, ValidationRule,
+    CustomStepConfig, DecideConfig, EncodeColumn, FeaturesConfig, HttpConfig, PostgresConfig,
+    ValidationRule,
 };
 
 /// A graph as written in config (`[graphs.<name>]`).
@@ -31,7 +32,7 @@ pub struct GraphConfig {
 }
 
 /// One step as written in config. Exactly one of `model`, `builtin`, `combine`, `route`,
-/// `validate`, `encode`, `decide`, `features`, `postgres`, `custom` is set.
+/// `validate`, `encode`, `decide`, `features`, `postgres`, `http`, `custom` is set.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct StepConfig {
@@ -55,6 +56,8 @@ pub struct StepConfig {
     pub features: Option<FeaturesConfig>,
     /// Look rows up in PostgreSQL by the keys of an input.
     pub postgres: Option<PostgresConfig>,
+    /// Call an external JSON API.
+    pub http: Option<HttpConfig>,
     /// Run a user step registered under this kind (in the binary running the worker).
     pub custom: Option<CustomStepConfig>,
     /// Run after this step even without reading from it (e.g. a router choosing by a request

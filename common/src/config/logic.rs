@@ -317,6 +317,91 @@ fn default_pool() -> usize {
     4
 }
 
+/// An HTTP call step: an external JSON API called per row (a URL template) or per batch
+/// (`{"instances": [...]}` → `{"predictions": [...]}`), its JSON fields mapped to tensors.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// `http://host:port/path`; in `row` mode `{input}` is replaced by that input's value for
+    /// the row (URL-encoded).
+    pub url: String,
+    /// `GET` or `POST` (`POST` sends the row's inputs as a JSON object; `batch` mode always posts).
+    #[serde(default = "default_method")]
+    pub method: String,
+    /// `row`: one call per row; `batch`: one call per batch.
+    #[serde(default)]
+    pub mode: HttpMode,
+    /// Per attempt.
+    #[serde(with = "humantime_serde", default = "default_http_timeout")]
+    pub timeout: Duration,
+    /// Attempts after the first, for connection errors, timeouts and 5xx answers, while the
+    /// request's deadline allows.
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+    /// Wait before the first retry, doubling after each.
+    #[serde(with = "humantime_serde", default = "default_backoff")]
+    pub backoff: Duration,
+    /// Calls in flight at most (per worker).
+    #[serde(default = "default_http_concurrency")]
+    pub concurrency: usize,
+    /// Consecutive failed calls (after retries) that open the circuit: calls then fail at once
+    /// with 503 until `open_for` has passed, when one call is let through to probe.
+    #[serde(default = "default_breaker_failures")]
+    pub breaker_failures: u32,
+    /// How long the circuit stays open.
+    #[serde(with = "humantime_serde", default = "default_open_for")]
+    pub open_for: Duration,
+    /// JSON fields of the answer (dotted paths) to output, each with its datatype and default.
+    pub fields: Vec<HttpField>,
+}
+
+/// One field of an HTTP answer, output as a tensor.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HttpField {
+    /// Output tensor name.
+    pub name: String,
+    /// Dotted path in the answer's JSON (default: `name`).
+    pub path: Option<String>,
+    /// FP32, FP64, INT64, INT32, BOOL or BYTES.
+    pub datatype: DataType,
+    /// Used when the field is missing or null; without one, that fails the request with 422.
+    pub default: Option<AllowedValue>,
+}
+
+/// How an HTTP step calls its API.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum HttpMode {
+    /// One call per row.
+    #[default]
+    Row,
+    /// One call per batch.
+    Batch,
+}
+
+fn default_method() -> String {
+    "GET".into()
+}
+fn default_http_timeout() -> Duration {
+    Duration::from_millis(200)
+}
+fn default_retries() -> u32 {
+    2
+}
+fn default_backoff() -> Duration {
+    Duration::from_millis(20)
+}
+fn default_http_concurrency() -> usize {
+    32
+}
+fn default_breaker_failures() -> u32 {
+    5
+}
+fn default_open_for() -> Duration {
+    Duration::from_secs(5)
+}
+
 /// A user step: a kind registered by the binary that runs the worker
 /// (`sluice_workers::registry::register`), its settings, and the outputs it declares.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]

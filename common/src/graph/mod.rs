@@ -109,6 +109,8 @@ pub enum StepKind {
     Features(Box<FeaturesConfig>),
     /// A PostgreSQL lookup.
     Postgres(Box<crate::config::PostgresConfig>),
+    /// An HTTP call.
+    Http(Box<crate::config::HttpConfig>),
     /// A user step, built by the kind's registered builder.
     Custom(Box<crate::config::CustomStepConfig>),
 }

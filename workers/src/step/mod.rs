@@ -12,6 +12,7 @@ pub mod combine;
 mod decide;
 mod encode;
 mod features;
+mod http;
 mod model;
 mod postgres;
 pub mod registry;
@@ -58,6 +59,7 @@ pub fn for_unit(deployment: &Deployment, unit: &Unit) -> Result<Arc<dyn Step>, B
                     f,
                     &deployment.config.redis.url,
                 )?)),
+                StepKind::Http(h) => Ok(Arc::new(http::HttpStep::new(&g.steps[i].name, h))),
                 StepKind::Postgres(pg) => Ok(Arc::new(postgres::PostgresStep::new(pg))),
                 StepKind::Custom(c) => registry::build(
                     &registry::StepContext {

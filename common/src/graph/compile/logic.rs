@@ -18,6 +18,7 @@ pub(super) fn is_logic(s: &StepConfig) -> bool {
         || s.decide.is_some()
         || s.features.is_some()
         || s.postgres.is_some()
+        || s.http.is_some()
         || s.custom.is_some()
 }
 
@@ -37,6 +38,9 @@ pub(super) fn kind(s: &StepConfig) -> Option<StepKind> {
     }
     if let Some(pg) = &s.postgres {
         return Some(StepKind::Postgres(Box::new(pg.clone())));
+    }
+    if let Some(h) = &s.http {
+        return Some(StepKind::Http(Box::new(h.clone())));
     }
     s.features
         .as_ref()
@@ -139,6 +143,9 @@ pub(super) fn outputs(
     }
     if let Some(pg) = &s.postgres {
         return postgres(skey, pg, inputs, p);
+    }
+    if let Some(h) = &s.http {
+        return http(skey, h, inputs, p);
     }
     if let Some(c) = &s.custom {
         if c.kind.is_empty() {
@@ -457,6 +464,60 @@ fn postgres(
         out.push(spec(&c.name, c.datatype, vec![-1]));
     }
     out
+}
+
+fn http(
+    skey: &str,
+    h: &crate::config::HttpConfig,
+    inputs: &BTreeMap<String, TensorSpec>,
+    p: &mut Vec<String>,
+) -> Vec<TensorSpec> {
+    let key = format!("{skey}.http");
+    if !h.url.starts_with("http://") {
+        p.push(format!("{key}.url: only http:// URLs are supported, not '{}'", h.url));
+    }
+    if !matches!(h.method.as_str(), "GET" | "POST") {
+        p.push(format!("{key}.method: GET or POST, not '{}'", h.method));
+    }
+    // Every {name} in the URL must be an input.
+    let mut rest = h.url.as_str();
+    while let Some(open) = rest.find('{') {
+        let Some(close) = rest[open..].find('}') else {
+            p.push(format!("{key}.url: an unclosed '{{'"));
+            break;
+        };
+        let name = &rest[open + 1..open + close];
+        if !inputs.contains_key(name) {
+            p.push(format!("{key}.url: '{{{name}}}' is not one of the step's inputs"));
+        }
+        rest = &rest[open + close + 1..];
+    }
+    for (name, t) in inputs {
+        if row_width(t) != Some(1) {
+            p.push(format!(
+                "{key}: input '{name}' must hold one value per row ([batch] or [batch, 1]), not {:?}",
+                t.shape
+            ));
+        }
+    }
+    if h.concurrency == 0 || h.breaker_failures == 0 {
+        p.push(format!("{key}: concurrency and breaker_failures must be at least 1"));
+    }
+    if h.fields.is_empty() {
+        p.push(format!("{key}.fields: at least one field is needed"));
+    }
+    h.fields
+        .iter()
+        .map(|f| {
+            if !matches!(
+                f.datatype,
+                DataType::Fp32 | DataType::Fp64 | DataType::Int64 | DataType::Int32 | DataType::Bool | DataType::Bytes
+            ) {
+                p.push(format!("{key}.fields ('{}'): datatype {} is not supported", f.name, f.datatype));
+            }
+            spec(&f.name, f.datatype, vec![-1])
+        })
+        .collect()
 }
 
 fn spec(name: &str, datatype: DataType, shape: Vec<i64>) -> TensorSpec {

@@ -55,11 +55,12 @@ pub(super) fn check(
             s.decide.is_some(),
             s.features.is_some(),
             s.postgres.is_some(),
+            s.http.is_some(),
             s.custom.is_some(),
         ];
         if kinds.iter().filter(|k| **k).count() != 1 {
             p.push(format!(
-                "{skey}: set exactly one of model, builtin, combine, route, validate, encode, decide, features, postgres, custom"
+                "{skey}: set exactly one of model, builtin, combine, route, validate, encode, decide, features, postgres, http, custom"
             ));
         }
         if let Some(m) = &s.model
