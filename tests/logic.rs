@@ -8,6 +8,7 @@
 
 mod common;
 
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -748,4 +749,175 @@ async fn postgres_missing_rows_rejected_and_an_unreachable_database_is_503() {
         "took {:?}",
         started.elapsed()
     );
+}
+
+/// A scoring API the HTTP step calls: `GET /score/{user}` answers `{"score": len/10, "info":
+/// {"tier": ...}}`, `POST /batch` answers `{"predictions": [...]}`; `mode` makes it slow (1 s),
+/// failing (500) or flaky (each user's first two calls fail). Counts calls per user.
+#[derive(Clone, Default)]
+struct Api {
+    mode: Arc<Mutex<&'static str>>,
+    calls: Arc<Mutex<std::collections::HashMap<String, usize>>>,
+}
+
+impl Api {
+    fn set(&self, mode: &'static str) {
+        *self.mode.lock().unwrap() = mode;
+    }
+    fn calls(&self, user: &str) -> usize {
+        self.calls.lock().unwrap().get(user).copied().unwrap_or(0)
+    }
+    fn total(&self) -> usize {
+        self.calls.lock().unwrap().values().sum()
+    }
+    fn score(user: &str) -> Value {
+        json!({"score": user.len() as f64 / 10.0, "info": {"tier": if user.starts_with('g') { "gold" } else { "basic" }}})
+    }
+    async fn serve(self) -> u16 {
+        use axum::extract::{Path, State};
+        use axum::http::StatusCode;
+        async fn one(
+            State(api): State<Api>,
+            Path(user): Path<String>,
+        ) -> (StatusCode, axum::Json<Value>) {
+            let n = {
+                let mut calls = api.calls.lock().unwrap();
+                let c = calls.entry(user.clone()).or_default();
+                *c += 1;
+                *c
+            };
+            let mode = *api.mode.lock().unwrap();
+            match mode {
+                "slow" => tokio::time::sleep(Duration::from_secs(1)).await,
+                "failing" => return (StatusCode::INTERNAL_SERVER_ERROR, axum::Json(json!({}))),
+                "flaky" if n <= 2 => {
+                    return (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({})));
+                }
+                _ => {}
+            }
+            if user == "missing" {
+                return (
+                    StatusCode::NOT_FOUND,
+                    axum::Json(json!({"error": "no such user"})),
+                );
+            }
+            (StatusCode::OK, axum::Json(Api::score(&user)))
+        }
+        async fn batch(
+            State(api): State<Api>,
+            axum::Json(body): axum::Json<Value>,
+        ) -> axum::Json<Value> {
+            let rows = body["instances"].as_array().cloned().unwrap_or_default();
+            *api.calls.lock().unwrap().entry("batch".into()).or_default() += 1;
+            axum::Json(
+                json!({"predictions": rows.iter().map(|r| Api::score(r["user_id"].as_str().unwrap_or(""))).collect::<Vec<_>>()}),
+            )
+        }
+        let app = axum::Router::new()
+            .route("/score/{user}", axum::routing::get(one))
+            .route("/batch", axum::routing::post(batch))
+            .with_state(self);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        port
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_step_retries_times_out_and_breaks_the_circuit() {
+    let api = Api::default();
+    let port = api.clone().serve().await;
+    let step = |name: &str, extra: &str| {
+        format!(
+            r#"
+[graphs.{name}]
+inputs = [{{ name = "user_id", datatype = "BYTES", shape = [-1] }}]
+[[graphs.{name}.steps]]
+name = "call"
+inputs = {{ user_id = "request.user_id" }}
+[graphs.{name}.steps.http]
+timeout = "100ms"
+retries = 2
+backoff = "10ms"
+breaker_failures = 3
+open_for = "1s"
+fields = [{{ name = "score", datatype = "FP32" }}, {{ name = "tier", path = "info.tier", datatype = "BYTES", default = "none" }}]
+{extra}
+"#
+        )
+    };
+    let extra = step(
+        "scoring",
+        &format!("url = \"http://127.0.0.1:{port}/score/{{user_id}}\""),
+    ) + &step(
+        "scoring-batch",
+        &format!("url = \"http://127.0.0.1:{port}/batch\"\nmode = \"batch\""),
+    );
+    let config = example_variant("digits", &format!("http-step-{port}"), &[], &extra);
+    let Some(mut stack) = Stack::start_config(config, &[]) else {
+        return;
+    };
+    stack.start_unit("all", &[]);
+    let client = http();
+    let url = |g: &str| format!("{}/v2/models/{g}/infer", stack.gateway);
+    let body = |ids: &[&str]| {
+        json!({"inputs": [{"name": "user_id", "datatype": "BYTES", "shape": [ids.len()], "data": ids}]}).to_string()
+    };
+
+    // Per row and per batch: the API's fields as tensors.
+    for g in ["scoring", "scoring-batch"] {
+        let r = post(&client, &url(g), &[], body(&["gus", "ab"])).await;
+        assert_eq!(r.status, 200, "{g}: {}", String::from_utf8_lossy(&r.body));
+        let b = r.json();
+        assert_close(&flat_f64(&output(&b, "score")["data"]), &[0.3, 0.2], g);
+        assert_eq!(output(&b, "tier")["data"], json!(["gold", "basic"]));
+    }
+    assert_eq!(api.calls("batch"), 1, "one call for the batch");
+    // A 4xx is the request's fault: 422, not retried.
+    let r = post(&client, &url("scoring"), &[], body(&["missing"])).await;
+    assert_eq!(r.status, 422, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(api.calls("missing"), 1);
+
+    // Flaky: two 503s, then an answer, within one request (two retries).
+    api.set("flaky");
+    let r = post(&client, &url("scoring"), &[], body(&["flaky-user"])).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(api.calls("flaky-user"), 3);
+
+    // Slow: each attempt times out at 100 ms; 503 well before the 1 s answers would come.
+    api.set("slow");
+    let started = Instant::now();
+    let r = post(&client, &url("scoring"), &[], body(&["slow-user"])).await;
+    assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+    assert!(
+        started.elapsed() < Duration::from_millis(900),
+        "took {:?}",
+        started.elapsed()
+    );
+
+    // Failing: after 3 failed calls the circuit opens and calls stop reaching the API.
+    api.set("failing");
+    for u in ["f1", "f2"] {
+        assert_eq!(
+            post(&client, &url("scoring"), &[], body(&[u])).await.status,
+            503
+        );
+    }
+    let reached = api.total();
+    for _ in 0..5 {
+        let r = post(&client, &url("scoring"), &[], body(&["f3"])).await;
+        assert_eq!(r.status, 503);
+        assert!(
+            String::from_utf8_lossy(&r.body).contains("circuit open"),
+            "{}",
+            String::from_utf8_lossy(&r.body)
+        );
+    }
+    assert_eq!(api.total(), reached, "an open circuit sends nothing");
+    // Recovered API, circuit closed again after open_for.
+    api.set("ok");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let r = post(&client, &url("scoring"), &[], body(&["back"])).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
 }

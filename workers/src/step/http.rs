@@ -83,7 +83,12 @@ impl HttpStep {
     }
 
     /// One attempt.
-    async fn attempt(&self, url: &str, body: Option<&Json>, wait: Duration) -> Result<Json, CallError> {
+    async fn attempt(
+        &self,
+        url: &str,
+        body: Option<&Json>,
+        wait: Duration,
+    ) -> Result<Json, CallError> {
         let method = if body.is_some() { "POST" } else { "GET" };
         let payload = body.map_or_else(Bytes::new, |b| Bytes::from(b.to_string()));
         let req = hyper::Request::builder()
@@ -92,10 +97,16 @@ impl HttpStep {
             .header("content-type", "application/json")
             .header("accept", "application/json")
             .body(Full::new(payload))
-            .map_err(|e| CallError::Final(StepFailure::invalid(format!("bad request URL {url}: {e}"))))?;
+            .map_err(|e| {
+                CallError::Final(StepFailure::invalid(format!("bad request URL {url}: {e}")))
+            })?;
         self.calls.increment(1);
         let call = async {
-            let resp = self.client.request(req).await.map_err(|e| CallError::Retry(e.to_string()))?;
+            let resp = self
+                .client
+                .request(req)
+                .await
+                .map_err(|e| CallError::Retry(e.to_string()))?;
             let status = resp.status();
             let bytes = resp
                 .into_body()
@@ -124,7 +135,12 @@ impl HttpStep {
     }
 
     /// A call with retries within `deadline_ms`, through the breaker and the concurrency bound.
-    async fn call(&self, url: &str, body: Option<&Json>, deadline_ms: i64) -> Result<Json, StepFailure> {
+    async fn call(
+        &self,
+        url: &str,
+        body: Option<&Json>,
+        deadline_ms: i64,
+    ) -> Result<Json, StepFailure> {
         if self.circuit_open() {
             return Err(StepFailure::unavailable(format!(
                 "{}: circuit open after {} consecutive failures",
@@ -197,8 +213,11 @@ impl HttpStep {
                     .collect::<Result<_, _>>()?
             }
             HttpMode::Batch => {
-                let body = serde_json::json!({ "instances": (0..rows).map(row_json).collect::<Vec<_>>() });
-                let answer = self.call(&self.config.url, Some(&body), job.deadline_ms).await?;
+                let body =
+                    serde_json::json!({ "instances": (0..rows).map(row_json).collect::<Vec<_>>() });
+                let answer = self
+                    .call(&self.config.url, Some(&body), job.deadline_ms)
+                    .await?;
                 let predictions = answer
                     .get("predictions")
                     .and_then(Json::as_array)
@@ -327,7 +346,9 @@ fn lookup(answer: &Json, path: &str) -> Option<Value> {
 
 impl Step for HttpStep {
     fn run(&self, batch: Vec<StepInput>) -> BoxFuture<'_, Vec<StepResult>> {
-        Box::pin(async move { futures::future::join_all(batch.into_iter().map(|j| self.job(j))).await })
+        Box::pin(
+            async move { futures::future::join_all(batch.into_iter().map(|j| self.job(j))).await },
+        )
     }
 }
 
@@ -338,11 +359,17 @@ mod tests {
     #[test]
     fn templates_fill_and_fields_resolve() {
         let cols = vec![("user".to_string(), vec![Json::from("a b/ü")])];
-        assert_eq!(fill("http://h/u/{user}?x=1", &cols, 0), "http://h/u/a%20b%2F%C3%BC?x=1");
+        assert_eq!(
+            fill("http://h/u/{user}?x=1", &cols, 0),
+            "http://h/u/a%20b%2F%C3%BC?x=1"
+        );
         let answer = serde_json::json!({"score": 0.5, "n": 3, "info": {"tier": "gold", "ok": true}, "l": [1, 2]});
         assert_eq!(lookup(&answer, "score"), Some(Value::Float(0.5)));
         assert_eq!(lookup(&answer, "n"), Some(Value::Int(3)));
-        assert_eq!(lookup(&answer, "info.tier"), Some(Value::Text(b"gold".to_vec())));
+        assert_eq!(
+            lookup(&answer, "info.tier"),
+            Some(Value::Text(b"gold".to_vec()))
+        );
         assert_eq!(lookup(&answer, "info.ok"), Some(Value::Bool(true)));
         assert_eq!(lookup(&answer, "l.1"), Some(Value::Int(2)));
         assert_eq!(lookup(&answer, "missing"), None);

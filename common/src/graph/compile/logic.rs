@@ -474,7 +474,10 @@ fn http(
 ) -> Vec<TensorSpec> {
     let key = format!("{skey}.http");
     if !h.url.starts_with("http://") {
-        p.push(format!("{key}.url: only http:// URLs are supported, not '{}'", h.url));
+        p.push(format!(
+            "{key}.url: only http:// URLs are supported, not '{}'",
+            h.url
+        ));
     }
     if !matches!(h.method.as_str(), "GET" | "POST") {
         p.push(format!("{key}.method: GET or POST, not '{}'", h.method));
@@ -488,7 +491,9 @@ fn http(
         };
         let name = &rest[open + 1..open + close];
         if !inputs.contains_key(name) {
-            p.push(format!("{key}.url: '{{{name}}}' is not one of the step's inputs"));
+            p.push(format!(
+                "{key}.url: '{{{name}}}' is not one of the step's inputs"
+            ));
         }
         rest = &rest[open + close + 1..];
     }
@@ -501,7 +506,9 @@ fn http(
         }
     }
     if h.concurrency == 0 || h.breaker_failures == 0 {
-        p.push(format!("{key}: concurrency and breaker_failures must be at least 1"));
+        p.push(format!(
+            "{key}: concurrency and breaker_failures must be at least 1"
+        ));
     }
     if h.fields.is_empty() {
         p.push(format!("{key}.fields: at least one field is needed"));
@@ -511,9 +518,17 @@ fn http(
         .map(|f| {
             if !matches!(
                 f.datatype,
-                DataType::Fp32 | DataType::Fp64 | DataType::Int64 | DataType::Int32 | DataType::Bool | DataType::Bytes
+                DataType::Fp32
+                    | DataType::Fp64
+                    | DataType::Int64
+                    | DataType::Int32
+                    | DataType::Bool
+                    | DataType::Bytes
             ) {
-                p.push(format!("{key}.fields ('{}'): datatype {} is not supported", f.name, f.datatype));
+                p.push(format!(
+                    "{key}.fields ('{}'): datatype {} is not supported",
+                    f.name, f.datatype
+                ));
             }
             spec(&f.name, f.datatype, vec![-1])
         })
