@@ -921,3 +921,98 @@ fields = [{{ name = "score", datatype = "FP32" }}, {{ name = "tier", path = "inf
     let r = post(&client, &url("scoring"), &[], body(&["back"])).await;
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn png_digits_decode_to_the_numeric_pipelines_inputs_and_labels() {
+    let exp: Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("examples/images/expected.json")).unwrap(),
+    )
+    .unwrap();
+    let files: Vec<String> = exp["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f.as_str().unwrap().to_string())
+        .collect();
+    let mut data = Vec::new();
+    for f in &files {
+        let png = std::fs::read(root().join("examples/images").join(f)).unwrap();
+        data.extend_from_slice(&(png.len() as u32).to_le_bytes());
+        data.extend_from_slice(&png);
+    }
+    let config = config_variant(
+        "digits-images-decode",
+        &[],
+        r#"
+[graphs.digits-images-decode]
+inputs = [{ name = "image", datatype = "BYTES", shape = [-1] }]
+[[graphs.digits-images-decode.steps]]
+name = "decode"
+inputs = { image = "request.image" }
+output = "input"
+decode_image = { input = "image", width = 8, height = 8, divide = 15, layout = "flat" }
+"#,
+    );
+    let Some(mut stack) = Stack::start_config(config, &[]) else {
+        return;
+    };
+    stack.start_unit("all", &[]);
+    let client = http();
+    let binary_body = |n: usize| {
+        let header = json!({"inputs": [{"name": "image", "shape": [n], "datatype": "BYTES",
+            "parameters": {"binary_data_size": data.len()}}]})
+        .to_string();
+        let mut body = header.clone().into_bytes();
+        body.extend_from_slice(&data);
+        (header.len(), body)
+    };
+    let (len, body) = binary_body(files.len());
+    let headers = [("inference-header-content-length", len.to_string())];
+    let url = |g: &str| format!("{}/v2/models/{g}/infer", stack.gateway);
+    // The decoded pixels are the digits rows exactly (Pillow decodes the PNGs to the same).
+    let r = post(
+        &client,
+        &url("digits-images-decode"),
+        &headers,
+        body.clone(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let got = flat_f64(&output(&r.json(), "input")["data"]);
+    assert_eq!(got, flat_f64(&exp["pixels"]));
+    // The whole graph answers the numeric pipeline's labels.
+    let r = post(&client, &url("digits-images"), &headers, body).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(output(&r.json(), "label")["data"], exp["label"]);
+    // Not an image: 422 naming the row.
+    let header = json!({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+        "parameters": {"binary_data_size": 8}}]})
+    .to_string();
+    let mut bad = header.clone().into_bytes();
+    bad.extend_from_slice(&[4, 0, 0, 0, b'n', b'o', b'p', b'e']);
+    let r = post(
+        &client,
+        &url("digits-images"),
+        &[("inference-header-content-length", header.len().to_string())],
+        bad,
+    )
+    .await;
+    assert_eq!(r.status, 422, "{}", String::from_utf8_lossy(&r.body));
+    assert!(String::from_utf8_lossy(&r.body).contains("'image' row 0"));
+    // Stock tritonclient sends the PNGs as BYTES too (examples/digits_images.py).
+    let python = root().join(".venv-triton/bin/python");
+    if python.is_file() {
+        let out = tokio::process::Command::new(python)
+            .arg(root().join("examples/digits_images.py"))
+            .arg(stack.gateway.trim_start_matches("http://"))
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

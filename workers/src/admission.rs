@@ -241,6 +241,7 @@ pub fn admit(m: &Record<'_>, source: Source, ctx: &Admit<'_>) -> Admission {
             | StepKind::Features(_)
             | StepKind::Postgres(_)
             | StepKind::Http(_)
+            | StepKind::DecodeImage(..)
             | StepKind::Custom(_),
             Unit::Step { step: mine, .. },
         ) if *mine == step_name => {

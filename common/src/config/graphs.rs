@@ -8,8 +8,8 @@ use serde::{Deserialize, Serialize};
 
 use super::TensorSpec;
 use super::logic::{
-    CustomStepConfig, DecideConfig, EncodeColumn, FeaturesConfig, HttpConfig, PostgresConfig,
-    ValidationRule,
+    CustomStepConfig, DecideConfig, DecodeImageConfig, EncodeColumn, FeaturesConfig, HttpConfig,
+    PostgresConfig, ValidationRule,
 };
 
 /// A graph as written in config (`[graphs.<name>]`).
@@ -32,7 +32,8 @@ pub struct GraphConfig {
 }
 
 /// One step as written in config. Exactly one of `model`, `builtin`, `combine`, `route`,
-/// `validate`, `encode`, `decide`, `features`, `postgres`, `http`, `custom` is set.
+/// `validate`, `encode`, `decide`, `features`, `postgres`, `http`, `decode_image`, `custom` is
+/// set.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct StepConfig {
@@ -58,6 +59,9 @@ pub struct StepConfig {
     pub postgres: Option<PostgresConfig>,
     /// Call an external JSON API.
     pub http: Option<HttpConfig>,
+    /// Decode PNG/JPEG images into a normalized FP32 tensor (named by `output`, default
+    /// `pixels`).
+    pub decode_image: Option<DecodeImageConfig>,
     /// Run a user step registered under this kind (in the binary running the worker).
     pub custom: Option<CustomStepConfig>,
     /// Run after this step even without reading from it (e.g. a router choosing by a request
@@ -71,7 +75,8 @@ pub struct StepConfig {
     #[serde(default)]
     pub parts: Vec<String>,
     /// Combine steps: name of the combined tensor (default: the parts' tensor name); encode
-    /// steps: name of the feature vector (default `features`).
+    /// steps: name of the feature vector (default `features`); decode_image steps: name of the
+    /// pixel tensor (default `pixels`).
     pub output: Option<String>,
     /// `weighted_mean`: one weight per part.
     #[serde(default)]

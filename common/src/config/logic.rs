@@ -402,6 +402,50 @@ fn default_open_for() -> Duration {
     Duration::from_secs(5)
 }
 
+/// Image decoding: PNG or JPEG bytes (one image per row) → a resized, normalized FP32 tensor.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DecodeImageConfig {
+    /// The BYTES input holding the encoded images.
+    pub input: String,
+    /// Output width in pixels (images of another size are resized).
+    pub width: u32,
+    /// Output height in pixels.
+    pub height: u32,
+    /// 1 (grayscale) or 3 (RGB).
+    #[serde(default = "one_channel")]
+    pub channels: u32,
+    /// Resizing filter: `nearest`, `bilinear` (default) or `lanczos3`.
+    #[serde(default = "default_filter")]
+    pub filter: String,
+    /// Each pixel value (0–255) is divided by this first.
+    #[serde(default = "default_divide")]
+    pub divide: f64,
+    /// Then per channel `(x - mean) / std`.
+    #[serde(default)]
+    pub mean: Vec<f64>,
+    /// Per channel standard deviations.
+    #[serde(default)]
+    pub std: Vec<f64>,
+    /// `hwc` ([batch, height, width, channels]), `chw` ([batch, channels, height, width]) or
+    /// `flat` ([batch, height × width × channels], row-major HWC).
+    #[serde(default = "default_layout")]
+    pub layout: String,
+}
+
+fn one_channel() -> u32 {
+    1
+}
+fn default_filter() -> String {
+    "bilinear".into()
+}
+fn default_divide() -> f64 {
+    255.0
+}
+fn default_layout() -> String {
+    "hwc".into()
+}
+
 /// A user step: a kind registered by the binary that runs the worker
 /// (`sluice_workers::registry::register`), its settings, and the outputs it declares.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]

@@ -13,9 +13,9 @@ mod logic;
 
 pub use graphs::{Builtin, CanaryConfig, Combiner, GraphConfig, RouteConfig, StepConfig, TieRule};
 pub use logic::{
-    AllowedValue, CustomStepConfig, DecideConfig, DecisionRule, EncodeColumn, EncodeOp,
-    FeatureLayout, FeatureSpec, FeaturesConfig, HttpConfig, HttpField, HttpMode, JoinKeyType,
-    OnMissing, PostgresConfig, RuleKind, Unknown, ValidationRule,
+    AllowedValue, CustomStepConfig, DecideConfig, DecisionRule, DecodeImageConfig, EncodeColumn,
+    EncodeOp, FeatureLayout, FeatureSpec, FeaturesConfig, HttpConfig, HttpField, HttpMode,
+    JoinKeyType, OnMissing, PostgresConfig, RuleKind, Unknown, ValidationRule,
 };
 
 const DEFAULTS: &str = include_str!("../../default.toml");

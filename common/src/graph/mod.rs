@@ -111,6 +111,8 @@ pub enum StepKind {
     Postgres(Box<crate::config::PostgresConfig>),
     /// An HTTP call.
     Http(Box<crate::config::HttpConfig>),
+    /// Image decoding into the tensor named by the second field.
+    DecodeImage(Box<crate::config::DecodeImageConfig>, String),
     /// A user step, built by the kind's registered builder.
     Custom(Box<crate::config::CustomStepConfig>),
 }

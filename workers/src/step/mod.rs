@@ -13,6 +13,7 @@ mod decide;
 mod encode;
 mod features;
 mod http;
+mod image;
 mod model;
 mod postgres;
 pub mod registry;
@@ -59,6 +60,9 @@ pub fn for_unit(deployment: &Deployment, unit: &Unit) -> Result<Arc<dyn Step>, B
                     f,
                     &deployment.config.redis.url,
                 )?)),
+                StepKind::DecodeImage(d, output) => {
+                    Ok(Arc::new(image::DecodeImageStep::new(d, output.clone())))
+                }
                 StepKind::Http(h) => Ok(Arc::new(http::HttpStep::new(&g.steps[i].name, h))),
                 StepKind::Postgres(pg) => Ok(Arc::new(postgres::PostgresStep::new(pg))),
                 StepKind::Custom(c) => registry::build(

@@ -19,6 +19,7 @@ pub(super) fn is_logic(s: &StepConfig) -> bool {
         || s.features.is_some()
         || s.postgres.is_some()
         || s.http.is_some()
+        || s.decode_image.is_some()
         || s.custom.is_some()
 }
 
@@ -41,6 +42,10 @@ pub(super) fn kind(s: &StepConfig) -> Option<StepKind> {
     }
     if let Some(h) = &s.http {
         return Some(StepKind::Http(Box::new(h.clone())));
+    }
+    if let Some(d) = &s.decode_image {
+        let output = s.output.clone().unwrap_or_else(|| "pixels".into());
+        return Some(StepKind::DecodeImage(Box::new(d.clone()), output));
     }
     s.features
         .as_ref()
@@ -146,6 +151,10 @@ pub(super) fn outputs(
     }
     if let Some(h) = &s.http {
         return http(skey, h, inputs, p);
+    }
+    if let Some(d) = &s.decode_image {
+        let output = s.output.clone().unwrap_or_else(|| "pixels".into());
+        return decode_image(skey, d, &output, inputs, p);
     }
     if let Some(c) = &s.custom {
         if c.kind.is_empty() {
@@ -533,6 +542,57 @@ fn http(
             spec(&f.name, f.datatype, vec![-1])
         })
         .collect()
+}
+
+fn decode_image(
+    skey: &str,
+    d: &crate::config::DecodeImageConfig,
+    output: &str,
+    inputs: &BTreeMap<String, TensorSpec>,
+    p: &mut Vec<String>,
+) -> Vec<TensorSpec> {
+    let key = format!("{skey}.decode_image");
+    match inputs.get(&d.input) {
+        Some(t) if t.datatype == DataType::Bytes && row_width(t) == Some(1) => {}
+        Some(t) => p.push(format!(
+            "{key}.input: '{}' must be BYTES with one image per row, not {} {:?}",
+            d.input, t.datatype, t.shape
+        )),
+        None => p.push(format!(
+            "{key}.input: '{}' is not one of the step's inputs",
+            d.input
+        )),
+    }
+    let c = d.channels as usize;
+    if !matches!(d.channels, 1 | 3) {
+        p.push(format!("{key}.channels: 1 or 3"));
+    }
+    if d.width == 0 || d.height == 0 {
+        p.push(format!("{key}: width and height must be at least 1"));
+    }
+    if !(d.mean.is_empty() || d.mean.len() == c) || !(d.std.is_empty() || d.std.len() == c) {
+        p.push(format!(
+            "{key}: mean and std need one value per channel ({c})"
+        ));
+    }
+    if d.std.iter().any(|s| *s <= 0.0) || d.divide <= 0.0 {
+        p.push(format!("{key}: std and divide must be > 0"));
+    }
+    if !matches!(d.filter.as_str(), "nearest" | "bilinear" | "lanczos3") {
+        p.push(format!("{key}.filter: nearest, bilinear or lanczos3"));
+    }
+    let (w, h) = (i64::from(d.width), i64::from(d.height));
+    let c = i64::from(d.channels);
+    let shape = match d.layout.as_str() {
+        "hwc" => vec![-1, h, w, c],
+        "chw" => vec![-1, c, h, w],
+        "flat" => vec![-1, h * w * c],
+        other => {
+            p.push(format!("{key}.layout: hwc, chw or flat, not '{other}'"));
+            vec![-1]
+        }
+    };
+    vec![spec(output, DataType::Fp32, shape)]
 }
 
 fn spec(name: &str, datatype: DataType, shape: Vec<i64>) -> TensorSpec {

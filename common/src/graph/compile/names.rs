@@ -56,11 +56,12 @@ pub(super) fn check(
             s.features.is_some(),
             s.postgres.is_some(),
             s.http.is_some(),
+            s.decode_image.is_some(),
             s.custom.is_some(),
         ];
         if kinds.iter().filter(|k| **k).count() != 1 {
             p.push(format!(
-                "{skey}: set exactly one of model, builtin, combine, route, validate, encode, decide, features, postgres, http, custom"
+                "{skey}: set exactly one of model, builtin, combine, route, validate, encode, decide, features, postgres, http, decode_image, custom"
             ));
         }
         if let Some(m) = &s.model
