@@ -234,8 +234,11 @@ async fn up_restarts_a_broker_killed_and_serving_resumes() {
     };
     let broker = format!("127.0.0.1:{kp}");
     let end = Instant::now() + Duration::from_secs(90);
+    // Ready means the worker has joined and the gateway sees the broker (its check runs every
+    // second, so right after start it may still report the broker unreachable).
     let first = loop {
         if blocking_get_status(&format!("http://127.0.0.1:{wp}/health/ready")) == Ok(200)
+            && blocking_get_status(&format!("{gateway}/v2/health/ready")) == Ok(200)
             && let Some(pid) = pid_with(&["tansu", "broker", &broker])
         {
             break pid;
