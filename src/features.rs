@@ -17,7 +17,7 @@ use sluice_schemas::DataType;
 /// `sluice features ...`
 #[derive(Subcommand)]
 pub enum FeaturesAction {
-    /// Write rows (CSV with a header, or JSON Lines) into Redis for a feature step.
+    /// Write rows (CSV with a header, JSON Lines, or Parquet) into Redis for a feature step.
     Load(LoadArgs),
     /// Show the features a step reads for entities.
     Get {
@@ -33,7 +33,7 @@ pub enum FeaturesAction {
 /// Arguments of `sluice features load`.
 #[derive(Args)]
 pub struct LoadArgs {
-    /// A `.csv` (header row naming the columns) or `.jsonl` file.
+    /// A `.csv` (header row naming the columns), `.jsonl` or `.parquet` file.
     file: PathBuf,
     /// The feature step whose features and layout to write, as `<graph>.<step>`.
     #[arg(long)]
@@ -163,12 +163,41 @@ fn rows(path: &Path) -> anyhow::Result<Box<dyn Iterator<Item = anyhow::Result<Ro
                         .collect())
                 }),
         )),
-        "parquet" => bail!(
-            "Parquet is not read yet; convert it first, e.g. python -c \"import pandas as pd; pd.read_parquet('{0}').to_csv('{0}.csv', index=False)\"",
-            path.display()
-        ),
-        _ => bail!("{}: give a .csv or .jsonl file", path.display()),
+        "parquet" => {
+            let file =
+                std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+            let reader = parquet::file::serialized_reader::SerializedFileReader::new(file)
+                .with_context(|| format!("{} is not a Parquet file", path.display()))?;
+            let rows = parquet::record::reader::RowIter::from_file_into(Box::new(reader));
+            Ok(Box::new(rows.map(|row| {
+                let row = row.context("reading a Parquet row")?;
+                Ok(row
+                    .get_column_iter()
+                    .map(|(name, field)| (name.clone(), parquet_text(field)))
+                    .collect())
+            })))
+        }
+        _ => bail!("{}: give a .csv, .jsonl or .parquet file", path.display()),
     }
+}
+
+/// A Parquet value as the text a CSV cell would hold (`None` for null); timestamps as epoch
+/// seconds.
+fn parquet_text(field: &parquet::record::Field) -> Option<String> {
+    use parquet::record::Field;
+    Some(match field {
+        Field::Null => return None,
+        Field::Str(s) => s.clone(),
+        Field::Bytes(b) => String::from_utf8_lossy(b.data()).into_owned(),
+        Field::TimestampMillis(ms) => (ms / 1000).to_string(),
+        Field::TimestampMicros(us) => (us / 1_000_000).to_string(),
+        Field::Date(days) => (i64::from(*days) * 86_400).to_string(),
+        Field::ListInternal(list) => {
+            let parts: Vec<String> = list.elements().iter().filter_map(parquet_text).collect();
+            format!("[{}]", parts.join(","))
+        }
+        other => other.to_string(),
+    })
 }
 
 /// One row: column → value (`None` for a JSON null).

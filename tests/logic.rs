@@ -544,6 +544,58 @@ async fn features_materialized_by_feast_are_read_and_sluices_are_read_by_feast()
         );
     }
     assert_eq!(got["txn_count_7d"][2], Value::Null, "unknown user: {got}");
+
+    // The Parquet file Feast read from loads with `sluice features load` too (after a flush).
+    let flushed = std::process::Command::new("redis-cli")
+        .args(["-p", &feast_port.to_string(), "FLUSHALL"])
+        .output()
+        .unwrap();
+    assert!(flushed.status.success());
+    let parquet = root().join("examples/fraud/feature_repo/data/user_stats.parquet");
+    let out = stack
+        .sluice_with_config(
+            &config_feast,
+            &[
+                "features",
+                "load",
+                parquet.to_str().unwrap(),
+                "--step",
+                "fraud.user_features",
+            ],
+        )
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success() && stdout.contains("1000 rows written, 0 rejected"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = stack
+        .sluice_with_config(
+            &config_feast,
+            &["features", "get", "--step", "fraud.user_features", "u00002"],
+        )
+        .output()
+        .unwrap();
+    let got: Value = serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap();
+    let line = csv.lines().find(|l| l.starts_with("u00002")).unwrap();
+    let want: Vec<f64> = line
+        .split(',')
+        .skip(1)
+        .map(|x| x.parse().unwrap())
+        .collect();
+    let f = &got["features"];
+    assert_close(
+        &[
+            f["txn_count_7d"].as_f64().unwrap(),
+            f["avg_amount_30d"].as_f64().unwrap(),
+            f["chargebacks_90d"].as_f64().unwrap(),
+            f["account_age_days"].as_f64().unwrap(),
+        ],
+        &want,
+        "features loaded from Parquet",
+    );
 }
 
 /// Runs SQL through psql against the machine's PostgreSQL (127.0.0.1:5432, user postgres).

@@ -142,6 +142,14 @@ impl Stack {
         c
     }
 
+    /// A `sluice` command reading `config` instead of the stack's, with the stack's environment.
+    pub fn sluice_with_config(&self, config: &Path, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_sluice"));
+        c.arg("--config").arg(config).args(args);
+        c.envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        c
+    }
+
     fn spawn_raw(&mut self, name: &str, cmd: &mut Command) {
         let log = self.dir.path().join(format!(
             "{}-{}.log",
