@@ -1,15 +1,17 @@
-//! Sluice's worker: one member of a unit's consumer group (a model, or a graph's built-in, join or
-//! route step). Modules in dependency order, leaves first:
+//! Sluice's worker: one member of a unit's consumer group (models and graph steps). Modules in
+//! dependency order, leaves first:
 //!
 //! - `record` (a consumed record as plain data), `job` (where it came from, the job for a step),
 //!   `completion` (what must be delivered before its offset commits), `offsets`, `batcher`,
 //!   `backend` (ONNX Runtime), `runner` (concatenate and split a batch), `flow` (moving a
 //!   request through its graph), `telemetry`, `tasks`;
-//! - `pool` (inference threads), `step` (**the step seam**: model, built-in, combine and route
-//!   steps behind one trait), `join` (holding a join's parts), `outcome` (what follows a step's
+//! - `pool` (inference threads), `step` (**the step seam**: model, built-in, combine, route,
+//!   validate, encode, decide, feature/PostgreSQL/HTTP lookup, image decoding and user steps
+//!   behind one trait), `join` (holding a join's parts), `outcome` (what follows a step's
 //!   result), `admission` (what a record is), `reply` (Redis) and `sink` (Kafka);
-//! - `group` (partitions, offsets, delivery), `executor` (batches through the step), `quirks`
-//!   (tansu work-arounds), `idle` (fetching less while idle), `purge` (deleting consumed records);
+//! - `group` (partitions, offsets, delivery), `executor` (batches through the step, and fused
+//!   steps in process), `quirks` (tansu work-arounds), `idle` (fetching less while idle), `purge`
+//!   (deleting consumed records);
 //! - `consumer`: the consumer loop, [`run`].
 
 mod admission;
