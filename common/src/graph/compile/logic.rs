@@ -344,24 +344,7 @@ fn features(
     p: &mut Vec<String>,
 ) -> Vec<TensorSpec> {
     let fkey = format!("{skey}.features");
-    match inputs.get(&f.entity) {
-        None => p.push(format!(
-            "{fkey}.entity: '{}' is not one of the step's inputs",
-            f.entity
-        )),
-        Some(t) => {
-            if !matches!(
-                t.datatype,
-                DataType::Bytes | DataType::Int64 | DataType::Int32
-            ) || row_width(t) != Some(1)
-            {
-                p.push(format!(
-                    "{fkey}.entity: '{}' must be BYTES, INT64 or INT32 with one key per row ([batch] or [batch, 1]), not {} {:?}",
-                    f.entity, t.datatype, t.shape
-                ));
-            }
-        }
-    }
+    key_input(&format!("{fkey}.entity"), &f.entity, inputs, p);
     if f.layout == FeatureLayout::Feast {
         if f.project.as_deref().is_none_or(str::is_empty) {
             p.push(format!(
@@ -381,29 +364,7 @@ fn features(
         if f.layout == FeatureLayout::Feast && feat.view.is_none() {
             p.push(format!("{key}: the feast layout needs the feature's view"));
         }
-        if !matches!(
-            feat.datatype,
-            DataType::Fp32
-                | DataType::Fp64
-                | DataType::Int64
-                | DataType::Int32
-                | DataType::Bool
-                | DataType::Bytes
-        ) {
-            p.push(format!(
-                "{key}: datatype {} is not one a lookup produces (FP32, FP64, INT64, INT32, BOOL, BYTES)",
-                feat.datatype
-            ));
-        }
-        match (&feat.default, feat.datatype) {
-            (Some(AllowedValue::Text(_)), d) if d != DataType::Bytes => p.push(format!(
-                "{key}: the default of a {d} feature must be a number"
-            )),
-            (Some(AllowedValue::Number(_)), DataType::Bytes) => p.push(format!(
-                "{key}: the default of a BYTES feature must be a string"
-            )),
-            _ => {}
-        }
+        lookup_output(&key, feat.datatype, feat.default.as_ref(), p);
         if out.iter().any(|o: &TensorSpec| o.name == feat.name) {
             p.push(format!("{key}: declared twice"));
         }
@@ -423,24 +384,7 @@ fn postgres(
     p: &mut Vec<String>,
 ) -> Vec<TensorSpec> {
     let key = format!("{skey}.postgres");
-    match inputs.get(&pg.key) {
-        None => p.push(format!(
-            "{key}.key: '{}' is not one of the step's inputs",
-            pg.key
-        )),
-        Some(t) => {
-            if !matches!(
-                t.datatype,
-                DataType::Bytes | DataType::Int64 | DataType::Int32
-            ) || row_width(t) != Some(1)
-            {
-                p.push(format!(
-                    "{key}.key: '{}' must be BYTES, INT64 or INT32 with one key per row, not {} {:?}",
-                    pg.key, t.datatype, t.shape
-                ));
-            }
-        }
-    }
+    key_input(&format!("{key}.key"), &pg.key, inputs, p);
     if !pg.query.contains("$1") {
         p.push(format!("{key}.query: must use $1 (the batch's keys)"));
     }
@@ -456,20 +400,7 @@ fn postgres(
         if c.length.is_some() {
             p.push(format!("{ckey}: list columns are not supported"));
         }
-        if !matches!(
-            c.datatype,
-            DataType::Fp32
-                | DataType::Fp64
-                | DataType::Int64
-                | DataType::Int32
-                | DataType::Bool
-                | DataType::Bytes
-        ) {
-            p.push(format!(
-                "{ckey}: datatype {} is not one a lookup produces",
-                c.datatype
-            ));
-        }
+        lookup_output(&ckey, c.datatype, c.default.as_ref(), p);
         out.push(spec(&c.name, c.datatype, vec![-1]));
     }
     out
@@ -525,20 +456,12 @@ fn http(
     h.fields
         .iter()
         .map(|f| {
-            if !matches!(
+            lookup_output(
+                &format!("{key}.fields ('{}')", f.name),
                 f.datatype,
-                DataType::Fp32
-                    | DataType::Fp64
-                    | DataType::Int64
-                    | DataType::Int32
-                    | DataType::Bool
-                    | DataType::Bytes
-            ) {
-                p.push(format!(
-                    "{key}.fields ('{}'): datatype {} is not supported",
-                    f.name, f.datatype
-                ));
-            }
+                f.default.as_ref(),
+                p,
+            );
             spec(&f.name, f.datatype, vec![-1])
         })
         .collect()
@@ -593,6 +516,55 @@ fn decode_image(
         }
     };
     vec![spec(output, DataType::Fp32, shape)]
+}
+
+/// A lookup's key input: present, BYTES or an integer, one key per row.
+fn key_input(key: &str, name: &str, inputs: &BTreeMap<String, TensorSpec>, p: &mut Vec<String>) {
+    match inputs.get(name) {
+        None => p.push(format!("{key}: '{name}' is not one of the step's inputs")),
+        Some(t)
+            if !matches!(t.datatype, DataType::Bytes | DataType::Int64 | DataType::Int32)
+                || row_width(t) != Some(1) =>
+        {
+            p.push(format!(
+                "{key}: '{name}' must be BYTES, INT64 or INT32 with one key per row ([batch] or [batch, 1]), not {} {:?}",
+                t.datatype, t.shape
+            ))
+        }
+        Some(_) => {}
+    }
+}
+
+/// A looked-up value's output (feature, column, field): a datatype a lookup produces, and a
+/// default that fits it.
+fn lookup_output(
+    key: &str,
+    datatype: DataType,
+    default: Option<&AllowedValue>,
+    p: &mut Vec<String>,
+) {
+    if !matches!(
+        datatype,
+        DataType::Fp32
+            | DataType::Fp64
+            | DataType::Int64
+            | DataType::Int32
+            | DataType::Bool
+            | DataType::Bytes
+    ) {
+        p.push(format!(
+            "{key}: datatype {datatype} is not one a lookup produces (FP32, FP64, INT64, INT32, BOOL, BYTES)"
+        ));
+    }
+    match (default, datatype) {
+        (Some(AllowedValue::Text(_)), d) if d != DataType::Bytes => p.push(format!(
+            "{key}: the default of a {d} value must be a number"
+        )),
+        (Some(AllowedValue::Number(_)), DataType::Bytes) => p.push(format!(
+            "{key}: the default of a BYTES value must be a string"
+        )),
+        _ => {}
+    }
 }
 
 fn spec(name: &str, datatype: DataType, shape: Vec<i64>) -> TensorSpec {
