@@ -99,14 +99,12 @@ async fn connect(
     client
         .get_multiplexed_async_connection()
         .await
-        .with_context(|| format!("connecting to Redis at {}", redact(&url)))
-}
-
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => format!("{}://***@{}", &url[..s], &url[at + 1..]),
-        _ => url.to_string(),
-    }
+        .with_context(|| {
+            format!(
+                "connecting to Redis at {}",
+                sluice_common::config::redact_url(&url)
+            )
+        })
 }
 
 fn key_type(config: &FeaturesConfig) -> JoinKeyType {
@@ -378,6 +376,5 @@ mod tests {
             split_csv("a,\"b,c\",\"d\"\"e\",\r"),
             vec!["a", "b,c", "d\"e", ""]
         );
-        assert_eq!(redact("redis://:pw@h:1/0"), "redis://***@h:1/0");
     }
 }

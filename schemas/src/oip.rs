@@ -383,15 +383,7 @@ enum JsonData {
 }
 
 fn bytes_to_json(t: &Tensor) -> Result<JsonData, OipError> {
-    fn le<const N: usize, T>(data: &[u8], f: impl Fn([u8; N]) -> T) -> Vec<T> {
-        data.chunks_exact(N)
-            .map(|c| {
-                let mut a = [0u8; N];
-                a.copy_from_slice(c);
-                f(a)
-            })
-            .collect()
-    }
+    use crate::tensor::le;
     let d = &t.data;
     Ok(match t.datatype {
         DataType::Bool => JsonData::Bool(d.iter().map(|b| *b != 0).collect()),

@@ -172,6 +172,17 @@ pub enum TensorError {
     },
 }
 
+/// Each `N`-byte little-endian element of `data`, converted by `f`.
+pub(crate) fn le<const N: usize, T>(data: &[u8], f: impl Fn([u8; N]) -> T) -> Vec<T> {
+    data.chunks_exact(N)
+        .map(|c| {
+            let mut a = [0u8; N];
+            a.copy_from_slice(c);
+            f(a)
+        })
+        .collect()
+}
+
 /// Appends one BYTES element (its 4-byte little-endian length, then the bytes) to `out`.
 pub fn push_bytes_element(out: &mut Vec<u8>, element: &[u8]) {
     let len = u32::try_from(element.len()).unwrap_or(u32::MAX);
@@ -360,15 +371,6 @@ impl Tensor {
 
     /// The elements as `f64` (any numeric datatype; BOOL as 0/1); `None` for BYTES and FP16.
     pub fn to_f64(&self) -> Option<Vec<f64>> {
-        fn le<const N: usize>(data: &[u8], f: impl Fn([u8; N]) -> f64) -> Vec<f64> {
-            data.chunks_exact(N)
-                .map(|c| {
-                    let mut a = [0u8; N];
-                    a.copy_from_slice(c);
-                    f(a)
-                })
-                .collect()
-        }
         let d = &self.data;
         Some(match self.datatype {
             DataType::Bool | DataType::Uint8 => d.iter().map(|&b| f64::from(b)).collect(),

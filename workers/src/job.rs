@@ -32,6 +32,15 @@ pub struct StepInput {
 }
 
 impl StepInput {
+    /// Time left before the deadline (`Duration::MAX` without one; zero once passed).
+    pub fn time_left(&self) -> std::time::Duration {
+        if self.deadline_ms == 0 {
+            return std::time::Duration::MAX;
+        }
+        let left = u64::try_from(self.deadline_ms - sluice_common::now_ms()).unwrap_or(0);
+        std::time::Duration::from_millis(left)
+    }
+
     /// Rows this job contributes (the first tensor's batch dimension).
     pub fn rows(&self) -> usize {
         self.tensors

@@ -4,17 +4,14 @@
 //! step's timeout (capped by the request's deadline) fails the batch with 503, never a made-up
 //! value.
 
-use std::time::Duration;
-
 use futures::future::BoxFuture;
 use redis::aio::ConnectionManager;
 use sluice_common::config::{AllowedValue, FeatureSpec, FeaturesConfig, OnMissing};
 use sluice_features::{Layout, Value, join_key_type};
-use sluice_schemas::envelope::codes;
 use sluice_schemas::{DataType, Tensor};
 use tokio::sync::OnceCell;
 
-use super::seam::{BuildError, Step, StepFailure, StepInput, StepResult};
+use super::seam::{BuildError, Step, StepFailure, StepInput, StepResult, wait_for};
 
 /// A job's entity keys (as text) and where their Redis keys sit in the batch's.
 type JobKeys = (Vec<String>, std::ops::Range<usize>);
@@ -31,13 +28,6 @@ struct LookupMetrics {
     round_trips: metrics::Counter,
     entities: metrics::Counter,
     missing: metrics::Counter,
-}
-
-fn unavailable(message: impl Into<String>) -> StepFailure {
-    StepFailure {
-        code: codes::UNAVAILABLE,
-        message: message.into(),
-    }
 }
 
 impl FeaturesStep {
@@ -75,7 +65,9 @@ impl FeaturesStep {
             })
             .await
             .cloned()
-            .map_err(|e| unavailable(format!("feature store (Redis) unreachable: {e}")))
+            .map_err(|e| {
+                StepFailure::unavailable(format!("feature store (Redis) unreachable: {e}"))
+            })
     }
 
     /// Runs the whole batch: keys, one round trip, values, tensors.
@@ -100,39 +92,38 @@ impl FeaturesStep {
                 (e, start..keys.len())
             }));
         }
-        let deadline = batch.iter().map(|j| j.deadline_ms).filter(|&d| d > 0).min();
-        let mut wait = config.timeout;
-        if let Some(d) = deadline {
-            let left = u64::try_from(d - now_ms()).unwrap_or(0);
-            wait = wait.min(Duration::from_millis(left));
-        }
+        let wait = wait_for(batch, config.timeout);
         let raw = if keys.is_empty() {
             Vec::new()
         } else {
             let mut conn = tokio::time::timeout(wait, self.connection())
                 .await
                 .map_err(|_| {
-                    unavailable("feature store (Redis): no connection within the step's timeout")
+                    StepFailure::unavailable(
+                        "feature store (Redis): no connection within the step's timeout",
+                    )
                 })??;
             self.metrics.round_trips.increment(1);
             self.metrics.entities.increment(keys.len() as u64);
             tokio::time::timeout(wait, self.layout.fetch(&mut conn, &keys))
                 .await
                 .map_err(|_| {
-                    unavailable(format!(
+                    StepFailure::unavailable(format!(
                         "feature store (Redis) did not answer within {}ms",
                         wait.as_millis()
                     ))
                 })?
-                .map_err(|e| unavailable(format!("feature store (Redis): {e}")))?
+                .map_err(|e| StepFailure::unavailable(format!("feature store (Redis): {e}")))?
         };
-        let now_s = now_ms() / 1000;
+        let now_s = sluice_common::now_ms() / 1000;
         Ok(per_job
             .into_iter()
             .map(|job| {
                 let (entities, range) = job?;
                 let rows = raw.get(range).ok_or_else(|| {
-                    unavailable("feature store (Redis) answered fewer entities than asked")
+                    StepFailure::unavailable(
+                        "feature store (Redis) answered fewer entities than asked",
+                    )
                 })?;
                 self.tensors(&entities, rows, now_s)
             })
@@ -308,12 +299,6 @@ pub(super) fn entity_keys(job: &StepInput, input: &str) -> Result<Vec<String>, S
             "'{input}' is {d}; entity keys are BYTES, INT64 or INT32"
         ))),
     }
-}
-
-pub(super) fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 impl Step for FeaturesStep {

@@ -20,7 +20,7 @@ use sluice_features::Value;
 use sluice_schemas::{DataType, Tensor};
 use tokio::sync::Semaphore;
 
-use super::features::{missing_value, now_ms, to_tensor};
+use super::features::{missing_value, to_tensor};
 use super::seam::{Step, StepFailure, StepInput, StepResult};
 
 /// An HTTP call step.
@@ -134,12 +134,13 @@ impl HttpStep {
             .map_err(|_| CallError::Retry(format!("no answer within {}ms", wait.as_millis())))?
     }
 
-    /// A call with retries within `deadline_ms`, through the breaker and the concurrency bound.
+    /// A call with retries within the job's deadline, through the breaker and the concurrency
+    /// bound.
     async fn call(
         &self,
         url: &str,
         body: Option<&Json>,
-        deadline_ms: i64,
+        job: &StepInput,
     ) -> Result<Json, StepFailure> {
         if self.circuit_open() {
             return Err(StepFailure::unavailable(format!(
@@ -156,11 +157,7 @@ impl HttpStep {
         let mut backoff = self.config.backoff;
         let mut last = String::new();
         for attempt in 0..=self.config.retries {
-            let left = if deadline_ms > 0 {
-                Duration::from_millis(u64::try_from(deadline_ms - now_ms()).unwrap_or(0))
-            } else {
-                Duration::MAX
-            };
+            let left = job.time_left();
             if left.is_zero() || (attempt > 0 && left <= backoff) {
                 break;
             }
@@ -205,7 +202,8 @@ impl HttpStep {
                 let calls = (0..rows).map(|r| {
                     let url = fill(&self.config.url, &columns, r);
                     let body = (self.config.method == "POST").then(|| row_json(r));
-                    async move { self.call(&url, body.as_ref(), job.deadline_ms).await }
+                    let job = &job;
+                    async move { self.call(&url, body.as_ref(), job).await }
                 });
                 futures::future::join_all(calls)
                     .await
@@ -215,9 +213,7 @@ impl HttpStep {
             HttpMode::Batch => {
                 let body =
                     serde_json::json!({ "instances": (0..rows).map(row_json).collect::<Vec<_>>() });
-                let answer = self
-                    .call(&self.config.url, Some(&body), job.deadline_ms)
-                    .await?;
+                let answer = self.call(&self.config.url, Some(&body), &job).await?;
                 let predictions = answer
                     .get("predictions")
                     .and_then(Json::as_array)

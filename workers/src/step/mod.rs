@@ -27,7 +27,7 @@ use sluice_common::Deployment;
 use sluice_common::graph::{StepKind, Unit};
 
 pub use model::ModelStep;
-pub use seam::{BuildError, Step, StepFailure, StepInput, StepResult};
+pub use seam::{BuildError, Step, StepFailure, StepInput, StepResult, wait_for};
 
 /// The step a worker unit runs, built from the deployment.
 pub fn for_unit(deployment: &Deployment, unit: &Unit) -> Result<Arc<dyn Step>, BuildError> {

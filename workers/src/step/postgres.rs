@@ -7,7 +7,6 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
 
 use futures::future::BoxFuture;
 use sluice_common::config::PostgresConfig;
@@ -17,8 +16,8 @@ use tokio::sync::Mutex;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, NoTls, Row};
 
-use super::features::{entity_keys, missing_value, now_ms, to_tensor};
-use super::seam::{Step, StepFailure, StepInput, StepResult};
+use super::features::{entity_keys, missing_value, to_tensor};
+use super::seam::{Step, StepFailure, StepInput, StepResult, wait_for};
 
 /// A PostgreSQL lookup step.
 pub struct PostgresStep {
@@ -105,13 +104,7 @@ impl PostgresStep {
         let mut keys: Vec<String> = per_job.iter().flatten().flatten().cloned().collect();
         keys.sort();
         keys.dedup();
-        let deadline = batch.iter().map(|j| j.deadline_ms).filter(|&d| d > 0).min();
-        let mut wait = self.config.timeout;
-        if let Some(d) = deadline {
-            wait = wait.min(Duration::from_millis(
-                u64::try_from(d - now_ms()).unwrap_or(0),
-            ));
-        }
+        let wait = wait_for(batch, self.config.timeout);
         let run = async {
             match datatype {
                 DataType::Int64 => {

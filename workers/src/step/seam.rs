@@ -35,6 +35,15 @@ impl StepFailure {
     }
 }
 
+/// How long a step may wait on I/O for a batch: `limit`, or less when a job's deadline comes
+/// sooner.
+pub fn wait_for(batch: &[StepInput], limit: std::time::Duration) -> std::time::Duration {
+    batch
+        .iter()
+        .map(StepInput::time_left)
+        .fold(limit, std::cmp::Ord::min)
+}
+
 /// One job's outcome: output tensors (unqualified names) or a failure.
 pub type StepResult = Result<Vec<Tensor>, StepFailure>;
 
