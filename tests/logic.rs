@@ -46,9 +46,9 @@ fn output<'a>(body: &'a Value, name: &str) -> &'a Value {
 
 /// The fraud example with its feature store in a Redis of its own (port `features_port`), and
 /// a second graph answering the encoded feature vector, to compare with the Python reference.
-/// The fraud example's merchant table in a fresh database (the example's own SQL), or `None`
-/// (skipped) outside CI without PostgreSQL.
-fn fraud_db() -> Option<String> {
+/// A fresh database named `<prefix>_<n>` on the machine's PostgreSQL, or `None` (skipped)
+/// outside CI when there is none.
+fn postgres_db(prefix: &str) -> Option<String> {
     if !psql("postgres", "select 1") {
         assert!(
             std::env::var("CI").as_deref() != Ok("true"),
@@ -57,9 +57,16 @@ fn fraud_db() -> Option<String> {
         eprintln!("SKIPPED: no PostgreSQL at 127.0.0.1:5432");
         return None;
     }
-    let db = format!("sluice_fraud_{}", free_port());
+    let db = format!("{prefix}_{}", free_port());
     psql("postgres", &format!("DROP DATABASE IF EXISTS {db}"));
     assert!(psql("postgres", &format!("CREATE DATABASE {db}")));
+    Some(db)
+}
+
+/// The fraud example's merchant table in a fresh database (the example's own SQL), or `None`
+/// (skipped) outside CI without PostgreSQL.
+fn fraud_db() -> Option<String> {
+    let db = postgres_db("sluice_fraud")?;
     let sql = root().join("examples/fraud/merchants.sql");
     let ok = std::process::Command::new("psql")
         .args([
@@ -125,34 +132,31 @@ inputs = [
     std::fs::write(&config, format!("{text}\n{copied}")).unwrap();
     let mut stack = Stack::start_config(config, &[])?;
     let store = stack.start_redis("redis-features", features_port);
+    load_user_features(&stack, features_port);
+    Some((stack, store))
+}
+
+/// `sluice features load` of the example's user aggregates into the Redis on `port`; checks
+/// that every row was written.
+fn load_user_features(stack: &Stack, port: u16) {
+    let csv = root().join("examples/fraud/user_features.csv");
     let out = stack
         .sluice(&[
             "features",
             "load",
-            root()
-                .join("examples/fraud/user_features.csv")
-                .to_str()
-                .unwrap(),
+            csv.to_str().unwrap(),
             "--step",
             "fraud.user_features",
         ])
-        .env(
-            "SLUICE__REDIS__URL",
-            format!("redis://127.0.0.1:{features_port}"),
-        )
+        .env("SLUICE__REDIS__URL", format!("redis://127.0.0.1:{port}"))
         .output()
         .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
-        out.status.success(),
-        "features load failed: {}",
+        out.status.success() && stdout.contains("1000 rows written, 0 rejected"),
+        "features load failed: {stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("1000 rows written, 0 rejected"),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    Some((stack, store))
 }
 
 fn redis_hmget_calls(port: u16) -> u64 {
@@ -262,15 +266,9 @@ async fn fraud_graph_answers_what_sklearn_and_onnxruntime_compute() {
     }
 
     // A stock Triton client sends BYTES (binary and JSON) and reads BYTES answers.
-    let python = root().join(".venv-triton/bin/python");
-    if !python.is_file() {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "tritonclient venv missing under CI=true; run deploy/setup.sh"
-        );
-        eprintln!("SKIPPED tritonclient part: .venv-triton missing; run deploy/setup.sh");
+    let Some(python) = venv_python(".venv-triton") else {
         return;
-    }
+    };
     let out = tokio::process::Command::new(python)
         .arg(root().join("tests/triton_bytes.py"))
         .arg(gw.trim_start_matches("http://"))
@@ -388,24 +386,7 @@ async fn feature_store_down_answers_503_within_the_deadline_then_recovers() {
 
     // Frozen (SIGSTOP): the step's 100 ms timeout answers 503, the request does not hang.
     let frozen = stack.start_redis("redis-features", features_port);
-    let load = stack
-        .sluice(&[
-            "features",
-            "load",
-            root()
-                .join("examples/fraud/user_features.csv")
-                .to_str()
-                .unwrap(),
-            "--step",
-            "fraud.user_features",
-        ])
-        .env(
-            "SLUICE__REDIS__URL",
-            format!("redis://127.0.0.1:{features_port}"),
-        )
-        .output()
-        .unwrap();
-    assert!(load.status.success());
+    load_user_features(&stack, features_port);
     let end = Instant::now() + Duration::from_secs(20);
     loop {
         let r = post(&client, &url, &[], fraud_body(&[&row])).await;
@@ -440,23 +421,9 @@ async fn feature_store_down_answers_503_within_the_deadline_then_recovers() {
     );
 }
 
-/// `.venv-feast/bin/python`, or `None` (skipped) outside CI when setup has not made it.
-fn feast_python() -> Option<std::path::PathBuf> {
-    let python = root().join(".venv-feast/bin/python");
-    if python.is_file() {
-        return Some(python);
-    }
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "Feast venv missing under CI=true; run deploy/setup.sh"
-    );
-    eprintln!("SKIPPED: .venv-feast missing; run deploy/setup.sh");
-    None
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn features_materialized_by_feast_are_read_and_sluices_are_read_by_feast() {
-    let Some(python) = feast_python() else {
+    let Some(python) = venv_python(".venv-feast") else {
         return;
     };
     let features_port = free_port();
@@ -618,19 +585,10 @@ fn psql(db: &str, sql: &str) -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
-/// A fresh database with a `merchants` table, or `None` (skipped) outside CI without PostgreSQL.
+/// A fresh database with a small `merchants` table, or `None` (skipped) outside CI without
+/// PostgreSQL.
 fn merchants_db() -> Option<String> {
-    if !psql("postgres", "select 1") {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "PostgreSQL not reachable at 127.0.0.1:5432 under CI=true; run deploy/setup.sh"
-        );
-        eprintln!("SKIPPED: no PostgreSQL at 127.0.0.1:5432");
-        return None;
-    }
-    let db = format!("sluice_test_{}", free_port());
-    psql("postgres", &format!("DROP DATABASE IF EXISTS {db}"));
-    assert!(psql("postgres", &format!("CREATE DATABASE {db}")));
+    let db = postgres_db("sluice_test")?;
     assert!(psql(
         &db,
         "CREATE TABLE merchants (id text PRIMARY KEY, risk real, chargeback_rate double precision, \
@@ -1052,19 +1010,19 @@ decode_image = { input = "image", width = 8, height = 8, divide = 15, layout = "
     assert_eq!(r.status, 422, "{}", String::from_utf8_lossy(&r.body));
     assert!(String::from_utf8_lossy(&r.body).contains("'image' row 0"));
     // Stock tritonclient sends the PNGs as BYTES too (examples/digits_images.py).
-    let python = root().join(".venv-triton/bin/python");
-    if python.is_file() {
-        let out = tokio::process::Command::new(python)
-            .arg(root().join("examples/digits_images.py"))
-            .arg(stack.gateway.trim_start_matches("http://"))
-            .output()
-            .await
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    let Some(python) = venv_python(".venv-triton") else {
+        return;
+    };
+    let out = tokio::process::Command::new(python)
+        .arg(root().join("examples/digits_images.py"))
+        .arg(stack.gateway.trim_start_matches("http://"))
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -328,6 +328,21 @@ impl Stack {
     }
 }
 
+/// `<venv>/bin/python` in the checkout (e.g. `.venv-triton`), or `None` (the caller skips) when
+/// setup has not made it; under `CI=true` a missing venv fails instead.
+pub fn venv_python(venv: &str) -> Option<PathBuf> {
+    let python = root().join(venv).join("bin/python");
+    if python.is_file() {
+        return Some(python);
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "{venv} missing under CI=true; run deploy/setup.sh"
+    );
+    eprintln!("SKIPPED: {venv} missing; run deploy/setup.sh");
+    None
+}
+
 /// Writes `examples/digits.toml` with each (from, to) replacement applied and `extra` appended,
 /// model paths made absolute, to `target/test-configs/<name>.toml`; returns its path.
 pub fn config_variant(name: &str, replacements: &[(&str, &str)], extra: &str) -> PathBuf {
