@@ -35,9 +35,9 @@ pub(crate) struct FusedStep {
     pub(crate) runs: metrics::Counter,
 }
 
-/// Steps fused after the unit's, by (graph, step): their records run here, in process, instead
-/// of going through their topic.
-pub(crate) type Fused = BTreeMap<(String, String), FusedStep>;
+/// Steps fused after the unit's, by their topic (a step's own, never shared): their records run
+/// here, in process, instead of going through it.
+pub(crate) type Fused = BTreeMap<String, FusedStep>;
 
 /// The fused steps; replaced on a config reload.
 pub(crate) type FusedSlot = Arc<RwLock<Arc<Fused>>>;
@@ -60,7 +60,7 @@ pub(crate) fn fused_after(
             here.push(i);
             let own = g.unit_of(i);
             out.insert(
-                (g.name.clone(), g.steps[i].name.clone()),
+                g.steps[i].topic.clone(),
                 FusedStep {
                     graph: Arc::clone(g),
                     index: i,
@@ -132,35 +132,32 @@ pub(crate) async fn run_fused(
     wm: &WorkerMetrics,
 ) -> Vec<Completion> {
     loop {
-        // (completion index, step key, job) for every forward that runs here.
-        let mut jobs: BTreeMap<(String, String), Vec<(usize, Job)>> = BTreeMap::new();
+        // Per fused step (by topic): (completion index, job) for each forward that runs here.
+        let mut jobs: BTreeMap<&str, Vec<(usize, Job)>> = BTreeMap::new();
         for (k, c) in completions.iter_mut().enumerate() {
             if c.result.is_some() || c.dead_letter.is_some() || c.forwards.is_empty() {
                 continue;
             }
-            let forwards = std::mem::take(&mut c.forwards);
-            for f in forwards {
-                let key = f
-                    .request
-                    .hop
-                    .as_ref()
-                    .map(|h| (h.graph.clone(), h.step.clone()))
-                    .filter(|key| fused.contains_key(key));
-                let job = key.and_then(|key| {
-                    let fs = fused.get(&key)?;
-                    Some((fused_job(fs, f.clone(), c.source)?, key))
-                });
-                match job {
-                    Some((job, key)) => jobs.entry(key).or_default().push((k, job)),
-                    None => c.forwards.push(f),
-                }
+            for f in std::mem::take(&mut c.forwards) {
+                let Some((topic, fs)) = fused.get_key_value(f.topic.as_str()) else {
+                    c.forwards.push(f);
+                    continue;
+                };
+                // Inputs it cannot read: the record goes through the topic, whose worker says so.
+                let Ok(inputs) = crate::flow::step_inputs(&fs.graph, fs.index, &f.request.inputs)
+                else {
+                    c.forwards.push(f);
+                    continue;
+                };
+                let job = fused_job(fs, f, inputs, c.source);
+                jobs.entry(topic.as_str()).or_default().push((k, job));
             }
         }
         if jobs.is_empty() {
             return completions;
         }
-        for (key, batch) in jobs {
-            let Some(fs) = fused.get(&key) else {
+        for (topic, batch) in jobs {
+            let Some(fs) = fused.get(topic) else {
                 continue;
             };
             let (owners, batch): (Vec<usize>, Vec<Job>) = batch.into_iter().unzip();
@@ -177,20 +174,18 @@ pub(crate) async fn run_fused(
     }
 }
 
-/// The job a forward to a fused step becomes (as if its record had been consumed).
+/// The job a forward to a fused step becomes, reading `inputs` (as if its record had been
+/// consumed).
 fn fused_job(
     fs: &FusedStep,
     out: crate::flow::Outgoing,
+    inputs: Vec<sluice_schemas::Tensor>,
     source: crate::job::Source,
-) -> Option<Job> {
+) -> Job {
     let (graph, step) = (Arc::clone(&fs.graph), fs.index);
-    let carried = out.request.inputs.clone();
-    let inputs = crate::flow::step_inputs(&graph, step, &carried).ok()?;
-    let request = sluice_schemas::InferenceRequest {
-        inputs: Vec::new(),
-        ..out.request
-    };
-    Some(Job {
+    let mut request = out.request;
+    let carried = std::mem::take(&mut request.inputs);
+    Job {
         request,
         input: crate::job::StepInput {
             tensors: inputs,
@@ -205,7 +200,7 @@ fn fused_job(
             carried,
             shadow: false,
         }),
-    })
+    }
 }
 
 /// Runs one batch and returns every completion it leads to.
