@@ -232,19 +232,11 @@ pub fn admit(m: &Record<'_>, source: Source, ctx: &Admit<'_>) -> Admission {
                 source,
             )
         }
-        (
-            StepKind::Builtin(_)
-            | StepKind::Route(_)
-            | StepKind::Validate(_)
-            | StepKind::Encode(..)
-            | StepKind::Decide(_)
-            | StepKind::Features(_)
-            | StepKind::Postgres(_)
-            | StepKind::Http(_)
-            | StepKind::DecodeImage(..)
-            | StepKind::Custom(_),
-            Unit::Step { step: mine, .. },
-        ) if *mine == step_name => {
+        // Every other kind of step (built-ins, routers, business logic, user steps) reads its
+        // inputs from what the record carries.
+        (kind, Unit::Step { step: mine, .. })
+            if *mine == step_name && !matches!(kind, StepKind::Model(_)) =>
+        {
             let inputs = match step_inputs(&graph, step, &carried) {
                 Ok(inputs) => inputs,
                 Err(e) => {
