@@ -225,6 +225,10 @@ pub struct FeaturesConfig {
     /// with 503.
     #[serde(with = "humantime_serde", default = "default_lookup_timeout")]
     pub timeout: Duration,
+    /// Longest wait for a new connection to Redis (capped by the request's deadline); the
+    /// worker opens it at start, so a request waits for it only after Redis was down.
+    #[serde(with = "humantime_serde", default = "default_connect_timeout")]
+    pub connect_timeout: Duration,
     /// The features, in output order.
     pub features: Vec<FeatureSpec>,
 }
@@ -302,9 +306,15 @@ pub struct PostgresConfig {
     /// A missing row or NULL value: the column's default, or a 422.
     #[serde(default)]
     pub on_missing: OnMissing,
-    /// Statement timeout and longest wait (capped by the request's deadline); past it, 503.
+    /// Statement timeout and longest wait for a query (capped by the request's deadline); past
+    /// it, 503.
     #[serde(with = "humantime_serde", default = "default_query_timeout")]
     pub timeout: Duration,
+    /// Longest wait for a new connection, its login and its prepared query (capped by the
+    /// request's deadline); the worker opens its connections at start, so a request waits for
+    /// one only after the database was down or dropped it.
+    #[serde(with = "humantime_serde", default = "default_connect_timeout")]
+    pub connect_timeout: Duration,
     /// Connections kept open.
     #[serde(default = "default_pool")]
     pub pool: usize,
@@ -465,4 +475,7 @@ fn three() -> u32 {
 }
 fn default_lookup_timeout() -> Duration {
     Duration::from_millis(100)
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(2)
 }

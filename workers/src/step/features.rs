@@ -32,7 +32,7 @@ struct LookupMetrics {
 
 impl FeaturesStep {
     /// The step for `config`, reading `redis_url` unless the config names its own Redis.
-    /// Connects on first use, so a worker starts while Redis is down.
+    /// Connects in [`Step::warm`] or on first use, so a worker starts while Redis is down.
     pub fn new(
         step: &str,
         config: &FeaturesConfig,
@@ -58,7 +58,7 @@ impl FeaturesStep {
         self.conn
             .get_or_try_init(|| async {
                 let cfg = redis::aio::ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(self.layout.config().timeout))
+                    .set_connection_timeout(Some(self.layout.config().connect_timeout))
                     .set_response_timeout(Some(self.layout.config().timeout))
                     .set_number_of_retries(1);
                 ConnectionManager::new_with_config(self.client.clone(), cfg).await
@@ -96,12 +96,14 @@ impl FeaturesStep {
         let raw = if keys.is_empty() {
             Vec::new()
         } else {
-            let mut conn = tokio::time::timeout(wait, self.connection())
+            let connect = wait_for(batch, config.connect_timeout);
+            let mut conn = tokio::time::timeout(connect, self.connection())
                 .await
                 .map_err(|_| {
-                    StepFailure::unavailable(
-                        "feature store (Redis): no connection within the step's timeout",
-                    )
+                    StepFailure::unavailable(format!(
+                        "feature store (Redis): no connection within {}ms",
+                        connect.as_millis()
+                    ))
                 })??;
             self.metrics.round_trips.increment(1);
             self.metrics.entities.increment(keys.len() as u64);
@@ -302,6 +304,14 @@ pub(super) fn entity_keys(job: &StepInput, input: &str) -> Result<Vec<String>, S
 }
 
 impl Step for FeaturesStep {
+    fn warm(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            if let Err(e) = self.connection().await {
+                tracing::warn!(error = %e.message, "feature store not reachable at start; the first batch tries again");
+            }
+        })
+    }
+
     fn run(&self, batch: Vec<StepInput>) -> BoxFuture<'_, Vec<StepResult>> {
         Box::pin(async move {
             match self.batch(&batch).await {

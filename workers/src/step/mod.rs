@@ -29,8 +29,18 @@ use sluice_common::graph::{StepKind, Unit};
 pub use model::ModelStep;
 pub use seam::{BuildError, Step, StepFailure, StepInput, StepResult, wait_for};
 
-/// The step a worker unit runs, built from the deployment.
+/// The step a worker unit runs, built from the deployment; its [`Step::warm`] starts in the
+/// background when built on the async runtime.
 pub fn for_unit(deployment: &Deployment, unit: &Unit) -> Result<Arc<dyn Step>, BuildError> {
+    let step = build(deployment, unit)?;
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        let warming = Arc::clone(&step);
+        runtime.spawn(async move { warming.warm().await });
+    }
+    Ok(step)
+}
+
+fn build(deployment: &Deployment, unit: &Unit) -> Result<Arc<dyn Step>, BuildError> {
     let unknown = || BuildError::UnknownUnit(unit.to_string());
     match unit {
         Unit::Model(name) => {

@@ -3,10 +3,13 @@
 //! output as a tensor. A missing row or NULL takes the column's default, or fails the request
 //! with 422 naming the key and column; the database down or slower than the timeout (capped by the
 //! request's deadline) fails the batch with 503. Connections are kept in a small pool and
-//! replaced when they break; each runs with `statement_timeout` set to the step's timeout.
+//! replaced when they break; each runs with `statement_timeout` set to the step's timeout and
+//! holds the query prepared. The worker opens them when it starts, so the first request does not
+//! wait for a login.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use futures::future::BoxFuture;
 use sluice_common::config::PostgresConfig;
@@ -14,7 +17,7 @@ use sluice_features::Value;
 use sluice_schemas::DataType;
 use tokio::sync::Mutex;
 use tokio_postgres::types::{ToSql, Type};
-use tokio_postgres::{Client, NoTls, Row};
+use tokio_postgres::{Client, NoTls, Row, Statement};
 
 use super::features::{entity_keys, missing_value, to_tensor};
 use super::seam::{Step, StepFailure, StepInput, StepResult, wait_for};
@@ -24,13 +27,19 @@ pub struct PostgresStep {
     config: PostgresConfig,
     /// The URL with its password hidden, for messages.
     shown: String,
-    pool: Vec<Mutex<Option<Client>>>,
+    pool: Vec<Mutex<Option<Connection>>>,
     next: AtomicUsize,
 }
 
+/// An open connection and the step's query, prepared on it.
+struct Connection {
+    client: Client,
+    query: Statement,
+}
+
 impl PostgresStep {
-    /// The step for `config`; connects on first use, so a worker starts while the database is
-    /// down.
+    /// The step for `config`; connects in [`Step::warm`] or on first use, so a worker starts
+    /// while the database is down.
     pub fn new(config: &PostgresConfig) -> PostgresStep {
         PostgresStep {
             shown: sluice_common::config::redact_url(&config.url),
@@ -44,7 +53,21 @@ impl PostgresStep {
         StepFailure::unavailable(format!("database {}: {e}", self.shown))
     }
 
-    async fn connect(&self) -> Result<Client, StepFailure> {
+    /// A database error as a failure: the database gone, dropping the connection or past the
+    /// statement timeout is 503; anything else (a bad query, say) is the config's.
+    fn failure(&self, e: &tokio_postgres::Error) -> StepFailure {
+        if broken(e) || timed_out(e) {
+            self.down(e)
+        } else {
+            StepFailure {
+                code: sluice_schemas::envelope::codes::INTERNAL,
+                message: format!("database query failed: {e}"),
+            }
+        }
+    }
+
+    /// Opens a connection, sets its statement timeout and prepares the query.
+    async fn open(&self) -> Result<Connection, StepFailure> {
         let (client, connection) = tokio_postgres::connect(&self.config.url, NoTls)
             .await
             .map_err(|e| self.down(e))?;
@@ -58,37 +81,45 @@ impl PostgresStep {
             .batch_execute(&format!("SET statement_timeout = {ms}"))
             .await
             .map_err(|e| self.down(e))?;
-        Ok(client)
+        let query = client
+            .prepare(&self.config.query)
+            .await
+            .map_err(|e| self.failure(&e))?;
+        Ok(Connection { client, query })
     }
 
-    /// Runs the query for `keys` on a pooled connection (opened or replaced as needed).
-    async fn query(&self, keys: &(dyn ToSql + Sync)) -> Result<Vec<Row>, StepFailure> {
+    /// Runs the query for `keys` on a pooled connection, opened or replaced as needed within
+    /// `connect`; the query itself may take `query`.
+    async fn query(
+        &self,
+        keys: &(dyn ToSql + Sync),
+        connect: Duration,
+        query: Duration,
+    ) -> Result<Vec<Row>, StepFailure> {
         let slot = &self.pool[self.next.fetch_add(1, Ordering::Relaxed) % self.pool.len()];
-        let mut conn = slot.lock().await;
-        if conn.as_ref().is_none_or(Client::is_closed) {
-            *conn = Some(self.connect().await?);
-        }
-        let Some(client) = conn.as_ref() else {
+        let mut conn = tokio::time::timeout(connect, async {
+            let mut conn = slot.lock().await;
+            if conn.as_ref().is_none_or(|c| c.client.is_closed()) {
+                *conn = Some(self.open().await?);
+            }
+            Ok::<_, StepFailure>(conn)
+        })
+        .await
+        .map_err(|_| self.down(format!("no connection within {}ms", connect.as_millis())))??;
+        let Some(c) = conn.as_ref() else {
             return Err(self.down("no connection"));
         };
-        match client.query(&self.config.query, &[keys]).await {
-            Ok(rows) => Ok(rows),
-            Err(e) => {
-                // A broken connection is replaced next time; a query error is the config's.
-                let broken = e.is_closed() || e.as_db_error().is_none();
-                let timed_out = e.as_db_error().is_some_and(|d| d.code().code() == "57014");
-                if broken {
+        match tokio::time::timeout(query, c.client.query(&c.query, &[keys])).await {
+            Ok(Ok(rows)) => Ok(rows),
+            Ok(Err(e)) => {
+                // Opened (and prepared) afresh next time, unless the query only ran too long: a
+                // changed table needs a new prepare, a broken connection a new connection.
+                if !timed_out(&e) {
                     *conn = None;
                 }
-                if broken || timed_out {
-                    Err(self.down(e))
-                } else {
-                    Err(StepFailure {
-                        code: sluice_schemas::envelope::codes::INTERNAL,
-                        message: format!("database query failed: {e}"),
-                    })
-                }
+                Err(self.failure(&e))
             }
+            Err(_) => Err(self.down(format!("no answer within {}ms", query.as_millis()))),
         }
     }
 
@@ -104,26 +135,22 @@ impl PostgresStep {
         let mut keys: Vec<String> = per_job.iter().flatten().flatten().cloned().collect();
         keys.sort();
         keys.dedup();
+        let connect = wait_for(batch, self.config.connect_timeout);
         let wait = wait_for(batch, self.config.timeout);
-        let run = async {
-            match datatype {
-                DataType::Int64 => {
-                    let ks = parse_keys::<i64>(&keys)?;
-                    self.query(&ks).await
-                }
-                DataType::Int32 => {
-                    let ks = parse_keys::<i32>(&keys)?;
-                    self.query(&ks).await
-                }
-                _ => self.query(&keys).await,
-            }
-        };
         let rows = if keys.is_empty() {
             Vec::new()
         } else {
-            tokio::time::timeout(wait, run)
-                .await
-                .map_err(|_| self.down(format!("no answer within {}ms", wait.as_millis())))??
+            match datatype {
+                DataType::Int64 => {
+                    let ks = parse_keys::<i64>(&keys)?;
+                    self.query(&ks, connect, wait).await?
+                }
+                DataType::Int32 => {
+                    let ks = parse_keys::<i32>(&keys)?;
+                    self.query(&ks, connect, wait).await?
+                }
+                _ => self.query(&keys, connect, wait).await?,
+            }
         };
         let by_key = self.index(&rows)?;
         Ok(per_job
@@ -207,6 +234,16 @@ impl PostgresStep {
     }
 }
 
+/// Whether `e` means the connection is gone (rather than the query failing on it).
+fn broken(e: &tokio_postgres::Error) -> bool {
+    e.is_closed() || e.as_db_error().is_none()
+}
+
+/// Whether `e` is the statement timeout cancelling the query.
+fn timed_out(e: &tokio_postgres::Error) -> bool {
+    e.as_db_error().is_some_and(|d| d.code().code() == "57014")
+}
+
 fn parse_keys<T: std::str::FromStr>(keys: &[String]) -> Result<Vec<T>, StepFailure> {
     keys.iter()
         .map(|k| {
@@ -270,6 +307,28 @@ fn value(row: &Row, at: usize) -> Result<Value, StepFailure> {
 }
 
 impl Step for PostgresStep {
+    fn warm(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            for slot in &self.pool {
+                let mut conn = slot.lock().await;
+                if conn.is_some() {
+                    continue;
+                }
+                match tokio::time::timeout(self.config.connect_timeout, self.open()).await {
+                    Ok(Ok(c)) => *conn = Some(c),
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e.message, "database not reachable at start; the first batch tries again");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::warn!(database = %self.shown, "database did not accept a connection at start; the first batch tries again");
+                        return;
+                    }
+                }
+            }
+        })
+    }
+
     fn run(&self, batch: Vec<StepInput>) -> BoxFuture<'_, Vec<StepResult>> {
         Box::pin(async move {
             match self.batch(&batch).await {

@@ -51,6 +51,13 @@ pub type StepResult = Result<Vec<Tensor>, StepFailure>;
 pub trait Step: Send + Sync {
     /// Runs a batch; returns one result per job, in order.
     fn run(&self, batch: Vec<StepInput>) -> BoxFuture<'_, Vec<StepResult>>;
+
+    /// Opens what the step needs before its first batch (connections, say), so the first
+    /// request does not pay for it; runs in the background once the step is built. A failure
+    /// is logged and left to the first batch to retry.
+    fn warm(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
 }
 
 /// Why a unit's step could not be built.
