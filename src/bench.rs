@@ -107,9 +107,11 @@ pub async fn run(deployment: Deployment, args: BenchArgs) -> anyhow::Result<()> 
     };
     // Request samples live in `requests/` beside the models' folder (the first model of a graph).
     let model_file = match &graph {
-        None => deployment.model(&args.model).map(|m| m.onnx.clone()),
+        None => deployment.model(&args.model).and_then(|m| m.onnx.clone()),
         Some(g) => g.steps.iter().find_map(|s| match &s.kind {
-            sluice_common::graph::StepKind::Model(m) => deployment.model(m).map(|m| m.onnx.clone()),
+            sluice_common::graph::StepKind::Model(m) => {
+                deployment.model(m).and_then(|m| m.onnx.clone())
+            }
             _ => None,
         }),
     };

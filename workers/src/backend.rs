@@ -131,6 +131,10 @@ fn check_declared(
 impl OrtBackend {
     /// Loads the model and checks its inputs and outputs against the declaration.
     pub fn load(model: &ModelConfig) -> Result<OrtBackend, BackendError> {
+        let onnx = model
+            .onnx
+            .as_deref()
+            .ok_or_else(|| BackendError::Load("the model has no ONNX file".into()))?;
         let env = environment()?;
         let load = |e: ort::Error<_>| BackendError::Load(e.to_string());
         let session = Session::builder(env)
@@ -144,8 +148,8 @@ impl OrtBackend {
             // Spinning threads would burn the cores the broker and gateway need.
             .with_intra_op_spinning(false)
             .map_err(load)?
-            .commit_from_file(&model.onnx)
-            .map_err(|e| BackendError::Load(format!("{}: {e}", model.onnx.display())))?;
+            .commit_from_file(onnx)
+            .map_err(|e| BackendError::Load(format!("{}: {e}", onnx.display())))?;
         check_declared("input", &model.inputs, session.inputs()).map_err(BackendError::Load)?;
         check_declared("output", &model.outputs, session.outputs()).map_err(BackendError::Load)?;
         Ok(OrtBackend { session })

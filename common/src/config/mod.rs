@@ -9,9 +9,11 @@ use serde::{Deserialize, Serialize};
 use sluice_schemas::DataType;
 
 mod graphs;
+mod learn;
 mod logic;
 
 pub use graphs::{Builtin, CanaryConfig, Combiner, GraphConfig, RouteConfig, StepConfig, TieRule};
+pub use learn::{Algorithm, LearnerConfig};
 pub use logic::{
     AllowedValue, CustomStepConfig, DecideConfig, DecisionRule, DecodeImageConfig, EncodeColumn,
     EncodeOp, FeatureLayout, FeatureSpec, FeaturesConfig, HttpConfig, HttpField, HttpMode,
@@ -242,8 +244,12 @@ pub struct LocalConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
-    /// ONNX file, relative to the config file.
-    pub onnx: PathBuf,
+    /// ONNX file, relative to the config file (unset for a learner).
+    #[serde(default)]
+    pub onnx: Option<PathBuf>,
+    /// Learned while serving, from feedback, instead of loaded from ONNX.
+    #[serde(default)]
+    pub learner: Option<LearnerConfig>,
     /// Version reported in metadata and results.
     #[serde(default = "default_version")]
     pub version: String,
@@ -368,8 +374,14 @@ impl Config {
             .map_err(load_err)?;
         if let Some(dir) = file.and_then(Path::parent) {
             for m in cfg.models.values_mut() {
-                if m.onnx.is_relative() {
-                    m.onnx = dir.join(&m.onnx);
+                for path in m
+                    .onnx
+                    .iter_mut()
+                    .chain(m.learner.iter_mut().flat_map(|l| l.warm_start.iter_mut()))
+                {
+                    if path.is_relative() {
+                        *path = dir.join(&*path);
+                    }
                 }
             }
         }
@@ -459,6 +471,7 @@ impl Config {
             if m.max_batch_size == 0 {
                 p.push(format!("{key}.max_batch_size: must be at least 1"));
             }
+            p.extend(learn::problems(&key, m));
             if m.threads == 0 {
                 p.push(format!("{key}.threads: must be at least 1"));
             }

@@ -24,7 +24,8 @@ pub fn model(inputs: &[Spec<'_>], outputs: &[Spec<'_>]) -> ModelConfig {
             .collect()
     };
     ModelConfig {
-        onnx: "m.onnx".into(),
+        onnx: Some("m.onnx".into()),
+        learner: None,
         version: "1".into(),
         inputs: specs(inputs),
         outputs: specs(outputs),

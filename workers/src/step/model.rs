@@ -20,7 +20,7 @@ impl ModelStep {
         let backends = (0..model.threads)
             .map(|_| OrtBackend::load(model))
             .collect::<Result<Vec<_>, _>>()?;
-        tracing::info!(model = %name, threads = model.threads, onnx = %model.onnx.display(), "model loaded");
+        tracing::info!(model = %name, threads = model.threads, onnx = ?model.onnx, "model loaded");
         Ok(ModelStep {
             pool: InferencePool::start(name, model, backends)?,
         })

@@ -1,0 +1,179 @@
+//! Online learners: a model whose weights are learned from feedback while it serves.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// How a learner model learns (`[models.<name>.learner]`): a logistic regression over the
+/// model's one FP32 input `[-1, d]`, optionally standardized online, updated by one learner
+/// process from predictions joined with feedback.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LearnerConfig {
+    /// The update rule: `ftrl` (FTRL-Proximal, McMahan et al. 2013) or `sgd`.
+    pub algorithm: Algorithm,
+    /// FTRL's learning rate α.
+    #[serde(default = "default_alpha")]
+    pub alpha: f64,
+    /// FTRL's smoothing β.
+    #[serde(default = "one")]
+    pub beta: f64,
+    /// FTRL's L1 strength.
+    #[serde(default)]
+    pub l1: f64,
+    /// L2 strength (default 1 for FTRL, 0 for SGD, as River's).
+    #[serde(default)]
+    pub l2: Option<f64>,
+    /// SGD's learning rate.
+    #[serde(default = "default_lr")]
+    pub learning_rate: f64,
+    /// Standardize each input online (running mean and variance) before the regression.
+    #[serde(default = "yes")]
+    pub scale: bool,
+    /// Learning rate of the intercept (plain SGD, as River does, whatever the weights' rule).
+    #[serde(default = "default_intercept_lr")]
+    pub intercept_lr: f64,
+    /// How long a prediction waits for its feedback (and feedback for its prediction).
+    #[serde(with = "humantime_serde", default = "default_window")]
+    pub window: Duration,
+    /// A prediction whose feedback never came: learned as this label (e.g. 0 for "no click
+    /// is a negative"), or only counted when unset.
+    #[serde(default)]
+    pub no_feedback_label: Option<f64>,
+    /// Most predictions and unmatched feedback held at once; past it the oldest are resolved
+    /// early (as if their window had ended) and counted.
+    #[serde(default = "default_max_pending")]
+    pub max_pending: usize,
+    /// How often new weights are published to the serving replicas (when they changed).
+    #[serde(with = "humantime_serde", default = "default_snapshot_every")]
+    pub snapshot_every: Duration,
+    /// How often the learner's whole state (weights, join state, read positions, counts) is
+    /// saved to Redis, where a restarted learner resumes from.
+    #[serde(with = "humantime_serde", default = "default_checkpoint_every")]
+    pub checkpoint_every: Duration,
+    /// Weights to start from (a weights snapshot's JSON) when no checkpoint exists; relative
+    /// to the config file.
+    #[serde(default)]
+    pub warm_start: Option<PathBuf>,
+    /// Serve the weights but stop learning (feedback is still joined and counted).
+    #[serde(default)]
+    pub frozen: bool,
+}
+
+impl LearnerConfig {
+    /// The L2 strength in effect.
+    pub fn l2(&self) -> f64 {
+        self.l2.unwrap_or(match self.algorithm {
+            Algorithm::Ftrl => 1.0,
+            Algorithm::Sgd => 0.0,
+        })
+    }
+}
+
+/// A learner's update rule.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Algorithm {
+    /// FTRL-Proximal (McMahan et al. 2013), River's defaults.
+    Ftrl,
+    /// Plain stochastic gradient descent.
+    Sgd,
+}
+
+fn yes() -> bool {
+    true
+}
+fn one() -> f64 {
+    1.0
+}
+fn default_alpha() -> f64 {
+    0.05
+}
+fn default_lr() -> f64 {
+    0.01
+}
+fn default_intercept_lr() -> f64 {
+    0.01
+}
+fn default_window() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_max_pending() -> usize {
+    100_000
+}
+fn default_snapshot_every() -> Duration {
+    Duration::from_millis(100)
+}
+fn default_checkpoint_every() -> Duration {
+    Duration::from_secs(1)
+}
+
+/// The outputs a learner model may declare: name, datatype.
+pub const LEARNER_OUTPUTS: [(&str, sluice_schemas::DataType); 3] = [
+    ("probability", sluice_schemas::DataType::Fp32),
+    ("label", sluice_schemas::DataType::Int64),
+    ("weights_version", sluice_schemas::DataType::Int64),
+];
+
+/// What is wrong with model `key`'s choice of ONNX file or learner, and with its learner.
+pub(super) fn problems(key: &str, m: &super::ModelConfig) -> Vec<String> {
+    let mut p = Vec::new();
+    let Some(l) = &m.learner else {
+        if m.onnx.is_none() {
+            p.push(format!("{key}: set `onnx` (a model file) or `learner`"));
+        }
+        return p;
+    };
+    if m.onnx.is_some() {
+        p.push(format!("{key}: set `onnx` or `learner`, not both"));
+    }
+    let dense = m.inputs.len() == 1
+        && m.inputs[0].datatype == sluice_schemas::DataType::Fp32
+        && m.inputs[0].shape.len() == 2
+        && m.inputs[0].shape[1] > 0;
+    if !dense {
+        p.push(format!(
+            "{key}.inputs: a learner reads one FP32 input of shape [-1, d] with d fixed"
+        ));
+    }
+    for o in &m.outputs {
+        let known = LEARNER_OUTPUTS
+            .iter()
+            .any(|(n, t)| *n == o.name && *t == o.datatype && o.shape == [-1, 1]);
+        if !known {
+            p.push(format!(
+                "{key}.outputs.{}: a learner outputs probability (FP32), label (INT64) and weights_version (INT64), each of shape [-1, 1]",
+                o.name
+            ));
+        }
+    }
+    if m.partitions != 1 {
+        p.push(format!(
+            "{key}.partitions: a learner's topics have one partition (one learner writes its weights)"
+        ));
+    }
+    for (name, d) in [
+        ("window", l.window),
+        ("snapshot_every", l.snapshot_every),
+        ("checkpoint_every", l.checkpoint_every),
+    ] {
+        if d.is_zero() {
+            p.push(format!("{key}.learner.{name}: must be > 0"));
+        }
+    }
+    if l.max_pending == 0 {
+        p.push(format!("{key}.learner.max_pending: must be at least 1"));
+    }
+    let positive = l.alpha > 0.0 && l.learning_rate > 0.0;
+    let penalties = [l.beta, l.l1, l.l2(), l.intercept_lr];
+    if !positive || !penalties.iter().all(|&v| v >= 0.0) {
+        p.push(format!(
+            "{key}.learner: rates must be > 0 and penalties >= 0"
+        ));
+    }
+    if l.no_feedback_label.is_some_and(|y| y != 0.0 && y != 1.0) {
+        p.push(format!("{key}.learner.no_feedback_label: must be 0 or 1"));
+    }
+    p
+}

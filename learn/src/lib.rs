@@ -1,0 +1,11 @@
+//! Online learning, without I/O: a logistic regression updated one labelled example at a time
+//! (FTRL-Proximal or SGD, optionally after an online standard scaler), the weights a serving
+//! replica predicts with, and the join of logged predictions with their later feedback.
+//!
+//! The learner process (`sluice learn`) feeds these from Kafka; workers serve [`Weights`].
+
+mod join;
+mod model;
+
+pub use join::{Feedback, Join, JoinCounts, Outcome, Prediction};
+pub use model::{Learner, Weights};

@@ -1,0 +1,330 @@
+//! The learner and the weights it serves with.
+//!
+//! The update rules follow River's `preprocessing.StandardScaler |
+//! linear_model.LogisticRegression(optimizer)` step for step (the scaler learns the example
+//! first, the regression then learns the scaled example; the intercept by plain SGD; FTRL sets a
+//! weight from its `z, n` before updating them), so a stream gives the same predictions.
+
+use serde::{Deserialize, Serialize};
+use sluice_common::config::{Algorithm, LearnerConfig};
+
+/// Running mean and variance per input (Welford), as River's `StandardScaler`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct Scaler {
+    count: f64,
+    mean: Vec<f64>,
+    var: Vec<f64>,
+}
+
+impl Scaler {
+    fn new(d: usize) -> Scaler {
+        Scaler {
+            count: 0.0,
+            mean: vec![0.0; d],
+            var: vec![0.0; d],
+        }
+    }
+
+    fn learn(&mut self, x: &[f64]) {
+        self.count += 1.0;
+        for ((m, v), &xi) in self.mean.iter_mut().zip(&mut self.var).zip(x) {
+            let old = *m;
+            *m += (xi - old) / self.count;
+            *v += ((xi - old) * (xi - *m) - *v) / self.count;
+        }
+    }
+}
+
+/// The optimizer's own state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+enum Optimizer {
+    Ftrl {
+        alpha: f64,
+        beta: f64,
+        l1: f64,
+        l2: f64,
+        z: Vec<f64>,
+        n: Vec<f64>,
+    },
+    Sgd {
+        learning_rate: f64,
+        l2: f64,
+    },
+}
+
+/// An online logistic regression over `d` dense inputs, with its scaler.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Learner {
+    scaler: Option<Scaler>,
+    weights: Vec<f64>,
+    intercept: f64,
+    intercept_lr: f64,
+    optimizer: Optimizer,
+    /// Examples learned so far (the weights' version).
+    updates: u64,
+}
+
+impl Learner {
+    /// A learner with zero weights over `d` inputs.
+    pub fn new(config: &LearnerConfig, d: usize) -> Learner {
+        let optimizer = match config.algorithm {
+            Algorithm::Ftrl => Optimizer::Ftrl {
+                alpha: config.alpha,
+                beta: config.beta,
+                l1: config.l1,
+                l2: config.l2(),
+                z: vec![0.0; d],
+                n: vec![0.0; d],
+            },
+            Algorithm::Sgd => Optimizer::Sgd {
+                learning_rate: config.learning_rate,
+                l2: config.l2(),
+            },
+        };
+        Learner {
+            scaler: config.scale.then(|| Scaler::new(d)),
+            weights: vec![0.0; d],
+            intercept: 0.0,
+            intercept_lr: config.intercept_lr,
+            optimizer,
+            updates: 0,
+        }
+    }
+
+    /// A learner starting from served weights (a warm start): the same predictions, with the
+    /// optimizer's history reset.
+    pub fn from_weights(config: &LearnerConfig, w: &Weights) -> Learner {
+        let mut l = Learner::new(config, w.weights.len());
+        l.weights.clone_from(&w.weights);
+        l.intercept = w.intercept;
+        l.updates = w.version;
+        if let Some(s) = l.scaler.as_mut() {
+            s.mean.clone_from(&w.mean);
+            s.var = w.std.iter().map(|sd| sd * sd).collect();
+            s.count = w.scaled_count;
+        }
+        if let Optimizer::Ftrl {
+            alpha,
+            beta,
+            l2,
+            l1,
+            z,
+            ..
+        } = &mut l.optimizer
+        {
+            // z that gives back the same weights with no gradient history (n = 0).
+            for (zi, &wi) in z.iter_mut().zip(&w.weights) {
+                *zi = -wi * (*beta / *alpha + *l2) - wi.signum() * *l1;
+            }
+        }
+        l
+    }
+
+    /// Inputs the learner reads.
+    pub fn dims(&self) -> usize {
+        self.weights.len()
+    }
+
+    /// Examples learned so far.
+    pub fn updates(&self) -> u64 {
+        self.updates
+    }
+
+    /// P(y = 1 | x) with the current weights.
+    pub fn predict(&self, x: &[f64]) -> f64 {
+        self.weights().predict(x)
+    }
+
+    /// Learns one example with label `y` (0 or 1).
+    pub fn learn(&mut self, x: &[f64], y: f64) {
+        if let Some(s) = self.scaler.as_mut() {
+            s.learn(x);
+        }
+        let x = scale(self.scaler.as_ref(), x);
+        let raw = dot(&self.weights, &x) + self.intercept;
+        let loss_gradient = sigmoid(raw) - y;
+        self.intercept -= self.intercept_lr * loss_gradient;
+        match &mut self.optimizer {
+            Optimizer::Sgd { learning_rate, l2 } => {
+                for (w, xi) in self.weights.iter_mut().zip(&x) {
+                    let g = loss_gradient * xi + *l2 * *w;
+                    *w -= *learning_rate * g;
+                }
+            }
+            Optimizer::Ftrl {
+                alpha,
+                beta,
+                l1,
+                l2,
+                z,
+                n,
+            } => {
+                for i in 0..x.len() {
+                    if z[i].abs() > *l1 {
+                        self.weights[i] =
+                            -(z[i] - z[i].signum() * *l1) / ((*beta + n[i].sqrt()) / *alpha + *l2);
+                    }
+                    let g = loss_gradient * x[i];
+                    let s = ((n[i] + g * g).sqrt() - n[i].sqrt()) / *alpha;
+                    z[i] += g - s * self.weights[i];
+                    n[i] += g * g;
+                }
+            }
+        }
+        self.updates += 1;
+    }
+
+    /// What a serving replica predicts with.
+    pub fn weights(&self) -> Weights {
+        let (mean, std, scaled_count) = match &self.scaler {
+            Some(s) => (
+                s.mean.clone(),
+                s.var.iter().map(|v| v.sqrt()).collect(),
+                s.count,
+            ),
+            None => (Vec::new(), Vec::new(), 0.0),
+        };
+        Weights {
+            version: self.updates,
+            mean,
+            std,
+            scaled_count,
+            weights: self.weights.clone(),
+            intercept: self.intercept,
+        }
+    }
+}
+
+/// A snapshot of a learner's weights: what every serving replica predicts with.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Weights {
+    /// Examples learned when it was taken.
+    pub version: u64,
+    /// The scaler's means (empty: inputs are not scaled).
+    pub mean: Vec<f64>,
+    /// The scaler's standard deviations.
+    pub std: Vec<f64>,
+    /// Examples the scaler has seen.
+    #[serde(default)]
+    pub scaled_count: f64,
+    /// One weight per input.
+    pub weights: Vec<f64>,
+    /// The intercept.
+    pub intercept: f64,
+}
+
+impl Weights {
+    /// Zero weights over `d` inputs (every prediction 0.5).
+    pub fn zero(d: usize, scaled: bool) -> Weights {
+        Weights {
+            version: 0,
+            mean: if scaled { vec![0.0; d] } else { Vec::new() },
+            std: if scaled { vec![0.0; d] } else { Vec::new() },
+            scaled_count: 0.0,
+            weights: vec![0.0; d],
+            intercept: 0.0,
+        }
+    }
+
+    /// P(y = 1 | x).
+    pub fn predict(&self, x: &[f64]) -> f64 {
+        let mut raw = self.intercept;
+        for (i, (&xi, w)) in x.iter().zip(&self.weights).enumerate() {
+            let xi = match (self.mean.get(i), self.std.get(i)) {
+                (Some(m), Some(&s)) if s > 0.0 => (xi - m) / s,
+                (Some(_), Some(_)) => 0.0,
+                _ => xi,
+            };
+            raw += w * xi;
+        }
+        sigmoid(raw)
+    }
+
+    /// P(y = 1 | x) for a row of FP32 inputs.
+    pub fn predict_f32(&self, x: &[f32]) -> f64 {
+        let x: Vec<f64> = x.iter().map(|&v| f64::from(v)).collect();
+        self.predict(&x)
+    }
+}
+
+fn scale(s: Option<&Scaler>, x: &[f64]) -> Vec<f64> {
+    match s {
+        None => x.to_vec(),
+        Some(s) => x
+            .iter()
+            .zip(s.mean.iter().zip(&s.var))
+            .map(|(xi, (m, v))| if *v > 0.0 { (xi - m) / v.sqrt() } else { 0.0 })
+            .collect(),
+    }
+}
+
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// The logistic function, without overflow for large |z|.
+fn sigmoid(z: f64) -> f64 {
+    if z >= 0.0 {
+        1.0 / (1.0 + (-z).exp())
+    } else {
+        let e = z.exp();
+        e / (1.0 + e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(toml_text: &str) -> LearnerConfig {
+        toml::from_str(toml_text).expect("learner config")
+    }
+
+    #[test]
+    fn sgd_without_scaling_is_the_textbook_update() {
+        let c =
+            config("algorithm = \"sgd\"\nlearning_rate = 0.5\nscale = false\nintercept_lr = 0.5");
+        let mut l = Learner::new(&c, 2);
+        assert!((l.predict(&[1.0, 2.0]) - 0.5).abs() < 1e-12);
+        l.learn(&[1.0, 2.0], 1.0);
+        // g = 0.5 - 1 = -0.5: w = 0.25 * x, b = 0.25.
+        let w = l.weights();
+        assert_eq!(w.weights, vec![0.25, 0.5]);
+        assert_eq!(w.intercept, 0.25);
+        assert_eq!(w.version, 1);
+        let raw: f64 = 0.25 + 0.25 + 1.0;
+        assert!((l.predict(&[1.0, 2.0]) - 1.0 / (1.0 + (-raw).exp())).abs() < 1e-12);
+    }
+
+    #[test]
+    fn ftrl_learns_a_separable_stream_and_serves_what_it_learned() {
+        let c = config("algorithm = \"ftrl\"");
+        let mut l = Learner::new(&c, 2);
+        let mut correct = 0;
+        for t in 0..2000 {
+            let x = [f64::from(t % 7) - 3.0, f64::from(t % 5) - 2.0];
+            let y = if x[0] + x[1] > 0.0 { 1.0 } else { 0.0 };
+            if t >= 1000 && (l.predict(&x) > 0.5) == (y == 1.0) {
+                correct += 1;
+            }
+            l.learn(&x, y);
+        }
+        assert!(correct > 900, "{correct} of 1000");
+        let w = l.weights();
+        let x = [2.0, 1.0];
+        assert!((w.predict(&x) - l.predict(&x)).abs() < 1e-12);
+        let warm = Learner::from_weights(&c, &w);
+        assert!((warm.predict(&x) - l.predict(&x)).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_constant_input_scales_to_zero() {
+        let c = config("algorithm = \"sgd\"");
+        let mut l = Learner::new(&c, 1);
+        for _ in 0..10 {
+            l.learn(&[3.0], 1.0);
+        }
+        assert_eq!(l.weights().std, vec![0.0]);
+        assert!(l.predict(&[100.0]) > 0.5);
+    }
+}
