@@ -10,6 +10,7 @@
 mod bench;
 mod features;
 mod http;
+mod learn;
 mod procs;
 mod soak;
 mod up;
@@ -80,6 +81,9 @@ enum Command {
     },
     /// Measure throughput and latency (see README, "Benchmarks").
     Bench(bench::BenchArgs),
+    /// Run the learner of a learning model (joins its predictions with feedback, learns,
+    /// publishes weights), or print its state with --status.
+    Learn(learn::LearnArgs),
     /// Load and inspect the feature store a feature-lookup step reads.
     Features {
         #[command(subcommand)]
@@ -209,5 +213,6 @@ async fn run(
         }
         Command::Bench(args) => bench::run(deployment, args).await,
         Command::Features { action } => features::run(&deployment, action).await,
+        Command::Learn(args) => learn::run(deployment, args).await,
     }
 }

@@ -238,7 +238,20 @@ pub async fn run(
     }
     let mut stack = Stack::default();
     let workers = worker_processes(&deployment, &only, per_step)?;
-    let result = start_and_wait(&deployment, config_path.as_deref(), &workers, &mut stack).await;
+    let learners: Vec<String> = deployment
+        .config
+        .models
+        .iter()
+        .filter(|(name, m)| m.learner.is_some() && (only.is_empty() || only.contains(name)))
+        .map(|(name, _)| name.clone())
+        .collect();
+    let result = start_and_wait(
+        &deployment,
+        config_path.as_deref(),
+        (&workers, &learners),
+        &mut stack,
+    )
+    .await;
     stack
         .stop(deployment.config.worker.drain_timeout + Duration::from_secs(5))
         .await;
@@ -250,7 +263,7 @@ pub async fn run(
 async fn start_and_wait(
     deployment: &Deployment,
     config_path: Option<&Path>,
-    worker_specs: &[WorkerProcess],
+    (worker_specs, learners): (&[WorkerProcess], &[String]),
     stack: &mut Stack,
 ) -> anyhow::Result<()> {
     let cfg = &deployment.config;
@@ -345,6 +358,20 @@ async fn start_and_wait(
             ready_urls.push(format!("http://{addr}/health/ready"));
             port += 1;
         }
+    }
+    // One learner per learning model (a single writer of its weights).
+    for name in learners {
+        let addr = SocketAddr::new(base.ip(), port);
+        let args = [
+            "learn".to_string(),
+            "--model".into(),
+            name.clone(),
+            "--metrics-listen".into(),
+            addr.to_string(),
+        ];
+        stack.spawn_supervised(&format!("learner {name}"), component(&args))?;
+        ready_urls.push(format!("http://{addr}/health/ready"));
+        port += 1;
     }
     for url in &ready_urls {
         wait_http_ready(&client, url, stack, Duration::from_secs(90)).await?;

@@ -382,6 +382,11 @@ impl Deployment {
         for (name, m) in &self.config.models {
             topics.push(spec(self.topics.requests(name), m.partitions, true));
             topics.push(spec(self.topics.results(name), m.partitions, false));
+            if m.learner.is_some() {
+                topics.push(spec(self.topics.predictions(name), 1, false));
+                topics.push(spec(self.topics.feedback(name), 1, false));
+                topics.push(spec(self.topics.weights(name), 1, false));
+            }
         }
         for g in self.graphs.values() {
             let mut names = vec![

@@ -52,6 +52,26 @@ pub fn consumer_config(cfg: &Config, group: &str, client_id: &str) -> ClientConf
     c
 }
 
+/// Consumer settings for a reader that assigns itself partitions and keeps its own positions
+/// (no group membership, no commits): a learner's inputs, a replica following weights.
+/// `wait` bounds how long the broker holds a fetch (tansu answers only when it passes).
+pub fn reader_config(cfg: &Config, client_id: &str, wait: Duration) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &cfg.kafka.brokers)
+        .set("client.id", client_id)
+        .set("group.id", format!("{}.reader", cfg.kafka.topic_prefix))
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("socket.nagle.disable", "true")
+        .set("fetch.min.bytes", "1")
+        .set("fetch.error.backoff.ms", "10")
+        .set("fetch.queue.backoff.ms", "10");
+    apply(&mut c, &cfg.kafka.client);
+    c.set("fetch.wait.max.ms", wait.as_millis().max(1).to_string());
+    c
+}
+
 fn apply(c: &mut ClientConfig, overrides: &std::collections::BTreeMap<String, String>) {
     for (k, v) in overrides {
         c.set(k, v);

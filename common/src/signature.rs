@@ -217,7 +217,8 @@ mod tests {
 
     fn model() -> ModelConfig {
         ModelConfig {
-            onnx: "m.onnx".into(),
+            onnx: Some("m.onnx".into()),
+            learner: None,
             version: "1".into(),
             inputs: vec![
                 TensorSpec {

@@ -47,6 +47,21 @@ impl Topics {
         format!("{}.{graph}.comparisons", self.prefix)
     }
 
+    /// A learning model's logged answers: `<prefix>.<model>.predictions`.
+    pub fn predictions(&self, model: &str) -> String {
+        format!("{}.{model}.predictions", self.prefix)
+    }
+
+    /// Feedback on a model's answers: `<prefix>.<model>.feedback`.
+    pub fn feedback(&self, model: &str) -> String {
+        format!("{}.{model}.feedback", self.prefix)
+    }
+
+    /// A learning model's published weights, newest last: `<prefix>.<model>.weights`.
+    pub fn weights(&self, model: &str) -> String {
+        format!("{}.{model}.weights", self.prefix)
+    }
+
     /// Records no step could process: `<prefix>.dead-letter`.
     pub fn dead_letter(&self) -> String {
         format!("{}.dead-letter", self.prefix)
@@ -76,6 +91,9 @@ mod tests {
         assert_eq!(t.step("g", "vote"), "sluice.g.vote.requests");
         assert_eq!(t.comparisons("g"), "sluice.g.comparisons");
         assert_eq!(t.dead_letter(), "sluice.dead-letter");
+        assert_eq!(t.predictions("sea"), "sluice.sea.predictions");
+        assert_eq!(t.feedback("sea"), "sluice.sea.feedback");
+        assert_eq!(t.weights("sea"), "sluice.sea.weights");
         assert_eq!(t.group("g.vote"), "sluice.g.vote");
         assert_eq!(t.unit_group("cpu"), "sluice.unit:cpu");
     }

@@ -200,7 +200,8 @@ async fn infer_inner(gw: &Arc<Gateway>, name: &str, req: Request) -> Result<Infe
     let encoded = oip::encode_response(
         name,
         &result.model_version,
-        parsed.id.as_deref(),
+        // The caller's id, or Sluice's own: feedback names the answer by it.
+        Some(parsed.id.as_deref().unwrap_or(&id)),
         result
             .parameters
             .iter()

@@ -6,6 +6,7 @@
 
 pub mod correlator;
 pub mod error;
+mod feedback;
 mod health;
 mod infer;
 pub mod publish;

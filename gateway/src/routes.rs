@@ -28,6 +28,10 @@ pub(crate) fn router(gw: Arc<Gateway>) -> Router {
         .route("/v2/models/{model}/stats", get(model_stats))
         .route("/v2/models/{model}/infer", post(infer))
         .route(
+            "/v2/models/{model}/feedback",
+            post(crate::feedback::feedback),
+        )
+        .route(
             "/v2/models/{model}/versions/{version}",
             get(model_metadata_v),
         )
@@ -52,7 +56,7 @@ async fn server_metadata() -> Json<Value> {
     Json(json!({
         "name": "sluice",
         "version": env!("CARGO_PKG_VERSION"),
-        "extensions": ["binary_tensor_data", "model_configuration", "statistics", "parameters"]
+        "extensions": ["binary_tensor_data", "model_configuration", "statistics", "parameters", "sluice_feedback"]
     }))
 }
 

@@ -8,4 +8,4 @@ mod join;
 mod model;
 
 pub use join::{Feedback, Join, JoinCounts, Outcome, Prediction};
-pub use model::{Learner, Weights};
+pub use model::{Learner, Weights, WeightsRecord};

@@ -195,6 +195,18 @@ impl Learner {
     }
 }
 
+/// Weights as published on `<prefix>.<model>.weights` (JSON, keyed by the model), and as a
+/// `warm_start` file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WeightsRecord {
+    /// The model.
+    pub model: String,
+    /// When the learner published it (ms since the epoch).
+    pub time_ms: i64,
+    /// The weights.
+    pub weights: Weights,
+}
+
 /// A snapshot of a learner's weights: what every serving replica predicts with.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Weights {

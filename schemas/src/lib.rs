@@ -11,6 +11,7 @@ pub mod binary;
 pub mod codec;
 pub mod envelope;
 pub mod error;
+pub mod learning;
 pub mod oip;
 pub mod tensor;
 

@@ -247,6 +247,10 @@ pub(crate) async fn run_batch(
         .map(|j| {
             let mut input = std::mem::take(&mut j.input);
             input.deadline_ms = j.request.deadline_ms;
+            // The id the caller was answered with (its own, or Sluice's).
+            input
+                .id
+                .clone_from(j.request.client_id.as_ref().unwrap_or(&j.request.id));
             if !j.request.parameters.is_empty() {
                 input.parameters = j.request.parameters.clone();
             }

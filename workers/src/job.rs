@@ -20,6 +20,8 @@ pub struct Source {
 /// One job's input: tensors under the names the step reads them by.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct StepInput {
+    /// The request's id (set when its batch runs), for steps that log what they answered.
+    pub id: String,
     /// The tensors, batch dimension first.
     pub tensors: Vec<Tensor>,
     /// Outputs the caller asked for (empty: all).

@@ -137,7 +137,8 @@ mod tests {
 
     fn model() -> ModelConfig {
         ModelConfig {
-            onnx: "x".into(),
+            onnx: Some("x".into()),
+            learner: None,
             version: "1".into(),
             inputs: vec![TensorSpec {
                 name: "x".into(),

@@ -59,6 +59,10 @@ pub struct LearnerConfig {
     /// Serve the weights but stop learning (feedback is still joined and counted).
     #[serde(default)]
     pub frozen: bool,
+    /// Learn only the first this many examples, then serve frozen: a static baseline trained
+    /// on the start of the stream.
+    #[serde(default)]
+    pub freeze_after: Option<u64>,
 }
 
 impl LearnerConfig {
@@ -148,11 +152,6 @@ pub(super) fn problems(key: &str, m: &super::ModelConfig) -> Vec<String> {
             ));
         }
     }
-    if m.partitions != 1 {
-        p.push(format!(
-            "{key}.partitions: a learner's topics have one partition (one learner writes its weights)"
-        ));
-    }
     for (name, d) in [
         ("window", l.window),
         ("snapshot_every", l.snapshot_every),
@@ -176,4 +175,41 @@ pub(super) fn problems(key: &str, m: &super::ModelConfig) -> Vec<String> {
         p.push(format!("{key}.learner.no_feedback_label: must be 0 or 1"));
     }
     p
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn problems_of(model: &str) -> Vec<String> {
+        let m: super::super::ModelConfig = toml::from_str(model).unwrap();
+        problems("models.m", &m)
+    }
+
+    const IO: &str = "max_batch_size = 8\ninputs = [{ name = \"x\", datatype = \"FP32\", shape = [-1, 3] }]\noutputs = [{ name = \"probability\", datatype = \"FP32\", shape = [-1, 1] }]\n";
+
+    #[test]
+    fn a_model_is_a_file_or_a_learner_and_a_learner_reads_one_dense_row() {
+        assert!(problems_of(&format!("{IO}learner = {{ algorithm = \"ftrl\" }}")).is_empty());
+        assert!(problems_of(IO)[0].contains("set `onnx`"));
+        let both = problems_of(&format!(
+            "onnx = \"m.onnx\"\n{IO}learner = {{ algorithm = \"sgd\" }}"
+        ));
+        assert!(both[0].contains("not both"), "{both:?}");
+        let wide = IO.replace("[-1, 3]", "[-1, -1]");
+        let p = problems_of(&format!("{wide}learner = {{ algorithm = \"sgd\" }}"));
+        assert!(p[0].contains("one FP32 input"), "{p:?}");
+        let odd = IO.replace("probability", "score");
+        let p = problems_of(&format!("{odd}learner = {{ algorithm = \"sgd\" }}"));
+        assert!(p[0].contains("outputs.score"), "{p:?}");
+        let p = problems_of(&format!(
+            "{IO}learner = {{ algorithm = \"sgd\", learning_rate = 0, window = \"0s\", no_feedback_label = 0.5 }}"
+        ));
+        assert_eq!(p.len(), 3, "{p:?}");
+        let typo: Result<super::super::ModelConfig, _> = toml::from_str(&format!(
+            "{IO}learner = {{ algorithm = \"sgd\", alpah = 1 }}"
+        ));
+        assert!(typo.unwrap_err().to_string().contains("alpah"));
+    }
 }

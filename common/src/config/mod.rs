@@ -638,7 +638,7 @@ outputs = [{ name = "label", datatype = "INT64", shape = [-1] }]
         );
         let m = &c.models["mlp"];
         assert_eq!(m.max_delay, Duration::from_millis(2));
-        assert_eq!(m.onnx, f.path().parent().unwrap().join("mlp.onnx"));
+        assert_eq!(m.onnx, Some(f.path().parent().unwrap().join("mlp.onnx")));
         assert_eq!(m.inputs[0].datatype, DataType::Fp32);
     }
 

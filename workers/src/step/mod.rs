@@ -14,6 +14,7 @@ mod encode;
 mod features;
 mod http;
 mod image;
+pub mod learner;
 mod model;
 mod postgres;
 pub mod registry;
@@ -45,6 +46,11 @@ fn build(deployment: &Deployment, unit: &Unit) -> Result<Arc<dyn Step>, BuildErr
     match unit {
         Unit::Model(name) => {
             let model = deployment.model(name).ok_or_else(unknown)?;
+            if model.learner.is_some() {
+                return Ok(Arc::new(learner::LearnerStep::new(
+                    name, model, deployment,
+                )?));
+            }
             Ok(Arc::new(ModelStep::load(name, model)?))
         }
         Unit::Step { graph, step } => {

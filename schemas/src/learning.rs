@@ -1,0 +1,228 @@
+//! The online-learning records: feedback (`avro/feedback.avsc`) and logged predictions
+//! (`avro/prediction.avsc`), single-object encoded like the envelopes.
+
+use std::sync::OnceLock;
+
+use apache_avro::types::Value;
+
+use crate::codec::SchemaSet;
+use crate::error::CodecError;
+
+/// Feedback's Avro schema (JSON), as shipped in `schemas/avro/feedback.avsc`.
+pub const FEEDBACK_SCHEMA: &str = include_str!("../avro/feedback.avsc");
+/// A logged prediction's Avro schema (JSON), as shipped in `schemas/avro/prediction.avsc`.
+pub const PREDICTION_SCHEMA: &str = include_str!("../avro/prediction.avsc");
+
+/// Feedback on an earlier answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FeedbackRecord {
+    /// The answer's request id.
+    pub id: String,
+    /// The model that answered.
+    pub model: String,
+    /// The true label.
+    pub truth: Option<f64>,
+    /// A reward in [0, 1].
+    pub reward: Option<f64>,
+    /// When it was sent (ms since the epoch).
+    pub time_ms: i64,
+}
+
+/// A learning model's answer, logged for its learner.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PredictionRecord {
+    /// The request id.
+    pub id: String,
+    /// The model that answered.
+    pub model: String,
+    /// The weights it answered with.
+    pub weights_version: i64,
+    /// The input row.
+    pub features: Vec<f64>,
+    /// P(y = 1).
+    pub probability: f64,
+    /// When it answered (ms since the epoch).
+    pub time_ms: i64,
+}
+
+fn schemas(json: &'static str, cell: &'static OnceLock<SchemaSet>) -> &'static SchemaSet {
+    cell.get_or_init(|| match SchemaSet::new(json) {
+        Ok(s) => s,
+        // The schema is compiled in and parsed by a unit test: this cannot fail at run time.
+        Err(e) => panic!("shipped schema does not parse: {e}"),
+    })
+}
+
+fn feedback_schemas() -> &'static SchemaSet {
+    static CELL: OnceLock<SchemaSet> = OnceLock::new();
+    schemas(FEEDBACK_SCHEMA, &CELL)
+}
+
+fn prediction_schemas() -> &'static SchemaSet {
+    static CELL: OnceLock<SchemaSet> = OnceLock::new();
+    schemas(PREDICTION_SCHEMA, &CELL)
+}
+
+fn optional(v: Option<f64>) -> Value {
+    match v {
+        None => Value::Union(0, Box::new(Value::Null)),
+        Some(x) => Value::Union(1, Box::new(Value::Double(x))),
+    }
+}
+
+/// Encodes feedback as a single-object Avro record.
+pub fn encode_feedback(f: &FeedbackRecord) -> Result<Vec<u8>, CodecError> {
+    feedback_schemas().encode(Value::Record(vec![
+        ("id".into(), Value::String(f.id.clone())),
+        ("model".into(), Value::String(f.model.clone())),
+        ("truth".into(), optional(f.truth)),
+        ("reward".into(), optional(f.reward)),
+        ("time_ms".into(), Value::Long(f.time_ms)),
+    ]))
+}
+
+/// Encodes a logged prediction as a single-object Avro record.
+pub fn encode_prediction(p: &PredictionRecord) -> Result<Vec<u8>, CodecError> {
+    prediction_schemas().encode(Value::Record(vec![
+        ("id".into(), Value::String(p.id.clone())),
+        ("model".into(), Value::String(p.model.clone())),
+        ("weights_version".into(), Value::Long(p.weights_version)),
+        (
+            "features".into(),
+            Value::Array(p.features.iter().map(|&x| Value::Double(x)).collect()),
+        ),
+        ("probability".into(), Value::Double(p.probability)),
+        ("time_ms".into(), Value::Long(p.time_ms)),
+    ]))
+}
+
+/// The fields of a decoded record, by name.
+struct Fields(Vec<(String, Value)>);
+
+impl Fields {
+    fn of(v: Value) -> Result<Fields, CodecError> {
+        match v {
+            Value::Record(f) => Ok(Fields(f)),
+            _ => Err(CodecError::Field("record")),
+        }
+    }
+
+    fn take(&mut self, name: &'static str) -> Result<Value, CodecError> {
+        let at = self
+            .0
+            .iter()
+            .position(|(n, _)| n == name)
+            .ok_or(CodecError::Field(name))?;
+        Ok(self.0.swap_remove(at).1)
+    }
+
+    fn string(&mut self, name: &'static str) -> Result<String, CodecError> {
+        match self.take(name)? {
+            Value::String(s) => Ok(s),
+            _ => Err(CodecError::Field(name)),
+        }
+    }
+
+    fn long(&mut self, name: &'static str) -> Result<i64, CodecError> {
+        match self.take(name)? {
+            Value::Long(x) => Ok(x),
+            _ => Err(CodecError::Field(name)),
+        }
+    }
+
+    fn double(&mut self, name: &'static str) -> Result<f64, CodecError> {
+        match self.take(name)? {
+            Value::Double(x) => Ok(x),
+            _ => Err(CodecError::Field(name)),
+        }
+    }
+
+    fn optional(&mut self, name: &'static str) -> Result<Option<f64>, CodecError> {
+        match self.take(name)? {
+            Value::Union(_, v) => match *v {
+                Value::Null => Ok(None),
+                Value::Double(x) => Ok(Some(x)),
+                _ => Err(CodecError::Field(name)),
+            },
+            _ => Err(CodecError::Field(name)),
+        }
+    }
+}
+
+/// Decodes a single-object feedback record.
+pub fn decode_feedback(bytes: &[u8]) -> Result<FeedbackRecord, CodecError> {
+    let mut f = Fields::of(feedback_schemas().decode(bytes, None)?)?;
+    Ok(FeedbackRecord {
+        id: f.string("id")?,
+        model: f.string("model")?,
+        truth: f.optional("truth")?,
+        reward: f.optional("reward")?,
+        time_ms: f.long("time_ms")?,
+    })
+}
+
+/// Decodes a single-object prediction record.
+pub fn decode_prediction(bytes: &[u8]) -> Result<PredictionRecord, CodecError> {
+    let mut f = Fields::of(prediction_schemas().decode(bytes, None)?)?;
+    let features = match f.take("features")? {
+        Value::Array(xs) => xs
+            .into_iter()
+            .map(|x| match x {
+                Value::Double(v) => Ok(v),
+                _ => Err(CodecError::Field("features")),
+            })
+            .collect::<Result<Vec<f64>, _>>()?,
+        _ => return Err(CodecError::Field("features")),
+    };
+    Ok(PredictionRecord {
+        id: f.string("id")?,
+        model: f.string("model")?,
+        weights_version: f.long("weights_version")?,
+        features,
+        probability: f.double("probability")?,
+        time_ms: f.long("time_ms")?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn records_round_trip() {
+        for f in [
+            FeedbackRecord {
+                id: "r1".into(),
+                model: "sea".into(),
+                truth: Some(1.0),
+                reward: None,
+                time_ms: 5,
+            },
+            FeedbackRecord {
+                id: "r2".into(),
+                model: "sea".into(),
+                truth: None,
+                reward: Some(0.25),
+                time_ms: 6,
+            },
+        ] {
+            assert_eq!(decode_feedback(&encode_feedback(&f).unwrap()).unwrap(), f);
+        }
+        let p = PredictionRecord {
+            id: "r1".into(),
+            model: "sea".into(),
+            weights_version: 42,
+            features: vec![1.5, -2.0, 3.25],
+            probability: 0.75,
+            time_ms: 7,
+        };
+        let bytes = encode_prediction(&p).unwrap();
+        assert_eq!(&bytes[..2], &[0xC3, 0x01]);
+        assert_eq!(decode_prediction(&bytes).unwrap(), p);
+        assert!(
+            decode_feedback(&bytes).is_err(),
+            "a prediction is not feedback"
+        );
+    }
+}
