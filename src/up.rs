@@ -559,6 +559,11 @@ fn print_banner(cfg: &Config, config_path: Option<&Path>) {
             );
         }
     }
+    for (name, _) in cfg.models.iter().filter(|(_, m)| m.learner.is_some()) {
+        println!(
+            "  curl -s -X POST http://{gw}/v2/models/{name}/feedback -d '{{\"id\": \"<an answer's id>\", \"truth\": 1}}'   # feedback; sluice learn --model {name} --status"
+        );
+    }
     println!(
         "  curl -s http://{gw}/v2/models/{}   # metadata",
         cfg.models

@@ -308,9 +308,11 @@ async fn a_learner_killed_under_load_loses_nothing_and_counts_nothing_twice() {
             }
         }));
     }
-    while sent.load(std::sync::atomic::Ordering::Relaxed) < EVENTS / 3 {
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    // Killed once it has checkpointed part of the stream.
+    wait_status(&stack, "sea", "a first checkpoint", |s| {
+        s["next"][0].as_u64() > Some(0)
+    })
+    .await;
     stack.signal(learner, "KILL");
     stack.wait_exit(learner, std::time::Duration::from_secs(5));
     // What the killed learner had saved: part of the stream, the rest to be re-read.

@@ -17,15 +17,19 @@ use crate::topics::{TopicSpec, Topics};
 pub enum ServableKind {
     /// An ONNX model.
     Model,
+    /// A model learned from feedback while it serves.
+    Learner,
     /// A graph of steps.
     Graph,
 }
 
 impl ServableKind {
-    /// The platform reported in metadata (`onnxruntime_onnx` or `sluice_graph`).
+    /// The platform reported in metadata (`onnxruntime_onnx`, `sluice_learner` or
+    /// `sluice_graph`).
     pub fn platform(self) -> &'static str {
         match self {
             ServableKind::Model => "onnxruntime_onnx",
+            ServableKind::Learner => "sluice_learner",
             ServableKind::Graph => "sluice_graph",
         }
     }
@@ -115,7 +119,11 @@ impl Deployment {
             .map(|(name, m)| {
                 let s = Servable {
                     signature: m.signature(),
-                    kind: ServableKind::Model,
+                    kind: if m.learner.is_some() {
+                        ServableKind::Learner
+                    } else {
+                        ServableKind::Model
+                    },
                     partitions: m.partitions,
                 };
                 (name.clone(), s)
