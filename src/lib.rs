@@ -11,6 +11,7 @@ mod bench;
 mod features;
 mod http;
 mod learn;
+mod models;
 mod procs;
 mod soak;
 mod up;
@@ -84,6 +85,11 @@ enum Command {
     /// Run the learner of a learning model (joins its predictions with feedback, learns,
     /// publishes weights), or print its state with --status.
     Learn(learn::LearnArgs),
+    /// Hot-swap model versions while serving.
+    Models {
+        #[command(subcommand)]
+        action: models::ModelsAction,
+    },
     /// Load and inspect the feature store a feature-lookup step reads.
     Features {
         #[command(subcommand)]
@@ -214,5 +220,6 @@ async fn run(
         Command::Bench(args) => bench::run(deployment, args).await,
         Command::Features { action } => features::run(&deployment, action).await,
         Command::Learn(args) => learn::run(deployment, args).await,
+        Command::Models { action } => models::run(&deployment, action).await,
     }
 }

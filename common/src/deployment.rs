@@ -306,6 +306,23 @@ impl Deployment {
         self.servables.get(name)
     }
 
+    /// Serves `push`: its model's ONNX file and version become the pushed ones (in metadata
+    /// too). False when the config has no such ONNX model.
+    pub fn apply_push(&mut self, push: &crate::control::ModelPush) -> bool {
+        let Some(m) = self.config.models.get_mut(&push.model) else {
+            return false;
+        };
+        if m.learner.is_some() {
+            return false;
+        }
+        m.onnx = Some(push.onnx.clone());
+        m.version.clone_from(&push.version);
+        if let Some(s) = self.servables.get_mut(&push.model) {
+            s.signature.version.clone_from(&push.version);
+        }
+        true
+    }
+
     /// The model called `name`.
     pub fn model(&self, name: &str) -> Option<&ModelConfig> {
         self.config.models.get(name)
@@ -386,7 +403,10 @@ impl Deployment {
             partitions,
             purgeable,
         };
-        let mut topics = vec![spec(self.topics.dead_letter(), 1, false)];
+        let mut topics = vec![
+            spec(self.topics.dead_letter(), 1, false),
+            spec(self.topics.control(), 1, false),
+        ];
         for (name, m) in &self.config.models {
             topics.push(spec(self.topics.requests(name), m.partitions, true));
             topics.push(spec(self.topics.results(name), m.partitions, false));

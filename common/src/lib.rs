@@ -4,6 +4,7 @@
 
 // In dependency order: each module uses only those above it.
 pub mod config;
+pub mod control;
 pub mod deployment;
 pub mod graph;
 pub mod hash;

@@ -62,6 +62,11 @@ impl Topics {
         format!("{}.{model}.weights", self.prefix)
     }
 
+    /// Model versions pushed while serving: `<prefix>.control`.
+    pub fn control(&self) -> String {
+        format!("{}.control", self.prefix)
+    }
+
     /// Records no step could process: `<prefix>.dead-letter`.
     pub fn dead_letter(&self) -> String {
         format!("{}.dead-letter", self.prefix)

@@ -10,6 +10,7 @@ mod feedback;
 mod health;
 mod infer;
 pub mod publish;
+mod repository;
 mod routes;
 mod servable;
 mod stats;

@@ -32,6 +32,14 @@ pub(crate) fn router(gw: Arc<Gateway>) -> Router {
             post(crate::feedback::feedback),
         )
         .route(
+            "/v2/repository/models/{model}/load",
+            post(crate::repository::load),
+        )
+        .route(
+            "/v2/repository/models/{model}/unload",
+            post(crate::repository::unload),
+        )
+        .route(
             "/v2/models/{model}/versions/{version}",
             get(model_metadata_v),
         )
@@ -56,7 +64,7 @@ async fn server_metadata() -> Json<Value> {
     Json(json!({
         "name": "sluice",
         "version": env!("CARGO_PKG_VERSION"),
-        "extensions": ["binary_tensor_data", "model_configuration", "statistics", "parameters", "sluice_feedback"]
+        "extensions": ["binary_tensor_data", "model_configuration", "statistics", "parameters", "model_repository", "sluice_feedback"]
     }))
 }
 

@@ -68,16 +68,86 @@ pub struct Ops {
 /// `POST /admin/reload` to change graph routing (canary shares, shadows, router rules, join
 /// settings) without a restart.
 pub async fn run(
-    deployment: Deployment,
+    mut deployment: Deployment,
     unit: &WorkerUnit,
     config_path: Option<PathBuf>,
     ops: Ops,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), WorkerError> {
+    // Serve the newest pushed version of each model from the first request on.
+    let control = deployment.topics.control();
+    let (cfg, topic) = (deployment.config.clone(), control.clone());
+    let read =
+        tokio::task::spawn_blocking(move || sluice_common::control::read_all(&cfg, &topic)).await;
+    let follow_from = match read {
+        Ok(Ok((pushes, next))) => {
+            apply_pushes(&mut deployment, unit, pushes).await;
+            Some(next)
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, topic = %control, "control topic not readable: pushed model versions will not reach this worker");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "reading the control topic failed");
+            None
+        }
+    };
     let mut worker = Worker::start(&deployment, unit, config_path, ops).await?;
+    if let Some(start) = follow_from {
+        let served = worker.served_models();
+        if !served.is_empty() {
+            let name = format!("{}#{}", unit.name, std::process::id());
+            worker.background.push(tokio::spawn(crate::swap::follow(
+                deployment.config.clone(),
+                control,
+                start,
+                served,
+                name,
+            )));
+        }
+    }
     worker.serve(shutdown).await?;
     worker.drain().await;
     Ok(())
+}
+
+/// Serves, for each ONNX model of `unit`, the newest pushed version that loads (a push that
+/// failed to load everywhere, or whose file is gone, is passed over for the one before it).
+async fn apply_pushes(
+    deployment: &mut Deployment,
+    unit: &WorkerUnit,
+    pushes: Vec<sluice_common::control::ModelPush>,
+) {
+    let mut settled = std::collections::HashSet::new();
+    for push in pushes.into_iter().rev() {
+        if settled.contains(&push.model) {
+            continue;
+        }
+        let Some(model) = deployment.model(&push.model) else {
+            continue;
+        };
+        if model.onnx.is_none() || !unit.members.contains(&Unit::Model(push.model.clone())) {
+            continue;
+        }
+        let mut candidate = model.clone();
+        candidate.onnx = Some(push.onnx.clone());
+        let loads = tokio::task::spawn_blocking(move || {
+            crate::backend::OrtBackend::load(&candidate).map(|_| ())
+        })
+        .await;
+        match loads {
+            Ok(Ok(())) => {
+                deployment.apply_push(&push);
+                tracing::info!(model = %push.model, version = %push.version, "serving the pushed version");
+                settled.insert(push.model.clone());
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(model = %push.model, version = %push.version, error = %e, "pushed version does not load; trying the one before");
+            }
+            Err(e) => tracing::warn!(error = %e, "loading a pushed version failed"),
+        }
+    }
 }
 
 /// One step pool inside a worker: its step, its pipeline (batcher → executor → delivery), its
@@ -242,6 +312,27 @@ struct Worker<'a> {
 }
 
 impl<'a> Worker<'a> {
+    /// The ONNX models this worker serves, for pushes to swap.
+    fn served_models(&self) -> HashMap<String, crate::swap::Served> {
+        self.lanes
+            .iter()
+            .filter_map(|lane| {
+                let Unit::Model(name) = &lane.unit else {
+                    return None;
+                };
+                let config = self.deployment.model(name)?;
+                config.onnx.as_ref()?;
+                Some((
+                    name.clone(),
+                    crate::swap::Served {
+                        config: config.clone(),
+                        slot: Arc::clone(&lane.step),
+                    },
+                ))
+            })
+            .collect()
+    }
+
     /// Connects to Kafka and Redis, serves ops, builds each lane's step and pipeline.
     // Long on purpose: the worker's start-up in order (clients, ops server, lanes, quirks,
     // background tasks); each piece takes what the earlier ones made.

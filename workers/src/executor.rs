@@ -212,7 +212,7 @@ pub(crate) async fn run_batch(
 ) -> Vec<Completion> {
     let finisher = Finisher {
         unit: &unit.name,
-        version: &unit.version,
+        version: step.version().unwrap_or(&unit.version),
         model: unit.model,
         metrics: wm,
     };

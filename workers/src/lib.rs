@@ -35,6 +35,7 @@ mod reply;
 mod runner;
 mod sink;
 pub mod step;
+mod swap;
 mod tasks;
 mod telemetry;
 

@@ -50,6 +50,15 @@ pub struct Config {
     /// consumer. None declared: `sluice up` runs everything in one unit, `all`.
     #[serde(default)]
     pub units: BTreeMap<String, UnitConfig>,
+    /// Where pushed model versions are stored (`sluice models push`, the repository API's
+    /// `load` with a file): `<model_store>/<model>/<version>.onnx`, read by every worker, so on
+    /// several machines a shared volume.
+    #[serde(default = "default_model_store")]
+    pub model_store: PathBuf,
+}
+
+fn default_model_store() -> PathBuf {
+    PathBuf::from(".sluice/models")
 }
 
 /// A deployment unit: the steps one worker process serves through one consumer (one group,

@@ -12,6 +12,7 @@ use crate::pool::InferencePool;
 /// A loaded model.
 pub struct ModelStep {
     pool: InferencePool,
+    version: String,
 }
 
 impl ModelStep {
@@ -23,11 +24,16 @@ impl ModelStep {
         tracing::info!(model = %name, threads = model.threads, onnx = ?model.onnx, "model loaded");
         Ok(ModelStep {
             pool: InferencePool::start(name, model, backends)?,
+            version: model.version.clone(),
         })
     }
 }
 
 impl Step for ModelStep {
+    fn version(&self) -> Option<&str> {
+        Some(&self.version)
+    }
+
     fn run(&self, batch: Vec<StepInput>) -> BoxFuture<'_, Vec<StepResult>> {
         Box::pin(async move {
             self.pool

@@ -58,6 +58,12 @@ pub trait Step: Send + Sync {
     fn warm(&self) -> BoxFuture<'_, ()> {
         Box::pin(async {})
     }
+
+    /// The version its answers report, when the step has its own (a model loaded from a pushed
+    /// version); otherwise the unit's.
+    fn version(&self) -> Option<&str> {
+        None
+    }
 }
 
 /// Why a unit's step could not be built.

@@ -1,0 +1,169 @@
+//! Model hot-swap: a worker follows the control topic and, for each push of a model it serves,
+//! loads the new ONNX file, checks it (declared inputs and outputs, one warm-up inference), and
+//! only then swaps it in: batches already running finish on the old session, the next batch
+//! runs on the new one, so no request sees a mix. A push that fails to load or to run leaves
+//! the old version serving. Each worker reports the outcome in Redis for the pusher.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use sluice_common::control::{ModelPush, PushReport, report_key};
+use sluice_common::{Config, ModelConfig};
+use sluice_schemas::Tensor;
+
+use crate::executor::StepSlot;
+use crate::step::{ModelStep, Step, StepInput};
+
+/// How long the broker holds a control fetch: a push waits at most this to be seen.
+const CONTROL_FETCH_WAIT: Duration = Duration::from_millis(500);
+/// How long a push's reports are kept.
+const REPORT_TTL_S: i64 = 3600;
+
+/// A model this worker serves: its declaration and where its step lives.
+pub(crate) struct Served {
+    pub(crate) config: ModelConfig,
+    pub(crate) slot: StepSlot,
+}
+
+/// Follows the control topic from `start` until the process ends, swapping in every push of
+/// the models in `served`.
+pub(crate) async fn follow(
+    cfg: Config,
+    topic: String,
+    start: i64,
+    mut served: HashMap<String, Served>,
+    worker: String,
+) {
+    let client = format!("sluice-swap-{}", std::process::id());
+    let consumer: StreamConsumer = match sluice_common::kafka::reader_config(
+        &cfg,
+        &client,
+        CONTROL_FETCH_WAIT,
+    )
+    .create()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot follow the control topic; pushes will not reach this worker");
+            return;
+        }
+    };
+    let mut tpl = TopicPartitionList::new();
+    let assigned = tpl
+        .add_partition_offset(&topic, 0, Offset::Offset(start))
+        .and_then(|()| consumer.assign(&tpl));
+    if let Err(e) = assigned {
+        tracing::error!(error = %e, %topic, "cannot follow the control topic");
+        return;
+    }
+    let redis = redis::Client::open(cfg.redis.url.as_str());
+    let mut redis = match redis {
+        Ok(c) => redis::aio::ConnectionManager::new(c).await.ok(),
+        Err(_) => None,
+    };
+    loop {
+        let msg = match consumer.recv().await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, %topic, "reading the control topic");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        let Some(push) = msg
+            .payload()
+            .and_then(|p| serde_json::from_slice::<ModelPush>(p).ok())
+        else {
+            tracing::warn!(%topic, offset = msg.offset(), "skipped a control record that is not a push");
+            continue;
+        };
+        let Some(model) = served.get_mut(&push.model) else {
+            continue;
+        };
+        let report = swap(model, &push).await;
+        if let Some(r) = redis.as_mut() {
+            let key = report_key(&cfg, &push.id);
+            let value = serde_json::to_string(&report).unwrap_or_default();
+            let written: redis::RedisResult<()> = redis::pipe()
+                .hset(&key, &worker, value)
+                .expire(&key, REPORT_TTL_S)
+                .query_async(r)
+                .await;
+            if let Err(e) = written {
+                tracing::warn!(error = %e, "push report not written");
+            }
+        }
+    }
+}
+
+/// Loads, checks and swaps in `push` for `model`; the report says how it went.
+async fn swap(model: &mut Served, push: &ModelPush) -> PushReport {
+    let mut next = model.config.clone();
+    next.onnx = Some(push.onnx.clone());
+    next.version.clone_from(&push.version);
+    let name = push.model.clone();
+    let loading = next.clone();
+    let built = tokio::task::spawn_blocking(move || ModelStep::load(&name, &loading)).await;
+    let step = match built {
+        Ok(Ok(step)) => step,
+        Ok(Err(e)) => return failed(model, push, &format!("load failed: {e}")),
+        Err(e) => return failed(model, push, &format!("load failed: {e}")),
+    };
+    if let Err(e) = warm_up(&step, &next).await {
+        return failed(model, push, &format!("check failed: {e}"));
+    }
+    *model.slot.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(step);
+    model.config = next;
+    tracing::info!(model = %push.model, version = %push.version, onnx = %push.onnx.display(), "model version swapped in");
+    PushReport {
+        ok: true,
+        serving: push.version.clone(),
+        message: format!("serving version {}", push.version),
+    }
+}
+
+fn failed(model: &Served, push: &ModelPush, why: &str) -> PushReport {
+    tracing::warn!(model = %push.model, version = %push.version, error = why, "pushed version not served; the old one keeps serving");
+    PushReport {
+        ok: false,
+        serving: model.config.version.clone(),
+        message: format!(
+            "version {} of '{}' not served ({why}); version {} keeps serving",
+            push.version, push.model, model.config.version
+        ),
+    }
+}
+
+/// One inference on zeros (one row of each declared input), so the new session has run once
+/// and runs at all before it takes requests. Models with BYTES inputs skip it.
+async fn warm_up(step: &ModelStep, model: &ModelConfig) -> Result<(), String> {
+    let mut tensors = Vec::new();
+    for spec in &model.inputs {
+        let Some(size) = spec.datatype.element_size() else {
+            return Ok(());
+        };
+        let shape: Vec<i64> = spec.shape.iter().map(|&d| d.max(1)).collect();
+        let count: i64 = shape.iter().product();
+        let bytes = usize::try_from(count).unwrap_or(0) * size;
+        tensors.push(Tensor {
+            name: spec.name.clone(),
+            datatype: spec.datatype,
+            shape,
+            data: vec![0; bytes],
+        });
+    }
+    let results = step
+        .run(vec![StepInput {
+            tensors,
+            ..Default::default()
+        }])
+        .await;
+    match results.into_iter().next() {
+        Some(Ok(_)) => Ok(()),
+        Some(Err(e)) => Err(e.message),
+        None => Err("no result".into()),
+    }
+}
