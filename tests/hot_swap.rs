@@ -87,17 +87,7 @@ async fn versions_swap_under_load_with_no_failed_request_and_no_mixed_answer() {
 
     // Version 2 (logreg's file) by `sluice models push`: served once the command returns.
     let logreg = root().join("examples/models/logreg.onnx");
-    let out = stack
-        .sluice(&[
-            "models",
-            "push",
-            "mlp",
-            logreg.to_str().unwrap(),
-            "--version",
-            "2",
-        ])
-        .output()
-        .unwrap();
+    let out = push(&stack, &logreg, "2");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -110,17 +100,7 @@ async fn versions_swap_under_load_with_no_failed_request_and_no_mixed_answer() {
     // A file that is not a model: refused, named, and version 2 keeps serving.
     let junk = stack.dir.path().join("junk.onnx");
     std::fs::write(&junk, b"not a model").unwrap();
-    let out = stack
-        .sluice(&[
-            "models",
-            "push",
-            "mlp",
-            junk.to_str().unwrap(),
-            "--version",
-            "5",
-        ])
-        .output()
-        .unwrap();
+    let out = push(&stack, &junk, "5");
     assert!(!out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -161,17 +141,7 @@ async fn versions_swap_under_load_with_no_failed_request_and_no_mixed_answer() {
     assert_eq!(r.status, 404);
     // Rolling back is pushing the earlier file: version 4 is mlp's again.
     let mlp = root().join("examples/models/mlp.onnx");
-    let out = stack
-        .sluice(&[
-            "models",
-            "push",
-            "mlp",
-            mlp.to_str().unwrap(),
-            "--version",
-            "4",
-        ])
-        .output()
-        .unwrap();
+    let out = push(&stack, &mlp, "4");
     assert!(
         out.status.success(),
         "{}",
@@ -214,6 +184,21 @@ async fn versions_swap_under_load_with_no_failed_request_and_no_mixed_answer() {
         }
         assert!(Instant::now() < end, "no answer after the restart");
     }
+}
+
+/// `sluice models push mlp FILE --version VERSION`, waited for.
+fn push(stack: &Stack, file: &std::path::Path, version: &str) -> std::process::Output {
+    stack
+        .sluice(&[
+            "models",
+            "push",
+            "mlp",
+            file.to_str().unwrap(),
+            "--version",
+            version,
+        ])
+        .output()
+        .unwrap()
 }
 
 /// Standard base64 (the repository API's file encoding).

@@ -19,16 +19,10 @@ fn learners_predict_what_river_predicts_on_phishing() {
     let Some(python) = venv_python(".venv") else {
         return;
     };
-    let out = std::process::Command::new(python)
-        .arg(root().join("tests/learning/river_phishing.py"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = stdout_of(
+        std::process::Command::new(python).arg(root().join("tests/learning/river_phishing.py")),
     );
-    let d: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let d: Value = serde_json::from_slice(&out).unwrap();
     let rows: Vec<Vec<f64>> = serde_json::from_value(d["rows"].clone()).unwrap();
     let labels: Vec<f64> = serde_json::from_value(d["labels"].clone()).unwrap();
     assert_eq!(rows.len(), 1250);
@@ -373,19 +367,14 @@ async fn an_online_learner_recovers_from_drift_and_a_frozen_one_does_not() {
     start_learner(&mut stack, "sea");
     start_learner(&mut stack, "sea-frozen");
     let gateway = stack.gateway.trim_start_matches("http://").to_string();
-    let out = std::process::Command::new(python)
-        .arg(root().join("examples/sea_drift.py"))
-        .args([
-            "--url", &gateway, "--events", "3000", "--drift", "1500", "--plot", "", "--json",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = stdout_of(
+        std::process::Command::new(python)
+            .arg(root().join("examples/sea_drift.py"))
+            .args([
+                "--url", &gateway, "--events", "3000", "--drift", "1500", "--plot", "", "--json",
+            ]),
     );
-    let t: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let t: Value = serde_json::from_slice(&out).unwrap();
     println!("{t}");
     let acc = |window: &str, model: &str| t[window][model].as_f64().unwrap();
     assert!(acc("before", "sea") > 0.88, "{t}");

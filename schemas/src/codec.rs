@@ -272,32 +272,45 @@ pub fn result_to_value(r: &InferenceResult) -> Value {
 }
 
 /// Named fields of a decoded record.
-struct Fields(HashMap<String, Value>);
+pub(crate) struct Fields(HashMap<String, Value>);
 
 impl Fields {
-    fn of(v: Value, what: &'static str) -> Result<Fields, CodecError> {
+    pub(crate) fn of(v: Value, what: &'static str) -> Result<Fields, CodecError> {
         match v {
             Value::Record(fields) => Ok(Fields(fields.into_iter().collect())),
             _ => Err(CodecError::Field(what)),
         }
     }
-    fn take(&mut self, name: &'static str) -> Result<Value, CodecError> {
+    pub(crate) fn take(&mut self, name: &'static str) -> Result<Value, CodecError> {
         self.0.remove(name).ok_or(CodecError::Field(name))
     }
-    fn string(&mut self, name: &'static str) -> Result<String, CodecError> {
+    pub(crate) fn string(&mut self, name: &'static str) -> Result<String, CodecError> {
         match self.take(name)? {
             Value::String(s) => Ok(s),
             _ => Err(CodecError::Field(name)),
         }
     }
-    fn long(&mut self, name: &'static str) -> Result<i64, CodecError> {
+    pub(crate) fn long(&mut self, name: &'static str) -> Result<i64, CodecError> {
         match self.take(name)? {
             Value::Long(n) => Ok(n),
             Value::Int(n) => Ok(n.into()),
             _ => Err(CodecError::Field(name)),
         }
     }
-    fn opt(&mut self, name: &'static str) -> Result<Option<Value>, CodecError> {
+    pub(crate) fn double(&mut self, name: &'static str) -> Result<f64, CodecError> {
+        match self.take(name)? {
+            Value::Double(x) => Ok(x),
+            _ => Err(CodecError::Field(name)),
+        }
+    }
+    pub(crate) fn opt_double(&mut self, name: &'static str) -> Result<Option<f64>, CodecError> {
+        match self.opt(name)? {
+            None => Ok(None),
+            Some(Value::Double(x)) => Ok(Some(x)),
+            Some(_) => Err(CodecError::Field(name)),
+        }
+    }
+    pub(crate) fn opt(&mut self, name: &'static str) -> Result<Option<Value>, CodecError> {
         match self.take(name)? {
             Value::Union(_, inner) => match *inner {
                 Value::Null => Ok(None),
@@ -326,7 +339,7 @@ impl Fields {
             _ => Err(CodecError::Field(name)),
         }
     }
-    fn array(&mut self, name: &'static str) -> Result<Vec<Value>, CodecError> {
+    pub(crate) fn array(&mut self, name: &'static str) -> Result<Vec<Value>, CodecError> {
         match self.take(name)? {
             Value::Array(a) => Ok(a),
             _ => Err(CodecError::Field(name)),

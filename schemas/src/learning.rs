@@ -5,7 +5,7 @@ use std::sync::OnceLock;
 
 use apache_avro::types::Value;
 
-use crate::codec::SchemaSet;
+use crate::codec::{Fields, SchemaSet};
 use crate::error::CodecError;
 
 /// Feedback's Avro schema (JSON), as shipped in `schemas/avro/feedback.avsc`.
@@ -96,84 +96,29 @@ pub fn encode_prediction(p: &PredictionRecord) -> Result<Vec<u8>, CodecError> {
     ]))
 }
 
-/// The fields of a decoded record, by name.
-struct Fields(Vec<(String, Value)>);
-
-impl Fields {
-    fn of(v: Value) -> Result<Fields, CodecError> {
-        match v {
-            Value::Record(f) => Ok(Fields(f)),
-            _ => Err(CodecError::Field("record")),
-        }
-    }
-
-    fn take(&mut self, name: &'static str) -> Result<Value, CodecError> {
-        let at = self
-            .0
-            .iter()
-            .position(|(n, _)| n == name)
-            .ok_or(CodecError::Field(name))?;
-        Ok(self.0.swap_remove(at).1)
-    }
-
-    fn string(&mut self, name: &'static str) -> Result<String, CodecError> {
-        match self.take(name)? {
-            Value::String(s) => Ok(s),
-            _ => Err(CodecError::Field(name)),
-        }
-    }
-
-    fn long(&mut self, name: &'static str) -> Result<i64, CodecError> {
-        match self.take(name)? {
-            Value::Long(x) => Ok(x),
-            _ => Err(CodecError::Field(name)),
-        }
-    }
-
-    fn double(&mut self, name: &'static str) -> Result<f64, CodecError> {
-        match self.take(name)? {
-            Value::Double(x) => Ok(x),
-            _ => Err(CodecError::Field(name)),
-        }
-    }
-
-    fn optional(&mut self, name: &'static str) -> Result<Option<f64>, CodecError> {
-        match self.take(name)? {
-            Value::Union(_, v) => match *v {
-                Value::Null => Ok(None),
-                Value::Double(x) => Ok(Some(x)),
-                _ => Err(CodecError::Field(name)),
-            },
-            _ => Err(CodecError::Field(name)),
-        }
-    }
-}
-
 /// Decodes a single-object feedback record.
 pub fn decode_feedback(bytes: &[u8]) -> Result<FeedbackRecord, CodecError> {
-    let mut f = Fields::of(feedback_schemas().decode(bytes, None)?)?;
+    let mut f = Fields::of(feedback_schemas().decode(bytes, None)?, "feedback")?;
     Ok(FeedbackRecord {
         id: f.string("id")?,
         model: f.string("model")?,
-        truth: f.optional("truth")?,
-        reward: f.optional("reward")?,
+        truth: f.opt_double("truth")?,
+        reward: f.opt_double("reward")?,
         time_ms: f.long("time_ms")?,
     })
 }
 
 /// Decodes a single-object prediction record.
 pub fn decode_prediction(bytes: &[u8]) -> Result<PredictionRecord, CodecError> {
-    let mut f = Fields::of(prediction_schemas().decode(bytes, None)?)?;
-    let features = match f.take("features")? {
-        Value::Array(xs) => xs
-            .into_iter()
-            .map(|x| match x {
-                Value::Double(v) => Ok(v),
-                _ => Err(CodecError::Field("features")),
-            })
-            .collect::<Result<Vec<f64>, _>>()?,
-        _ => return Err(CodecError::Field("features")),
-    };
+    let mut f = Fields::of(prediction_schemas().decode(bytes, None)?, "prediction")?;
+    let features = f
+        .array("features")?
+        .into_iter()
+        .map(|x| match x {
+            Value::Double(v) => Ok(v),
+            _ => Err(CodecError::Field("features")),
+        })
+        .collect::<Result<Vec<f64>, _>>()?;
     Ok(PredictionRecord {
         id: f.string("id")?,
         model: f.string("model")?,

@@ -343,6 +343,17 @@ pub fn venv_python(venv: &str) -> Option<PathBuf> {
     None
 }
 
+/// Runs `cmd` to its end; fails the test with its stderr unless it succeeded; returns stdout.
+pub fn stdout_of(cmd: &mut Command) -> Vec<u8> {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
 /// Writes `examples/digits.toml` with each (from, to) replacement applied and `extra` appended,
 /// model paths made absolute, to `target/test-configs/<name>.toml`; returns its path.
 pub fn config_variant(name: &str, replacements: &[(&str, &str)], extra: &str) -> PathBuf {
