@@ -23,7 +23,7 @@ use sluice_learn::{Feedback, Join, JoinCounts, Learner, Outcome, Prediction, Wei
 use sluice_schemas::learning::{decode_feedback, decode_prediction};
 
 /// How long the broker holds a fetch of the learner's inputs (tansu answers only then).
-const FETCH_WAIT: Duration = Duration::from_millis(20);
+const FETCH_WAIT: Duration = Duration::from_millis(50);
 /// How often the clock-driven work runs: window ends, snapshots, checkpoints.
 const TICK: Duration = Duration::from_millis(20);
 

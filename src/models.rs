@@ -57,7 +57,7 @@ pub async fn run(deployment: &Deployment, action: ModelsAction) -> anyhow::Resul
         Duration::ZERO,
     )
     .create()?;
-    control::publish(&producer, deployment, &push).await?;
+    control::publish(&producer, &mut redis, deployment, &push).await?;
     let reports =
         control::reports(&mut redis, cfg, &push.id, wait, Duration::from_millis(700)).await?;
     let mut out = std::io::stdout();

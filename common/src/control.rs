@@ -53,13 +53,33 @@ pub enum PushError {
     Redis(#[from] redis::RedisError),
 }
 
+/// The Redis channel a push is announced on, so workers read the control topic only then
+/// (an idle worker costs the broker no fetches for it).
+pub fn channel(cfg: &Config) -> String {
+    format!("{}:control", cfg.redis.key_prefix)
+}
+
 /// Where the workers report on push `id`.
 pub fn report_key(cfg: &Config, id: &str) -> String {
     format!("{}:push:{id}", cfg.redis.key_prefix)
 }
 
-/// Writes `push` to the control topic (acknowledged).
+/// Writes `push` to the control topic (acknowledged), then announces it on Redis.
 pub async fn publish(
+    producer: &FutureProducer,
+    redis: &mut redis::aio::ConnectionManager,
+    deployment: &Deployment,
+    push: &ModelPush,
+) -> Result<(), PushError> {
+    use redis::AsyncCommands;
+    write(producer, deployment, push).await?;
+    let _: i64 = redis
+        .publish(channel(&deployment.config), &push.id)
+        .await?;
+    Ok(())
+}
+
+async fn write(
     producer: &FutureProducer,
     deployment: &Deployment,
     push: &ModelPush,

@@ -85,7 +85,7 @@ pub(crate) async fn load(
             PushRefused::Store(e) => ApiError::BadRequest(format!("the model file: {e}")),
             PushRefused::Failed(e) => ApiError::Unavailable(e.to_string()),
         })?;
-    control::publish(&gw.publisher.producer(), &gw.deployment, &push)
+    control::publish(&gw.publisher.producer(), &mut redis, &gw.deployment, &push)
         .await
         .map_err(|e| ApiError::Unavailable(e.to_string()))?;
     let reports = control::reports(&mut redis, &cfg, &push.id, REPORTS_WITHIN, REPORTS_SETTLE)

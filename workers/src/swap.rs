@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::consumer::{Consumer, StreamConsumer};
+use futures::StreamExt;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use sluice_common::control::{ModelPush, PushReport, report_key};
 use sluice_common::{Config, ModelConfig};
@@ -17,8 +18,11 @@ use sluice_schemas::Tensor;
 use crate::executor::StepSlot;
 use crate::step::{ModelStep, Step, StepInput};
 
-/// How long the broker holds a control fetch: a push waits at most this to be seen.
-const CONTROL_FETCH_WAIT: Duration = Duration::from_millis(500);
+/// How long the broker holds a control fetch while the worker catches up.
+const CONTROL_FETCH_WAIT: Duration = Duration::from_millis(100);
+/// How often the control topic is read without an announcement (one missed while Redis was
+/// away, say).
+const CATCH_UP_EVERY: Duration = Duration::from_secs(30);
 /// How long a push's reports are kept.
 const REPORT_TTL_S: i64 = 3600;
 
@@ -29,7 +33,8 @@ pub(crate) struct Served {
 }
 
 /// Follows the control topic from `start` until the process ends, swapping in every push of
-/// the models in `served`.
+/// the models in `served`. The topic is read when a push is announced on Redis (and every
+/// `CATCH_UP_EVERY`); in between its partition is paused, so an idle worker fetches nothing.
 pub(crate) async fn follow(
     cfg: Config,
     topic: String,
@@ -38,65 +43,124 @@ pub(crate) async fn follow(
     worker: String,
 ) {
     let client = format!("sluice-swap-{}", std::process::id());
-    let consumer: StreamConsumer = match sluice_common::kafka::reader_config(
-        &cfg,
-        &client,
-        CONTROL_FETCH_WAIT,
-    )
-    .create()
-    {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot follow the control topic; pushes will not reach this worker");
-            return;
-        }
-    };
+    let consumer: StreamConsumer =
+        match sluice_common::kafka::reader_config(&cfg, &client, CONTROL_FETCH_WAIT).create() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot follow the control topic; pushes will not reach this worker");
+                return;
+            }
+        };
     let mut tpl = TopicPartitionList::new();
     let assigned = tpl
         .add_partition_offset(&topic, 0, Offset::Offset(start))
-        .and_then(|()| consumer.assign(&tpl));
+        .and_then(|()| consumer.assign(&tpl))
+        .and_then(|()| consumer.pause(&tpl));
     if let Err(e) = assigned {
         tracing::error!(error = %e, %topic, "cannot follow the control topic");
         return;
     }
-    let redis = redis::Client::open(cfg.redis.url.as_str());
-    let mut redis = match redis {
-        Ok(c) => redis::aio::ConnectionManager::new(c).await.ok(),
-        Err(_) => None,
+    let consumer = Arc::new(consumer);
+    let Ok(client) = redis::Client::open(cfg.redis.url.as_str()) else {
+        tracing::error!("cannot follow the control topic: bad Redis URL");
+        return;
     };
+    let mut redis = redis::aio::ConnectionManager::new(client.clone()).await.ok();
+    let channel = sluice_common::control::channel(&cfg);
+    let mut announcements = subscribe(&client, &channel).await;
+    let mut next = start;
+    let mut safety = tokio::time::interval(CATCH_UP_EVERY);
+    safety.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let msg = match consumer.recv().await {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!(error = %e, %topic, "reading the control topic");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
+        match announcements.as_mut() {
+            Some(sub) => {
+                let mut messages = sub.on_message();
+                tokio::select! {
+                    m = messages.next() => {
+                        if m.is_none() {
+                            drop(messages);
+                            tracing::warn!(%channel, "control announcements lost; resubscribing");
+                            announcements = None;
+                        }
+                    }
+                    _ = safety.tick() => {}
+                }
             }
-        };
-        let Some(push) = msg
-            .payload()
-            .and_then(|p| serde_json::from_slice::<ModelPush>(p).ok())
-        else {
-            tracing::warn!(%topic, offset = msg.offset(), "skipped a control record that is not a push");
-            continue;
-        };
-        let Some(model) = served.get_mut(&push.model) else {
-            continue;
-        };
-        let report = swap(model, &push).await;
-        if let Some(r) = redis.as_mut() {
-            let key = report_key(&cfg, &push.id);
-            let value = serde_json::to_string(&report).unwrap_or_default();
-            let written: redis::RedisResult<()> = redis::pipe()
-                .hset(&key, &worker, value)
-                .expire(&key, REPORT_TTL_S)
-                .query_async(r)
-                .await;
-            if let Err(e) = written {
-                tracing::warn!(error = %e, "push report not written");
+            None => {
+                safety.tick().await;
+                announcements = subscribe(&client, &channel).await;
+            }
+        }
+        for push in catch_up(&consumer, &tpl, &topic, &mut next).await {
+            let Some(model) = served.get_mut(&push.model) else {
+                continue;
+            };
+            let report = swap(model, &push).await;
+            if let Some(r) = redis.as_mut() {
+                let key = report_key(&cfg, &push.id);
+                let value = serde_json::to_string(&report).unwrap_or_default();
+                let written: redis::RedisResult<()> = redis::pipe()
+                    .hset(&key, &worker, value)
+                    .expire(&key, REPORT_TTL_S)
+                    .query_async(r)
+                    .await;
+                if let Err(e) = written {
+                    tracing::warn!(error = %e, "push report not written");
+                }
             }
         }
     }
+}
+
+async fn subscribe(client: &redis::Client, channel: &str) -> Option<redis::aio::PubSub> {
+    let mut sub = client.get_async_pubsub().await.ok()?;
+    sub.subscribe(channel).await.ok()?;
+    Some(sub)
+}
+
+/// Reads the control topic from `next` to its end (resuming the paused partition meanwhile);
+/// returns the pushes read.
+async fn catch_up(
+    consumer: &Arc<StreamConsumer>,
+    tpl: &TopicPartitionList,
+    topic: &str,
+    next: &mut i64,
+) -> Vec<ModelPush> {
+    let (c, t) = (Arc::clone(consumer), topic.to_string());
+    let high = match tokio::task::spawn_blocking(move || {
+        c.fetch_watermarks(&t, 0, Duration::from_secs(5))
+    })
+    .await
+    {
+        Ok(Ok((_, high))) => high,
+        _ => return Vec::new(),
+    };
+    let mut pushes = Vec::new();
+    if high <= *next || consumer.resume(tpl).is_err() {
+        return pushes;
+    }
+    while *next < high {
+        let msg = match tokio::time::timeout(Duration::from_secs(5), consumer.recv()).await {
+            Ok(Ok(m)) => m,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, %topic, "reading the control topic");
+                break;
+            }
+            Err(_) => break,
+        };
+        *next = msg.offset() + 1;
+        match msg
+            .payload()
+            .and_then(|p| serde_json::from_slice::<ModelPush>(p).ok())
+        {
+            Some(p) => pushes.push(p),
+            None => tracing::warn!(%topic, offset = msg.offset(), "skipped a control record that is not a push"),
+        }
+    }
+    if let Err(e) = consumer.pause(tpl) {
+        tracing::warn!(error = %e, %topic, "control partition not paused");
+    }
+    pushes
 }
 
 /// Loads, checks and swaps in `push` for `model`; the report says how it went.
