@@ -19,7 +19,9 @@ use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 use sluice_common::Deployment;
 use sluice_common::config::LearnerConfig;
-use sluice_learn::{Feedback, Join, JoinCounts, Learner, Outcome, Prediction, WeightsRecord};
+use sluice_learn::{
+    Feedback, Join, JoinCounts, Learner, Outcome, PageHinkley, Prediction, WeightsRecord,
+};
 use sluice_schemas::learning::{decode_feedback, decode_prediction};
 
 /// How long the broker holds a fetch of the learner's inputs (tansu answers only then).
@@ -50,11 +52,15 @@ struct State {
     /// Next offsets to read: predictions, feedback.
     next: [i64; 2],
     counts: LearnCounts,
+    /// Watches the served error rate.
+    #[serde(default)]
+    drift: PageHinkley,
 }
 
 /// What the learner did with what it read (with the join's counts, in the checkpoint and
 /// printed by `sluice learn --model M --status`).
 #[derive(Debug, Default, Clone, Copy, Serialize, Deserialize)]
+#[serde(default)]
 struct LearnCounts {
     /// Examples learned from feedback.
     learned: u64,
@@ -68,6 +74,8 @@ struct LearnCounts {
     undecodable: u64,
     /// Weights snapshots published.
     snapshots: u64,
+    /// Rises of the served error rate (Page-Hinkley, River's defaults).
+    drifts: u64,
 }
 
 /// The checkpoint as `sluice learn --status` and tests read it.
@@ -271,6 +279,7 @@ fn fresh(settings: &LearnerConfig, dims: usize) -> anyhow::Result<State> {
         ),
         next: [0, 0],
         counts: LearnCounts::default(),
+        drift: PageHinkley::default(),
     })
 }
 
@@ -292,9 +301,17 @@ fn learn(state: &mut State, settings: &LearnerConfig, outcomes: Vec<Outcome>) {
             Outcome::Joined(p, f) => {
                 let y = f.truth.or(f.reward);
                 if let Some(truth) = f.truth {
+                    let right = (p.probability > 0.5) == (truth > 0.5);
                     state.counts.served_judged += 1;
-                    state.counts.served_correct +=
-                        u64::from((p.probability > 0.5) == (truth > 0.5));
+                    state.counts.served_correct += u64::from(right);
+                    if state.drift.update(if right { 0.0 } else { 1.0 }) {
+                        state.counts.drifts += 1;
+                        tracing::warn!(
+                            judged = state.counts.served_judged,
+                            drifts = state.counts.drifts,
+                            "drift: the served error rate rose"
+                        );
+                    }
                 }
                 (p, y, true)
             }
@@ -379,7 +396,7 @@ type Shown = (metrics::Gauge, fn(&State) -> u64);
 /// The learner's metrics.
 struct Metrics {
     version: metrics::Gauge,
-    outcomes: [Shown; 8],
+    outcomes: [Shown; 9],
 }
 
 impl Metrics {
@@ -398,6 +415,7 @@ impl Metrics {
                     s.counts.learned + s.counts.learned_no_feedback
                 }),
                 (gauge("served_correct"), |s| s.counts.served_correct),
+                (gauge("drift"), |s| s.counts.drifts),
             ],
         }
     }

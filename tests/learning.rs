@@ -10,7 +10,7 @@ mod common;
 use common::*;
 use serde_json::Value;
 use sluice_common::config::LearnerConfig;
-use sluice_learn::Learner;
+use sluice_learn::{Direction, Learner, PageHinkley};
 
 /// Progressive validation (predict, then learn) on River's Phishing rows, in River's order:
 /// every prediction within 1e-9 of River's, so accuracy agrees to the example.
@@ -52,6 +52,31 @@ fn learners_predict_what_river_predicts_on_phishing() {
         );
         assert_eq!(ours_right, river_right);
     }
+}
+
+/// Page-Hinkley against River's on seeded error streams (a rise, a rise then a fall, none):
+/// drift reported at the same events, in both directions and upward only.
+#[test]
+fn drift_is_detected_where_river_detects_it() {
+    let Some(python) = venv_python(".venv") else {
+        return;
+    };
+    let out = stdout_of(
+        std::process::Command::new(python).arg(root().join("tests/learning/river_drift.py")),
+    );
+    let streams: Vec<Value> = serde_json::from_slice(&out).unwrap();
+    let mut detections = 0;
+    for s in &streams {
+        let xs: Vec<f64> = serde_json::from_value(s["values"].clone()).unwrap();
+        for (mode, direction) in [("both", Direction::Both), ("up", Direction::Up)] {
+            let river: Vec<usize> = serde_json::from_value(s[mode].clone()).unwrap();
+            let mut d = PageHinkley::new(direction);
+            let ours: Vec<usize> = (0..xs.len()).filter(|&i| d.update(xs[i])).collect();
+            assert_eq!(ours, river, "mode {mode}");
+            detections += ours.len();
+        }
+    }
+    assert!(detections >= 3, "the streams' changes are detected");
 }
 
 fn sea_config(name: &str, replacements: &[(&str, &str)], extra: &str) -> std::path::PathBuf {
@@ -386,4 +411,10 @@ async fn an_online_learner_recovers_from_drift_and_a_frozen_one_does_not() {
         acc("recovering", "sea-frozen") < acc("recovering", "sea") - 0.08,
         "frozen should stay wrong after the change: {t}"
     );
+    // The frozen model's served error rose for good: its learner reports drift.
+    let s = wait_status(&stack, "sea-frozen", "drift reported", |s| {
+        s["learned"]["served_judged"] == 3000
+    })
+    .await;
+    assert!(s["learned"]["drifts"].as_u64().unwrap() >= 1, "{s}");
 }

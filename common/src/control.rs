@@ -73,9 +73,7 @@ pub async fn publish(
 ) -> Result<(), PushError> {
     use redis::AsyncCommands;
     write(producer, deployment, push).await?;
-    let _: i64 = redis
-        .publish(channel(&deployment.config), &push.id)
-        .await?;
+    let _: i64 = redis.publish(channel(&deployment.config), &push.id).await?;
     Ok(())
 }
 

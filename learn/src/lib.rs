@@ -2,10 +2,14 @@
 //! (FTRL-Proximal or SGD, optionally after an online standard scaler), the weights a serving
 //! replica predicts with, and the join of logged predictions with their later feedback.
 //!
+//! A Page-Hinkley detector watches the served error rate for drift.
+//!
 //! The learner process (`sluice learn`) feeds these from Kafka; workers serve [`Weights`].
 
+mod drift;
 mod join;
 mod model;
 
+pub use drift::{Direction, PageHinkley};
 pub use join::{Feedback, Join, JoinCounts, Outcome, Prediction};
 pub use model::{Learner, Weights, WeightsRecord};

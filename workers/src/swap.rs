@@ -8,8 +8,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::consumer::{Consumer, StreamConsumer};
 use futures::StreamExt;
+use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use sluice_common::control::{ModelPush, PushReport, report_key};
 use sluice_common::{Config, ModelConfig};
@@ -43,14 +43,19 @@ pub(crate) async fn follow(
     worker: String,
 ) {
     let client = format!("sluice-swap-{}", std::process::id());
-    let consumer: StreamConsumer =
-        match sluice_common::kafka::reader_config(&cfg, &client, CONTROL_FETCH_WAIT).create() {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot follow the control topic; pushes will not reach this worker");
-                return;
-            }
-        };
+    let consumer: StreamConsumer = match sluice_common::kafka::reader_config(
+        &cfg,
+        &client,
+        CONTROL_FETCH_WAIT,
+    )
+    .create()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot follow the control topic; pushes will not reach this worker");
+            return;
+        }
+    };
     let mut tpl = TopicPartitionList::new();
     let assigned = tpl
         .add_partition_offset(&topic, 0, Offset::Offset(start))
@@ -65,7 +70,9 @@ pub(crate) async fn follow(
         tracing::error!("cannot follow the control topic: bad Redis URL");
         return;
     };
-    let mut redis = redis::aio::ConnectionManager::new(client.clone()).await.ok();
+    let mut redis = redis::aio::ConnectionManager::new(client.clone())
+        .await
+        .ok();
     let channel = sluice_common::control::channel(&cfg);
     let mut announcements = subscribe(&client, &channel).await;
     let mut next = start;
@@ -154,7 +161,9 @@ async fn catch_up(
             .and_then(|p| serde_json::from_slice::<ModelPush>(p).ok())
         {
             Some(p) => pushes.push(p),
-            None => tracing::warn!(%topic, offset = msg.offset(), "skipped a control record that is not a push"),
+            None => {
+                tracing::warn!(%topic, offset = msg.offset(), "skipped a control record that is not a push")
+            }
         }
     }
     if let Err(e) = consumer.pause(tpl) {
