@@ -7,7 +7,9 @@ The threshold is 7 (SEA variant 2) until the change point, then 9.5 (variant 3),
 learned before the change is wrong on a band of inputs after it. Generated here, seeded.
 
 Each event is answered by both models, then its true label is sent as feedback (as a client
-learning the outcome would). Usage (the stack from `deploy/up.sh examples/sea.toml` running):
+learning the outcome would). With River installed (it is in .venv), River's own
+StandardScaler | LogisticRegression(SGD(0.05)) runs on the same stream in this process, predict
+then learn with no delay, as a third column: what the served learner is to be compared with. Usage (the stack from `deploy/up.sh examples/sea.toml` running):
 
     .venv/bin/python examples/sea_drift.py [--events 10000] [--drift 5000] [--plot sea.png]
 """
@@ -59,6 +61,21 @@ def event(client, x, y):
     return labels
 
 
+def river_run(events):
+    """River's online pipeline on the same events (None without River)."""
+    try:
+        from river import linear_model, optim, preprocessing
+    except ImportError:
+        return None
+    model = preprocessing.StandardScaler() | linear_model.LogisticRegression(optim.SGD(0.05))
+    out = []
+    for x, y in events:
+        row = {i: v for i, v in enumerate(x)}
+        out.append(int(model.predict_proba_one(row).get(True, 0.0) > 0.5) == y)
+        model.learn_one(row, bool(y))
+    return [int(c) for c in out]
+
+
 def windows(drift, n):
     """Before the change, right after it, recovering, well after."""
     return [
@@ -78,16 +95,18 @@ def plot(path, correct, drift, width=800, height=400):
     pad, span = 40, 200
 
     def xy(t, acc):
-        return pad + (width - 2 * pad) * t / max(1, n - 1), height - pad - (height - 2 * pad) * (acc - 0.5) / 0.5
+        return pad + (width - 2 * pad) * t / max(1, n - 1), height - pad - (height - 2 * pad) * acc
 
     d.rectangle([pad, pad, width - pad, height - pad], outline="black")
+    for acc in (0.0, 0.5, 1.0):
+        d.text((5, xy(0, acc)[1] - 6), f"{acc:.1f}", fill="black")
     dx = xy(drift, 0.5)[0]
     d.line([dx, pad, dx, height - pad], fill="gray")
-    for m, colour in zip(MODELS, ("blue", "red")):
+    for k, (m, colour) in enumerate(zip(correct, ("blue", "red", "green"))):
         c = correct[m]
         pts = [xy(t, sum(c[max(0, t - span):t + 1]) / len(c[max(0, t - span):t + 1])) for t in range(0, n, 10)]
         d.line(pts, fill=colour, width=2)
-        d.text((pad + 5, pad + 5 + 15 * MODELS.index(m)), f"{m} (accuracy over the last {span})", fill=colour)
+        d.text((pad + 5, pad + 5 + 15 * k), f"{m} (accuracy over the last {span})", fill=colour)
     d.text((dx + 4, height - pad - 15), "change", fill="gray")
     img.save(path)
 
@@ -112,16 +131,21 @@ def main():
                 correct[m][t] = int(labels[m][0] == events[t][1])
             if t % 1000 == 999 and not a.json:
                 print(f"  {t + 1} events; weights versions " + ", ".join(f"{m} {labels[m][1]}" for m in MODELS), file=sys.stderr)
+    columns = list(MODELS)
+    river = river_run(events)
+    if river is not None:
+        correct["river"] = river
+        columns.append("river")
     table = {}
     for name, lo, hi in windows(a.drift, a.events):
         if hi > lo:
-            table[name] = {m: sum(correct[m][lo:hi]) / (hi - lo) for m in MODELS}
+            table[name] = {m: sum(correct[m][lo:hi]) / (hi - lo) for m in columns}
     if a.json:
         print(json.dumps(table))
     else:
-        print(f"{'window':<12} " + " ".join(f"{m:>11}" for m in MODELS))
+        print(f"{'window':<12} " + " ".join(f"{m:>11}" for m in columns))
         for name, accs in table.items():
-            print(f"{name:<12} " + " ".join(f"{accs[m]:>11.3f}" for m in MODELS))
+            print(f"{name:<12} " + " ".join(f"{accs[m]:>11.3f}" for m in columns))
     if a.plot:
         plot(a.plot, correct, a.drift)
         print(f"plot: {a.plot}", file=sys.stderr)
