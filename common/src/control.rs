@@ -132,18 +132,29 @@ pub fn read_all(
     cfg: &Config,
     topic: &str,
 ) -> Result<(Vec<ModelPush>, i64), rdkafka::error::KafkaError> {
+    read_from(cfg, topic, None)
+}
+
+/// The pushes from offset `from` (the start when `None`) to the topic's end, and the offset
+/// after the last. A short-lived reader: nothing stays connected between reads. Blocking.
+pub fn read_from(
+    cfg: &Config,
+    topic: &str,
+    from: Option<i64>,
+) -> Result<(Vec<ModelPush>, i64), rdkafka::error::KafkaError> {
     let client = format!("sluice-control-{}", std::process::id());
     let consumer: BaseConsumer =
         crate::kafka::reader_config(cfg, &client, Duration::from_millis(100)).create()?;
     let (low, high) = consumer.fetch_watermarks(topic, 0, Duration::from_secs(10))?;
+    let low = from.map_or(low, |f| f.max(low));
     let mut pushes = Vec::new();
     if high <= low {
-        return Ok((pushes, high));
+        return Ok((pushes, high.max(low)));
     }
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(topic, 0, Offset::Offset(low))?;
     consumer.assign(&tpl)?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let mut next = low;
     while next < high && std::time::Instant::now() < deadline {
         let Some(msg) = consumer.poll(Duration::from_millis(200)) else {

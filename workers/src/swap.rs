@@ -9,8 +9,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::{Message, Offset, TopicPartitionList};
 use sluice_common::control::{ModelPush, PushReport, report_key};
 use sluice_common::{Config, ModelConfig};
 use sluice_schemas::Tensor;
@@ -18,8 +16,6 @@ use sluice_schemas::Tensor;
 use crate::executor::StepSlot;
 use crate::step::{ModelStep, Step, StepInput};
 
-/// How long the broker holds a control fetch while the worker catches up.
-const CONTROL_FETCH_WAIT: Duration = Duration::from_millis(100);
 /// How often the control topic is read without an announcement (one missed while Redis was
 /// away, say).
 const CATCH_UP_EVERY: Duration = Duration::from_secs(30);
@@ -34,7 +30,8 @@ pub(crate) struct Served {
 
 /// Follows the control topic from `start` until the process ends, swapping in every push of
 /// the models in `served`. The topic is read when a push is announced on Redis (and every
-/// `CATCH_UP_EVERY`); in between its partition is paused, so an idle worker fetches nothing.
+/// `CATCH_UP_EVERY`), by a reader that lives only for that read: an idle worker keeps no fetch
+/// loop for it.
 pub(crate) async fn follow(
     cfg: Config,
     topic: String,
@@ -42,30 +39,6 @@ pub(crate) async fn follow(
     mut served: HashMap<String, Served>,
     worker: String,
 ) {
-    let client = format!("sluice-swap-{}", std::process::id());
-    let consumer: StreamConsumer = match sluice_common::kafka::reader_config(
-        &cfg,
-        &client,
-        CONTROL_FETCH_WAIT,
-    )
-    .create()
-    {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot follow the control topic; pushes will not reach this worker");
-            return;
-        }
-    };
-    let mut tpl = TopicPartitionList::new();
-    let assigned = tpl
-        .add_partition_offset(&topic, 0, Offset::Offset(start))
-        .and_then(|()| consumer.assign(&tpl))
-        .and_then(|()| consumer.pause(&tpl));
-    if let Err(e) = assigned {
-        tracing::error!(error = %e, %topic, "cannot follow the control topic");
-        return;
-    }
-    let consumer = Arc::new(consumer);
     let Ok(client) = redis::Client::open(cfg.redis.url.as_str()) else {
         tracing::error!("cannot follow the control topic: bad Redis URL");
         return;
@@ -98,7 +71,26 @@ pub(crate) async fn follow(
                 announcements = subscribe(&client, &channel).await;
             }
         }
-        for push in catch_up(&consumer, &tpl, &topic, &mut next).await {
+        let (c, t) = (cfg.clone(), topic.clone());
+        let read = tokio::task::spawn_blocking(move || {
+            sluice_common::control::read_from(&c, &t, Some(next))
+        })
+        .await;
+        let pushes = match read {
+            Ok(Ok((pushes, after))) => {
+                next = after;
+                pushes
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, %topic, "reading the control topic");
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the control topic failed");
+                continue;
+            }
+        };
+        for push in pushes {
             let Some(model) = served.get_mut(&push.model) else {
                 continue;
             };
@@ -123,53 +115,6 @@ async fn subscribe(client: &redis::Client, channel: &str) -> Option<redis::aio::
     let mut sub = client.get_async_pubsub().await.ok()?;
     sub.subscribe(channel).await.ok()?;
     Some(sub)
-}
-
-/// Reads the control topic from `next` to its end (resuming the paused partition meanwhile);
-/// returns the pushes read.
-async fn catch_up(
-    consumer: &Arc<StreamConsumer>,
-    tpl: &TopicPartitionList,
-    topic: &str,
-    next: &mut i64,
-) -> Vec<ModelPush> {
-    let (c, t) = (Arc::clone(consumer), topic.to_string());
-    let high = match tokio::task::spawn_blocking(move || {
-        c.fetch_watermarks(&t, 0, Duration::from_secs(5))
-    })
-    .await
-    {
-        Ok(Ok((_, high))) => high,
-        _ => return Vec::new(),
-    };
-    let mut pushes = Vec::new();
-    if high <= *next || consumer.resume(tpl).is_err() {
-        return pushes;
-    }
-    while *next < high {
-        let msg = match tokio::time::timeout(Duration::from_secs(5), consumer.recv()).await {
-            Ok(Ok(m)) => m,
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, %topic, "reading the control topic");
-                break;
-            }
-            Err(_) => break,
-        };
-        *next = msg.offset() + 1;
-        match msg
-            .payload()
-            .and_then(|p| serde_json::from_slice::<ModelPush>(p).ok())
-        {
-            Some(p) => pushes.push(p),
-            None => {
-                tracing::warn!(%topic, offset = msg.offset(), "skipped a control record that is not a push")
-            }
-        }
-    }
-    if let Err(e) = consumer.pause(tpl) {
-        tracing::warn!(error = %e, %topic, "control partition not paused");
-    }
-    pushes
 }
 
 /// Loads, checks and swaps in `push` for `model`; the report says how it went.
