@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use sluice_common::Deployment;
 use sluice_common::config::LearnerConfig;
 use sluice_learn::{
-    Feedback, Join, JoinCounts, Learner, Outcome, PageHinkley, Prediction, WeightsRecord,
+    Feedback, Join, JoinCounts, Learner, Outcome, PageHinkley, Prediction, Weights, WeightsRecord,
 };
 use sluice_schemas::learning::{decode_feedback, decode_prediction};
 
@@ -139,7 +139,7 @@ pub async fn run(deployment: Deployment, args: LearnArgs) -> anyhow::Result<()> 
         // The broker lost the topics the checkpoint read (an in-memory broker restarted): keep
         // what was learned, start the join afresh on the new topics.
         tracing::warn!(model = name, checkpoint = ?state.next, ends = ?ends, "the input topics are shorter than the checkpoint read; keeping the weights, reading the topics from the start");
-        state.join = fresh(&settings, dims)?.join;
+        state.join = new_join(&settings);
         state.next = [0, 0];
     }
     let mut tpl = TopicPartitionList::new();
@@ -257,26 +257,25 @@ pub fn checkpoint_key(prefix: &str, model: &str) -> String {
     format!("{prefix}:learner:{model}")
 }
 
+/// An empty join with the configured window and bound.
+fn new_join(settings: &LearnerConfig) -> Join {
+    Join::new(
+        i64::try_from(settings.window.as_millis()).unwrap_or(i64::MAX),
+        settings.max_pending,
+    )
+}
+
 /// A learner with no checkpoint: its `warm_start` weights, or zeros.
 fn fresh(settings: &LearnerConfig, dims: usize) -> anyhow::Result<State> {
     let learner = match &settings.warm_start {
         Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("warm_start {}", path.display()))?;
-            let w = serde_json::from_str::<WeightsRecord>(&text)
-                .map(|r| r.weights)
-                .or_else(|_| serde_json::from_str(&text))
-                .with_context(|| format!("warm_start {}", path.display()))?;
-            Learner::from_weights(settings, &w)
+            Learner::from_weights(settings, &Weights::read(path).map_err(anyhow::Error::msg)?)
         }
         None => Learner::new(settings, dims),
     };
     Ok(State {
         learner,
-        join: Join::new(
-            i64::try_from(settings.window.as_millis()).unwrap_or(i64::MAX),
-            settings.max_pending,
-        ),
+        join: new_join(settings),
         next: [0, 0],
         counts: LearnCounts::default(),
         drift: PageHinkley::default(),
@@ -380,12 +379,8 @@ async fn watermarks(
     topics: &[String; 2],
 ) -> anyhow::Result<[i64; 2]> {
     let mut ends = [0; 2];
-    for (i, t) in topics.iter().enumerate() {
-        let (c, t) = (Arc::clone(consumer), t.clone());
-        let (_, high) =
-            tokio::task::spawn_blocking(move || c.fetch_watermarks(&t, 0, Duration::from_secs(10)))
-                .await??;
-        ends[i] = high;
+    for (end, t) in ends.iter_mut().zip(topics) {
+        *end = sluice_common::kafka::watermarks(consumer, t).await?.1;
     }
     Ok(ends)
 }

@@ -28,24 +28,32 @@ pub fn producer_config(cfg: &Config, client_id: &str, linger: Duration) -> Clien
     c
 }
 
-/// Consumer settings for a worker in `group`: at-least-once (auto-commit of *stored* offsets only),
-/// cooperative-sticky rebalancing, a bounded prefetch queue; then `kafka.client` and `kafka.consumer`.
-pub fn consumer_config(cfg: &Config, group: &str, client_id: &str) -> ClientConfig {
+/// What every consumer shares: the brokers, its name, reading from the earliest record when it
+/// has no position, offsets stored only by Sluice, and a fetch answered as soon as a byte is
+/// there (no Nagle delay, short back-offs).
+fn consumer_base(cfg: &Config, group: &str, client_id: &str) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &cfg.kafka.brokers)
         .set("client.id", client_id)
         .set("group.id", group)
-        .set("enable.auto.commit", "true")
-        .set("auto.commit.interval.ms", "500")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
-        .set("partition.assignment.strategy", "cooperative-sticky")
-        .set("session.timeout.ms", "6000")
-        .set("heartbeat.interval.ms", "1000")
         .set("socket.nagle.disable", "true")
         .set("fetch.min.bytes", "1")
         .set("fetch.error.backoff.ms", "10")
-        .set("fetch.queue.backoff.ms", "10")
+        .set("fetch.queue.backoff.ms", "10");
+    c
+}
+
+/// Consumer settings for a worker in `group`: at-least-once (auto-commit of *stored* offsets only),
+/// cooperative-sticky rebalancing, a bounded prefetch queue; then `kafka.client` and `kafka.consumer`.
+pub fn consumer_config(cfg: &Config, group: &str, client_id: &str) -> ClientConfig {
+    let mut c = consumer_base(cfg, group, client_id);
+    c.set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", "500")
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        .set("session.timeout.ms", "6000")
+        .set("heartbeat.interval.ms", "1000")
         .set("queued.max.messages.kbytes", "16384");
     apply(&mut c, &cfg.kafka.client);
     apply(&mut c, &cfg.kafka.consumer);
@@ -53,23 +61,31 @@ pub fn consumer_config(cfg: &Config, group: &str, client_id: &str) -> ClientConf
 }
 
 /// Consumer settings for a reader that assigns itself partitions and keeps its own positions
-/// (no group membership, no commits): a learner's inputs, a replica following weights.
-/// `wait` bounds how long the broker holds a fetch (tansu answers only when it passes).
+/// (no group membership, no commits): a learner's inputs, a replica following weights, a
+/// worker reading pushes. `wait` bounds how long the broker holds a fetch (tansu answers only
+/// when it passes); `kafka.client` applies, `kafka.consumer` (tuned for workers) does not.
 pub fn reader_config(cfg: &Config, client_id: &str, wait: Duration) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &cfg.kafka.brokers)
-        .set("client.id", client_id)
-        .set("group.id", format!("{}.reader", cfg.kafka.topic_prefix))
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("socket.nagle.disable", "true")
-        .set("fetch.min.bytes", "1")
-        .set("fetch.error.backoff.ms", "10")
-        .set("fetch.queue.backoff.ms", "10");
+    let group = format!("{}.reader", cfg.kafka.topic_prefix);
+    let mut c = consumer_base(cfg, &group, client_id);
+    c.set("enable.auto.commit", "false");
     apply(&mut c, &cfg.kafka.client);
     c.set("fetch.wait.max.ms", wait.as_millis().max(1).to_string());
     c
+}
+
+/// Partition 0 of `topic`'s low and high watermarks, asked off the async runtime (librdkafka
+/// blocks for the answer).
+pub async fn watermarks<C>(
+    consumer: &std::sync::Arc<C>,
+    topic: &str,
+) -> Result<(i64, i64), rdkafka::error::KafkaError>
+where
+    C: rdkafka::consumer::Consumer + Send + Sync + 'static,
+{
+    let (c, t) = (std::sync::Arc::clone(consumer), topic.to_string());
+    tokio::task::spawn_blocking(move || c.fetch_watermarks(&t, 0, Duration::from_secs(10)))
+        .await
+        .unwrap_or(Err(rdkafka::error::KafkaError::Canceled))
 }
 
 fn apply(c: &mut ClientConfig, overrides: &std::collections::BTreeMap<String, String>) {

@@ -226,6 +226,16 @@ pub struct Weights {
 }
 
 impl Weights {
+    /// A `warm_start` file: a published [`WeightsRecord`] or bare [`Weights`], as JSON.
+    pub fn read(path: &std::path::Path) -> Result<Weights, String> {
+        let fail = |e: &dyn std::fmt::Display| format!("warm_start {}: {e}", path.display());
+        let text = std::fs::read_to_string(path).map_err(|e| fail(&e))?;
+        serde_json::from_str::<WeightsRecord>(&text)
+            .map(|r| r.weights)
+            .or_else(|_| serde_json::from_str::<Weights>(&text))
+            .map_err(|e| fail(&e))
+    }
+
     /// Zero weights over `d` inputs (every prediction 0.5).
     pub fn zero(d: usize, scaled: bool) -> Weights {
         Weights {

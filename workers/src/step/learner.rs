@@ -59,7 +59,7 @@ impl LearnerStep {
             .and_then(|&d| usize::try_from(d).ok())
             .ok_or_else(|| BuildError::Settings(format!("model '{name}': input [-1, d]")))?;
         let start = match &learner.warm_start {
-            Some(path) => read_weights(path).map_err(BuildError::Settings)?,
+            Some(path) => Weights::read(path).map_err(BuildError::Settings)?,
             None => Weights::zero(dims, learner.scale),
         };
         let weights: Shared = Arc::new(RwLock::new(Arc::new(start)));
@@ -188,15 +188,6 @@ impl Step for LearnerStep {
     }
 }
 
-fn read_weights(path: &std::path::Path) -> Result<Weights, String> {
-    let text =
-        std::fs::read_to_string(path).map_err(|e| format!("warm_start {}: {e}", path.display()))?;
-    serde_json::from_str::<WeightsRecord>(&text)
-        .map(|r| r.weights)
-        .or_else(|_| serde_json::from_str::<Weights>(&text))
-        .map_err(|e| format!("warm_start {}: {e}", path.display()))
-}
-
 /// Keeps `weights` at the newest snapshot on `topic` until the step is dropped.
 async fn follow(weights: Weak<RwLock<Arc<Weights>>>, cfg: Config, topic: String, model: String) {
     let client = format!("sluice-weights-{model}-{}", std::process::id());
@@ -214,14 +205,9 @@ async fn follow(weights: Weak<RwLock<Arc<Weights>>>, cfg: Config, topic: String,
         if weights.strong_count() == 0 {
             return;
         }
-        let (c, t) = (Arc::clone(&consumer), topic.clone());
-        let marks =
-            tokio::task::spawn_blocking(move || c.fetch_watermarks(&t, 0, Duration::from_secs(5)))
-                .await;
-        match marks {
-            Ok(Ok((low, high))) => break (high - 1).max(low),
-            Ok(Err(e)) => tracing::warn!(error = %e, %topic, "weights topic not readable yet"),
-            Err(e) => tracing::warn!(error = %e, "weights watermark task failed"),
+        match sluice_common::kafka::watermarks(&consumer, &topic).await {
+            Ok((low, high)) => break (high - 1).max(low),
+            Err(e) => tracing::warn!(error = %e, %topic, "weights topic not readable yet"),
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     };
