@@ -89,7 +89,7 @@ def main():
         rid = f"lag-{i}-{uuid.uuid4().hex[:8]}"
         ms = int(time.time() * 1000)
         producer.produce(topics["predictions"], key=rid, value=pred(
-            {"id": rid, "model": a.model, "weights_version": 0, "features": x, "probability": 0.5, "time_ms": ms}))
+            {"id": rid, "model": a.model, "weights_version": 0, "features": x, "probability": 0.5, "time_ms": ms, "arm": None}))
         producer.produce(topics["feedback"], key=rid, value=fb(
             {"id": rid, "model": a.model, "truth": float(x[0] + x[1] > 7), "reward": None, "time_ms": ms}))
         sent.append(time.time())

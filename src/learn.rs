@@ -1,10 +1,11 @@
-//! `sluice learn --model NAME`: the one learner of a learning model. It reads the model's logged
-//! predictions and its feedback (`<prefix>.<model>.predictions`, `.feedback`), joins them by
-//! request id within the configured window (a wall-clock timer resolves predictions whose
-//! feedback never came, even with no traffic), learns each joined example, publishes the
-//! weights to `<prefix>.<model>.weights` for the serving replicas, and checkpoints its whole
-//! state (weights, join state, read positions, counts) to Redis. A restarted learner resumes
-//! from the checkpoint and re-reads what came after it, so nothing is lost or counted twice.
+//! `sluice learn --model NAME`: the one learner of a learning model or of a graph's bandit
+//! router. It reads the logged predictions (or choices) and the feedback
+//! (`<prefix>.<name>.predictions`, `.feedback`), joins them by request id within the
+//! configured window (a wall-clock timer resolves predictions whose feedback never came, even
+//! with no traffic), learns each joined example, publishes the learned state to
+//! `<prefix>.<name>.weights` for the serving replicas, and checkpoints its whole state (learned
+//! state, join state, read positions, counts) to Redis. A restarted learner resumes from the
+//! checkpoint and re-reads what came after it, so nothing is lost or counted twice.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,11 +17,13 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use redis::AsyncCommands;
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use sluice_common::Deployment;
-use sluice_common::config::LearnerConfig;
+use sluice_common::config::{LearnTiming, LearnerConfig};
 use sluice_learn::{
-    Feedback, Join, JoinCounts, Learner, Outcome, PageHinkley, Prediction, Weights, WeightsRecord,
+    Bandit, BanditRecord, Feedback, Join, JoinCounts, Learner, Outcome, PageHinkley, Prediction,
+    Weights, WeightsRecord,
 };
 use sluice_schemas::learning::{decode_feedback, decode_prediction};
 
@@ -32,7 +35,7 @@ const TICK: Duration = Duration::from_millis(20);
 /// Arguments of `sluice learn`.
 #[derive(clap::Args)]
 pub struct LearnArgs {
-    /// The learning model (one with `[models.<name>.learner]`).
+    /// The learning model (one with `[models.<name>.learner]`) or a graph with a bandit step.
     #[arg(long)]
     model: String,
     /// Address for /metrics and health (default: an ephemeral port on 127.0.0.1).
@@ -44,10 +47,41 @@ pub struct LearnArgs {
     status: bool,
 }
 
+/// What a learner process trains: a logistic regression's weights or a bandit's arms.
+trait Trainee: Serialize + DeserializeOwned + Send {
+    /// Its settings.
+    type Settings: Sync;
+    /// Updates learned so far (the version its snapshots carry).
+    fn version(&self) -> u64;
+    /// Learns what the join produced.
+    fn learn(
+        &mut self,
+        settings: &Self::Settings,
+        outcomes: Vec<Outcome>,
+        counts: &mut LearnCounts,
+        drift: &mut PageHinkley,
+    );
+    /// The snapshot published for the replicas of `name` (JSON).
+    fn snapshot(&self, name: &str) -> serde_json::Result<Vec<u8>>;
+    /// A summary for `--status` (`null` when there is nothing beyond the counts).
+    fn summary(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+    /// Sets its own metrics (per arm, say).
+    fn record_metrics(&self, _name: &str) {}
+}
+
+/// A bandit's settings as its learner needs them.
+struct BanditSettings {
+    settings: sluice_common::config::BanditConfig,
+    dims: usize,
+}
+
 /// Everything the learner has: saved as one Redis value, so a restart resumes exactly here.
 #[derive(Serialize, Deserialize)]
-struct State {
-    learner: Learner,
+#[serde(bound = "T: Trainee")]
+struct State<T> {
+    learner: T,
     join: Join,
     /// Next offsets to read: predictions, feedback.
     next: [i64; 2],
@@ -74,8 +108,11 @@ struct LearnCounts {
     undecodable: u64,
     /// Weights snapshots published.
     snapshots: u64,
-    /// Rises of the served error rate (Page-Hinkley, River's defaults).
+    /// Rises of the served error rate, or falls of a bandit's reward (Page-Hinkley, River's
+    /// defaults).
     drifts: u64,
+    /// Sum of the rewards joined (bandits).
+    rewards: f64,
 }
 
 /// The checkpoint as `sluice learn --status` and tests read it.
@@ -87,6 +124,8 @@ struct Status<'a> {
     pending: usize,
     join: JoinCounts,
     learned: LearnCounts,
+    #[serde(skip_serializing_if = "serde_json::Value::is_null")]
+    arms: serde_json::Value,
 }
 
 /// Runs the learner of `args.model` until SIGINT/SIGTERM.
@@ -99,31 +138,102 @@ pub async fn run(deployment: Deployment, args: LearnArgs) -> anyhow::Result<()> 
         writeln!(std::io::stdout(), "{text}")?;
         return Ok(());
     }
+    let name = args.model.clone();
+    match learned(&deployment, &name)? {
+        Learned::Logistic(settings, dims) => {
+            let start = fresh_learner(&settings, dims)?;
+            serve(
+                &deployment,
+                &args,
+                settings.timing(),
+                settings,
+                start,
+                |l, _| l,
+            )
+            .await
+        }
+        Learned::Bandit(b) => {
+            let start = Bandit::new(&b.settings.arms, b.dims);
+            serve(
+                &deployment,
+                &args,
+                b.settings.timing(),
+                b,
+                start,
+                |bandit, b| bandit.aligned(&b.settings.arms, b.dims),
+            )
+            .await
+        }
+    }
+}
+
+/// What servable `name` learns.
+enum Learned {
+    /// A learning model: its settings and input width.
+    Logistic(LearnerConfig, usize),
+    /// A graph's bandit router.
+    Bandit(BanditSettings),
+}
+
+fn learned(deployment: &Deployment, name: &str) -> anyhow::Result<Learned> {
+    if let Some(model) = deployment.model(name) {
+        let settings = model
+            .learner
+            .clone()
+            .with_context(|| format!("model '{name}' has no [models.{name}.learner]"))?;
+        let dims = model
+            .inputs
+            .first()
+            .and_then(|i| i.shape.get(1))
+            .and_then(|&d| usize::try_from(d).ok())
+            .context("a learner's input is [-1, d]")?;
+        return Ok(Learned::Logistic(settings, dims));
+    }
+    let graph = deployment
+        .graph(name)
+        .with_context(|| format!("no model or graph '{name}' in the config"))?;
+    let (_, b) = graph
+        .bandit()
+        .with_context(|| format!("graph '{name}' has no bandit step"))?;
+    Ok(Learned::Bandit(BanditSettings {
+        settings: b.settings.clone(),
+        dims: b.dims,
+    }))
+}
+
+/// The learner loop of `args.model`: `start` when there is no checkpoint, else the checkpoint
+/// passed through `fit` (which adapts it to changed settings).
+async fn serve<T: Trainee>(
+    deployment: &Deployment,
+    args: &LearnArgs,
+    timing: LearnTiming,
+    settings: T::Settings,
+    start: T,
+    fit: impl Fn(T, &T::Settings) -> T,
+) -> anyhow::Result<()> {
     let cfg = &deployment.config;
     let name = args.model.as_str();
-    let model = deployment
-        .model(name)
-        .with_context(|| format!("no model '{name}' in the config"))?;
-    let settings = model
-        .learner
-        .clone()
-        .with_context(|| format!("model '{name}' has no [models.{name}.learner]"))?;
-    let dims = model
-        .inputs
-        .first()
-        .and_then(|i| i.shape.get(1))
-        .and_then(|&d| usize::try_from(d).ok())
-        .context("a learner's input is [-1, d]")?;
     let redis = redis::Client::open(cfg.redis.url.as_str())?;
     let mut redis = redis::aio::ConnectionManager::new(redis).await?;
     let key = checkpoint_key(&cfg.redis.key_prefix, name);
-    let mut state = match redis.get::<_, Option<String>>(&key).await? {
-        Some(text) => serde_json::from_str::<State>(&text)
-            .with_context(|| format!("checkpoint {key} does not parse"))?,
-        None => fresh(&settings, dims)?,
+    let mut state: State<T> = match redis.get::<_, Option<String>>(&key).await? {
+        Some(text) => {
+            let saved = serde_json::from_str::<State<T>>(&text)
+                .with_context(|| format!("checkpoint {key} does not parse"))?;
+            State {
+                learner: fit(saved.learner, &settings),
+                ..saved
+            }
+        }
+        None => State {
+            learner: start,
+            join: new_join(&timing),
+            next: [0, 0],
+            counts: LearnCounts::default(),
+            drift: PageHinkley::default(),
+        },
     };
-    tracing::info!(model = name, version = state.learner.updates(), next = ?state.next, pending = state.join.pending(), "learner starting");
-
+    tracing::info!(model = name, version = state.learner.version(), next = ?state.next, pending = state.join.pending(), "learner starting");
     let topics = [
         deployment.topics.predictions(name),
         deployment.topics.feedback(name),
@@ -139,7 +249,7 @@ pub async fn run(deployment: Deployment, args: LearnArgs) -> anyhow::Result<()> 
         // The broker lost the topics the checkpoint read (an in-memory broker restarted): keep
         // what was learned, start the join afresh on the new topics.
         tracing::warn!(model = name, checkpoint = ?state.next, ends = ?ends, "the input topics are shorter than the checkpoint read; keeping the weights, reading the topics from the start");
-        state.join = new_join(&settings);
+        state.join = new_join(&timing);
         state.next = [0, 0];
     }
     let mut tpl = TopicPartitionList::new();
@@ -169,7 +279,7 @@ pub async fn run(deployment: Deployment, args: LearnArgs) -> anyhow::Result<()> 
     let metrics = Metrics::new(name);
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut published = state.learner.updates();
+    let mut published = state.learner.version();
     let mut last_snapshot = Instant::now();
     let mut last_checkpoint = Instant::now();
     // Whether the state changed since the last checkpoint.
@@ -198,6 +308,7 @@ pub async fn run(deployment: Deployment, args: LearnArgs) -> anyhow::Result<()> 
                             probability: p.probability,
                             weights_version: u64::try_from(p.weights_version).unwrap_or(0),
                             time_ms: p.time_ms,
+                            arm: p.arm,
                         }, now),
                         Err(e) => undecodable(&mut state, &topics[0], msg.offset(), &e),
                     },
@@ -212,7 +323,7 @@ pub async fn run(deployment: Deployment, args: LearnArgs) -> anyhow::Result<()> 
                     },
                     (w, None) => undecodable(&mut state, &topics[w], msg.offset(), &"empty record"),
                 };
-                learn(&mut state, &settings, outcomes);
+                state.learn(&settings, outcomes);
                 dirty = true;
             }
             _ = tick.tick() => {
@@ -220,18 +331,19 @@ pub async fn run(deployment: Deployment, args: LearnArgs) -> anyhow::Result<()> 
                 if caught_up {
                     let outcomes = state.join.expire(sluice_common::now_ms());
                     dirty |= !outcomes.is_empty();
-                    learn(&mut state, &settings, outcomes);
+                    state.learn(&settings, outcomes);
                 }
                 metrics.record(&state);
-                if state.learner.updates() != published && last_snapshot.elapsed() >= settings.snapshot_every {
+                state.learner.record_metrics(name);
+                if state.learner.version() != published && last_snapshot.elapsed() >= timing.snapshot_every {
                     if publish(&producer, &weights_topic, name, &state.learner).await {
-                        published = state.learner.updates();
+                        published = state.learner.version();
                         state.counts.snapshots += 1;
                         metrics.version.set(published as f64);
                     }
                     last_snapshot = Instant::now();
                 }
-                if dirty && last_checkpoint.elapsed() >= settings.checkpoint_every {
+                if dirty && last_checkpoint.elapsed() >= timing.checkpoint_every {
                     dirty = !checkpoint(&mut redis, &key, &state).await;
                     last_checkpoint = Instant::now();
                 }
@@ -239,14 +351,14 @@ pub async fn run(deployment: Deployment, args: LearnArgs) -> anyhow::Result<()> 
             () = &mut shutdown => break,
         }
     }
-    if state.learner.updates() != published {
+    if state.learner.version() != published {
         publish(&producer, &weights_topic, name, &state.learner).await;
     }
     checkpoint(&mut redis, &key, &state).await;
     let _ = stop_ops.send(());
     tracing::info!(
         model = name,
-        version = state.learner.updates(),
+        version = state.learner.version(),
         "learner stopped"
     );
     Ok(())
@@ -258,32 +370,25 @@ pub fn checkpoint_key(prefix: &str, model: &str) -> String {
 }
 
 /// An empty join with the configured window and bound.
-fn new_join(settings: &LearnerConfig) -> Join {
+fn new_join(timing: &LearnTiming) -> Join {
     Join::new(
-        i64::try_from(settings.window.as_millis()).unwrap_or(i64::MAX),
-        settings.max_pending,
+        i64::try_from(timing.window.as_millis()).unwrap_or(i64::MAX),
+        timing.max_pending,
     )
 }
 
 /// A learner with no checkpoint: its `warm_start` weights, or zeros.
-fn fresh(settings: &LearnerConfig, dims: usize) -> anyhow::Result<State> {
-    let learner = match &settings.warm_start {
+fn fresh_learner(settings: &LearnerConfig, dims: usize) -> anyhow::Result<Learner> {
+    Ok(match &settings.warm_start {
         Some(path) => {
             Learner::from_weights(settings, &Weights::read(path).map_err(anyhow::Error::msg)?)
         }
         None => Learner::new(settings, dims),
-    };
-    Ok(State {
-        learner,
-        join: new_join(settings),
-        next: [0, 0],
-        counts: LearnCounts::default(),
-        drift: PageHinkley::default(),
     })
 }
 
-fn undecodable(
-    state: &mut State,
+fn undecodable<T>(
+    state: &mut State<T>,
     topic: &str,
     offset: i64,
     e: &dyn std::fmt::Display,
@@ -293,74 +398,177 @@ fn undecodable(
     Vec::new()
 }
 
-/// Learns what the join produced.
-fn learn(state: &mut State, settings: &LearnerConfig, outcomes: Vec<Outcome>) {
-    for o in outcomes {
-        let (p, y, joined) = match o {
-            Outcome::Joined(p, f) => {
-                let y = f.truth.or(f.reward);
-                if let Some(truth) = f.truth {
-                    let right = (p.probability > 0.5) == (truth > 0.5);
-                    state.counts.served_judged += 1;
-                    state.counts.served_correct += u64::from(right);
-                    if state.drift.update(if right { 0.0 } else { 1.0 }) {
-                        state.counts.drifts += 1;
-                        tracing::warn!(
-                            judged = state.counts.served_judged,
-                            drifts = state.counts.drifts,
-                            "drift: the served error rate rose"
-                        );
-                    }
-                }
-                (p, y, true)
-            }
-            Outcome::NoFeedback(p) => (p, settings.no_feedback_label, false),
-        };
-        let Some(y) = y else { continue };
-        let frozen = settings.frozen
-            || settings
-                .freeze_after
-                .is_some_and(|n| state.learner.updates() >= n);
-        if frozen || p.features.len() != state.learner.dims() {
-            continue;
-        }
-        state.learner.learn(&p.features, y);
-        if joined {
-            state.counts.learned += 1;
-        } else {
-            state.counts.learned_no_feedback += 1;
+impl<T: Trainee> State<T> {
+    /// Learns what the join produced.
+    fn learn(&mut self, settings: &T::Settings, outcomes: Vec<Outcome>) {
+        if !outcomes.is_empty() {
+            self.learner
+                .learn(settings, outcomes, &mut self.counts, &mut self.drift);
         }
     }
 }
 
-/// Publishes the learner's weights; false when the broker did not take them (tried again at
-/// the next snapshot).
-async fn publish(producer: &FutureProducer, topic: &str, model: &str, learner: &Learner) -> bool {
-    let record = WeightsRecord {
-        model: model.to_string(),
-        time_ms: sluice_common::now_ms(),
-        weights: learner.weights(),
-    };
-    let Ok(bytes) = serde_json::to_vec(&record) else {
+/// Feeds the drift detector one loss (1 = wrong, or no reward); counts and logs a detection.
+fn watch_drift(drift: &mut PageHinkley, counts: &mut LearnCounts, loss: f64) {
+    if drift.update(loss) {
+        counts.drifts += 1;
+        tracing::warn!(
+            judged = counts.served_judged,
+            drifts = counts.drifts,
+            "drift: the served error rate rose"
+        );
+    }
+}
+
+impl Trainee for Learner {
+    type Settings = LearnerConfig;
+
+    fn version(&self) -> u64 {
+        self.updates()
+    }
+
+    fn learn(
+        &mut self,
+        settings: &LearnerConfig,
+        outcomes: Vec<Outcome>,
+        counts: &mut LearnCounts,
+        drift: &mut PageHinkley,
+    ) {
+        for o in outcomes {
+            let (p, y, joined) = match o {
+                Outcome::Joined(p, f) => {
+                    let y = f.truth.or(f.reward);
+                    if let Some(truth) = f.truth {
+                        let right = (p.probability > 0.5) == (truth > 0.5);
+                        counts.served_judged += 1;
+                        counts.served_correct += u64::from(right);
+                        watch_drift(drift, counts, if right { 0.0 } else { 1.0 });
+                    }
+                    (p, y, true)
+                }
+                Outcome::NoFeedback(p) => (p, settings.no_feedback_label, false),
+            };
+            let Some(y) = y else { continue };
+            if settings.frozen_at(self.updates()) || p.features.len() != self.dims() {
+                continue;
+            }
+            Learner::learn(self, &p.features, y);
+            if joined {
+                counts.learned += 1;
+            } else {
+                counts.learned_no_feedback += 1;
+            }
+        }
+    }
+
+    fn snapshot(&self, name: &str) -> serde_json::Result<Vec<u8>> {
+        serde_json::to_vec(&WeightsRecord {
+            model: name.to_string(),
+            time_ms: sluice_common::now_ms(),
+            weights: self.weights(),
+        })
+    }
+}
+
+impl Trainee for Bandit {
+    type Settings = BanditSettings;
+
+    fn version(&self) -> u64 {
+        Bandit::version(self)
+    }
+
+    fn learn(
+        &mut self,
+        b: &BanditSettings,
+        outcomes: Vec<Outcome>,
+        counts: &mut LearnCounts,
+        drift: &mut PageHinkley,
+    ) {
+        for o in outcomes {
+            let (p, reward, joined) = match o {
+                Outcome::Joined(p, f) => (p, f.reward, true),
+                Outcome::NoFeedback(p) => (p, b.settings.no_feedback_reward, false),
+            };
+            let Some(reward) = reward.map(|r| r.clamp(0.0, 1.0)) else {
+                continue;
+            };
+            if joined {
+                counts.rewards += reward;
+                counts.served_judged += 1;
+                watch_drift(drift, counts, 1.0 - reward);
+            }
+            if b.settings.frozen_at(Bandit::version(self)) {
+                continue;
+            }
+            let Some(arm) = p.arm else { continue };
+            if Bandit::learn(self, &arm, &p.features, reward) {
+                if joined {
+                    counts.learned += 1;
+                } else {
+                    counts.learned_no_feedback += 1;
+                }
+            }
+        }
+    }
+
+    fn snapshot(&self, name: &str) -> serde_json::Result<Vec<u8>> {
+        serde_json::to_vec(&BanditRecord {
+            graph: name.to_string(),
+            time_ms: sluice_common::now_ms(),
+            bandit: self.clone(),
+        })
+    }
+
+    fn summary(&self) -> serde_json::Value {
+        self.arms()
+            .iter()
+            .map(|a| {
+                serde_json::json!({"arm": a.name, "rewards_learned": a.pulls, "mean_reward": a.mean()})
+            })
+            .collect()
+    }
+
+    fn record_metrics(&self, name: &str) {
+        for a in self.arms() {
+            let labels = [("graph", name.to_string()), ("arm", a.name.clone())];
+            metrics::gauge!("sluice_bandit_arm_rewards_learned", &labels).set(a.pulls);
+            metrics::gauge!("sluice_bandit_arm_mean_reward", &labels).set(a.mean());
+        }
+    }
+}
+
+/// Publishes the learned state; false when the broker did not take it (tried again at the
+/// next snapshot).
+async fn publish<T: Trainee>(
+    producer: &FutureProducer,
+    topic: &str,
+    name: &str,
+    learner: &T,
+) -> bool {
+    let Ok(bytes) = learner.snapshot(name) else {
         return false;
     };
     match producer
         .send(
-            FutureRecord::to(topic).key(model).payload(&bytes),
+            FutureRecord::to(topic).key(name).payload(&bytes),
             Duration::from_secs(5),
         )
         .await
     {
         Ok(_) => true,
         Err((e, _)) => {
-            tracing::warn!(error = %e, %topic, "weights not published; trying again");
+            tracing::warn!(error = %e, %topic, "snapshot not published; trying again");
             false
         }
     }
 }
 
 /// Saves the whole state; false when Redis did not take it (tried again later).
-async fn checkpoint(redis: &mut redis::aio::ConnectionManager, key: &str, state: &State) -> bool {
+async fn checkpoint<T: Trainee>(
+    redis: &mut redis::aio::ConnectionManager,
+    key: &str,
+    state: &State<T>,
+) -> bool {
     let Ok(text) = serde_json::to_string(state) else {
         return false;
     };
@@ -386,7 +594,7 @@ async fn watermarks(
 }
 
 /// A gauge and the count it shows.
-type Shown = (metrics::Gauge, fn(&State) -> u64);
+type Shown = (metrics::Gauge, fn(&JoinCounts, &LearnCounts) -> u64);
 
 /// The learner's metrics.
 struct Metrics {
@@ -400,24 +608,23 @@ impl Metrics {
         Metrics {
             version: metrics::gauge!("sluice_learner_weights_version", "model" => model.to_string()),
             outcomes: [
-                (gauge("prediction"), |s| s.join.counts().predictions),
-                (gauge("feedback"), |s| s.join.counts().feedback),
-                (gauge("joined"), |s| s.join.counts().joined),
-                (gauge("no_feedback"), |s| s.join.counts().no_feedback),
-                (gauge("duplicate"), |s| s.join.counts().duplicate),
-                (gauge("late"), |s| s.join.counts().late),
-                (gauge("learned"), |s| {
-                    s.counts.learned + s.counts.learned_no_feedback
-                }),
-                (gauge("served_correct"), |s| s.counts.served_correct),
-                (gauge("drift"), |s| s.counts.drifts),
+                (gauge("prediction"), |j, _| j.predictions),
+                (gauge("feedback"), |j, _| j.feedback),
+                (gauge("joined"), |j, _| j.joined),
+                (gauge("no_feedback"), |j, _| j.no_feedback),
+                (gauge("duplicate"), |j, _| j.duplicate),
+                (gauge("late"), |j, _| j.late),
+                (gauge("learned"), |_, c| c.learned + c.learned_no_feedback),
+                (gauge("served_correct"), |_, c| c.served_correct),
+                (gauge("drift"), |_, c| c.drifts),
             ],
         }
     }
 
-    fn record(&self, state: &State) {
+    fn record<T>(&self, state: &State<T>) {
+        let join = state.join.counts();
         for (g, read) in &self.outcomes {
-            g.set(read(state) as f64);
+            g.set(read(&join, &state.counts) as f64);
         }
     }
 }
@@ -432,13 +639,21 @@ pub async fn status(deployment: &Deployment, model: &str) -> anyhow::Result<Opti
     let Some(text) = redis.get::<_, Option<String>>(&key).await? else {
         return Ok(None);
     };
-    let state: State = serde_json::from_str(&text)?;
-    Ok(Some(serde_json::to_string(&Status {
+    Ok(Some(match learned(deployment, model)? {
+        Learned::Logistic(..) => status_of::<Learner>(model, &text)?,
+        Learned::Bandit(_) => status_of::<Bandit>(model, &text)?,
+    }))
+}
+
+fn status_of<T: Trainee>(model: &str, checkpoint: &str) -> anyhow::Result<String> {
+    let state: State<T> = serde_json::from_str(checkpoint)?;
+    Ok(serde_json::to_string(&Status {
         model,
-        weights_version: state.learner.updates(),
+        weights_version: state.learner.version(),
         next: state.next,
         pending: state.join.pending(),
         join: state.join.counts(),
         learned: state.counts,
-    })?))
+        arms: state.learner.summary(),
+    })?)
 }

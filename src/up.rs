@@ -239,11 +239,9 @@ pub async fn run(
     let mut stack = Stack::default();
     let workers = worker_processes(&deployment, &only, per_step)?;
     let learners: Vec<String> = deployment
-        .config
-        .models
-        .iter()
-        .filter(|(name, m)| m.learner.is_some() && (only.is_empty() || only.contains(name)))
-        .map(|(name, _)| name.clone())
+        .learning()
+        .into_iter()
+        .filter(|name| only.is_empty() || only.contains(name))
         .collect();
     let result = start_and_wait(
         &deployment,
@@ -376,7 +374,7 @@ async fn start_and_wait(
     for url in &ready_urls {
         wait_http_ready(&client, url, stack, Duration::from_secs(90)).await?;
     }
-    print_banner(cfg, config_path);
+    print_banner(deployment, config_path);
 
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     loop {
@@ -539,7 +537,8 @@ pub fn only_members(
 }
 
 #[allow(clippy::print_stdout)]
-fn print_banner(cfg: &Config, config_path: Option<&Path>) {
+fn print_banner(deployment: &Deployment, config_path: Option<&Path>) {
+    let cfg = &deployment.config;
     let gw = cfg.gateway.listen;
     let requests = config_path
         .and_then(Path::parent)
@@ -559,9 +558,14 @@ fn print_banner(cfg: &Config, config_path: Option<&Path>) {
             );
         }
     }
-    for (name, _) in cfg.models.iter().filter(|(_, m)| m.learner.is_some()) {
+    for name in deployment.learning() {
+        let given = if deployment.graph(&name).is_some() {
+            "\"reward\": 1"
+        } else {
+            "\"truth\": 1"
+        };
         println!(
-            "  curl -s -X POST http://{gw}/v2/models/{name}/feedback -d '{{\"id\": \"<an answer's id>\", \"truth\": 1}}'   # feedback; sluice learn --model {name} --status"
+            "  curl -s -X POST http://{gw}/v2/models/{name}/feedback -d '{{\"id\": \"<an answer's id>\", {given}}}'   # feedback; sluice learn --model {name} --status"
         );
     }
     println!(

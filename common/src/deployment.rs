@@ -323,6 +323,22 @@ impl Deployment {
         true
     }
 
+    /// Whether servable `name` learns from feedback: a learning model, or a graph with a
+    /// bandit router.
+    pub fn learns(&self, name: &str) -> bool {
+        self.model(name).is_some_and(|m| m.learner.is_some())
+            || self.graph(name).is_some_and(|g| g.bandit().is_some())
+    }
+
+    /// Every servable that learns from feedback (each has one learner process), by name.
+    pub fn learning(&self) -> Vec<String> {
+        self.servables
+            .keys()
+            .filter(|name| self.learns(name))
+            .cloned()
+            .collect()
+    }
+
     /// The model called `name`.
     pub fn model(&self, name: &str) -> Option<&ModelConfig> {
         self.config.models.get(name)
@@ -410,11 +426,11 @@ impl Deployment {
         for (name, m) in &self.config.models {
             topics.push(spec(self.topics.requests(name), m.partitions, true));
             topics.push(spec(self.topics.results(name), m.partitions, false));
-            if m.learner.is_some() {
-                topics.push(spec(self.topics.predictions(name), 1, false));
-                topics.push(spec(self.topics.feedback(name), 1, false));
-                topics.push(spec(self.topics.weights(name), 1, false));
-            }
+        }
+        for name in self.learning() {
+            topics.push(spec(self.topics.predictions(&name), 1, false));
+            topics.push(spec(self.topics.feedback(&name), 1, false));
+            topics.push(spec(self.topics.weights(&name), 1, false));
         }
         for g in self.graphs.values() {
             let mut names = vec![

@@ -27,16 +27,18 @@ pub(crate) async fn feedback(
     body: Bytes,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     model(&gw, &name)?;
-    let learns = gw
-        .deployment
-        .model(&name)
-        .is_some_and(|m| m.learner.is_some());
-    if !learns {
+    if !gw.deployment.learns(&name) {
         return Err(ApiError::InvalidTensor(format!(
-            "model '{name}' does not learn from feedback (it has no [models.{name}.learner])"
+            "'{name}' does not learn from feedback (a model needs [models.{name}.learner], a graph a bandit step)"
         )));
     }
     let record = parse(&name, &body).map_err(ApiError::InvalidTensor)?;
+    let bandit = gw.deployment.graph(&name).is_some();
+    if bandit && record.reward.is_none() {
+        return Err(ApiError::InvalidTensor(format!(
+            "graph '{name}' learns which arm to choose from a `reward` in [0, 1]; this feedback has none"
+        )));
+    }
     let bytes = encode_feedback(&record).map_err(|e| ApiError::Internal(e.to_string()))?;
     let topic = gw.deployment.topics.feedback(&name);
     let sent = gw

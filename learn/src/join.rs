@@ -22,6 +22,9 @@ pub struct Prediction {
     pub weights_version: u64,
     /// When it was answered (ms since the epoch).
     pub time_ms: i64,
+    /// A bandit's choice: the arm step (then `probability` is its propensity).
+    #[serde(default)]
+    pub arm: Option<String>,
 }
 
 /// Feedback on an earlier answer.
@@ -248,6 +251,7 @@ mod tests {
             probability: 0.5,
             weights_version: 0,
             time_ms: 0,
+            arm: None,
         }
     }
 

@@ -170,7 +170,7 @@ fn string_map(m: &BTreeMap<String, String>) -> Value {
     )
 }
 
-fn opt_string(s: &Option<String>) -> Value {
+pub(crate) fn opt_string(s: &Option<String>) -> Value {
     match s {
         None => Value::Union(0, Box::new(Value::Null)),
         Some(s) => Value::Union(1, Box::new(Value::String(s.clone()))),
@@ -320,7 +320,7 @@ impl Fields {
             _ => Err(CodecError::Field(name)),
         }
     }
-    fn opt_string(&mut self, name: &'static str) -> Result<Option<String>, CodecError> {
+    pub(crate) fn opt_string(&mut self, name: &'static str) -> Result<Option<String>, CodecError> {
         match self.opt(name)? {
             None => Ok(None),
             Some(Value::String(s)) => Ok(Some(s)),

@@ -5,7 +5,7 @@ use std::sync::OnceLock;
 
 use apache_avro::types::Value;
 
-use crate::codec::{Fields, SchemaSet};
+use crate::codec::{Fields, SchemaSet, opt_string};
 use crate::error::CodecError;
 
 /// Feedback's Avro schema (JSON), as shipped in `schemas/avro/feedback.avsc`.
@@ -43,6 +43,8 @@ pub struct PredictionRecord {
     pub probability: f64,
     /// When it answered (ms since the epoch).
     pub time_ms: i64,
+    /// A bandit's choice: the arm step (then `probability` is its propensity).
+    pub arm: Option<String>,
 }
 
 fn schemas(json: &'static str, cell: &'static OnceLock<SchemaSet>) -> &'static SchemaSet {
@@ -93,6 +95,7 @@ pub fn encode_prediction(p: &PredictionRecord) -> Result<Vec<u8>, CodecError> {
         ),
         ("probability".into(), Value::Double(p.probability)),
         ("time_ms".into(), Value::Long(p.time_ms)),
+        ("arm".into(), opt_string(&p.arm)),
     ]))
 }
 
@@ -126,6 +129,7 @@ pub fn decode_prediction(bytes: &[u8]) -> Result<PredictionRecord, CodecError> {
         features,
         probability: f.double("probability")?,
         time_ms: f.long("time_ms")?,
+        arm: f.opt_string("arm")?,
     })
 }
 
@@ -161,6 +165,7 @@ mod tests {
             features: vec![1.5, -2.0, 3.25],
             probability: 0.75,
             time_ms: 7,
+            arm: Some("fast".into()),
         };
         let bytes = encode_prediction(&p).unwrap();
         assert_eq!(&bytes[..2], &[0xC3, 0x01]);

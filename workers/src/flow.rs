@@ -133,17 +133,18 @@ pub fn after_step(
     outputs: Vec<Tensor>,
 ) -> Result<Next, InferenceError> {
     let step = &graph.steps[i];
-    let targets = match &step.kind {
-        StepKind::Route(_) => route_targets(graph, i, base, &carried)?,
-        _ => step.next.clone(),
-    };
     if step.next.is_empty() {
         return Ok(Next {
             forwards: Vec::new(),
             answer: Some(final_result(graph, base, outputs)),
         });
     }
+    // A router may route by its own output (a bandit's `arm`).
     carried.extend(qualify(&step.name, &outputs));
+    let targets = match &step.kind {
+        StepKind::Route(_) => route_targets(graph, i, base, &carried)?,
+        _ => step.next.clone(),
+    };
     Ok(Next {
         forwards: targets
             .into_iter()

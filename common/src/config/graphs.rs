@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::TensorSpec;
+use super::bandit::BanditConfig;
 use super::logic::{
     CustomStepConfig, DecideConfig, DecodeImageConfig, EncodeColumn, FeaturesConfig, HttpConfig,
     PostgresConfig, ValidationRule,
@@ -32,7 +33,7 @@ pub struct GraphConfig {
 }
 
 /// One step as written in config. Exactly one of `model`, `builtin`, `combine`, `route`,
-/// `validate`, `encode`, `decide`, `features`, `postgres`, `http`, `decode_image`, `custom` is
+/// `bandit`, `validate`, `encode`, `decide`, `features`, `postgres`, `http`, `decode_image`, `custom` is
 /// set.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -47,6 +48,9 @@ pub struct StepConfig {
     pub combine: Option<Combiner>,
     /// Pick the next step(s) by a rule.
     pub route: Option<RouteConfig>,
+    /// Pick one of several arm steps by a policy learned from rewards (one per graph; a
+    /// contextual policy reads the step's `context` input).
+    pub bandit: Option<BanditConfig>,
     /// Check the inputs against rules; outputs them unchanged (under their input names).
     pub validate: Option<Vec<ValidationRule>>,
     /// Encode the inputs into one FP32 feature vector (named by `output`, default `features`).

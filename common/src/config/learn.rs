@@ -65,7 +65,55 @@ pub struct LearnerConfig {
     pub freeze_after: Option<u64>,
 }
 
+/// A learner loop's clock and bounds (a learner model's or a bandit's).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LearnTiming {
+    /// How long a prediction waits for its feedback (and feedback for its prediction).
+    pub window: Duration,
+    /// Most predictions and unmatched feedback held at once.
+    pub max_pending: usize,
+    /// How often the learned state is published to the serving replicas.
+    pub snapshot_every: Duration,
+    /// How often the learner's whole state is saved to Redis.
+    pub checkpoint_every: Duration,
+}
+
+impl LearnTiming {
+    /// What is wrong with it (`key` names the settings in messages).
+    pub fn problems(&self, key: &str) -> Vec<String> {
+        let mut p = Vec::new();
+        for (name, d) in [
+            ("window", self.window),
+            ("snapshot_every", self.snapshot_every),
+            ("checkpoint_every", self.checkpoint_every),
+        ] {
+            if d.is_zero() {
+                p.push(format!("{key}.{name}: must be > 0"));
+            }
+        }
+        if self.max_pending == 0 {
+            p.push(format!("{key}.max_pending: must be at least 1"));
+        }
+        p
+    }
+}
+
 impl LearnerConfig {
+    /// The learner loop's clock and bounds.
+    pub fn timing(&self) -> LearnTiming {
+        LearnTiming {
+            window: self.window,
+            max_pending: self.max_pending,
+            snapshot_every: self.snapshot_every,
+            checkpoint_every: self.checkpoint_every,
+        }
+    }
+
+    /// Whether the learner stops after `learned` updates.
+    pub fn frozen_at(&self, learned: u64) -> bool {
+        self.frozen || self.freeze_after.is_some_and(|n| learned >= n)
+    }
+
     /// The L2 strength in effect.
     pub fn l2(&self) -> f64 {
         self.l2.unwrap_or(match self.algorithm {
@@ -152,18 +200,7 @@ pub(super) fn problems(key: &str, m: &super::ModelConfig) -> Vec<String> {
             ));
         }
     }
-    for (name, d) in [
-        ("window", l.window),
-        ("snapshot_every", l.snapshot_every),
-        ("checkpoint_every", l.checkpoint_every),
-    ] {
-        if d.is_zero() {
-            p.push(format!("{key}.learner.{name}: must be > 0"));
-        }
-    }
-    if l.max_pending == 0 {
-        p.push(format!("{key}.learner.max_pending: must be at least 1"));
-    }
+    p.extend(l.timing().problems(&format!("{key}.learner")));
     let positive = l.alpha > 0.0 && l.learning_rate > 0.0;
     let penalties = [l.beta, l.l1, l.l2(), l.intercept_lr];
     if !positive || !penalties.iter().all(|&v| v >= 0.0) {

@@ -8,12 +8,14 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use sluice_schemas::DataType;
 
+mod bandit;
 mod graphs;
 mod learn;
 mod logic;
 
+pub use bandit::{BanditConfig, Policy};
 pub use graphs::{Builtin, CanaryConfig, Combiner, GraphConfig, RouteConfig, StepConfig, TieRule};
-pub use learn::{Algorithm, LearnerConfig};
+pub use learn::{Algorithm, LearnTiming, LearnerConfig};
 pub use logic::{
     AllowedValue, CustomStepConfig, DecideConfig, DecisionRule, DecodeImageConfig, EncodeColumn,
     EncodeOp, FeatureLayout, FeatureSpec, FeaturesConfig, HttpConfig, HttpField, HttpMode,

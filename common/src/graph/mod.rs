@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use crate::config::TensorSpec;
 pub use crate::config::{
-    Builtin, CanaryConfig, Combiner, DecideConfig, EncodeColumn, FeaturesConfig, GraphConfig,
-    RouteConfig, StepConfig, TieRule, ValidationRule,
+    BanditConfig, Builtin, CanaryConfig, Combiner, DecideConfig, EncodeColumn, FeaturesConfig,
+    GraphConfig, RouteConfig, StepConfig, TieRule, ValidationRule,
 };
 use crate::signature::Signature;
 pub use compile::compile;
@@ -143,6 +143,17 @@ pub struct Route {
     pub cases: BTreeMap<String, Vec<usize>>,
     /// Step indices for other values.
     pub default: Vec<usize>,
+    /// A bandit router: it chooses the value (its own `arm` output) by a learned policy.
+    pub bandit: Option<Box<Bandit>>,
+}
+
+/// A compiled bandit router.
+#[derive(Debug, Clone)]
+pub struct Bandit {
+    /// Its settings (arms named by step, in config order).
+    pub settings: crate::config::BanditConfig,
+    /// Numbers per context row (0 for a policy that reads none).
+    pub dims: usize,
 }
 
 /// What a router reads.
@@ -205,6 +216,17 @@ impl Graph {
             return None;
         }
         self.steps.iter().position(|s| s.next.contains(&i))
+    }
+
+    /// The graph's bandit router, if it has one: its step index and settings.
+    pub fn bandit(&self) -> Option<(usize, &Bandit)> {
+        self.steps
+            .iter()
+            .enumerate()
+            .find_map(|(i, s)| match &s.kind {
+                StepKind::Route(r) => r.bandit.as_deref().map(|b| (i, b)),
+                _ => None,
+            })
     }
 
     /// The unit that runs step `i` (for model steps, the primary model).

@@ -363,3 +363,85 @@ fn bad_business_logic_and_fusion_are_named() {
         );
     }
 }
+
+const BANDIT_ARMS: &str = r#"
+[[steps]]
+name = "scale"
+model = "scaler"
+inputs = { input = "request.input" }
+[[steps]]
+name = "fast"
+model = "logreg"
+inputs = { input = "scale.scaled" }
+[[steps]]
+name = "accurate"
+model = "mlp"
+inputs = { input = "scale.scaled" }
+"#;
+
+#[test]
+fn a_bandit_routes_by_its_own_arm_output_among_its_arms() {
+    let g = graph(&format!(
+        "{BANDIT_ARMS}[[steps]]\nname = \"choose\"\nafter = \"scale\"\nbandit = {{ policy = \"thompson\", arms = [\"fast\", \"accurate\"] }}\n"
+    ))
+    .unwrap();
+    let (i, b) = g.bandit().unwrap();
+    assert_eq!(g.steps[i].name, "choose");
+    assert_eq!(b.dims, 0);
+    let StepKind::Route(r) = &g.steps[i].kind else {
+        panic!("not a router")
+    };
+    assert_eq!(r.by, Selector::Tensor("choose.arm".into()));
+    assert_eq!(r.cases["accurate"], [g.step_index("accurate").unwrap()]);
+    assert!(r.default.is_empty());
+    let outputs: Vec<&str> = g.steps[i].outputs.iter().map(|o| o.name.as_str()).collect();
+    assert_eq!(outputs, ["arm", "probability"]);
+    assert!(g.steps[i].carry.contains("scale.scaled"));
+}
+
+#[test]
+fn bad_bandits_are_named() {
+    let step = |bandit: &str, inputs: &str| {
+        format!(
+            "{BANDIT_ARMS}[[steps]]\nname = \"choose\"\nafter = \"scale\"\n{inputs}bandit = {bandit}\n"
+        )
+    };
+    let unknown = err(&step(
+        "{ policy = \"thompson\", arms = [\"fast\", \"nope\"] }",
+        "",
+    ));
+    assert!(
+        unknown.contains("routes to unknown step 'nope'"),
+        "{unknown}"
+    );
+    let no_context = err(&step(
+        "{ policy = \"linucb\", arms = [\"fast\", \"accurate\"] }",
+        "",
+    ));
+    assert!(
+        no_context.contains("reads a `context` input"),
+        "{no_context}"
+    );
+    let contextual = graph(&step(
+        "{ policy = \"linucb\", arms = [\"fast\", \"accurate\"] }",
+        "inputs = { context = \"request.input\" }\n",
+    ))
+    .unwrap();
+    assert_eq!(contextual.bandit().unwrap().1.dims, 64);
+    let bad = err(&step(
+        "{ policy = \"epsilon_greedy\", epsilon = 3, arms = [\"fast\", \"accurate\"] }",
+        "",
+    ));
+    assert!(
+        bad.contains("bandit.epsilon: must be within 0..=1"),
+        "{bad}"
+    );
+    let two = err(&format!(
+        "{}[[steps]]\nname = \"again\"\nafter = \"choose\"\nbandit = {{ policy = \"thompson\", arms = [\"fast\", \"accurate\"] }}\n",
+        step(
+            "{ policy = \"thompson\", arms = [\"fast\", \"accurate\"] }",
+            ""
+        )
+    ));
+    assert!(!two.is_empty(), "two bandits in one graph must not compile");
+}

@@ -3,27 +3,21 @@
 //! answer to `<prefix>.<model>.predictions` (acknowledged before the answer goes out, so every
 //! answered request can be learned from). Answers carry the weights version.
 
-use std::sync::{Arc, RwLock, Weak};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{Message, Offset, TopicPartitionList};
+use sluice_common::Deployment;
 use sluice_common::config::ModelConfig;
-use sluice_common::{Config, Deployment};
 use sluice_learn::{Weights, WeightsRecord};
-use sluice_schemas::learning::{PredictionRecord, encode_prediction};
+use sluice_schemas::learning::PredictionRecord;
 use sluice_schemas::{DataType, Tensor};
 
+use super::prediction_log::PredictionLog;
 use super::seam::{BuildError, Step, StepFailure, StepInput, StepResult, wait_for};
-
-/// How long the broker holds a weights fetch: the most a new snapshot waits to be seen.
-const WEIGHTS_FETCH_WAIT: Duration = Duration::from_millis(50);
+use super::snapshots::{Slot, Snapshot, current, follow};
 /// Longest wait for the broker to log a batch's answers when requests carry no deadline.
 const LOG_TIMEOUT: Duration = Duration::from_secs(10);
-
-type Shared = Arc<RwLock<Arc<Weights>>>;
 
 /// A served learner.
 pub struct LearnerStep {
@@ -31,9 +25,8 @@ pub struct LearnerStep {
     input: String,
     outputs: Vec<String>,
     dims: usize,
-    weights: Shared,
-    producer: FutureProducer,
-    topic: String,
+    weights: Slot<Weights>,
+    log: PredictionLog,
 }
 
 impl LearnerStep {
@@ -62,31 +55,24 @@ impl LearnerStep {
             Some(path) => Weights::read(path).map_err(BuildError::Settings)?,
             None => Weights::zero(dims, learner.scale),
         };
-        let weights: Shared = Arc::new(RwLock::new(Arc::new(start)));
-        let producer = sluice_common::kafka::producer_config(
-            cfg,
-            &format!("sluice-predictions-{name}-{}", std::process::id()),
-            Duration::from_micros(300),
-        )
-        .create()
-        .map_err(|e| BuildError::Settings(format!("prediction log producer: {e}")))?;
+        let weights: Slot<Weights> = Arc::new(RwLock::new(Arc::new(start)));
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(follow(
+            runtime.spawn(follow::<Weights>(
                 Arc::downgrade(&weights),
                 cfg.clone(),
                 deployment.topics.weights(name),
                 name.to_string(),
+                (),
             ));
         }
         tracing::info!(model = %name, dims, "learner model served");
         Ok(LearnerStep {
+            log: PredictionLog::new(name, deployment)?,
             model: name.to_string(),
             input: input.name.clone(),
             outputs: model.outputs.iter().map(|o| o.name.clone()).collect(),
             dims,
             weights,
-            producer,
-            topic: deployment.topics.predictions(name),
         })
     }
 
@@ -133,7 +119,7 @@ impl LearnerStep {
 
     async fn batch(&self, batch: Vec<StepInput>) -> Vec<StepResult> {
         // One snapshot for the whole batch: a swap lands between batches, never inside one.
-        let weights = Arc::clone(&self.weights.read().unwrap_or_else(|e| e.into_inner()));
+        let weights = current(&self.weights);
         let now = sluice_common::now_ms();
         let version = i64::try_from(weights.version).unwrap_or(i64::MAX);
         let answers: Vec<Result<(f64, Vec<f64>), StepFailure>> = batch
@@ -143,33 +129,26 @@ impl LearnerStep {
                 Ok((weights.predict(&x), x))
             })
             .collect();
-        let wait = wait_for(&batch, LOG_TIMEOUT);
-        let logged = answers.iter().zip(&batch).map(|(a, job)| async move {
-            let Ok((p, x)) = a else { return Ok(()) };
-            let record = PredictionRecord {
-                id: job.id.clone(),
-                model: self.model.clone(),
-                weights_version: version,
-                features: x.clone(),
-                probability: *p,
-                time_ms: now,
-            };
-            let bytes = encode_prediction(&record)
-                .map_err(|e| StepFailure::unavailable(format!("prediction log: {e}")))?;
-            self.producer
-                .send(
-                    FutureRecord::to(&self.topic)
-                        .key(&record.id)
-                        .payload(&bytes),
-                    wait,
-                )
-                .await
-                .map(|_| ())
-                .map_err(|(e, _)| {
-                    StepFailure::unavailable(format!("the prediction log was not written: {e}"))
+        let records: Vec<Option<PredictionRecord>> = answers
+            .iter()
+            .zip(&batch)
+            .map(|(a, job)| {
+                let (p, x) = a.as_ref().ok()?;
+                Some(PredictionRecord {
+                    id: job.id.clone(),
+                    model: self.model.clone(),
+                    weights_version: version,
+                    features: x.clone(),
+                    probability: *p,
+                    time_ms: now,
+                    arm: None,
                 })
-        });
-        let logged = futures::future::join_all(logged).await;
+            })
+            .collect();
+        let logged = self
+            .log
+            .write(&records, wait_for(&batch, LOG_TIMEOUT))
+            .await;
         answers
             .into_iter()
             .zip(logged)
@@ -188,64 +167,15 @@ impl Step for LearnerStep {
     }
 }
 
-/// Keeps `weights` at the newest snapshot on `topic` until the step is dropped.
-async fn follow(weights: Weak<RwLock<Arc<Weights>>>, cfg: Config, topic: String, model: String) {
-    let client = format!("sluice-weights-{model}-{}", std::process::id());
-    let consumer: StreamConsumer =
-        match sluice_common::kafka::reader_config(&cfg, &client, WEIGHTS_FETCH_WAIT).create() {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::error!(error = %e, %model, "cannot follow the learner's weights");
-                return;
-            }
-        };
-    let consumer = Arc::new(consumer);
-    // Start at the newest snapshot (the topic's last record).
-    let start = loop {
-        if weights.strong_count() == 0 {
-            return;
-        }
-        match sluice_common::kafka::watermarks(&consumer, &topic).await {
-            Ok((low, high)) => break (high - 1).max(low),
-            Err(e) => tracing::warn!(error = %e, %topic, "weights topic not readable yet"),
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    };
-    let served = metrics::gauge!("sluice_served_weights_version", "model" => model.clone());
-    let mut tpl = TopicPartitionList::new();
-    if let Err(e) = tpl.add_partition_offset(&topic, 0, Offset::Offset(start)) {
-        tracing::error!(error = %e, %topic, "cannot follow the learner's weights");
-        return;
+impl Snapshot for Weights {
+    type Context = ();
+
+    fn parse(payload: &[u8], name: &str, _: &()) -> Result<Option<Weights>, String> {
+        let r: WeightsRecord = serde_json::from_slice(payload).map_err(|e| e.to_string())?;
+        Ok((r.model == name).then_some(r.weights))
     }
-    if let Err(e) = consumer.assign(&tpl) {
-        tracing::error!(error = %e, %topic, "cannot follow the learner's weights");
-        return;
-    }
-    loop {
-        let msg = tokio::time::timeout(Duration::from_secs(1), consumer.recv()).await;
-        let Some(slot) = weights.upgrade() else {
-            return;
-        };
-        let Ok(msg) = msg else { continue };
-        let msg = match msg {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!(error = %e, %topic, "reading weights");
-                continue;
-            }
-        };
-        let Some(payload) = msg.payload() else {
-            continue;
-        };
-        match serde_json::from_slice::<WeightsRecord>(payload) {
-            Ok(r) if r.model == model => {
-                let version = r.weights.version;
-                *slot.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(r.weights);
-                served.set(version as f64);
-                tracing::debug!(%model, version, "weights swapped");
-            }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, %topic, "a weights record that is not a snapshot"),
-        }
+
+    fn version(&self) -> u64 {
+        self.version
     }
 }

@@ -8,6 +8,7 @@
 //! on inference threads of its own, see [`crate::pool`]).
 
 mod argmax;
+mod bandit;
 pub mod combine;
 mod decide;
 mod encode;
@@ -17,9 +18,11 @@ mod image;
 pub mod learner;
 mod model;
 mod postgres;
+mod prediction_log;
 pub mod registry;
 mod route;
 mod seam;
+mod snapshots;
 mod validate;
 
 use std::sync::Arc;
@@ -64,7 +67,10 @@ fn build(deployment: &Deployment, unit: &Unit) -> Result<Arc<dyn Step>, BuildErr
                     join.clone(),
                     output.unwrap_or_default(),
                 ))),
-                StepKind::Route(_) => Ok(Arc::new(route::RouteStep)),
+                StepKind::Route(r) => match &r.bandit {
+                    Some(b) => Ok(Arc::new(bandit::BanditStep::new(&g.name, b, deployment)?)),
+                    None => Ok(Arc::new(route::RouteStep)),
+                },
                 StepKind::Validate(rules) => Ok(Arc::new(validate::ValidateStep::new(rules)?)),
                 StepKind::Encode(columns, output) => Ok(Arc::new(encode::EncodeStep::new(
                     columns.clone(),

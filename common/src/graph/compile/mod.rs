@@ -171,7 +171,7 @@ fn check_fusion(key: &str, g: &GraphConfig, shape: &order::Order) -> Result<(), 
             [] => p.push(format!(
                 "{skey}: the first step cannot be fused (nothing runs before it)"
             )),
-            [d] if g.steps[*d].route.is_some() => p.push(format!(
+            [d] if g.steps[*d].route.is_some() || g.steps[*d].bandit.is_some() => p.push(format!(
                 "{skey}: cannot be fused after router '{}'",
                 g.steps[*d].name
             )),

@@ -50,6 +50,7 @@ pub(super) fn check(
             s.builtin.is_some(),
             s.combine.is_some(),
             s.route.is_some(),
+            s.bandit.is_some(),
             s.validate.is_some(),
             s.encode.is_some(),
             s.decide.is_some(),
@@ -61,7 +62,7 @@ pub(super) fn check(
         ];
         if kinds.iter().filter(|k| **k).count() != 1 {
             p.push(format!(
-                "{skey}: set exactly one of model, builtin, combine, route, validate, encode, decide, features, postgres, http, decode_image, custom"
+                "{skey}: set exactly one of model, builtin, combine, route, bandit, validate, encode, decide, features, postgres, http, decode_image, custom"
             ));
         }
         if let Some(m) = &s.model

@@ -45,22 +45,27 @@ pub(super) fn resolve(
                 )),
             }
         }
+        let mut targets: Vec<&String> = Vec::new();
         if let Some(r) = &s.route {
             if !r.by.starts_with("parameter:") {
                 sources.push(&r.by);
             }
-            for t in r.cases.values().flatten().chain(&r.default) {
-                match index.get(t) {
-                    Some(&ti) => {
-                        if !route_targets[i].contains(&ti) {
-                            route_targets[i].push(ti);
-                        }
+            targets.extend(r.cases.values().flatten().chain(&r.default));
+        }
+        if let Some(b) = &s.bandit {
+            targets.extend(&b.arms);
+        }
+        for t in targets {
+            match index.get(t) {
+                Some(&ti) => {
+                    if !route_targets[i].contains(&ti) {
+                        route_targets[i].push(ti);
                     }
-                    None => p.push(format!(
-                        "{key} step '{}': routes to unknown step '{t}'",
-                        s.name
-                    )),
                 }
+                None => p.push(format!(
+                    "{key} step '{}': routes to unknown step '{t}'",
+                    s.name
+                )),
             }
         }
         for src in sources {
@@ -160,7 +165,7 @@ pub(super) fn resolve(
         ));
     }
     for (r, targets) in route_targets.iter().enumerate() {
-        if g.steps[r].route.is_none() {
+        if g.steps[r].route.is_none() && g.steps[r].bandit.is_none() {
             continue;
         }
         for t in &next[r] {

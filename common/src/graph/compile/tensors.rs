@@ -10,7 +10,7 @@ use super::logic;
 use super::order::Order;
 use super::{shapes_compatible, source_step};
 use crate::config::{Builtin, Combiner, GraphConfig, ModelConfig, TensorSpec};
-use crate::graph::{Join, Route, Selector};
+use crate::graph::{Bandit, Join, Route, Selector};
 
 /// What flows through the graph, indexed in config order.
 pub(super) struct Flow {
@@ -47,6 +47,7 @@ pub(super) fn resolve(
     };
     let mut joins: Vec<Option<Join>> = vec![None; n];
     let mut routes: Vec<Option<Route>> = vec![None; n];
+    let mut bandits = 0;
     for &i in order {
         let s = &g.steps[i];
         let skey = format!("{key} step '{}'", s.name);
@@ -220,8 +221,70 @@ pub(super) fn resolve(
                 by,
                 cases: r.cases.iter().map(|(k, v)| (k.clone(), idx(v))).collect(),
                 default: idx(&r.default),
+                bandit: None,
+            });
+        } else if let Some(b) = &s.bandit {
+            bandits += 1;
+            p.extend(b.problems(&format!("{skey}: bandit")));
+            let mut dims = 0;
+            for (input, src) in &s.inputs {
+                let got = reads(src, &mut p);
+                if input != "context" {
+                    p.push(format!(
+                        "{skey}: a bandit reads one input, `context` (not '{input}')"
+                    ));
+                    continue;
+                }
+                match got {
+                    Some(c)
+                        if c.datatype.element_size().is_some()
+                            && c.datatype != DataType::Fp16
+                            && c.shape.len() == 2
+                            && c.shape[1] > 0 =>
+                    {
+                        dims = usize::try_from(c.shape[1]).unwrap_or(0);
+                    }
+                    Some(_) => p.push(format!(
+                        "{skey}: its context must be numbers of shape [-1, d] with d fixed"
+                    )),
+                    None => {}
+                }
+            }
+            if b.policy.contextual() && !s.inputs.contains_key("context") {
+                p.push(format!(
+                    "{skey}: policy {:?} reads a `context` input ([-1, d] numbers)",
+                    b.policy
+                ));
+            }
+            if !b.policy.contextual() && !s.inputs.is_empty() {
+                p.push(format!(
+                    "{skey}: policy {:?} reads no inputs (use `after` to order it)",
+                    b.policy
+                ));
+            }
+            outputs[i] = vec![
+                spec("arm", DataType::Bytes, vec![-1, 1]),
+                spec("probability", DataType::Fp32, vec![-1, 1]),
+            ];
+            routes[i] = Some(Route {
+                by: Selector::Tensor(format!("{}.arm", s.name)),
+                cases: b
+                    .arms
+                    .iter()
+                    .filter_map(|a| Some((a.clone(), vec![*index.get(a)?])))
+                    .collect(),
+                default: Vec::new(),
+                bandit: Some(Box::new(Bandit {
+                    settings: b.clone(),
+                    dims,
+                })),
             });
         }
+    }
+    if bandits > 1 {
+        p.push(format!(
+            "{key}: at most one bandit step per graph (feedback names a request, and so one choice)"
+        ));
     }
     if !p.is_empty() {
         return Err(p);

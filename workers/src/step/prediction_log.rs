@@ -1,0 +1,61 @@
+//! The prediction log a learning step writes (`<prefix>.<servable>.predictions`): one record
+//! per answer or choice, keyed by request id, acknowledged by the broker before the answer is
+//! released, so every answered request can be learned from.
+
+use std::time::Duration;
+
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use sluice_common::Deployment;
+use sluice_schemas::learning::{PredictionRecord, encode_prediction};
+
+use super::seam::{BuildError, StepFailure};
+
+/// A servable's prediction log.
+pub(super) struct PredictionLog {
+    producer: FutureProducer,
+    topic: String,
+}
+
+impl PredictionLog {
+    /// The log of servable `name`.
+    pub(super) fn new(name: &str, deployment: &Deployment) -> Result<PredictionLog, BuildError> {
+        let producer = sluice_common::kafka::producer_config(
+            &deployment.config,
+            &format!("sluice-predictions-{name}-{}", std::process::id()),
+            Duration::from_micros(300),
+        )
+        .create()
+        .map_err(|e| BuildError::Settings(format!("prediction log producer: {e}")))?;
+        Ok(PredictionLog {
+            producer,
+            topic: deployment.topics.predictions(name),
+        })
+    }
+
+    /// Writes each record (`None`: nothing to log for that job) and waits up to `wait` for the
+    /// broker; per record, whether it was written.
+    pub(super) async fn write(
+        &self,
+        records: &[Option<PredictionRecord>],
+        wait: Duration,
+    ) -> Vec<Result<(), StepFailure>> {
+        let sends = records.iter().map(|r| async move {
+            let Some(record) = r else { return Ok(()) };
+            let bytes = encode_prediction(record)
+                .map_err(|e| StepFailure::unavailable(format!("prediction log: {e}")))?;
+            self.producer
+                .send(
+                    FutureRecord::to(&self.topic)
+                        .key(&record.id)
+                        .payload(&bytes),
+                    wait,
+                )
+                .await
+                .map(|_| ())
+                .map_err(|(e, _)| {
+                    StepFailure::unavailable(format!("the prediction log was not written: {e}"))
+                })
+        });
+        futures::future::join_all(sends).await
+    }
+}
