@@ -183,10 +183,11 @@ fn learned(deployment: &Deployment, name: &str) -> anyhow::Result<Learned> {
             .with_context(|| format!("model '{name}' has no [models.{name}.learner]"))?;
         let dims = model
             .inputs
-            .first()
+            .iter()
+            .find(|i| i.datatype == sluice_schemas::DataType::Fp32)
             .and_then(|i| i.shape.get(1))
-            .and_then(|&d| usize::try_from(d).ok())
-            .context("a learner's input is [-1, d]")?;
+            .map_or(Ok(0), |&d| usize::try_from(d))
+            .context("a learner's dense input is [-1, d]")?;
         return Ok(Learned::Logistic(settings, dims));
     }
     let graph = deployment
@@ -309,6 +310,7 @@ async fn serve<T: Trainee>(
                             weights_version: u64::try_from(p.weights_version).unwrap_or(0),
                             time_ms: p.time_ms,
                             arm: p.arm,
+                            hashed: p.hashed.iter().filter_map(|&h| u32::try_from(h).ok()).collect(),
                         }, now),
                         Err(e) => undecodable(&mut state, &topics[0], msg.offset(), &e),
                     },
@@ -452,7 +454,7 @@ impl Trainee for Learner {
             if settings.frozen_at(self.updates()) || p.features.len() != self.dims() {
                 continue;
             }
-            Learner::learn(self, &p.features, y);
+            self.learn_with(&p.features, &p.hashed, y);
             if joined {
                 counts.learned += 1;
             } else {

@@ -1,6 +1,7 @@
 //! Bandit routing against the real stack (tansu, redis-server, onnxruntime): a Thompson
 //! sampling router over the digit models, rewards from a simulated stream given back as
 //! feedback, one learner, two replicas of the router.
+#![allow(clippy::unwrap_used)]
 
 mod common;
 
@@ -67,10 +68,7 @@ async fn a_bandit_learns_the_best_arm_from_rewards_and_every_replica_follows() {
 
     // Feedback codes: a bandit learns from a reward; a graph without one learns nothing.
     let fb = |model: &str, body: &str| {
-        let (client, url) = (
-            client.clone(),
-            format!("{base}/v2/models/{model}/feedback"),
-        );
+        let (client, url) = (client.clone(), format!("{base}/v2/models/{model}/feedback"));
         let body = body.to_string();
         async move { post(&client, &url, &[], body).await.status }
     };
@@ -104,7 +102,10 @@ async fn a_bandit_learns_the_best_arm_from_rewards_and_every_replica_follows() {
                 assert_eq!(label, want, "{arm} on sample {k}: onnxruntime says {want}");
                 let rate = RATES.iter().find(|(a, _)| *a == arm).unwrap().1;
                 let reward = bernoulli(i, rate);
-                let body = format!(r#"{{"id":"{}","reward":{reward}}}"#, v["id"].as_str().unwrap());
+                let body = format!(
+                    r#"{{"id":"{}","reward":{reward}}}"#,
+                    v["id"].as_str().unwrap()
+                );
                 let f = post(
                     &client,
                     &format!("{base}/v2/models/digits-bandit/feedback"),

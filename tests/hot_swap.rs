@@ -164,6 +164,28 @@ async fn versions_swap_under_load_with_no_failed_request_and_no_mixed_answer() {
         assert!(n > 0, "no answer from version {v}");
     }
     assert!(all.len() > 100, "{} answers", all.len());
+    // Metadata names the version serving now; versioned calls reach it, other versions 404.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let meta = get(&client, &format!("{base}/v2/models/mlp")).await.json();
+    assert_eq!(meta["versions"], serde_json::json!(["4"]), "{meta}");
+    let r = post(
+        &client,
+        &format!("{base}/v2/models/mlp/versions/4/infer"),
+        &[],
+        infer_body(&[&s.scaled[1]]),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(check(&r.json(), &s, 1), "4");
+    let r = post(
+        &client,
+        &format!("{base}/v2/models/mlp/versions/1/infer"),
+        &[],
+        infer_body(&[&s.scaled[1]]),
+    )
+    .await;
+    assert_eq!(r.status, 404);
+    assert!(String::from_utf8_lossy(&r.body).contains("version 4 serves now"));
 
     // A restarted worker serves the newest version that loads (4), not the config's.
     stack.signal(worker, "KILL");

@@ -418,3 +418,78 @@ async fn an_online_learner_recovers_from_drift_and_a_frozen_one_does_not() {
     .await;
     assert!(s["learned"]["drifts"].as_u64().unwrap() >= 1, "{s}");
 }
+
+/// A learner over a hashed categorical input (BYTES, one user id per request) learns each
+/// user's label from feedback while serving, and its prediction log carries the features.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_learner_over_hashed_categories_learns_each_users_label() {
+    let extra = r#"
+[models.clicks]
+max_batch_size = 64
+inputs = [{ name = "user", datatype = "BYTES", shape = [-1, 1] }]
+outputs = [
+  { name = "probability", datatype = "FP32", shape = [-1, 1] },
+  { name = "label", datatype = "INT64", shape = [-1, 1] },
+  { name = "weights_version", datatype = "INT64", shape = [-1, 1] },
+]
+[models.clicks.learner]
+algorithm = "ftrl"
+alpha = 0.5
+hash_buckets = 65536
+"#;
+    let config = sea_config("clicks", &[], extra);
+    let Some(mut stack) = Stack::start_config(config, &[]) else {
+        return;
+    };
+    stack.start_worker("clicks");
+    start_learner(&mut stack, "clicks");
+    let client = http();
+    let base = stack.gateway.clone();
+    // 40 users; even-numbered users click (label 1), odd ones do not.
+    let ask = |i: usize| {
+        let (client, base) = (client.clone(), base.clone());
+        async move {
+            let user = format!("user-{}", (i * 7) % 40);
+            let body = serde_json::json!({"inputs": [{"name": "user", "datatype": "BYTES", "shape": [1, 1], "data": [user]}]});
+            let r = post(
+                &client,
+                &format!("{base}/v2/models/clicks/infer"),
+                &[],
+                body.to_string(),
+            )
+            .await;
+            assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+            let v = r.json();
+            let label = flat_f64(&v["outputs"][1]["data"])[0] as i64;
+            let truth = i64::from(((i * 7) % 40).is_multiple_of(2));
+            (v["id"].as_str().unwrap().to_string(), label, truth)
+        }
+    };
+    const TRAIN: usize = 400;
+    for round in 0..TRAIN / 8 {
+        let answers = futures::future::join_all((0..8).map(|k| ask(round * 8 + k))).await;
+        for (id, _, truth) in answers {
+            let r = feedback(
+                &client,
+                &base,
+                "clicks",
+                &format!(r#"{{"id":"{id}","truth":{truth}}}"#),
+            )
+            .await;
+            assert_eq!(r.status, 202);
+        }
+    }
+    let s = wait_status(&stack, "clicks", "every example learned", |s| {
+        s["learned"]["learned"] == TRAIN
+    })
+    .await;
+    assert_eq!(s["join"]["joined"], TRAIN, "{s}");
+    // The replicas serve what was learned: every user's label right.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let mut right = 0;
+    for i in TRAIN..TRAIN + 80 {
+        let (_, label, truth) = ask(i).await;
+        right += usize::from(label == truth);
+    }
+    assert_eq!(right, 80, "users answered right after learning");
+}

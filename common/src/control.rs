@@ -59,6 +59,12 @@ pub fn channel(cfg: &Config) -> String {
     format!("{}:control", cfg.redis.key_prefix)
 }
 
+/// Where workers record the version of `model` they swapped in last (the gateway's metadata
+/// reads it).
+pub fn serving_key(cfg: &Config, model: &str) -> String {
+    format!("{}:serving:{model}", cfg.redis.key_prefix)
+}
+
 /// Where the workers report on push `id`.
 pub fn report_key(cfg: &Config, id: &str) -> String {
     format!("{}:push:{id}", cfg.redis.key_prefix)

@@ -25,7 +25,7 @@ pub(crate) async fn infer_v(
     Path((name, version)): Path<(String, String)>,
     req: Request,
 ) -> Response {
-    match model_version(&gw, &name, &version) {
+    match model_version(&gw, &name, &version).await {
         Ok(_) => infer(State(gw), Path(name), req).await,
         Err(e) => e.into_response(),
     }

@@ -61,6 +61,8 @@ pub struct Gateway {
     ready_gauge: metrics::Gauge,
     produce_seconds: metrics::Histogram,
     waker: Waker,
+    redis: redis::aio::ConnectionManager,
+    versions: servable::ServingVersions,
 }
 
 impl Gateway {
@@ -106,6 +108,8 @@ impl Gateway {
             ready_gauge: metrics::gauge!("sluice_gateway_ready"),
             produce_seconds: metrics::histogram!("sluice_gateway_produce_seconds"),
             waker,
+            redis: conn.clone(),
+            versions: servable::ServingVersions::default(),
         });
         tokio::spawn(health::probe_loop(Arc::downgrade(&gw), conn));
         Ok(gw)

@@ -93,10 +93,10 @@ fn tensor_meta(specs: &[sluice_common::TensorSpec]) -> Vec<Value> {
         .collect()
 }
 
-fn metadata_json(name: &str, s: &Servable) -> Json<Value> {
+async fn metadata_json(gw: &Gateway, name: &str, s: &Servable) -> Json<Value> {
     Json(json!({
         "name": name,
-        "versions": [s.signature.version],
+        "versions": [gw.serving_version(name, s).await],
         "platform": s.kind.platform(),
         "inputs": tensor_meta(&s.signature.inputs),
         "outputs": tensor_meta(&s.signature.outputs),
@@ -107,14 +107,14 @@ async fn model_metadata(
     State(gw): Shared,
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    Ok(metadata_json(&name, model(&gw, &name)?))
+    Ok(metadata_json(&gw, &name, model(&gw, &name)?).await)
 }
 
 async fn model_metadata_v(
     State(gw): Shared,
     Path((name, version)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
-    Ok(metadata_json(&name, model_version(&gw, &name, &version)?))
+    Ok(metadata_json(&gw, &name, model_version(&gw, &name, &version).await?).await)
 }
 
 fn ready_status(gw: &Gateway) -> StatusCode {
@@ -134,15 +134,16 @@ async fn model_ready_v(
     State(gw): Shared,
     Path((name, version)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
-    model_version(&gw, &name, &version)?;
+    model_version(&gw, &name, &version).await?;
     Ok(ready_status(&gw))
 }
 
 /// Triton's `model_configuration`: dims exclude the batch dimension. Batching and instance
 /// settings come from the model's config; a graph reports no batching delay and one instance.
-fn config_json(gw: &Gateway, name: &str, s: &Servable) -> Json<Value> {
+async fn config_json(gw: &Gateway, name: &str, s: &Servable) -> Json<Value> {
     let platform = s.kind.platform();
     let m = &s.signature;
+    let version = gw.serving_version(name, s).await;
     let model = gw.deployment.model(name);
     let max_delay = model.map_or(0, |c| c.max_delay.as_micros() as u64);
     let instances = model.map_or(1, |c| c.threads * c.workers);
@@ -164,7 +165,7 @@ fn config_json(gw: &Gateway, name: &str, s: &Servable) -> Json<Value> {
         "name": name,
         "platform": platform,
         "backend": if platform == "onnxruntime_onnx" { "onnxruntime" } else { "sluice" },
-        "version_policy": {"specific": {"versions": [m.version]}},
+        "version_policy": {"specific": {"versions": [version]}},
         "max_batch_size": m.max_batch_size,
         "input": dims(&m.inputs),
         "output": dims(&m.outputs),
@@ -180,40 +181,37 @@ async fn model_config(
     State(gw): Shared,
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    Ok(config_json(&gw, &name, model(&gw, &name)?))
+    Ok(config_json(&gw, &name, model(&gw, &name)?).await)
 }
 
 async fn model_config_v(
     State(gw): Shared,
     Path((name, version)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
-    Ok(config_json(
-        &gw,
-        &name,
-        model_version(&gw, &name, &version)?,
-    ))
+    Ok(config_json(&gw, &name, model_version(&gw, &name, &version).await?).await)
 }
 
-fn stats_json(gw: &Gateway, name: &str, m: &Servable) -> Json<Value> {
+async fn stats_json(gw: &Gateway, name: &str, m: &Servable) -> Json<Value> {
+    let version = gw.serving_version(name, m).await;
     let stats = gw
         .stats
         .get(name)
-        .map(|(s, _)| s.to_json(name, &m.signature.version))
+        .map(|(s, _)| s.to_json(name, &version))
         .unwrap_or(Value::Null);
     Json(json!({ "model_stats": [stats] }))
 }
 
 async fn model_stats(State(gw): Shared, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
     let m = model(&gw, &name)?;
-    Ok(stats_json(&gw, &name, m))
+    Ok(stats_json(&gw, &name, m).await)
 }
 
 async fn model_stats_v(
     State(gw): Shared,
     Path((name, version)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
-    let m = model_version(&gw, &name, &version)?;
-    Ok(stats_json(&gw, &name, m))
+    let m = model_version(&gw, &name, &version).await?;
+    Ok(stats_json(&gw, &name, m).await)
 }
 
 async fn render_metrics(State(gw): Shared) -> String {

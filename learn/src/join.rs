@@ -25,6 +25,9 @@ pub struct Prediction {
     /// A bandit's choice: the arm step (then `probability` is its propensity).
     #[serde(default)]
     pub arm: Option<String>,
+    /// A learner's hashed categorical features.
+    #[serde(default)]
+    pub hashed: Vec<u32>,
 }
 
 /// Feedback on an earlier answer.
@@ -252,6 +255,7 @@ mod tests {
             weights_version: 0,
             time_ms: 0,
             arm: None,
+            hashed: Vec::new(),
         }
     }
 

@@ -15,4 +15,4 @@ mod model;
 pub use bandit::{Arm, Bandit, BanditRecord, Rng};
 pub use drift::{Direction, PageHinkley};
 pub use join::{Feedback, Join, JoinCounts, Outcome, Prediction};
-pub use model::{Learner, Weights, WeightsRecord};
+pub use model::{Learner, Weights, WeightsRecord, hash_feature};

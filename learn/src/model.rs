@@ -5,8 +5,20 @@
 //! first, the regression then learns the scaled example; the intercept by plain SGD; FTRL sets a
 //! weight from its `z, n` before updating them), so a stream gives the same predictions.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 use sluice_common::config::{Algorithm, LearnerConfig};
+
+/// The hashed feature of value `value` of categorical input `input`: murmur3 of
+/// `"<input>=<value>"` (seed 0, scikit-learn FeatureHasher's naming) mod `buckets`.
+pub fn hash_feature(input: &str, value: &[u8], buckets: u32) -> u32 {
+    let mut name = Vec::with_capacity(input.len() + 1 + value.len());
+    name.extend_from_slice(input.as_bytes());
+    name.push(b'=');
+    name.extend_from_slice(value);
+    sluice_common::hash::murmur3_32(&name, 0) % buckets.max(1)
+}
 
 /// Running mean and variance per input (Welford), as River's `StandardScaler`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -45,6 +57,9 @@ enum Optimizer {
         l2: f64,
         z: Vec<f64>,
         n: Vec<f64>,
+        /// (z, n) of each hashed feature seen.
+        #[serde(default)]
+        sparse: BTreeMap<u32, (f64, f64)>,
     },
     Sgd {
         learning_rate: f64,
@@ -57,6 +72,9 @@ enum Optimizer {
 pub struct Learner {
     scaler: Option<Scaler>,
     weights: Vec<f64>,
+    /// Weights of the hashed categorical features seen (indicators, not scaled).
+    #[serde(default)]
+    hashed: BTreeMap<u32, f64>,
     intercept: f64,
     intercept_lr: f64,
     optimizer: Optimizer,
@@ -75,6 +93,7 @@ impl Learner {
                 l2: config.l2(),
                 z: vec![0.0; d],
                 n: vec![0.0; d],
+                sparse: BTreeMap::new(),
             },
             Algorithm::Sgd => Optimizer::Sgd {
                 learning_rate: config.learning_rate,
@@ -84,6 +103,7 @@ impl Learner {
         Learner {
             scaler: config.scale.then(|| Scaler::new(d)),
             weights: vec![0.0; d],
+            hashed: BTreeMap::new(),
             intercept: 0.0,
             intercept_lr: config.intercept_lr,
             optimizer,
@@ -96,6 +116,7 @@ impl Learner {
     pub fn from_weights(config: &LearnerConfig, w: &Weights) -> Learner {
         let mut l = Learner::new(config, w.weights.len());
         l.weights.clone_from(&w.weights);
+        l.hashed.clone_from(&w.hashed);
         l.intercept = w.intercept;
         l.updates = w.version;
         if let Some(s) = l.scaler.as_mut() {
@@ -109,13 +130,20 @@ impl Learner {
             l2,
             l1,
             z,
+            sparse,
             ..
         } = &mut l.optimizer
         {
             // z that gives back the same weights with no gradient history (n = 0).
+            let z_of = |wi: f64| -wi * (*beta / *alpha + *l2) - wi.signum() * *l1;
             for (zi, &wi) in z.iter_mut().zip(&w.weights) {
-                *zi = -wi * (*beta / *alpha + *l2) - wi.signum() * *l1;
+                *zi = z_of(wi);
             }
+            *sparse = w
+                .hashed
+                .iter()
+                .map(|(&k, &wi)| (k, (z_of(wi), 0.0)))
+                .collect();
         }
         l
     }
@@ -137,11 +165,22 @@ impl Learner {
 
     /// Learns one example with label `y` (0 or 1).
     pub fn learn(&mut self, x: &[f64], y: f64) {
+        self.learn_with(x, &[], y);
+    }
+
+    /// Learns one example of dense inputs `x` and hashed categorical features `hashed` (each
+    /// an indicator, value 1) with label `y` (0 or 1).
+    pub fn learn_with(&mut self, x: &[f64], hashed: &[u32], y: f64) {
         if let Some(s) = self.scaler.as_mut() {
             s.learn(x);
         }
         let x = scale(self.scaler.as_ref(), x);
-        let raw = dot(&self.weights, &x) + self.intercept;
+        let raw = dot(&self.weights, &x)
+            + hashed
+                .iter()
+                .map(|h| self.hashed.get(h).copied().unwrap_or(0.0))
+                .sum::<f64>()
+            + self.intercept;
         let loss_gradient = sigmoid(raw) - y;
         self.intercept -= self.intercept_lr * loss_gradient;
         match &mut self.optimizer {
@@ -149,6 +188,10 @@ impl Learner {
                 for (w, xi) in self.weights.iter_mut().zip(&x) {
                     let g = loss_gradient * xi + *l2 * *w;
                     *w -= *learning_rate * g;
+                }
+                for h in hashed {
+                    let w = self.hashed.entry(*h).or_insert(0.0);
+                    *w -= *learning_rate * (loss_gradient + *l2 * *w);
                 }
             }
             Optimizer::Ftrl {
@@ -158,16 +201,24 @@ impl Learner {
                 l2,
                 z,
                 n,
+                sparse,
             } => {
-                for i in 0..x.len() {
-                    if z[i].abs() > *l1 {
-                        self.weights[i] =
-                            -(z[i] - z[i].signum() * *l1) / ((*beta + n[i].sqrt()) / *alpha + *l2);
+                let ftrl = |w: &mut f64, z: &mut f64, n: &mut f64, xi: f64| {
+                    if z.abs() > *l1 {
+                        *w = -(*z - z.signum() * *l1) / ((*beta + n.sqrt()) / *alpha + *l2);
                     }
-                    let g = loss_gradient * x[i];
-                    let s = ((n[i] + g * g).sqrt() - n[i].sqrt()) / *alpha;
-                    z[i] += g - s * self.weights[i];
-                    n[i] += g * g;
+                    let g = loss_gradient * xi;
+                    let s = ((*n + g * g).sqrt() - n.sqrt()) / *alpha;
+                    *z += g - s * *w;
+                    *n += g * g;
+                };
+                for i in 0..x.len() {
+                    ftrl(&mut self.weights[i], &mut z[i], &mut n[i], x[i]);
+                }
+                for h in hashed {
+                    let (zh, nh) = sparse.entry(*h).or_insert((0.0, 0.0));
+                    let w = self.hashed.entry(*h).or_insert(0.0);
+                    ftrl(w, zh, nh, 1.0);
                 }
             }
         }
@@ -190,6 +241,7 @@ impl Learner {
             std,
             scaled_count,
             weights: self.weights.clone(),
+            hashed: self.hashed.clone(),
             intercept: self.intercept,
         }
     }
@@ -221,6 +273,9 @@ pub struct Weights {
     pub scaled_count: f64,
     /// One weight per input.
     pub weights: Vec<f64>,
+    /// Weights of the hashed categorical features seen (bucket → weight).
+    #[serde(default)]
+    pub hashed: BTreeMap<u32, f64>,
     /// The intercept.
     pub intercept: f64,
 }
@@ -244,13 +299,23 @@ impl Weights {
             std: if scaled { vec![0.0; d] } else { Vec::new() },
             scaled_count: 0.0,
             weights: vec![0.0; d],
+            hashed: BTreeMap::new(),
             intercept: 0.0,
         }
     }
 
     /// P(y = 1 | x).
     pub fn predict(&self, x: &[f64]) -> f64 {
-        let mut raw = self.intercept;
+        self.predict_with(x, &[])
+    }
+
+    /// P(y = 1 | x, hashed categorical features).
+    pub fn predict_with(&self, x: &[f64], hashed: &[u32]) -> f64 {
+        let mut raw = self.intercept
+            + hashed
+                .iter()
+                .map(|h| self.hashed.get(h).copied().unwrap_or(0.0))
+                .sum::<f64>();
         for (i, (&xi, w)) in x.iter().zip(&self.weights).enumerate() {
             let xi = match (self.mean.get(i), self.std.get(i)) {
                 (Some(m), Some(&s)) if s > 0.0 => (xi - m) / s,
@@ -297,6 +362,49 @@ fn sigmoid(z: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hashed_categories_are_learned_and_served_alongside_dense_inputs() {
+        // The label is the user's (half the users click); the dense input is noise.
+        for algorithm in ["ftrl", "sgd"] {
+            let c = config(&format!(
+                "algorithm = \"{algorithm}\"\nlearning_rate = 0.5\nalpha = 0.5\nhash_buckets = 4096"
+            ));
+            let mut l = Learner::new(&c, 1);
+            let user = |t: usize| format!("u{}", (t * 7) % 40);
+            let label = |t: usize| f64::from(u8::from(((t * 7) % 40) % 2 == 0));
+            let mut correct = 0;
+            for t in 0..4000 {
+                let h = [hash_feature("user", user(t).as_bytes(), c.hash_buckets)];
+                let x = [(t % 13) as f64];
+                if t >= 3000 {
+                    let served = l.weights().predict_with(&x, &h);
+                    correct += usize::from((served > 0.5) == (label(t) > 0.5));
+                }
+                l.learn_with(&x, &h, label(t));
+            }
+            assert!(correct > 980, "{algorithm}: {correct} of 1000");
+            let w = l.weights();
+            assert_eq!(w.hashed.len(), 40);
+            let text = serde_json::to_string(&w).expect("weights as JSON");
+            let back: Weights = serde_json::from_str(&text).expect("weights from JSON");
+            assert_eq!(back.hashed.len(), w.hashed.len());
+            for (k, v) in &w.hashed {
+                assert!((back.hashed[k] - v).abs() < 1e-12);
+            }
+            // A warm start serves the same predictions.
+            let warm = Learner::from_weights(&c, &w);
+            let h = [hash_feature("user", b"u3", c.hash_buckets)];
+            assert!(
+                (warm.weights().predict_with(&[1.0], &h) - w.predict_with(&[1.0], &h)).abs()
+                    < 1e-12
+            );
+        }
+        assert_eq!(
+            hash_feature("user", b"u1", 1 << 20),
+            sluice_common::hash::murmur3_32(b"user=u1", 0) % (1 << 20)
+        );
+    }
 
     fn config(toml_text: &str) -> LearnerConfig {
         toml::from_str(toml_text).expect("learner config")

@@ -45,6 +45,8 @@ pub struct PredictionRecord {
     pub time_ms: i64,
     /// A bandit's choice: the arm step (then `probability` is its propensity).
     pub arm: Option<String>,
+    /// A learner's hashed categorical features (bucket numbers).
+    pub hashed: Vec<i64>,
 }
 
 fn schemas(json: &'static str, cell: &'static OnceLock<SchemaSet>) -> &'static SchemaSet {
@@ -96,6 +98,10 @@ pub fn encode_prediction(p: &PredictionRecord) -> Result<Vec<u8>, CodecError> {
         ("probability".into(), Value::Double(p.probability)),
         ("time_ms".into(), Value::Long(p.time_ms)),
         ("arm".into(), opt_string(&p.arm)),
+        (
+            "hashed".into(),
+            Value::Array(p.hashed.iter().map(|&h| Value::Long(h)).collect()),
+        ),
     ]))
 }
 
@@ -130,6 +136,14 @@ pub fn decode_prediction(bytes: &[u8]) -> Result<PredictionRecord, CodecError> {
         probability: f.double("probability")?,
         time_ms: f.long("time_ms")?,
         arm: f.opt_string("arm")?,
+        hashed: f
+            .array("hashed")?
+            .into_iter()
+            .map(|x| match x {
+                Value::Long(v) => Ok(v),
+                _ => Err(CodecError::Field("hashed")),
+            })
+            .collect::<Result<Vec<i64>, _>>()?,
     })
 }
 
@@ -166,6 +180,7 @@ mod tests {
             probability: 0.75,
             time_ms: 7,
             arm: Some("fast".into()),
+            hashed: vec![3, 1 << 19],
         };
         let bytes = encode_prediction(&p).unwrap();
         assert_eq!(&bytes[..2], &[0xC3, 0x01]);

@@ -93,6 +93,7 @@ pub async fn run(
             None
         }
     };
+    record_serving(&deployment, unit).await;
     let mut worker = Worker::start(&deployment, unit, config_path, ops).await?;
     if let Some(start) = follow_from {
         let served = worker.served_models();
@@ -110,6 +111,30 @@ pub async fn run(
     worker.serve(shutdown).await?;
     worker.drain().await;
     Ok(())
+}
+
+/// Records in Redis the version each ONNX model of `unit` serves (the gateway's metadata
+/// reads it), so a record left by an earlier stack does not outlive it.
+async fn record_serving(deployment: &Deployment, unit: &WorkerUnit) {
+    let cfg = &deployment.config;
+    let mut pipe = redis::pipe();
+    for member in &unit.members {
+        if let Unit::Model(name) = member
+            && let Some(m) = deployment.model(name).filter(|m| m.onnx.is_some())
+        {
+            pipe.set(sluice_common::control::serving_key(cfg, name), &m.version);
+        }
+    }
+    let written = async {
+        let client = redis::Client::open(cfg.redis.url.as_str())?;
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        pipe.query_async::<()>(&mut conn).await
+    };
+    match tokio::time::timeout(std::time::Duration::from_secs(2), written).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "serving versions not recorded"),
+        Err(_) => tracing::warn!("serving versions not recorded: Redis did not answer"),
+    }
 }
 
 /// Serves, for each ONNX model of `unit`, the newest pushed version that loads (a push that

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use sluice_common::control::{ModelPush, PushReport, report_key};
+use sluice_common::control::{ModelPush, PushReport, report_key, serving_key};
 use sluice_common::{Config, ModelConfig};
 use sluice_schemas::Tensor;
 
@@ -98,11 +98,12 @@ pub(crate) async fn follow(
             if let Some(r) = redis.as_mut() {
                 let key = report_key(&cfg, &push.id);
                 let value = serde_json::to_string(&report).unwrap_or_default();
-                let written: redis::RedisResult<()> = redis::pipe()
-                    .hset(&key, &worker, value)
-                    .expire(&key, REPORT_TTL_S)
-                    .query_async(r)
-                    .await;
+                let mut pipe = redis::pipe();
+                pipe.hset(&key, &worker, value).expire(&key, REPORT_TTL_S);
+                if report.ok {
+                    pipe.set(serving_key(&cfg, &push.model), &push.version);
+                }
+                let written: redis::RedisResult<()> = pipe.query_async(r).await;
                 if let Err(e) = written {
                     tracing::warn!(error = %e, "push report not written");
                 }

@@ -63,6 +63,11 @@ pub struct LearnerConfig {
     /// on the start of the stream.
     #[serde(default)]
     pub freeze_after: Option<u64>,
+    /// Buckets categorical (BYTES) inputs are hashed into: each value `v` of input `name` is
+    /// the indicator feature murmur3("name=v") mod `hash_buckets` (scikit-learn's
+    /// FeatureHasher naming), with a weight of its own once seen.
+    #[serde(default = "default_hash_buckets")]
+    pub hash_buckets: u32,
 }
 
 /// A learner loop's clock and bounds (a learner model's or a bandit's).
@@ -151,6 +156,9 @@ fn default_intercept_lr() -> f64 {
 fn default_window() -> Duration {
     Duration::from_secs(30)
 }
+fn default_hash_buckets() -> u32 {
+    1 << 20
+}
 fn default_max_pending() -> usize {
     100_000
 }
@@ -180,14 +188,22 @@ pub(super) fn problems(key: &str, m: &super::ModelConfig) -> Vec<String> {
     if m.onnx.is_some() {
         p.push(format!("{key}: set `onnx` or `learner`, not both"));
     }
-    let dense = m.inputs.len() == 1
-        && m.inputs[0].datatype == sluice_schemas::DataType::Fp32
-        && m.inputs[0].shape.len() == 2
-        && m.inputs[0].shape[1] > 0;
-    if !dense {
+    let dense = |i: &&super::TensorSpec| {
+        i.datatype == sluice_schemas::DataType::Fp32 && i.shape.len() == 2 && i.shape[1] > 0
+    };
+    let categorical = |i: &&super::TensorSpec| {
+        i.datatype == sluice_schemas::DataType::Bytes && i.shape.len() == 2
+    };
+    let fits = m.inputs.iter().all(|i| dense(&i) || categorical(&i))
+        && m.inputs.iter().filter(dense).count() <= 1
+        && !m.inputs.is_empty();
+    if !fits {
         p.push(format!(
-            "{key}.inputs: a learner reads one FP32 input of shape [-1, d] with d fixed"
+            "{key}.inputs: a learner reads at most one FP32 input of shape [-1, d] (d fixed) and any BYTES inputs of shape [-1, k] (categorical values, hashed)"
         ));
+    }
+    if l.hash_buckets == 0 {
+        p.push(format!("{key}.learner.hash_buckets: must be at least 1"));
     }
     for o in &m.outputs {
         let known = LEARNER_OUTPUTS
@@ -236,7 +252,13 @@ mod tests {
         assert!(both[0].contains("not both"), "{both:?}");
         let wide = IO.replace("[-1, 3]", "[-1, -1]");
         let p = problems_of(&format!("{wide}learner = {{ algorithm = \"sgd\" }}"));
-        assert!(p[0].contains("one FP32 input"), "{p:?}");
+        assert!(p[0].contains("at most one FP32 input"), "{p:?}");
+        let mixed = IO.replace(
+            "inputs = [{",
+            "inputs = [{ name = \"user\", datatype = \"BYTES\", shape = [-1, 1] }, {",
+        );
+        let p = problems_of(&format!("{mixed}learner = {{ algorithm = \"ftrl\" }}"));
+        assert!(p.is_empty(), "{p:?}");
         let odd = IO.replace("probability", "score");
         let p = problems_of(&format!("{odd}learner = {{ algorithm = \"sgd\" }}"));
         assert!(p[0].contains("outputs.score"), "{p:?}");

@@ -157,6 +157,7 @@ impl BanditStep {
                     probability: *p,
                     time_ms: now,
                     arm: Some(self.settings.arms[*arm].clone()),
+                    hashed: Vec::new(),
                 })
             })
             .collect();

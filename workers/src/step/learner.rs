@@ -9,7 +9,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use sluice_common::Deployment;
 use sluice_common::config::ModelConfig;
-use sluice_learn::{Weights, WeightsRecord};
+use sluice_learn::{Weights, WeightsRecord, hash_feature};
 use sluice_schemas::learning::PredictionRecord;
 use sluice_schemas::{DataType, Tensor};
 
@@ -19,10 +19,17 @@ use super::snapshots::{Slot, Snapshot, current, follow};
 /// Longest wait for the broker to log a batch's answers when requests carry no deadline.
 const LOG_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// One answer: P(y = 1), the dense row, the hashed features.
+type Answer = (f64, Vec<f64>, Vec<u32>);
+
 /// A served learner.
 pub struct LearnerStep {
     model: String,
-    input: String,
+    /// The dense FP32 input, if any.
+    input: Option<String>,
+    /// The categorical (BYTES) inputs, hashed into `buckets`.
+    categorical: Vec<String>,
+    buckets: u32,
     outputs: Vec<String>,
     dims: usize,
     weights: Slot<Weights>,
@@ -42,15 +49,17 @@ impl LearnerStep {
             .learner
             .as_ref()
             .ok_or_else(|| BuildError::Settings(format!("model '{name}' is not a learner")))?;
-        let input = model
+        let dense = model.inputs.iter().find(|i| i.datatype == DataType::Fp32);
+        let dims = dense
+            .and_then(|i| i.shape.get(1))
+            .map_or(Ok(0), |&d| usize::try_from(d))
+            .map_err(|_| BuildError::Settings(format!("model '{name}': input [-1, d]")))?;
+        let categorical = model
             .inputs
-            .first()
-            .ok_or_else(|| BuildError::Settings(format!("model '{name}' has no input")))?;
-        let dims = input
-            .shape
-            .get(1)
-            .and_then(|&d| usize::try_from(d).ok())
-            .ok_or_else(|| BuildError::Settings(format!("model '{name}': input [-1, d]")))?;
+            .iter()
+            .filter(|i| i.datatype == DataType::Bytes)
+            .map(|i| i.name.clone())
+            .collect();
         let start = match &learner.warm_start {
             Some(path) => Weights::read(path).map_err(BuildError::Settings)?,
             None => Weights::zero(dims, learner.scale),
@@ -69,36 +78,55 @@ impl LearnerStep {
         Ok(LearnerStep {
             log: PredictionLog::new(name, deployment)?,
             model: name.to_string(),
-            input: input.name.clone(),
+            input: dense.map(|i| i.name.clone()),
+            categorical,
+            buckets: learner.hash_buckets,
             outputs: model.outputs.iter().map(|o| o.name.clone()).collect(),
             dims,
             weights,
         })
     }
 
-    /// The row a job asks about, or why it cannot be answered.
-    fn row(&self, job: &StepInput) -> Result<Vec<f64>, StepFailure> {
-        let t = job
-            .tensors
-            .iter()
-            .find(|t| t.name == self.input)
-            .ok_or_else(|| StepFailure::invalid(format!("input '{}' is missing", self.input)))?;
-        if t.rows() != 1 {
-            return Err(StepFailure::invalid(format!(
-                "a learning model answers one row per request (feedback is given per request id); got {} rows",
-                t.rows()
-            )));
+    /// The row a job asks about (dense inputs, hashed categorical features), or why it
+    /// cannot be answered.
+    fn row(&self, job: &StepInput) -> Result<(Vec<f64>, Vec<u32>), StepFailure> {
+        let tensor = |name: &str| {
+            let t = job
+                .tensors
+                .iter()
+                .find(|t| t.name == name)
+                .ok_or_else(|| StepFailure::invalid(format!("input '{name}' is missing")))?;
+            if t.rows() != 1 {
+                return Err(StepFailure::invalid(format!(
+                    "a learning model answers one row per request (feedback is given per request id); got {} rows",
+                    t.rows()
+                )));
+            }
+            Ok(t)
+        };
+        let x = match &self.input {
+            None => Vec::new(),
+            Some(input) => {
+                let x = tensor(input)?
+                    .to_f64()
+                    .ok_or_else(|| StepFailure::invalid("input must be numeric"))?;
+                if x.len() != self.dims || x.iter().any(|v| !v.is_finite()) {
+                    return Err(StepFailure::invalid(format!(
+                        "input '{input}' must hold {} finite numbers",
+                        self.dims
+                    )));
+                }
+                x
+            }
+        };
+        let mut hashed = Vec::new();
+        for name in &self.categorical {
+            let values = tensor(name)?
+                .bytes_elements()
+                .map_err(|e| StepFailure::invalid(format!("input '{name}': {e}")))?;
+            hashed.extend(values.iter().map(|v| hash_feature(name, v, self.buckets)));
         }
-        let x = t
-            .to_f64()
-            .ok_or_else(|| StepFailure::invalid("input must be numeric"))?;
-        if x.len() != self.dims || x.iter().any(|v| !v.is_finite()) {
-            return Err(StepFailure::invalid(format!(
-                "input '{}' must hold {} finite numbers",
-                self.input, self.dims
-            )));
-        }
-        Ok(x)
+        Ok((x, hashed))
     }
 
     fn outputs(&self, p: f64, version: u64) -> Vec<Tensor> {
@@ -122,18 +150,18 @@ impl LearnerStep {
         let weights = current(&self.weights);
         let now = sluice_common::now_ms();
         let version = i64::try_from(weights.version).unwrap_or(i64::MAX);
-        let answers: Vec<Result<(f64, Vec<f64>), StepFailure>> = batch
+        let answers: Vec<Result<Answer, StepFailure>> = batch
             .iter()
             .map(|job| {
-                let x = self.row(job)?;
-                Ok((weights.predict(&x), x))
+                let (x, hashed) = self.row(job)?;
+                Ok((weights.predict_with(&x, &hashed), x, hashed))
             })
             .collect();
         let records: Vec<Option<PredictionRecord>> = answers
             .iter()
             .zip(&batch)
             .map(|(a, job)| {
-                let (p, x) = a.as_ref().ok()?;
+                let (p, x, hashed) = a.as_ref().ok()?;
                 Some(PredictionRecord {
                     id: job.id.clone(),
                     model: self.model.clone(),
@@ -142,6 +170,7 @@ impl LearnerStep {
                     probability: *p,
                     time_ms: now,
                     arm: None,
+                    hashed: hashed.iter().map(|&h| i64::from(h)).collect(),
                 })
             })
             .collect();
@@ -153,7 +182,7 @@ impl LearnerStep {
             .into_iter()
             .zip(logged)
             .map(|(a, l)| {
-                let (p, _) = a?;
+                let (p, _, _) = a?;
                 l?;
                 Ok(self.outputs(p, weights.version))
             })
