@@ -29,6 +29,7 @@ grep -q "Sluice is up" "$OUT/up.out" || { echo "the stack did not come up; see $
 for graph in digits-bandit digits-egreedy digits-linucb; do
   echo "== $graph: $EVENTS requests, the cameras change at $((EVENTS / 2))"
   .venv/bin/python examples/bandit_replay.py --graph "$graph" --events "$EVENTS" --plot "$OUT/$graph.png"
+  sleep 2 # the learner's next checkpoint
   "$BIN" --config examples/bandit.toml learn --model "$graph" --status
   echo
 done

@@ -100,7 +100,7 @@ def plot(path, got, would, change, width=800, height=400, span=200):
     for k, ((name, c), colour) in enumerate(zip(lines.items(), ("black", "orange", "blue", "green"))):
         pts = [xy(t, float(np.mean(c[max(0, t - span):t + 1]))) for t in range(0, n, 10)]
         d.line(pts, fill=colour, width=3 if name == "bandit" else 1)
-        d.text((pad + 5, pad + 5 + 15 * k), f"{name} (reward over the last {span})", fill=colour)
+        d.text((pad + 5, height - pad - 70 + 15 * k), f"{name} (reward over the last {span})", fill=colour)
     d.text((cx + 4, height - pad - 15), "change", fill="gray")
     img.save(path)
 
@@ -133,6 +133,7 @@ def main():
     figures = {
         "events": a.events,
         "reward": float(got.sum()),
+        "fixed_arm_rewards": {k: float(would[k].sum()) for k in ARMS},
         "best_fixed_arm": best_arm,
         "best_fixed_reward": float(would[best_arm].sum()),
         "uniform_reward": uniform,
@@ -156,8 +157,9 @@ def main():
         for name, w in figures["windows"].items():
             shares = ", ".join(f"{k} {w['shares'][k]:.2f}" for k in ARMS)
             print(f"{name:<11} {w['bandit']:>7.3f} " + " ".join(f"{w['always ' + k]:>13.3f}" for k in ARMS) + f"   {shares}")
+        fixed = ", ".join(f"{k} {v:.0f}" for k, v in figures["fixed_arm_rewards"].items())
         print(f"reward {figures['reward']:.0f} of {a.events}: best fixed arm ({best_arm}) {figures['best_fixed_reward']:.0f}, "
-              f"uniform {uniform:.0f}, oracle {oracle:.0f}")
+              f"uniform {uniform:.0f}, oracle {oracle:.0f} (each arm alone: {fixed})")
         print(f"regret vs best fixed arm {figures['regret_vs_best_fixed']:.0f}; vs uniform {figures['regret_vs_uniform']:.0f} "
               "(negative: the bandit earned more)")
     if a.plot:

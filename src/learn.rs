@@ -503,6 +503,7 @@ impl Trainee for Bandit {
                 continue;
             }
             let Some(arm) = p.arm else { continue };
+            self.forget(b.settings.discount);
             if Bandit::learn(self, &arm, &p.features, reward) {
                 if joined {
                     counts.learned += 1;

@@ -162,6 +162,17 @@ impl Bandit {
         true
     }
 
+    /// Multiplies every arm's counts by `factor` (old rewards fade; ε-greedy and Thompson
+    /// sampling only, the linear models keep theirs).
+    pub fn forget(&mut self, factor: f64) {
+        if factor < 1.0 {
+            for a in &mut self.arms {
+                a.pulls *= factor;
+                a.reward *= factor;
+            }
+        }
+    }
+
     /// The arm that looks best now (ties: the first listed). ε-greedy tries an arm with no
     /// reward yet before any other.
     pub fn greedy(&self, policy: Policy, context: &[f64]) -> usize {
@@ -349,7 +360,8 @@ mod tests {
     }
 
     /// Plays `rounds` Bernoulli rewards with per-arm success rates `p(t)` and returns the
-    /// policy's total reward, learning after every `delay` rounds (a snapshot's lag).
+    /// policy's total reward, learning after every `delay` rounds (a snapshot's lag), with the
+    /// policy's discount.
     fn play(
         s: &BanditConfig,
         rounds: usize,
@@ -372,6 +384,7 @@ mod tests {
             let arm = rng.pick(&probs);
             let r = f64::from(u8::from(rng.uniform() < p(t)[arm]));
             total += r;
+            learner.forget(s.discount);
             learner.learn(&s.arms[arm], &[], r);
         }
         total
@@ -407,6 +420,14 @@ mod tests {
         let got = play(&s, 6000, 20, rates, 3);
         // Best fixed arm over the whole stream earns 0.5 per round; uniform 0.467.
         assert!(got > 0.55 * 6000.0, "earned {got}");
+        // Forgetting old rewards follows the change sooner: more reward after it.
+        let after = |s: &BanditConfig| play(s, 6000, 20, rates, 3) - play(s, 3000, 20, rates, 3);
+        let discounted = settings("thompson", "discount = 0.99");
+        let (plain, fading) = (after(&s), after(&discounted));
+        assert!(
+            fading > plain + 100.0,
+            "after the change: {plain} plain, {fading} discounted"
+        );
     }
 
     #[test]

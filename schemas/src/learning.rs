@@ -49,12 +49,16 @@ pub struct PredictionRecord {
     pub hashed: Vec<i64>,
 }
 
-fn schemas(json: &'static str, cell: &'static OnceLock<SchemaSet>) -> &'static SchemaSet {
-    cell.get_or_init(|| match SchemaSet::new(json) {
+fn schemas_of(json: &str) -> SchemaSet {
+    match SchemaSet::new(json) {
         Ok(s) => s,
         // The schema is compiled in and parsed by a unit test: this cannot fail at run time.
         Err(e) => panic!("shipped schema does not parse: {e}"),
-    })
+    }
+}
+
+fn schemas(json: &'static str, cell: &'static OnceLock<SchemaSet>) -> &'static SchemaSet {
+    cell.get_or_init(|| schemas_of(json))
 }
 
 fn feedback_schemas() -> &'static SchemaSet {
@@ -62,9 +66,21 @@ fn feedback_schemas() -> &'static SchemaSet {
     schemas(FEEDBACK_SCHEMA, &CELL)
 }
 
+/// Earlier prediction schemas, still readable (records logged before an upgrade).
+const PREDICTION_HISTORY: &[&str] = &[include_str!("../avro/history/prediction-v1.avsc")];
+
 fn prediction_schemas() -> &'static SchemaSet {
     static CELL: OnceLock<SchemaSet> = OnceLock::new();
-    schemas(PREDICTION_SCHEMA, &CELL)
+    CELL.get_or_init(|| {
+        let mut set = schemas_of(PREDICTION_SCHEMA);
+        for old in PREDICTION_HISTORY {
+            if let Err(e) = set.add_writer(old) {
+                // Compiled in and parsed by a unit test: this cannot fail at run time.
+                panic!("shipped schema does not parse: {e}");
+            }
+        }
+        set
+    })
 }
 
 fn optional(v: Option<f64>) -> Value {
@@ -184,6 +200,25 @@ mod tests {
         };
         let bytes = encode_prediction(&p).unwrap();
         assert_eq!(&bytes[..2], &[0xC3, 0x01]);
+        // A record logged with the first schema (no arm, no hashed features) still reads.
+        let v1 = apache_avro::Schema::parse_str(PREDICTION_HISTORY[0]).unwrap();
+        let old = crate::codec::encode_with(
+            &v1,
+            Value::Record(vec![
+                ("id".into(), Value::String("r0".into())),
+                ("model".into(), Value::String("sea".into())),
+                ("weights_version".into(), Value::Long(1)),
+                ("features".into(), Value::Array(vec![Value::Double(0.5)])),
+                ("probability".into(), Value::Double(0.25)),
+                ("time_ms".into(), Value::Long(3)),
+            ]),
+        )
+        .unwrap();
+        let read = decode_prediction(&old).unwrap();
+        assert_eq!(
+            (read.arm, read.hashed.len(), read.features),
+            (None, 0, vec![0.5])
+        );
         assert_eq!(decode_prediction(&bytes).unwrap(), p);
         assert!(
             decode_feedback(&bytes).is_err(),

@@ -23,6 +23,11 @@ pub struct BanditConfig {
     /// `linucb`: width of the confidence bound (more explores more).
     #[serde(default = "one")]
     pub alpha: f64,
+    /// `epsilon_greedy` and `thompson`: every arm's counts are multiplied by this at each
+    /// reward learned, so old rewards fade (1 = never forget; 0.995 remembers about the last
+    /// 200): the policy follows a best arm that changes.
+    #[serde(default = "one")]
+    pub discount: f64,
     /// Most share of requests sent to an arm other than the one that looks best now (caps
     /// every policy's exploration; 0 = always the best-looking arm).
     #[serde(default = "one")]
@@ -106,6 +111,14 @@ impl BanditConfig {
             if !(0.0..=1.0).contains(&v) {
                 p.push(format!("{key}.{name}: must be within 0..=1"));
             }
+        }
+        if !(self.discount > 0.0 && self.discount <= 1.0) {
+            p.push(format!("{key}.discount: must be within (0, 1]"));
+        } else if self.discount < 1.0 && self.policy.contextual() {
+            p.push(format!(
+                "{key}.discount: applies to epsilon_greedy and thompson, not {:?}",
+                self.policy
+            ));
         }
         if !(self.alpha >= 0.0 && self.alpha.is_finite()) {
             p.push(format!("{key}.alpha: must be >= 0"));
