@@ -9,21 +9,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use serde_json::Value;
 
 /// Each arm's chance of reward in the simulated stream.
 const RATES: [(&str, f64); 3] = [("logreg", 0.2), ("mlp", 0.5), ("forest", 0.8)];
-
-/// The learner's last checkpoint, as `sluice learn --status` prints it.
-fn status(stack: &Stack, graph: &str) -> Option<Value> {
-    let out = stack
-        .sluice(&["learn", "--model", graph, "--status"])
-        .output()
-        .unwrap();
-    out.status
-        .success()
-        .then(|| serde_json::from_slice(&out.stdout).unwrap())
-}
 
 /// A deterministic stand-in for a random reward: 1 with probability `rate`, keyed by `i`.
 fn bernoulli(i: usize, rate: f64) -> f64 {
@@ -40,7 +28,8 @@ fn bernoulli(i: usize, rate: f64) -> f64 {
 /// per arm; both router replicas serve the learner's last state.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_bandit_learns_the_best_arm_from_rewards_and_every_replica_follows() {
-    let config = example_variant("bandit", "bandit-sim", &[], "");
+    // Without the example's discount, so each arm's count is exactly the rewards it earned.
+    let config = example_variant("bandit", "bandit-sim", &[("discount = 0.995, ", "")], "");
     let Some(mut stack) = Stack::start_config(config, &[]) else {
         return;
     };
@@ -137,15 +126,10 @@ async fn a_bandit_learns_the_best_arm_from_rewards_and_every_replica_follows() {
     );
 
     // The learner saw every choice and reward once, per arm as served.
-    let end = Instant::now() + Duration::from_secs(30);
-    let s = loop {
-        let s = status(&stack, "digits-bandit");
-        if let Some(s) = s.as_ref().filter(|s| s["learned"]["learned"] == EVENTS) {
-            break s.clone();
-        }
-        assert!(Instant::now() < end, "learner: {s:?}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let s = wait_learner_status(&stack, "digits-bandit", "every reward learned", |s| {
+        s["learned"]["learned"] == EVENTS
+    })
+    .await;
     assert_eq!(s["join"]["predictions"], EVENTS, "{s}");
     assert_eq!(s["join"]["joined"], EVENTS, "{s}");
     assert_eq!(s["join"]["duplicate"], 0, "{s}");

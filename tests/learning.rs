@@ -122,35 +122,6 @@ async fn feedback(client: &Http, base: &str, model: &str, body: &str) -> Reply {
     .await
 }
 
-/// The learner's last checkpoint, as `sluice learn --status` prints it.
-fn status(stack: &Stack, model: &str) -> Option<Value> {
-    let out = stack
-        .sluice(&["learn", "--model", model, "--status"])
-        .output()
-        .unwrap();
-    out.status
-        .success()
-        .then(|| serde_json::from_slice(&out.stdout).unwrap())
-}
-
-/// Waits until the learner's checkpoint satisfies `done`; returns it.
-async fn wait_status(
-    stack: &Stack,
-    model: &str,
-    what: &str,
-    done: impl Fn(&Value) -> bool,
-) -> Value {
-    let end = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
-        let s = status(stack, model);
-        if let Some(s) = s.as_ref().filter(|s| done(s)) {
-            return s.clone();
-        }
-        assert!(std::time::Instant::now() < end, "{what}: last status {s:?}");
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
-}
-
 fn start_learner(stack: &mut Stack, model: &str) -> (usize, String) {
     let addr = format!("127.0.0.1:{}", free_port());
     let i = stack.spawn_sluice(
@@ -236,7 +207,7 @@ async fn feedback_joins_once_and_windows_end_by_the_clock() {
     );
 
     // Joined: 3, one repeat; then, with no traffic at all, the other two windows end.
-    let s = wait_status(&stack, "sea", "two windows end without feedback", |s| {
+    let s = wait_learner_learner_status(&stack, "sea", "two windows end without feedback", |s| {
         s["join"]["no_feedback"] == 2
     })
     .await;
@@ -254,7 +225,7 @@ async fn feedback_joins_once_and_windows_end_by_the_clock() {
     )
     .await;
     assert_eq!(r.status, 202);
-    let s = wait_status(&stack, "sea", "late feedback counted", |s| {
+    let s = wait_learner_learner_status(&stack, "sea", "late feedback counted", |s| {
         s["join"]["late"] == 1
     })
     .await;
@@ -328,14 +299,14 @@ async fn a_learner_killed_under_load_loses_nothing_and_counts_nothing_twice() {
         }));
     }
     // Killed once it has checkpointed part of the stream.
-    wait_status(&stack, "sea", "a first checkpoint", |s| {
+    wait_learner_learner_status(&stack, "sea", "a first checkpoint", |s| {
         s["next"][0].as_u64() > Some(0)
     })
     .await;
     stack.signal(learner, "KILL");
     stack.wait_exit(learner, std::time::Duration::from_secs(5));
     // What the killed learner had saved: part of the stream, the rest to be re-read.
-    let saved = status(&stack, "sea").expect("a checkpoint before the kill");
+    let saved = learner_status(&stack, "sea").expect("a checkpoint before the kill");
     let read = saved["next"][0].as_u64().unwrap();
     assert!(read > 0 && read < EVENTS as u64, "{saved}");
     while sent.load(std::sync::atomic::Ordering::Relaxed) < 2 * EVENTS / 3 {
@@ -345,7 +316,7 @@ async fn a_learner_killed_under_load_loses_nothing_and_counts_nothing_twice() {
     for t in tasks {
         t.await.unwrap();
     }
-    let s = wait_status(&stack, "sea", "every event learned", |s| {
+    let s = wait_learner_learner_status(&stack, "sea", "every event learned", |s| {
         s["learned"]["learned"] == EVENTS
     })
     .await;
@@ -412,7 +383,7 @@ async fn an_online_learner_recovers_from_drift_and_a_frozen_one_does_not() {
         "frozen should stay wrong after the change: {t}"
     );
     // The frozen model's served error rose for good: its learner reports drift.
-    let s = wait_status(&stack, "sea-frozen", "drift reported", |s| {
+    let s = wait_learner_learner_status(&stack, "sea-frozen", "drift reported", |s| {
         s["learned"]["served_judged"] == 3000
     })
     .await;
@@ -479,7 +450,7 @@ hash_buckets = 65536
             assert_eq!(r.status, 202);
         }
     }
-    let s = wait_status(&stack, "clicks", "every example learned", |s| {
+    let s = wait_learner_learner_status(&stack, "clicks", "every example learned", |s| {
         s["learned"]["learned"] == TRAIN
     })
     .await;

@@ -588,3 +588,32 @@ pub async fn metric_sum(client: &Http, addr: &str, name: &str, label: &str) -> f
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+/// The learner's last checkpoint, as `sluice learn --status` prints it.
+pub fn learner_status(stack: &Stack, model: &str) -> Option<Value> {
+    let out = stack
+        .sluice(&["learn", "--model", model, "--status"])
+        .output()
+        .unwrap();
+    out.status
+        .success()
+        .then(|| serde_json::from_slice(&out.stdout).unwrap())
+}
+
+/// Waits until the learner's checkpoint satisfies `done`; returns it.
+pub async fn wait_learner_status(
+    stack: &Stack,
+    model: &str,
+    what: &str,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let s = learner_status(stack, model);
+        if let Some(s) = s.as_ref().filter(|s| done(s)) {
+            return s.clone();
+        }
+        assert!(std::time::Instant::now() < end, "{what}: last status {s:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
