@@ -207,7 +207,7 @@ async fn feedback_joins_once_and_windows_end_by_the_clock() {
     );
 
     // Joined: 3, one repeat; then, with no traffic at all, the other two windows end.
-    let s = wait_learner_learner_status(&stack, "sea", "two windows end without feedback", |s| {
+    let s = wait_learner_status(&stack, "sea", "two windows end without feedback", |s| {
         s["join"]["no_feedback"] == 2
     })
     .await;
@@ -225,7 +225,7 @@ async fn feedback_joins_once_and_windows_end_by_the_clock() {
     )
     .await;
     assert_eq!(r.status, 202);
-    let s = wait_learner_learner_status(&stack, "sea", "late feedback counted", |s| {
+    let s = wait_learner_status(&stack, "sea", "late feedback counted", |s| {
         s["join"]["late"] == 1
     })
     .await;
@@ -299,7 +299,7 @@ async fn a_learner_killed_under_load_loses_nothing_and_counts_nothing_twice() {
         }));
     }
     // Killed once it has checkpointed part of the stream.
-    wait_learner_learner_status(&stack, "sea", "a first checkpoint", |s| {
+    wait_learner_status(&stack, "sea", "a first checkpoint", |s| {
         s["next"][0].as_u64() > Some(0)
     })
     .await;
@@ -316,7 +316,7 @@ async fn a_learner_killed_under_load_loses_nothing_and_counts_nothing_twice() {
     for t in tasks {
         t.await.unwrap();
     }
-    let s = wait_learner_learner_status(&stack, "sea", "every event learned", |s| {
+    let s = wait_learner_status(&stack, "sea", "every event learned", |s| {
         s["learned"]["learned"] == EVENTS
     })
     .await;
@@ -383,7 +383,7 @@ async fn an_online_learner_recovers_from_drift_and_a_frozen_one_does_not() {
         "frozen should stay wrong after the change: {t}"
     );
     // The frozen model's served error rose for good: its learner reports drift.
-    let s = wait_learner_learner_status(&stack, "sea-frozen", "drift reported", |s| {
+    let s = wait_learner_status(&stack, "sea-frozen", "drift reported", |s| {
         s["learned"]["served_judged"] == 3000
     })
     .await;
@@ -450,7 +450,7 @@ hash_buckets = 65536
             assert_eq!(r.status, 202);
         }
     }
-    let s = wait_learner_learner_status(&stack, "clicks", "every example learned", |s| {
+    let s = wait_learner_status(&stack, "clicks", "every example learned", |s| {
         s["learned"]["learned"] == TRAIN
     })
     .await;
