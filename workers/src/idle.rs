@@ -18,32 +18,6 @@ use tokio::sync::mpsc;
 
 use crate::group::{GroupContext, PartitionKey};
 
-/// How a sink tells the consumer loop it wrote to one of the worker's own partitions: only for
-/// topics with a partition paused now (`paused_topics`, by topic index; it may say paused when
-/// none is, never the other way round), so a busy pipeline sends nothing.
-#[derive(Clone)]
-pub(crate) struct OwnWrites {
-    pub(crate) tx: tokio::sync::mpsc::Sender<PartitionKey>,
-    pub(crate) paused_topics: Arc<Vec<AtomicBool>>,
-}
-
-impl OwnWrites {
-    /// Reports a record written to partition `partition` of `topic`, if that is one of the
-    /// worker's `topics` with a partition paused. Only paused topics' names are compared, so a
-    /// busy worker does no work here.
-    pub(crate) fn wrote(&self, topics: &[String], topic: &str, partition: i32) {
-        let paused = self
-            .paused_topics
-            .iter()
-            .zip(topics)
-            .position(|(p, t)| p.load(Ordering::Relaxed) && t == topic);
-        if let Some(t) = paused {
-            // Full: the loop is busy and will catch up at the next probe anyway.
-            let _ = self.tx.try_send((t, partition));
-        }
-    }
-}
-
 /// The idle cycle of one worker's consumer, partition by partition: a partition that brought
 /// no record for `after` is paused; paused partitions are probed together every `every` (resumed
 /// for `probe`, paused again if nothing came); a wake-up resumes them all, a record this worker
@@ -68,7 +42,7 @@ pub(crate) struct IdleFetch {
     rebalances: u64,
     /// `sluice_worker_paused_partitions`.
     paused_gauge: metrics::Gauge,
-    /// Topics with a partition paused (shared with the sinks, see [`OwnWrites`]).
+    /// Topics with a partition paused (shared with the sinks, see [`crate::sink::OwnWrites`]).
     paused_topics: Arc<Vec<AtomicBool>>,
 }
 
