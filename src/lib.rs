@@ -95,6 +95,20 @@ enum Command {
         #[command(subcommand)]
         action: features::FeaturesAction,
     },
+    /// API keys for `[gateway.auth]`.
+    Keys {
+        #[command(subcommand)]
+        action: KeysAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysAction {
+    /// Print the SHA-256 of a key (for `[[gateway.auth.keys]] sha256`); the key is read from
+    /// standard input, so it stays out of shell history.
+    Hash,
+    /// Make a new random key (32 bytes from the OS, hex) and print it with its SHA-256.
+    New,
 }
 
 #[derive(Subcommand)]
@@ -221,5 +235,33 @@ async fn run(
         Command::Features { action } => features::run(&deployment, action).await,
         Command::Learn(args) => learn::run(deployment, args).await,
         Command::Models { action } => models::run(&deployment, action).await,
+        Command::Keys { action } => keys(action),
     }
+}
+
+/// `sluice keys hash|new`.
+fn keys(action: KeysAction) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let key = match action {
+        KeysAction::Hash => {
+            let mut text = String::new();
+            std::io::stdin().read_to_string(&mut text)?;
+            let key = text.trim().to_string();
+            anyhow::ensure!(!key.is_empty(), "no key on standard input");
+            key
+        }
+        KeysAction::New => {
+            let mut bytes = [0u8; 32];
+            std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+            let key: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            writeln!(std::io::stdout(), "key:    {key}")?;
+            key
+        }
+    };
+    writeln!(
+        std::io::stdout(),
+        "sha256: {}",
+        sluice_gateway::auth::hash_key(&key)
+    )?;
+    Ok(())
 }

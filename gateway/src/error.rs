@@ -53,6 +53,22 @@ pub enum ApiError {
     /// A bug or an unexpected state.
     #[error("internal error: {0}")]
     Internal(String),
+    /// No credentials, malformed ones, or an unknown or revoked key.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// A valid key outside its scope or servables.
+    #[error("{0}")]
+    Forbidden(String),
+    /// A key over its rate limit.
+    #[error("key '{key}' is over its rate limit of {rate}/s; retry in {retry_after_s} s")]
+    RateLimited {
+        /// The key's name.
+        key: String,
+        /// Its rate.
+        rate: f64,
+        /// Seconds until a request will be admitted.
+        retry_after_s: u64,
+    },
 }
 
 impl ApiError {
@@ -63,7 +79,11 @@ impl ApiError {
             ApiError::ModelNotFound(_) => StatusCode::NOT_FOUND,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::InvalidTensor(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            ApiError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Overloaded { .. } | ApiError::RateLimited { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::DeadlineExceeded(_) | ApiError::StepTimedOut(_) => {
                 StatusCode::GATEWAY_TIMEOUT
@@ -118,9 +138,23 @@ impl IntoResponse for ApiError {
         let status = self.status();
         let body = Json(serde_json::json!({ "error": self.to_string() }));
         let mut resp = (status, body).into_response();
-        if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        let headers = resp.headers_mut();
+        match &self {
+            ApiError::RateLimited { retry_after_s, .. } => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_s));
+            }
+            ApiError::Unauthorized(_) => {
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"sluice\""),
+                );
+            }
+            _ if status == StatusCode::TOO_MANY_REQUESTS
+                || status == StatusCode::SERVICE_UNAVAILABLE =>
+            {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            _ => {}
         }
         resp
     }

@@ -4,6 +4,7 @@
 //! topic ([`publish`]), and answered when its result comes back through Redis ([`correlator`]).
 //! [`health`] probes the broker and Redis; [`routes`] serves metadata; `wake` wakes idle workers.
 
+pub mod auth;
 pub mod correlator;
 pub mod error;
 mod feedback;
@@ -63,6 +64,7 @@ pub struct Gateway {
     waker: Waker,
     redis: redis::aio::ConnectionManager,
     versions: servable::ServingVersions,
+    keys: Option<auth::Keys>,
 }
 
 impl Gateway {
@@ -93,6 +95,7 @@ impl Gateway {
             .collect();
         let publisher = Publisher::new(cfg, &id)?;
         let waker = Waker::new(&deployment, conn.clone());
+        let keys = auth::Keys::new(&cfg.gateway.auth);
         let gw = Arc::new(Gateway {
             permits: Arc::new(Semaphore::new(cfg.gateway.max_in_flight)),
             deployment,
@@ -110,6 +113,7 @@ impl Gateway {
             waker,
             redis: conn.clone(),
             versions: servable::ServingVersions::default(),
+            keys,
         });
         tokio::spawn(health::probe_loop(Arc::downgrade(&gw), conn));
         Ok(gw)

@@ -57,6 +57,10 @@ pub(crate) fn router(gw: Arc<Gateway>) -> Router {
         )
         .route("/v2/models/{model}/versions/{version}/infer", post(infer_v))
         .route("/metrics", get(render_metrics))
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&gw),
+            crate::auth::check,
+        ))
         .with_state(gw)
 }
 

@@ -8,11 +8,13 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use sluice_schemas::DataType;
 
+mod auth;
 mod bandit;
 mod graphs;
 mod learn;
 mod logic;
 
+pub use auth::{ApiKey, AuthConfig, Scope};
 pub use bandit::{BanditConfig, Policy};
 pub use graphs::{Builtin, CanaryConfig, Combiner, GraphConfig, RouteConfig, StepConfig, TieRule};
 pub use learn::{Algorithm, LearnTiming, LearnerConfig};
@@ -184,6 +186,9 @@ pub struct GatewayConfig {
     /// Probes failed in a row before a dependency counts as down (one slow answer from a busy
     /// broker must not turn requests away).
     pub health_failures: u32,
+    /// Who may call it (off by default).
+    #[serde(default)]
+    pub auth: AuthConfig,
 }
 
 /// Worker processes.
@@ -410,7 +415,7 @@ impl Config {
     /// Every invalid value, each naming its key.
     // Long on purpose: one flat list of checks, one per key, so every problem is reported at once.
     pub fn problems(&self) -> Vec<String> {
-        let mut p = Vec::new();
+        let mut p = self.gateway.auth.problems();
         if self.kafka.brokers.trim().is_empty() {
             p.push("kafka.brokers: must not be empty".into());
         }
