@@ -126,6 +126,14 @@ async fn bad_records_are_dead_lettered_and_callers_get_error_replies() {
         .unwrap();
     let m = next_matching(&dlq, |m| m.key() == Some(b"junk")).await;
     assert_eq!(m.payload(), Some(&b"not avro"[..]), "original payload kept");
+    // The producer is not left waiting: an error result under its key on the result topic.
+    let results = consumer(&stack, "sluice.mlp.results");
+    let r = next_matching(&results, |m| m.key() == Some(b"junk")).await;
+    let r = decode_result(r.payload().unwrap()).unwrap();
+    assert_eq!(
+        (r.id.as_str(), r.error.unwrap().code.as_str()),
+        ("junk", "undecodable")
+    );
     assert_eq!(header(&m, "x-error-class").as_deref(), Some("undecodable"));
     assert_eq!(
         header(&m, "x-original-topic").as_deref(),

@@ -372,7 +372,7 @@ mod tests {
             ));
             let mut l = Learner::new(&c, 1);
             let user = |t: usize| format!("u{}", (t * 7) % 40);
-            let label = |t: usize| f64::from(u8::from(((t * 7) % 40) % 2 == 0));
+            let label = |t: usize| f64::from(u8::from(((t * 7) % 40).is_multiple_of(2)));
             let mut correct = 0;
             for t in 0..4000 {
                 let h = [hash_feature("user", user(t).as_bytes(), c.hash_buckets)];

@@ -86,15 +86,23 @@ pub fn admit(m: &Record<'_>, source: Source, ctx: &Admit<'_>) -> Admission {
     } else {
         decode_request(payload).map_err(|e| e.to_string())
     };
+    let entry_results = entry_graph
+        .and_then(|g| ctx.graphs.get(g))
+        .map(|g| g.result_topic.clone());
     let mut request = match decoded {
         Ok(r) => r,
-        Err(e) => return undecodable(m, source, ctx, e),
+        Err(e) => return undecodable(m, source, ctx, e, entry_results, json),
     };
     let invalid = |request: &InferenceRequest, message: String, json: bool| {
-        let result_topic = entry_graph
-            .and_then(|g| ctx.graphs.get(g))
-            .map(|g| g.result_topic.clone());
-        rejected(m, source, ctx, request, message, json, result_topic)
+        rejected(
+            m,
+            source,
+            ctx,
+            request,
+            message,
+            json,
+            entry_results.clone(),
+        )
     };
 
     // A graph record: addressed to a step, or fresh on a graph's entry topic.
@@ -292,42 +300,49 @@ fn graph_job(
     }))
 }
 
-/// A record that could not be decoded: dead-lettered, and answered when headers name the caller.
-fn undecodable(m: &Record<'_>, source: Source, ctx: &Admit<'_>, error: String) -> Admission {
+/// A record that could not be decoded: dead-lettered, and answered on the result topic
+/// (`result_topic`, or the unit's) under the request id when one is known: from the gateway's
+/// headers (which also name the waiting caller's reply route) or, for a direct producer, the
+/// record's key; so no caller is left waiting for its deadline.
+fn undecodable(
+    m: &Record<'_>,
+    source: Source,
+    ctx: &Admit<'_>,
+    error: String,
+    result_topic: Option<String>,
+    json: bool,
+) -> Admission {
     ctx.metrics.undecodable.increment(1);
     let message = format!("undecodable request record: {error}");
-    // The gateway also names the request and its reply route in headers, so even a record that
-    // cannot be decoded gets an error reply instead of a timeout.
-    let (result, reply) = match (
-        m.header(kafka_headers::REQUEST_ID),
+    let id = m
+        .header(kafka_headers::REQUEST_ID)
+        .or_else(|| m.key_str())
+        .filter(|id| !id.is_empty());
+    let reply = match (
         m.header(kafka_headers::REPLY_CHANNEL),
         m.header(kafka_headers::REPLY_KEY),
     ) {
-        (Some(id), Some(channel), Some(key)) => {
-            let stub = InferenceRequest {
-                id: id.to_string(),
-                model: ctx.unit.to_string(),
-                ..Default::default()
-            };
-            (
-                Some(InferenceResult::failure(
-                    &stub,
-                    codes::UNDECODABLE,
-                    message.clone(),
-                )),
-                Some(ReplyRoute {
-                    channel: channel.to_string(),
-                    key: key.to_string(),
-                    ttl_ms: ctx.result_ttl_ms,
-                }),
-            )
-        }
-        _ => (None, None),
+        (Some(channel), Some(key)) => Some(ReplyRoute {
+            channel: channel.to_string(),
+            key: key.to_string(),
+            ttl_ms: ctx.result_ttl_ms,
+        }),
+        _ => None,
     };
+    let result = id.map(|id| {
+        let stub = InferenceRequest {
+            id: id.to_string(),
+            model: ctx.unit.to_string(),
+            ..Default::default()
+        };
+        InferenceResult::failure(&stub, codes::UNDECODABLE, message.clone())
+    });
     Admission::Done(Box::new(Completion {
         source,
+        reply: reply.filter(|_| result.is_some()),
         result,
-        reply,
+        result_topic,
+        json_result: json,
         dead_letter: Some(dead_letter_of(m, codes::UNDECODABLE, message)),
         ..Default::default()
     }))
@@ -520,6 +535,18 @@ mod tests {
             ("chan", "key9", 60_000)
         );
         assert_eq!(c.dead_letter.unwrap().payload, b"not avro");
+    }
+
+    #[test]
+    fn an_undecodable_record_from_a_direct_producer_is_answered_under_its_key() {
+        let Admission::Done(c) = admit_payload(b"not avro", &[]) else {
+            panic!("not answered at once")
+        };
+        let result = c.result.unwrap();
+        assert_eq!(result.id, "r1", "the record's key names the request");
+        assert_eq!(result.error.unwrap().code, codes::UNDECODABLE);
+        assert!(c.reply.is_none(), "no caller waits on Redis");
+        assert!(c.dead_letter.is_some());
     }
 
     #[test]
