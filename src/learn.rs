@@ -67,7 +67,7 @@ trait Trainee: Serialize + DeserializeOwned + Send {
     fn summary(&self) -> serde_json::Value {
         serde_json::Value::Null
     }
-    /// Sets its own metrics (per arm, say).
+    /// Sets its own metrics (per arm, say); called when a changed state is published.
     fn record_metrics(&self, _name: &str) {}
 }
 
@@ -336,11 +336,11 @@ async fn serve<T: Trainee>(
                     state.learn(&settings, outcomes);
                 }
                 metrics.record(&state);
-                state.learner.record_metrics(name);
                 if state.learner.version() != published && last_snapshot.elapsed() >= timing.snapshot_every {
                     if publish(&producer, &weights_topic, name, &state.learner).await {
                         published = state.learner.version();
                         state.counts.snapshots += 1;
+                        state.learner.record_metrics(name);
                         metrics.version.set(published as f64);
                     }
                     last_snapshot = Instant::now();

@@ -69,6 +69,8 @@ pub struct BanditStep {
     state: Slot<Served>,
     rng: Mutex<Rng>,
     log: PredictionLog,
+    /// Choices per arm (`sluice_bandit_choices{graph,arm}`), registered once.
+    chosen: Vec<metrics::Counter>,
 }
 
 impl BanditStep {
@@ -93,7 +95,13 @@ impl BanditStep {
             ));
         }
         tracing::info!(%graph, policy = ?settings.policy, arms = ?settings.arms, "bandit router serving");
+        let chosen = settings
+            .arms
+            .iter()
+            .map(|arm| metrics::counter!("sluice_bandit_choices", "graph" => graph.to_string(), "arm" => arm.clone()))
+            .collect();
         Ok(BanditStep {
+            chosen,
             log: PredictionLog::new(graph, deployment)?,
             graph: graph.to_string(),
             dims: bandit.dims,
@@ -171,9 +179,8 @@ impl BanditStep {
             .map(|(c, l)| {
                 let (arm, p, _) = c?;
                 l?;
+                self.chosen[arm].increment(1);
                 let name = &self.settings.arms[arm];
-                metrics::counter!("sluice_bandit_choices", "graph" => self.graph.clone(), "arm" => name.clone())
-                    .increment(1);
                 Ok(vec![
                     Tensor::from_bytes_elements("arm", vec![1, 1], [name.as_bytes()]),
                     Tensor::from_values("probability", DataType::Fp32, vec![1, 1], &[p as f32]),
