@@ -16,6 +16,10 @@ pub struct Signature {
     pub outputs: Vec<TensorSpec>,
     /// Most rows one request may carry.
     pub max_batch_size: usize,
+    /// Most elements one input tensor may carry (unset: bounded by the body limit only).
+    pub max_input_elements: Option<usize>,
+    /// Largest request body for this servable (unset: the gateway's `max_body_bytes`).
+    pub max_body_bytes: Option<usize>,
 }
 
 impl ModelConfig {
@@ -26,6 +30,8 @@ impl ModelConfig {
             inputs: self.inputs.clone(),
             outputs: self.outputs.clone(),
             max_batch_size: self.max_batch_size,
+            max_input_elements: self.max_input_elements,
+            max_body_bytes: self.max_body_bytes,
         }
     }
 }
@@ -66,6 +72,16 @@ pub enum InputError {
         want: Vec<i64>,
         /// Given shape.
         got: Vec<i64>,
+    },
+    /// More elements in one tensor than the servable's `max_input_elements`.
+    #[error("input '{name}' has {got} elements, more than max_input_elements ({max})")]
+    TooManyElements {
+        /// Input name.
+        name: String,
+        /// Elements given.
+        got: usize,
+        /// The servable's limit.
+        max: usize,
     },
     /// Batch dimension larger than the model allows.
     #[error("input '{name}' has batch size {got}, the model's max_batch_size is {max}")]
@@ -170,6 +186,15 @@ pub fn validate_inputs(model: &Signature, inputs: &[Tensor]) -> Result<usize, In
             None => batch = Some((t.name.clone(), rows)),
         }
         let want = element_count(&t.shape).unwrap_or(usize::MAX);
+        if let Some(max) = model.max_input_elements
+            && want > max
+        {
+            return Err(InputError::TooManyElements {
+                name: t.name.clone(),
+                got: want,
+                max,
+            });
+        }
         let got = match t.datatype.element_size() {
             Some(size) => t.data.len() / size,
             None => sluice_schemas::tensor::bytes_elements(&t.data).map_or(usize::MAX, |e| e.len()),
@@ -238,6 +263,8 @@ mod tests {
                 shape: vec![-1],
             }],
             max_batch_size: 4,
+            max_input_elements: None,
+            max_body_bytes: None,
             max_delay: Duration::ZERO,
             threads: 1,
             intra_op_threads: 1,

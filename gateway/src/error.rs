@@ -24,6 +24,12 @@ pub enum ApiError {
         /// The limit in bytes.
         limit: usize,
     },
+    /// An input tensor larger than the servable's `max_input_elements`.
+    #[error("{0}")]
+    TensorTooLarge(String),
+    /// The client did not send the whole body within `body_read_timeout`.
+    #[error("the request body did not arrive within {0:?}")]
+    BodyTimeout(Duration),
     /// Well-formed, but the tensors do not fit the model.
     #[error("{0}")]
     InvalidTensor(String),
@@ -77,7 +83,10 @@ impl ApiError {
         match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::ModelNotFound(_) => StatusCode::NOT_FOUND,
-            ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::PayloadTooLarge { .. } | ApiError::TensorTooLarge(_) => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
+            ApiError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::InvalidTensor(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Overloaded { .. } | ApiError::RateLimited { .. } => {
                 StatusCode::TOO_MANY_REQUESTS
@@ -129,7 +138,10 @@ impl From<sluice_schemas::oip::OipError> for ApiError {
 
 impl From<InputError> for ApiError {
     fn from(e: InputError) -> ApiError {
-        ApiError::InvalidTensor(e.to_string())
+        match e {
+            InputError::TooManyElements { .. } => ApiError::TensorTooLarge(e.to_string()),
+            _ => ApiError::InvalidTensor(e.to_string()),
+        }
     }
 }
 

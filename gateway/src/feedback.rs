@@ -4,8 +4,7 @@
 
 use std::time::Duration;
 
-use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Request, State};
 use axum::http::StatusCode;
 use axum::response::Json;
 use rdkafka::producer::FutureRecord;
@@ -24,8 +23,11 @@ const PRODUCE_TIMEOUT: Duration = Duration::from_secs(5);
 pub(crate) async fn feedback(
     State(gw): Shared,
     Path(name): Path<String>,
-    body: Bytes,
+    req: Request,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let limits = &gw.config().gateway;
+    let (_, body) =
+        crate::infer::read_body(req, limits.max_body_bytes, limits.body_read_timeout).await?;
     model(&gw, &name)?;
     if !gw.deployment.learns(&name) {
         return Err(ApiError::InvalidTensor(format!(

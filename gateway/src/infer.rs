@@ -62,7 +62,12 @@ pub(crate) async fn infer(State(gw): Shared, Path(name): Path<String>, req: Requ
     }
 }
 
-async fn read_body(req: Request, limit: usize) -> Result<(HeaderMap, bytes::Bytes), ApiError> {
+/// Reads the whole body: 413 over `limit` bytes, 408 when it has not arrived within `within`.
+pub(crate) async fn read_body(
+    req: Request,
+    limit: usize,
+    within: Duration,
+) -> Result<(HeaderMap, bytes::Bytes), ApiError> {
     let (parts, body) = req.into_parts();
     if let Some(len) = parts
         .headers
@@ -73,9 +78,9 @@ async fn read_body(req: Request, limit: usize) -> Result<(HeaderMap, bytes::Byte
     {
         return Err(ApiError::PayloadTooLarge { limit });
     }
-    let bytes = Limited::new(body, limit)
-        .collect()
+    let bytes = tokio::time::timeout(within, Limited::new(body, limit).collect())
         .await
+        .map_err(|_| ApiError::BodyTimeout(within))?
         .map_err(|e| {
             if e.downcast_ref::<http_body_util::LengthLimitError>()
                 .is_some()
@@ -118,7 +123,11 @@ async fn infer_inner(gw: &Arc<Gateway>, name: &str, req: Request) -> Result<Infe
     gw.in_flight.increment(1.0);
     let _in_flight = InFlight(gw.in_flight.clone());
 
-    let (headers, body) = read_body(req, gw.config().gateway.max_body_bytes).await?;
+    let limits = &gw.config().gateway;
+    let limit = m
+        .max_body_bytes
+        .map_or(limits.max_body_bytes, |l| l.min(limits.max_body_bytes));
+    let (headers, body) = read_body(req, limit, limits.body_read_timeout).await?;
     let json_len = match headers.get(HEADER_LENGTH) {
         None => None,
         Some(v) => Some(

@@ -10,6 +10,7 @@ pub mod error;
 mod feedback;
 mod health;
 mod infer;
+mod listen;
 pub mod publish;
 mod repository;
 mod routes;
@@ -148,9 +149,12 @@ impl Gateway {
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Result<(), StartError> {
         let app = routes::router(Arc::clone(&self));
-        axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await?;
+        let g = &self.config().gateway;
+        let limits = listen::ConnectionLimits {
+            max_connections: g.max_connections,
+            header_read_timeout: g.header_read_timeout,
+        };
+        listen::serve(listener, app, limits, shutdown).await;
         self.publisher.flush(Duration::from_secs(5));
         Ok(())
     }

@@ -8,8 +8,7 @@
 
 use std::time::Duration;
 
-use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Request, State};
 use axum::http::StatusCode;
 use axum::response::Json;
 use base64::Engine;
@@ -28,8 +27,11 @@ const REPORTS_SETTLE: Duration = Duration::from_millis(700);
 pub(crate) async fn load(
     State(gw): Shared,
     Path(name): Path<String>,
-    body: Bytes,
+    req: Request,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let limits = &gw.config().gateway;
+    let (_, body) =
+        crate::infer::read_body(req, limits.max_body_bytes, limits.body_read_timeout).await?;
     let params = if body.is_empty() {
         serde_json::Map::new()
     } else {

@@ -158,6 +158,8 @@ mod tests {
                 },
             ],
             max_batch_size: 16,
+            max_input_elements: None,
+            max_body_bytes: None,
             max_delay: Duration::ZERO,
             threads: 1,
             intra_op_threads: 1,

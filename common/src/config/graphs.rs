@@ -25,6 +25,12 @@ pub struct GraphConfig {
     /// Most rows one request may carry.
     #[serde(default = "default_max_batch")]
     pub max_batch_size: usize,
+    /// Most elements one input tensor of a request may carry (larger: 413).
+    #[serde(default)]
+    pub max_input_elements: Option<usize>,
+    /// Largest request body (larger: 413); unset, the gateway's `max_body_bytes`.
+    #[serde(default)]
+    pub max_body_bytes: Option<usize>,
     /// Partitions of the graph's own topics (entry, steps, results). When set, every model step's
     /// topic must have as many; when not, the most any of its models has.
     pub partitions: Option<i32>,

@@ -186,6 +186,14 @@ pub struct GatewayConfig {
     /// Probes failed in a row before a dependency counts as down (one slow answer from a busy
     /// broker must not turn requests away).
     pub health_failures: u32,
+    /// Connections open at once; one more is answered 503 and closed.
+    pub max_connections: usize,
+    /// How long a client may take to send a request's headers before the connection is closed.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// How long a client may take to send a request's body (408 after that).
+    #[serde(with = "humantime_serde")]
+    pub body_read_timeout: Duration,
     /// Who may call it (off by default).
     #[serde(default)]
     pub auth: AuthConfig,
@@ -275,6 +283,12 @@ pub struct ModelConfig {
     pub outputs: Vec<TensorSpec>,
     /// Most requests (rows) run together; the first dimension of every tensor is the batch.
     pub max_batch_size: usize,
+    /// Most elements one input tensor of a request may carry (larger: 413).
+    #[serde(default)]
+    pub max_input_elements: Option<usize>,
+    /// Largest request body (larger: 413); unset, the gateway's `max_body_bytes`.
+    #[serde(default)]
+    pub max_body_bytes: Option<usize>,
     /// Longest a request waits for a batch to fill while the model is free.
     #[serde(with = "humantime_serde", default)]
     pub max_delay: Duration,
@@ -455,6 +469,12 @@ impl Config {
         }
         if g.health_failures == 0 {
             p.push("gateway.health_failures: must be at least 1".into());
+        }
+        if g.max_connections == 0 {
+            p.push("gateway.max_connections: must be at least 1".into());
+        }
+        if g.header_read_timeout.is_zero() || g.body_read_timeout.is_zero() {
+            p.push("gateway.header_read_timeout, body_read_timeout: must be > 0".into());
         }
         if self.worker.stalled_partition_after.is_zero() || self.worker.join_nudge_after.is_zero() {
             p.push(

@@ -30,6 +30,8 @@ pub fn model(inputs: &[Spec<'_>], outputs: &[Spec<'_>]) -> ModelConfig {
         inputs: specs(inputs),
         outputs: specs(outputs),
         max_batch_size: 8,
+        max_input_elements: None,
+        max_body_bytes: None,
         max_delay: Duration::ZERO,
         threads: 1,
         intra_op_threads: 1,

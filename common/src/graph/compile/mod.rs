@@ -139,6 +139,8 @@ fn assemble(
             inputs: g.inputs.clone(),
             outputs: flow.outputs[terminals[0]].clone(),
             max_batch_size: g.max_batch_size,
+            max_input_elements: g.max_input_elements,
+            max_body_bytes: g.max_body_bytes,
         },
         partitions,
         steps,
