@@ -7,4 +7,4 @@ deploy/setup.sh
 # shellcheck disable=SC1091
 source .sluice-env
 # Each integration test runs its own broker, Redis, gateway and workers: two at a time fit 2 cores.
-cargo test --workspace -- --test-threads="${SLUICE_TEST_THREADS:-2}"
+cargo test --workspace --features sluice/fail-points -- --test-threads="${SLUICE_TEST_THREADS:-2}"

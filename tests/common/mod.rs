@@ -290,6 +290,7 @@ impl Stack {
         let end = Instant::now() + within;
         loop {
             if let Ok(Some(s)) = self.procs[i].child.try_wait() {
+                self.procs[i].stopped = true;
                 return s.success();
             }
             assert!(
@@ -321,6 +322,14 @@ impl Stack {
         let port: u16 = self.redis_url.rsplit(':').next().unwrap().parse().unwrap();
         self.spawn_raw("redis", &mut sluice_common::local::redis_command(port));
         wait_tcp(&format!("127.0.0.1:{port}"), Duration::from_secs(10));
+    }
+
+    /// The index of the running process named `name` (e.g. "tansu", "redis", "gateway").
+    pub fn index_of(&self, name: &str) -> usize {
+        self.procs
+            .iter()
+            .rposition(|p| p.name == name && !p.stopped)
+            .unwrap_or_else(|| panic!("no running process named {name}"))
     }
 
     pub fn log_of(&self, i: usize) -> String {

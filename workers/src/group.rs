@@ -107,7 +107,10 @@ impl ConsumerContext for GroupContext {
         offsets: &TopicPartitionList,
     ) {
         match result {
-            Ok(()) => tracing::trace!(?offsets, "offsets committed"),
+            Ok(()) => {
+                tracing::trace!(?offsets, "offsets committed");
+                crate::fail_point::pass("after_commit");
+            }
             Err(e) => tracing::debug!(error = %e, "offset commit failed"),
         }
     }
@@ -129,7 +132,16 @@ impl Completer {
         if items.is_empty() {
             return;
         }
+        // Fail points count deliveries that produce a result (not bare records such as wake-ups).
+        let produces = items.iter().any(|c| c.result.is_some());
+        if produces {
+            crate::fail_point::serving();
+            crate::fail_point::pass("before_produce");
+        }
         self.sink.deliver(&items).await;
+        if produces {
+            crate::fail_point::pass("after_produce");
+        }
         let advanced = self.finished(&items);
         self.metrics.in_flight.decrement(items.len() as f64);
         if advanced.is_empty() {

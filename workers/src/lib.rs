@@ -20,6 +20,7 @@ mod batcher;
 mod completion;
 mod consumer;
 mod executor;
+mod fail_point;
 mod flow;
 mod group;
 mod idle;

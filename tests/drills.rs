@@ -1,0 +1,616 @@
+//! Fault drills: the real stack (tansu, redis-server, onnxruntime, gateway, workers) under a
+//! closed-loop load of `heavy` requests while one fault is injected; then an oracle reads every
+//! answer and every record of the result topic and reports: requests sent, answered correctly
+//! (equal to onnxruntime's answer for that input), wrong, errors by status, lost (accepted, no
+//! answer and no result record), duplicate result records. Every drill holds 0 lost and 0 wrong.
+//!
+//! `SLUICE_DRILL_SECONDS` sets the load's length (default 4: the short versions CI runs);
+//! `SLUICE_DRILL_REPORT=FILE` appends each drill's row of the Markdown report to FILE
+//! (`deploy/drills.sh` runs them all for 30 s each and writes `docs/drills.md`).
+#![allow(clippy::unwrap_used, clippy::print_stdout)]
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use common::*;
+use rdkafka::Message;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use sluice_schemas::InferenceResult;
+
+/// The model every drill loads: batching, milliseconds per call, two partitions.
+const MODEL: &str = "heavy";
+const RESULTS: &str = "sluice.heavy.results";
+/// A request's deadline when the fault loses nothing: long enough to outlast the fault and a
+/// group rebalance, so every request is answered.
+const LONG: Duration = Duration::from_secs(40);
+/// A request's deadline when the fault may lose a reply (Redis restarted): its caller gets 504
+/// this soon.
+const SHORT: Duration = Duration::from_secs(8);
+
+fn drill_seconds() -> u64 {
+    std::env::var("SLUICE_DRILL_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(4)
+}
+
+/// The stack every drill starts from: `heavy` on two partitions, one worker.
+fn drill_stack(extra_env: &[(&str, &str)]) -> Option<(Stack, usize)> {
+    let mut env = vec![("SLUICE__MODELS__HEAVY__PARTITIONS", "2")];
+    env.extend_from_slice(extra_env);
+    let mut stack = Stack::start(&env)?;
+    let w = stack.start_worker(MODEL);
+    Some((stack, w))
+}
+
+/// One request's fate as the caller saw it.
+struct Outcome {
+    id: String,
+    sample: usize,
+    /// HTTP status, or 0 when the connection gave no answer.
+    status: u16,
+    correct: bool,
+    latency: Duration,
+}
+
+/// Closed-loop callers of `heavy` until stopped.
+struct Load {
+    stop: Arc<AtomicBool>,
+    answered: Arc<AtomicUsize>,
+    tasks: Vec<tokio::task::JoinHandle<Vec<Outcome>>>,
+}
+
+/// Whether `got` equals onnxruntime's `want` within the tolerance the other tests use.
+fn close(got: &[f64], want: &[f64]) -> bool {
+    got.len() == want.len()
+        && got
+            .iter()
+            .zip(want)
+            .all(|(g, w)| (g - w).abs() <= 1e-4 + 1e-4 * w.abs())
+}
+
+impl Load {
+    fn start(
+        stack: &Stack,
+        clients: usize,
+        samples: &Arc<Samples>,
+        tag: &str,
+        deadline: Duration,
+    ) -> Load {
+        let deadline_us = deadline.as_micros() as u64;
+        let stop = Arc::new(AtomicBool::new(false));
+        let answered = Arc::new(AtomicUsize::new(0));
+        let url = format!("{}/v2/models/{MODEL}/infer", stack.gateway);
+        let tasks = (0..clients)
+            .map(|c| {
+                let (stop, answered, url) = (stop.clone(), answered.clone(), url.clone());
+                let (samples, tag) = (samples.clone(), tag.to_string());
+                tokio::spawn(async move {
+                    let client = http();
+                    let mut outcomes = Vec::new();
+                    let mut i = 0usize;
+                    while !stop.load(Ordering::Relaxed) {
+                        let k = (c * 7919 + i * 31) % samples.scaled.len();
+                        let id = format!("{tag}-{c}-{i}");
+                        let body = serde_json::json!({"id": id, "parameters": {"timeout": deadline_us},
+                            "inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": samples.scaled[k]}]});
+                        let started = Instant::now();
+                        let reply = try_post(&client, &url, body.to_string()).await;
+                        let latency = started.elapsed();
+                        let (status, correct) = match &reply {
+                            None => (0, false),
+                            Some(r) if r.status == 200 => {
+                                let got = flat_f64(&r.json()["outputs"][0]["data"]);
+                                let want = flat_f64(&samples.expected[MODEL]["logits"][k]);
+                                (200, close(&got, &want))
+                            }
+                            Some(r) => (r.status, false),
+                        };
+                        if reply.is_none() {
+                            // The gateway is gone: do not spin.
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                        answered.fetch_add(1, Ordering::Relaxed);
+                        outcomes.push(Outcome {
+                            id,
+                            sample: k,
+                            status,
+                            correct,
+                            latency,
+                        });
+                        i += 1;
+                    }
+                    outcomes
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            answered,
+            tasks,
+        }
+    }
+
+    /// Waits until `n` more requests have been answered (the load is flowing).
+    async fn wait_answers(&self, n: usize) {
+        let from = self.answered.load(Ordering::Relaxed);
+        let end = Instant::now() + Duration::from_secs(60);
+        while self.answered.load(Ordering::Relaxed) < from + n {
+            assert!(Instant::now() < end, "the load stopped flowing");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    async fn stop(self) -> Vec<Outcome> {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut all = Vec::new();
+        for t in self.tasks {
+            all.extend(t.await.unwrap());
+        }
+        all
+    }
+}
+
+/// Every result record on `heavy`'s result topic, by the caller's id.
+async fn result_records(stack: &Stack, ids: usize) -> HashMap<String, Vec<InferenceResult>> {
+    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &stack.kafka)
+        .set("group.id", format!("drill-oracle-{}", uuid::Uuid::new_v4()))
+        .set("auto.offset.reset", "earliest")
+        .set("fetch.wait.max.ms", "5")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[RESULTS]).unwrap();
+    let mut by_id: HashMap<String, Vec<InferenceResult>> = HashMap::new();
+    // Read until the topic has been quiet for 3 s (every id seen) or 8 s (some missing).
+    let mut last = Instant::now();
+    let end = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < end {
+        let quiet = if by_id.len() >= ids { 3 } else { 8 };
+        if last.elapsed() > Duration::from_secs(quiet) {
+            break;
+        }
+        let Ok(Ok(m)) = tokio::time::timeout(Duration::from_millis(200), consumer.recv()).await
+        else {
+            continue;
+        };
+        last = Instant::now();
+        let r = sluice_schemas::decode_result(m.payload().unwrap()).unwrap();
+        by_id
+            .entry(r.client_id.clone().unwrap_or_default())
+            .or_default()
+            .push(r);
+    }
+    by_id
+}
+
+/// What one drill found.
+struct Report {
+    drill: String,
+    sent: usize,
+    correct: usize,
+    wrong: usize,
+    errors: BTreeMap<u16, usize>,
+    lost: usize,
+    /// Answered 504 while a result record exists (its reply was lost with Redis, or came late).
+    late: usize,
+    duplicates: usize,
+    p99_ms: f64,
+    note: String,
+}
+
+impl Report {
+    /// Reads the result topic and judges `outcomes`: every 200 equal to onnxruntime's answer,
+    /// every result record (duplicates included) equal to it too, and every accepted request
+    /// answered or holding a result record.
+    async fn judge(
+        drill: &str,
+        stack: &Stack,
+        samples: &Samples,
+        outcomes: &[Outcome],
+        note: &str,
+    ) -> Report {
+        let records = result_records(stack, outcomes.len()).await;
+        let mut r = Report {
+            drill: drill.to_string(),
+            sent: outcomes.len(),
+            correct: 0,
+            wrong: 0,
+            errors: BTreeMap::new(),
+            lost: 0,
+            late: 0,
+            duplicates: 0,
+            p99_ms: 0.0,
+            note: note.to_string(),
+        };
+        for o in outcomes {
+            let held = records.get(&o.id);
+            match o.status {
+                200 if o.correct => r.correct += 1,
+                200 => r.wrong += 1,
+                s => {
+                    *r.errors.entry(s).or_default() += 1;
+                    // 504: accepted, so a result record must exist. (A dropped connection
+                    // may never have been published; it counts as an error, not as lost.)
+                    if s == 504 {
+                        if held.is_some() {
+                            r.late += 1;
+                        } else {
+                            r.lost += 1;
+                        }
+                    }
+                }
+            }
+            let want = flat_f64(&samples.expected[MODEL]["logits"][o.sample]);
+            for rec in held.into_iter().flatten() {
+                if rec.error.is_none() {
+                    let got = rec.outputs[0].to_f64().unwrap_or_default();
+                    if !close(&got, &want) {
+                        r.wrong += 1;
+                    }
+                }
+            }
+            r.duplicates += held.map_or(0, |h| h.len().saturating_sub(1));
+        }
+        let mut lat: Vec<f64> = outcomes
+            .iter()
+            .filter(|o| o.status == 200)
+            .map(|o| o.latency.as_secs_f64() * 1000.0)
+            .collect();
+        lat.sort_by(f64::total_cmp);
+        if !lat.is_empty() {
+            r.p99_ms = lat[((lat.len() as f64 * 0.99) as usize).min(lat.len() - 1)];
+        }
+        r.publish();
+        r
+    }
+
+    fn row(&self) -> String {
+        let errors = if self.errors.is_empty() {
+            "none".to_string()
+        } else {
+            self.errors
+                .iter()
+                .map(|(s, n)| {
+                    let s = if *s == 0 {
+                        "no answer".to_string()
+                    } else {
+                        s.to_string()
+                    };
+                    format!("{s}: {n}")
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {} |",
+            self.drill,
+            self.sent,
+            self.correct,
+            self.wrong,
+            errors,
+            self.lost,
+            self.late,
+            self.duplicates,
+            self.p99_ms,
+            self.note
+        )
+    }
+
+    /// Prints the row, and appends it to `SLUICE_DRILL_REPORT` when set.
+    fn publish(&self) {
+        let row = self.row();
+        println!("{row}");
+        if let Ok(path) = std::env::var("SLUICE_DRILL_REPORT") {
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .unwrap();
+            writeln!(f, "{row}").unwrap();
+        }
+    }
+
+    /// The drill's thresholds: something answered, 0 lost, 0 wrong, every error one of `allowed`.
+    fn holds(&self, allowed: &[u16]) {
+        let row = self.row();
+        assert!(self.correct > 0, "nothing answered: {row}");
+        assert_eq!(self.lost, 0, "lost requests: {row}");
+        assert_eq!(self.wrong, 0, "wrong answers: {row}");
+        for s in self.errors.keys() {
+            assert!(allowed.contains(s), "status {s} not expected here: {row}");
+        }
+    }
+}
+
+/// Runs the load (requests with `deadline`) for the drill's length with `fault` injected after
+/// a third of it.
+async fn under_load<F>(
+    stack: &mut Stack,
+    tag: &str,
+    deadline: Duration,
+    fault: F,
+) -> (Vec<Outcome>, Arc<Samples>)
+where
+    F: AsyncFnOnce(&mut Stack, &Load),
+{
+    let samples = Arc::new(samples());
+    let load = Load::start(stack, 8, &samples, tag, deadline);
+    load.wait_answers(20).await;
+    let third = Duration::from_secs(drill_seconds()) / 3;
+    tokio::time::sleep(third).await;
+    fault(stack, &load).await;
+    tokio::time::sleep(third * 2).await;
+    (load.stop().await, samples)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn worker_kill_9_under_load() {
+    let Some((mut stack, w)) = drill_stack(&[]) else {
+        return;
+    };
+    let (outcomes, samples) = under_load(&mut stack, "kill9", LONG, async |stack, load| {
+        stack.signal(w, "KILL");
+        stack.start_worker(MODEL);
+        load.wait_answers(20).await;
+    })
+    .await;
+    Report::judge(
+        "worker kill -9",
+        &stack,
+        &samples,
+        &outcomes,
+        "a new worker started at once",
+    )
+    .await
+    .holds(&[]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn worker_sigterm_drains_under_load() {
+    let Some((mut stack, w)) = drill_stack(&[]) else {
+        return;
+    };
+    let (outcomes, samples) = under_load(&mut stack, "term", LONG, async |stack, load| {
+        stack.signal(w, "TERM");
+        assert!(
+            stack.wait_exit(w, Duration::from_secs(25)),
+            "drained, exit 0"
+        );
+        stack.start_worker(MODEL);
+        load.wait_answers(20).await;
+    })
+    .await;
+    Report::judge(
+        "worker SIGTERM (drain)",
+        &stack,
+        &samples,
+        &outcomes,
+        "replaced after it exited",
+    )
+    .await
+    .holds(&[]);
+}
+
+/// Kills the worker at a fail point (compiled into test builds only) and starts a clean one.
+#[cfg(feature = "fail-points")]
+async fn fail_point_drill(point: &str, passes: u32, drill: &str) {
+    let Some(mut stack) = Stack::start(&[("SLUICE__MODELS__HEAVY__PARTITIONS", "2")]) else {
+        return;
+    };
+    let spec = format!("{point}:{passes}");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let w = stack.spawn_sluice(
+        "worker-heavy-failing",
+        &["worker", "--model", MODEL, "--metrics-listen", &addr],
+        &[("SLUICE_FAIL_POINT", spec.as_str())],
+    );
+    stack.wait_ready(&format!("http://{addr}/health/ready"));
+    let (outcomes, samples) = under_load(&mut stack, point, LONG, async |stack, load| {
+        // The n-th pass of the point kills it (the load is flowing by now).
+        assert!(
+            !stack.wait_exit(w, Duration::from_secs(60)),
+            "killed at the fail point"
+        );
+        assert!(stack.log_of(w).contains("fail point reached"));
+        stack.start_worker(MODEL);
+        load.wait_answers(20).await;
+    })
+    .await;
+    Report::judge(
+        drill,
+        &stack,
+        &samples,
+        &outcomes,
+        "SIGKILL at the point; a clean worker started",
+    )
+    .await
+    .holds(&[]);
+}
+
+#[cfg(feature = "fail-points")]
+#[tokio::test(flavor = "multi_thread")]
+async fn worker_killed_before_its_results_are_produced() {
+    fail_point_drill("before_produce", 40, "kill -9 before the result produce").await;
+}
+
+#[cfg(feature = "fail-points")]
+#[tokio::test(flavor = "multi_thread")]
+async fn worker_killed_after_produce_before_offset_stored() {
+    fail_point_drill(
+        "after_produce",
+        40,
+        "kill -9 after produce, before offset store",
+    )
+    .await;
+}
+
+#[cfg(feature = "fail-points")]
+#[tokio::test(flavor = "multi_thread")]
+async fn worker_killed_after_a_commit() {
+    fail_point_drill("after_commit", 3, "kill -9 after a commit").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rebalance_storm_under_load() {
+    let Some((mut stack, first)) = drill_stack(&[]) else {
+        return;
+    };
+    let (outcomes, samples) = under_load(&mut stack, "storm", LONG, async |stack, load| {
+        // Workers added, stopped and killed in turn for the middle of the drill.
+        let mut alive = vec![first];
+        let end = Instant::now() + Duration::from_secs(drill_seconds().max(3));
+        let mut round = 0;
+        while Instant::now() < end {
+            match round % 3 {
+                0 => alive.push(stack.start_worker(MODEL)),
+                1 if alive.len() > 1 => {
+                    let w = alive.remove(0);
+                    stack.signal(w, "TERM");
+                }
+                _ if alive.len() > 1 => {
+                    let w = alive.remove(0);
+                    stack.signal(w, "KILL");
+                }
+                _ => alive.push(stack.start_worker(MODEL)),
+            }
+            round += 1;
+            tokio::time::sleep(Duration::from_millis(700)).await;
+        }
+        load.wait_answers(20).await;
+    })
+    .await;
+    Report::judge(
+        "rebalance storm",
+        &stack,
+        &samples,
+        &outcomes,
+        "workers added, stopped (TERM) and killed (KILL) in turn, one every 0.7 s",
+    )
+    .await
+    .holds(&[]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn broker_paused_then_resumed() {
+    let Some((mut stack, _)) = drill_stack(&[]) else {
+        return;
+    };
+    let pause = Duration::from_secs(drill_seconds().clamp(3, 10));
+    let (outcomes, samples) = under_load(&mut stack, "brokerstop", LONG, async |stack, load| {
+        let broker = stack.index_of("tansu");
+        stack.signal_keep(broker, "STOP");
+        tokio::time::sleep(pause).await;
+        stack.signal_keep(broker, "CONT");
+        load.wait_answers(20).await;
+    })
+    .await;
+    // While the broker is frozen, requests already published wait; new ones are refused with
+    // 503 once the gateway's probes fail (or wait in the producer within their deadline).
+    Report::judge(
+        "broker SIGSTOP, SIGCONT",
+        &stack,
+        &samples,
+        &outcomes,
+        &format!("tansu frozen {} s", pause.as_secs()),
+    )
+    .await
+    .holds(&[503]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_killed_and_restarted() {
+    let Some((mut stack, _)) = drill_stack(&[]) else {
+        return;
+    };
+    let (outcomes, samples) = under_load(&mut stack, "redisrestart", SHORT, async |stack, load| {
+        stack.restart_redis();
+        load.wait_answers(20).await;
+    })
+    .await;
+    // A reply lost with the old Redis is answered 504 at its deadline (a result record exists);
+    // new requests get 503 until the gateway sees Redis again.
+    Report::judge(
+        "Redis kill -9, restart",
+        &stack,
+        &samples,
+        &outcomes,
+        "fresh redis-server on the same port",
+    )
+    .await
+    .holds(&[503, 504]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_paused_then_resumed() {
+    let Some((mut stack, _)) = drill_stack(&[]) else {
+        return;
+    };
+    let (outcomes, samples) = under_load(&mut stack, "redisstop", SHORT, async |stack, load| {
+        let redis = stack.index_of("redis");
+        stack.signal_keep(redis, "STOP");
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        stack.signal_keep(redis, "CONT");
+        load.wait_answers(20).await;
+    })
+    .await;
+    Report::judge(
+        "Redis SIGSTOP 3 s, SIGCONT",
+        &stack,
+        &samples,
+        &outcomes,
+        "",
+    )
+    .await
+    .holds(&[503, 504]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn gateway_killed_with_requests_in_flight() {
+    // Results live until the later of their deadline (8 s) and result_ttl (2 s): orphaned
+    // results must be gone from Redis soon after.
+    let Some((mut stack, _)) = drill_stack(&[("SLUICE__REDIS__RESULT_TTL", "2s")]) else {
+        return;
+    };
+    let redis_url = stack.redis_url.clone();
+    let keys = move || {
+        let client = redis::Client::open(redis_url.as_str()).unwrap();
+        let mut c = client.get_connection().unwrap();
+        redis::cmd("DBSIZE").query::<usize>(&mut c).unwrap()
+    };
+    let baseline = keys();
+    let (outcomes, samples) = under_load(&mut stack, "gwkill", SHORT, async |stack, load| {
+        let gw = stack.index_of("gateway");
+        stack.signal(gw, "KILL");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        stack.spawn_sluice("gateway", &["gateway"], &[]);
+        let ready = format!("{}/v2/health/ready", stack.gateway);
+        stack.wait_ready(&ready);
+        load.wait_answers(20).await;
+    })
+    .await;
+    let report = Report::judge(
+        "gateway kill -9",
+        &stack,
+        &samples,
+        &outcomes,
+        "callers cut off mid-request get no answer; 503 from the new gateway until its probes pass",
+    )
+    .await;
+    report.holds(&[0, 503]);
+    // Orphaned results expire: Redis returns to its baseline.
+    let end = Instant::now() + Duration::from_secs(45);
+    while keys() > baseline {
+        assert!(
+            Instant::now() < end,
+            "{} keys left in Redis (baseline {baseline})",
+            keys()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
