@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use rdkafka::Message;
 use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::OwnedMessage;
 use sluice_schemas::InferenceResult;
 
 /// The model every drill loads: batching, milliseconds per call, two partitions.
@@ -155,8 +156,8 @@ impl Load {
     }
 }
 
-/// Every result record on `heavy`'s result topic, by the caller's id.
-async fn result_records(stack: &Stack, ids: usize) -> HashMap<String, Vec<InferenceResult>> {
+/// Every record of `topic`, read until it has been quiet for `quiet` (or 2 minutes passed).
+async fn read_topic(stack: &Stack, topic: &str, quiet: Duration) -> Vec<OwnedMessage> {
     let consumer: StreamConsumer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", &stack.kafka)
         .set("group.id", format!("drill-oracle-{}", uuid::Uuid::new_v4()))
@@ -164,21 +165,23 @@ async fn result_records(stack: &Stack, ids: usize) -> HashMap<String, Vec<Infere
         .set("fetch.wait.max.ms", "5")
         .create()
         .unwrap();
-    consumer.subscribe(&[RESULTS]).unwrap();
-    let mut by_id: HashMap<String, Vec<InferenceResult>> = HashMap::new();
-    // Read until the topic has been quiet for 3 s (every id seen) or 8 s (some missing).
+    consumer.subscribe(&[topic]).unwrap();
+    let mut records = Vec::new();
     let mut last = Instant::now();
     let end = Instant::now() + Duration::from_secs(120);
-    while Instant::now() < end {
-        let quiet = if by_id.len() >= ids { 3 } else { 8 };
-        if last.elapsed() > Duration::from_secs(quiet) {
-            break;
+    while Instant::now() < end && last.elapsed() < quiet {
+        if let Ok(Ok(m)) = tokio::time::timeout(Duration::from_millis(200), consumer.recv()).await {
+            last = Instant::now();
+            records.push(m.detach());
         }
-        let Ok(Ok(m)) = tokio::time::timeout(Duration::from_millis(200), consumer.recv()).await
-        else {
-            continue;
-        };
-        last = Instant::now();
+    }
+    records
+}
+
+/// Every result record on `heavy`'s result topic, by the caller's id.
+async fn result_records(stack: &Stack) -> HashMap<String, Vec<InferenceResult>> {
+    let mut by_id: HashMap<String, Vec<InferenceResult>> = HashMap::new();
+    for m in read_topic(stack, RESULTS, Duration::from_secs(5)).await {
         let r = sluice_schemas::decode_result(m.payload().unwrap()).unwrap();
         by_id
             .entry(r.client_id.clone().unwrap_or_default())
@@ -214,7 +217,7 @@ impl Report {
         outcomes: &[Outcome],
         note: &str,
     ) -> Report {
-        let records = result_records(stack, outcomes.len()).await;
+        let records = result_records(stack).await;
         let mut r = Report {
             drill: drill.to_string(),
             sent: outcomes.len(),
@@ -339,8 +342,22 @@ async fn under_load<F>(
 where
     F: AsyncFnOnce(&mut Stack, &Load),
 {
+    under_load_by(stack, 8, tag, deadline, fault).await
+}
+
+/// As [`under_load`], with `clients` callers.
+async fn under_load_by<F>(
+    stack: &mut Stack,
+    clients: usize,
+    tag: &str,
+    deadline: Duration,
+    fault: F,
+) -> (Vec<Outcome>, Arc<Samples>)
+where
+    F: AsyncFnOnce(&mut Stack, &Load),
+{
     let samples = Arc::new(samples());
-    let load = Load::start(stack, 8, &samples, tag, deadline);
+    let load = Load::start(stack, clients, &samples, tag, deadline);
     load.wait_answers(20).await;
     let third = Duration::from_secs(drill_seconds()) / 3;
     tokio::time::sleep(third).await;
@@ -613,4 +630,389 @@ async fn gateway_killed_with_requests_in_flight() {
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+/// Poison records produced straight onto the request topic while callers are served.
+fn poison_records(samples: &Samples) -> Vec<(&'static str, Vec<u8>, &'static str)> {
+    use sluice_schemas::{DataType, InferenceRequest, Tensor, encode_request};
+    let request = |id: &str, shape: Vec<i64>, values: &[f32]| InferenceRequest {
+        id: id.into(),
+        model: MODEL.into(),
+        deadline_ms: sluice_common::now_ms() + 60_000,
+        sent_at_us: sluice_common::now_us(),
+        inputs: vec![Tensor::from_values("input", DataType::Fp32, shape, values)],
+        ..Default::default()
+    };
+    let valid = encode_request(&request("poison-valid", vec![1, 64], &samples.scaled[0])).unwrap();
+    let mut unknown_schema = valid.clone();
+    // Single-object encoding: 0xC3 0x01, then the schema's 8-byte fingerprint.
+    for b in &mut unknown_schema[2..10] {
+        *b ^= 0x5a;
+    }
+    let random: Vec<u8> = (0..300u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let nan: Vec<f32> = (0..64)
+        .map(|i| match i % 3 {
+            0 => f32::NAN,
+            1 => f32::INFINITY,
+            _ => f32::NEG_INFINITY,
+        })
+        .collect();
+    vec![
+        ("poison-random", random, "undecodable"),
+        (
+            "poison-truncated",
+            valid[..valid.len() / 2].to_vec(),
+            "undecodable",
+        ),
+        ("poison-schema", unknown_schema, "undecodable"),
+        ("poison-empty", Vec::new(), "undecodable"),
+        (
+            "poison-shape",
+            encode_request(&request(
+                "poison-shape",
+                vec![1, 63],
+                &samples.scaled[0][..63],
+            ))
+            .unwrap(),
+            "invalid_input",
+        ),
+        (
+            "poison-huge",
+            encode_request(&request(
+                "poison-huge",
+                vec![1, 1 << 40],
+                &samples.scaled[0],
+            ))
+            .unwrap(),
+            "invalid_input",
+        ),
+        (
+            "poison-nan",
+            encode_request(&request("poison-nan", vec![1, 64], &nan)).unwrap(),
+            "answered",
+        ),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn poison_records_are_dead_lettered_without_a_crash_or_a_stall() {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let Some((mut stack, w)) = drill_stack(&[]) else {
+        return;
+    };
+    let kafka = stack.kafka.clone();
+    let poison = poison_records(&samples());
+    let sent = poison.clone();
+    let (outcomes, samples) = under_load(&mut stack, "poison", LONG, async |_, load| {
+        let producer: FutureProducer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &kafka)
+            .create()
+            .unwrap();
+        for round in 0..3 {
+            for (key, payload, _) in &sent {
+                producer
+                    .send(
+                        FutureRecord::to("sluice.heavy.requests")
+                            .key(*key)
+                            .partition(round % 2)
+                            .payload(payload),
+                        Duration::from_secs(5),
+                    )
+                    .await
+                    .unwrap();
+            }
+        }
+        load.wait_answers(50).await;
+    })
+    .await;
+    let report = Report::judge(
+        "poison records",
+        &stack,
+        &samples,
+        &outcomes,
+        "random bytes, truncated Avro, unknown schema, empty, wrong shape, 2^40 elements (x3 each, both partitions): dead-lettered; NaN/Inf answered",
+    )
+    .await;
+    report.holds(&[]);
+    assert!(
+        !stack.wait_exit_within(w, Duration::from_millis(10)),
+        "the worker is still running"
+    );
+    // Each bad record is dead-lettered with its origin; each gets an error result under its
+    // key, so a direct producer is not left waiting; NaN/Inf inputs are a valid request.
+    let dead = read_topic(&stack, "sluice.dead-letter", Duration::from_secs(3)).await;
+    let results = read_topic(&stack, RESULTS, Duration::from_secs(3)).await;
+    let header = |m: &OwnedMessage, key: &str| {
+        use rdkafka::message::Headers;
+        m.headers()?
+            .iter()
+            .find(|h| h.key == key)
+            .and_then(|h| h.value)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    };
+    for (key, _, class) in &poison {
+        let dead_lettered: Vec<_> = dead
+            .iter()
+            .filter(|m| m.key() == Some(key.as_bytes()))
+            .collect();
+        let answered: Vec<InferenceResult> = results
+            .iter()
+            .filter(|m| m.key() == Some(key.as_bytes()))
+            .map(|m| sluice_schemas::decode_result(m.payload().unwrap()).unwrap())
+            .collect();
+        assert_eq!(
+            answered.len(),
+            3,
+            "{key}: a result record per poison record"
+        );
+        if *class == "answered" {
+            assert!(dead_lettered.is_empty(), "{key}");
+            assert!(answered.iter().all(|r| r.error.is_none()), "{key}");
+            continue;
+        }
+        assert_eq!(dead_lettered.len(), 3, "{key}: dead-lettered each time");
+        for m in dead_lettered {
+            assert_eq!(
+                header(m, "x-original-topic").as_deref(),
+                Some("sluice.heavy.requests")
+            );
+            assert_eq!(header(m, "x-error-class").as_deref(), Some(*class), "{key}");
+            assert!(header(m, "x-original-offset").is_some());
+        }
+        for r in answered {
+            assert_eq!(r.error.map(|e| e.code).as_deref(), Some(*class), "{key}");
+        }
+    }
+}
+
+/// Sends requests at `rate` per second (open loop: not waiting for answers) for `length`.
+async fn open_loop(
+    stack: &Stack,
+    samples: &Arc<Samples>,
+    tag: &str,
+    rate: f64,
+    length: Duration,
+) -> Vec<Outcome> {
+    let url = format!("{}/v2/models/{MODEL}/infer", stack.gateway);
+    let client = http();
+    let mut tasks = Vec::new();
+    let started = Instant::now();
+    let mut sent = 0usize;
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    while started.elapsed() < length {
+        tick.tick().await;
+        let due = (started.elapsed().as_secs_f64() * rate) as usize;
+        while sent < due {
+            let k = (sent * 31) % samples.scaled.len();
+            let id = format!("{tag}-{sent}");
+            let body = serde_json::json!({"id": id, "parameters": {"timeout": LONG.as_micros() as u64},
+                "inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": samples.scaled[k]}]});
+            let (client, url, samples) = (client.clone(), url.clone(), samples.clone());
+            tasks.push(tokio::spawn(async move {
+                let t = Instant::now();
+                let reply = try_post(&client, &url, body.to_string()).await;
+                let latency = t.elapsed();
+                let (status, correct) = match &reply {
+                    None => (0, false),
+                    Some(r) if r.status == 200 => {
+                        let got = flat_f64(&r.json()["outputs"][0]["data"]);
+                        (
+                            200,
+                            close(&got, &flat_f64(&samples.expected[MODEL]["logits"][k])),
+                        )
+                    }
+                    Some(r) => (r.status, false),
+                };
+                Outcome {
+                    id,
+                    sample: k,
+                    status,
+                    correct,
+                    latency,
+                }
+            }));
+            sent += 1;
+        }
+    }
+    let mut outcomes = Vec::new();
+    for t in tasks {
+        outcomes.push(t.await.unwrap());
+    }
+    outcomes
+}
+
+/// The `q` quantile of the latencies of outcomes with `status`, in ms.
+fn quantile_ms(outcomes: &[Outcome], status: u16, q: f64) -> f64 {
+    let mut l: Vec<f64> = outcomes
+        .iter()
+        .filter(|o| o.status == status)
+        .map(|o| o.latency.as_secs_f64() * 1000.0)
+        .collect();
+    if l.is_empty() {
+        return 0.0;
+    }
+    l.sort_by(f64::total_cmp);
+    l[((l.len() as f64 * q) as usize).min(l.len() - 1)]
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn overload_at_two_and_five_times_capacity() {
+    // 64 requests in flight at most: the rest are turned away at once with 429, so accepted
+    // requests wait for at most 64 ahead of them.
+    let Some((mut stack, _)) = drill_stack(&[("SLUICE__GATEWAY__MAX_IN_FLIGHT", "64")]) else {
+        return;
+    };
+    let samples = Arc::new(samples());
+    let length = Duration::from_secs(drill_seconds());
+    let gateway = stack.index_of("gateway");
+    // Capacity: closed loop, 16 callers.
+    let load = Load::start(&stack, 16, &samples, "capacity", LONG);
+    load.wait_answers(50).await;
+    let from = (Instant::now(), load.answered.load(Ordering::Relaxed));
+    tokio::time::sleep(length).await;
+    let capacity =
+        (load.answered.load(Ordering::Relaxed) - from.1) as f64 / from.0.elapsed().as_secs_f64();
+    let baseline = load.stop().await;
+    let rss_before = stack.rss_kib(gateway);
+    let p99_before = quantile_ms(&baseline, 200, 0.99);
+    for times in [2.0, 5.0] {
+        let outcomes = open_loop(
+            &stack,
+            &samples,
+            &format!("over{times}"),
+            capacity * times,
+            length,
+        )
+        .await;
+        let accepted = outcomes.iter().filter(|o| o.status == 200).count();
+        let note = format!(
+            "capacity {capacity:.0}/s (closed loop, p99 {p99_before:.0} ms); offered {:.0}/s; accepted {:.0}/s, p99 {:.0} ms; 429 p50 {:.1} ms, p99 {:.1} ms; gateway RSS {} → {} MiB",
+            capacity * times,
+            accepted as f64 / length.as_secs_f64(),
+            quantile_ms(&outcomes, 200, 0.99),
+            quantile_ms(&outcomes, 429, 0.5),
+            quantile_ms(&outcomes, 429, 0.99),
+            rss_before / 1024,
+            stack.rss_kib(gateway) / 1024,
+        );
+        let report = Report::judge(
+            &format!("overload {times}x"),
+            &stack,
+            &samples,
+            &outcomes,
+            &note,
+        )
+        .await;
+        report.holds(&[429]);
+        assert!(
+            report.errors.get(&429).copied().unwrap_or(0) > 0,
+            "over capacity, some requests are turned away: {}",
+            report.row()
+        );
+        // Memory stays bounded: the gateway holds at most 64 requests.
+        assert!(
+            stack.rss_kib(gateway) < rss_before + 200 * 1024,
+            "gateway RSS grew from {rss_before} KiB to {} KiB",
+            stack.rss_kib(gateway)
+        );
+    }
+    // Back to normal once the load stops: a closed loop again, every request answered.
+    let load = Load::start(&stack, 16, &samples, "after", LONG);
+    load.wait_answers(50).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = load.stop().await;
+    assert!(
+        after.iter().all(|o| o.status == 200 && o.correct),
+        "after the overload every request is answered correctly"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replay_from_offset_zero_gives_the_same_answers() {
+    use rdkafka::consumer::{BaseConsumer, CommitMode};
+    use rdkafka::{Offset, TopicPartitionList};
+    let Some((mut stack, w)) = drill_stack(&[]) else {
+        return;
+    };
+    let (outcomes, samples) = under_load(&mut stack, "replay", LONG, async |_, _| {}).await;
+    // Stop the worker, move its group back to offset 0, start a worker: every request is read
+    // and answered again (within their 40 s deadlines).
+    stack.signal(w, "TERM");
+    assert!(stack.wait_exit(w, Duration::from_secs(25)));
+    let rewind: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &stack.kafka)
+        .set("group.id", "sluice.heavy")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..2 {
+        tpl.add_partition_offset("sluice.heavy.requests", p, Offset::Offset(0))
+            .unwrap();
+    }
+    rewind.assign(&tpl).unwrap();
+    rewind.commit(&tpl, CommitMode::Sync).unwrap();
+    drop(rewind);
+    stack.start_worker(MODEL);
+    let report = Report::judge(
+        "replay from offset 0",
+        &stack,
+        &samples,
+        &outcomes,
+        "worker stopped, its group's offsets set to 0, a worker started: every record read again",
+    )
+    .await;
+    report.holds(&[]);
+    // Every request answered twice, the second time the same (judge compared every record
+    // with onnxruntime's answer).
+    assert!(
+        report.duplicates >= outcomes.len(),
+        "every request was answered again: {}",
+        report.row()
+    );
+}
+
+#[cfg(feature = "fail-points")]
+#[tokio::test(flavor = "multi_thread")]
+async fn a_step_that_stalls_holds_its_records_and_answers_them_once() {
+    // A worker whose step hangs 12 s next to a healthy one. Its consumer keeps polling (the
+    // poll loop does not wait for steps; it stops only when the queue is full), so it keeps
+    // its partition: the records it holds wait out the stall within their deadline and are
+    // answered once; the other partition is served meanwhile.
+    let Some(mut stack) = Stack::start(&[("SLUICE__MODELS__HEAVY__PARTITIONS", "2")]) else {
+        return;
+    };
+    let addr = format!("127.0.0.1:{}", free_port());
+    let stalled = stack.spawn_sluice(
+        "worker-heavy-stalling",
+        &["worker", "--model", MODEL, "--metrics-listen", &addr],
+        &[("SLUICE_FAIL_STALL", "30:12")],
+    );
+    stack.wait_ready(&format!("http://{addr}/health/ready"));
+    stack.start_worker(MODEL);
+    let (outcomes, samples) = under_load(&mut stack, "stall", LONG, async |stack, load| {
+        let end = Instant::now() + Duration::from_secs(30);
+        while !stack.log_of(stalled).contains("stalled batch resumes") {
+            assert!(Instant::now() < end, "the stall never ended");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        load.wait_answers(50).await;
+    })
+    .await;
+    let report = Report::judge(
+        "step stalled 12 s",
+        &stack,
+        &samples,
+        &outcomes,
+        "one of two workers; its consumer keeps polling, so it keeps its partition and answers the held records after the stall",
+    )
+    .await;
+    report.holds(&[]);
+    assert!(
+        stack
+            .log_of(stalled)
+            .contains("fail point reached: stalling")
+    );
 }

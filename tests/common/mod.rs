@@ -302,6 +302,32 @@ impl Stack {
         }
     }
 
+    /// Whether process `i` exits within `within` (without failing when it does not).
+    pub fn wait_exit_within(&mut self, i: usize, within: Duration) -> bool {
+        let end = Instant::now() + within;
+        loop {
+            if let Ok(Some(_)) = self.procs[i].child.try_wait() {
+                self.procs[i].stopped = true;
+                return true;
+            }
+            if Instant::now() >= end {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Resident memory of process `i`, KiB (0 when it cannot be read).
+    pub fn rss_kib(&self, i: usize) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.procs[i].child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+
     /// Starts another redis-server (e.g. a feature store apart from the reply Redis) on `port`;
     /// returns its index.
     pub fn start_redis(&mut self, name: &str, port: u16) -> usize {

@@ -216,6 +216,7 @@ pub(crate) async fn run_batch(
         model: unit.model,
         metrics: wm,
     };
+    crate::fail_point::stall().await;
     let started = Instant::now();
     let started_us = now_us();
     let now = now_ms();

@@ -54,3 +54,33 @@ pub(crate) fn pass(point: &str) {
 #[cfg(not(feature = "fail-points"))]
 #[inline(always)]
 pub(crate) fn pass(_point: &str) {}
+
+/// With the `fail-points` feature, `SLUICE_FAIL_STALL=<n>:<seconds>` makes the n-th batch
+/// (counted once the worker has produced a result) wait `seconds` before it runs: a step that
+/// hangs, while records keep arriving.
+#[cfg(feature = "fail-points")]
+pub(crate) async fn stall() {
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    static ARMED: OnceLock<Option<(u64, u64)>> = OnceLock::new();
+    static BATCHES: AtomicU64 = AtomicU64::new(0);
+    let armed = ARMED.get_or_init(|| {
+        let spec = std::env::var("SLUICE_FAIL_STALL").ok()?;
+        let (n, secs) = spec.split_once(':')?;
+        Some((n.parse().ok()?, secs.parse().ok()?))
+    });
+    let Some((n, secs)) = *armed else {
+        return;
+    };
+    if SERVING.load(Ordering::SeqCst) && BATCHES.fetch_add(1, Ordering::SeqCst) + 1 == n {
+        tracing::error!(seconds = secs, "fail point reached: stalling a batch");
+        tokio::time::sleep(std::time::Duration::from_secs(secs)).await;
+        tracing::info!("stalled batch resumes");
+    }
+}
+
+/// A batch about to run (fail points are compiled out).
+#[cfg(not(feature = "fail-points"))]
+#[inline(always)]
+pub(crate) async fn stall() {}
