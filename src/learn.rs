@@ -270,6 +270,7 @@ async fn serve<T: Trainee>(
         sluice_common::telemetry::install_metrics(),
         ready,
         None,
+        &cfg.gateway.auth,
         async {
             let _ = stop_rx.await;
         },

@@ -59,7 +59,7 @@ revoked = true
     let Some(mut stack) = Stack::start_config(config, &[]) else {
         return;
     };
-    stack.start_worker("mlp");
+    let (_, worker_ops) = stack.start_worker_at("mlp");
     let client = http();
     let base = stack.gateway.clone();
     let s = samples();
@@ -149,4 +149,27 @@ revoked = true
     let logs = stack.log_of(2);
     assert!(logs.contains("revoked key was refused"), "{logs}");
     assert!(!logs.contains("team-a-secret") && !logs.contains("former-secret"));
+
+    // The worker's ops port takes the same keys: health open, reload for admin keys only,
+    // metrics closed as configured.
+    let ops = |path: &str| format!("http://{worker_ops}{path}");
+    assert_eq!(get(&client, &ops("/health/ready")).await.status, 200);
+    assert_eq!(get(&client, &ops("/metrics")).await.status, 401);
+    let reload = ops("/admin/reload");
+    let r = post(&client, &reload, &[], String::new()).await;
+    assert_eq!(r.status, 401);
+    assert!(r.headers.contains_key("www-authenticate"));
+    assert_eq!(
+        post(&client, &reload, &team, String::new()).await.status,
+        403
+    );
+    let former = [("x-api-key", "former-secret".to_string())];
+    assert_eq!(
+        post(&client, &reload, &former, String::new()).await.status,
+        401
+    );
+    let admin = [("authorization", bearer("ops-secret"))];
+    let r = post(&client, &reload, &admin, String::new()).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert!(String::from_utf8_lossy(&r.body).contains("reloaded"));
 }

@@ -3,6 +3,7 @@
 //! [`Deployment`] is what every process starts from: the config loaded, validated and compiled.
 
 // In dependency order: each module uses only those above it.
+pub mod auth;
 pub mod config;
 pub mod control;
 pub mod deployment;

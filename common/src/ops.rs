@@ -1,14 +1,21 @@
 //! The small HTTP ops surface every worker serves: `/metrics`, `/health/live`, `/health/ready`,
-//! and `POST /admin/reload` (re-read the config's graphs, as SIGHUP does).
+//! and `POST /admin/reload` (re-read the config's graphs, as SIGHUP does). With
+//! `[gateway.auth]` on, the same keys guard it: reload (and metrics unless `open_metrics`) need
+//! a key with the `admin` scope (401 without a usable key, 403 without the scope); health stays
+//! open.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
-use axum::extract::State;
-use axum::http::StatusCode;
+use axum::extract::{Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+
+use crate::config::{AuthConfig, Scope};
 use tokio::sync::{mpsc, oneshot};
 
 /// A reload request: the reply says what was reloaded, or why not.
@@ -20,14 +27,18 @@ struct OpsState {
     metrics: PrometheusHandle,
     ready: Arc<AtomicBool>,
     reload: Option<mpsc::Sender<ReloadRequest>>,
+    /// The keys, when authentication is on.
+    auth: Option<Arc<AuthConfig>>,
 }
 
-/// Binds `addr` and serves the ops endpoints until `shutdown` resolves. Returns the bound address.
+/// Binds `addr` and serves the ops endpoints until `shutdown` resolves, guarded by `auth` when
+/// it is enabled. Returns the bound address.
 pub async fn serve_ops(
     addr: SocketAddr,
     metrics: PrometheusHandle,
     ready: Arc<AtomicBool>,
     reload: Option<mpsc::Sender<ReloadRequest>>,
+    auth: &AuthConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
@@ -36,12 +47,16 @@ pub async fn serve_ops(
         .route("/metrics", get(render_metrics))
         .route("/health/live", get(|| async { StatusCode::OK }))
         .route("/health/ready", get(readiness))
-        .route("/admin/reload", post(reload_config))
-        .with_state(OpsState {
-            metrics,
-            ready,
-            reload,
-        });
+        .route("/admin/reload", post(reload_config));
+    let state = OpsState {
+        metrics,
+        ready,
+        reload,
+        auth: auth.enabled.then(|| Arc::new(auth.clone())),
+    };
+    let app = app
+        .layer(axum::middleware::from_fn_with_state(state.clone(), guard))
+        .with_state(state);
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app)
             .with_graceful_shutdown(shutdown)
@@ -51,6 +66,31 @@ pub async fn serve_ops(
         }
     });
     Ok(bound)
+}
+
+/// Admits health always; the rest with an `admin` key when authentication is on.
+async fn guard(State(s): State<OpsState>, req: Request, next: Next) -> Response {
+    let Some(auth) = s.auth.as_ref() else {
+        return next.run(req).await;
+    };
+    let path = req.uri().path();
+    if path.starts_with("/health/") || (path == "/metrics" && auth.open_metrics) {
+        return next.run(req).await;
+    }
+    match auth.key_of(req.headers()) {
+        Err(refused) => (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer")],
+            format!("{refused}\n"),
+        )
+            .into_response(),
+        Ok(key) if !key.scopes.contains(&Scope::Admin) => (
+            StatusCode::FORBIDDEN,
+            format!("key '{}' lacks the admin scope\n", key.name),
+        )
+            .into_response(),
+        Ok(_) => next.run(req).await,
+    }
 }
 
 async fn render_metrics(State(s): State<OpsState>) -> String {

@@ -13,19 +13,13 @@ use axum::extract::{Request, State};
 use axum::http::HeaderMap;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use sha2::{Digest, Sha256};
+use sluice_common::auth::{KeyRefused, presented_key};
 use sluice_common::config::{ApiKey, AuthConfig, Scope};
 
 use crate::error::ApiError;
 use crate::servable::Shared;
 
-/// The SHA-256 of `key` as lowercase hex: what `[[gateway.auth.keys]] sha256` holds.
-pub fn hash_key(key: &str) -> String {
-    Sha256::digest(key.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
+pub use sluice_common::auth::hash_key;
 
 /// The keys, by hash, and each key's rate bucket.
 pub(crate) struct Keys {
@@ -106,40 +100,15 @@ impl Keys {
 
     /// The key the request presents.
     fn key_of(&self, headers: &HeaderMap) -> Result<Arc<ApiKey>, ApiError> {
-        let presented = match (
-            headers.get(axum::http::header::AUTHORIZATION),
-            headers.get("x-api-key"),
-        ) {
-            (Some(v), _) => {
-                let v = v.to_str().unwrap_or_default();
-                v.strip_prefix("Bearer ")
-                    .map(str::trim)
-                    .filter(|k| !k.is_empty())
-                    .ok_or_else(|| {
-                        ApiError::Unauthorized(
-                            "malformed Authorization header: expected 'Bearer <key>'".into(),
-                        )
-                    })?
-                    .to_string()
-            }
-            (None, Some(v)) => v.to_str().unwrap_or_default().trim().to_string(),
-            (None, None) => {
-                return Err(ApiError::Unauthorized(
-                    "an API key is required: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
-                        .into(),
-                ));
-            }
-        };
+        let unauthorized = |e: KeyRefused| ApiError::Unauthorized(e.to_string());
+        let presented = presented_key(headers).map_err(unauthorized)?;
         let key = self
             .by_hash
             .get(&hash_key(&presented))
-            .ok_or_else(|| ApiError::Unauthorized("unknown API key".into()))?;
+            .ok_or_else(|| unauthorized(KeyRefused::Unknown))?;
         if key.revoked {
             tracing::info!(key = %key.name, "a revoked key was refused");
-            return Err(ApiError::Unauthorized(format!(
-                "API key '{}' is revoked",
-                key.name
-            )));
+            return Err(unauthorized(KeyRefused::Revoked(key.name.clone())));
         }
         Ok(Arc::clone(key))
     }

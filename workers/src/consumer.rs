@@ -415,6 +415,7 @@ impl<'a> Worker<'a> {
             ops.metrics,
             Arc::clone(&state.joined),
             Some(reload_tx),
+            &cfg.gateway.auth,
             async {
                 let _ = ops_stop_rx.await;
             },

@@ -356,6 +356,35 @@ impl Config {
         Self::load_with_env(file, &vars)
     }
 
+    /// Loads defaults, then `text` (a config file's contents; relative paths stay as written),
+    /// and validates: [`Config::load`] without a file or the environment (the config fuzz
+    /// target's entry point).
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let load_err = |e: ::config::ConfigError| ConfigError::Load {
+            file: "<text>".into(),
+            message: e.to_string(),
+        };
+        let cfg: Config = ::config::Config::builder()
+            .add_source(::config::File::from_str(
+                DEFAULTS,
+                ::config::FileFormat::Toml,
+            ))
+            .add_source(::config::File::from_str(text, ::config::FileFormat::Toml))
+            .build()
+            .map_err(load_err)?
+            .try_deserialize()
+            .map_err(load_err)?;
+        let problems = cfg.problems();
+        if problems.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(ConfigError::Invalid {
+                file: "<text>".into(),
+                problems,
+            })
+        }
+    }
+
     /// As [`Config::load`], with the environment given explicitly (for tests).
     pub fn load_with_env(
         file: Option<&Path>,
