@@ -26,7 +26,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         model: "mlp".into(),
         deadline_ms: 1_700_000_000_000,
         sent_at_us: 1_700_000_000_000_000,
-        reply: Some(ReplyRoute::default()),
+        reply: Some(ReplyRoute {
+            channel: "sluice:replies:gw".into(),
+            key: "sluice:result:seed-1".into(),
+            ttl_ms: 60_000,
+        }),
         inputs: vec![Tensor::from_values("input", DataType::Fp32, vec![1, 64], &values)],
         outputs: vec!["label".into()],
         ..Default::default()
@@ -35,9 +39,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let bytes_request = InferenceRequest {
         inputs: vec![Tensor::from_bytes_elements(
             "text",
-            DataType::Bytes,
             vec![2],
-            &["hello", "world"],
+            ["hello", "world"],
         )],
         ..request.clone()
     };
@@ -59,7 +62,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         error: Some(InferenceError {
             code: "invalid_input".into(),
             message: "input 'input' has shape [1, 63]".into(),
-            ..Default::default()
+            step: "mlp".into(),
         }),
         outputs: Vec::new(),
         ..result
