@@ -515,12 +515,23 @@ async fn rebalance_storm_under_load() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn broker_paused_then_resumed() {
-    let Some((mut stack, _)) = drill_stack(&[]) else {
+    // SLUICE_DRILL_KAFKA_DEBUG=cgrp,... turns on librdkafka's debug log in the worker.
+    let debug = std::env::var("SLUICE_DRILL_KAFKA_DEBUG").ok();
+    let env: Vec<(&str, &str)> = debug
+        .iter()
+        .map(|d| ("SLUICE__KAFKA__CONSUMER__DEBUG", d.as_str()))
+        .collect();
+    let Some((mut stack, _)) = drill_stack(&env) else {
         return;
     };
     // Shorter than the workers' session.timeout.ms (6 s): a longer freeze is not recovered
     // from yet (see README, Fault drills).
-    let pause = Duration::from_secs(4);
+    let pause = Duration::from_secs(
+        std::env::var("SLUICE_DRILL_BROKER_PAUSE")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(4),
+    );
     let (outcomes, samples) = under_load(&mut stack, "brokerstop", LONG, async |stack, load| {
         let broker = stack.index_of("tansu");
         stack.signal_keep(broker, "STOP");

@@ -438,6 +438,13 @@ impl Drop for Stack {
             let _ = p.child.wait();
             if failing {
                 eprintln!("---- {} log (tail) ----\n{}", p.name, tail(&p.log));
+                // SLUICE_TEST_KEEP_LOGS=DIR keeps a failing test's whole logs.
+                if let Ok(dir) = std::env::var("SLUICE_TEST_KEEP_LOGS") {
+                    let _ = std::fs::create_dir_all(&dir);
+                    if let Some(name) = p.log.file_name() {
+                        let _ = std::fs::copy(&p.log, Path::new(&dir).join(name));
+                    }
+                }
             }
         }
     }
