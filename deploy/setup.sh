@@ -6,7 +6,8 @@
 #   - tansu 0.6.0 (Kafka-compatible broker) from crates.io, built alongside the Python set-up
 #   - a Python venv in .venv with onnxruntime 1.31.1 (its shared library is what the workers load),
 #     scikit-learn/skl2onnx for the example models; tritonclient (.venv-triton) and Feast
-#     (.venv-feast) for compatibility checks and the fraud example
+#     (.venv-feast) for compatibility checks and the fraud example; schemathesis
+#     (.venv-schemathesis) to fuzz the gateway from its OpenAPI document
 #   - the example models (examples/models/*.onnx; `heavy` is generated here, not committed)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -89,6 +90,8 @@ make_venv "$VENV" "$ROOT/deploy/requirements.txt"
 make_venv "$ROOT/.venv-triton" "$ROOT/deploy/requirements-triton.txt"
 # Feast (the fraud example's feature store, and the compatibility tests) pins its own numpy too.
 make_venv "$ROOT/.venv-feast" "$ROOT/deploy/requirements-feast.txt"
+# schemathesis: fuzzes the gateway from its OpenAPI document (docs/openapi.yaml).
+make_venv "$ROOT/.venv-schemathesis" "$ROOT/deploy/requirements-schemathesis.txt"
 
 ORT_LIB=$(ls "$VENV"/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so.1.31.1 | head -1)
 [ -f "$ORT_LIB" ] || { log "onnxruntime shared library missing"; exit 1; }

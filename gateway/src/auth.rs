@@ -24,6 +24,8 @@ pub use sluice_common::auth::hash_key;
 /// The keys, by hash, and each key's rate bucket.
 pub(crate) struct Keys {
     by_hash: HashMap<String, Arc<ApiKey>>,
+    /// Bearer JWTs, when configured.
+    jwt: Option<crate::jwt::Verifier>,
     open_metrics: bool,
     buckets: Mutex<HashMap<String, Bucket>>,
 }
@@ -46,17 +48,25 @@ enum Need<'a> {
 }
 
 impl Keys {
-    /// The keys of `cfg` (`None` when authentication is off).
-    pub(crate) fn new(cfg: &AuthConfig) -> Option<Keys> {
-        cfg.enabled.then(|| Keys {
+    /// The keys of `cfg` (`None` when authentication is off), or why the JWKS is unusable.
+    pub(crate) fn new(cfg: &AuthConfig) -> Result<Option<Keys>, String> {
+        if !cfg.enabled {
+            return Ok(None);
+        }
+        Ok(Some(Keys {
             by_hash: cfg
                 .keys
                 .iter()
                 .map(|k| (k.sha256.clone(), Arc::new(k.clone())))
                 .collect(),
+            jwt: cfg
+                .jwt
+                .as_ref()
+                .map(crate::jwt::Verifier::load)
+                .transpose()?,
             open_metrics: cfg.open_metrics,
             buckets: Mutex::new(HashMap::new()),
-        })
+        }))
     }
 
     fn need<'a>(&self, path: &'a str) -> Need<'a> {
@@ -102,6 +112,17 @@ impl Keys {
     fn key_of(&self, headers: &HeaderMap) -> Result<Arc<ApiKey>, ApiError> {
         let unauthorized = |e: KeyRefused| ApiError::Unauthorized(e.to_string());
         let presented = presented_key(headers).map_err(unauthorized)?;
+        // A JSON Web Token: header.payload.signature.
+        if let Some(jwt) = self
+            .jwt
+            .as_ref()
+            .filter(|_| presented.matches('.').count() == 2)
+        {
+            return jwt
+                .verify(&presented)
+                .map(Arc::new)
+                .map_err(ApiError::Unauthorized);
+        }
         let key = self
             .by_hash
             .get(&hash_key(&presented))
@@ -165,7 +186,7 @@ mod tests {
             hash_key("old-secret"),
         ))
         .unwrap();
-        Keys::new(&cfg).unwrap()
+        Keys::new(&cfg).unwrap().unwrap()
     }
 
     fn with(name: &str, value: &str) -> HeaderMap {

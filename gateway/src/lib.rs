@@ -10,6 +10,7 @@ pub mod error;
 mod feedback;
 mod health;
 mod infer;
+mod jwt;
 mod listen;
 pub mod publish;
 mod repository;
@@ -45,6 +46,12 @@ pub enum StartError {
     /// Serving failed.
     #[error("http: {0}")]
     Io(#[from] std::io::Error),
+    /// The JWT key set could not be used.
+    #[error("auth: {0}")]
+    Auth(String),
+    /// The TLS certificate or key could not be used.
+    #[error("tls: {0}")]
+    Tls(String),
 }
 
 /// Shared state of one gateway instance.
@@ -96,7 +103,7 @@ impl Gateway {
             .collect();
         let publisher = Publisher::new(cfg, &id)?;
         let waker = Waker::new(&deployment, conn.clone());
-        let keys = auth::Keys::new(&cfg.gateway.auth);
+        let keys = auth::Keys::new(&cfg.gateway.auth).map_err(StartError::Auth)?;
         let gw = Arc::new(Gateway {
             permits: Arc::new(Semaphore::new(cfg.gateway.max_in_flight)),
             deployment,
@@ -154,7 +161,11 @@ impl Gateway {
             max_connections: g.max_connections,
             header_read_timeout: g.header_read_timeout,
         };
-        listen::serve(listener, app, limits, shutdown).await;
+        let tls = match &g.tls {
+            Some(cfg) => Some(listen::tls_acceptor(cfg).map_err(StartError::Tls)?),
+            None => None,
+        };
+        listen::serve(listener, app, limits, tls, shutdown).await;
         self.publisher.flush(Duration::from_secs(5));
         Ok(())
     }

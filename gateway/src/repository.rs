@@ -37,6 +37,12 @@ pub(crate) async fn load(
     } else {
         let v: Value = serde_json::from_slice(&body)
             .map_err(|e| ApiError::BadRequest(format!("load body is not JSON: {e}")))?;
+        // Found by schemathesis: `[null, null]` used to load the config's file again.
+        if !v.is_object() {
+            return Err(ApiError::BadRequest(
+                "load body must be a JSON object ({\"parameters\": {...}})".into(),
+            ));
+        }
         match v.get("parameters") {
             None => serde_json::Map::new(),
             Some(Value::Object(p)) => p.clone(),

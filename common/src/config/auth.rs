@@ -17,6 +17,31 @@ pub struct AuthConfig {
     /// The keys.
     #[serde(default)]
     pub keys: Vec<ApiKey>,
+    /// Bearer JSON Web Tokens, accepted next to the keys.
+    #[serde(default)]
+    pub jwt: Option<JwtConfig>,
+}
+
+/// JSON Web Tokens signed by an identity provider (RS256 or ES256), checked against its public
+/// keys (a JWKS file), issuer, audience and expiry. The token's `scope` claim (space-separated,
+/// as OAuth 2.0 writes it) carries `infer`, `feedback`, `admin`; `sluice_servables` (a list of
+/// names or prefixes ending in `*`) the servables it reaches (default: all); `sub` names it.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct JwtConfig {
+    /// The provider's JSON Web Key Set, a file (relative to the config file).
+    pub jwks: std::path::PathBuf,
+    /// Required `iss`.
+    pub issuer: String,
+    /// Required `aud` (one of the token's audiences).
+    pub audience: String,
+    /// Clock skew allowed on `exp` and `nbf`, seconds.
+    #[serde(default = "default_leeway")]
+    pub leeway_s: u64,
+}
+
+fn default_leeway() -> u64 {
+    30
 }
 
 /// One API key.
@@ -96,7 +121,7 @@ impl AuthConfig {
                 p.push(format!("{key}: rate must be > 0 and burst >= 1"));
             }
         }
-        if self.enabled && self.keys.iter().all(|k| k.revoked) {
+        if self.enabled && self.jwt.is_none() && self.keys.iter().all(|k| k.revoked) {
             p.push("gateway.auth: enabled with no usable key: every request would get 401".into());
         }
         p

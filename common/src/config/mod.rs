@@ -14,7 +14,7 @@ mod graphs;
 mod learn;
 mod logic;
 
-pub use auth::{ApiKey, AuthConfig, Scope};
+pub use auth::{ApiKey, AuthConfig, JwtConfig, Scope};
 pub use bandit::{BanditConfig, Policy};
 pub use graphs::{Builtin, CanaryConfig, Combiner, GraphConfig, RouteConfig, StepConfig, TieRule};
 pub use learn::{Algorithm, LearnTiming, LearnerConfig};
@@ -197,6 +197,19 @@ pub struct GatewayConfig {
     /// Who may call it (off by default).
     #[serde(default)]
     pub auth: AuthConfig,
+    /// HTTPS instead of HTTP (off by default).
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+}
+
+/// The gateway's certificate: with it, the gateway speaks HTTPS only (TLS 1.2 and 1.3).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM file: the certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM file: its private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
 }
 
 /// Worker processes.
@@ -432,6 +445,17 @@ impl Config {
             .try_deserialize()
             .map_err(load_err)?;
         if let Some(dir) = file.and_then(Path::parent) {
+            let tls = cfg
+                .gateway
+                .tls
+                .iter_mut()
+                .flat_map(|t| [&mut t.cert, &mut t.key]);
+            let jwks = cfg.gateway.auth.jwt.iter_mut().map(|j| &mut j.jwks);
+            for path in tls.chain(jwks) {
+                if path.is_relative() {
+                    *path = dir.join(&*path);
+                }
+            }
             for m in cfg.models.values_mut() {
                 for path in m
                     .onnx
