@@ -336,6 +336,15 @@ impl Stack {
         self.procs.len() - 1
     }
 
+    /// As [`Stack::start_redis`], with more redis-server arguments (ACL users, say).
+    pub fn start_redis_with(&mut self, name: &str, port: u16, args: &[&str]) -> usize {
+        let mut c = sluice_common::local::redis_command(port);
+        c.args(args);
+        self.spawn_raw(name, &mut c);
+        wait_tcp(&format!("127.0.0.1:{port}"), Duration::from_secs(10));
+        self.procs.len() - 1
+    }
+
     /// Kills Redis (SIGKILL) and starts a fresh one on the same port.
     pub fn restart_redis(&mut self) {
         let i = self
