@@ -74,6 +74,40 @@ fn close(got: &[f64], want: &[f64]) -> bool {
             .all(|(g, w)| (g - w).abs() <= 1e-4 + 1e-4 * w.abs())
 }
 
+/// Sends one `heavy` request for sample `k` and judges its answer against onnxruntime's.
+async fn call_once(
+    client: &Http,
+    url: &str,
+    samples: &Samples,
+    id: String,
+    k: usize,
+    deadline_us: u64,
+) -> Outcome {
+    let body = serde_json::json!({"id": id, "parameters": {"timeout": deadline_us},
+        "inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": samples.scaled[k]}]});
+    let started = Instant::now();
+    let reply = try_post(client, url, body.to_string()).await;
+    let latency = started.elapsed();
+    let (status, correct) = match &reply {
+        None => (0, false),
+        Some(r) if r.status == 200 => {
+            let got = flat_f64(&r.json()["outputs"][0]["data"]);
+            (
+                200,
+                close(&got, &flat_f64(&samples.expected[MODEL]["logits"][k])),
+            )
+        }
+        Some(r) => (r.status, false),
+    };
+    Outcome {
+        id,
+        sample: k,
+        status,
+        correct,
+        latency,
+    }
+}
+
 impl Load {
     fn start(
         stack: &Stack,
@@ -97,32 +131,13 @@ impl Load {
                     while !stop.load(Ordering::Relaxed) {
                         let k = (c * 7919 + i * 31) % samples.scaled.len();
                         let id = format!("{tag}-{c}-{i}");
-                        let body = serde_json::json!({"id": id, "parameters": {"timeout": deadline_us},
-                            "inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": samples.scaled[k]}]});
-                        let started = Instant::now();
-                        let reply = try_post(&client, &url, body.to_string()).await;
-                        let latency = started.elapsed();
-                        let (status, correct) = match &reply {
-                            None => (0, false),
-                            Some(r) if r.status == 200 => {
-                                let got = flat_f64(&r.json()["outputs"][0]["data"]);
-                                let want = flat_f64(&samples.expected[MODEL]["logits"][k]);
-                                (200, close(&got, &want))
-                            }
-                            Some(r) => (r.status, false),
-                        };
-                        if reply.is_none() {
+                        let outcome = call_once(&client, &url, &samples, id, k, deadline_us).await;
+                        if outcome.status == 0 {
                             // The gateway is gone: do not spin.
                             tokio::time::sleep(Duration::from_millis(50)).await;
                         }
                         answered.fetch_add(1, Ordering::Relaxed);
-                        outcomes.push(Outcome {
-                            id,
-                            sample: k,
-                            status,
-                            correct,
-                            latency,
-                        });
+                        outcomes.push(outcome);
                         i += 1;
                     }
                     outcomes
@@ -820,31 +835,9 @@ async fn open_loop(
         while sent < due {
             let k = (sent * 31) % samples.scaled.len();
             let id = format!("{tag}-{sent}");
-            let body = serde_json::json!({"id": id, "parameters": {"timeout": LONG.as_micros() as u64},
-                "inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": samples.scaled[k]}]});
             let (client, url, samples) = (client.clone(), url.clone(), samples.clone());
             tasks.push(tokio::spawn(async move {
-                let t = Instant::now();
-                let reply = try_post(&client, &url, body.to_string()).await;
-                let latency = t.elapsed();
-                let (status, correct) = match &reply {
-                    None => (0, false),
-                    Some(r) if r.status == 200 => {
-                        let got = flat_f64(&r.json()["outputs"][0]["data"]);
-                        (
-                            200,
-                            close(&got, &flat_f64(&samples.expected[MODEL]["logits"][k])),
-                        )
-                    }
-                    Some(r) => (r.status, false),
-                };
-                Outcome {
-                    id,
-                    sample: k,
-                    status,
-                    correct,
-                    latency,
-                }
+                call_once(&client, &url, &samples, id, k, LONG.as_micros() as u64).await
             }));
             sent += 1;
         }
