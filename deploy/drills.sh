@@ -6,6 +6,8 @@
 #   SLUICE_DRILL_SECONDS=10 deploy/drills.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The broker kill -9 drill needs tansu's SQLite engine (storage that survives it).
+export SLUICE_TANSU_FEATURES="${SLUICE_TANSU_FEATURES:-dynostore,libsql}"
 deploy/setup.sh
 # shellcheck disable=SC1091
 source .sluice-env
@@ -15,6 +17,11 @@ trap 'rm -f "$rows"' EXIT
 status=0
 SLUICE_DRILL_SECONDS="$seconds" SLUICE_DRILL_REPORT="$rows" \
   cargo test -p sluice --features fail-points --test drills -- --test-threads=1 || status=$?
+# The drills that live beside the features they exercise: a join worker, the online learner and
+# the lookup step's PostgreSQL, each killed under load.
+SLUICE_DRILL_SECONDS="$seconds" SLUICE_DRILL_REPORT="$rows" \
+  cargo test -p sluice --features fail-points --test graphs --test learning --test logic -- \
+  --test-threads=1 a_join_worker_killed a_learner_killed postgres_restarted || status=$?
 {
   echo "# Fault drills"
   echo

@@ -62,13 +62,27 @@ fi
 # from crates.io once, in the background while the Python side is set up, with only the storage
 # engines named in SLUICE_TANSU_FEATURES (default: dynostore, the memory engine `sluice up` uses;
 # add libsql for sqlite:// storage).
+# The tests (deploy/test.sh) ask for libsql too: their broker kill -9 drill needs storage that
+# survives it. The engines a build has are noted beside the binary (<bin>.features; a binary
+# without that note was built with the old default, dynostore), so a broker lacking one that is
+# asked for is rebuilt; one named by SLUICE_TANSU_BIN is used as it is.
 TANSU_BIN="${SLUICE_TANSU_BIN:-${CARGO_HOME:-$HOME/.cargo}/bin/tansu}"
 TANSU_FEATURES="${SLUICE_TANSU_FEATURES:-dynostore}"
+TANSU_STAMP="$TANSU_BIN.features"
+tansu_ready() {
+  [ -x "$TANSU_BIN" ] || return 1
+  [ -n "${SLUICE_TANSU_BIN:-}" ] && return 0
+  local have f
+  have=$(cat "$TANSU_STAMP" 2>/dev/null || echo dynostore)
+  for f in ${TANSU_FEATURES//,/ }; do
+    [[ ",$have," == *",$f,"* ]] || return 1
+  done
+}
 TANSU_PID=
-if [ ! -x "$TANSU_BIN" ]; then
+if ! tansu_ready; then
   TANSU_LOG=$(mktemp)
   log "building tansu 0.6.0 ($TANSU_FEATURES) in the background (first time only; ~10 min on 2 cores); log: $TANSU_LOG"
-  cargo install tansu@0.6.0 --locked --no-default-features --features "$TANSU_FEATURES" \
+  cargo install tansu@0.6.0 --locked --force --no-default-features --features "$TANSU_FEATURES" \
     --root "$(dirname "$(dirname "$TANSU_BIN")")" >"$TANSU_LOG" 2>&1 &
   TANSU_PID=$!
 fi
@@ -115,6 +129,7 @@ if [ -n "$TANSU_PID" ]; then
     fi
   done
   wait "$TANSU_PID" || { tail -20 "$TANSU_LOG" >&2; log "building tansu failed"; exit 1; }
+  echo "$TANSU_FEATURES" > "$TANSU_STAMP"
   log "tansu built in $(( ($(date +%s) - started) / 60 )) min"
 fi
 

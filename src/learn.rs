@@ -214,7 +214,7 @@ async fn serve<T: Trainee>(
 ) -> anyhow::Result<()> {
     let cfg = &deployment.config;
     let name = args.model.as_str();
-    let redis = redis::Client::open(cfg.redis.url.as_str())?;
+    let redis = sluice_common::redis_client::client(&cfg.redis)?;
     let mut redis = redis::aio::ConnectionManager::new(redis).await?;
     let key = checkpoint_key(&cfg.redis.key_prefix, name);
     let mut state: State<T> = match redis.get::<_, Option<String>>(&key).await? {
@@ -637,7 +637,7 @@ impl Metrics {
 /// before the learner saved one.
 pub async fn status(deployment: &Deployment, model: &str) -> anyhow::Result<Option<String>> {
     let cfg = &deployment.config;
-    let redis = redis::Client::open(cfg.redis.url.as_str())?;
+    let redis = sluice_common::redis_client::client(&cfg.redis)?;
     let mut redis = redis::aio::ConnectionManager::new(redis).await?;
     let key = checkpoint_key(&cfg.redis.key_prefix, model);
     let Some(text) = redis.get::<_, Option<String>>(&key).await? else {

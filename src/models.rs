@@ -39,7 +39,7 @@ pub async fn run(deployment: &Deployment, action: ModelsAction) -> anyhow::Resul
         wait,
     } = action;
     let cfg = &deployment.config;
-    let redis = redis::Client::open(cfg.redis.url.as_str())?;
+    let redis = sluice_common::redis_client::client(&cfg.redis)?;
     let mut redis = redis::aio::ConnectionManager::new(redis)
         .await
         .context("connecting to Redis")?;

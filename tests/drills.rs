@@ -41,9 +41,14 @@ fn drill_seconds() -> u64 {
 
 /// The stack every drill starts from: `heavy` on two partitions, one worker.
 fn drill_stack(extra_env: &[(&str, &str)]) -> Option<(Stack, usize)> {
+    drill_stack_with(extra_env, Broker::default())
+}
+
+/// As [`drill_stack`], with the broker run as `broker` says (durable, behind a proxy).
+fn drill_stack_with(extra_env: &[(&str, &str)], broker: Broker) -> Option<(Stack, usize)> {
     let mut env = vec![("SLUICE__MODELS__HEAVY__PARTITIONS", "2")];
     env.extend_from_slice(extra_env);
-    let mut stack = Stack::start(&env)?;
+    let mut stack = Stack::start_with(root().join("examples/digits.toml"), &env, broker)?;
     let w = stack.start_worker(MODEL);
     Some((stack, w))
 }
@@ -207,143 +212,69 @@ async fn result_records(stack: &Stack) -> HashMap<String, Vec<InferenceResult>> 
 }
 
 /// What one drill found.
-struct Report {
-    drill: String,
-    sent: usize,
-    correct: usize,
-    wrong: usize,
-    errors: BTreeMap<u16, usize>,
-    lost: usize,
-    /// Answered 504 while a result record exists (its reply was lost with Redis, or came late).
-    late: usize,
-    duplicates: usize,
-    p99_ms: f64,
-    note: String,
-}
-
-impl Report {
-    /// Reads the result topic and judges `outcomes`: every 200 equal to onnxruntime's answer,
-    /// every result record (duplicates included) equal to it too, and every accepted request
-    /// answered or holding a result record.
-    async fn judge(
-        drill: &str,
-        stack: &Stack,
-        samples: &Samples,
-        outcomes: &[Outcome],
-        note: &str,
-    ) -> Report {
-        let records = result_records(stack).await;
-        let mut r = Report {
-            drill: drill.to_string(),
-            sent: outcomes.len(),
-            correct: 0,
-            wrong: 0,
-            errors: BTreeMap::new(),
-            lost: 0,
-            late: 0,
-            duplicates: 0,
-            p99_ms: 0.0,
-            note: note.to_string(),
-        };
-        for o in outcomes {
-            let held = records.get(&o.id);
-            match o.status {
-                200 if o.correct => r.correct += 1,
-                200 => r.wrong += 1,
-                s => {
-                    *r.errors.entry(s).or_default() += 1;
-                    // 504: accepted, so a result record must exist. (A dropped connection
-                    // may never have been published; it counts as an error, not as lost.)
-                    if s == 504 {
-                        if held.is_some() {
-                            r.late += 1;
-                        } else {
-                            r.lost += 1;
-                        }
-                    }
-                }
-            }
-            let want = flat_f64(&samples.expected[MODEL]["logits"][o.sample]);
-            for rec in held.into_iter().flatten() {
-                if rec.error.is_none() {
-                    let got = rec.outputs[0].to_f64().unwrap_or_default();
-                    if !close(&got, &want) {
-                        r.wrong += 1;
-                    }
-                }
-            }
-            r.duplicates += held.map_or(0, |h| h.len().saturating_sub(1));
-        }
-        let mut lat: Vec<f64> = outcomes
-            .iter()
-            .filter(|o| o.status == 200)
-            .map(|o| o.latency.as_secs_f64() * 1000.0)
-            .collect();
-        lat.sort_by(f64::total_cmp);
-        if !lat.is_empty() {
-            r.p99_ms = lat[((lat.len() as f64 * 0.99) as usize).min(lat.len() - 1)];
-        }
-        r.publish();
-        r
-    }
-
-    fn row(&self) -> String {
-        let errors = if self.errors.is_empty() {
-            "none".to_string()
-        } else {
-            self.errors
-                .iter()
-                .map(|(s, n)| {
-                    let s = if *s == 0 {
-                        "no answer".to_string()
+/// Reads the result topic and judges `outcomes`: every 200 equal to onnxruntime's answer,
+/// every result record (duplicates included) equal to it too, and every accepted request
+/// answered or holding a result record.
+async fn judge(
+    drill: &str,
+    stack: &Stack,
+    samples: &Samples,
+    outcomes: &[Outcome],
+    note: &str,
+) -> DrillReport {
+    let records = result_records(stack).await;
+    let mut r = DrillReport {
+        drill: drill.to_string(),
+        sent: outcomes.len(),
+        correct: 0,
+        wrong: 0,
+        errors: BTreeMap::new(),
+        lost: 0,
+        late: 0,
+        duplicates: 0,
+        p99_ms: 0.0,
+        note: note.to_string(),
+    };
+    for o in outcomes {
+        let held = records.get(&o.id);
+        match o.status {
+            200 if o.correct => r.correct += 1,
+            200 => r.wrong += 1,
+            s => {
+                *r.errors.entry(s).or_default() += 1;
+                // 504: accepted, so a result record must exist. (A dropped connection
+                // may never have been published; it counts as an error, not as lost.)
+                if s == 504 {
+                    if held.is_some() {
+                        r.late += 1;
                     } else {
-                        s.to_string()
-                    };
-                    format!("{s}: {n}")
-                })
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {} |",
-            self.drill,
-            self.sent,
-            self.correct,
-            self.wrong,
-            errors,
-            self.lost,
-            self.late,
-            self.duplicates,
-            self.p99_ms,
-            self.note
-        )
-    }
-
-    /// Prints the row, and appends it to `SLUICE_DRILL_REPORT` when set.
-    fn publish(&self) {
-        let row = self.row();
-        println!("{row}");
-        if let Ok(path) = std::env::var("SLUICE_DRILL_REPORT") {
-            use std::io::Write;
-            let mut f = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .unwrap();
-            writeln!(f, "{row}").unwrap();
+                        r.lost += 1;
+                    }
+                }
+            }
         }
-    }
-
-    /// The drill's thresholds: something answered, 0 lost, 0 wrong, every error one of `allowed`.
-    fn holds(&self, allowed: &[u16]) {
-        let row = self.row();
-        assert!(self.correct > 0, "nothing answered: {row}");
-        assert_eq!(self.lost, 0, "lost requests: {row}");
-        assert_eq!(self.wrong, 0, "wrong answers: {row}");
-        for s in self.errors.keys() {
-            assert!(allowed.contains(s), "status {s} not expected here: {row}");
+        let want = flat_f64(&samples.expected[MODEL]["logits"][o.sample]);
+        for rec in held.into_iter().flatten() {
+            if rec.error.is_none() {
+                let got = rec.outputs[0].to_f64().unwrap_or_default();
+                if !close(&got, &want) {
+                    r.wrong += 1;
+                }
+            }
         }
+        r.duplicates += held.map_or(0, |h| h.len().saturating_sub(1));
     }
+    let mut lat: Vec<f64> = outcomes
+        .iter()
+        .filter(|o| o.status == 200)
+        .map(|o| o.latency.as_secs_f64() * 1000.0)
+        .collect();
+    lat.sort_by(f64::total_cmp);
+    if !lat.is_empty() {
+        r.p99_ms = lat[((lat.len() as f64 * 0.99) as usize).min(lat.len() - 1)];
+    }
+    r.publish();
+    r
 }
 
 /// Runs the load (requests with `deadline`) for the drill's length with `fault` injected after
@@ -392,7 +323,7 @@ async fn worker_kill_9_under_load() {
         load.wait_answers(20).await;
     })
     .await;
-    Report::judge(
+    judge(
         "worker kill -9",
         &stack,
         &samples,
@@ -418,7 +349,7 @@ async fn worker_sigterm_drains_under_load() {
         load.wait_answers(20).await;
     })
     .await;
-    Report::judge(
+    judge(
         "worker SIGTERM (drain)",
         &stack,
         &samples,
@@ -454,7 +385,7 @@ async fn fail_point_drill(point: &str, passes: u32, drill: &str) {
         load.wait_answers(20).await;
     })
     .await;
-    Report::judge(
+    judge(
         drill,
         &stack,
         &samples,
@@ -517,7 +448,7 @@ async fn rebalance_storm_under_load() {
         load.wait_answers(20).await;
     })
     .await;
-    Report::judge(
+    judge(
         "rebalance storm",
         &stack,
         &samples,
@@ -557,12 +488,77 @@ async fn broker_paused_then_resumed() {
     .await;
     // While the broker is frozen, requests already published wait; new ones are refused with
     // 503 once the gateway's probes fail (or wait in the producer within their deadline).
-    Report::judge(
+    judge(
         "broker SIGSTOP, SIGCONT",
         &stack,
         &samples,
         &outcomes,
         &format!("tansu frozen {} s", pause.as_secs()),
+    )
+    .await
+    .holds(&[503]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn broker_killed_and_restarted() {
+    let broker = Broker {
+        durable: true,
+        ..Broker::default()
+    };
+    let Some((mut stack, _)) = drill_stack_with(&[], broker) else {
+        return;
+    };
+    let (outcomes, samples) = under_load(&mut stack, "brokerkill", LONG, async |stack, load| {
+        stack.restart_broker();
+        load.wait_answers(20).await;
+    })
+    .await;
+    // While the broker is down new requests are refused (503) once the gateway's probes fail;
+    // published ones are kept on disk and answered after the restart.
+    judge(
+        "broker kill -9, restart",
+        &stack,
+        &samples,
+        &outcomes,
+        "tansu on SQLite storage, restarted at once",
+    )
+    .await
+    .holds(&[503]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn network_delay_loss_cuts_and_a_partition() {
+    let broker = Broker {
+        proxied: true,
+        ..Broker::default()
+    };
+    let Some((mut stack, _)) = drill_stack_with(&[], broker) else {
+        return;
+    };
+    let net = stack.net.clone().unwrap();
+    let phase = Duration::from_secs(drill_seconds()).max(Duration::from_secs(3)) / 3;
+    let (outcomes, samples) = under_load(&mut stack, "network", LONG, async |_, load| {
+        // Latency and loss on every connection to the broker, then every connection reset
+        // twice, then a partition shorter than the session timeout, then a clean network.
+        net.set_delay(Duration::from_millis(25));
+        net.set_loss(0.02);
+        tokio::time::sleep(phase).await;
+        net.cut_all();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        net.cut_all();
+        tokio::time::sleep(phase).await;
+        net.partition(true);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        net.heal();
+        load.wait_answers(20).await;
+    })
+    .await;
+    judge(
+        "network: delay, loss, cuts, partition",
+        &stack,
+        &samples,
+        &outcomes,
+        "every broker connection through a proxy: +25 ms and 2% loss, all cut twice, partitioned 3 s",
     )
     .await
     .holds(&[503]);
@@ -580,7 +576,7 @@ async fn redis_killed_and_restarted() {
     .await;
     // A reply lost with the old Redis is answered 504 at its deadline (a result record exists);
     // new requests get 503 until the gateway sees Redis again.
-    Report::judge(
+    judge(
         "Redis kill -9, restart",
         &stack,
         &samples,
@@ -604,7 +600,7 @@ async fn redis_paused_then_resumed() {
         load.wait_answers(20).await;
     })
     .await;
-    Report::judge(
+    judge(
         "Redis SIGSTOP 3 s, SIGCONT",
         &stack,
         &samples,
@@ -639,7 +635,7 @@ async fn gateway_killed_with_requests_in_flight() {
         load.wait_answers(20).await;
     })
     .await;
-    let report = Report::judge(
+    let report = judge(
         "gateway kill -9",
         &stack,
         &samples,
@@ -755,7 +751,7 @@ async fn poison_records_are_dead_lettered_without_a_crash_or_a_stall() {
         load.wait_answers(50).await;
     })
     .await;
-    let report = Report::judge(
+    let report = judge(
         "poison records",
         &stack,
         &samples,
@@ -903,7 +899,7 @@ async fn overload_at_two_and_five_times_capacity() {
             rss_before / 1024,
             stack.rss_kib(gateway) / 1024,
         );
-        let report = Report::judge(
+        let report = judge(
             &format!("overload {times}x"),
             &stack,
             &samples,
@@ -962,7 +958,7 @@ async fn replay_from_offset_zero_gives_the_same_answers() {
     rewind.commit(&tpl, CommitMode::Sync).unwrap();
     drop(rewind);
     stack.start_worker(MODEL);
-    let report = Report::judge(
+    let report = judge(
         "replay from offset 0",
         &stack,
         &samples,
@@ -1007,7 +1003,7 @@ async fn a_step_that_stalls_holds_its_records_and_answers_them_once() {
         load.wait_answers(50).await;
     })
     .await;
-    let report = Report::judge(
+    let report = judge(
         "step stalled 12 s",
         &stack,
         &samples,

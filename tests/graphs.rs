@@ -748,6 +748,15 @@ async fn a_join_worker_killed_under_load_loses_and_mixes_nothing() {
     let total = total_answered(load).await;
     println!("answered {total} ensemble requests across a join worker's SIGKILL");
     assert!(total > 16, "{total}");
+    // Every answer was checked above (200 and the vote of onnxruntime's three answers).
+    DrillReport {
+        drill: "join worker kill -9 (ensemble vote)".into(),
+        sent: total,
+        correct: total,
+        note: "digits-ensemble, 8 callers; a new vote worker started at once".into(),
+        ..DrillReport::default()
+    }
+    .publish();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

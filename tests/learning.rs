@@ -326,6 +326,14 @@ async fn a_learner_killed_under_load_loses_nothing_and_counts_nothing_twice() {
     assert_eq!(s["join"]["duplicate"], 0, "{s}");
     assert_eq!(s["join"]["no_feedback"], 0, "{s}");
     assert_eq!(s["weights_version"], EVENTS, "{s}");
+    DrillReport {
+        drill: "joiner/learner kill -9 (online learning)".into(),
+        sent: EVENTS,
+        correct: s["learned"]["learned"].as_u64().unwrap_or(0) as usize,
+        note: "600 predictions with feedback; each learned exactly once after the restart".into(),
+        ..DrillReport::default()
+    }
+    .publish();
     // Both replicas follow the weights topic: each swaps to the last snapshot.
     for replica in [&replica_a, &replica_b] {
         let end = std::time::Instant::now() + std::time::Duration::from_secs(5);

@@ -761,6 +761,216 @@ async fn postgres_missing_rows_rejected_and_an_unreachable_database_is_503() {
     );
 }
 
+/// A PostgreSQL server of the test's own (initdb in a temporary folder, run as the `postgres`
+/// user when the test runs as root) on a free port, so a drill can kill and restart it without
+/// touching the machine's.
+struct PrivatePostgres {
+    dir: tempfile::TempDir,
+    port: u16,
+    bin: std::path::PathBuf,
+}
+
+impl PrivatePostgres {
+    /// Starts one, or `None` (skipped) outside CI when Debian's PostgreSQL binaries are missing.
+    fn start() -> Option<PrivatePostgres> {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()
+            .and_then(|d| d.flatten().map(|e| e.path().join("bin")).max())
+            .filter(|b| b.join("initdb").is_file());
+        let Some(bin) = bin else {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "PostgreSQL's server binaries missing under CI=true; run deploy/setup.sh"
+            );
+            eprintln!("SKIPPED: no /usr/lib/postgresql/*/bin/initdb");
+            return None;
+        };
+        let pg = PrivatePostgres {
+            dir: tempfile::tempdir().unwrap(),
+            port: free_port(),
+            bin,
+        };
+        // initdb refuses to run as root: the folder goes to the postgres user.
+        let _ = std::process::Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(pg.dir.path())
+            .status();
+        assert!(pg.run(
+            "initdb",
+            &["-A", "trust", "-U", "postgres", "-D", &pg.data()]
+        ));
+        assert!(pg.start_server(), "private PostgreSQL did not start");
+        Some(pg)
+    }
+
+    fn data(&self) -> String {
+        self.dir.path().join("data").display().to_string()
+    }
+
+    /// Runs one of PostgreSQL's programs (as `postgres` when this test is root).
+    fn run(&self, program: &str, args: &[&str]) -> bool {
+        let exe = self.bin.join(program);
+        let root = std::process::Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|o| o.stdout.starts_with(b"0"));
+        let mut c = if root {
+            let mut c = std::process::Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(exe);
+            c
+        } else {
+            std::process::Command::new(exe)
+        };
+        c.args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    fn start_server(&self) -> bool {
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1",
+            self.port,
+            self.dir.path().display()
+        );
+        let log = self.dir.path().join("postgres.log").display().to_string();
+        self.run(
+            "pg_ctl",
+            &["start", "-w", "-D", &self.data(), "-l", &log, "-o", &opts],
+        )
+    }
+
+    /// Stops it at once, as a crash would (no checkpoint, clients cut).
+    fn kill(&self) -> bool {
+        self.run("pg_ctl", &["stop", "-m", "immediate", "-D", &self.data()])
+    }
+
+    fn psql(&self, db: &str, sql: &str) -> bool {
+        std::process::Command::new("psql")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+            ])
+            .args(["-d", db, "-v", "ON_ERROR_STOP=1", "-q", "-c", sql])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Drill: the lookup step's PostgreSQL killed (immediate stop) and restarted under load. Every
+/// answer is checked against the table; while the database is down requests get 503 naming it;
+/// none is lost (504) or wrong, and answers are correct again after the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_restarted_under_load_answers_503_then_recovers() {
+    let Some(pg) = PrivatePostgres::start() else {
+        return;
+    };
+    assert!(pg.psql(
+        "postgres",
+        "CREATE TABLE merchants (id text PRIMARY KEY, risk real, chargeback_rate double precision, \
+         orders bigint, region text, active boolean);
+         INSERT INTO merchants VALUES ('m1', 0.25, 0.01, 120, 'eu', true),
+                                      ('m2', 0.75, 0.20, 5, 'us', false);"
+    ));
+    let url = format!("postgres://postgres@127.0.0.1:{}/postgres", pg.port);
+    let config = merchants_config(&format!("merchants-restart-{}", pg.port), &url, "default");
+    let Some(mut stack) = Stack::start_config(config, &[]) else {
+        return;
+    };
+    stack.start_unit("all", &[]);
+    let infer = format!("{}/v2/models/merchants/infer", stack.gateway);
+    let seconds = std::env::var("SLUICE_DRILL_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(4u64)
+        .max(3);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let cases = [("m1", 0.25), ("m2", 0.75), ("absent", 0.5)];
+    let clients: Vec<_> = (0..4)
+        .map(|c| {
+            let (infer, stop) = (infer.clone(), stop.clone());
+            tokio::spawn(async move {
+                let client = http();
+                // (status, correct, latency, sent after the restart)
+                let mut seen = Vec::new();
+                let mut i = c;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let (id, risk) = cases[i % cases.len()];
+                    i += 1;
+                    let started = Instant::now();
+                    let r = post(&client, &infer, &[], merchants_body(&[id])).await;
+                    let correct = r.status == 200
+                        && (flat_f64(&output(&r.json(), "risk")["data"])[0] - risk).abs() < 1e-6;
+                    if r.status != 200 && r.status != 503 {
+                        eprintln!("{}: {}", r.status, String::from_utf8_lossy(&r.body));
+                    }
+                    seen.push((r.status, correct, started.elapsed(), Instant::now()));
+                }
+                seen
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(seconds) / 3).await;
+    assert!(pg.kill(), "pg_ctl stop -m immediate failed");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(pg.start_server(), "PostgreSQL did not start again");
+    let restarted = Instant::now();
+    tokio::time::sleep(Duration::from_secs(seconds) * 2 / 3).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut report = DrillReport {
+        drill: "PostgreSQL kill (immediate stop), restart".into(),
+        note: "the lookup step's database stopped 1 s; rows compared with the table".into(),
+        ..DrillReport::default()
+    };
+    let mut latencies = Vec::new();
+    let mut correct_after_restart = 0;
+    for c in clients {
+        for (status, correct, latency, at) in c.await.unwrap() {
+            report.sent += 1;
+            match status {
+                200 if correct => {
+                    report.correct += 1;
+                    latencies.push(latency.as_secs_f64() * 1000.0);
+                    if at > restarted + Duration::from_secs(1) {
+                        correct_after_restart += 1;
+                    }
+                }
+                200 => report.wrong += 1,
+                s => {
+                    *report.errors.entry(s).or_default() += 1;
+                    // Accepted and never answered within the deadline.
+                    if s == 504 {
+                        report.lost += 1;
+                    }
+                }
+            }
+        }
+    }
+    latencies.sort_by(f64::total_cmp);
+    report.p99_ms = latencies
+        .get(((latencies.len() as f64 * 0.99) as usize).min(latencies.len().saturating_sub(1)))
+        .copied()
+        .unwrap_or(0.0);
+    report.publish();
+    report.holds(&[503]);
+    assert!(
+        correct_after_restart > 0,
+        "no correct answer after the restart: {}",
+        report.row()
+    );
+}
+
 /// A scoring API the HTTP step calls: `GET /score/{user}` answers `{"score": len/10, "info":
 /// {"tier": ...}}`, `POST /batch` answers `{"predictions": [...]}`; `mode` makes it slow (1 s),
 /// failing (500) or flaky (each user's first two calls fail). Counts calls per user.

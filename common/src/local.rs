@@ -35,14 +35,19 @@ pub fn tansu_storage(configured: &str) -> String {
 /// A tansu broker listening on and advertising `host:port`, storing in `storage`
 /// (`memory://tansu/` or `sqlite://FILE`).
 pub fn tansu_command(addr: &str, storage: &str) -> Command {
-    let url = format!("tcp://{addr}");
+    tansu_command_advertising(addr, addr, storage)
+}
+
+/// As [`tansu_command`], listening on `listen` while telling clients to connect to `advertised`
+/// (a proxy in front of it, say).
+pub fn tansu_command_advertising(listen: &str, advertised: &str, storage: &str) -> Command {
     let mut c = Command::new(tansu_binary().unwrap_or_else(|| PathBuf::from("tansu")));
     c.args([
         "broker",
         "--listener-url",
-        &url,
+        &format!("tcp://{listen}"),
         "--advertised-listener-url",
-        &url,
+        &format!("tcp://{advertised}"),
         "--storage-engine",
         storage,
     ]);

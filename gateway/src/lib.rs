@@ -83,7 +83,7 @@ impl Gateway {
     ) -> Result<Arc<Gateway>, StartError> {
         let cfg = &deployment.config;
         let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
-        let client = redis::Client::open(cfg.redis.url.as_str())?;
+        let client = sluice_common::redis_client::client(&cfg.redis)?;
         let manager_cfg = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(2)))
             .set_response_timeout(Some(Duration::from_secs(2)))

@@ -80,7 +80,7 @@ pub(crate) async fn load(
             .unwrap_or_else(|| v.to_string())
     });
     let cfg = gw.deployment.config.clone();
-    let redis = redis::Client::open(cfg.redis.url.as_str())
+    let redis = sluice_common::redis_client::client(&cfg.redis)
         .map_err(|e| ApiError::Unavailable(format!("Redis: {e}")))?;
     let mut redis = redis::aio::ConnectionManager::new(redis)
         .await

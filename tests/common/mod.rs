@@ -16,6 +16,9 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 
+pub mod netfault;
+pub use netfault::NetFault;
+
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -63,10 +66,25 @@ struct Proc {
     log: PathBuf,
 }
 
+/// How the harness runs tansu.
+#[derive(Default)]
+pub struct Broker {
+    /// SQLite storage (what survives a broker kill -9) instead of memory.
+    pub durable: bool,
+    /// Every process reaches the broker through a fault-injecting proxy.
+    pub proxied: bool,
+}
+
 /// A running stack; everything is killed on drop.
 pub struct Stack {
     pub dir: tempfile::TempDir,
+    /// The broker address every process uses (the proxy's, when proxied).
     pub kafka: String,
+    /// Where tansu itself listens, and its storage URL.
+    broker_listen: String,
+    broker_storage: String,
+    /// The proxy in front of the broker (see [`Broker::proxied`]).
+    pub net: Option<NetFault>,
     pub redis_url: String,
     pub gateway: String,
     /// The config file every process reads.
@@ -91,14 +109,31 @@ impl Stack {
 
     /// As [`Stack::start`], with another config file (see [`config_variant`]).
     pub fn start_config(config: PathBuf, env: &[(&str, &str)]) -> Option<Stack> {
+        Self::start_with(config, env, Broker::default())
+    }
+
+    /// As [`Stack::start_config`], with the broker run as `broker` says.
+    pub fn start_with(config: PathBuf, env: &[(&str, &str)], broker: Broker) -> Option<Stack> {
         services_available()?;
         let dir = tempfile::tempdir().unwrap();
         let (kp, rp, gp) = (free_port(), free_port(), free_port());
-        let kafka = format!("127.0.0.1:{kp}");
+        let broker_listen = format!("127.0.0.1:{kp}");
+        let net = broker.proxied.then(|| NetFault::start(&broker_listen));
+        let kafka = net
+            .as_ref()
+            .map_or_else(|| broker_listen.clone(), |n| n.addr.clone());
         let redis_url = format!("redis://127.0.0.1:{rp}");
         let mut stack = Stack {
             dir,
             kafka: kafka.clone(),
+            broker_listen,
+            // tansu opens a sqlite file relative to its working directory (the stack's folder).
+            broker_storage: if broker.durable {
+                "sqlite://tansu.db".into()
+            } else {
+                "memory://tansu/".into()
+            },
+            net,
             redis_url: redis_url.clone(),
             gateway: format!("http://127.0.0.1:{gp}"),
             config,
@@ -116,12 +151,8 @@ impl Stack {
         for (k, v) in env {
             stack.env.push((k.to_string(), v.to_string()));
         }
-        stack.spawn_raw(
-            "tansu",
-            &mut sluice_common::local::tansu_command(&kafka, "memory://tansu/"),
-        );
+        stack.spawn_broker();
         stack.spawn_raw("redis", &mut sluice_common::local::redis_command(rp));
-        wait_tcp(&kafka, Duration::from_secs(20));
         wait_tcp(&format!("127.0.0.1:{rp}"), Duration::from_secs(10));
         let out = stack.sluice(&["topics", "apply"]).output().unwrap();
         assert!(
@@ -132,6 +163,26 @@ impl Stack {
         stack.spawn_sluice("gateway", &["gateway"], &[]);
         stack.wait_ready(&format!("{}/v2/health/ready", stack.gateway));
         Some(stack)
+    }
+
+    /// Starts tansu (on the stack's storage, in the stack's folder) and waits for its port.
+    fn spawn_broker(&mut self) {
+        let mut c = sluice_common::local::tansu_command_advertising(
+            &self.broker_listen,
+            &self.kafka,
+            &self.broker_storage,
+        );
+        c.current_dir(self.dir.path());
+        self.spawn_raw("tansu", &mut c);
+        wait_tcp(&self.broker_listen, Duration::from_secs(20));
+    }
+
+    /// Kills the broker (SIGKILL) and starts it again on the same storage and port.
+    pub fn restart_broker(&mut self) {
+        let i = self.index_of("tansu");
+        self.signal(i, "KILL");
+        self.wait_exit(i, Duration::from_secs(10));
+        self.spawn_broker();
     }
 
     /// A `sluice` command with the stack's config and environment.
@@ -343,6 +394,21 @@ impl Stack {
         self.spawn_raw(name, &mut c);
         wait_tcp(&format!("127.0.0.1:{port}"), Duration::from_secs(10));
         self.procs.len() - 1
+    }
+
+    /// A redis-server serving TLS only on `port` (`args` name its certificate and key);
+    /// returns its index.
+    pub fn start_redis_tls(&mut self, name: &str, port: u16, args: &[&str]) -> usize {
+        let mut c = sluice_common::local::redis_command(0);
+        c.args(["--tls-port", &port.to_string()]).args(args);
+        self.spawn_raw(name, &mut c);
+        wait_tcp(&format!("127.0.0.1:{port}"), Duration::from_secs(10));
+        self.procs.len() - 1
+    }
+
+    /// Whether process `i` is still running.
+    pub fn is_running(&mut self, i: usize) -> bool {
+        matches!(self.procs[i].child.try_wait(), Ok(None))
     }
 
     /// Kills Redis (SIGKILL) and starts a fresh one on the same port.
@@ -666,5 +732,87 @@ pub async fn wait_learner_status(
         }
         assert!(std::time::Instant::now() < end, "{what}: last status {s:?}");
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+/// One drill's row of the fault-drill report (`deploy/drills.sh` writes them to
+/// `docs/drills.md`): what was sent, answered correctly, wrong, refused (by status; 0 = no
+/// answer), lost (accepted, never answered), late and duplicated.
+#[derive(Default)]
+pub struct DrillReport {
+    pub drill: String,
+    pub sent: usize,
+    pub correct: usize,
+    pub wrong: usize,
+    pub errors: std::collections::BTreeMap<u16, usize>,
+    pub lost: usize,
+    /// Answered 504 while a result record exists (its reply was lost with Redis, or came late).
+    pub late: usize,
+    pub duplicates: usize,
+    pub p99_ms: f64,
+    pub note: String,
+}
+
+impl DrillReport {
+    pub fn row(&self) -> String {
+        let errors = if self.errors.is_empty() {
+            "none".to_string()
+        } else {
+            self.errors
+                .iter()
+                .map(|(s, n)| {
+                    let s = if *s == 0 {
+                        "no answer".to_string()
+                    } else {
+                        s.to_string()
+                    };
+                    format!("{s}: {n}")
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            self.drill,
+            self.sent,
+            self.correct,
+            self.wrong,
+            errors,
+            self.lost,
+            self.late,
+            self.duplicates,
+            if self.p99_ms > 0.0 {
+                format!("{:.0}", self.p99_ms)
+            } else {
+                "n/a".to_string()
+            },
+            self.note
+        )
+    }
+
+    /// Prints the row, and appends it to `SLUICE_DRILL_REPORT` when set.
+    pub fn publish(&self) {
+        let row = self.row();
+        println!("{row}");
+        if let Ok(path) = std::env::var("SLUICE_DRILL_REPORT") {
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .unwrap();
+            writeln!(f, "{row}").unwrap();
+        }
+    }
+
+    /// The drill's thresholds: something answered, 0 lost, 0 wrong, every error one of `allowed`.
+    pub fn holds(&self, allowed: &[u16]) {
+        let row = self.row();
+        assert!(self.correct > 0, "nothing answered: {row}");
+        assert_eq!(self.lost, 0, "lost requests: {row}");
+        assert_eq!(self.wrong, 0, "wrong answers: {row}");
+        for s in self.errors.keys() {
+            assert!(allowed.contains(s), "status {s} not expected here: {row}");
+        }
     }
 }

@@ -127,7 +127,7 @@ async fn record_serving(deployment: &Deployment, unit: &WorkerUnit) {
         }
     }
     let written = async {
-        let client = redis::Client::open(cfg.redis.url.as_str())?;
+        let client = sluice_common::redis_client::client(&cfg.redis)?;
         let mut conn = client.get_multiplexed_async_connection().await?;
         pipe.query_async::<()>(&mut conn).await
     };
@@ -405,7 +405,7 @@ impl<'a> Worker<'a> {
             cfg.worker.forward_linger,
         )
         .create()?;
-        let redis_client = redis::Client::open(cfg.redis.url.as_str())?;
+        let redis_client = sluice_common::redis_client::client(&cfg.redis)?;
         let redis = redis::aio::ConnectionManager::new(redis_client.clone()).await?;
 
         let (reload_tx, reloads) = mpsc::channel::<ReloadRequest>(4);

@@ -39,7 +39,7 @@ pub(crate) async fn follow(
     mut served: HashMap<String, Served>,
     worker: String,
 ) {
-    let Ok(client) = redis::Client::open(cfg.redis.url.as_str()) else {
+    let Ok(client) = sluice_common::redis_client::client(&cfg.redis) else {
         tracing::error!("cannot follow the control topic: bad Redis URL");
         return;
     };

@@ -147,8 +147,18 @@ pub enum BrokerQuirks {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisConfig {
-    /// `redis://[:password@]host:port[/db]`.
+    /// `redis://[user:password@]host:port[/db]`, or `rediss://…` for TLS.
     pub url: String,
+    /// With `rediss://`: a PEM file of the certificate authority to trust (instead of the
+    /// system's trust store).
+    #[serde(default)]
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// With `rediss://` and mutual TLS: this client's certificate chain (PEM).
+    #[serde(default)]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// With `rediss://` and mutual TLS: this client's private key (PEM).
+    #[serde(default)]
+    pub tls_key: Option<std::path::PathBuf>,
     /// Prefix of reply channels (`<prefix>:reply:<gateway>`) and result keys (`<prefix>:result:<id>`).
     pub key_prefix: String,
     /// How long a stored result lives at least; a request with a longer deadline keeps its result
@@ -451,7 +461,14 @@ impl Config {
                 .iter_mut()
                 .flat_map(|t| [&mut t.cert, &mut t.key]);
             let jwks = cfg.gateway.auth.jwt.iter_mut().map(|j| &mut j.jwks);
-            for path in tls.chain(jwks) {
+            let redis = [
+                &mut cfg.redis.tls_ca,
+                &mut cfg.redis.tls_cert,
+                &mut cfg.redis.tls_key,
+            ]
+            .into_iter()
+            .flatten();
+            for path in tls.chain(jwks).chain(redis) {
                 if path.is_relative() {
                     *path = dir.join(&*path);
                 }
@@ -497,6 +514,14 @@ impl Config {
         }
         if !self.redis.url.starts_with("redis://") && !self.redis.url.starts_with("rediss://") {
             p.push("redis.url: must start with redis:// or rediss://".into());
+        }
+        if self.redis.tls_cert.is_some() != self.redis.tls_key.is_some() {
+            p.push("redis.tls_cert and redis.tls_key: set both or neither".into());
+        }
+        if (self.redis.tls_ca.is_some() || self.redis.tls_cert.is_some())
+            && !self.redis.url.starts_with("rediss://")
+        {
+            p.push("redis.tls_ca / tls_cert: need a rediss:// url".into());
         }
         if self.redis.result_ttl < Duration::from_secs(1) {
             p.push("redis.result_ttl: must be at least 1s".into());
