@@ -30,6 +30,8 @@ SLUICE_DRILL_SECONDS="$seconds" SLUICE_DRILL_REPORT="$rows" \
   echo "against onnxruntime's answer; the fault is injected a third of the way in. Lost: accepted"
   echo "(504) with no result record; wrong: an answer or any result record (duplicates included)"
   echo "differing from onnxruntime's; duplicates: extra result records (at-least-once), all equal."
+  echo "The join worker, learner and PostgreSQL drills drive their own load (see their notes); their"
+  echo "answers are checked as each says (n/a: not measured by that drill)."
   echo
   echo "| drill | sent | correct | wrong | errors | lost | late (504, result exists) | duplicate results | p99 ms (200s) | notes |"
   echo "|---|---|---|---|---|---|---|---|---|---|"

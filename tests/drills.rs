@@ -470,13 +470,14 @@ async fn broker_paused_then_resumed() {
     let Some((mut stack, _)) = drill_stack(&env) else {
         return;
     };
-    // Shorter than the workers' session.timeout.ms (6 s): a longer freeze is not recovered
-    // from yet (see README, Fault drills).
+    // Longer than the workers' session.timeout.ms (6 s): each worker's session expires, and
+    // tansu 0.6.0 then keeps the expired member as the group's leader until a rejoin helper
+    // (`worker.rejoin_stuck_after`) joins the group.
     let pause = Duration::from_secs(
         std::env::var("SLUICE_DRILL_BROKER_PAUSE")
             .ok()
             .and_then(|s| s.parse().ok())
-            .unwrap_or(4),
+            .unwrap_or(10),
     );
     let (outcomes, samples) = under_load(&mut stack, "brokerstop", LONG, async |stack, load| {
         let broker = stack.index_of("tansu");

@@ -335,6 +335,9 @@ struct Worker<'a> {
     ops_stop: Option<tokio::sync::oneshot::Sender<()>>,
     background: Vec<tokio::task::JoinHandle<()>>,
     producers: [FutureProducer; 2],
+    /// The group consumer's settings, for a rejoin helper (quirks.rs), and when one last ran.
+    group_config: rdkafka::ClientConfig,
+    last_rejoin_help: Option<Instant>,
 }
 
 impl<'a> Worker<'a> {
@@ -385,8 +388,15 @@ impl<'a> Worker<'a> {
         let topics = Arc::new(topics);
         let client_id = format!("sluice-worker-{}-{}", spec.name, std::process::id());
         let state = Arc::new(PartitionState::default());
+        let tansu = cfg.kafka.broker_quirks == BrokerQuirks::Tansu;
+        let group_config = sluice_common::kafka::consumer_config(cfg, &spec.group, &client_id);
+        let mut own_config = group_config.clone();
+        if tansu {
+            // The group's join state, to notice a membership that never settles (quirks.rs).
+            own_config.set("statistics.interval.ms", "1000");
+        }
         let consumer: Arc<StreamConsumer<GroupContext>> = Arc::new(
-            sluice_common::kafka::consumer_config(cfg, &spec.group, &client_id)
+            own_config
                 .create_with_context(GroupContext {
                     topics: Arc::clone(&topics),
                     state: Arc::clone(&state),
@@ -446,9 +456,10 @@ impl<'a> Worker<'a> {
             .zip(own_topics)
             .map(|(unit, own)| Lane::start(&shared, unit, own))
             .collect::<Result<Vec<_>, _>>()?;
-        let quirks = (cfg.kafka.broker_quirks == BrokerQuirks::Tansu).then_some(TansuQuirks {
+        let quirks = tansu.then_some(TansuQuirks {
             stalled_after: cfg.worker.stalled_partition_after,
             nudge_after: cfg.worker.join_nudge_after,
+            rejoin_stuck_after: cfg.worker.rejoin_stuck_after,
         });
         let (wake_tx, wake) = mpsc::channel(1);
         let idle = IdleFetch::new(
@@ -491,6 +502,8 @@ impl<'a> Worker<'a> {
             ops_stop: Some(ops_stop),
             background,
             producers,
+            group_config,
+            last_rejoin_help: None,
         })
     }
 
@@ -577,6 +590,24 @@ impl<'a> Worker<'a> {
         let Some(q) = self.quirks else {
             return;
         };
+        if crate::quirks::membership_stuck(&self.state, q.rejoin_stuck_after)
+            && self
+                .last_rejoin_help
+                .is_none_or(|at| at.elapsed() > q.rejoin_stuck_after)
+        {
+            tracing::warn!(
+                after = ?q.rejoin_stuck_after,
+                "group membership has not settled; a helper member joins the group to unstick it"
+            );
+            self.last_rejoin_help = Some(Instant::now());
+            let mut config = self.group_config.clone();
+            let id = config
+                .get("client.id")
+                .unwrap_or("sluice-worker")
+                .to_string();
+            config.set("client.id", format!("{id}-rejoin-helper"));
+            crate::quirks::spawn_rejoin_helper(config, self.topics.to_vec());
+        }
         for lane in &mut self.lanes {
             if let Some(j) = lane.joiner.as_mut() {
                 q.nudge(&lane.completer, j, &mut self.side).await;

@@ -40,6 +40,9 @@ pub(crate) struct PartitionState {
     pub(crate) joined: Arc<AtomicBool>,
     /// Rebalances seen (the idle cycle stays active for a while after each).
     pub(crate) rebalances: std::sync::atomic::AtomicU64,
+    /// Since when the group membership has not been steady, by librdkafka's statistics
+    /// (only collected with `broker_quirks = "tansu"`); `None` while steady.
+    pub(crate) unsettled_since: Mutex<Option<std::time::Instant>>,
 }
 
 /// Keeps the partition state in step with assignment and marks the worker ready.
@@ -51,7 +54,20 @@ pub(crate) struct GroupContext {
     pub(crate) assigned_gauge: metrics::Gauge,
 }
 
-impl ClientContext for GroupContext {}
+impl ClientContext for GroupContext {
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let steady = statistics
+            .cgrp
+            .as_ref()
+            .is_none_or(|g| g.join_state == "steady");
+        let mut since = lock(&self.state.unsettled_since);
+        if steady {
+            *since = None;
+        } else if since.is_none() {
+            *since = Some(std::time::Instant::now());
+        }
+    }
+}
 
 impl ConsumerContext for GroupContext {
     fn post_rebalance(&self, _base: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {

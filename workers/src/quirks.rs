@@ -24,6 +24,7 @@ use crate::tasks::BoundedTasks;
 pub(crate) struct TansuQuirks {
     pub(crate) stalled_after: Duration,
     pub(crate) nudge_after: Duration,
+    pub(crate) rejoin_stuck_after: Duration,
 }
 
 /// What the consumer loop does with a record, by the gap guard.
@@ -113,4 +114,46 @@ async fn reread_stalled_partitions(by_topic: &[Arc<Completer>], idle: Vec<(Parti
             c.seek(topic, p, expected);
         }
     }
+}
+
+/// How long the rejoin helper stays in the group: long enough to join (tansu holds a
+/// follower's JoinGroup 3 s) while the stuck member retries.
+const HELPER_STAYS: Duration = Duration::from_secs(8);
+
+/// Whether the worker's group membership has been unsettled longer than `after`.
+pub(crate) fn membership_stuck(state: &PartitionState, after: Duration) -> bool {
+    lock(&state.unsettled_since).is_some_and(|since| since.elapsed() > after)
+}
+
+/// Joins the worker's group with a second, short-lived member and leaves again. tansu 0.6.0 can
+/// keep a member whose session expired as the group's leader although it is no longer a member
+/// (after the broker was frozen longer than the session timeout, say): every SyncGroup of the
+/// real member is then refused. A concurrent member's requests make tansu reload the group and
+/// drop that leader. The helper never commits, so records it may be handed meanwhile are read
+/// again by the worker (at-least-once holds).
+pub(crate) fn spawn_rejoin_helper(config: rdkafka::ClientConfig, topics: Vec<String>) {
+    tokio::task::spawn_blocking(move || {
+        use rdkafka::consumer::BaseConsumer;
+        let mut config = config;
+        config.set("enable.auto.commit", "false");
+        let helper: BaseConsumer = match config.create() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "rejoin helper not created");
+                return;
+            }
+        };
+        let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
+        if let Err(e) = helper.subscribe(&refs) {
+            tracing::warn!(error = %e, "rejoin helper could not subscribe");
+            return;
+        }
+        let end = Instant::now() + HELPER_STAYS;
+        while Instant::now() < end {
+            // Records handed to the helper are dropped unprocessed and uncommitted.
+            let _ = helper.poll(Duration::from_millis(100));
+        }
+        helper.unsubscribe();
+        tracing::info!("rejoin helper left the group");
+    });
 }

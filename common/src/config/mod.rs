@@ -247,6 +247,11 @@ pub struct WorkerConfig {
     /// `broker_quirks = "tansu"`: a join whose parts are this overdue nudges its partition.
     #[serde(with = "humantime_serde")]
     pub join_nudge_after: Duration,
+    /// `broker_quirks = "tansu"`: a worker whose group membership has not settled for this long
+    /// brings a short-lived helper member into its group (tansu 0.6.0 can keep a member that
+    /// timed out as the group's leader, so no SyncGroup succeeds; another member's join ends it).
+    #[serde(with = "humantime_serde")]
+    pub rejoin_stuck_after: Duration,
 }
 
 /// The async runtime.
@@ -571,6 +576,9 @@ impl Config {
         }
         if k.idle_fetch_interval.is_zero() {
             p.push("kafka.idle_fetch_interval: must be > 0".into());
+        }
+        if self.worker.rejoin_stuck_after < Duration::from_secs(1) {
+            p.push("worker.rejoin_stuck_after: must be at least 1s".into());
         }
         if self.worker.max_queued == 0 {
             p.push("worker.max_queued: must be at least 1".into());
