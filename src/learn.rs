@@ -261,6 +261,7 @@ async fn serve<T: Trainee>(
     let producer: FutureProducer =
         sluice_common::kafka::producer_config(cfg, &client, Duration::ZERO).create()?;
     let weights_topic = deployment.topics.weights(name);
+    let dead_letters = deployment.topics.dead_letter();
 
     let ready = Arc::new(AtomicBool::new(true));
     let (stop_ops, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -302,9 +303,9 @@ async fn serve<T: Trainee>(
                 let which = usize::from(msg.topic() == topics[1]);
                 state.next[which] = msg.offset() + 1;
                 let now = sluice_common::now_ms();
-                let outcomes = match (which, msg.payload()) {
-                    (0, Some(bytes)) => match decode_prediction(bytes) {
-                        Ok(p) => state.join.prediction(Prediction {
+                let decoded: Result<Vec<Outcome>, String> = match (which, msg.payload()) {
+                    (0, Some(bytes)) => decode_prediction(bytes)
+                        .map(|p| state.join.prediction(Prediction {
                             id: p.id,
                             features: p.features,
                             probability: p.probability,
@@ -312,19 +313,25 @@ async fn serve<T: Trainee>(
                             time_ms: p.time_ms,
                             arm: p.arm,
                             hashed: p.hashed.iter().filter_map(|&h| u32::try_from(h).ok()).collect(),
-                        }, now),
-                        Err(e) => undecodable(&mut state, &topics[0], msg.offset(), &e),
-                    },
-                    (_, Some(bytes)) => match decode_feedback(bytes) {
-                        Ok(f) => state.join.feedback(Feedback {
+                        }, now))
+                        .map_err(|e| e.to_string()),
+                    (_, Some(bytes)) => decode_feedback(bytes)
+                        .map(|f| state.join.feedback(Feedback {
                             id: f.id,
                             truth: f.truth,
                             reward: f.reward,
                             time_ms: f.time_ms,
-                        }, now),
-                        Err(e) => undecodable(&mut state, &topics[1], msg.offset(), &e),
-                    },
-                    (w, None) => undecodable(&mut state, &topics[w], msg.offset(), &"empty record"),
+                        }, now))
+                        .map_err(|e| e.to_string()),
+                    (_, None) => Err("empty record".to_string()),
+                };
+                let outcomes = match decoded {
+                    Ok(outcomes) => outcomes,
+                    Err(e) => {
+                        undecodable(&mut state, &topics[which], msg.offset(), &e);
+                        dead_letter(&producer, &dead_letters, name, &msg, &e).await;
+                        Vec::new()
+                    }
                 };
                 state.learn(&settings, outcomes);
                 dirty = true;
@@ -390,15 +397,42 @@ fn fresh_learner(settings: &LearnerConfig, dims: usize) -> anyhow::Result<Learne
     })
 }
 
-fn undecodable<T>(
-    state: &mut State<T>,
-    topic: &str,
-    offset: i64,
-    e: &dyn std::fmt::Display,
-) -> Vec<Outcome> {
+fn undecodable<T>(state: &mut State<T>, topic: &str, offset: i64, e: &str) {
     state.counts.undecodable += 1;
     tracing::warn!(%topic, offset, error = %e, "skipped a record that does not decode");
-    Vec::new()
+}
+
+/// Writes a record the learner cannot decode to the dead-letter topic with its origin, as the
+/// workers do (best effort: it is counted and logged either way).
+async fn dead_letter(
+    producer: &FutureProducer,
+    topic: &str,
+    model: &str,
+    msg: &rdkafka::message::BorrowedMessage<'_>,
+    error: &str,
+) {
+    use rdkafka::Message;
+    use sluice_common::kafka::headers as h;
+    let (partition, offset) = (msg.partition().to_string(), msg.offset().to_string());
+    let message: String = error.chars().take(1024).collect();
+    let headers = h::build(&[
+        (h::ORIGINAL_TOPIC, msg.topic()),
+        (h::ORIGINAL_PARTITION, &partition),
+        (h::ORIGINAL_OFFSET, &offset),
+        (h::MODEL, model),
+        (h::ERROR_CLASS, "undecodable"),
+        (h::ERROR_MESSAGE, &message),
+    ]);
+    let payload = msg.payload().unwrap_or_default();
+    let mut record = FutureRecord::to(topic)
+        .payload(&payload[..payload.len().min(64 * 1024)])
+        .headers(headers);
+    if let Some(key) = msg.key() {
+        record = record.key(key);
+    }
+    if let Err((e, _)) = producer.send(record, Duration::from_secs(5)).await {
+        tracing::warn!(error = %e, %topic, "dead letter not written");
+    }
 }
 
 impl<T: Trainee> State<T> {

@@ -246,6 +246,55 @@ async fn feedback_joins_once_and_windows_end_by_the_clock() {
         assert!(std::time::Instant::now() < end, "weights version {version}");
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
+
+    // Poison on the learner's own input topics (a direct producer's junk): counted, dead-lettered
+    // with its origin, never a stall of the join.
+    {
+        use rdkafka::producer::{FutureProducer, FutureRecord};
+        let producer: FutureProducer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &stack.kafka)
+            .create()
+            .unwrap();
+        for (topic, payload) in [
+            ("sluice.sea.feedback", &b"\x00\x01 not avro"[..]),
+            ("sluice.sea.predictions", &[0xc3, 0x01, 0xff][..]),
+        ] {
+            producer
+                .send(
+                    FutureRecord::to(topic).key("poison").payload(payload),
+                    std::time::Duration::from_secs(5),
+                )
+                .await
+                .unwrap();
+        }
+    }
+    let s = wait_learner_status(&stack, "sea", "poison counted", |s| {
+        s["learned"]["undecodable"] == 2
+    })
+    .await;
+    assert_eq!(s["join"]["feedback"], 5, "poison is not feedback: {s}");
+    let dead = dead_letters(&stack).await;
+    for topic in ["sluice.sea.feedback", "sluice.sea.predictions"] {
+        assert!(
+            dead.iter()
+                .any(|(origin, class)| origin == topic && class == "undecodable"),
+            "no dead letter from {topic}: {dead:?}"
+        );
+    }
+    // And the join goes on past them.
+    let (id, _, _) = answer(&client, &base, "sea", [9.0, 9.0, 2.0]).await;
+    let r = feedback(
+        &client,
+        &base,
+        "sea",
+        &format!(r#"{{"id":"{id}","truth":1}}"#),
+    )
+    .await;
+    assert_eq!(r.status, 202);
+    wait_learner_status(&stack, "sea", "joined after the poison", |s| {
+        s["join"]["joined"] == 4
+    })
+    .await;
 }
 
 /// kill -9 of the learner under load: the restarted learner resumes from its checkpoint and
@@ -471,4 +520,32 @@ hash_buckets = 65536
         right += usize::from(label == truth);
     }
     assert_eq!(right, 80, "users answered right after learning");
+}
+
+/// (origin topic, error class) of every record on the dead-letter topic.
+async fn dead_letters(stack: &Stack) -> Vec<(String, String)> {
+    use rdkafka::Message;
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::message::Headers;
+    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &stack.kafka)
+        .set("group.id", format!("dead-letter-reader-{}", free_port()))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    consumer.subscribe(&["sluice.dead-letter"]).unwrap();
+    let mut out = Vec::new();
+    while let Ok(Ok(m)) =
+        tokio::time::timeout(std::time::Duration::from_secs(5), consumer.recv()).await
+    {
+        let header = |key: &str| {
+            m.headers()
+                .and_then(|h| h.iter().find(|h| h.key == key).and_then(|h| h.value))
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .unwrap_or_default()
+        };
+        out.push((header("x-original-topic"), header("x-error-class")));
+    }
+    out
 }
