@@ -76,17 +76,29 @@ async fn the_gateway_serves_https_with_its_certificate() {
     let s = samples();
     let body = infer_body(&[&s.scaled[0], &s.scaled[1]]);
     let url = format!("{https}/v2/models/mlp/infer");
-    let (code, out) = curl(&[
-        "--cacert",
-        &cert_s,
-        "-H",
-        "content-type: application/json",
-        "-d",
-        &body,
-        &url,
-    ]);
-    assert_eq!(code, 0, "{out}");
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    // The first request may meet a stack still settling (a 503 while the gateway's broker probe
+    // catches up on a busy machine): asked again until it answers 200, for at most 20 s.
+    let end = Instant::now() + Duration::from_secs(20);
+    let v: serde_json::Value = loop {
+        let (code, out) = curl(&[
+            "--cacert",
+            &cert_s,
+            "-H",
+            "content-type: application/json",
+            "-w",
+            "\n%{http_code}",
+            "-d",
+            &body,
+            &url,
+        ]);
+        assert_eq!(code, 0, "{out}");
+        let (json, status) = out.rsplit_once('\n').unwrap();
+        if status == "200" {
+            break serde_json::from_str(json).unwrap();
+        }
+        assert!(Instant::now() < end, "HTTPS inference: {status} {json}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
     let want: Vec<f64> = (0..2)
         .flat_map(|k| flat_f64(&s.expected["mlp"]["probabilities"][k]))
         .collect();
