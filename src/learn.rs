@@ -413,19 +413,17 @@ async fn dead_letter(
 ) {
     use rdkafka::Message;
     use sluice_common::kafka::headers as h;
-    let (partition, offset) = (msg.partition().to_string(), msg.offset().to_string());
-    let message: String = error.chars().take(1024).collect();
-    let headers = h::build(&[
-        (h::ORIGINAL_TOPIC, msg.topic()),
-        (h::ORIGINAL_PARTITION, &partition),
-        (h::ORIGINAL_OFFSET, &offset),
-        (h::MODEL, model),
-        (h::ERROR_CLASS, "undecodable"),
-        (h::ERROR_MESSAGE, &message),
-    ]);
-    let payload = msg.payload().unwrap_or_default();
+    let headers = h::dead_letter(&h::DeadLetterOrigin {
+        topic: msg.topic(),
+        partition: msg.partition(),
+        offset: msg.offset(),
+        model,
+        class: "undecodable",
+        message: error,
+        request_id: None,
+    });
     let mut record = FutureRecord::to(topic)
-        .payload(&payload[..payload.len().min(64 * 1024)])
+        .payload(msg.payload().unwrap_or_default())
         .headers(headers);
     if let Some(key) = msg.key() {
         record = record.key(key);

@@ -252,6 +252,43 @@ pub mod headers {
     /// Dead letter: the request id, when known.
     pub const DEAD_REQUEST_ID: &str = "x-request-id";
 
+    /// Where a dead letter came from and why: the headers every dead letter carries (the
+    /// message cut to 1 KiB; the request id when known).
+    pub struct DeadLetterOrigin<'a> {
+        /// The topic the record was read from.
+        pub topic: &'a str,
+        /// Its partition.
+        pub partition: i32,
+        /// Its offset.
+        pub offset: i64,
+        /// The model (or unit) that could not use it.
+        pub model: &'a str,
+        /// `undecodable`, `invalid_input`, `model_failed`, …
+        pub class: &'a str,
+        /// What went wrong (cut to 1 KiB in the header).
+        pub message: &'a str,
+        /// The request id, when known.
+        pub request_id: Option<&'a str>,
+    }
+
+    /// The headers of a dead letter from `origin`.
+    pub fn dead_letter(origin: &DeadLetterOrigin<'_>) -> rdkafka::message::OwnedHeaders {
+        let (partition, offset) = (origin.partition.to_string(), origin.offset.to_string());
+        let message: String = origin.message.chars().take(1024).collect();
+        let mut pairs = vec![
+            (ORIGINAL_TOPIC, origin.topic),
+            (ORIGINAL_PARTITION, partition.as_str()),
+            (ORIGINAL_OFFSET, offset.as_str()),
+            (MODEL, origin.model),
+            (ERROR_CLASS, origin.class),
+            (ERROR_MESSAGE, message.as_str()),
+        ];
+        if let Some(id) = origin.request_id {
+            pairs.push((DEAD_REQUEST_ID, id));
+        }
+        build(&pairs)
+    }
+
     /// Builds record headers from name/value pairs.
     pub fn build(pairs: &[(&str, &str)]) -> rdkafka::message::OwnedHeaders {
         pairs.iter().fold(

@@ -364,21 +364,15 @@ impl Sink {
     /// Writes a dead letter, retrying until acknowledged: it is the last record of what went
     /// wrong. One too large goes without the tail of its payload.
     async fn dead_letter(&self, d: &DeadLetter, request_id: Option<&str>) {
-        let partition = d.partition.to_string();
-        let offset = d.offset.to_string();
-        let message: String = d.message.chars().take(1024).collect();
-        let mut pairs = vec![
-            (h::ORIGINAL_TOPIC, d.topic.as_str()),
-            (h::ORIGINAL_PARTITION, partition.as_str()),
-            (h::ORIGINAL_OFFSET, offset.as_str()),
-            (h::MODEL, self.unit.as_str()),
-            (h::ERROR_CLASS, d.class),
-            (h::ERROR_MESSAGE, message.as_str()),
-        ];
-        if let Some(id) = request_id {
-            pairs.push((h::DEAD_REQUEST_ID, id));
-        }
-        let headers = h::build(&pairs);
+        let headers = h::dead_letter(&h::DeadLetterOrigin {
+            topic: &d.topic,
+            partition: d.partition,
+            offset: d.offset,
+            model: &self.unit,
+            class: d.class,
+            message: &d.message,
+            request_id,
+        });
         self.metrics.dead_letter(d.class);
         tracing::warn!(topic = %d.topic, partition = d.partition, offset = d.offset, class = d.class, error = %d.message, "dead-lettered");
         let key = d.key.as_deref();
