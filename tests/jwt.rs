@@ -7,21 +7,23 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
 use base64::Engine;
 use common::*;
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
 use serde_json::json;
 
-fn openssl(args: &[&str]) -> Vec<u8> {
-    let out = Command::new("openssl").args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
+/// Writes a new EC P-256 private key (PEM) to `path`.
+fn make_ec_key(path: &str) {
+    openssl(&[
+        "genpkey",
+        "-algorithm",
+        "EC",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-out",
+        path,
+    ]);
 }
 
 fn b64(bytes: &[u8]) -> String {
@@ -33,15 +35,7 @@ fn b64(bytes: &[u8]) -> String {
 fn keys(dir: &Path) -> (String, String, serde_json::Value) {
     let ec = dir.join("ec.pem").display().to_string();
     let rsa = dir.join("rsa.pem").display().to_string();
-    openssl(&[
-        "genpkey",
-        "-algorithm",
-        "EC",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-out",
-        &ec,
-    ]);
+    make_ec_key(&ec);
     openssl(&[
         "genpkey",
         "-algorithm",
@@ -148,15 +142,7 @@ async fn bearer_tokens_reach_what_their_claims_allow() {
     wrong_iss["iss"] = json!("https://evil.example");
     let forged_key = {
         let other = dir.path().join("other.pem").display().to_string();
-        openssl(&[
-            "genpkey",
-            "-algorithm",
-            "EC",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-out",
-            &other,
-        ]);
+        make_ec_key(&other);
         EncodingKey::from_ec_pem(&std::fs::read(&other).unwrap()).unwrap()
     };
     let hs = encode(

@@ -69,20 +69,7 @@ async fn an_acl_user_with_a_password_is_used_for_replies() {
 
     // A wrong password: the gateway stops, saying why.
     let wrong = format!("redis://sluice:guessed@127.0.0.1:{port}");
-    let bad_listen = format!("127.0.0.1:{}", free_port());
-    let bad = stack.spawn_sluice(
-        "gateway-wrong-password",
-        &["gateway"],
-        &[
-            ("SLUICE__REDIS__URL", wrong.as_str()),
-            ("SLUICE__GATEWAY__LISTEN", bad_listen.as_str()),
-        ],
-    );
-    let end = Instant::now() + Duration::from_secs(20);
-    while !stack.wait_exit_within(bad, Duration::from_millis(200)) {
-        assert!(Instant::now() < end, "a wrong password is refused at start");
-    }
-    let log = stack.log_of(bad);
+    let log = refused_at_start(&mut stack, "gateway-wrong-password", &wrong);
     assert!(log.contains("Password authentication failed"), "{log}");
     assert!(
         !log.contains("guessed"),
@@ -154,15 +141,7 @@ async fn rediss_with_a_private_ca_is_used_for_replies() {
             &cert_s,
         ],
     ] {
-        let made = std::process::Command::new("openssl")
-            .args(&args)
-            .output()
-            .unwrap();
-        assert!(
-            made.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&made.stderr)
-        );
+        openssl(&args);
     }
     let port = free_port();
     // TLS only: the plain port is closed.
@@ -226,22 +205,28 @@ async fn rediss_with_a_private_ca_is_used_for_replies() {
     assert!(stack.is_running(redis));
 
     // Without the CA the server's certificate is not trusted: refused at start, saying so.
-    let bad_listen = format!("127.0.0.1:{}", free_port());
-    let bad = stack.spawn_sluice(
-        "gateway-untrusted",
+    let log = refused_at_start(&mut stack, "gateway-untrusted", &url);
+    assert!(log.to_lowercase().contains("certificate"), "{log}");
+}
+
+/// Starts a gateway with Redis at `redis_url` and no other Redis settings; waits (at most 20 s)
+/// for it to stop, as it must when it cannot use that Redis; returns its log.
+fn refused_at_start(stack: &mut Stack, name: &str, redis_url: &str) -> String {
+    let listen = format!("127.0.0.1:{}", free_port());
+    let gateway = stack.spawn_sluice(
+        name,
         &["gateway"],
         &[
-            ("SLUICE__REDIS__URL", url.as_str()),
-            ("SLUICE__GATEWAY__LISTEN", bad_listen.as_str()),
+            ("SLUICE__REDIS__URL", redis_url),
+            ("SLUICE__GATEWAY__LISTEN", listen.as_str()),
         ],
     );
     let end = Instant::now() + Duration::from_secs(20);
-    while !stack.wait_exit_within(bad, Duration::from_millis(200)) {
+    while !stack.wait_exit_within(gateway, Duration::from_millis(200)) {
         assert!(
             Instant::now() < end,
-            "an untrusted certificate is refused at start"
+            "{name}: still running, not refused at start"
         );
     }
-    let log = stack.log_of(bad);
-    assert!(log.to_lowercase().contains("certificate"), "{log}");
+    stack.log_of(gateway)
 }

@@ -453,6 +453,12 @@ pub fn venv_python(venv: &str) -> Option<PathBuf> {
     None
 }
 
+/// Runs `openssl` with `args`; fails the test with its stderr unless it succeeded; returns
+/// stdout.
+pub fn openssl(args: &[&str]) -> Vec<u8> {
+    stdout_of(Command::new("openssl").args(args))
+}
+
 /// Runs `cmd` to its end; fails the test with its stderr unless it succeeded; returns stdout.
 pub fn stdout_of(cmd: &mut Command) -> Vec<u8> {
     let out = cmd.output().unwrap();
