@@ -67,6 +67,7 @@ impl SchemaSet {
     /// Decodes a single-object record, resolving its writer schema into `reader` (the current
     /// schema when `None`).
     pub fn decode(&self, bytes: &[u8], reader: Option<&Schema>) -> Result<Value, CodecError> {
+        limit_avro_allocations();
         let fp = header_fingerprint(bytes)?;
         let writer = self.known.get(&fp).ok_or(CodecError::UnknownSchema(fp))?;
         let reader = match reader {
@@ -77,6 +78,19 @@ impl SchemaSet {
         let mut body = &bytes[HEADER_LEN..];
         from_avro_datum(writer, &mut body, reader).map_err(|e| CodecError::Avro(e.to_string()))
     }
+}
+
+/// The most apache-avro may allocate for one decoded string or bytes value, and the most items
+/// an array or map block may declare. apache-avro checks a block's item count against this
+/// limit as if it were bytes, then reserves that many `Value`s (tens of bytes each): with its
+/// default (512 MiB) a 20-byte record declaring 2^28 items asks for 15 GB (found by fuzzing
+/// `avro_envelope`). 16 MiB bounds that reservation near 1 GiB and is above any Kafka record
+/// Sluice writes (brokers take 1 MiB by default).
+pub const MAX_AVRO_ALLOCATION: usize = 16 * 1024 * 1024;
+
+/// Sets [`MAX_AVRO_ALLOCATION`] for the process (apache-avro keeps the first value it is given).
+fn limit_avro_allocations() {
+    apache_avro::util::max_allocation_bytes(MAX_AVRO_ALLOCATION);
 }
 
 /// Encodes `value` with `schema`, framed as a single object.
