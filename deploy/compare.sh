@@ -7,7 +7,7 @@
 # usage: deploy/compare.sh [SECONDS_PER_RUN]   (default 10; SLUICE_BIN=path compares another build)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-deploy/setup.sh
+SLUICE_SETUP=stack deploy/setup.sh
 # shellcheck disable=SC1091
 source .sluice-env
 command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }

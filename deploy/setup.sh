@@ -5,14 +5,16 @@
 #     PostgreSQL running on 127.0.0.1:5432 (the machine's own, or installed and started)
 #   - tansu 0.6.0 (Kafka-compatible broker) from crates.io, built alongside the Python set-up
 #   - a Python venv in .venv with onnxruntime 1.31.1 (its shared library is what the workers load),
-#     scikit-learn/skl2onnx for the example models; tritonclient (.venv-triton) and Feast
-#     (.venv-feast) for compatibility checks and the fraud example; schemathesis
-#     (.venv-schemathesis) to fuzz the gateway from its OpenAPI document
+#     scikit-learn/skl2onnx for the example models; unless SLUICE_SETUP=stack (deploy/up.sh: only
+#     what the local stack needs), tritonclient (.venv-triton) and Feast (.venv-feast) for
+#     compatibility checks and the fraud example, schemathesis (.venv-schemathesis) to fuzz the
+#     gateway from its OpenAPI document
 #   - the example models (examples/models/*.onnx; `heavy` is generated here, not committed)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
-log() { echo "[setup] $*" >&2; }
+T0=$(date +%s)
+log() { echo "[setup +$(( $(date +%s) - T0 ))s] $*" >&2; }
 
 need_apt=()
 command -v redis-server >/dev/null || need_apt+=(redis-server)
@@ -81,7 +83,11 @@ tansu_ready() {
 TANSU_PID=
 if ! tansu_ready; then
   TANSU_LOG=$(mktemp)
-  log "building tansu 0.6.0 ($TANSU_FEATURES) in the background (first time only; ~10 min on 2 cores); log: $TANSU_LOG"
+  TANSU_STARTED=$(date +%s)
+  # Crates it compiles: 395 with dynostore (counted); each further engine adds some.
+  extra=$(tr ',' '\n' <<<"$TANSU_FEATURES" | grep -vc '^dynostore$' || true)
+  TANSU_CRATES=$(( 395 + 40 * extra ))
+  log "building tansu 0.6.0 ($TANSU_FEATURES) in the background (first time only; ~9 min on 2 cores); log: $TANSU_LOG"
   cargo install tansu@0.6.0 --locked --force --no-default-features --features "$TANSU_FEATURES" \
     --root "$(dirname "$(dirname "$TANSU_BIN")")" >"$TANSU_LOG" 2>&1 &
   TANSU_PID=$!
@@ -100,12 +106,14 @@ make_venv() {
 }
 VENV="$ROOT/.venv"
 make_venv "$VENV" "$ROOT/deploy/requirements.txt"
-# tritonclient (and perf_analyzer) pin an older numpy, so they live in their own venv.
-make_venv "$ROOT/.venv-triton" "$ROOT/deploy/requirements-triton.txt"
-# Feast (the fraud example's feature store, and the compatibility tests) pins its own numpy too.
-make_venv "$ROOT/.venv-feast" "$ROOT/deploy/requirements-feast.txt"
-# schemathesis: fuzzes the gateway from its OpenAPI document (docs/openapi.yaml).
-make_venv "$ROOT/.venv-schemathesis" "$ROOT/deploy/requirements-schemathesis.txt"
+if [ "${SLUICE_SETUP:-all}" != stack ]; then
+  # tritonclient (and perf_analyzer) pin an older numpy, so they live in their own venv.
+  make_venv "$ROOT/.venv-triton" "$ROOT/deploy/requirements-triton.txt"
+  # Feast (the fraud example's feature store, and the compatibility tests) pins its own numpy too.
+  make_venv "$ROOT/.venv-feast" "$ROOT/deploy/requirements-feast.txt"
+  # schemathesis: fuzzes the gateway from its OpenAPI document (docs/openapi.yaml).
+  make_venv "$ROOT/.venv-schemathesis" "$ROOT/deploy/requirements-schemathesis.txt"
+fi
 
 ORT_LIB=$(ls "$VENV"/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so.1.31.1 | head -1)
 [ -f "$ORT_LIB" ] || { log "onnxruntime shared library missing"; exit 1; }
@@ -115,22 +123,21 @@ if [ ! -f "$ROOT/examples/models/heavy.onnx" ] || [ ! -f "$ROOT/examples/models/
   "$VENV/bin/python" "$ROOT/examples/make_models.py"
 fi
 
-# Waits for the tansu build, printing progress and an estimate of the time left (it compiles
-# about 400 crates with the default features).
+# Waits for the tansu build, printing progress and an estimate of the time left (from the pace
+# since it started; the last crates, tansu's own and the link, take longer than most).
 if [ -n "$TANSU_PID" ]; then
-  started=$(date +%s)
   while kill -0 "$TANSU_PID" 2>/dev/null; do
     sleep 30
     done_crates=$(grep -c "Compiling" "$TANSU_LOG" || true)
-    elapsed=$(( $(date +%s) - started ))
+    elapsed=$(( $(date +%s) - TANSU_STARTED ))
     if [ "$done_crates" -gt 10 ]; then
-      left=$(( elapsed * (400 - done_crates) / done_crates / 60 ))
-      log "tansu: $done_crates/~400 crates compiled, ~$(( left > 0 ? left : 0 )) min left"
+      left=$(( (elapsed * (TANSU_CRATES - done_crates) / done_crates + 90) / 60 ))
+      log "tansu: $done_crates/~$TANSU_CRATES crates compiled, ~$(( left > 1 ? left : 1 )) min left"
     fi
   done
   wait "$TANSU_PID" || { tail -20 "$TANSU_LOG" >&2; log "building tansu failed"; exit 1; }
   echo "$TANSU_FEATURES" > "$TANSU_STAMP"
-  log "tansu built in $(( ($(date +%s) - started) / 60 )) min"
+  log "tansu built in $(( ($(date +%s) - TANSU_STARTED) / 60 )) min"
 fi
 
 # Environment for the other scripts (sourced by deploy/env.sh users).

@@ -4,7 +4,8 @@
 # Ctrl-C stops everything. Extra arguments go to `sluice up`'s config: deploy/up.sh [CONFIG]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-deploy/setup.sh
+# Only what the stack needs (the test suite's extra venvs are left to deploy/test.sh).
+SLUICE_SETUP=stack deploy/setup.sh
 # shellcheck disable=SC1091
 source .sluice-env
 cargo build --release --quiet --bin sluice

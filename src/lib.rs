@@ -163,7 +163,8 @@ async fn run(
             if let Some(l) = listen {
                 deployment.config.gateway.listen = l;
             }
-            tracing::info!(config = %deployment.config.redacted(), "effective config");
+            // The whole config is long (hundreds of lines): at debug, so a stack start stays readable.
+            tracing::debug!(config = %deployment.config.redacted(), "effective config");
             let metrics = sluice_common::telemetry::install_metrics();
             let listener = tokio::net::TcpListener::bind(deployment.config.gateway.listen).await?;
             let gw = sluice_gateway::Gateway::connect(deployment, metrics).await?;
@@ -207,7 +208,8 @@ async fn run(
                 },
                 (None, None, None) => anyhow::bail!("give --unit, --model or --step"),
             };
-            tracing::info!(config = %deployment.config.redacted(), "effective config");
+            // The whole config is long (hundreds of lines): at debug, so a stack start stays readable.
+            tracing::debug!(config = %deployment.config.redacted(), "effective config");
             let ops = sluice_workers::Ops {
                 listen: metrics_listen.unwrap_or(deployment.config.worker.metrics_listen),
                 metrics: sluice_common::telemetry::install_metrics(),

@@ -173,7 +173,10 @@ async fn idle_partitions_are_paused_and_the_gateway_and_forwards_wake_them() {
         return;
     };
     let topics = partitions_of_all(&stack);
-    let (_, addr) = stack.start_unit("all", &[]);
+    // Hops in process would keep the pipeline's next steps off their topics: this test is about
+    // the records that still go through them (local_hops off, a shadow copy, a join's parts
+    // from other workers).
+    let (_, addr) = stack.start_unit("all", &[("SLUICE__WORKER__LOCAL_HOPS", "false")]);
     let client = http();
     let s = samples();
     let paused = || {
@@ -331,4 +334,113 @@ async fn a_broker_that_cannot_delete_records_is_logged_once_and_serving_goes_on(
         "{log}"
     );
     println!("answered {answered} requests while the purge gave up");
+}
+
+/// Records on `topic`'s partition 0 so far, read from the start (tansu 0.6.0's high watermark
+/// can count a batch of several records short, so they are counted one by one).
+fn records_on(stack: &Stack, topic: &str) -> i64 {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::{Offset, TopicPartitionList};
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &stack.kafka)
+        .set("group.id", "records-on")
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "10")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Beginning)
+        .unwrap();
+    c.assign(&tpl).unwrap();
+    let mut n = 0;
+    while let Some(m) = c.poll(Duration::from_millis(1500)) {
+        m.unwrap();
+        n += 1;
+    }
+    n
+}
+
+/// Sends `n` samples to `servable` and checks each answer against onnxruntime's labels.
+async fn answer_checked(stack: &Stack, servable: &str, n: usize) {
+    let (s, client) = (samples(), http());
+    for k in 0..n {
+        let r = infer(&client, &stack.gateway, servable, &[&s.raw[k]]).await;
+        assert_eq!(
+            r.status,
+            200,
+            "{servable}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        assert_eq!(
+            label_of(&r.json()),
+            Some(want(&s, servable, k)),
+            "{servable} sample {k}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graph_hops_and_joins_inside_a_unit_run_in_process_with_the_same_answers() {
+    let Some(mut stack) = Stack::start(&[]) else {
+        return;
+    };
+    let (mlp, postprocess, vote) = (
+        "sluice.mlp.requests",
+        "sluice.digits-pipeline.postprocess.requests",
+        "sluice.digits-ensemble.vote.requests",
+    );
+    let count = |stack: &Stack| [mlp, postprocess, vote].map(|t| records_on(stack, t));
+    let (worker, addr) = stack.start_unit("all", &[]);
+    let before = count(&stack);
+    let n = 12;
+    answer_checked(&stack, "digits-pipeline", n).await;
+    answer_checked(&stack, "digits-ensemble", n).await;
+    let after = count(&stack);
+    // scale → classify → postprocess ran in one process, and so did the ensemble's three
+    // classifiers and its vote: nothing went through the hops' topics.
+    assert_eq!(
+        after[0] - before[0],
+        0,
+        "pipeline/ensemble records on {mlp}"
+    );
+    assert_eq!(after[1] - before[1], 0, "records on {postprocess}");
+    assert_eq!(after[2] - before[2], 0, "parts on {vote}");
+    let client = http();
+    let hops = metric_sum(
+        &client,
+        &addr,
+        "sluice_worker_local_hops_total",
+        "unit=\"all\"",
+    )
+    .await;
+    // classify + postprocess; three classifiers and their three parts.
+    assert_eq!(hops as usize, 2 * n + 6 * n);
+    let ok = |unit: &'static str| {
+        let (client, addr) = (&client, &addr);
+        async move {
+            let label = format!("unit=\"{unit}\",outcome=\"ok\"");
+            metric_sum(client, addr, "sluice_worker_requests_total", &label).await as usize
+        }
+    };
+    // Each lane still counts what it ran: mlp for both graphs, forest for the ensemble.
+    assert_eq!(ok("mlp").await, 2 * n);
+    assert_eq!(ok("forest").await, n);
+    assert_eq!(ok("digits-pipeline.postprocess").await, n);
+    assert_eq!(ok("digits-ensemble.vote").await, n);
+
+    // Switched off, every hop goes through its topic again, with the same answers.
+    stack.signal(worker, "TERM");
+    assert!(stack.wait_exit(worker, Duration::from_secs(20)));
+    stack.start_unit("all", &[("SLUICE__WORKER__LOCAL_HOPS", "false")]);
+    let before = count(&stack);
+    answer_checked(&stack, "digits-pipeline", n).await;
+    answer_checked(&stack, "digits-ensemble", n).await;
+    let after = count(&stack);
+    assert_eq!(
+        after[0] - before[0],
+        2 * n as i64,
+        "hops to mlp through {mlp}"
+    );
+    assert_eq!(after[1] - before[1], n as i64, "hops through {postprocess}");
+    assert_eq!(after[2] - before[2], 3 * n as i64, "parts through {vote}");
 }

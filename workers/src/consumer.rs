@@ -205,11 +205,17 @@ struct Shared<'a> {
     redis: &'a redis::aio::ConnectionManager,
     /// Where sinks report records written to the worker's own partitions (idle fetching on).
     written: Option<OwnWrites>,
+    /// The worker's lanes, for hops run in process (set once all have started).
+    local: &'a crate::local::LocalSlot,
 }
 
 impl Lane {
     /// Builds the pool's step and starts its pipeline.
-    fn start(shared: &Shared<'_>, unit: &Unit, own_topic: usize) -> Result<Lane, WorkerError> {
+    fn start(
+        shared: &Shared<'_>,
+        unit: &Unit,
+        own_topic: usize,
+    ) -> Result<(Lane, crate::local::LocalLane), WorkerError> {
         let deployment = shared.deployment;
         let label = unit.to_string();
         let step: StepSlot = Arc::new(RwLock::new(crate::step::for_unit(deployment, unit)?));
@@ -270,11 +276,25 @@ impl Lane {
             version: model.map(|m| m.version.clone()).unwrap_or_default(),
             model: model.is_some(),
         };
+        let local = crate::local::LocalLane {
+            unit: unit.clone(),
+            step: Arc::clone(&step),
+            fused: Arc::clone(&fused),
+            facts: facts.clone(),
+            metrics: Arc::clone(&wm),
+            signature: model.map(|m| m.signature()),
+            max_rows: max_batch,
+            joins: false,
+            own_topic,
+        };
         let executor = tokio::spawn(crate::executor::run(
             batch_rx,
             Arc::clone(&step),
             facts,
-            Arc::clone(&fused),
+            crate::executor::InProcess {
+                fused: Arc::clone(&fused),
+                local: Arc::clone(shared.local),
+            },
             Arc::clone(&completer),
             slots * 4,
         ));
@@ -288,7 +308,11 @@ impl Lane {
             }),
             Unit::Model(_) => None,
         };
-        Ok(Lane {
+        let local = crate::local::LocalLane {
+            joins: joiner.is_some(),
+            ..local
+        };
+        let lane = Lane {
             unit: unit.clone(),
             own_topic,
             entries,
@@ -300,7 +324,8 @@ impl Lane {
             jobs: Some(jobs),
             pipeline: vec![batcher, executor],
             joiner,
-        })
+        };
+        Ok((lane, local))
     }
 
     /// Whether its join can hold more requests (a pool without a join always can).
@@ -335,6 +360,8 @@ struct Worker<'a> {
     ops_stop: Option<tokio::sync::oneshot::Sender<()>>,
     background: Vec<tokio::task::JoinHandle<()>>,
     producers: [FutureProducer; 2],
+    /// The lanes as hops run in process reach them.
+    local: crate::local::LocalSlot,
     /// The group consumer's settings, for a rejoin helper (quirks.rs), and when one last ran.
     group_config: rdkafka::ClientConfig,
     last_rejoin_help: Option<Instant>,
@@ -438,7 +465,9 @@ impl<'a> Worker<'a> {
         let (written_tx, written) = mpsc::channel(1024);
         let paused_topics: Arc<Vec<AtomicBool>> =
             Arc::new(topics.iter().map(|_| AtomicBool::new(false)).collect());
+        let local = crate::local::LocalSlot::default();
         let shared = Shared {
+            local: &local,
             written: idle_on.then(|| OwnWrites {
                 tx: written_tx,
                 paused_topics: Arc::clone(&paused_topics),
@@ -450,12 +479,26 @@ impl<'a> Worker<'a> {
             producers: &producers,
             redis: &redis,
         };
-        let lanes = spec
+        let (lanes, local_lanes): (Vec<Lane>, Vec<_>) = spec
             .members
             .iter()
             .zip(own_topics)
-            .map(|(unit, own)| Lane::start(&shared, unit, own))
-            .collect::<Result<Vec<_>, _>>()?;
+            .map(|(unit, own)| {
+                let (lane, local) = Lane::start(&shared, unit, own)?;
+                Ok::<_, WorkerError>((lane, (topics[own].clone(), local)))
+            })
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .unzip();
+        if cfg.worker.local_hops && lanes.len() > 1 {
+            let lanes = crate::local::LocalLanes::new(
+                local_lanes,
+                deployment.graphs.clone(),
+                Arc::clone(&topics),
+                &spec.name,
+            );
+            let _ = local.set(lanes);
+        }
         let quirks = tansu.then_some(TansuQuirks {
             stalled_after: cfg.worker.stalled_partition_after,
             nudge_after: cfg.worker.join_nudge_after,
@@ -502,6 +545,7 @@ impl<'a> Worker<'a> {
             ops_stop: Some(ops_stop),
             background,
             producers,
+            local,
             group_config,
             last_rejoin_help: None,
         })
@@ -767,6 +811,9 @@ impl<'a> Worker<'a> {
             lane.metrics.config_reloads.increment(1);
         }
         let summary = routing_summary(&fresh.graphs);
+        if let Some(local) = self.local.get() {
+            local.replace_graphs(fresh.graphs.clone());
+        }
         self.graphs = fresh.graphs;
         Ok(format!("reloaded {} graphs; {summary}", self.graphs.len()))
     }

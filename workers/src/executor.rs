@@ -86,12 +86,19 @@ pub(crate) struct UnitFacts {
     pub(crate) model: bool,
 }
 
+/// What a lane's batches lead to that runs in process: steps fused after it, and hops to the
+/// worker's other lanes.
+pub(crate) struct InProcess {
+    pub(crate) fused: FusedSlot,
+    pub(crate) local: crate::local::LocalSlot,
+}
+
 /// Runs every batch from `batches` until it closes, then waits for the last deliveries.
 pub(crate) async fn run(
     mut batches: mpsc::Receiver<Dispatched<Job>>,
     step: StepSlot,
     unit: UnitFacts,
-    fused: FusedSlot,
+    in_process: InProcess,
     completer: Arc<Completer>,
     deliveries: usize,
 ) {
@@ -99,17 +106,21 @@ pub(crate) async fn run(
     let mut tasks = JoinSet::new();
     while let Some(Dispatched { items, permit }) = batches.recv().await {
         let current = Arc::clone(&*step.read().unwrap_or_else(|e| e.into_inner()));
-        let (unit, completer, delivery_slots, fused) = (
+        let (unit, completer, delivery_slots, fused, local) = (
             unit.clone(),
             Arc::clone(&completer),
             Arc::clone(&delivery_slots),
-            Arc::clone(&*fused.read().unwrap_or_else(|e| e.into_inner())),
+            Arc::clone(&*in_process.fused.read().unwrap_or_else(|e| e.into_inner())),
+            Arc::clone(&in_process.local),
         );
         tasks.spawn(async move {
             let mut completions =
                 run_batch(current.as_ref(), items, &unit, &completer.metrics).await;
             if !fused.is_empty() {
                 completions = run_fused(completions, &fused, &completer.metrics).await;
+            }
+            if let Some(local) = local.get() {
+                completions = crate::local::run_local(completions, local).await;
             }
             // Take a delivery slot before freeing the step's, so finished batches cannot pile up.
             let delivery = delivery_slots.acquire_owned().await;

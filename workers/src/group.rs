@@ -159,7 +159,9 @@ impl Completer {
             crate::fail_point::pass("after_produce");
         }
         let advanced = self.finished(&items);
-        self.metrics.in_flight.decrement(items.len() as f64);
+        // Hops run in process add completions of the same record: count each record once.
+        let records: std::collections::HashSet<_> = items.iter().map(|c| c.source).collect();
+        self.metrics.in_flight.decrement(records.len() as f64);
         if advanced.is_empty() {
             return;
         }

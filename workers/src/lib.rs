@@ -10,7 +10,7 @@
 //!   behind one trait), `join` (holding a join's parts), `outcome` (what follows a step's
 //!   result), `admission` (what a record is), `reply` (Redis) and `sink` (Kafka);
 //! - `group` (partitions, offsets, delivery), `executor` (batches through the step, and fused
-//!   steps in process), `quirks` (tansu work-arounds), `idle` (fetching less while idle), `purge`
+//!   steps in process), `local` (hops to the worker's other lanes in process), `quirks` (tansu work-arounds), `idle` (fetching less while idle), `purge`
 //!   (deleting consumed records);
 //! - `consumer`: the consumer loop, [`run`].
 
@@ -26,6 +26,7 @@ mod group;
 mod idle;
 mod job;
 mod join;
+mod local;
 mod offsets;
 mod outcome;
 mod pool;

@@ -252,6 +252,10 @@ pub struct WorkerConfig {
     /// timed out as the group's leader, so no SyncGroup succeeds; another member's join ends it).
     #[serde(with = "humantime_serde")]
     pub rejoin_stuck_after: Duration,
+    /// A graph's next step served by another lane of the same worker runs in process instead of
+    /// through its topic (one broker round trip less per hop). Joins, shadow copies and steps of
+    /// other workers still go through Kafka. `false`: every hop through Kafka.
+    pub local_hops: bool,
 }
 
 /// The async runtime.
