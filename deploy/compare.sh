@@ -4,7 +4,9 @@
 # deploy/up.sh does), loads mlp, digits-pipeline, digits-ensemble and heavy at concurrency 1 and
 # 32 with wrk; stops it; then does the same against deploy/compare/fastapi_baseline.py under
 # uvicorn with 1 and 2 worker processes. Prints one table of req/s, p50 and p99.
-# usage: deploy/compare.sh [SECONDS_PER_RUN]   (default 10; SLUICE_BIN=path compares another build)
+# usage: deploy/compare.sh [SECONDS_PER_RUN]   (default 10; SLUICE_BIN=path compares another build;
+#        COMPARE_ALSO="SLUICE__WORKER__LOCAL_HOPS=false" also runs the stack with those settings,
+#        as a column "sluice-also", in the same run)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SLUICE_SETUP=stack deploy/setup.sh
@@ -50,11 +52,20 @@ wait_for() {
   echo "compare: $1 did not come up" >&2; return 1
 }
 
-"$BIN" --config examples/digits.toml up > "$OUT/up.out" 2> "$OUT/up.log" &
-UP=$!
-for _ in $(seq 1 300); do grep -q "Sluice is up" "$OUT/up.out" 2>/dev/null && break; sleep 0.3; done
-load sluice http://127.0.0.1:8000
-kill -TERM "$UP"; wait "$UP" || true
+# stack NAME [ENV=VALUE...]: the default stack, with those settings, under load.
+stack() {
+  local name=$1; shift
+  env "$@" "$BIN" --config examples/digits.toml up > "$OUT/up.out" 2> "$OUT/up.log" &
+  local up=$!
+  for _ in $(seq 1 300); do grep -q "Sluice is up" "$OUT/up.out" 2>/dev/null && break; sleep 0.3; done
+  load "$name" http://127.0.0.1:8000
+  kill -TERM "$up"; wait "$up" || true
+}
+stack sluice
+if [ -n "${COMPARE_ALSO:-}" ]; then
+  # shellcheck disable=SC2086
+  stack sluice-also $COMPARE_ALSO
+fi
 
 for n in 1 2; do
   MODELS_DIR=examples/models "$BENCH_VENV/bin/uvicorn" --app-dir deploy/compare fastapi_baseline:app \
@@ -66,13 +77,13 @@ for n in 1 2; do
 done
 
 echo
-printf "%-18s %5s %13s %13s %13s %10s %10s\n" servable conc "sluice req/s" "fastapi-1" "fastapi-2" "vs 1 proc" "vs 2 proc"
+printf "%-18s %5s %13s %13s %13s %10s %10s %12s\n" servable conc "sluice req/s" "fastapi-1" "fastapi-2" "vs 1 proc" "vs 2 proc" "sluice-also"
 for s in $SERVABLES; do
   for c in 1 32; do
     get() { awk -v n="$1" -v s="$s" -v c="$c" '$1==n && $2==s && $3==c {print $4}' "$OUT/results.txt"; }
-    sl=$(get sluice); f1=$(get fastapi-1); f2=$(get fastapi-2)
-    printf "%-18s %5s %13s %13s %13s %9.2fx %9.2fx\n" "$s" "$c" "$sl" "$f1" "$f2" \
-      "$(echo "$sl / ($f1 + 0.001)" | bc -l)" "$(echo "$sl / ($f2 + 0.001)" | bc -l)"
+    sl=$(get sluice); f1=$(get fastapi-1); f2=$(get fastapi-2); also=$(get sluice-also)
+    printf "%-18s %5s %13s %13s %13s %9.2fx %9.2fx %12s\n" "$s" "$c" "$sl" "$f1" "$f2" \
+      "$(echo "$sl / ($f1 + 0.001)" | bc -l)" "$(echo "$sl / ($f2 + 0.001)" | bc -l)" "${also:--}"
   done
 done
 echo "(raw lines, with p50/p99 and non-2xx counts: $OUT/results.txt)"
