@@ -2,7 +2,8 @@
 //! consumer with a short wait (1 ms, for latency) asks it about a thousand times a second even
 //! with nothing to read, and every fetch costs it work for each partition it names. A partition
 //! that brought no record for `kafka.idle_after` is paused and looked at again only every
-//! `kafka.idle_fetch_interval`, in one short probe; a wake-up the gateway publishes on Redis
+//! `kafka.idle_fetch_interval`, in one short probe (every `kafka.idle_fetch_max_interval` once
+//! probes have found nothing for 10 × `idle_after`); a wake-up the gateway publishes on Redis
 //! when a request arrives after a quiet spell resumes them all at once, and a record the worker
 //! forwards to a partition of its own (a graph's next step in the same unit) resumes that one.
 
@@ -27,6 +28,10 @@ use crate::group::{GroupContext, PartitionKey};
 pub(crate) struct IdleFetch {
     after: Duration,
     every: Duration,
+    /// The probe interval once nothing has come for a long time.
+    max_every: Duration,
+    /// Since when nothing arrived, was forwarded or woke the worker.
+    quiet_since: Instant,
     probe: Duration,
     /// The worker's topics, by index.
     topics: Arc<Vec<String>>,
@@ -75,6 +80,8 @@ impl IdleFetch {
         IdleFetch {
             after,
             every,
+            max_every: cfg.kafka.idle_fetch_max_interval.max(every),
+            quiet_since: Instant::now(),
             probe: wait * 2 + Duration::from_millis(10),
             topics,
             last: HashMap::new(),
@@ -131,6 +138,7 @@ impl IdleFetch {
     ) {
         if rebalances != self.rebalances {
             self.rebalances = rebalances;
+            self.quiet_since = now;
             self.resume_all(consumer);
             self.last = self
                 .assigned(consumer)
@@ -145,7 +153,7 @@ impl IdleFetch {
             }
             // Nothing came for what is still paused: pause it again until the next probe.
             self.probing_until = None;
-            self.next_probe = now + self.every;
+            self.next_probe = now + self.probe_interval(now);
             let still: Vec<PartitionKey> = self.paused.iter().copied().collect();
             set_paused(consumer, &self.topics, &still, true);
         } else if !self.paused.is_empty() && now >= self.next_probe {
@@ -168,7 +176,7 @@ impl IdleFetch {
             }
             set_paused(consumer, &self.topics, &silent, true);
             if self.paused.is_empty() {
-                self.next_probe = now + self.every;
+                self.next_probe = now + self.probe_interval(now);
             }
             self.paused.extend(silent);
             self.paused_gauge.set(self.paused.len() as f64);
@@ -180,8 +188,19 @@ impl IdleFetch {
         }
     }
 
+    /// How long until the next probe: `every`, or `max_every` once nothing has come for
+    /// 10 × `after`.
+    fn probe_interval(&self, now: Instant) -> Duration {
+        if now.duration_since(self.quiet_since) >= self.after * 10 {
+            self.max_every
+        } else {
+            self.every
+        }
+    }
+
     /// A record arrived on `key`: it stays fetched at full speed.
     pub(crate) fn record_arrived(&mut self, key: PartitionKey, now: Instant) {
+        self.quiet_since = now;
         self.last.insert(key, now);
         // Arrived during a probe: fetched from now on.
         if self.paused.remove(&key) {
@@ -197,6 +216,7 @@ impl IdleFetch {
         key: PartitionKey,
         now: Instant,
     ) {
+        self.quiet_since = now;
         self.last.insert(key, now);
         if self.paused.remove(&key) {
             self.paused_gauge.set(self.paused.len() as f64);
@@ -208,6 +228,7 @@ impl IdleFetch {
 
     /// The gateway saw a request after a quiet spell: fetch everything before it arrives.
     pub(crate) fn woken(&mut self, consumer: &Arc<StreamConsumer<GroupContext>>, now: Instant) {
+        self.quiet_since = now;
         for k in &self.paused {
             self.last.insert(*k, now);
         }
@@ -368,5 +389,29 @@ mod tests {
             "the first partition to fall silent"
         );
         assert!(!i.is_paused(&(0, 0)));
+    }
+
+    #[test]
+    fn probes_slow_down_after_a_long_quiet_and_speed_up_when_a_record_comes() {
+        let mut i = idle("1", 2000, 250);
+        let t = Instant::now();
+        i.record_arrived((0, 0), t);
+        let ms = Duration::from_millis;
+        assert_eq!(
+            i.probe_interval(t + ms(19_000)),
+            ms(250),
+            "quiet < 10 × idle_after"
+        );
+        assert_eq!(
+            i.probe_interval(t + ms(20_000)),
+            ms(1000),
+            "the default max interval"
+        );
+        i.record_arrived((0, 0), t + ms(30_000));
+        assert_eq!(
+            i.probe_interval(t + ms(31_000)),
+            ms(250),
+            "a record brings it back"
+        );
     }
 }

@@ -122,6 +122,12 @@ pub struct KafkaConfig {
     /// written without the gateway, e.g. by a direct Kafka producer).
     #[serde(with = "humantime_serde")]
     pub idle_fetch_interval: Duration,
+    /// Once probes have found nothing for 10 × `idle_after`, idle partitions are probed this
+    /// often instead (a record, a forward or the gateway's wake-up brings back
+    /// `idle_fetch_interval`), so a stack left idle costs less. One shorter than
+    /// `idle_fetch_interval` is read as `idle_fetch_interval`.
+    #[serde(with = "humantime_serde")]
+    pub idle_fetch_max_interval: Duration,
     /// librdkafka properties for every client (applied after Sluice's defaults).
     #[serde(default)]
     pub client: BTreeMap<String, String>,
