@@ -287,11 +287,11 @@ impl Lane {
             joins: false,
             own_topic,
         };
-        let executor = tokio::spawn(crate::executor::run(
+        let executor = tokio::spawn(crate::local::run(
             batch_rx,
             Arc::clone(&step),
             facts,
-            crate::executor::InProcess {
+            crate::local::InProcess {
                 fused: Arc::clone(&fused),
                 local: Arc::clone(shared.local),
             },

@@ -1,6 +1,6 @@
-//! Running batches through the unit's [`Step`]: jobs past their deadline are answered without
-//! running, the rest run as one call, and each outcome becomes its completions. Batches run
-//! concurrently up to the batcher's slots; delivery is bounded too, so neither grows without limit.
+//! Running a batch through a [`Step`]: jobs past their deadline are answered without running,
+//! the rest run as one call, and each outcome becomes its completions; then the steps fused
+//! after it. (The lane's loop over its batches is [`crate::local::run`].)
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
@@ -10,13 +10,9 @@ use sluice_common::graph::Graph;
 use sluice_common::{now_ms, now_us};
 use sluice_schemas::InferenceError;
 use sluice_schemas::envelope::codes;
-use tokio::sync::{Semaphore, mpsc};
-use tokio::task::JoinSet;
 
-use crate::batcher::Dispatched;
 use crate::completion::Completion;
 use crate::flow::step_error;
-use crate::group::Completer;
 use crate::job::Job;
 use crate::outcome::{BatchFacts, Finisher, step_label};
 use crate::step::Step;
@@ -84,53 +80,6 @@ pub(crate) struct UnitFacts {
     pub(crate) name: String,
     pub(crate) version: String,
     pub(crate) model: bool,
-}
-
-/// What a lane's batches lead to that runs in process: steps fused after it, and hops to the
-/// worker's other lanes.
-pub(crate) struct InProcess {
-    pub(crate) fused: FusedSlot,
-    pub(crate) local: crate::local::LocalSlot,
-}
-
-/// Runs every batch from `batches` until it closes, then waits for the last deliveries.
-pub(crate) async fn run(
-    mut batches: mpsc::Receiver<Dispatched<Job>>,
-    step: StepSlot,
-    unit: UnitFacts,
-    in_process: InProcess,
-    completer: Arc<Completer>,
-    deliveries: usize,
-) {
-    let delivery_slots = Arc::new(Semaphore::new(deliveries.max(1)));
-    let mut tasks = JoinSet::new();
-    while let Some(Dispatched { items, permit }) = batches.recv().await {
-        let current = Arc::clone(&*step.read().unwrap_or_else(|e| e.into_inner()));
-        let (unit, completer, delivery_slots, fused, local) = (
-            unit.clone(),
-            Arc::clone(&completer),
-            Arc::clone(&delivery_slots),
-            Arc::clone(&*in_process.fused.read().unwrap_or_else(|e| e.into_inner())),
-            Arc::clone(&in_process.local),
-        );
-        tasks.spawn(async move {
-            let mut completions =
-                run_batch(current.as_ref(), items, &unit, &completer.metrics).await;
-            if !fused.is_empty() {
-                completions = run_fused(completions, &fused, &completer.metrics).await;
-            }
-            if let Some(local) = local.get() {
-                completions = crate::local::run_local(completions, local).await;
-            }
-            // Take a delivery slot before freeing the step's, so finished batches cannot pile up.
-            let delivery = delivery_slots.acquire_owned().await;
-            drop(permit);
-            completer.complete(completions).await;
-            drop(delivery);
-        });
-        while tasks.try_join_next().is_some() {}
-    }
-    while tasks.join_next().await.is_some() {}
 }
 
 /// Runs the fused steps the completions forward to, in process: each such forward becomes a

@@ -9,8 +9,9 @@
 //!   validate, encode, decide, feature/PostgreSQL/HTTP lookup, image decoding and user steps
 //!   behind one trait), `join` (holding a join's parts), `outcome` (what follows a step's
 //!   result), `admission` (what a record is), `reply` (Redis) and `sink` (Kafka);
-//! - `group` (partitions, offsets, delivery), `executor` (batches through the step, and fused
-//!   steps in process), `local` (hops to the worker's other lanes in process), `quirks` (tansu work-arounds), `idle` (fetching less while idle), `purge`
+//! - `group` (partitions, offsets, delivery), `executor` (a batch through a step, and fused
+//!   steps in process), `local` (a lane's loop over its batches, and hops to the worker's other
+//!   lanes in process), `quirks` (tansu work-arounds), `idle` (fetching less while idle), `purge`
 //!   (deleting consumed records);
 //! - `consumer`: the consumer loop, [`run`].
 

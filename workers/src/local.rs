@@ -1,3 +1,6 @@
+//! A lane's batches in process: each runs through the lane's step ([`crate::executor`]), then
+//! the steps fused after it, then its local hops, and is delivered ([`run`]).
+//!
 //! Local hops: a graph's next step served by another lane of the same worker runs in process,
 //! in the batch's own task, instead of going out to its topic and back through the broker.
 //!
@@ -18,10 +21,14 @@ use futures::future::join_all;
 use sluice_common::graph::{Graph, Graphs, StepKind, Unit};
 use sluice_common::signature::{Signature, validate_inputs};
 use sluice_schemas::InferenceRequest;
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinSet;
 
+use crate::batcher::Dispatched;
 use crate::completion::Completion;
 use crate::executor::{FusedSlot, StepSlot, UnitFacts, run_batch, run_fused};
 use crate::flow::{Outgoing, step_inputs};
+use crate::group::Completer;
 use crate::job::{GraphJob, Job, Source, StepInput};
 use crate::join::{Decision, Joiner, Offered};
 use crate::outcome::failed_join_completions;
@@ -255,6 +262,55 @@ impl LocalLanes {
         }
         out
     }
+}
+
+/// What a lane's batches lead to that runs in process: steps fused after it, and hops to the
+/// worker's other lanes.
+pub(crate) struct InProcess {
+    pub(crate) fused: FusedSlot,
+    pub(crate) local: LocalSlot,
+}
+
+/// Runs every batch from `batches` until it closes (through the step, fused steps and local
+/// hops), then waits for the last deliveries. Batches run concurrently up to the batcher's
+/// slots; delivery is bounded too, so neither grows without limit.
+pub(crate) async fn run(
+    mut batches: mpsc::Receiver<Dispatched<Job>>,
+    step: StepSlot,
+    unit: UnitFacts,
+    in_process: InProcess,
+    completer: Arc<Completer>,
+    deliveries: usize,
+) {
+    let delivery_slots = Arc::new(Semaphore::new(deliveries.max(1)));
+    let mut tasks = JoinSet::new();
+    while let Some(Dispatched { items, permit }) = batches.recv().await {
+        let current = Arc::clone(&*step.read().unwrap_or_else(|e| e.into_inner()));
+        let (unit, completer, delivery_slots, fused, local) = (
+            unit.clone(),
+            Arc::clone(&completer),
+            Arc::clone(&delivery_slots),
+            Arc::clone(&*in_process.fused.read().unwrap_or_else(|e| e.into_inner())),
+            Arc::clone(&in_process.local),
+        );
+        tasks.spawn(async move {
+            let mut completions =
+                run_batch(current.as_ref(), items, &unit, &completer.metrics).await;
+            if !fused.is_empty() {
+                completions = run_fused(completions, &fused, &completer.metrics).await;
+            }
+            if let Some(local) = local.get() {
+                completions = run_local(completions, local).await;
+            }
+            // Take a delivery slot before freeing the step's, so finished batches cannot pile up.
+            let delivery = delivery_slots.acquire_owned().await;
+            drop(permit);
+            completer.complete(completions).await;
+            drop(delivery);
+        });
+        while tasks.try_join_next().is_some() {}
+    }
+    while tasks.join_next().await.is_some() {}
 }
 
 /// Runs in process every hop the completions forward to a lane of this worker, and the hops
