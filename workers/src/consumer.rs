@@ -276,6 +276,15 @@ impl Lane {
             version: model.map(|m| m.version.clone()).unwrap_or_default(),
             model: model.is_some(),
         };
+        // Combine steps hold parts until their request is decided.
+        let joiner = match unit {
+            Unit::Step { graph, step } => deployment.graph(graph).and_then(|g| {
+                let i = g.step_index(step)?;
+                matches!(g.steps[i].kind, StepKind::Combine(_))
+                    .then(|| Joiner::new(Arc::clone(g), i, shared.topics[own_topic].clone()))
+            }),
+            Unit::Model(_) => None,
+        };
         let local = crate::local::LocalLane {
             unit: unit.clone(),
             step: Arc::clone(&step),
@@ -284,7 +293,7 @@ impl Lane {
             metrics: Arc::clone(&wm),
             signature: model.map(|m| m.signature()),
             max_rows: max_batch,
-            joins: false,
+            joins: joiner.is_some(),
             own_topic,
         };
         let executor = tokio::spawn(crate::local::run(
@@ -299,19 +308,6 @@ impl Lane {
             slots * 4,
         ));
 
-        // Combine steps hold parts until their request is decided.
-        let joiner = match unit {
-            Unit::Step { graph, step } => deployment.graph(graph).and_then(|g| {
-                let i = g.step_index(step)?;
-                matches!(g.steps[i].kind, StepKind::Combine(_))
-                    .then(|| Joiner::new(Arc::clone(g), i, shared.topics[own_topic].clone()))
-            }),
-            Unit::Model(_) => None,
-        };
-        let local = crate::local::LocalLane {
-            joins: joiner.is_some(),
-            ..local
-        };
         let lane = Lane {
             unit: unit.clone(),
             own_topic,
