@@ -40,6 +40,21 @@ fn label_of(v: &Value) -> Option<i64> {
         .as_i64()
 }
 
+/// Asserts `r` is a 200 carrying the label onnxruntime gives sample `k` of `servable`.
+fn assert_answers(r: &Reply, s: &Samples, servable: &str, k: usize) {
+    assert_eq!(
+        r.status,
+        200,
+        "{servable}: {}",
+        String::from_utf8_lossy(&r.body)
+    );
+    assert_eq!(
+        label_of(&r.json()),
+        Some(want(s, servable, k)),
+        "{servable} sample {k}"
+    );
+}
+
 /// Closed-loop load from 9 clients over a model, a pipeline and an ensemble (3 each), every
 /// answer checked; each task returns how many it got answered.
 fn spawn_mixed_load(stack: &Stack, stop: &Arc<AtomicBool>) -> Vec<tokio::task::JoinHandle<usize>> {
@@ -65,17 +80,7 @@ fn spawn_mixed_load(stack: &Stack, stop: &Arc<AtomicBool>) -> Vec<tokio::task::J
                         &s.raw[k]
                     };
                     let r = infer(&client, &gw, servable, &[row]).await;
-                    assert_eq!(
-                        r.status,
-                        200,
-                        "{servable}: {}",
-                        String::from_utf8_lossy(&r.body)
-                    );
-                    assert_eq!(
-                        label_of(&r.json()),
-                        Some(want(&s, servable, k)),
-                        "{servable} sample {k}"
-                    );
+                    assert_answers(&r, &s, servable, k);
                     answered += 1;
                     i += 9;
                 }
@@ -365,17 +370,7 @@ async fn answer_checked(stack: &Stack, servable: &str, n: usize) {
     let (s, client) = (samples(), http());
     for k in 0..n {
         let r = infer(&client, &stack.gateway, servable, &[&s.raw[k]]).await;
-        assert_eq!(
-            r.status,
-            200,
-            "{servable}: {}",
-            String::from_utf8_lossy(&r.body)
-        );
-        assert_eq!(
-            label_of(&r.json()),
-            Some(want(&s, servable, k)),
-            "{servable} sample {k}"
-        );
+        assert_answers(&r, &s, servable, k);
     }
 }
 

@@ -317,6 +317,10 @@ pub(crate) async fn run(
 /// those lead to, until only answers and records for other workers are left. Each job's
 /// completions are added to the list with the consumed record's source.
 pub(crate) async fn run_local(completions: Vec<Completion>, local: &LocalLanes) -> Vec<Completion> {
+    // A plain model's batch forwards nothing: no work here.
+    if completions.iter().all(|c| c.forwards.is_empty()) {
+        return completions;
+    }
     let mut done = Vec::with_capacity(completions.len());
     let mut pending = completions;
     loop {
