@@ -43,8 +43,15 @@ if ! command -v pg_isready >/dev/null || ! pg_isready -q -h 127.0.0.1 -p 5432; t
     apt-get install -y -qq postgresql >/dev/null
   fi
   pg_version=$(ls /usr/lib/postgresql | sort -n | tail -1)
+  # A package installed without a cluster (or one removed) gets one; then it is started.
+  if ! pg_lsclusters -h 2>/dev/null | awk '{print $1"/"$2}' | grep -qx "$pg_version/main"; then
+    log "PostgreSQL: creating cluster $pg_version/main"
+    pg_createcluster "$pg_version" main >/dev/null
+  fi
+  log "PostgreSQL: starting $pg_version/main"
   pg_ctlcluster "$pg_version" main start 2>/dev/null || service postgresql start
   for _ in $(seq 1 50); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 0.2; done
+  pg_isready -q -h 127.0.0.1 -p 5432 || { log "PostgreSQL did not start"; exit 1; }
 fi
 if ! psql -h 127.0.0.1 -U postgres -c 'select 1' >/dev/null 2>&1; then
   hba=$(ls /etc/postgresql/*/main/pg_hba.conf 2>/dev/null | tail -1)
@@ -118,7 +125,7 @@ fi
 ORT_LIB=$(ls "$VENV"/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so.1.31.1 | head -1)
 [ -f "$ORT_LIB" ] || { log "onnxruntime shared library missing"; exit 1; }
 
-if [ ! -f "$ROOT/examples/models/heavy.onnx" ] || [ ! -f "$ROOT/examples/models/mlp.onnx" ]; then
+if [ ! -f "$ROOT/examples/models/heavy.onnx" ] || [ ! -f "$ROOT/examples/models/mlp.onnx" ] || [ ! -f "$ROOT/examples/models/echo.onnx" ]; then
   log "generating example models"
   "$VENV/bin/python" "$ROOT/examples/make_models.py"
 fi

@@ -115,6 +115,31 @@ def heavy():
     print("wrote heavy.onnx")
 
 
+# Every Open Inference Protocol datatype, as ONNX names it.
+ECHO_TYPES = {
+    "bool": TensorProto.BOOL, "uint8": TensorProto.UINT8, "uint16": TensorProto.UINT16,
+    "uint32": TensorProto.UINT32, "uint64": TensorProto.UINT64, "int8": TensorProto.INT8,
+    "int16": TensorProto.INT16, "int32": TensorProto.INT32, "int64": TensorProto.INT64,
+    "fp16": TensorProto.FLOAT16, "fp32": TensorProto.FLOAT, "fp64": TensorProto.DOUBLE,
+    "bytes": TensorProto.STRING,
+}
+
+
+def echo():
+    """`echo`: one Identity per datatype (t_<type> -> u_<type>, shape [batch, n]), so a value's
+    trip through Sluice can be compared bit for bit with what was sent (examples/datatypes.toml)."""
+    nodes, inputs, outputs = [], [], []
+    for name, ty in ECHO_TYPES.items():
+        inputs.append(helper.make_tensor_value_info(f"t_{name}", ty, ["batch", f"n_{name}"]))
+        outputs.append(helper.make_tensor_value_info(f"u_{name}", ty, ["batch", f"n_{name}"]))
+        nodes.append(helper.make_node("Identity", [f"t_{name}"], [f"u_{name}"]))
+    graph = helper.make_graph(nodes, "echo", inputs, outputs)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, os.path.join(MODELS, "echo.onnx"))
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("--small", action="store_true", help="retrain and export the committed models")
@@ -122,4 +147,6 @@ if __name__ == "__main__":
     os.makedirs(MODELS, exist_ok=True)
     if a.small or not os.path.exists(os.path.join(HERE, "samples.json")):
         small()
+    if not os.path.exists(os.path.join(MODELS, "echo.onnx")):
+        echo()
     heavy()

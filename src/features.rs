@@ -12,7 +12,7 @@ use sluice_common::Deployment;
 use sluice_common::config::{FeatureLayout, FeaturesConfig, JoinKeyType};
 use sluice_common::graph::StepKind;
 use sluice_features::{Layout, Value};
-use sluice_schemas::DataType;
+use sluice_schemas::{DataType, Number};
 
 /// `sluice features ...`
 #[derive(Subcommand)]
@@ -353,7 +353,7 @@ async fn get(deployment: &Deployment, step: &str, entities: &[String]) -> anyhow
                 Value::Int(i) => serde_json::json!(i),
                 Value::Bool(b) => serde_json::json!(b),
                 Value::Text(t) => serde_json::json!(String::from_utf8_lossy(&t)),
-                Value::List(xs) => serde_json::json!(xs),
+                Value::List(xs) => xs.iter().map(|&n| number_json(n)).collect(),
             };
             obj.insert(f.name.clone(), json);
         }
@@ -364,6 +364,16 @@ async fn get(deployment: &Deployment, step: &str, entities: &[String]) -> anyhow
         );
     }
     Ok(())
+}
+
+/// A number as JSON, exactly (integers as integers; a NaN or infinity, which JSON lacks, as null).
+fn number_json(n: Number) -> serde_json::Value {
+    match n {
+        Number::Int(i) => i.into(),
+        Number::UInt(u) => u.into(),
+        Number::Float(f) => f.into(),
+        Number::Bool(b) => b.into(),
+    }
 }
 
 #[cfg(test)]

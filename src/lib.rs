@@ -1,7 +1,8 @@
 //! `sluice`: the command line of the Sluice serving system, as a library so that a binary with
 //! user steps (`sluice_workers::step::registry`) can run it: register, then call [`main`].
 //!
-//! - `sluice up` runs the local stack (broker, Redis, gateway, one worker per model).
+//! - `sluice up` runs the local stack (broker, Redis, gateway, one worker per model);
+//!   `sluice status` shows it.
 //! - `sluice gateway` / `sluice worker --model M` / `sluice worker --step G.S` run one component.
 //! - `sluice topics apply` creates the topics a config needs.
 //! - `sluice bench` measures HTTP load, in-process compute and the broker's transport floor.
@@ -14,6 +15,7 @@ mod learn;
 mod models;
 mod procs;
 mod soak;
+mod supervise;
 mod up;
 
 use std::net::SocketAddr;
@@ -50,6 +52,8 @@ enum Command {
         #[arg(long)]
         per_step: bool,
     },
+    /// Show the stack `sluice up` runs here: each process, its address and readiness.
+    Status,
     /// Run the HTTP gateway.
     Gateway {
         /// Listen address (overrides gateway.listen).
@@ -158,6 +162,7 @@ async fn run(
         Command::Up { models, per_step } => {
             up::run(deployment, config_path, models, per_step).await
         }
+        Command::Status => up::status(&deployment.config).await,
         Command::Gateway { listen } => {
             let mut deployment = deployment;
             if let Some(l) = listen {
@@ -177,7 +182,9 @@ async fn run(
                     tracing::info!("SIGHUP: the gateway has nothing to reload");
                 }
             });
-            tracing::info!(addr = %listener.local_addr()?, gateway = gw.id(), "gateway listening");
+            let bound = listener.local_addr()?;
+            sluice_common::ops::announce_addr(bound);
+            tracing::info!(addr = %bound, gateway = gw.id(), "gateway listening");
             gw.serve(listener, sluice_common::ops::shutdown_signal())
                 .await?;
             Ok(())

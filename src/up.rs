@@ -1,16 +1,20 @@
 //! `sluice up`: the whole local stack in one command.
 //!
-//! Starts tansu and Redis when nothing answers at the configured addresses, creates the topics,
-//! starts the gateway and `workers` workers per model and per built-in graph step, waits until
-//! every part is ready, prints how to call it, passes SIGHUP on to the workers (config reload),
-//! restarts a gateway or worker that exits (with backoff; a crash loop is reported, not fatal),
-//! and on Ctrl-C (or SIGTERM) stops everything it started: workers and gateway first (SIGTERM, so
-//! they drain), then Redis and the broker.
+//! Starts the broker and Redis when nothing answers at the configured addresses, creates the
+//! topics, starts the gateway, the workers of each deployment unit and a learner per learning
+//! model, waits until every one is ready, prints how to call it, passes SIGHUP on to the workers
+//! (config reload), and restarts any process that exits (with backoff, during start-up too).
+//! It starts completely or not at all: a stack not ready within `local.start_timeout` is stopped
+//! and `up` exits non-zero with the failing processes' last lines. Ctrl-C or SIGTERM, at any
+//! moment, stops everything it started (see [`Stack::stop`] for the order and the bound).
+//!
+//! Every port comes from the config; port 0 (the default for `worker.metrics_listen`) lets each
+//! process pick a free one, which it writes to a file in `local.state_dir`. `up` writes the
+//! stack's addresses to `<state_dir>/stack.json`, which `sluice status` reads.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use nix::sys::signal::{Signal, kill};
@@ -18,158 +22,30 @@ use nix::unistd::Pid;
 use sluice_common::graph::Unit;
 use sluice_common::{Config, Deployment, WorkerUnit, local};
 use tokio::net::TcpStream;
-use tokio::process::{Child, Command};
 
-/// First port handed to worker ops servers (`/metrics`, health) when `worker.metrics_listen`
-/// names none; workers get consecutive ports from there.
-const WORKER_PORT_BASE: u16 = 9100;
+use crate::supervise::{Role, Spec, Stack, Started, start_failed};
 
-/// How to start a process again (the gateway and workers are supervised).
-#[derive(Clone)]
-struct Spec {
-    program: PathBuf,
-    args: Vec<String>,
-    envs: Vec<(String, String)>,
+/// The stack's addresses as `up` writes them to `<state_dir>/stack.json`.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct StackFile {
+    /// `up`'s own pid.
+    pub pid: u32,
+    /// The gateway's base URL.
+    pub gateway: String,
+    /// Every process `up` started.
+    pub processes: Vec<StackProcess>,
 }
 
-impl Spec {
-    /// The program, arguments and environment of `c`.
-    fn of(c: &std::process::Command) -> Spec {
-        Spec {
-            program: PathBuf::from(c.get_program()),
-            args: c
-                .get_args()
-                .map(|a| a.to_string_lossy().into_owned())
-                .collect(),
-            envs: c
-                .get_envs()
-                .filter_map(|(k, v)| {
-                    Some((
-                        k.to_string_lossy().into_owned(),
-                        v?.to_string_lossy().into_owned(),
-                    ))
-                })
-                .collect(),
-        }
-    }
-
-    fn command(&self) -> Command {
-        let mut c = Command::new(&self.program);
-        c.args(&self.args);
-        c.envs(self.envs.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-        c
-    }
-}
-
-/// Restarts within this window count towards a crash loop.
-const CRASH_WINDOW: Duration = Duration::from_secs(60);
-/// Restarts within [`CRASH_WINDOW`] that make a crash loop (reported; restarts go on).
-const CRASH_LOOP: usize = 5;
-const MAX_BACKOFF: Duration = Duration::from_secs(10);
-
-/// A process `up` started, stopped in reverse order of start.
-struct Started {
-    name: String,
-    child: Child,
-    /// Set for supervised processes: restarted when they exit.
-    spec: Option<Spec>,
-    /// When it was (re)started, and the restarts within [`CRASH_WINDOW`].
-    started: Instant,
-    restarts: Vec<Instant>,
-}
-
-#[derive(Default)]
-struct Stack {
-    processes: Vec<Started>,
-}
-
-impl Stack {
-    /// Starts a process that is restarted whenever it exits.
-    fn spawn_supervised(&mut self, name: &str, spec: Spec) -> anyhow::Result<()> {
-        self.start(name, &mut spec.command(), Some(spec.clone()))
-    }
-
-    fn start(&mut self, name: &str, cmd: &mut Command, spec: Option<Spec>) -> anyhow::Result<()> {
-        let child = launch(name, cmd)?;
-        self.processes.push(Started {
-            name: name.to_string(),
-            child,
-            spec,
-            started: Instant::now(),
-            restarts: Vec::new(),
-        });
-        Ok(())
-    }
-
-    /// Resolves when any started process exits; returns its index and exit status.
-    async fn next_exit(&mut self) -> (usize, String) {
-        loop {
-            for (i, p) in self.processes.iter_mut().enumerate() {
-                if let Ok(Some(status)) = p.child.try_wait() {
-                    return (i, status.to_string());
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    /// Resolves when any started process exits; returns its name.
-    async fn any_exit(&mut self) -> String {
-        let (i, status) = self.next_exit().await;
-        format!("{} ({status})", self.processes[i].name)
-    }
-
-    /// Restarts supervised process `i` after a backoff that grows with its recent restarts;
-    /// an unsupervised one ends the stack.
-    async fn restart(&mut self, i: usize, status: &str) -> anyhow::Result<()> {
-        let p = &mut self.processes[i];
-        let Some(spec) = p.spec.clone() else {
-            bail!("{} ({status}) exited; stopping the stack", p.name);
-        };
-        let now = Instant::now();
-        p.restarts.retain(|t| now.duration_since(*t) < CRASH_WINDOW);
-        let recent = u32::try_from(p.restarts.len()).unwrap_or(u32::MAX);
-        let backoff = (Duration::from_millis(100) * 2u32.saturating_pow(recent)).min(MAX_BACKOFF);
-        let ran = now.duration_since(p.started);
-        if p.restarts.len() >= CRASH_LOOP {
-            tracing::error!(process = %p.name, %status, restarts = p.restarts.len(), window = ?CRASH_WINDOW, "crash-looping; still restarting, every {backoff:?}");
-        } else {
-            tracing::warn!(process = %p.name, %status, ran = ?ran, "exited; restarting in {backoff:?}");
-        }
-        tokio::time::sleep(backoff).await;
-        let p = &mut self.processes[i];
-        p.child = launch(&p.name, &mut spec.command())?;
-        p.started = Instant::now();
-        p.restarts.push(p.started);
-        tracing::info!(process = %p.name, restarts = p.restarts.len(), "restarted");
-        Ok(())
-    }
-
-    /// SIGTERM each process (newest first), waiting up to `grace` for each before SIGKILL.
-    async fn stop(&mut self, grace: Duration) {
-        while let Some(mut p) = self.processes.pop() {
-            if let Some(pid) = p.child.id() {
-                let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
-                match tokio::time::timeout(grace, p.child.wait()).await {
-                    Ok(_) => tracing::info!(process = %p.name, "stopped"),
-                    Err(_) => {
-                        tracing::warn!(process = %p.name, "did not stop in time; killing");
-                        let _ = p.child.kill().await;
-                    }
-                }
-            }
-        }
-    }
-}
-
-fn launch(name: &str, cmd: &mut Command) -> anyhow::Result<Child> {
-    let child = cmd
-        .kill_on_drop(true)
-        .stdin(Stdio::null())
-        .spawn()
-        .with_context(|| format!("starting {name}"))?;
-    tracing::info!(process = name, pid = child.id(), "started");
-    Ok(child)
+/// One process in [`StackFile`].
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct StackProcess {
+    /// Its name in logs.
+    pub name: String,
+    /// Its pid when the file was written.
+    pub pid: Option<u32>,
+    /// Its ops address (`/metrics`, `/health/ready`), for workers and learners; the gateway's
+    /// listen address for the gateway.
+    pub addr: Option<String>,
 }
 
 fn host_port(url_or_addr: &str, default_port: u16) -> String {
@@ -206,27 +82,7 @@ async fn wait_reachable(addr: &str, what: &str, within: Duration) -> anyhow::Res
     Ok(())
 }
 
-async fn wait_http_ready(
-    client: &crate::http::HttpClient,
-    url: &str,
-    stack: &mut Stack,
-    within: Duration,
-) -> anyhow::Result<()> {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        if let Ok(200) = crate::http::get_status(client, url).await {
-            return Ok(());
-        }
-        if tokio::time::Instant::now() > deadline {
-            bail!("{url} not ready within {within:?}");
-        }
-        tokio::select! {
-            exited = stack.any_exit() => bail!("{exited} exited during start-up"),
-            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-        }
-    }
-}
-
+/// Runs the stack until Ctrl-C or SIGTERM (or a start that fails), then stops all of it.
 pub async fn run(
     deployment: Deployment,
     config_path: Option<PathBuf>,
@@ -236,73 +92,227 @@ pub async fn run(
     if let Some(unknown) = only.iter().find(|m| deployment.servable(m).is_none()) {
         bail!("--models: '{unknown}' is neither a model nor a graph in the config");
     }
+    // Listening from the first moment: a signal during start-up stops what was started so far.
+    let shutdown = sluice_common::ops::shutdown_signal();
+    tokio::pin!(shutdown);
     let mut stack = Stack::default();
-    let workers = worker_processes(&deployment, &only, per_step)?;
-    let learners: Vec<String> = deployment
-        .learning()
-        .into_iter()
-        .filter(|name| only.is_empty() || only.contains(name))
-        .collect();
-    let result = start_and_wait(
-        &deployment,
-        config_path.as_deref(),
-        (&workers, &learners),
-        &mut stack,
-    )
-    .await;
+    let plan = Plan {
+        workers: worker_processes(&deployment, &only, per_step)?,
+        learners: deployment
+            .learning()
+            .into_iter()
+            .filter(|name| only.is_empty() || only.contains(name))
+            .collect(),
+        config_path,
+    };
+    let started = tokio::select! {
+        r = start(&deployment, &plan, &mut stack) => r.map(Some),
+        () = &mut shutdown => {
+            tracing::info!("stopping the stack (signal during start-up)");
+            Ok(None)
+        }
+    };
+    let result = match started {
+        Ok(Some(running)) => {
+            print_banner(&deployment, &running, &stack, plan.config_path.as_deref());
+            serve(&mut stack, &running, &mut shutdown).await
+        }
+        Ok(None) => Ok(()),
+        Err(e) => Err(e),
+    };
+    let cfg = &deployment.config;
     stack
-        .stop(deployment.config.worker.drain_timeout + Duration::from_secs(5))
+        .stop(
+            cfg.gateway.drain_timeout + Duration::from_secs(2),
+            cfg.worker.drain_timeout + Duration::from_secs(2),
+        )
         .await;
+    remove_state(cfg);
     result
 }
 
-// Long on purpose: the stack's start-up in order (broker, Redis, topics, gateway, workers, banner,
-// then serve); each step uses what the previous ones started.
-async fn start_and_wait(
-    deployment: &Deployment,
-    config_path: Option<&Path>,
-    (worker_specs, learners): (&[WorkerProcess], &[String]),
-    stack: &mut Stack,
-) -> anyhow::Result<()> {
-    let cfg = &deployment.config;
-    let exe = std::env::current_exe().context("locating the sluice binary")?;
-    let broker = host_port(
-        cfg.kafka.brokers.split(',').next().unwrap_or_default(),
-        9092,
-    );
-    // The components learn that the broker is tansu (and needs its work-arounds) when `up`
-    // starts it; a config or environment that says otherwise wins.
-    let mut quirks = None;
-    if reachable(&broker).await {
-        tracing::info!(%broker, "using the broker already running");
-    } else {
-        quirks = Some("tansu");
-        let storage = local::tansu_storage(&cfg.local.kafka_storage);
-        stack.spawn_supervised(BROKER, Spec::of(&local::tansu_command(&broker, &storage)))?;
-        wait_reachable(&broker, "tansu", Duration::from_secs(30)).await?;
-    }
-    let redis = host_port(&cfg.redis.url, cfg.local.redis_port);
-    if reachable(&redis).await {
-        tracing::info!(%redis, "using the Redis already running");
-    } else {
-        let port = redis
-            .rsplit(':')
-            .next()
-            .and_then(|p| p.parse().ok())
-            .unwrap_or(cfg.local.redis_port);
-        stack.spawn_supervised("redis-server", Spec::of(&local::redis_command(port)))?;
-        wait_reachable(&redis, "redis-server", Duration::from_secs(10)).await?;
-    }
+/// What `up` starts besides the broker, Redis and the gateway.
+struct Plan {
+    workers: Vec<WorkerProcess>,
+    learners: Vec<String>,
+    config_path: Option<PathBuf>,
+}
 
+/// A started stack: what serving it needs.
+struct Running {
+    gateway: String,
+    topic_cfg: Config,
+    topics: Vec<sluice_common::kafka::TopicSpec>,
+    broker: String,
+}
+
+/// Starts the broker and Redis (when none answers), the topics, the gateway, workers and
+/// learners, and waits until all are ready.
+async fn start(deployment: &Deployment, plan: &Plan, stack: &mut Stack) -> anyhow::Result<Running> {
+    let cfg = &deployment.config;
+    let (state, run_dir) = state_dir(cfg)?;
+    let (broker, quirks) = start_broker(cfg, stack).await?;
+    start_redis(cfg, stack).await?;
     let topics = deployment.required_topics();
     // Topics are created as the components will see the broker (tansu: with a retention bound).
     let mut topic_cfg = cfg.clone();
     if quirks.is_some() && std::env::var_os("SLUICE__KAFKA__BROKER_QUIRKS").is_none() {
         topic_cfg.kafka.broker_quirks = sluice_common::config::BrokerQuirks::Tansu;
     }
+    apply_topics(&topic_cfg, &topics).await?;
+
+    let exe = std::env::current_exe().context("locating the sluice binary")?;
+    let component =
+        |args: &[String]| component_spec(&exe, plan.config_path.as_deref(), cfg, quirks, args);
+    let addr_file =
+        |name: &str| Some(run_dir.join(format!("{}.addr", name.replace([' ', '#', '/'], "_"))));
+    stack.spawn(
+        "gateway",
+        Role::Gateway,
+        component(&["gateway".into()]),
+        addr_file("gateway"),
+    )?;
+    let base = cfg.worker.metrics_listen;
+    let mut port = base.port();
+    let mut next_addr = || {
+        let addr = SocketAddr::new(base.ip(), port);
+        // An explicit port gives consecutive ports; port 0 lets each process pick its own.
+        if port != 0 {
+            port += 1;
+        }
+        addr.to_string()
+    };
+    for w in &plan.workers {
+        for i in 0..w.count {
+            let mut args = vec!["worker".to_string()];
+            args.extend(w.args.iter().cloned());
+            args.extend(["--metrics-listen".to_string(), next_addr()]);
+            let name = format!("worker {}#{i}", w.name);
+            stack.spawn(&name, Role::Worker, component(&args), addr_file(&name))?;
+        }
+    }
+    // One learner per learning model (a single writer of its weights).
+    for model in &plan.learners {
+        let args = [
+            "learn".to_string(),
+            "--model".into(),
+            model.clone(),
+            "--metrics-listen".into(),
+            next_addr(),
+        ];
+        let name = format!("learner {model}");
+        stack.spawn(&name, Role::Learner, component(&args), addr_file(&name))?;
+    }
+    wait_all_ready(stack, cfg.local.start_timeout).await?;
+    let gateway = stack
+        .processes
+        .iter()
+        .find(|p| p.role == Role::Gateway)
+        .and_then(Started::ops_addr)
+        .unwrap_or_else(|| cfg.gateway.listen.to_string());
+    let running = Running {
+        gateway,
+        topic_cfg,
+        topics,
+        broker,
+    };
+    write_stack_file(&state, &running, stack)?;
+    Ok(running)
+}
+
+/// `local.state_dir`, created; and this run's own folder in it (`up-<pid>`) for the processes'
+/// address files, so that two stacks started from one folder do not read each other's.
+fn state_dir(cfg: &Config) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let dir = std::path::absolute(&cfg.local.state_dir)
+        .with_context(|| format!("local.state_dir {}", cfg.local.state_dir.display()))?;
+    let run = dir.join(format!("up-{}", std::process::id()));
+    std::fs::create_dir_all(&run).with_context(|| format!("creating {}", run.display()))?;
+    Ok((dir, run))
+}
+
+/// Removes this run's folder, and `stack.json` when it is this run's.
+fn remove_state(cfg: &Config) {
+    let Ok((dir, run)) = state_dir(cfg) else {
+        return;
+    };
+    let _ = std::fs::remove_dir_all(run);
+    let path = dir.join("stack.json");
+    let mine = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|t| serde_json::from_str::<StackFile>(&t).ok())
+        .is_some_and(|f| f.pid == std::process::id());
+    if mine {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+/// The broker at `kafka.brokers`: the one running there, or tansu started there. Returns its
+/// address and the quirks the components need for it.
+async fn start_broker(
+    cfg: &Config,
+    stack: &mut Stack,
+) -> anyhow::Result<(String, Option<&'static str>)> {
+    let broker = host_port(
+        cfg.kafka.brokers.split(',').next().unwrap_or_default(),
+        9092,
+    );
+    if reachable(&broker).await {
+        tracing::info!(%broker, "using the broker already running");
+        return Ok((broker, None));
+    }
+    let storage = local::tansu_storage(&cfg.local.kafka_storage);
+    stack.spawn(
+        BROKER,
+        Role::Broker,
+        Spec::of(&local::tansu_command(&broker, &storage)),
+        None,
+    )?;
+    wait_started(stack, &broker, BROKER, Duration::from_secs(30)).await?;
+    Ok((broker, Some("tansu")))
+}
+
+/// Redis at `redis.url`: the one running there, or redis-server started there.
+async fn start_redis(cfg: &Config, stack: &mut Stack) -> anyhow::Result<()> {
+    let redis = host_port(&cfg.redis.url, cfg.local.redis_port);
+    if reachable(&redis).await {
+        tracing::info!(%redis, "using the Redis already running");
+        return Ok(());
+    }
+    let port = redis
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(cfg.local.redis_port);
+    stack.spawn(
+        "redis-server",
+        Role::Redis,
+        Spec::of(&local::redis_command(port)),
+        None,
+    )?;
+    wait_started(stack, &redis, "redis-server", Duration::from_secs(10)).await
+}
+
+/// Waits for the last process started to answer at `addr`; on failure, its last lines say why.
+async fn wait_started(
+    stack: &Stack,
+    addr: &str,
+    what: &str,
+    within: Duration,
+) -> anyhow::Result<()> {
+    if let Err(e) = wait_reachable(addr, what, within).await {
+        let last: Vec<&Started> = stack.processes.last().into_iter().collect();
+        start_failed(&e.to_string(), &last)?;
+    }
+    Ok(())
+}
+
+async fn apply_topics(
+    cfg: &Config,
+    topics: &[sluice_common::kafka::TopicSpec],
+) -> anyhow::Result<()> {
     let mut attempt = 0;
     let report = loop {
-        match sluice_common::kafka::apply_topics(&topic_cfg, &topics).await {
+        match sluice_common::kafka::apply_topics(cfg, topics).await {
             Ok(r) => break r,
             Err(e) if attempt < 10 => {
                 attempt += 1;
@@ -314,79 +324,124 @@ async fn start_and_wait(
     };
     tracing::info!(created = ?report.created, existing = ?report.existing, "topics applied");
     sluice_common::kafka::check_partitions(&report)?;
+    Ok(())
+}
 
-    let component = |args: &[String]| {
-        let mut spec = Spec {
-            program: exe.clone(),
-            args: Vec::new(),
-            envs: Vec::new(),
-        };
-        if let Some(p) = config_path {
-            spec.args.push("--config".into());
-            spec.args.push(p.display().to_string());
-        }
-        spec.args.extend(args.iter().cloned());
-        if let Some(q) = quirks
-            && std::env::var_os("SLUICE__KAFKA__BROKER_QUIRKS").is_none()
-            && cfg.kafka.broker_quirks == sluice_common::config::BrokerQuirks::None
-        {
-            spec.envs
-                .push(("SLUICE__KAFKA__BROKER_QUIRKS".into(), q.into()));
-        }
-        spec
+/// How `up` runs one of its own components (`sluice gateway|worker|learn …`).
+fn component_spec(
+    exe: &Path,
+    config_path: Option<&Path>,
+    cfg: &Config,
+    quirks: Option<&str>,
+    args: &[String],
+) -> Spec {
+    let mut spec = Spec {
+        program: exe.to_path_buf(),
+        args: Vec::new(),
+        envs: Vec::new(),
     };
+    if let Some(p) = config_path {
+        spec.args.push("--config".into());
+        spec.args.push(p.display().to_string());
+    }
+    spec.args.extend(args.iter().cloned());
+    // The components learn that the broker is tansu (and needs its work-arounds) when `up`
+    // starts it; a config or environment that says otherwise wins.
+    if let Some(q) = quirks
+        && std::env::var_os("SLUICE__KAFKA__BROKER_QUIRKS").is_none()
+        && cfg.kafka.broker_quirks == sluice_common::config::BrokerQuirks::None
+    {
+        spec.envs
+            .push(("SLUICE__KAFKA__BROKER_QUIRKS".into(), q.into()));
+    }
+    spec
+}
+
+/// The readiness URL of a gateway, worker or learner, once it has written its address.
+fn ready_url(p: &Started) -> Option<String> {
+    let addr = p.ops_addr()?;
+    Some(match p.role {
+        Role::Gateway => format!("http://{addr}/v2/health/ready"),
+        _ => format!("http://{addr}/health/ready"),
+    })
+}
+
+/// Waits until every gateway, worker and learner answers ready, restarting any that exits
+/// meanwhile (with backoff). Past `within`, fails with the last lines of those not ready.
+async fn wait_all_ready(stack: &mut Stack, within: Duration) -> anyhow::Result<()> {
     let client = crate::http::client(4);
-    let mut ready_urls = vec![format!("http://{}/v2/health/ready", cfg.gateway.listen)];
-    stack.spawn_supervised("gateway", component(&["gateway".into()]))?;
-    let base = cfg.worker.metrics_listen;
-    let mut port = if base.port() == 0 {
-        WORKER_PORT_BASE
-    } else {
-        base.port()
-    };
-    let mut workers = Vec::new();
-    for w in worker_specs {
-        for i in 0..w.count {
-            let addr = SocketAddr::new(base.ip(), port);
-            let mut args = vec!["worker".to_string()];
-            args.extend(w.args.iter().cloned());
-            args.extend(["--metrics-listen".to_string(), addr.to_string()]);
-            stack.spawn_supervised(&format!("worker {}#{i}", w.name), component(&args))?;
-            workers.push(stack.processes.len() - 1);
-            ready_urls.push(format!("http://{addr}/health/ready"));
-            port += 1;
+    let deadline = tokio::time::Instant::now() + within;
+    let mut waiting: Vec<usize> = (0..stack.processes.len())
+        .filter(|&i| stack.processes[i].addr_file.is_some())
+        .collect();
+    loop {
+        let mut still = Vec::with_capacity(waiting.len());
+        for i in waiting {
+            let ready = match ready_url(&stack.processes[i]) {
+                Some(url) => matches!(crate::http::get_status(&client, &url).await, Ok(200)),
+                None => false,
+            };
+            if !ready {
+                still.push(i);
+            }
+        }
+        waiting = still;
+        if waiting.is_empty() {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            let failing: Vec<&Started> = waiting.iter().map(|&i| &stack.processes[i]).collect();
+            start_failed(
+                &format!(
+                    "the stack did not come up within {within:?} (local.start_timeout); stopping it"
+                ),
+                &failing,
+            )?;
+        }
+        tokio::select! {
+            (i, status) = stack.next_exit() => stack.restart(i, &status).await?,
+            () = tokio::time::sleep(Duration::from_millis(200)) => {}
         }
     }
-    // One learner per learning model (a single writer of its weights).
-    for name in learners {
-        let addr = SocketAddr::new(base.ip(), port);
-        let args = [
-            "learn".to_string(),
-            "--model".into(),
-            name.clone(),
-            "--metrics-listen".into(),
-            addr.to_string(),
-        ];
-        stack.spawn_supervised(&format!("learner {name}"), component(&args))?;
-        ready_urls.push(format!("http://{addr}/health/ready"));
-        port += 1;
-    }
-    for url in &ready_urls {
-        wait_http_ready(&client, url, stack, Duration::from_secs(90)).await?;
-    }
-    print_banner(deployment, config_path);
+}
 
+fn write_stack_file(state: &Path, running: &Running, stack: &Stack) -> anyhow::Result<()> {
+    let file = StackFile {
+        pid: std::process::id(),
+        gateway: format!("http://{}", running.gateway),
+        processes: stack
+            .processes
+            .iter()
+            .map(|p| StackProcess {
+                name: p.name.clone(),
+                pid: p.pid(),
+                addr: p.ops_addr(),
+            })
+            .collect(),
+    };
+    let path = state.join("stack.json");
+    let text = serde_json::to_string_pretty(&file)?;
+    std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Serves until Ctrl-C or SIGTERM: passes SIGHUP on to the workers, restarts what exits.
+async fn serve(
+    stack: &mut Stack,
+    running: &Running,
+    shutdown: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+) -> anyhow::Result<()> {
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     loop {
         tokio::select! {
-            _ = sluice_common::ops::shutdown_signal() => {
+            () = shutdown.as_mut() => {
                 tracing::info!("stopping the stack");
                 return Ok(());
             }
             _ = hangup.recv() => {
                 // Workers re-read the config's graphs (canary shares, shadows, routes).
-                for &i in &workers {
-                    if let Some(pid) = stack.processes[i].child.id() {
+                let workers: Vec<&Started> = stack.processes.iter().filter(|p| p.role == Role::Worker).collect();
+                for p in &workers {
+                    if let Some(pid) = p.pid() {
                         let _ = kill(Pid::from_raw(pid as i32), Signal::SIGHUP);
                     }
                 }
@@ -394,12 +449,58 @@ async fn start_and_wait(
             }
             (i, status) = stack.next_exit() => {
                 stack.restart(i, &status).await?;
-                if stack.processes[i].name == BROKER {
-                    broker_restarted(&topic_cfg, &topics, &broker).await;
+                if stack.processes[i].role == Role::Broker {
+                    broker_restarted(&running.topic_cfg, &running.topics, &running.broker).await;
                 }
             }
         }
     }
+}
+
+/// `sluice status`: the stack `up` runs, from `<state_dir>/stack.json`, with each process's
+/// readiness now.
+#[allow(clippy::print_stdout)]
+pub async fn status(cfg: &Config) -> anyhow::Result<()> {
+    let path = cfg.local.state_dir.join("stack.json");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("reading {} (is `sluice up` running here?)", path.display()))?;
+    let file: StackFile = serde_json::from_str(&text)?;
+    let alive = |pid: u32| kill(Pid::from_raw(pid as i32), None).is_ok();
+    if !alive(file.pid) {
+        bail!(
+            "`sluice up` (pid {}) is not running; {} is left from it",
+            file.pid,
+            path.display()
+        );
+    }
+    let client = crate::http::client(2);
+    println!("gateway {}", file.gateway);
+    for p in &file.processes {
+        let ready = match &p.addr {
+            Some(addr) if p.name == "gateway" => {
+                crate::http::get_status(&client, &format!("http://{addr}/v2/health/ready"))
+                    .await
+                    .ok()
+            }
+            Some(addr) => crate::http::get_status(&client, &format!("http://{addr}/health/ready"))
+                .await
+                .ok(),
+            None => None,
+        };
+        let state = match ready {
+            Some(200) => "ready".to_string(),
+            Some(code) => format!("not ready ({code})"),
+            None if p.addr.is_none() => "running".to_string(),
+            None => "not answering".to_string(),
+        };
+        println!(
+            "{:<28} pid {:<8} {:<22} {state}",
+            p.name,
+            p.pid.map_or("-".into(), |x| x.to_string()),
+            p.addr.as_deref().unwrap_or("-"),
+        );
+    }
+    Ok(())
 }
 
 /// The name `up` gives the tansu process it starts.
@@ -417,20 +518,10 @@ async fn broker_restarted(cfg: &Config, topics: &[sluice_common::kafka::TopicSpe
         tracing::error!(error = %e, "the restarted broker does not answer");
         return;
     }
-    for attempt in 0..10 {
-        match sluice_common::kafka::apply_topics(cfg, topics).await {
-            Ok(r) => {
-                tracing::info!(created = ?r.created, "topics applied after the broker restart");
-                return;
-            }
-            Err(e) if attempt < 9 => {
-                tracing::debug!(error = %e, "topics not applied yet; retrying");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "topics could not be applied after the broker restart")
-            }
-        }
+    if let Err(e) = apply_topics(cfg, topics).await {
+        tracing::error!(error = %e, "topics could not be applied after the broker restart");
+    } else {
+        tracing::info!("topics applied after the broker restart");
     }
 }
 
@@ -537,9 +628,14 @@ pub fn only_members(
 }
 
 #[allow(clippy::print_stdout)]
-fn print_banner(deployment: &Deployment, config_path: Option<&Path>) {
+fn print_banner(
+    deployment: &Deployment,
+    running: &Running,
+    stack: &Stack,
+    config_path: Option<&Path>,
+) {
     let cfg = &deployment.config;
-    let gw = cfg.gateway.listen;
+    let gw = &running.gateway;
     let requests = config_path
         .and_then(Path::parent)
         .map(|d| d.join("requests"))
@@ -576,7 +672,16 @@ fn print_banner(deployment: &Deployment, config_path: Option<&Path>) {
             .map(String::as_str)
             .unwrap_or("MODEL")
     );
-    println!("  curl -s http://{gw}/metrics\nPress Ctrl-C to stop.\n");
+    println!("  curl -s http://{gw}/metrics");
+    for p in stack.processes.iter().filter(|p| p.role != Role::Gateway) {
+        if let Some(addr) = p.ops_addr() {
+            println!("  {}: http://{addr}/metrics, /health/ready", p.name);
+        }
+    }
+    println!(
+        "  sluice status   # every process, its address and readiness ({})\nPress Ctrl-C to stop.\n",
+        cfg.local.state_dir.join("stack.json").display()
+    );
 }
 
 #[cfg(test)]

@@ -18,8 +18,14 @@ fn up_mlp((kp, rp, gp, wp): (u16, u16, u16, u16)) -> Command {
         .env("SLUICE__KAFKA__BROKERS", format!("127.0.0.1:{kp}"))
         .env("SLUICE__REDIS__URL", format!("redis://127.0.0.1:{rp}"))
         .env("SLUICE__GATEWAY__LISTEN", format!("127.0.0.1:{gp}"))
-        .env("SLUICE__WORKER__METRICS_LISTEN", format!("127.0.0.1:{wp}"));
+        .env("SLUICE__WORKER__METRICS_LISTEN", format!("127.0.0.1:{wp}"))
+        .env("SLUICE__LOCAL__STATE_DIR", state_dir());
     c
+}
+
+/// A state folder of this test process's own (the stacks of tests running at once apart).
+fn state_dir() -> std::path::PathBuf {
+    root().join(format!("target/test-state/{}", std::process::id()))
 }
 
 #[test]
@@ -284,4 +290,241 @@ async fn up_restarts_a_broker_killed_and_serving_resumes() {
         "{text}"
     );
     stop_up(&mut up).await;
+}
+
+/// Pids of the processes whose parent is `parent`.
+fn children_of(parent: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let after = stat.rfind(')').map_or("", |i| &stat[i + 2..]);
+            after.split(' ').nth(1).and_then(|p| p.parse::<u32>().ok()) == Some(parent)
+        })
+        .collect()
+}
+
+/// Whether `pid` runs (not a zombie) with the same command line as when it was seen.
+fn still_running(pid: u32, cmdline: &[u8]) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let zombie = stat
+        .rfind(')')
+        .is_some_and(|i| stat[i + 2..].starts_with('Z'));
+    !zombie
+        && std::fs::read(format!("/proc/{pid}/cmdline"))
+            .ok()
+            .as_deref()
+            == Some(cmdline)
+}
+
+/// Watches `up`'s children until it exits (or `within` passes): returns its exit status and
+/// every child seen, with its command line.
+fn watch_children(
+    up: &mut std::process::Child,
+    within: Duration,
+    mut on_tick: impl FnMut(usize),
+) -> (Option<std::process::ExitStatus>, Vec<(u32, Vec<u8>)>) {
+    let mut seen: Vec<(u32, Vec<u8>)> = Vec::new();
+    let end = Instant::now() + within;
+    while Instant::now() < end {
+        for pid in children_of(up.id()) {
+            if !seen.iter().any(|(p, _)| *p == pid)
+                && let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline"))
+            {
+                seen.push((pid, cmd));
+            }
+        }
+        if let Some(status) = up.try_wait().unwrap() {
+            return (Some(status), seen);
+        }
+        on_tick(seen.len());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (None, seen)
+}
+
+/// No process `up` started is left running.
+fn assert_no_orphans(seen: &[(u32, Vec<u8>)]) {
+    // The children were told to stop; give the kernel a moment to reap what was killed.
+    std::thread::sleep(Duration::from_millis(300));
+    let left: Vec<String> = seen
+        .iter()
+        .filter(|(pid, cmd)| still_running(*pid, cmd))
+        .map(|(pid, cmd)| format!("{pid}: {}", String::from_utf8_lossy(cmd).replace('\0', " ")))
+        .collect();
+    assert!(left.is_empty(), "left running: {left:?}");
+}
+
+fn sigterm(pid: u32) {
+    Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+}
+
+/// A worker whose ops port stays taken exits at every start; `up` retries it with backoff, and
+/// when the stack is not ready within `local.start_timeout` it stops everything and exits
+/// non-zero with the worker's last lines.
+#[test]
+fn up_with_a_port_taken_stops_everything_and_says_why() {
+    if services_available().is_none() {
+        return;
+    }
+    let ports = (free_port(), free_port(), free_port(), free_port());
+    let taken = std::net::TcpListener::bind(("127.0.0.1", ports.3)).unwrap();
+    let started = Instant::now();
+    let mut up = up_mlp(ports)
+        .env("SLUICE__LOCAL__START_TIMEOUT", "10s")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = up.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut BufReader::new(stderr), &mut s);
+        s
+    });
+    let (status, seen) = watch_children(&mut up, Duration::from_secs(60), |_| {});
+    let status = status.expect("sluice up did not give up");
+    let log = reader.join().unwrap();
+    assert!(!status.success(), "{status}");
+    assert!(
+        started.elapsed() < Duration::from_secs(40),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(log.contains("did not come up within"), "{log}");
+    assert!(
+        log.contains("Address already in use"),
+        "the worker's own error: {log}"
+    );
+    assert!(log.contains("restart"), "retried before giving up: {log}");
+    assert!(seen.len() >= 4, "broker, Redis, gateway, worker: {seen:?}");
+    assert_no_orphans(&seen);
+    drop(taken);
+}
+
+/// A port taken only for the first seconds: the worker that failed on it is restarted and the
+/// stack comes up; then SIGTERM while requests are in flight stops it within the bound
+/// (gateway.drain_timeout, then worker.drain_timeout), every request answered 200 or 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_retries_a_failed_start_and_stops_under_load_within_its_bound() {
+    if services_available().is_none() {
+        return;
+    }
+    let (_, _, gp, wp) = (free_port(), free_port(), free_port(), free_port());
+    // The worker's port is held when `up` starts, and freed 3 s later.
+    let taken = std::net::TcpListener::bind(("127.0.0.1", wp)).unwrap();
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(3));
+        drop(taken);
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("up.log");
+    let mut up = up_mlp((free_port(), free_port(), gp, wp))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let ready = format!("http://127.0.0.1:{wp}/health/ready");
+    let end = Instant::now() + Duration::from_secs(90);
+    while blocking_get_status(&ready) != Ok(200) {
+        assert!(
+            Instant::now() < end,
+            "{}",
+            std::fs::read_to_string(&log).unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("Address already in use") && text.contains("restarting"),
+        "{text}"
+    );
+
+    // Load: 8 callers in a loop until the gateway stops taking connections.
+    let client = http();
+    let base = format!("http://127.0.0.1:{gp}");
+    let row = samples().scaled[0].clone();
+    let mut callers = Vec::new();
+    for _ in 0..8 {
+        let (client, base, row) = (client.clone(), base.clone(), row.clone());
+        callers.push(tokio::spawn(async move {
+            let url = format!("{base}/v2/models/mlp/infer");
+            let mut statuses = Vec::new();
+            while let Some(r) = try_post(&client, &url, infer_body(&[&row])).await {
+                statuses.push(r.status);
+            }
+            statuses
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let pid = up.id();
+    let children: Vec<(u32, Vec<u8>)> = children_of(pid)
+        .into_iter()
+        .filter_map(|p| Some((p, std::fs::read(format!("/proc/{p}/cmdline")).ok()?)))
+        .collect();
+    let stopping = Instant::now();
+    sigterm(pid);
+    while up.try_wait().unwrap().is_none() {
+        assert!(
+            stopping.elapsed() < Duration::from_secs(40),
+            "sluice up did not stop"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let took = stopping.elapsed();
+    let mut statuses = Vec::new();
+    for c in callers {
+        statuses.extend(c.await.unwrap());
+    }
+    let ok = statuses.iter().filter(|s| **s == 200).count();
+    let other: Vec<&u16> = statuses
+        .iter()
+        .filter(|s| **s != 200 && **s != 503)
+        .collect();
+    println!(
+        "stopped in {took:?}; {ok} answered 200, {} 503",
+        statuses.len() - ok - other.len()
+    );
+    assert!(ok > 0, "no request was answered");
+    assert!(
+        other.is_empty(),
+        "statuses other than 200 and 503: {other:?}"
+    );
+    // The bound: gateway.drain_timeout (5 s) + worker.drain_timeout (20 s) + 2 s each; a
+    // worker with nothing in flight leaves at once, so the stack stops well within it.
+    assert!(took < Duration::from_secs(15), "stopping took {took:?}");
+    assert!(up.wait().unwrap().success());
+    assert_no_orphans(&children);
+}
+
+/// SIGTERM while the stack is still starting stops every process started so far.
+#[test]
+fn sigterm_during_start_up_leaves_no_process_behind() {
+    let Some(LoggedUp(mut up, _, _dir, log)) = spawn_up_logged() else {
+        return;
+    };
+    let mut signalled = false;
+    let pid = up.id();
+    // Once the broker, Redis and the gateway are started (the worker may not be ready yet).
+    let (status, seen) = watch_children(&mut up, Duration::from_secs(60), |n| {
+        if n >= 3 && !signalled {
+            sigterm(pid);
+            signalled = true;
+        }
+    });
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(signalled, "fewer than 3 processes started: {text}");
+    let status = status.unwrap_or_else(|| panic!("sluice up did not stop: {text}"));
+    assert!(status.success(), "{status}: {text}");
+    assert!(
+        text.contains("signal during start-up"),
+        "the signal came before the stack was up: {text}"
+    );
+    assert_no_orphans(&seen);
 }

@@ -461,6 +461,77 @@ mod tests {
         Deployment::load_with_env(Some(f.path()), &[])
     }
 
+    /// A graph with one feature lookup whose features have these `(datatype, default)`.
+    fn lookup(features: &[(&str, &str)]) -> String {
+        let specs: Vec<String> = features
+            .iter()
+            .enumerate()
+            .map(|(i, (dt, default))| {
+                format!(r#"{{ name = "f{i}", datatype = "{dt}", default = {default} }}"#)
+            })
+            .collect();
+        format!(
+            r#"
+[graphs.look]
+inputs = [{{ name = "user", datatype = "BYTES", shape = [-1] }}]
+[[graphs.look.steps]]
+name = "features"
+inputs = {{ user = "request.user" }}
+features = {{ entity = "user", features = [{}] }}
+"#,
+            specs.join(", ")
+        )
+    }
+
+    #[test]
+    fn a_default_is_written_as_its_features_type_and_checked_at_start_up() {
+        // Each datatype's own TOML type: a boolean for BOOL (the regression: `true` was refused).
+        let ok = [
+            ("BOOL", "true"),
+            ("INT64", "-3"),
+            ("INT64", "-2654276660701483516"),
+            ("INT32", "-2147483648"),
+            ("FP32", "2.5"),
+            ("FP64", "0"),
+            ("BYTES", "\"unknown\""),
+        ];
+        load(&lookup(&ok)).unwrap();
+        let refused = [
+            (("BOOL", "2.5"), "write true or false"),
+            (("INT64", "2.5"), "not an integer"),
+            (("INT32", "3000000000"), "out of range for INT32"),
+            (("INT64", "true"), "boolean"),
+            (("FP32", "\"x\""), "a string"),
+            (("BYTES", "1"), "not a string"),
+            (("FP32", "16777217"), "no exact FP32 value"),
+        ];
+        for ((dt, default), says) in refused {
+            let e = load(&lookup(&[(dt, default)])).unwrap_err().to_string();
+            assert!(
+                e.contains("f0") && e.contains("default") && e.contains(says),
+                "{dt} {default}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_frozen_learner_still_takes_feedback() {
+        // Its feedback scores the accuracy window and drift; it learns nothing from it.
+        let d = load(
+            r#"
+[models.m]
+max_batch_size = 8
+inputs = [{ name = "x", datatype = "FP32", shape = [-1, 2] }]
+outputs = [{ name = "label", datatype = "INT64", shape = [-1, 1] }]
+[models.m.learner]
+algorithm = "sgd"
+frozen = true
+"#,
+        )
+        .unwrap();
+        assert!(d.learns("m"));
+    }
+
     const MODELS: &str = r#"
 [models.scaler]
 onnx = "scaler.onnx"

@@ -43,6 +43,7 @@ pub async fn serve_ops(
 ) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
+    announce_addr(bound);
     let app = Router::new()
         .route("/metrics", get(render_metrics))
         .route("/health/live", get(|| async { StatusCode::OK }))
@@ -120,6 +121,24 @@ async fn readiness(State(s): State<OpsState>) -> StatusCode {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
+    }
+}
+
+/// The environment variable naming a file where a process writes the address it bound (its ops
+/// server's; the gateway's listener): how `sluice up` finds processes that picked a free port.
+pub const OPS_ADDR_FILE: &str = "SLUICE_OPS_ADDR_FILE";
+
+/// Writes `addr` to the file named by [`OPS_ADDR_FILE`], when it is set (atomically: written
+/// beside it, then renamed, so a reader never sees half an address).
+pub fn announce_addr(addr: SocketAddr) {
+    let Some(path) = std::env::var_os(OPS_ADDR_FILE).map(std::path::PathBuf::from) else {
+        return;
+    };
+    let tmp = path.with_extension("tmp");
+    let written =
+        std::fs::write(&tmp, addr.to_string()).and_then(|()| std::fs::rename(&tmp, &path));
+    if let Err(e) = written {
+        tracing::warn!(error = %e, path = %path.display(), "cannot write the bound address");
     }
 }
 

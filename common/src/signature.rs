@@ -20,6 +20,9 @@ pub struct Signature {
     pub max_input_elements: Option<usize>,
     /// Largest request body for this servable (unset: the gateway's `max_body_bytes`).
     pub max_body_bytes: Option<usize>,
+    /// BYTES inputs must be UTF-8 text: an ONNX model's string tensors (the `ort` crate hands
+    /// onnxruntime Rust strings), so other bytes are refused up front, naming the element.
+    pub utf8_bytes: bool,
 }
 
 impl ModelConfig {
@@ -32,6 +35,7 @@ impl ModelConfig {
             max_batch_size: self.max_batch_size,
             max_input_elements: self.max_input_elements,
             max_body_bytes: self.max_body_bytes,
+            utf8_bytes: self.onnx.is_some(),
         }
     }
 }
@@ -39,6 +43,14 @@ impl ModelConfig {
 /// Why a request's tensors do not fit the model.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum InputError {
+    /// A BYTES element that is not UTF-8, for a model that needs text.
+    #[error("input '{name}' element {element} is not UTF-8; this model's BYTES inputs are text")]
+    NotText {
+        /// Input name.
+        name: String,
+        /// The element's index.
+        element: usize,
+    },
     /// A declared input is absent.
     #[error("missing input '{0}'")]
     Missing(String),
@@ -199,6 +211,18 @@ pub fn validate_inputs(model: &Signature, inputs: &[Tensor]) -> Result<usize, In
             Some(size) => t.data.len() / size,
             None => sluice_schemas::tensor::bytes_elements(&t.data).map_or(usize::MAX, |e| e.len()),
         };
+        if model.utf8_bytes
+            && t.datatype == DataType::Bytes
+            && let Ok(elements) = sluice_schemas::tensor::bytes_elements(&t.data)
+            && let Some(element) = elements
+                .iter()
+                .position(|e| std::str::from_utf8(e).is_err())
+        {
+            return Err(InputError::NotText {
+                name: t.name.clone(),
+                element,
+            });
+        }
         if got != want
             || t.datatype
                 .element_size()

@@ -6,6 +6,7 @@ use sluice_common::config::JoinKeyType;
 use sluice_common::hash::murmur3_32;
 
 use crate::Value;
+use sluice_schemas::Number;
 
 /// An entity key value, as Feast types it.
 #[derive(Debug, Clone, PartialEq)]
@@ -166,21 +167,21 @@ pub fn decode_value(buf: &[u8]) -> Result<Value, String> {
 }
 
 /// A `*List{repeated val = 1}` message: packed (or unpacked) numbers.
-fn decode_list(number: u64, buf: &[u8]) -> Result<Vec<f64>, String> {
+fn decode_list(number: u64, buf: &[u8]) -> Result<Vec<Number>, String> {
     let mut at = 0;
     let mut out = Vec::new();
     let mut one = |payload: &[u8], packed: bool| -> Result<(), String> {
         let mut p = 0;
         while p < payload.len() {
             match number {
-                13 => out.push(f64::from(varint(payload, &mut p)? as i32)),
-                14 => out.push(varint(payload, &mut p)? as i64 as f64),
-                15 => out.push(f64::from_le_bytes(
+                13 => out.push(Number::Int(i64::from(varint(payload, &mut p)? as i32))),
+                14 => out.push(Number::Int(varint(payload, &mut p)? as i64)),
+                15 => out.push(Number::Float(f64::from_le_bytes(
                     take(payload, &mut p, 8)?.try_into().map_err(|_| "double")?,
-                )),
-                _ => out.push(f64::from(f32::from_le_bytes(
-                    take(payload, &mut p, 4)?.try_into().map_err(|_| "float")?,
                 ))),
+                _ => out.push(Number::Float(f64::from(f32::from_le_bytes(
+                    take(payload, &mut p, 4)?.try_into().map_err(|_| "float")?,
+                )))),
             }
             if !packed {
                 break;
@@ -234,33 +235,32 @@ pub enum ValueKind {
 /// Encodes a value as `feast.types.Value` bytes of `kind`.
 pub fn encode_value(v: &Value, kind: ValueKind) -> Result<Vec<u8>, String> {
     let mut out = Vec::new();
-    let number = |v: &Value| match v {
-        Value::Float(f) => Ok(*f),
-        Value::Int(i) => Ok(*i as f64),
-        Value::Bool(b) => Ok(f64::from(u8::from(*b))),
-        other => Err(format!("{other:?} is not a number")),
-    };
+    let number = |v: &Value| v.number().ok_or_else(|| format!("{v:?} is not a number"));
+    let exact = |e: sluice_schemas::Unfit| e.to_string();
     match (kind, v) {
         (_, Value::Missing) => {}
         (ValueKind::Float32, v) => {
             out.push(0x35);
-            out.extend_from_slice(&(number(v)? as f32).to_le_bytes());
+            out.extend_from_slice(&number(v)?.to_f32().map_err(exact)?.to_le_bytes());
         }
         (ValueKind::Float64, v) => {
             out.push(0x29);
-            out.extend_from_slice(&number(v)?.to_le_bytes());
+            out.extend_from_slice(&number(v)?.to_f64().map_err(exact)?.to_le_bytes());
         }
         (ValueKind::Int64, v) => {
             out.push(0x20);
-            put_varint(&mut out, number(v)? as i64 as u64);
+            put_varint(&mut out, number(v)?.to_i64().map_err(exact)? as u64);
         }
         (ValueKind::Int32, v) => {
             out.push(0x18);
-            put_varint(&mut out, i64::from(number(v)? as i32) as u64);
+            put_varint(
+                &mut out,
+                i64::from(number(v)?.to_i32().map_err(exact)?) as u64,
+            );
         }
         (ValueKind::Bool, v) => {
             out.push(0x38);
-            out.push(u8::from(number(v)? != 0.0));
+            out.push(u8::from(number(v)?.to_bool().map_err(exact)?));
         }
         (ValueKind::String, Value::Text(t)) => {
             out.push(0x12);
@@ -272,9 +272,13 @@ pub fn encode_value(v: &Value, kind: ValueKind) -> Result<Vec<u8>, String> {
             let (tag, mut packed) = (list_tag(list), Vec::new());
             for x in xs {
                 match list {
-                    ValueKind::Float32List => packed.extend_from_slice(&(*x as f32).to_le_bytes()),
-                    ValueKind::Float64List => packed.extend_from_slice(&x.to_le_bytes()),
-                    _ => put_varint(&mut packed, *x as i64 as u64),
+                    ValueKind::Float32List => {
+                        packed.extend_from_slice(&x.to_f32().map_err(exact)?.to_le_bytes())
+                    }
+                    ValueKind::Float64List => {
+                        packed.extend_from_slice(&x.to_f64().map_err(exact)?.to_le_bytes())
+                    }
+                    _ => put_varint(&mut packed, x.to_i64().map_err(exact)? as u64),
                 }
             }
             let mut inner = vec![0x0a];
@@ -353,6 +357,10 @@ mod tests {
         );
     }
 
+    fn floats(xs: &[f64]) -> Value {
+        Value::List(xs.iter().map(|&x| Number::Float(x)).collect())
+    }
+
     #[test]
     fn values_round_trip_and_match_the_spec_bytes() {
         assert_eq!(
@@ -368,9 +376,19 @@ mod tests {
             (Value::Int(300), ValueKind::Int32),
             (Value::Bool(true), ValueKind::Bool),
             (Value::Text(b"gold".to_vec()), ValueKind::String),
-            (Value::List(vec![1.0, -2.5]), ValueKind::Float32List),
-            (Value::List(vec![1.0, 2.0]), ValueKind::Float64List),
-            (Value::List(vec![5.0, -6.0]), ValueKind::Int64List),
+            (floats(&[1.0, -2.5]), ValueKind::Float32List),
+            (floats(&[1.0, 2.0]), ValueKind::Float64List),
+            (
+                Value::List(vec![Number::Int(5), Number::Int(-6)]),
+                ValueKind::Int64List,
+            ),
+            (Value::Int(i64::MIN), ValueKind::Int64),
+            (Value::Int(-2654276660701483516), ValueKind::Int64),
+            (Value::Int(i64::from(i32::MIN)), ValueKind::Int32),
+            (
+                Value::List(vec![Number::Int(i64::MAX), Number::Int((1 << 53) + 1)]),
+                ValueKind::Int64List,
+            ),
         ];
         for (v, kind) in cases {
             let bytes = encode_value(&v, kind).unwrap();

@@ -6,11 +6,11 @@
 pub mod feast;
 
 use sluice_common::config::{FeatureLayout, FeaturesConfig, JoinKeyType};
-use sluice_schemas::DataType;
+use sluice_schemas::{DataType, Number};
 
 pub use feast::ValueKind;
 
-/// A feature value as read from Redis.
+/// A feature value as read from Redis, exactly as stored (integers never pass through a float).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Value {
     /// The entity or the feature is not there (or is older than `max_age`).
@@ -24,22 +24,23 @@ pub enum Value {
     /// A string or bytes.
     Text(Vec<u8>),
     /// A list of numbers.
-    List(Vec<f64>),
+    List(Vec<Number>),
 }
 
 impl Value {
     /// The value as a number, if it is one.
-    pub fn number(&self) -> Option<f64> {
+    pub fn number(&self) -> Option<Number> {
         match self {
-            Value::Float(f) => Some(*f),
-            Value::Int(i) => Some(*i as f64),
-            Value::Bool(b) => Some(f64::from(u8::from(*b))),
+            Value::Float(f) => Some(Number::Float(*f)),
+            Value::Int(i) => Some(Number::Int(*i)),
+            Value::Bool(b) => Some(Number::Bool(*b)),
             _ => None,
         }
     }
 
     /// Parses Sluice's plain-text form of a feature of `datatype` (lists: `length` set, as a
-    /// JSON array or comma-separated numbers).
+    /// JSON array or comma-separated numbers), exactly: integers as integers, FP32 straight to
+    /// the nearest FP32.
     pub fn parse_text(text: &[u8], datatype: DataType, list: bool) -> Result<Value, String> {
         if datatype == DataType::Bytes {
             return Ok(Value::Text(text.to_vec()));
@@ -52,29 +53,24 @@ impl Value {
             let xs = inner
                 .split(',')
                 .filter(|p| !p.trim().is_empty())
-                .map(|p| p.trim().parse::<f64>())
-                .collect::<Result<Vec<f64>, _>>()
-                .map_err(|_| format!("'{s}' is not a list of numbers"))?;
+                .map(|p| Number::parse(p, datatype))
+                .collect::<Result<Vec<Number>, _>>()
+                .map_err(|e| format!("'{s}' is not a list of {datatype} values: {e}"))?;
             return Ok(Value::List(xs));
         }
-        match datatype {
-            DataType::Bool => match s {
-                "true" | "1" | "True" => Ok(Value::Bool(true)),
-                "false" | "0" | "False" => Ok(Value::Bool(false)),
-                _ => Err(format!("'{s}' is not a boolean")),
+        Ok(
+            match Number::parse(s, datatype).map_err(|e| e.to_string())? {
+                Number::Bool(b) => Value::Bool(b),
+                Number::Int(i) => Value::Int(i),
+                Number::UInt(u) => {
+                    Value::Int(i64::try_from(u).map_err(|_| format!("'{s}' is too large"))?)
+                }
+                Number::Float(f) => Value::Float(f),
             },
-            DataType::Int64 | DataType::Int32 => s
-                .parse::<i64>()
-                .map(Value::Int)
-                .map_err(|_| format!("'{s}' is not an integer")),
-            _ => s
-                .parse::<f64>()
-                .map(Value::Float)
-                .map_err(|_| format!("'{s}' is not a number")),
-        }
+        )
     }
 
-    /// Sluice's plain-text form.
+    /// Sluice's plain-text form (what [`Value::parse_text`] reads back unchanged).
     pub fn to_text(&self) -> Vec<u8> {
         match self {
             Value::Missing => Vec::new(),
@@ -83,9 +79,20 @@ impl Value {
             Value::Bool(b) => b.to_string().into_bytes(),
             Value::Text(t) => t.clone(),
             Value::List(xs) => {
-                let parts: Vec<String> = xs.iter().map(f64::to_string).collect();
+                let parts: Vec<String> = xs.iter().map(Number::to_string).collect();
                 format!("[{}]", parts.join(",")).into_bytes()
             }
+        }
+    }
+}
+
+impl From<Number> for Value {
+    fn from(n: Number) -> Value {
+        match n {
+            Number::Int(i) => Value::Int(i),
+            Number::UInt(u) => i64::try_from(u).map_or(Value::Missing, Value::Int),
+            Number::Float(f) => Value::Float(f),
+            Number::Bool(b) => Value::Bool(b),
         }
     }
 }
@@ -306,10 +313,23 @@ mod tests {
         );
         assert_eq!(
             Value::parse_text(b"[1, 2.5]", DataType::Fp32, true),
-            Ok(Value::List(vec![1.0, 2.5]))
+            Ok(Value::List(vec![Number::Float(1.0), Number::Float(2.5)]))
         );
         assert!(Value::parse_text(b"x", DataType::Fp64, false).is_err());
-        let v = Value::List(vec![1.0, 2.0]);
+        let v = Value::List(vec![Number::Float(1.0), Number::Float(2.0)]);
         assert_eq!(Value::parse_text(&v.to_text(), DataType::Fp32, true), Ok(v));
+        // Past 2^53, integers stay exact (they were once parsed through a float).
+        let big = Value::parse_text(b"-2654276660701483516", DataType::Int64, false);
+        assert_eq!(big, Ok(Value::Int(-2654276660701483516)));
+        let list = Value::parse_text(b"[9007199254740993, -1]", DataType::Int64, true);
+        assert_eq!(
+            list,
+            Ok(Value::List(vec![
+                Number::Int(9007199254740993),
+                Number::Int(-1)
+            ]))
+        );
+        assert!(Value::parse_text(b"1.5", DataType::Int64, false).is_err());
+        assert!(Value::parse_text(b"3000000000", DataType::Int32, false).is_err());
     }
 }

@@ -22,6 +22,8 @@ type Waiters = HashMap<String, oneshot::Sender<InferenceResult>>;
 /// The reply side of request/response over Kafka.
 pub struct Correlator {
     waiters: Mutex<Waiters>,
+    /// Set when the gateway's drain ends: callers still waiting are answered at once.
+    closing: tokio::sync::watch::Sender<bool>,
     subscribed: AtomicBool,
     redis: ConnectionManager,
     key_of: Box<dyn Fn(&str) -> String + Send + Sync>,
@@ -53,6 +55,7 @@ impl Correlator {
         pubsub.subscribe(&channel).await?;
         let c = Arc::new(Correlator {
             waiters: Mutex::new(HashMap::new()),
+            closing: tokio::sync::watch::Sender::new(false),
             subscribed: AtomicBool::new(true),
             redis,
             key_of: Box::new(key_of),
@@ -65,6 +68,12 @@ impl Correlator {
     /// Whether the reply subscription is live.
     pub fn is_subscribed(&self) -> bool {
         self.subscribed.load(Ordering::Relaxed)
+    }
+
+    /// Ends every wait now and from now on (the gateway's drain is over): each caller gets
+    /// [`Unanswered::ShuttingDown`] unless its result is already stored.
+    pub fn close(&self) {
+        self.closing.send_replace(true);
     }
 
     /// Number of callers waiting.
@@ -114,14 +123,32 @@ impl Correlator {
     }
 }
 
+/// Why a caller got no result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unanswered {
+    /// The request's deadline passed.
+    Deadline,
+    /// The gateway is shutting down and its drain is over.
+    ShuttingDown,
+}
+
 impl PendingReply {
-    /// Waits for the result until `deadline`; on timeout, reads the stored result once.
-    pub async fn wait(mut self, deadline: tokio::time::Instant) -> Option<InferenceResult> {
-        let rx = self.rx.take()?;
-        match tokio::time::timeout_at(deadline, rx).await {
-            Ok(Ok(result)) => Some(result),
-            _ => self.correlator.fetch_stored(&self.id).await,
-        }
+    /// Waits for the result until `deadline` or the correlator closes; then reads the stored
+    /// result once (a publish missed in a gap is not lost).
+    pub async fn wait(
+        mut self,
+        deadline: tokio::time::Instant,
+    ) -> Result<InferenceResult, Unanswered> {
+        let rx = self.rx.take().ok_or(Unanswered::Deadline)?;
+        let mut closing = self.correlator.closing.subscribe();
+        let why = tokio::select! {
+            r = tokio::time::timeout_at(deadline, rx) => match r {
+                Ok(Ok(result)) => return Ok(result),
+                _ => Unanswered::Deadline,
+            },
+            _ = closing.wait_for(|closed| *closed) => Unanswered::ShuttingDown,
+        };
+        self.correlator.fetch_stored(&self.id).await.ok_or(why)
     }
 }
 
@@ -294,12 +321,38 @@ mod tests {
         assert_eq!(got.outputs[0].values::<i64>(), [5]);
         // Nothing stored and nothing published: no answer.
         let pending = c.register("r3");
-        assert!(
+        assert_eq!(
             pending
                 .wait(Instant::now() + Duration::from_millis(50))
                 .await
-                .is_none()
+                .err(),
+            Some(Unanswered::Deadline)
         );
+    }
+
+    #[tokio::test]
+    async fn closing_answers_every_waiter_at_once() {
+        let Some(r) = redis().await else { return };
+        let (c, _) = start(&r.1).await;
+        let (a, b) = (c.register("r5"), c.register("r6"));
+        let started = Instant::now();
+        let deadline = started + Duration::from_secs(30);
+        let waits = tokio::spawn(async move { (a.wait(deadline).await, b.wait(deadline).await) });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        c.close();
+        let (a, b) = waits.await.unwrap();
+        assert_eq!(a.err(), Some(Unanswered::ShuttingDown));
+        assert_eq!(b.err(), Some(Unanswered::ShuttingDown));
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "not left to the deadline"
+        );
+        // A wait that starts after the close ends at once too.
+        let late = c
+            .register("r7")
+            .wait(Instant::now() + Duration::from_secs(30))
+            .await;
+        assert_eq!(late.err(), Some(Unanswered::ShuttingDown));
     }
 
     #[tokio::test]

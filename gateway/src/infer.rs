@@ -16,6 +16,7 @@ use sluice_schemas::InferenceRequest;
 use sluice_schemas::oip::{self, HEADER_LENGTH};
 
 use crate::Gateway;
+use crate::correlator::Unanswered;
 use crate::error::ApiError;
 use crate::servable::{Shared, model, model_version};
 
@@ -195,10 +196,12 @@ async fn infer_inner(gw: &Arc<Gateway>, name: &str, req: Request) -> Result<Infe
     gw.produce_seconds
         .record(produce_started.elapsed().as_secs_f64());
 
-    let result = pending
-        .wait(deadline)
-        .await
-        .ok_or(ApiError::DeadlineExceeded(timeout))?;
+    let result = pending.wait(deadline).await.map_err(|why| match why {
+        Unanswered::Deadline => ApiError::DeadlineExceeded(timeout),
+        Unanswered::ShuttingDown => ApiError::Unavailable(format!(
+            "the gateway is shutting down and request '{id}' was not answered within its drain; it may still be processed"
+        )),
+    })?;
     if let Some(err) = &result.error {
         return Err(match ApiError::from_result(err) {
             ApiError::DeadlineExceeded(_) => ApiError::DeadlineExceeded(timeout),

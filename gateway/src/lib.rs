@@ -165,6 +165,25 @@ impl Gateway {
             Some(cfg) => Some(listen::tls_acceptor(cfg).map_err(StartError::Tls)?),
             None => None,
         };
+        // Once shutdown begins, requests in flight have `drain_timeout` to be answered; then
+        // every caller still waiting gets 503 (not its deadline's 504, seconds later).
+        let (began, drain_begins) = tokio::sync::oneshot::channel::<()>();
+        let shutdown = async move {
+            shutdown.await;
+            let _ = began.send(());
+        };
+        let correlator = Arc::clone(&self.correlator);
+        let drain = g.drain_timeout;
+        tokio::spawn(async move {
+            if drain_begins.await.is_ok() {
+                tokio::time::sleep(drain).await;
+                tracing::info!(
+                    waiting = correlator.waiting(),
+                    "drain over: answering what is still waiting with 503"
+                );
+                correlator.close();
+            }
+        });
         listen::serve(listener, app, limits, tls, shutdown).await;
         self.publisher.flush(Duration::from_secs(5));
         Ok(())

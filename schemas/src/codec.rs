@@ -526,6 +526,39 @@ mod tests {
         assert_eq!(decoded, want);
     }
 
+    /// Any tensor of any datatype (raw bytes, BYTES elements of any bytes, UTF-8 or not) comes
+    /// out of the Avro envelope exactly as it went in, in a request and in a result.
+    fn any_tensor() -> impl proptest::strategy::Strategy<Value = Tensor> {
+        use proptest::prelude::*;
+        let fixed =
+            (prop::sample::select(DataType::ALL.to_vec()), 0usize..5).prop_flat_map(|(dt, n)| {
+                let size = dt.element_size().unwrap_or(1);
+                prop::collection::vec(any::<u8>(), n * size).prop_map(move |data| Tensor {
+                    name: "t".into(),
+                    datatype: dt,
+                    shape: vec![1, n as i64],
+                    data,
+                })
+            });
+        let bytes = prop::collection::vec(prop::collection::vec(any::<u8>(), 0..6), 0..4)
+            .prop_map(|es| Tensor::from_bytes_elements("b", vec![es.len() as i64], es));
+        prop_oneof![
+            fixed.prop_filter("BYTES is built below", |t| t.datatype != DataType::Bytes),
+            bytes
+        ]
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_tensor_survives_the_envelope(t in any_tensor()) {
+            let mut r = sample_request();
+            r.inputs = vec![t.clone()];
+            proptest::prop_assert_eq!(decode_request(&encode_request(&r).unwrap()).unwrap().inputs, vec![t.clone()]);
+            let res = InferenceResult { id: "x".into(), outputs: vec![t.clone()], ..Default::default() };
+            proptest::prop_assert_eq!(decode_result(&encode_result(&res).unwrap()).unwrap().outputs, vec![t]);
+        }
+    }
+
     #[test]
     fn request_round_trips() {
         let r = sample_request();

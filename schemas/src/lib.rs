@@ -12,11 +12,13 @@ pub mod codec;
 pub mod envelope;
 pub mod error;
 pub mod learning;
+pub mod number;
 pub mod oip;
 pub mod tensor;
 
 pub use codec::{CodecError, decode_request, decode_result, encode_request, encode_result};
 pub use envelope::{GraphHop, InferenceError, InferenceRequest, InferenceResult, ReplyRoute};
+pub use number::{Number, Unfit, tensor_from_numbers};
 pub use tensor::{DataType, Tensor, TensorError};
 
 /// The request envelope's Avro schema (JSON), as shipped in `schemas/avro/request.avsc`.

@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use crate::{DataType, Tensor, tensor::element_count};
+use crate::{DataType, Number, Tensor, tensor::element_count};
 use serde::de::{self, DeserializeSeed, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
@@ -294,61 +294,13 @@ pub fn parse_request(body: &[u8], json_len: Option<usize>) -> Result<ParsedReque
 }
 
 fn json_to_bytes(name: &str, dt: DataType, values: &[Scalar]) -> Result<Vec<u8>, OipError> {
-    let bad = |i: usize, v: &Scalar| {
+    let bad = |i: usize, v: &Scalar, why: &dyn fmt::Display| {
         OipError::InvalidTensor(format!(
-            "input '{name}': element {i} ({v:?}) is not a valid {dt} value"
+            "input '{name}': element {i} ({v:?}) is not a valid {dt} value: {why}"
         ))
     };
     let mut out = Vec::with_capacity(values.len() * dt.element_size().unwrap_or(8));
-    macro_rules! ints {
-        ($t:ty) => {
-            for (i, v) in values.iter().enumerate() {
-                let x: $t = match *v {
-                    Scalar::I(n) => <$t>::try_from(n).map_err(|_| bad(i, v))?,
-                    Scalar::U(n) => <$t>::try_from(n).map_err(|_| bad(i, v))?,
-                    Scalar::F(f)
-                        if f.fract() == 0.0 && f >= <$t>::MIN as f64 && f <= <$t>::MAX as f64 =>
-                    {
-                        f as $t
-                    }
-                    _ => return Err(bad(i, v)),
-                };
-                out.extend_from_slice(&x.to_le_bytes());
-            }
-        };
-    }
-    macro_rules! floats {
-        ($t:ty) => {
-            for (i, v) in values.iter().enumerate() {
-                let x: $t = match *v {
-                    Scalar::I(n) => n as $t,
-                    Scalar::U(n) => n as $t,
-                    Scalar::F(f) => f as $t,
-                    Scalar::B(_) | Scalar::S(_) => return Err(bad(i, v)),
-                };
-                out.extend_from_slice(&x.to_le_bytes());
-            }
-        };
-    }
     match dt {
-        DataType::Bool => {
-            for (i, v) in values.iter().enumerate() {
-                match v {
-                    Scalar::B(b) => out.push(u8::from(*b)),
-                    _ => return Err(bad(i, v)),
-                }
-            }
-        }
-        DataType::Uint8 => ints!(u8),
-        DataType::Uint16 => ints!(u16),
-        DataType::Uint32 => ints!(u32),
-        DataType::Uint64 => ints!(u64),
-        DataType::Int8 => ints!(i8),
-        DataType::Int16 => ints!(i16),
-        DataType::Int32 => ints!(i32),
-        DataType::Int64 => ints!(i64),
-        DataType::Fp32 => floats!(f32),
-        DataType::Fp64 => floats!(f64),
         DataType::Fp16 => {
             return Err(OipError::InvalidTensor(format!(
                 "input '{name}': FP16 data is accepted only as binary tensor data"
@@ -364,6 +316,18 @@ fn json_to_bytes(name: &str, dt: DataType, values: &[Scalar]) -> Result<Vec<u8>,
                         )));
                     }
                 }
+            }
+        }
+        _ => {
+            for (i, v) in values.iter().enumerate() {
+                let n = match *v {
+                    Scalar::I(n) => Number::Int(n),
+                    Scalar::U(n) => Number::UInt(n),
+                    Scalar::F(f) => Number::Float(f),
+                    Scalar::B(b) => Number::Bool(b),
+                    Scalar::S(_) => return Err(bad(i, v, &"a string is not a number")),
+                };
+                n.push_element(dt, &mut out).map_err(|e| bad(i, v, &e))?;
             }
         }
     }
@@ -395,8 +359,8 @@ fn bytes_to_json(t: &Tensor) -> Result<JsonData, OipError> {
         DataType::Int16 => JsonData::I64(le(d, |a| i64::from(i16::from_le_bytes(a)))),
         DataType::Int32 => JsonData::I64(le(d, |a| i64::from(i32::from_le_bytes(a)))),
         DataType::Int64 => JsonData::I64(le(d, i64::from_le_bytes)),
-        DataType::Fp32 => JsonData::F32(le(d, f32::from_le_bytes)),
-        DataType::Fp64 => JsonData::F64(le(d, f64::from_le_bytes)),
+        DataType::Fp32 => JsonData::F32(finite(t, le(d, f32::from_le_bytes), f32::is_finite)?),
+        DataType::Fp64 => JsonData::F64(finite(t, le(d, f64::from_le_bytes), f64::is_finite)?),
         DataType::Fp16 => {
             return Err(OipError::InvalidTensor(format!(
                 "output '{}' is FP16: request it with binary_data",
@@ -420,6 +384,22 @@ fn bytes_to_json(t: &Tensor) -> Result<JsonData, OipError> {
             JsonData::Str(strings)
         }
     })
+}
+
+/// `values` unchanged when every one is finite; JSON has no NaN or infinity, so an output holding
+/// one is refused (never written as `null` or a made-up number) with the way to get it: binary.
+fn finite<T: Copy>(
+    t: &Tensor,
+    values: Vec<T>,
+    is_finite: fn(T) -> bool,
+) -> Result<Vec<T>, OipError> {
+    match values.iter().position(|&v| !is_finite(v)) {
+        None => Ok(values),
+        Some(i) => Err(OipError::InvalidTensor(format!(
+            "output '{}' element {i} is NaN or infinite, which JSON cannot carry: request it with binary_data",
+            t.name
+        ))),
+    }
 }
 
 #[derive(Serialize)]
@@ -776,6 +756,45 @@ mod tests {
         );
         let plain = encode_response("m", "1", None, Map::new(), &[(&label, false)]).unwrap();
         assert!(plain.json_len.is_none());
+    }
+
+    /// `t` written as a JSON output, then read back as a JSON input of the same datatype.
+    fn through_json(t: &Tensor) -> Tensor {
+        let resp = encode_response("m", "1", None, Map::new(), &[(t, false)]).unwrap();
+        let out: Value = serde_json::from_slice(&resp.body).unwrap();
+        let o = &out["outputs"][0];
+        let req = serde_json::json!({"inputs": [{"name": t.name, "datatype": o["datatype"], "shape": o["shape"], "data": o["data"]}]});
+        parse_request(req.to_string().as_bytes(), None)
+            .unwrap()
+            .inputs
+            .remove(0)
+    }
+
+    proptest::proptest! {
+        /// Every finite FP32 and FP64 value, and every integer of every integer datatype, is the
+        /// same bits after a trip out as JSON and back in as JSON.
+        #[test]
+        fn json_out_and_back_in_is_exact(bits in proptest::collection::vec(proptest::prelude::any::<u64>(), 1..6), pick in 0usize..11) {
+            let dt = [DataType::Bool, DataType::Uint8, DataType::Uint16, DataType::Uint32, DataType::Uint64,
+                DataType::Int8, DataType::Int16, DataType::Int32, DataType::Int64, DataType::Fp32, DataType::Fp64][pick];
+            let size = dt.element_size().unwrap_or(1);
+            let mut data: Vec<u8> = bits.iter().flat_map(|b| b.to_le_bytes()[..size].to_vec()).collect();
+            match dt {
+                DataType::Bool => data.iter_mut().for_each(|b| *b &= 1),
+                DataType::Fp32 => data.chunks_exact_mut(4).for_each(|c| {
+                    let f = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                    if !f.is_finite() { c.copy_from_slice(&1.5f32.to_le_bytes()) }
+                }),
+                DataType::Fp64 => data.chunks_exact_mut(8).for_each(|c| {
+                    let mut a = [0u8; 8];
+                    a.copy_from_slice(c);
+                    if !f64::from_le_bytes(a).is_finite() { c.copy_from_slice(&1.5f64.to_le_bytes()) }
+                }),
+                _ => {}
+            }
+            let t = Tensor { name: "x".into(), datatype: dt, shape: vec![1, bits.len() as i64], data };
+            proptest::prop_assert_eq!(through_json(&t), t);
+        }
     }
 
     #[test]

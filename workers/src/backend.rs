@@ -179,12 +179,7 @@ fn to_ort_value(t: &Tensor) -> Result<DynValue, BackendError> {
         DataType::Int64 => pod!(i64),
         DataType::Fp32 => pod!(f32),
         DataType::Fp64 => pod!(f64),
-        DataType::Fp16 => {
-            return Err(BackendError::Run(format!(
-                "input '{}': FP16 is not supported by this worker build",
-                t.name
-            )));
-        }
+        DataType::Fp16 => pod!(half::f16),
         DataType::Bytes => {
             let run = |m: String| BackendError::Run(format!("input '{}': {m}", t.name));
             let strings = t
@@ -224,6 +219,7 @@ fn from_ort_value(name: &str, v: &DynValue) -> Result<Tensor, BackendError> {
     Ok(match ty {
         TensorElementType::Float32 => pod!(f32, DataType::Fp32),
         TensorElementType::Float64 => pod!(f64, DataType::Fp64),
+        TensorElementType::Float16 => pod!(half::f16, DataType::Fp16),
         TensorElementType::Int64 => pod!(i64, DataType::Int64),
         TensorElementType::Int32 => pod!(i32, DataType::Int32),
         TensorElementType::Int16 => pod!(i16, DataType::Int16),

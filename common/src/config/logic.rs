@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use sluice_schemas::DataType;
+use sluice_schemas::{DataType, Number};
 
 /// One validation rule (`validate = [{ input = "amount", rule = "range", min = 0 }, ...]`).
 /// A request breaking any rule fails with 422 naming the input, the row and the rule; nothing
@@ -53,20 +53,63 @@ pub enum RuleKind {
     SequenceLength,
 }
 
-/// A value a `one_of` rule allows.
+/// A value written in the config (a `one_of` value, a default), in the TOML type it was
+/// written as: `true`, `-3`, `2.5` or `"unknown"`.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(untagged)]
 pub enum AllowedValue {
-    /// A number.
-    Number(f64),
+    /// A boolean.
+    Bool(bool),
+    /// An integer (kept exact).
+    Int(i64),
+    /// A floating-point number.
+    Float(f64),
     /// A string.
     Text(String),
+}
+
+impl AllowedValue {
+    /// The value as a number (booleans included); `None` for a string.
+    pub fn number(&self) -> Option<Number> {
+        match self {
+            AllowedValue::Bool(b) => Some(Number::Bool(*b)),
+            AllowedValue::Int(i) => Some(Number::Int(*i)),
+            AllowedValue::Float(f) => Some(Number::Float(*f)),
+            AllowedValue::Text(_) => None,
+        }
+    }
+
+    /// Why this value cannot be a value of `datatype` (for a default checked at start-up), or
+    /// `None` when it fits exactly: strings for BYTES, `true`/`false` for BOOL, integers in range
+    /// for integer datatypes, numbers a float datatype holds exactly for FP32 and FP64.
+    pub fn misfit(&self, datatype: DataType) -> Option<String> {
+        match (self, datatype) {
+            (AllowedValue::Text(_), DataType::Bytes) => None,
+            (_, DataType::Bytes) => Some(format!("{self} is not a string (BYTES)")),
+            (AllowedValue::Text(_), d) => Some(format!("{self} is a string, not {d}")),
+            (AllowedValue::Int(0 | 1), DataType::Bool) => None,
+            (AllowedValue::Int(_) | AllowedValue::Float(_), DataType::Bool) => {
+                Some(format!("{self} is not a boolean: write true or false"))
+            }
+            (AllowedValue::Float(f), d) if d != DataType::Fp64 && d != DataType::Fp32 => {
+                Some(format!("{f} is not an integer ({d})"))
+            }
+            (v, d) => {
+                let n = v.number()?;
+                n.push_element(d, &mut Vec::new())
+                    .err()
+                    .map(|e| e.to_string())
+            }
+        }
+    }
 }
 
 impl std::fmt::Display for AllowedValue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            AllowedValue::Number(n) => write!(f, "{n}"),
+            AllowedValue::Bool(b) => write!(f, "{b}"),
+            AllowedValue::Int(i) => write!(f, "{i}"),
+            AllowedValue::Float(n) => write!(f, "{n:?}"),
             AllowedValue::Text(s) => write!(f, "{s:?}"),
         }
     }

@@ -189,6 +189,10 @@ pub struct GatewayConfig {
     /// Upper bound on a request's `timeout` parameter.
     #[serde(with = "humantime_serde")]
     pub max_timeout: Duration,
+    /// On SIGTERM: how long requests in flight may still wait for their results; then each
+    /// is answered 503 (never left to its deadline).
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
     /// How long request records wait to be batched into one produce request (`linger.ms`):
     /// added to every request's latency, saves broker and client CPU under load.
     #[serde(with = "humantime_serde")]
@@ -300,6 +304,12 @@ pub struct LocalConfig {
     pub kafka_storage: String,
     /// Port for a Redis that `up` starts when none answers at `redis.url`.
     pub redis_port: u16,
+    /// How long `up` waits for every process to be ready before it stops them all and fails.
+    #[serde(with = "humantime_serde")]
+    pub start_timeout: Duration,
+    /// Where `up` writes the stack's addresses (`stack.json`, read by `sluice status`) and each
+    /// process's bound address.
+    pub state_dir: PathBuf,
 }
 
 /// One served model.

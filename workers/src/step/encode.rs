@@ -6,7 +6,7 @@
 use futures::future::BoxFuture;
 use sluice_common::config::{EncodeColumn, EncodeOp, Unknown};
 use sluice_common::hash::murmur3_32;
-use sluice_schemas::{DataType, Tensor};
+use sluice_schemas::{DataType, Number, Tensor};
 
 use super::seam::{Step, StepFailure, StepInput, StepResult};
 
@@ -18,7 +18,7 @@ pub struct EncodeStep {
 
 /// One element on its way through a column's ops.
 enum Cell<'a> {
-    Number(f64),
+    Number(Number),
     Text(&'a [u8]),
 }
 
@@ -68,13 +68,20 @@ impl Step for EncodeStep {
     }
 }
 
-/// The text form an integer or float takes when it is looked up in a vocabulary.
-fn number_text(v: f64) -> String {
-    if v.fract() == 0.0 && v.abs() < 1e15 {
-        format!("{}", v as i64)
-    } else {
-        v.to_string()
+/// The text form an integer or float takes when it is looked up in a vocabulary: integers
+/// exactly (INT64 ids beyond 2^53 included), whole floats as integers, booleans as 0 and 1.
+fn number_text(v: Number) -> String {
+    match v {
+        Number::Float(f) if f.fract() == 0.0 && f.abs() < 1e15 => format!("{}", f as i64),
+        Number::Bool(b) => u8::from(b).to_string(),
+        n => n.to_string(),
     }
+}
+
+/// The value as a float for the numeric ops (booleans as 0 and 1).
+fn float(v: Number) -> f64 {
+    v.as_f64()
+        .unwrap_or(if v == Number::Bool(true) { 1.0 } else { 0.0 })
 }
 
 /// Encodes one column group: (its width per row, rows × width values).
@@ -84,7 +91,7 @@ fn encode_column(c: &EncodeColumn, t: &Tensor, rows: usize) -> Result<(usize, Ve
         text_store = t.bytes_elements().map_err(|e| e.to_string())?;
         text_store.iter().map(|e| Cell::Text(e)).collect()
     } else {
-        t.to_f64()
+        t.numbers()
             .ok_or_else(|| format!("'{}' is {}, which cannot be encoded", c.input, t.datatype))?
             .into_iter()
             .map(Cell::Number)
@@ -115,13 +122,13 @@ fn encode_column(c: &EncodeColumn, t: &Tensor, rows: usize) -> Result<(usize, Ve
                     c.input
                 ));
             };
-            *x = numeric(op, *x);
+            *x = Number::Float(numeric(op, float(*x)));
         }
     }
     let values = cells
         .iter()
         .map(|cell| match cell {
-            Cell::Number(x) => Ok(*x as f32),
+            Cell::Number(x) => Ok(float(*x) as f32),
             Cell::Text(_) => Err(format!(
                 "'{}' holds strings and no op encodes them",
                 c.input
@@ -230,6 +237,18 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
+    #[test]
+    fn integer_categories_are_looked_up_by_their_exact_digits() {
+        // 2^53 + 1 rounds to 2^53 as a double: through a float the two ids were one key.
+        let ids = [(1i64 << 53) + 1, 1i64 << 53];
+        let cells: Vec<Cell> = ids.iter().map(|&i| Cell::Number(Number::Int(i))).collect();
+        let vocabulary = vec![ids[0].to_string(), ids[1].to_string()];
+        let got = ordinal("id", &cells, &vocabulary, Unknown::Error).unwrap();
+        assert_eq!(got, vec![0.0, 1.0]);
+        assert_eq!(number_text(Number::Float(7.0)), "7");
+        assert_eq!(number_text(Number::Bool(true)), "1");
+    }
+
     fn column(toml: &str) -> EncodeColumn {
         toml::from_str(toml).unwrap()
     }
@@ -289,7 +308,13 @@ mod tests {
             vec![1.0]
         );
         assert_eq!(
-            ordinal("c", &[Cell::Number(7.0)], &["7".into()], Unknown::Error).unwrap(),
+            ordinal(
+                "c",
+                &[Cell::Number(Number::Float(7.0))],
+                &["7".into()],
+                Unknown::Error
+            )
+            .unwrap(),
             vec![0.0]
         );
     }

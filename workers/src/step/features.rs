@@ -8,7 +8,7 @@ use futures::future::BoxFuture;
 use redis::aio::ConnectionManager;
 use sluice_common::config::{AllowedValue, FeatureSpec, FeaturesConfig, OnMissing};
 use sluice_features::{Layout, Value, join_key_type};
-use sluice_schemas::{DataType, Tensor};
+use sluice_schemas::{DataType, Number, Tensor, tensor_from_numbers};
 use tokio::sync::OnceCell;
 
 use super::seam::{BuildError, Step, StepFailure, StepInput, StepResult, wait_for};
@@ -187,11 +187,16 @@ pub(super) fn missing_value(
     what: String,
 ) -> Result<Value, StepFailure> {
     match (on_missing, &spec.default) {
-        (OnMissing::Default, Some(AllowedValue::Number(n))) => Ok(match spec.length {
-            Some(len) => Value::List(vec![*n; len]),
-            None => Value::Float(*n),
-        }),
         (OnMissing::Default, Some(AllowedValue::Text(t))) => Ok(Value::Text(t.as_bytes().to_vec())),
+        (OnMissing::Default, Some(default)) => {
+            let n = default.number().ok_or_else(|| {
+                StepFailure::invalid(format!("{what}, and its default is not a number"))
+            })?;
+            Ok(match spec.length {
+                Some(len) => Value::List(vec![n; len]),
+                None => Value::from(n),
+            })
+        }
         (OnMissing::Default, None) => Err(StepFailure::invalid(format!(
             "{what}, and it has no default"
         ))),
@@ -199,6 +204,8 @@ pub(super) fn missing_value(
     }
 }
 
+/// One feature's column as a tensor of its declared datatype, every value exactly as read (an
+/// INT64 beyond 2^53 included); a value the datatype cannot hold fails with 422 naming it.
 pub(super) fn to_tensor(spec: &FeatureSpec, values: &[Value]) -> Result<Tensor, StepFailure> {
     let rows = values.len() as i64;
     let wrong = |v: &Value| {
@@ -244,30 +251,12 @@ pub(super) fn to_tensor(spec: &FeatureSpec, values: &[Value]) -> Result<Tensor, 
             values
                 .iter()
                 .map(|v| v.number().ok_or_else(|| wrong(v)))
-                .collect::<Result<Vec<f64>, _>>()?,
+                .collect::<Result<Vec<Number>, _>>()?,
             vec![rows],
         ),
     };
-    let name = spec.name.clone();
-    Ok(match spec.datatype {
-        DataType::Fp64 => Tensor::from_values(name, DataType::Fp64, shape, &numbers),
-        DataType::Int64 => {
-            let v: Vec<i64> = numbers.iter().map(|&x| x as i64).collect();
-            Tensor::from_values(name, DataType::Int64, shape, &v)
-        }
-        DataType::Int32 => {
-            let v: Vec<i32> = numbers.iter().map(|&x| x as i32).collect();
-            Tensor::from_values(name, DataType::Int32, shape, &v)
-        }
-        DataType::Bool => {
-            let v: Vec<u8> = numbers.iter().map(|&x| u8::from(x != 0.0)).collect();
-            Tensor::from_values(name, DataType::Bool, shape, &v)
-        }
-        _ => {
-            let v: Vec<f32> = numbers.iter().map(|&x| x as f32).collect();
-            Tensor::from_values(name, DataType::Fp32, shape, &v)
-        }
-    })
+    tensor_from_numbers(&spec.name, spec.datatype, shape, &numbers)
+        .map_err(|e| StepFailure::invalid(format!("feature {e}")))
 }
 
 fn entity_datatype(job: &StepInput, input: &str) -> DataType {

@@ -17,7 +17,7 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::{Map, Value as Json};
 use sluice_common::config::{FeatureSpec, HttpConfig, HttpMode, OnMissing};
 use sluice_features::Value;
-use sluice_schemas::{DataType, Tensor};
+use sluice_schemas::{DataType, Number, Tensor};
 use tokio::sync::Semaphore;
 
 use super::features::{missing_value, to_tensor};
@@ -275,19 +275,25 @@ fn tensor_json(t: &Tensor) -> Result<Vec<Json>, StepFailure> {
             .collect());
     }
     let values = t
-        .to_f64()
+        .numbers()
         .ok_or_else(|| StepFailure::invalid(format!("'{}' is {}", t.name, t.datatype)))?;
-    let integral = !matches!(t.datatype, DataType::Fp32 | DataType::Fp64);
-    Ok(values
+    values
         .into_iter()
-        .map(|v| {
-            if integral {
-                Json::from(v as i64)
-            } else {
-                serde_json::Number::from_f64(v).map_or(Json::Null, Json::Number)
-            }
+        .enumerate()
+        .map(|(i, v)| match v {
+            Number::Int(n) => Ok(Json::from(n)),
+            Number::UInt(n) => Ok(Json::from(n)),
+            Number::Bool(b) => Ok(Json::from(u8::from(b))),
+            Number::Float(f) => serde_json::Number::from_f64(f)
+                .map(Json::Number)
+                .ok_or_else(|| {
+                    StepFailure::invalid(format!(
+                        "'{}' element {i} is {f}, which JSON cannot carry",
+                        t.name
+                    ))
+                }),
         })
-        .collect())
+        .collect()
 }
 
 /// The URL with each `{input}` replaced by that input's value for row `r`, URL-encoded.
@@ -331,6 +337,11 @@ fn lookup(answer: &Json, path: &str) -> Option<Value> {
     match v {
         Json::Null => None,
         Json::Bool(b) => Some(Value::Bool(*b)),
+        // Integers stay exact; one past i64 is kept as its digits (no lookup datatype holds it,
+        // so it is refused by name rather than rounded through a float).
+        Json::Number(n) if n.is_u64() && !n.is_i64() => {
+            Some(Value::Text(n.to_string().into_bytes()))
+        }
         Json::Number(n) => n
             .as_i64()
             .map(Value::Int)
@@ -351,6 +362,33 @@ impl Step for HttpStep {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tensors_go_out_as_exact_json_and_big_integers_come_back_exact() {
+        let big = -2_654_276_660_701_483_516i64;
+        let t = Tensor::from_values("id", DataType::Int64, vec![2], &[big, i64::MAX]);
+        let json = tensor_json(&t).unwrap_or_default();
+        assert_eq!(json, vec![Json::from(big), Json::from(i64::MAX)]);
+        let u = Tensor::from_values("u", DataType::Uint64, vec![1], &[u64::MAX]);
+        assert_eq!(
+            tensor_json(&u).unwrap_or_default(),
+            vec![Json::from(u64::MAX)]
+        );
+        let nan = Tensor::from_values("x", DataType::Fp32, vec![1], &[f32::NAN]);
+        assert!(
+            tensor_json(&nan).is_err(),
+            "NaN is refused, not sent as null"
+        );
+        let answer: Json =
+            serde_json::from_str(r#"{"id": -2654276660701483516, "huge": 18446744073709551615}"#)
+                .unwrap_or_default();
+        assert_eq!(lookup(&answer, "id"), Some(Value::Int(big)));
+        // Past i64 no lookup datatype holds it: kept as digits, so an INT64 field refuses it.
+        assert_eq!(
+            lookup(&answer, "huge"),
+            Some(Value::Text(b"18446744073709551615".to_vec()))
+        );
+    }
 
     #[test]
     fn templates_fill_and_fields_resolve() {

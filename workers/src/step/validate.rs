@@ -5,7 +5,7 @@
 use futures::future::BoxFuture;
 use regex::Regex;
 use sluice_common::config::{AllowedValue, RuleKind, ValidationRule};
-use sluice_schemas::{DataType, Tensor};
+use sluice_schemas::{DataType, Number, Tensor};
 
 use super::seam::{BuildError, Step, StepFailure, StepInput, StepResult};
 
@@ -199,7 +199,7 @@ fn check_numbers(
                 let ok = r
                     .values
                     .iter()
-                    .any(|a| matches!(a, AllowedValue::Number(x) if *x == v));
+                    .any(|a| a.number().and_then(Number::as_f64) == Some(v));
                 if !ok {
                     let allowed: Vec<String> = r.values.iter().map(|v| v.to_string()).collect();
                     return Err(fail(

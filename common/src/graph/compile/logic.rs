@@ -556,14 +556,8 @@ fn lookup_output(
             "{key}: datatype {datatype} is not one a lookup produces (FP32, FP64, INT64, INT32, BOOL, BYTES)"
         ));
     }
-    match (default, datatype) {
-        (Some(AllowedValue::Text(_)), d) if d != DataType::Bytes => p.push(format!(
-            "{key}: the default of a {d} value must be a number"
-        )),
-        (Some(AllowedValue::Number(_)), DataType::Bytes) => p.push(format!(
-            "{key}: the default of a BYTES value must be a string"
-        )),
-        _ => {}
+    if let Some(why) = default.and_then(|d| d.misfit(datatype)) {
+        p.push(format!("{key}.default: {why}"));
     }
 }
 

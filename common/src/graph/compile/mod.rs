@@ -141,6 +141,8 @@ fn assemble(
             max_batch_size: g.max_batch_size,
             max_input_elements: g.max_input_elements,
             max_body_bytes: g.max_body_bytes,
+            // Each model step checks its own inputs.
+            utf8_bytes: false,
         },
         partitions,
         steps,
