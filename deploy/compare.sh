@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Sluice as users start it against FastAPI + onnxruntime, same wrk load, same run.
-# Starts the default stack (`sluice up`, every example model and graph deployed, as
+# Starts the default stack (`sluice up` with examples/stack.toml, every example deployed, as
 # deploy/up.sh does), loads mlp, digits-pipeline, digits-ensemble and heavy at concurrency 1 and
 # 32 with wrk; stops it; then does the same against deploy/compare/fastapi_baseline.py under
 # uvicorn with 1 and 2 worker processes. Prints one table of req/s, p50 and p99.
 # usage: deploy/compare.sh [SECONDS_PER_RUN]   (default 10; SLUICE_BIN=path compares another build;
 #        COMPARE_ALSO="SLUICE__WORKER__LOCAL_HOPS=false" also runs the stack with those settings,
-#        as a column "sluice-also", in the same run)
+#        as a column "sluice-also", in the same run; SLUICE_COMPARE_CONFIG=examples/digits.toml
+#        serves the digits examples only, as before the demo stack grew)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SLUICE_SETUP=stack deploy/setup.sh
@@ -55,7 +56,7 @@ wait_for() {
 # stack NAME [ENV=VALUE...]: the default stack, with those settings, under load.
 stack() {
   local name=$1; shift
-  env "$@" "$BIN" --config examples/digits.toml up > "$OUT/up.out" 2> "$OUT/up.log" &
+  env "$@" "$BIN" --config "${SLUICE_COMPARE_CONFIG:-examples/stack.toml}" up > "$OUT/up.out" 2> "$OUT/up.log" &
   local up=$!
   for _ in $(seq 1 300); do grep -q "Sluice is up" "$OUT/up.out" 2>/dev/null && break; sleep 0.3; done
   load "$name" http://127.0.0.1:8000

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The local stack in one command: installs what is missing, builds Sluice (release), then runs
-# `sluice up` (tansu broker, Redis if none answers, topics, gateway, one worker per model).
+# `sluice up` (tansu broker, Redis if none answers, the demo data, topics, gateway, workers,
+# learners) with examples/stack.toml: digits graphs, fraud, online learning and bandits.
 # Ctrl-C stops everything. Extra arguments go to `sluice up`'s config: deploy/up.sh [CONFIG]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,4 +10,4 @@ SLUICE_SETUP=stack deploy/setup.sh
 # shellcheck disable=SC1091
 source .sluice-env
 cargo build --release --quiet --bin sluice
-exec target/release/sluice --config "${1:-examples/digits.toml}" up
+exec target/release/sluice --config "${1:-examples/stack.toml}" up

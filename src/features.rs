@@ -222,6 +222,24 @@ fn split_csv(line: &str) -> Vec<String> {
     out
 }
 
+/// `sluice features load FILE --step STEP` with every other option at its default (`sluice
+/// up`'s seed data).
+pub(crate) async fn load_file(
+    deployment: &Deployment,
+    file: PathBuf,
+    step: String,
+) -> anyhow::Result<()> {
+    let args = LoadArgs {
+        file,
+        step,
+        key_column: None,
+        format: None,
+        ttl: None,
+        batch: 500,
+    };
+    load(deployment, args).await
+}
+
 #[allow(clippy::print_stdout)]
 async fn load(deployment: &Deployment, args: LoadArgs) -> anyhow::Result<()> {
     let mut config = step_config(deployment, &args.step)?;

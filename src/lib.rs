@@ -14,6 +14,7 @@ mod http;
 mod learn;
 mod models;
 mod procs;
+mod seed;
 mod soak;
 mod supervise;
 mod up;

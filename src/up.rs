@@ -153,6 +153,7 @@ async fn start(deployment: &Deployment, plan: &Plan, stack: &mut Stack) -> anyho
     let (state, run_dir) = state_dir(cfg)?;
     let (broker, quirks) = start_broker(cfg, stack).await?;
     start_redis(cfg, stack).await?;
+    crate::seed::load_all(deployment).await?;
     let topics = deployment.required_topics();
     // Topics are created as the components will see the broker (tansu: with a retention bound).
     let mut topic_cfg = cfg.clone();
@@ -654,15 +655,19 @@ fn print_banner(
             );
         }
     }
+    let me = sluice_command(config_path);
     for name in deployment.learning() {
         let given = if deployment.graph(&name).is_some() {
-            "\"reward\": 1"
+            r#"\"reward\": 1"#
         } else {
-            "\"truth\": 1"
+            r#"\"truth\": 1"#
         };
+        let file = requests.join(format!("{name}.json"));
         println!(
-            "  curl -s -X POST http://{gw}/v2/models/{name}/feedback -d '{{\"id\": \"<an answer's id>\", {given}}}'   # feedback; sluice learn --model {name} --status"
+            r#"  id=$(curl -s -X POST http://{gw}/v2/models/{name}/infer -H 'Content-Type: application/json' -d @{} | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])') && curl -s -X POST http://{gw}/v2/models/{name}/feedback -d "{{\"id\": \"$id\", {given}}}"   # an answer, then its feedback"#,
+            file.display()
         );
+        println!("  {me} learn --model {name} --status   # what {name}'s learner learned");
     }
     println!(
         "  curl -s http://{gw}/v2/models/{}   # metadata",
@@ -679,9 +684,22 @@ fn print_banner(
         }
     }
     println!(
-        "  sluice status   # every process, its address and readiness ({})\nPress Ctrl-C to stop.\n",
+        "  {me} status   # every process, its address and readiness ({})\nPress Ctrl-C to stop.\n",
         cfg.local.state_dir.join("stack.json").display()
     );
+}
+
+/// How to run this `sluice` with this config from the current folder (for printed commands).
+fn sluice_command(config_path: Option<&Path>) -> String {
+    let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("sluice"));
+    let cwd = std::env::current_dir().unwrap_or_default();
+    let exe = exe
+        .strip_prefix(&cwd)
+        .map_or(exe.clone(), Path::to_path_buf);
+    match config_path {
+        Some(c) => format!("{} --config {}", exe.display(), c.display()),
+        None => exe.display().to_string(),
+    }
 }
 
 #[cfg(test)]

@@ -528,3 +528,130 @@ fn sigterm_during_start_up_leaves_no_process_behind() {
     );
     assert_no_orphans(&seen);
 }
+
+/// The front door: `sluice up` with the config `deploy/up.sh` serves (examples/stack.toml)
+/// loads the fraud graph's data itself, and every call it prints works as printed: each
+/// model's and graph's (digits pipelines and ensembles, fraud, sea, the bandits), an answer and
+/// its feedback for each learning model, each learner's status, and `sluice status`.
+#[test]
+fn the_demo_stack_answers_every_call_it_prints() {
+    if services_available().is_none() {
+        return;
+    }
+    let (kp, rp, gp) = (free_port(), free_port(), free_port());
+    let mut up = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .current_dir(root())
+        .args(["--config", "examples/stack.toml", "up"])
+        .env("SLUICE__KAFKA__BROKERS", format!("127.0.0.1:{kp}"))
+        .env("SLUICE__REDIS__URL", format!("redis://127.0.0.1:{rp}"))
+        .env("SLUICE__GATEWAY__LISTEN", format!("127.0.0.1:{gp}"))
+        .env("SLUICE__LOCAL__STATE_DIR", state_dir())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = up.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let end = Instant::now() + Duration::from_secs(180);
+    let mut printed = Vec::new();
+    loop {
+        let line = rx
+            .recv_timeout(end.saturating_duration_since(Instant::now()))
+            .expect("the stack did not come up");
+        if line.contains("Press Ctrl-C") {
+            break;
+        }
+        printed.push(line);
+    }
+    let text = printed.join("\n");
+    let run = |line: &str| {
+        // -f: a 4xx or 5xx fails the command (the lines print `curl -s`).
+        let cmd = line.trim().replace("curl -s ", "curl -sf ");
+        let cmd = cmd.split("   # ").next().unwrap().to_string();
+        // The printed commands read the config; this test's ports override it, as for `up`.
+        let out = Command::new("sh")
+            .current_dir(root())
+            .args(["-c", &cmd])
+            .env("SLUICE__KAFKA__BROKERS", format!("127.0.0.1:{kp}"))
+            .env("SLUICE__REDIS__URL", format!("redis://127.0.0.1:{rp}"))
+            .env("SLUICE__GATEWAY__LISTEN", format!("127.0.0.1:{gp}"))
+            .env("SLUICE__LOCAL__STATE_DIR", state_dir())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{cmd}\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let mut infer = 0;
+    for line in printed
+        .iter()
+        .filter(|l| l.contains("/infer -H") && l.trim().starts_with("curl"))
+    {
+        let v: serde_json::Value = serde_json::from_str(&run(line)).unwrap();
+        assert!(
+            v["outputs"].as_array().is_some_and(|o| !o.is_empty()),
+            "{line}: {v}"
+        );
+        if line.contains("/models/fraud/") {
+            let decision = v["outputs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|o| o["name"] == "decision");
+            assert_eq!(decision.unwrap()["shape"], serde_json::json!([2]), "{v}");
+        }
+        infer += 1;
+    }
+    for must in [
+        "digits-pipeline",
+        "digits-ensemble",
+        "fraud",
+        "sea",
+        "digits-bandit",
+    ] {
+        assert!(
+            text.contains(&format!("/v2/models/{must}/infer")),
+            "no call for {must}: {text}"
+        );
+    }
+    let feedback: Vec<&String> = printed
+        .iter()
+        .filter(|l| l.trim().starts_with("id=$("))
+        .collect();
+    assert_eq!(
+        feedback.len(),
+        5,
+        "sea, sea-frozen and three bandits: {text}"
+    );
+    for line in feedback {
+        run(line);
+    }
+    for line in printed
+        .iter()
+        .filter(|l| l.contains(" learn --model ") || l.contains(" status "))
+    {
+        run(line);
+    }
+    // The seed data is there: the merchant table, and a known user's Feast features in Redis.
+    let got = run(&format!(
+        "{} --config examples/stack.toml features get --step fraud.user_features u00932",
+        env!("CARGO_BIN_EXE_sluice")
+    ));
+    let merchants =
+        run("psql -h 127.0.0.1 -U postgres -tAc 'select count(*) from fraud_merchants'");
+    assert_eq!(merchants.trim(), "200");
+    assert!(got.contains("\"found\":true"), "{got}");
+    println!("{infer} infer calls answered as printed");
+    sigterm(up.id());
+    let (status, _) = watch_children(&mut up, Duration::from_secs(60), |_| {});
+    assert!(status.unwrap().success());
+}

@@ -28,7 +28,9 @@ pub struct PageHinkley {
     mean: f64,
     sum_increase: f64,
     sum_decrease: f64,
-    min_increase: f64,
+    /// The least `sum_increase` seen; `None` before the first value (not +∞: JSON, the
+    /// checkpoint's format, has no infinity, so a fresh detector's checkpoint would not load).
+    min_increase: Option<f64>,
     max_decrease: f64,
     detected: bool,
 }
@@ -64,7 +66,7 @@ impl PageHinkley {
             mean: 0.0,
             sum_increase: 0.0,
             sum_decrease: 0.0,
-            min_increase: f64::INFINITY,
+            min_increase: None,
             max_decrease: -1.0,
             detected: false,
         };
@@ -77,7 +79,7 @@ impl PageHinkley {
         self.mean = 0.0;
         self.sum_increase = 0.0;
         self.sum_decrease = 0.0;
-        self.min_increase = f64::INFINITY;
+        self.min_increase = None;
         self.max_decrease = -1.0;
         self.detected = false;
     }
@@ -92,10 +94,13 @@ impl PageHinkley {
         let dev = x - self.mean;
         self.sum_increase = self.alpha * self.sum_increase + dev - self.delta;
         self.sum_decrease = self.alpha * self.sum_decrease + dev + self.delta;
-        self.min_increase = self.min_increase.min(self.sum_increase);
+        let min_increase = self
+            .min_increase
+            .map_or(self.sum_increase, |m| m.min(self.sum_increase));
+        self.min_increase = Some(min_increase);
         self.max_decrease = self.max_decrease.max(self.sum_decrease);
         if self.n >= self.min_instances {
-            let up = self.sum_increase - self.min_increase > self.threshold;
+            let up = self.sum_increase - min_increase > self.threshold;
             let down = self.max_decrease - self.sum_decrease > self.threshold;
             self.detected = match self.direction {
                 Direction::Up => up,
@@ -110,6 +115,15 @@ impl PageHinkley {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fresh_detector_survives_its_checkpoint() {
+        // It used to hold +∞, written to JSON as null and refused on reading back.
+        let fresh = PageHinkley::default();
+        let text = serde_json::to_string(&fresh).unwrap_or_default();
+        let back: Result<PageHinkley, _> = serde_json::from_str(&text);
+        assert_eq!(back.ok(), Some(fresh), "{text}");
+    }
 
     #[test]
     fn a_steady_stream_is_quiet_and_a_rise_is_caught_soon_after() {

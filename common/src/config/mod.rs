@@ -59,6 +59,10 @@ pub struct Config {
     /// several machines a shared volume.
     #[serde(default = "default_model_store")]
     pub model_store: PathBuf,
+    /// Other config files read before this one (paths relative to this file; they may not
+    /// include further files). This file's own settings win over theirs.
+    #[serde(default)]
+    pub include: Vec<PathBuf>,
 }
 
 fn default_model_store() -> PathBuf {
@@ -310,6 +314,29 @@ pub struct LocalConfig {
     /// Where `up` writes the stack's addresses (`stack.json`, read by `sluice status`) and each
     /// process's bound address.
     pub state_dir: PathBuf,
+    /// Demo data `up` loads once Redis is up and before the workers start (idempotent).
+    #[serde(default)]
+    pub seed: Vec<Seed>,
+}
+
+/// Data `sluice up` loads at start, so that a demo stack answers at once.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(untagged, deny_unknown_fields)]
+pub enum Seed {
+    /// An SQL script run against PostgreSQL (it should be idempotent: `DROP … IF EXISTS`).
+    Sql {
+        /// The script (relative to the config file).
+        sql: PathBuf,
+        /// PostgreSQL URL.
+        postgres: String,
+    },
+    /// Rows written into Redis for a feature step, in its layout (`sluice features load`).
+    Features {
+        /// A `.csv`, `.jsonl` or `.parquet` file (relative to the config file).
+        features: PathBuf,
+        /// The feature step, as `<graph>.<step>`.
+        step: String,
+    },
 }
 
 /// One served model.
@@ -456,6 +483,16 @@ impl Config {
                     message: "file not found".into(),
                 });
             }
+            for included in includes(f).map_err(|message| ConfigError::Load {
+                file: file_name.clone(),
+                message,
+            })? {
+                builder = builder.add_source(
+                    ::config::File::from(included)
+                        .format(::config::FileFormat::Toml)
+                        .required(true),
+                );
+            }
             builder = builder.add_source(
                 ::config::File::from(f)
                     .format(::config::FileFormat::Toml)
@@ -493,7 +530,11 @@ impl Config {
             ]
             .into_iter()
             .flatten();
-            for path in tls.chain(jwks).chain(redis) {
+            let seeds = cfg.local.seed.iter_mut().map(|s| match s {
+                Seed::Sql { sql, .. } => sql,
+                Seed::Features { features, .. } => features,
+            });
+            for path in tls.chain(jwks).chain(redis).chain(seeds) {
                 if path.is_relative() {
                     *path = dir.join(&*path);
                 }
@@ -735,6 +776,33 @@ pub fn redact_url(url: &str) -> String {
         }
         _ => url.to_string(),
     }
+}
+
+/// The files `file` includes (its `include` list, relative to its folder), each checked to
+/// exist and to include nothing itself.
+fn includes(file: &Path) -> Result<Vec<PathBuf>, String> {
+    #[derive(Deserialize)]
+    struct Includes {
+        #[serde(default)]
+        include: Vec<PathBuf>,
+    }
+    let read = |f: &Path| -> Result<Includes, String> {
+        let text = std::fs::read_to_string(f).map_err(|e| format!("{}: {e}", f.display()))?;
+        toml::from_str(&text).map_err(|e| format!("{}: {e}", f.display()))
+    };
+    let dir = file.parent().unwrap_or(Path::new("."));
+    let mut out = Vec::new();
+    for name in read(file)?.include {
+        let path = dir.join(&name);
+        if !read(&path)?.include.is_empty() {
+            return Err(format!(
+                "include {}: an included file may not include others",
+                name.display()
+            ));
+        }
+        out.push(path);
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
