@@ -313,3 +313,70 @@ impl Step for FeaturesStep {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn spec(
+        datatype: DataType,
+        length: Option<usize>,
+        default: Option<AllowedValue>,
+    ) -> FeatureSpec {
+        FeatureSpec {
+            name: "f".into(),
+            view: None,
+            datatype,
+            length,
+            default,
+        }
+    }
+
+    #[test]
+    fn int64_features_beyond_2_53_are_exact() {
+        // The values a new user's Feast store answered with, and that came back rounded.
+        let big = [
+            -2_654_276_660_701_483_516i64,
+            (1 << 62) + 1,
+            i64::MIN,
+            i64::MAX,
+        ];
+        let values: Vec<Value> = big.iter().map(|&i| Value::Int(i)).collect();
+        let t = to_tensor(&spec(DataType::Int64, None, None), &values).unwrap();
+        assert_eq!(t.values::<i64>(), big);
+        let list = [Value::List(big.iter().map(|&i| Number::Int(i)).collect())];
+        let t = to_tensor(&spec(DataType::Int64, Some(4), None), &list).unwrap();
+        assert_eq!(
+            (t.shape.clone(), t.values::<i64>()),
+            (vec![1, 4], big.to_vec())
+        );
+    }
+
+    #[test]
+    fn a_value_its_datatype_cannot_hold_is_refused_by_name() {
+        let too_big = [Value::Int(i64::from(i32::MAX) + 1)];
+        let e = to_tensor(&spec(DataType::Int32, None, None), &too_big).unwrap_err();
+        assert!(
+            e.message.contains("'f'") && e.message.contains("out of range"),
+            "{}",
+            e.message
+        );
+        let fraction = [Value::Float(1.5)];
+        assert!(to_tensor(&spec(DataType::Int64, None, None), &fraction).is_err());
+    }
+
+    #[test]
+    fn typed_defaults_fill_missing_values() {
+        let bool_default = spec(DataType::Bool, None, Some(AllowedValue::Bool(true)));
+        let v = missing_value(OnMissing::Default, &bool_default, "gone".into()).unwrap();
+        let t = to_tensor(&bool_default, &[v]).unwrap();
+        assert_eq!((t.datatype, t.data), (DataType::Bool, vec![1]));
+        let int_default = spec(DataType::Int64, Some(2), Some(AllowedValue::Int(-3)));
+        let v = missing_value(OnMissing::Default, &int_default, "gone".into()).unwrap();
+        assert_eq!(
+            to_tensor(&int_default, &[v]).unwrap().values::<i64>(),
+            [-3, -3]
+        );
+    }
+}
