@@ -24,7 +24,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(10);
 const TAIL_LINES: usize = 15;
 
 /// What a process is to the stack: the order it is stopped in follows from it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
     /// The Kafka broker.

@@ -41,6 +41,8 @@ pub struct StackFile {
 pub struct StackProcess {
     /// Its name in logs.
     pub name: String,
+    /// What it is.
+    pub role: Role,
     /// Its pid when the file was written.
     pub pid: Option<u32>,
     /// Its ops address (`/metrics`, `/health/ready`), for workers and learners; the gateway's
@@ -360,11 +362,15 @@ fn component_spec(
 
 /// The readiness URL of a gateway, worker or learner, once it has written its address.
 fn ready_url(p: &Started) -> Option<String> {
-    let addr = p.ops_addr()?;
-    Some(match p.role {
+    Some(health_url(p.role, &p.ops_addr()?))
+}
+
+/// Where a process of `role` listening at `addr` says whether it is ready.
+fn health_url(role: Role, addr: &str) -> String {
+    match role {
         Role::Gateway => format!("http://{addr}/v2/health/ready"),
         _ => format!("http://{addr}/health/ready"),
-    })
+    }
 }
 
 /// Waits until every gateway, worker and learner answers ready, restarting any that exits
@@ -415,6 +421,7 @@ fn write_stack_file(state: &Path, running: &Running, stack: &Stack) -> anyhow::R
             .iter()
             .map(|p| StackProcess {
                 name: p.name.clone(),
+                role: p.role,
                 pid: p.pid(),
                 addr: p.ops_addr(),
             })
@@ -478,12 +485,7 @@ pub async fn status(cfg: &Config) -> anyhow::Result<()> {
     println!("gateway {}", file.gateway);
     for p in &file.processes {
         let ready = match &p.addr {
-            Some(addr) if p.name == "gateway" => {
-                crate::http::get_status(&client, &format!("http://{addr}/v2/health/ready"))
-                    .await
-                    .ok()
-            }
-            Some(addr) => crate::http::get_status(&client, &format!("http://{addr}/health/ready"))
+            Some(addr) => crate::http::get_status(&client, &health_url(p.role, addr))
                 .await
                 .ok(),
             None => None,

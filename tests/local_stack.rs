@@ -23,6 +23,18 @@ fn up_mlp((kp, rp, gp, wp): (u16, u16, u16, u16)) -> Command {
     c
 }
 
+/// `child`'s stdout, line by line, as it comes.
+fn stdout_lines(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    rx
+}
+
 /// A state folder of this test process's own (the stacks of tests running at once apart).
 fn state_dir() -> std::path::PathBuf {
     root().join(format!("target/test-state/{}", std::process::id()))
@@ -40,13 +52,7 @@ fn up_serves_the_example_and_stops_cleanly() {
         .spawn()
         .unwrap();
     // Read the banner until the curl line for mlp appears.
-    let stdout = up.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
+    let rx = stdout_lines(&mut up);
     let end = Instant::now() + Duration::from_secs(90);
     let curl_line = loop {
         let line = rx
@@ -550,13 +556,7 @@ fn the_demo_stack_answers_every_call_it_prints() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let stdout = up.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
+    let rx = stdout_lines(&mut up);
     let end = Instant::now() + Duration::from_secs(180);
     let mut printed = Vec::new();
     loop {
