@@ -197,24 +197,10 @@ fn json_to_raw(dtype: &str, data: &[Value]) -> Vec<u8> {
         match dtype {
             "BOOL" => out.push(u8::from(v.as_bool().unwrap())),
             "UINT8" | "UINT16" | "UINT32" | "UINT64" => {
-                let n = v.as_u64().unwrap();
-                let width = match dtype {
-                    "UINT8" => 1,
-                    "UINT16" => 2,
-                    "UINT32" => 4,
-                    _ => 8,
-                };
-                out.extend_from_slice(&n.to_le_bytes()[..width]);
+                out.extend_from_slice(&v.as_u64().unwrap().to_le_bytes()[..int_width(dtype)]);
             }
             "INT8" | "INT16" | "INT32" | "INT64" => {
-                let n = v.as_i64().unwrap();
-                let width = match dtype {
-                    "INT8" => 1,
-                    "INT16" => 2,
-                    "INT32" => 4,
-                    _ => 8,
-                };
-                out.extend_from_slice(&n.to_le_bytes()[..width]);
+                out.extend_from_slice(&v.as_i64().unwrap().to_le_bytes()[..int_width(dtype)]);
             }
             "FP32" => out.extend_from_slice(&v.to_string().parse::<f32>().unwrap().to_le_bytes()),
             "FP64" => out.extend_from_slice(&v.to_string().parse::<f64>().unwrap().to_le_bytes()),
@@ -223,6 +209,15 @@ fn json_to_raw(dtype: &str, data: &[Value]) -> Vec<u8> {
         }
     }
     out
+}
+
+/// Bytes per element of an integer datatype, from its name (`INT16` → 2).
+fn int_width(dtype: &str) -> usize {
+    let bits: usize = dtype
+        .trim_start_matches(|c: char| c.is_ascii_alphabetic())
+        .parse()
+        .unwrap();
+    bits / 8
 }
 
 /// Checks every output of `reply` against its case, bit for bit.

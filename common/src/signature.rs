@@ -207,15 +207,20 @@ pub fn validate_inputs(model: &Signature, inputs: &[Tensor]) -> Result<usize, In
                 max,
             });
         }
-        let got = match t.datatype.element_size() {
-            Some(size) => t.data.len() / size,
-            None => sluice_schemas::tensor::bytes_elements(&t.data).map_or(usize::MAX, |e| e.len()),
+        // A BYTES tensor's elements, split once for the count and the UTF-8 check.
+        let elements = match t.datatype {
+            DataType::Bytes => sluice_schemas::tensor::bytes_elements(&t.data).ok(),
+            _ => None,
+        };
+        let got = match (t.datatype.element_size(), &elements) {
+            (Some(size), _) => t.data.len() / size,
+            (None, Some(e)) => e.len(),
+            (None, None) => usize::MAX,
         };
         if model.utf8_bytes
-            && t.datatype == DataType::Bytes
-            && let Ok(elements) = sluice_schemas::tensor::bytes_elements(&t.data)
             && let Some(element) = elements
                 .iter()
+                .flatten()
                 .position(|e| std::str::from_utf8(e).is_err())
         {
             return Err(InputError::NotText {

@@ -87,10 +87,13 @@ impl Value {
 }
 
 impl From<Number> for Value {
+    /// Exact: an unsigned integer past `i64::MAX` (no lookup datatype holds one) is kept as its
+    /// digits, so a numeric feature refuses it by name instead of rounding it.
     fn from(n: Number) -> Value {
         match n {
             Number::Int(i) => Value::Int(i),
-            Number::UInt(u) => i64::try_from(u).map_or(Value::Missing, Value::Int),
+            Number::UInt(u) => i64::try_from(u)
+                .map_or_else(|_| Value::Text(u.to_string().into_bytes()), Value::Int),
             Number::Float(f) => Value::Float(f),
             Number::Bool(b) => Value::Bool(b),
         }

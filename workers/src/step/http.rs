@@ -337,15 +337,13 @@ fn lookup(answer: &Json, path: &str) -> Option<Value> {
     match v {
         Json::Null => None,
         Json::Bool(b) => Some(Value::Bool(*b)),
-        // Integers stay exact; one past i64 is kept as its digits (no lookup datatype holds it,
-        // so it is refused by name rather than rounded through a float).
-        Json::Number(n) if n.is_u64() && !n.is_i64() => {
-            Some(Value::Text(n.to_string().into_bytes()))
-        }
+        // Integers stay exact (never through a float).
         Json::Number(n) => n
             .as_i64()
-            .map(Value::Int)
-            .or_else(|| n.as_f64().map(Value::Float)),
+            .map(Number::Int)
+            .or_else(|| n.as_u64().map(Number::UInt))
+            .or_else(|| n.as_f64().map(Number::Float))
+            .map(Value::from),
         Json::String(s) => Some(Value::Text(s.clone().into_bytes())),
         other => Some(Value::Text(other.to_string().into_bytes())),
     }
