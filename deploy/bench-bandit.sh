@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Bandit routing on the stack users start (`sluice up --config examples/bandit.toml`, a fresh
-# in-memory tansu, the release build): examples/bandit_replay.py through the gateway, rewards
+# Kafka log, the release build): examples/bandit_replay.py through the gateway, rewards
 # given back as feedback, for each policy in turn (Thompson sampling, ε-greedy, LinUCB): the
 # bandit's accuracy and arm shares per window beside each fixed arm's, and its regret against
 # the best fixed arm and against uniform choice; a PNG plot per policy.
@@ -17,7 +17,7 @@ OUT=target/bench-bandit
 mkdir -p "$OUT"
 
 redis-cli -n 0 --scan --pattern 'sluice:learner:*' | xargs -r redis-cli -n 0 del >/dev/null
-"$BIN" --config examples/bandit.toml up >"$OUT/up.out" 2>"$OUT/up.log" &
+SLUICE__LOCAL__KAFKA_DIR="$OUT/kafka" "$BIN" --config examples/bandit.toml up >"$OUT/up.out" 2>"$OUT/up.log" &
 UP=$!
 trap 'kill -INT "$UP" 2>/dev/null || true; wait "$UP" 2>/dev/null || true' EXIT
 for _ in $(seq 1 300); do

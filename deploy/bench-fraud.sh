@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The fraud graph's benchmark, each figure against a baseline measured in the same run, each
-# graph on a fresh local stack (`sluice up --models G`, a new in-memory tansu, the release build):
+# graph on a fresh local stack (`sluice up --models G`, a new Kafka log, the release build):
 #   fraud           the example as shipped: both lookups, encode and decision fused (2 hops)
 #   fraud-unfused   the same steps, each behind its own topic (6 broker hops)
 #   fraud-direct    the same graph with the user features passed in the request (no lookup)
@@ -52,7 +52,7 @@ CONFIG=$OUT/fraud-bench.toml
 # The merchant table the graphs read (the example's own, in the default database).
 psql -h 127.0.0.1 -U postgres -q -f examples/fraud/merchants.sql 2>/dev/null
 for g in fraud fraud-unfused fraud-direct; do
-  "$BIN" --config "$CONFIG" up --models "$g" >"$OUT/up.out" 2>"$OUT/up.log" &
+  SLUICE__LOCAL__KAFKA_DIR="$OUT/kafka-$g" "$BIN" --config "$CONFIG" up --models "$g" >"$OUT/up.out" 2>"$OUT/up.log" &
   up=$!
   for _ in $(seq 1 300); do
     grep -q "Sluice is up" "$OUT/up.out" 2>/dev/null && break

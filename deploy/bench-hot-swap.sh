@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Hot-swap under load on the stack users start (`sluice up --models mlp`, a fresh in-memory
-# tansu, the release build): `sluice bench` at concurrency 32 on mlp, first with no swap (the
+# Hot-swap under load on the stack users start (`sluice up --models mlp`, a fresh Kafka
+# log, the release build): `sluice bench` at concurrency 32 on mlp, first with no swap (the
 # baseline), then while a new version is pushed every 2 s (alternately logreg's file and mlp's),
-# each push waiting until the worker serves it, then with no swap again (tansu 0.6.0 slows as its
-# log grows, so the two baselines bracket the swap run). Compare the failed requests and p99.
+# each push waiting until the worker serves it, then with no swap again (the two baselines
+# bracket the swap run). Compare the failed requests and p99.
 # usage: deploy/bench-hot-swap.sh [DURATION]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +17,7 @@ DURATION=${1:-12s}
 OUT=target/bench-hot-swap
 mkdir -p "$OUT"
 export SLUICE__MODEL_STORE="$PWD/$OUT/store"
+export SLUICE__LOCAL__KAFKA_DIR="$PWD/$OUT/kafka"
 "$BIN" --config "$CONFIG" up --models mlp >"$OUT/up.out" 2>"$OUT/up.log" &
 UP=$!
 trap 'kill -INT $UP 2>/dev/null || true; wait $UP 2>/dev/null || true' EXIT

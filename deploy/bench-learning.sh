@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Online learning on the stack users start (`sluice up --config examples/sea.toml`, a fresh
-# in-memory tansu, the release build):
+# Kafka log, the release build):
 #   1. the SEA drift replay through the gateway with feedback (examples/sea_drift.py): accuracy
 #      per window of the online learner and of its frozen copy, side by side, and a PNG plot;
 #   2. on a fresh stack, the feedback-to-weights lag at a sustained feedback rate, the direct
@@ -21,7 +21,7 @@ mkdir -p "$OUT"
 up() {
   # A fresh stack (its checkpoints in a Redis database of its own: no earlier run's state).
   redis-cli -n 0 --scan --pattern 'sluice:learner:*' | xargs -r redis-cli -n 0 del >/dev/null
-  "$BIN" --config examples/sea.toml up "$@" >"$OUT/up.out" 2>"$OUT/up.log" &
+  SLUICE__LOCAL__KAFKA_DIR="$OUT/kafka-$RANDOM" "$BIN" --config examples/sea.toml up "$@" >"$OUT/up.out" 2>"$OUT/up.log" &
   UP=$!
   for _ in $(seq 1 300); do
     grep -q "Sluice is up" "$OUT/up.out" 2>/dev/null && return

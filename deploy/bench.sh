@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # Reproducible benchmark: for each model, a fresh local stack (`sluice up --models M`, a new
-# in-memory tansu), then `sluice bench` (transport floor, in-process compute, HTTP load).
-# A fresh broker per model matters: tansu's per-request cost grows with the log it holds
-# (see README, Benchmarks). usage: deploy/bench.sh [MODEL_OR_GRAPH...]
+# Kafka log), then `sluice bench` (transport floor, in-process compute, HTTP load).
+# A fresh stack per model keeps the measurements apart. usage: deploy/bench.sh [MODEL_OR_GRAPH...]
 # (default: mlp heavy digits-pipeline digits-ensemble). SLUICE_BIN=path runs another sluice
 # binary (to compare builds in one run); otherwise the release build of this checkout.
 set -euo pipefail
@@ -18,7 +17,7 @@ CONFIG=${SLUICE_BENCH_CONFIG:-examples/digits.toml}
 DURATION=${SLUICE_BENCH_DURATION:-10s}
 for model in "${@:-mlp heavy digits-pipeline digits-ensemble}"; do
   for m in $model; do
-    "$BIN" --config "$CONFIG" up --models "$m" >/tmp/sluice-bench-up.out 2>/tmp/sluice-bench-up.log &
+    SLUICE__LOCAL__KAFKA_DIR="$(mktemp -d)/kafka" "$BIN" --config "$CONFIG" up --models "$m" >/tmp/sluice-bench-up.out 2>/tmp/sluice-bench-up.log &
     up=$!
     # `up` prints its banner once the gateway and every worker are ready.
     for _ in $(seq 1 300); do

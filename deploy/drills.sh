@@ -6,8 +6,6 @@
 #   SLUICE_DRILL_SECONDS=10 deploy/drills.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# The broker kill -9 drill needs tansu's SQLite engine (storage that survives it).
-export SLUICE_TANSU_FEATURES="${SLUICE_TANSU_FEATURES:-dynostore,libsql}"
 deploy/setup.sh
 # shellcheck disable=SC1091
 source .sluice-env

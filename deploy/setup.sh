@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Installs everything Sluice's local stack and tests need on a fresh Debian machine.
 # Idempotent and fast on re-runs: each step is skipped when its result is already there.
-#   - Debian packages: redis-server, kcat, libb64-0d (perf_analyzer), build tools for librdkafka;
-#     PostgreSQL running on 127.0.0.1:5432 (the machine's own, or installed and started)
-#   - tansu 0.6.0 (Kafka-compatible broker) from crates.io, built alongside the Python set-up
+#   - Debian packages: redis-server, kcat, libb64-0d (perf_analyzer), build tools for librdkafka,
+#     a Java 17 runtime and Maven; PostgreSQL running on 127.0.0.1:5432 (the machine's own, or
+#     installed and started)
+#   - Apache Kafka (the version deploy/kafka/pom.xml pins) from Maven Central: its jars in
+#     ~/.cache/sluice/kafka-<version>/libs, fetched alongside the Python set-up
 #   - a Python venv in .venv with onnxruntime 1.31.1 (its shared library is what the workers load),
 #     scikit-learn/skl2onnx for the example models; unless SLUICE_SETUP=stack (deploy/up.sh: only
 #     what the local stack needs), tritonclient (.venv-triton) and Feast (.venv-feast) for
@@ -26,6 +28,8 @@ command -v g++ >/dev/null || need_apt+=(g++)
 command -v pkg-config >/dev/null || need_apt+=(pkg-config)
 command -v python3 >/dev/null || need_apt+=(python3)
 python3 -c 'import ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
+command -v java >/dev/null || need_apt+=(openjdk-17-jre-headless)
+command -v mvn >/dev/null || need_apt+=(maven)
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "apt-get install ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -66,38 +70,19 @@ fi
 if ! command -v cargo >/dev/null; then
   log "cargo not found: install a Rust toolchain (rustup) first"; exit 1
 fi
-# The broker: an installed one is used as it is (SLUICE_TANSU_BIN, or a broker already answering
-# at kafka.brokers, which `sluice up` uses without starting tansu). Otherwise tansu 0.6.0 is built
-# from crates.io once, in the background while the Python side is set up, with only the storage
-# engines named in SLUICE_TANSU_FEATURES (default: dynostore, the memory engine `sluice up` uses;
-# add libsql for sqlite:// storage).
-# The tests (deploy/test.sh) ask for libsql too: their broker kill -9 drill needs storage that
-# survives it. The engines a build has are noted beside the binary (<bin>.features; a binary
-# without that note was built with the old default, dynostore), so a broker lacking one that is
-# asked for is rebuilt; one named by SLUICE_TANSU_BIN is used as it is.
-TANSU_BIN="${SLUICE_TANSU_BIN:-${CARGO_HOME:-$HOME/.cargo}/bin/tansu}"
-TANSU_FEATURES="${SLUICE_TANSU_FEATURES:-dynostore}"
-TANSU_STAMP="$TANSU_BIN.features"
-tansu_ready() {
-  [ -x "$TANSU_BIN" ] || return 1
-  [ -n "${SLUICE_TANSU_BIN:-}" ] && return 0
-  local have f
-  have=$(cat "$TANSU_STAMP" 2>/dev/null || echo dynostore)
-  for f in ${TANSU_FEATURES//,/ }; do
-    [[ ",$have," == *",$f,"* ]] || return 1
-  done
-}
-TANSU_PID=
-if ! tansu_ready; then
-  TANSU_LOG=$(mktemp)
-  TANSU_STARTED=$(date +%s)
-  # Crates it compiles (counted): 395 with dynostore, 410 with libsql too.
-  extra=$(tr ',' '\n' <<<"$TANSU_FEATURES" | grep -vc '^dynostore$' || true)
-  TANSU_CRATES=$(( 395 + 15 * extra ))
-  log "building tansu 0.6.0 ($TANSU_FEATURES) in the background (first time only; 9-11 min on 2 cores); log: $TANSU_LOG"
-  cargo install tansu@0.6.0 --locked --force --no-default-features --features "$TANSU_FEATURES" \
-    --root "$(dirname "$(dirname "$TANSU_BIN")")" >"$TANSU_LOG" 2>&1 &
-  TANSU_PID=$!
+# The broker: Apache Kafka's jars from Maven Central (deploy/kafka/pom.xml), copied once into a
+# cache folder by Maven's dependency plugin, in the background while the Python side is set up.
+# SLUICE_KAFKA_LIBS names another folder of Kafka jars to use as it is.
+KAFKA_VERSION=$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$ROOT/deploy/kafka/pom.xml")
+KAFKA_LIBS="${SLUICE_KAFKA_LIBS:-${XDG_CACHE_HOME:-$HOME/.cache}/sluice/kafka-$KAFKA_VERSION/libs}"
+KAFKA_PID=
+if [ ! -f "$KAFKA_LIBS/kafka_2.13-$KAFKA_VERSION.jar" ] && [ -z "${SLUICE_KAFKA_LIBS:-}" ]; then
+  KAFKA_LOG=$(mktemp)
+  log "fetching Apache Kafka $KAFKA_VERSION from Maven Central into $KAFKA_LIBS (first time only; log: $KAFKA_LOG)"
+  (mvn -B -q -f "$ROOT/deploy/kafka/pom.xml" dependency:copy-dependencies \
+      -DincludeScope=runtime -DoutputDirectory="$KAFKA_LIBS.part" >"$KAFKA_LOG" 2>&1 \
+    && rm -rf "$KAFKA_LIBS" && mv "$KAFKA_LIBS.part" "$KAFKA_LIBS") &
+  KAFKA_PID=$!
 fi
 
 # make_venv DIR REQUIREMENTS: (re)creates a venv when its requirements file changed.
@@ -130,30 +115,15 @@ if [ ! -f "$ROOT/examples/models/heavy.onnx" ] || [ ! -f "$ROOT/examples/models/
   "$VENV/bin/python" "$ROOT/examples/make_models.py"
 fi
 
-# Waits for the tansu build, printing progress and an estimate of the time left. Later crates
-# take longer than early ones (measured here: half the crates in about a quarter of the time), so
-# the time spent is taken to grow with the square of the share of crates done, plus a minute for
-# the final link.
-if [ -n "$TANSU_PID" ]; then
-  while kill -0 "$TANSU_PID" 2>/dev/null; do
-    sleep 30
-    done_crates=$(grep -c "Compiling" "$TANSU_LOG" || true)
-    elapsed=$(( $(date +%s) - TANSU_STARTED ))
-    if [ "$done_crates" -gt 10 ]; then
-      total=$(( TANSU_CRATES > done_crates ? TANSU_CRATES : done_crates ))
-      left=$(( (elapsed * (total * total - done_crates * done_crates) / (done_crates * done_crates) + 60) / 60 ))
-      log "tansu: $done_crates/~$TANSU_CRATES crates compiled, ~$(( left > 1 ? left : 1 )) min left"
-    fi
-  done
-  wait "$TANSU_PID" || { tail -20 "$TANSU_LOG" >&2; log "building tansu failed"; exit 1; }
-  echo "$TANSU_FEATURES" > "$TANSU_STAMP"
-  log "tansu built in $(( ($(date +%s) - TANSU_STARTED) / 60 )) min"
+if [ -n "$KAFKA_PID" ]; then
+  wait "$KAFKA_PID" || { tail -20 "$KAFKA_LOG" >&2; log "fetching Apache Kafka failed"; exit 1; }
+  log "Apache Kafka $KAFKA_VERSION: $(ls "$KAFKA_LIBS" | wc -l) jars in $KAFKA_LIBS"
 fi
 
 # Environment for the other scripts (sourced by deploy/env.sh users).
 cat > "$ROOT/.sluice-env" <<ENV
 export ORT_DYLIB_PATH="$ORT_LIB"
 export PATH="$VENV/bin:${CARGO_HOME:-$HOME/.cargo}/bin:\$PATH"
-export SLUICE_TANSU_BIN="$TANSU_BIN"
+export SLUICE_KAFKA_LIBS="$KAFKA_LIBS"
 ENV
 log "ready (ORT_DYLIB_PATH=$ORT_LIB)"

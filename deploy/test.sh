@@ -1,10 +1,8 @@
 #!/usr/bin/env bash
 # Runs Sluice's whole test suite: installs what is missing (deploy/setup.sh), then unit and
-# integration tests. Integration tests start their own tansu and redis-server on free ports.
+# integration tests. Integration tests start their own Kafka broker and redis-server on free ports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# The broker kill -9 drill needs tansu's SQLite engine (storage that survives it).
-export SLUICE_TANSU_FEATURES="${SLUICE_TANSU_FEATURES:-dynostore,libsql}"
 deploy/setup.sh
 # shellcheck disable=SC1091
 source .sluice-env

@@ -71,7 +71,7 @@ def main():
                     "data": struct.pack(f"<{len(x)}f", *x)}],
     }
     consumer = Consumer({"bootstrap.servers": a.brokers, "group.id": f"py-{uuid.uuid4()}",
-                         "auto.offset.reset": "latest", "fetch.wait.max.ms": 5})
+                         "auto.offset.reset": "latest"})
     consumer.subscribe([f"sluice.{a.model}.results"])
     consumer.poll(2.0)  # join the group before producing
     producer = Producer({"bootstrap.servers": a.brokers})

@@ -58,7 +58,7 @@ def main():
 
     # Follow the weights from their end, as a replica does.
     follower = Consumer({"bootstrap.servers": a.brokers, "group.id": f"lag-{uuid.uuid4()}",
-                         "enable.auto.commit": False, "fetch.wait.max.ms": 50})
+                         "enable.auto.commit": False})
     _, high = follower.get_watermark_offsets(TopicPartition(topics["weights"], 0), timeout=10)
     follower.assign([TopicPartition(topics["weights"], 0, high)])
     seen = []  # (received at, version)

@@ -147,9 +147,6 @@ step = "fraud.user_features"
 [kafka]
 brokers = "127.0.0.1:9092"
 
-[kafka.consumer]
-"fetch.wait.max.ms" = "1"
-
 [redis]
 url = "redis://127.0.0.1:6379"
 

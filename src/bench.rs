@@ -207,11 +207,18 @@ pub async fn run(deployment: Deployment, args: BenchArgs) -> anyhow::Result<()> 
             .clone()
             .unwrap_or_else(|| format!("http://{}", cfg.gateway.listen));
         let url = format!("{base}/v2/models/{}/infer", args.model);
+        let stage_urls = crate::stages::metrics_urls(&base, &cfg.local.state_dir);
         for &c in &args.concurrency {
             let pids = sluice_pids();
+            let level = Level {
+                concurrency: c,
+                warmup: args.warmup,
+                duration: args.duration,
+            };
             let (r, cpu_ms_per_req) =
-                http_load(&url, body.clone(), c, args.warmup, args.duration, &pids).await?;
+                http_load(&url, body.clone(), level, &pids, &stage_urls).await?;
             println!("           CPU (% of one core): {}", r.cpu_breakdown);
+            println!("           stages, {}", r.stages);
             if let Some(e) = &r.first_error {
                 println!("           first error: {e}");
             }
@@ -404,18 +411,32 @@ struct LoadResult {
     errors: u64,
     /// The first error seen, as status and body.
     first_error: Option<String>,
-    /// CPU use by process kind, in % of one core.
+    /// CPU use by process kind, in % of one core, and per request over all of them.
     cpu_breakdown: String,
+    /// Where the time went, stage by stage ([`crate::stages::breakdown`]).
+    stages: String,
+}
+
+/// One level of closed-loop load.
+#[derive(Clone, Copy)]
+struct Level {
+    concurrency: usize,
+    warmup: Duration,
+    duration: Duration,
 }
 
 async fn http_load(
     url: &str,
     body: Bytes,
-    concurrency: usize,
-    warmup: Duration,
-    duration: Duration,
+    level: Level,
     pids: &[u32],
+    stage_urls: &[String],
 ) -> anyhow::Result<(LoadResult, f64)> {
+    let Level {
+        concurrency,
+        warmup,
+        duration,
+    } = level;
     let client = crate::http::client(concurrency);
     let start = Instant::now();
     let measure_from = start + warmup;
@@ -447,10 +468,12 @@ async fn http_load(
             (lat, errors)
         }));
     }
-    let kinds = ["gateway", "workers", "broker", "redis"];
+    let kinds = ["gateway", "workers", "learners", "broker", "redis"];
     let kind_pids: Vec<Vec<u32>> = kinds.iter().map(|k| pids_of(k)).collect();
     let me = [std::process::id()];
+    let scraper = crate::http::client(4);
     tokio::time::sleep_until(measure_from.into()).await;
+    let stages_before = crate::stages::scrape(&scraper, stage_urls).await;
     let before = cpu_ticks(pids);
     let kinds_before: Vec<u64> = kind_pids.iter().map(|p| cpu_ticks(p)).collect();
     let me_before = cpu_ticks(&me);
@@ -458,11 +481,13 @@ async fn http_load(
     let after = cpu_ticks(pids);
     let kinds_after: Vec<u64> = kind_pids.iter().map(|p| cpu_ticks(p)).collect();
     let me_after = cpu_ticks(&me);
+    let stages_after = crate::stages::scrape(&scraper, stage_urls).await;
     let mut result = LoadResult {
         latencies_us: Vec::new(),
         errors: 0,
         first_error: None,
         cpu_breakdown: String::new(),
+        stages: String::new(),
     };
     for t in tasks {
         let (lat, errors) = t.await?;
@@ -483,6 +508,18 @@ async fn http_load(
         .map(|(k, (a, b))| format!("{k} {:.0}%", share(*a, *b)))
         .collect();
     parts.push(format!("load generator {:.0}%", share(me_after, me_before)));
+    let stack_ticks: u64 = kinds_after
+        .iter()
+        .zip(&kinds_before)
+        .map(|(a, b)| a.saturating_sub(*b))
+        .sum();
+    let answered = result.latencies_us.len().max(1) as f64;
+    parts.push(format!(
+        "the whole stack {:.3} ms CPU per request",
+        stack_ticks as f64 * 1000.0 / ticks_per_s / answered
+    ));
     result.cpu_breakdown = parts.join(", ");
+    let client_ms = result.latencies_us.iter().sum::<u64>() as f64 / 1000.0 / answered;
+    result.stages = crate::stages::breakdown(&stages_before, &stages_after, client_ms);
     Ok((result, per_req))
 }

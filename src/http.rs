@@ -28,6 +28,15 @@ pub async fn get_status(client: &HttpClient, url: &str) -> anyhow::Result<u16> {
     Ok(status)
 }
 
+/// GETs `url`; returns status and body.
+pub async fn get(client: &HttpClient, url: &str) -> anyhow::Result<(u16, Bytes)> {
+    let req = Request::get(url).body(Full::new(Bytes::new()))?;
+    let resp = client.request(req).await?;
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await?.to_bytes();
+    Ok((status, body))
+}
+
 /// POSTs a JSON body; returns status and body.
 pub async fn post_json(
     client: &HttpClient,

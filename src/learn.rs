@@ -27,8 +27,6 @@ use sluice_learn::{
 };
 use sluice_schemas::learning::{decode_feedback, decode_prediction};
 
-/// How long the broker holds a fetch of the learner's inputs (tansu answers only then).
-const FETCH_WAIT: Duration = Duration::from_millis(50);
 /// How often the clock-driven work runs: window ends, snapshots, checkpoints.
 const TICK: Duration = Duration::from_millis(20);
 
@@ -240,8 +238,7 @@ async fn serve<T: Trainee>(
         deployment.topics.feedback(name),
     ];
     let client = format!("sluice-learner-{name}-{}", std::process::id());
-    let consumer: StreamConsumer =
-        sluice_common::kafka::reader_config(cfg, &client, FETCH_WAIT).create()?;
+    let consumer: StreamConsumer = sluice_common::kafka::reader_config(cfg, &client).create()?;
     let consumer = Arc::new(consumer);
     // Windows end by the clock only once what was written before the start has been read, so
     // a restart does not call "no feedback" on predictions whose feedback it has yet to read.

@@ -16,6 +16,7 @@ mod models;
 mod procs;
 mod seed;
 mod soak;
+mod stages;
 mod supervise;
 mod up;
 

@@ -22,9 +22,9 @@ pub(crate) fn process_kind(pid: u32) -> Option<&'static str> {
         Some("gateway")
     } else if sluice && has(b"worker") {
         Some("workers")
-    } else if exe.ends_with(b"tansu")
-        || args.iter().any(|a| a.windows(5).any(|w| w == b"kafka")) && has(b"broker")
-    {
+    } else if sluice && has(b"learn") {
+        Some("learners")
+    } else if has(b"kafka.Kafka") {
         Some("broker")
     } else if exe.ends_with(b"redis-server") || exe.starts_with(b"redis-server") {
         Some("redis")

@@ -19,7 +19,7 @@ struct Interval {
 }
 
 /// The stack's process kinds, as `sluice bench` names them.
-const KINDS: [&str; 4] = ["gateway", "workers", "broker", "redis"];
+const KINDS: [&str; 5] = ["gateway", "workers", "learners", "broker", "redis"];
 
 /// Resident memory of `pids` in MiB.
 fn rss_mib(pids: &[u32]) -> f64 {
@@ -64,8 +64,16 @@ pub async fn soak(
         humantime::format_duration(every)
     );
     println!(
-        "{:>8} {:>9} {:>9} {:>9} {:>7} {:>11} {:>10} {:>12}",
-        "interval", "req/s", "p50 ms", "p99 ms", "errors", "broker MiB", "broker %", "stack %"
+        "{:>8} {:>9} {:>9} {:>9} {:>7} {:>11} {:>11} {:>10} {:>12}",
+        "interval",
+        "req/s",
+        "p50 ms",
+        "p99 ms",
+        "errors",
+        "broker MiB",
+        "log MiB",
+        "broker %",
+        "stack %"
     );
     let mut tasks = Vec::new();
     for _ in 0..concurrency {
@@ -126,13 +134,14 @@ pub async fn soak(
         let rps = lat.len() as f64 / secs;
         rates.push(rps);
         println!(
-            "{:>8} {:>9.0} {:>9.2} {:>9.2} {:>7} {:>11.0} {:>10.0} {:>12.0}",
+            "{:>8} {:>9.0} {:>9.2} {:>9.2} {:>7} {:>11.0} {:>11.1} {:>10.0} {:>12.0}",
             i + 1,
             rps,
             percentile(&lat, 0.5),
             percentile(&lat, 0.99),
             errors,
             rss_mib(&broker),
+            broker_log_mib(&broker),
             share(b1, b0),
             share(s1, s0)
         );
@@ -150,6 +159,40 @@ pub async fn soak(
         );
     }
     Ok(())
+}
+
+/// The size of the log folder of the Kafka broker among `pids` (the `data` folder beside the
+/// `server.properties` its command line names, as `sluice up` lays it out), MiB; 0 when unknown.
+fn broker_log_mib(pids: &[u32]) -> f64 {
+    let Some(cmdline) = pids
+        .iter()
+        .find_map(|p| std::fs::read(format!("/proc/{p}/cmdline")).ok())
+    else {
+        return 0.0;
+    };
+    let properties = cmdline
+        .split(|b| *b == 0)
+        .rfind(|a| a.ends_with(b"server.properties"))
+        .map(|a| std::path::PathBuf::from(String::from_utf8_lossy(a).to_string()));
+    let Some(dir) = properties.as_deref().and_then(std::path::Path::parent) else {
+        return 0.0;
+    };
+    folder_bytes(&dir.join("data")) as f64 / (1024.0 * 1024.0)
+}
+
+/// Bytes of the files under `dir`, recursively.
+fn folder_bytes(dir: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => folder_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
 }
 
 /// Sends nothing for `duration` and prints the CPU each kind of the stack's processes used.

@@ -153,20 +153,15 @@ struct Running {
 async fn start(deployment: &Deployment, plan: &Plan, stack: &mut Stack) -> anyhow::Result<Running> {
     let cfg = &deployment.config;
     let (state, run_dir) = state_dir(cfg)?;
-    let (broker, quirks) = start_broker(cfg, stack).await?;
+    let broker = start_broker(cfg, stack).await?;
     start_redis(cfg, stack).await?;
     crate::seed::load_all(deployment).await?;
     let topics = deployment.required_topics();
-    // Topics are created as the components will see the broker (tansu: with a retention bound).
-    let mut topic_cfg = cfg.clone();
-    if quirks.is_some() && std::env::var_os("SLUICE__KAFKA__BROKER_QUIRKS").is_none() {
-        topic_cfg.kafka.broker_quirks = sluice_common::config::BrokerQuirks::Tansu;
-    }
+    let topic_cfg = cfg.clone();
     apply_topics(&topic_cfg, &topics).await?;
 
     let exe = std::env::current_exe().context("locating the sluice binary")?;
-    let component =
-        |args: &[String]| component_spec(&exe, plan.config_path.as_deref(), cfg, quirks, args);
+    let component = |args: &[String]| component_spec(&exe, plan.config_path.as_deref(), args);
     let addr_file =
         |name: &str| Some(run_dir.join(format!("{}.addr", name.replace([' ', '#', '/'], "_"))));
     stack.spawn(
@@ -249,30 +244,41 @@ fn remove_state(cfg: &Config) {
     }
 }
 
-/// The broker at `kafka.brokers`: the one running there, or tansu started there. Returns its
-/// address and the quirks the components need for it.
-async fn start_broker(
-    cfg: &Config,
-    stack: &mut Stack,
-) -> anyhow::Result<(String, Option<&'static str>)> {
+/// The broker at `kafka.brokers`: the one running there, or a single-node Apache Kafka started
+/// there (its folder `local.kafka_dir`, formatted on first use). Returns its address.
+async fn start_broker(cfg: &Config, stack: &mut Stack) -> anyhow::Result<String> {
     let broker = host_port(
         cfg.kafka.brokers.split(',').next().unwrap_or_default(),
         9092,
     );
     if reachable(&broker).await {
         tracing::info!(%broker, "using the broker already running");
-        return Ok((broker, None));
+        return Ok(broker);
     }
-    let storage = local::tansu_storage(&cfg.local.kafka_storage);
-    stack.spawn(
-        BROKER,
-        Role::Broker,
-        Spec::of(&local::tansu_command(&broker, &storage)),
-        None,
+    let libs = local::kafka_libs().context(
+        "no broker answers at kafka.brokers and Apache Kafka is not installed: run deploy/setup.sh, or point kafka.brokers at a running cluster",
     )?;
-    wait_started(stack, &broker, BROKER, Duration::from_secs(30)).await?;
-    Ok((broker, Some("tansu")))
+    let dir = std::path::absolute(&cfg.local.kafka_dir)
+        .with_context(|| format!("local.kafka_dir {}", cfg.local.kafka_dir.display()))?;
+    let node = local::KafkaNode {
+        libs,
+        dir,
+        listen: broker.clone(),
+        advertised: broker.clone(),
+        controller: cfg.local.kafka_controller.clone(),
+        heap: cfg.local.kafka_heap.clone(),
+    };
+    let prepared = node.clone();
+    tokio::task::spawn_blocking(move || prepared.prepare())
+        .await
+        .context("preparing the Kafka broker")??;
+    stack.spawn(BROKER, Role::Broker, Spec::of(&node.command()), None)?;
+    wait_started(stack, &broker, BROKER, BROKER_START).await?;
+    Ok(broker)
 }
+
+/// How long a Kafka broker `up` started may take to listen (a JVM; seconds on a busy machine).
+const BROKER_START: Duration = Duration::from_secs(90);
 
 /// Redis at `redis.url`: the one running there, or redis-server started there.
 async fn start_redis(cfg: &Config, stack: &mut Stack) -> anyhow::Result<()> {
@@ -331,13 +337,7 @@ async fn apply_topics(
 }
 
 /// How `up` runs one of its own components (`sluice gateway|worker|learn …`).
-fn component_spec(
-    exe: &Path,
-    config_path: Option<&Path>,
-    cfg: &Config,
-    quirks: Option<&str>,
-    args: &[String],
-) -> Spec {
+fn component_spec(exe: &Path, config_path: Option<&Path>, args: &[String]) -> Spec {
     let mut spec = Spec {
         program: exe.to_path_buf(),
         args: Vec::new(),
@@ -348,15 +348,6 @@ fn component_spec(
         spec.args.push(p.display().to_string());
     }
     spec.args.extend(args.iter().cloned());
-    // The components learn that the broker is tansu (and needs its work-arounds) when `up`
-    // starts it; a config or environment that says otherwise wins.
-    if let Some(q) = quirks
-        && std::env::var_os("SLUICE__KAFKA__BROKER_QUIRKS").is_none()
-        && cfg.kafka.broker_quirks == sluice_common::config::BrokerQuirks::None
-    {
-        spec.envs
-            .push(("SLUICE__KAFKA__BROKER_QUIRKS".into(), q.into()));
-    }
     spec
 }
 
@@ -506,18 +497,14 @@ pub async fn status(cfg: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The name `up` gives the tansu process it starts.
-const BROKER: &str = "tansu";
+/// The name `up` gives the Kafka broker it starts.
+const BROKER: &str = "kafka";
 
-/// After the broker `up` started was restarted: says what its storage kept, and creates the
-/// topics again (memory storage lost them, and a worker would otherwise wait for them forever).
+/// After the broker `up` started was restarted (its log kept on disk): waits for it, and applies
+/// the topics again in case its folder was removed meanwhile (a worker would otherwise wait for
+/// them forever).
 async fn broker_restarted(cfg: &Config, topics: &[sluice_common::kafka::TopicSpec], broker: &str) {
-    if cfg.local.kafka_storage.starts_with("memory:") {
-        tracing::warn!(
-            "the broker restarted on memory storage: the records and committed offsets it held are gone (requests in flight get 504 at their deadline); sqlite:// storage keeps them"
-        );
-    }
-    if let Err(e) = wait_reachable(broker, "tansu", Duration::from_secs(30)).await {
+    if let Err(e) = wait_reachable(broker, BROKER, BROKER_START).await {
         tracing::error!(error = %e, "the restarted broker does not answer");
         return;
     }

@@ -145,7 +145,7 @@ revoked = true
         200
     );
     // Keys are never logged.
-    // The gateway is the third process the harness starts (after tansu and Redis).
+    // The gateway is the third process the harness starts (after Kafka and Redis).
     let logs = stack.log_of(2);
     assert!(logs.contains("revoked key was refused"), "{logs}");
     assert!(!logs.contains("team-a-secret") && !logs.contains("former-secret"));

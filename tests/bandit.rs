@@ -1,4 +1,4 @@
-//! Bandit routing against the real stack (tansu, redis-server, onnxruntime): a Thompson
+//! Bandit routing against the real stack (Kafka, redis-server, onnxruntime): a Thompson
 //! sampling router over the digit models, rewards from a simulated stream given back as
 //! feedback, one learner, two replicas of the router.
 #![allow(clippy::unwrap_used, clippy::print_stdout)]

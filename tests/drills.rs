@@ -1,4 +1,4 @@
-//! Fault drills: the real stack (tansu, redis-server, onnxruntime, gateway, workers) under a
+//! Fault drills: the real stack (Kafka, redis-server, onnxruntime, gateway, workers) under a
 //! closed-loop load of `heavy` requests while one fault is injected; then an oracle reads every
 //! answer and every record of the result topic and reports: requests sent, answered correctly
 //! (equal to onnxruntime's answer for that input), wrong, errors by status, lost (accepted, no
@@ -470,9 +470,8 @@ async fn broker_paused_then_resumed() {
     let Some((mut stack, _)) = drill_stack(&env) else {
         return;
     };
-    // Longer than the workers' session.timeout.ms (6 s): each worker's session expires, and
-    // tansu 0.6.0 then keeps the expired member as the group's leader until a rejoin helper
-    // (`worker.rejoin_stuck_after`) joins the group.
+    // Longer than the workers' session.timeout.ms (6 s): each worker's session expires and the
+    // group forms again once the broker resumes.
     let pause = Duration::from_secs(
         std::env::var("SLUICE_DRILL_BROKER_PAUSE")
             .ok()
@@ -480,7 +479,7 @@ async fn broker_paused_then_resumed() {
             .unwrap_or(10),
     );
     let (outcomes, samples) = under_load(&mut stack, "brokerstop", LONG, async |stack, load| {
-        let broker = stack.index_of("tansu");
+        let broker = stack.index_of("kafka");
         stack.signal_keep(broker, "STOP");
         tokio::time::sleep(pause).await;
         stack.signal_keep(broker, "CONT");
@@ -494,7 +493,7 @@ async fn broker_paused_then_resumed() {
         &stack,
         &samples,
         &outcomes,
-        &format!("tansu frozen {} s", pause.as_secs()),
+        &format!("Kafka frozen {} s", pause.as_secs()),
     )
     .await
     .holds(&[503]);
@@ -502,11 +501,7 @@ async fn broker_paused_then_resumed() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn broker_killed_and_restarted() {
-    let broker = Broker {
-        durable: true,
-        ..Broker::default()
-    };
-    let Some((mut stack, _)) = drill_stack_with(&[], broker) else {
+    let Some((mut stack, _)) = drill_stack(&[]) else {
         return;
     };
     let (outcomes, samples) = under_load(&mut stack, "brokerkill", LONG, async |stack, load| {
@@ -521,7 +516,7 @@ async fn broker_killed_and_restarted() {
         &stack,
         &samples,
         &outcomes,
-        "tansu on SQLite storage, restarted at once",
+        "Kafka (log on disk) killed -9, restarted at once",
     )
     .await
     .holds(&[503]);
@@ -529,10 +524,7 @@ async fn broker_killed_and_restarted() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn network_delay_loss_cuts_and_a_partition() {
-    let broker = Broker {
-        proxied: true,
-        ..Broker::default()
-    };
+    let broker = Broker { proxied: true };
     let Some((mut stack, _)) = drill_stack_with(&[], broker) else {
         return;
     };

@@ -1,4 +1,4 @@
-//! Graphs end to end over real processes (tansu, redis-server, gateway, workers running
+//! Graphs end to end over real processes (Kafka, redis-server, gateway, workers running
 //! onnxruntime): answers checked against onnxruntime's own outputs for the same inputs
 //! (examples/samples.json), joins, canary and shadow accounting, routing, reload, direct Kafka,
 //! scaling a step under load.
@@ -656,7 +656,7 @@ async fn scaling_a_step_from_one_to_three_workers_and_back_loses_nothing() {
     let (second, second_ops) = stack.start_worker_at("mlp");
     let (third, third_ops) = stack.start_worker_at("mlp");
     // Each added worker is given a partition and answers requests on it (a cooperative
-    // rebalance takes a few seconds per member on tansu).
+    // rebalance takes a few seconds per member).
     let end = tokio::time::Instant::now() + Duration::from_secs(30);
     let owned = loop {
         let mut owned = 0.0;
@@ -757,48 +757,6 @@ async fn a_join_worker_killed_under_load_loses_and_mixes_nothing() {
         ..DrillReport::default()
     }
     .publish();
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn graphs_serve_without_the_broker_work_arounds() {
-    // `none` is what a correct Kafka broker gets: no gap guard, no re-reads, no join nudges.
-    let Some(mut stack) = Stack::start(&[("SLUICE__KAFKA__BROKER_QUIRKS", "none")]) else {
-        return;
-    };
-    let mut ops = Vec::new();
-    for unit in ["scaler", "mlp", "logreg", "forest", "digits-ensemble.vote"] {
-        ops.push(stack.start_worker_at(unit));
-    }
-    let s = samples();
-    let client = http();
-    for i in 0..30 {
-        let sample = i % s.raw.len();
-        let r = infer(
-            &client,
-            &stack.gateway,
-            "digits-ensemble",
-            &[&s.raw[sample]],
-        )
-        .await;
-        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-        let want = vote([
-            expected(&s, "mlp", sample).0,
-            expected(&s, "logreg", sample).0,
-            expected(&s, "forest", sample).0,
-        ]);
-        assert_eq!(output(&r.json(), "label")["data"][0].as_i64(), Some(want));
-    }
-    for (i, addr) in &ops {
-        for metric in ["sluice_worker_fetch_gaps_total", "sluice_join_nudges_total"] {
-            assert_eq!(
-                metric_sum(&client, addr, metric, "").await,
-                0.0,
-                "{metric} at {addr}"
-            );
-        }
-        let log = stack.log_of(*i);
-        assert!(!log.contains("re-reading"), "no work-around ran: {log}");
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,4 +1,4 @@
-//! Model hot-swap over real processes (tansu, redis-server, gateway, a worker running
+//! Model hot-swap over real processes (Kafka, redis-server, gateway, a worker running
 //! onnxruntime): new versions pushed while 8 clients call the model, by `sluice models push`
 //! and by Triton's repository API; no request fails, and every answer is the old model's or the
 //! new one's for its sample, as its `model_version` says, never a mix. A version that does not

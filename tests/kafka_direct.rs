@@ -347,3 +347,76 @@ async fn gateway_reads_a_stored_result_whose_publish_it_missed() {
         "answered by the deadline"
     );
 }
+
+/// Stock Kafka tools against Sluice's topics on the local broker: Debian's kcat calls a graph
+/// (`examples/kafka_graph.sh`, JSON both ways) and Kafka's own consumer-groups tool, from the jars
+/// the broker runs, shows the worker's group with its committed offsets and lag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kcat_calls_a_graph_and_kafkas_group_tool_reads_the_lag() {
+    let Some(mut stack) = Stack::start(&[]) else {
+        return;
+    };
+    let (_, _) = stack.start_unit("all", &[]);
+    let out = tokio::process::Command::new(root().join("examples/kafka_graph.sh"))
+        .args(["digits-pipeline", &stack.kafka])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answer: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    let label = answer["outputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["name"] == "label")
+        .unwrap()["data"][0]
+        .as_i64();
+    assert_eq!(label, samples().expected["mlp"]["label"][0].as_i64());
+
+    // The group commits within auto.commit.interval.ms (500 ms): then the tool shows lag 0.
+    let group = sluice_common::topics::Topics::new("sluice").unit_group("all");
+    let libs = sluice_common::local::kafka_libs().unwrap();
+    let end = std::time::Instant::now() + Duration::from_secs(20);
+    let table = loop {
+        let out = tokio::process::Command::new(sluice_common::local::java())
+            .arg("-cp")
+            .arg(format!("{}/*", libs.display()))
+            .args([
+                "org.apache.kafka.tools.consumer.group.ConsumerGroupCommand",
+                "--bootstrap-server",
+                &stack.kafka,
+                "--describe",
+                "--group",
+                &group,
+            ])
+            .output()
+            .await
+            .unwrap();
+        let table = String::from_utf8_lossy(&out.stdout).to_string();
+        let row = table
+            .lines()
+            .find(|l| l.contains("sluice.digits-pipeline.requests"))
+            .map(|l| l.split_whitespace().map(str::to_string).collect::<Vec<_>>());
+        // GROUP TOPIC PARTITION CURRENT-OFFSET LOG-END-OFFSET LAG ...
+        if let Some(cols) = row
+            && cols.len() >= 6
+            && cols[3] == "1"
+            && cols[4] == "1"
+            && cols[5] == "0"
+        {
+            break table;
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "{table}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert!(table.contains("LAG"), "{table}");
+}

@@ -1,5 +1,5 @@
 //! Online learning: the native learners against River on River's own bundled data set, and
-//! learning while serving over real processes (tansu, redis-server, gateway, a worker, the
+//! learning while serving over real processes (Kafka, redis-server, gateway, a worker, the
 //! learner): feedback codes, the join's counts, weights swapped into the serving replicas, a
 //! drifting stream recovered, and a learner killed under load resuming with nothing counted
 //! twice.

@@ -1,4 +1,4 @@
-//! The gateway's limits against the real stack (tansu, redis-server, onnxruntime): a client
+//! The gateway's limits against the real stack (Kafka, redis-server, onnxruntime): a client
 //! sending its headers or body too slowly is cut off (slow-loris), connections over
 //! `max_connections` get 503 and are closed, per-servable body and tensor limits answer 413
 //! naming the limit, and through all of it a well-behaved caller's answers equal onnxruntime's.

@@ -16,6 +16,11 @@ fn up_mlp((kp, rp, gp, wp): (u16, u16, u16, u16)) -> Command {
     c.current_dir(root())
         .args(["--config", "examples/digits.toml", "up", "--models", "mlp"])
         .env("SLUICE__KAFKA__BROKERS", format!("127.0.0.1:{kp}"))
+        .env("SLUICE__LOCAL__KAFKA_DIR", kafka_dir(kp))
+        .env(
+            "SLUICE__LOCAL__KAFKA_CONTROLLER",
+            format!("127.0.0.1:{}", free_port()),
+        )
         .env("SLUICE__REDIS__URL", format!("redis://127.0.0.1:{rp}"))
         .env("SLUICE__GATEWAY__LISTEN", format!("127.0.0.1:{gp}"))
         .env("SLUICE__WORKER__METRICS_LISTEN", format!("127.0.0.1:{wp}"))
@@ -38,6 +43,11 @@ fn stdout_lines(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<St
 /// A state folder of this test process's own (the stacks of tests running at once apart).
 fn state_dir() -> std::path::PathBuf {
     root().join(format!("target/test-state/{}", std::process::id()))
+}
+
+/// The folder of the Kafka broker `up` starts on port `kp` (one per test).
+fn kafka_dir(kp: u16) -> std::path::PathBuf {
+    state_dir().join(format!("kafka-{kp}"))
 }
 
 #[test]
@@ -244,14 +254,14 @@ async fn up_restarts_a_broker_killed_and_serving_resumes() {
         serde_json::json!({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": s.scaled[k]}]})
             .to_string()
     };
-    let broker = format!("127.0.0.1:{kp}");
+    let broker_dir = kafka_dir(kp).display().to_string();
     let end = Instant::now() + Duration::from_secs(90);
     // Ready means the worker has joined and the gateway sees the broker (its check runs every
     // second, so right after start it may still report the broker unreachable).
     let first = loop {
         if blocking_get_status(&format!("http://127.0.0.1:{wp}/health/ready")) == Ok(200)
             && blocking_get_status(&format!("{gateway}/v2/health/ready")) == Ok(200)
-            && let Some(pid) = pid_with(&["tansu", "broker", &broker])
+            && let Some(pid) = pid_with(&["kafka.Kafka", &broker_dir])
         {
             break pid;
         }
@@ -287,7 +297,7 @@ async fn up_restarts_a_broker_killed_and_serving_resumes() {
         k = (k + 1) % s.scaled.len();
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let second = pid_with(&["tansu", "broker", &broker]).expect("a broker runs");
+    let second = pid_with(&["kafka.Kafka", &broker_dir]).expect("a broker runs");
     assert_ne!(second, first, "the broker was restarted");
     assert!(up.try_wait().unwrap().is_none(), "the stack kept running");
     let text = std::fs::read_to_string(&log).unwrap();
@@ -423,14 +433,23 @@ async fn up_retries_a_failed_start_and_stops_under_load_within_its_bound() {
         return;
     }
     let (_, _, gp, wp) = (free_port(), free_port(), free_port(), free_port());
-    // The worker's port is held when `up` starts, and freed 3 s later.
-    let taken = std::net::TcpListener::bind(("127.0.0.1", wp)).unwrap();
-    std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_secs(3));
-        drop(taken);
-    });
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("up.log");
+    // The worker's port is held when `up` starts, and freed once the worker has failed on it
+    // (the broker's start comes first and takes seconds).
+    let taken = std::net::TcpListener::bind(("127.0.0.1", wp)).unwrap();
+    let watched = log.clone();
+    std::thread::spawn(move || {
+        let end = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < end
+            && !std::fs::read_to_string(&watched)
+                .unwrap_or_default()
+                .contains("Address already in use")
+        {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        drop(taken);
+    });
     let mut up = up_mlp((free_port(), free_port(), gp, wp))
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
@@ -549,6 +568,11 @@ fn the_demo_stack_answers_every_call_it_prints() {
         .current_dir(root())
         .args(["--config", "examples/stack.toml", "up"])
         .env("SLUICE__KAFKA__BROKERS", format!("127.0.0.1:{kp}"))
+        .env("SLUICE__LOCAL__KAFKA_DIR", kafka_dir(kp))
+        .env(
+            "SLUICE__LOCAL__KAFKA_CONTROLLER",
+            format!("127.0.0.1:{}", free_port()),
+        )
         .env("SLUICE__REDIS__URL", format!("redis://127.0.0.1:{rp}"))
         .env("SLUICE__GATEWAY__LISTEN", format!("127.0.0.1:{gp}"))
         .env("SLUICE__LOCAL__STATE_DIR", state_dir())
@@ -578,6 +602,11 @@ fn the_demo_stack_answers_every_call_it_prints() {
             .current_dir(root())
             .args(["-c", &cmd])
             .env("SLUICE__KAFKA__BROKERS", format!("127.0.0.1:{kp}"))
+            .env("SLUICE__LOCAL__KAFKA_DIR", kafka_dir(kp))
+            .env(
+                "SLUICE__LOCAL__KAFKA_CONTROLLER",
+                format!("127.0.0.1:{}", free_port()),
+            )
             .env("SLUICE__REDIS__URL", format!("redis://127.0.0.1:{rp}"))
             .env("SLUICE__GATEWAY__LISTEN", format!("127.0.0.1:{gp}"))
             .env("SLUICE__LOCAL__STATE_DIR", state_dir())

@@ -1,4 +1,4 @@
-//! Business-logic steps end to end over real processes (tansu, redis-server, gateway, a worker
+//! Business-logic steps end to end over real processes (Kafka, redis-server, gateway, a worker
 //! running onnxruntime): the `fraud` example graph (validate → feature lookup in Redis → encode
 //! → gradient-boosted model → decision) answers what examples/make_fraud.py computed with
 //! scikit-learn, numpy and onnxruntime on the same rows; bad requests get 422s naming the rule;

@@ -1,7 +1,7 @@
 //! The gateway against its OpenAPI document (`docs/openapi.yaml`), fuzzed by a stock tool:
 //! schemathesis generates valid and invalid requests for every operation and checks that each
 //! answer's status, content type and body are the documented ones and that invalid input is
-//! refused with a 4xx, on the real stack (tansu, redis-server, onnxruntime).
+//! refused with a 4xx, on the real stack (Kafka, redis-server, onnxruntime).
 #![allow(clippy::unwrap_used)]
 
 mod common;

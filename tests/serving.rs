@@ -1,4 +1,4 @@
-//! End-to-end tests over real processes: tansu, redis-server, the gateway and workers running
+//! End-to-end tests over real processes: Kafka, redis-server, the gateway and workers running
 //! onnxruntime. Expected outputs are onnxruntime's own (examples/samples.json, made by
 //! examples/make_models.py).
 #![allow(clippy::unwrap_used, clippy::print_stdout)]

@@ -1,6 +1,6 @@
-//! Deployment units over real processes (tansu, redis-server, gateway, workers running
+//! Deployment units over real processes (Kafka, redis-server, gateway, workers running
 //! onnxruntime): one worker process serving models and graph steps through one consumer, killed
-//! under load; idle fetching and the gateway's wake-up; topics created for purging.
+//! under load; consumed records purged up to the commit; hops and joins in process.
 #![allow(clippy::unwrap_used, clippy::print_stdout)]
 
 mod common;
@@ -11,8 +11,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use rdkafka::ClientConfig;
-use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
-use rdkafka::client::DefaultClientContext;
 use serde_json::Value;
 use sluice_common::Deployment;
 
@@ -166,210 +164,127 @@ async fn one_unit_serves_models_and_graph_steps_through_one_consumer_and_survive
     assert!(after > 0.0, "the new worker served the rest");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn idle_partitions_are_paused_and_the_gateway_and_forwards_wake_them() {
-    // Idle after 1 s; a paused partition is probed only every 20 s on its own, so an answer
-    // within a few seconds can only come from a wake-up: the gateway's (a request after a quiet
-    // spell) or the worker's own (a record it forwards to a paused partition of its unit).
-    let Some(mut stack) = Stack::start(&[
-        ("SLUICE__KAFKA__IDLE_AFTER", "1s"),
-        ("SLUICE__KAFKA__IDLE_FETCH_INTERVAL", "20s"),
-    ]) else {
-        return;
-    };
-    let topics = partitions_of_all(&stack);
-    // Hops in process would keep the pipeline's next steps off their topics: this test is about
-    // the records that still go through them (local_hops off, a shadow copy, a join's parts
-    // from other workers).
-    let (_, addr) = stack.start_unit("all", &[("SLUICE__WORKER__LOCAL_HOPS", "false")]);
-    let client = http();
-    let s = samples();
-    let paused = || {
-        metric_sum(
-            &client,
-            &addr,
-            "sluice_worker_paused_partitions",
-            "unit=\"all\"",
-        )
-    };
-    let end = Instant::now() + Duration::from_secs(15);
-    while paused().await as usize != topics {
-        assert!(
-            Instant::now() < end,
-            "the idle worker never paused all {topics} partitions"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    // Quiet for longer than the gateway's threshold (half of idle_after), then one request.
-    for (servable, row) in [("mlp", &s.scaled[1]), ("digits-pipeline", &s.raw[1])] {
-        let t = Instant::now();
-        let r = infer(&client, &stack.gateway, servable, &[row]).await;
-        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-        assert_eq!(label_of(&r.json()), Some(want(&s, servable, 1)));
-        assert!(
-            t.elapsed() < Duration::from_secs(5),
-            "{servable}: {:?}: woken by the gateway, not by the 20 s probe",
-            t.elapsed()
-        );
-        tokio::time::sleep(Duration::from_secs(3)).await;
-    }
-    // Under steady load on mlp alone, mlp's partition keeps fetching while the graph's
-    // partitions pause again; a pipeline request then passes through partitions that were
-    // paused, woken by the gateway (entry) and by the worker's own forwards (next steps).
-    let stop = Arc::new(AtomicBool::new(false));
-    let busy = {
-        let (stop, gw, row) = (
-            Arc::clone(&stop),
-            stack.gateway.clone(),
-            s.scaled[2].clone(),
-        );
-        tokio::spawn(async move {
-            let client = http();
-            while !stop.load(Ordering::Relaxed) {
-                let r = infer(&client, &gw, "mlp", &[&row]).await;
-                assert_eq!(r.status, 200);
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-    };
-    let end = Instant::now() + Duration::from_secs(15);
-    while (paused().await as usize) < topics - 1 {
-        assert!(
-            Instant::now() < end,
-            "the quiet partitions of a busy worker never paused"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    for i in 3..6 {
-        let t = Instant::now();
-        let r = infer(&client, &stack.gateway, "digits-pipeline", &[&s.raw[i]]).await;
-        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-        assert_eq!(label_of(&r.json()), Some(want(&s, "digits-pipeline", i)));
-        assert!(
-            t.elapsed() < Duration::from_secs(5),
-            "pipeline {i}: {:?}",
-            t.elapsed()
-        );
-        tokio::time::sleep(Duration::from_secs(2)).await;
-    }
-    stop.store(true, Ordering::Relaxed);
-    busy.await.unwrap();
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn request_and_step_topics_are_created_to_be_purged_and_results_are_kept() {
-    // The harness's broker is tansu, which cannot delete records on request: request and step
-    // topics get retention.ms = kafka.purge_retention instead; results and dead letters do not.
-    let Some(stack) = Stack::start(&[]) else {
-        return;
-    };
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+/// `topic`'s partition 0: (log start offset, high watermark).
+fn watermarks(stack: &Stack, topic: &str) -> (i64, i64) {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let c: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", &stack.kafka)
         .create()
         .unwrap();
-    let retention = |topic: &'static str| {
-        let admin = &admin;
-        async move {
-            let r = admin
-                .describe_configs(&[ResourceSpecifier::Topic(topic)], &AdminOptions::new())
-                .await
-                .unwrap();
-            let resource = r.into_iter().next().unwrap().unwrap();
-            resource
-                .get("retention.ms")
-                .and_then(|e| e.value.clone())
-                .unwrap_or_default()
-        }
-    };
-    for purged in [
-        "sluice.mlp.requests",
-        "sluice.digits-pipeline.requests",
-        "sluice.digits-pipeline.postprocess.requests",
-    ] {
-        assert_eq!(retention(purged).await, "600000", "{purged}");
-    }
-    for kept in [
-        "sluice.mlp.results",
-        "sluice.dead-letter",
-        "sluice.digits-shadow.comparisons",
-    ] {
-        assert_ne!(retention(kept).await, "600000", "{kept}");
-    }
+    c.fetch_watermarks(topic, 0, Duration::from_secs(10))
+        .unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_broker_that_cannot_delete_records_is_logged_once_and_serving_goes_on() {
-    // Without the tansu setting the worker asks tansu to delete what its group committed;
-    // tansu 0.6.0 drops the connection instead of answering. The worker gives up, says so once,
-    // and keeps serving.
-    let Some(mut stack) = Stack::start(&[
-        ("SLUICE__KAFKA__BROKER_QUIRKS", "none"),
-        ("SLUICE__KAFKA__PURGE_INTERVAL", "500ms"),
-    ]) else {
-        return;
-    };
-    let (worker, _) = stack.start_unit("all", &[]);
-    let client = http();
-    let s = samples();
-    let end = Instant::now() + Duration::from_secs(6);
-    let mut answered = 0;
-    while Instant::now() < end {
-        let k = answered % s.scaled.len();
-        let r = infer(&client, &stack.gateway, "mlp", &[&s.scaled[k]]).await;
-        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-        assert_eq!(label_of(&r.json()), Some(want(&s, "mlp", k)));
-        answered += 1;
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    // Each failed request waits for its timeout (10 s): give the worker time to give up.
-    let end = Instant::now() + Duration::from_secs(60);
-    while !stack
-        .log_of(worker)
-        .contains("does not answer DeleteRecords")
-    {
-        assert!(Instant::now() < end, "{}", stack.log_of(worker));
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    let r = infer(&client, &stack.gateway, "mlp", &[&s.scaled[0]]).await;
-    assert_eq!(r.status, 200, "still serving");
-    let log = stack.log_of(worker);
-    assert_eq!(
-        log.matches("does not answer DeleteRecords").count(),
-        1,
-        "{log}"
-    );
-    println!("answered {answered} requests while the purge gave up");
-}
-
-/// Records on `topic`'s partition 0 so far, read from the start (tansu 0.6.0's high watermark
-/// can count a batch of several records short, so they are counted one by one).
-fn records_on(stack: &Stack, topic: &str) -> i64 {
+/// The offset `group` committed on `topic`'s partition 0 (-1: none).
+fn committed(stack: &Stack, group: &str, topic: &str) -> i64 {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::{Offset, TopicPartitionList};
     let c: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", &stack.kafka)
-        .set("group.id", "records-on")
-        .set("enable.auto.commit", "false")
-        .set("fetch.wait.max.ms", "10")
+        .set("group.id", group)
         .create()
         .unwrap();
     let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, 0, Offset::Beginning)
-        .unwrap();
-    c.assign(&tpl).unwrap();
-    let mut n = 0;
-    while let Some(m) = c.poll(Duration::from_millis(1500)) {
-        m.unwrap();
-        n += 1;
+    tpl.add_partition(topic, 0);
+    let got = c.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
+    match got.find_partition(topic, 0).map(|p| p.offset()) {
+        Some(Offset::Offset(o)) => o,
+        _ => -1,
     }
-    n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumed_records_are_purged_up_to_the_commit_and_a_restarted_worker_resumes() {
+    let Some(mut stack) = Stack::start(&[("SLUICE__KAFKA__PURGE_INTERVAL", "300ms")]) else {
+        return;
+    };
+    let group = sluice_common::topics::Topics::new("sluice").unit_group("all");
+    let (requests, step, results) = (
+        "sluice.mlp.requests",
+        "sluice.digits-pipeline.postprocess.requests",
+        "sluice.mlp.results",
+    );
+    // Every hop through its topic, so the step topic has records to purge too.
+    let hops_off = [("SLUICE__WORKER__LOCAL_HOPS", "false")];
+    let (worker, _) = stack.start_unit("all", &hops_off);
+    let n = 12;
+    answer_checked(&stack, "mlp", n).await;
+    answer_checked(&stack, "digits-pipeline", n).await;
+    // The log start offset of both purged topics reaches their end; at every look it is at or
+    // below what the group committed (nothing uncommitted deleted).
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        let purged: Vec<bool> = [requests, step]
+            .iter()
+            .map(|t| {
+                let (low, high) = watermarks(&stack, t);
+                let done = committed(&stack, &group, t);
+                assert!(
+                    low <= done.max(0),
+                    "{t}: log starts at {low}, committed {done}"
+                );
+                assert!(high >= n as i64, "{t}: {high} records written");
+                low == high
+            })
+            .collect();
+        if purged.iter().all(|p| *p) {
+            break;
+        }
+        assert!(Instant::now() < end, "not purged: {purged:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(watermarks(&stack, results).0, 0, "results are never purged");
+
+    // Requests sent while no worker runs wait in the topic past the purge point; a new worker
+    // resumes at the committed offset and answers each of them (and no earlier request again).
+    stack.signal(worker, "TERM");
+    assert!(stack.wait_exit(worker, Duration::from_secs(20)));
+    let high = watermarks(&stack, requests).1;
+    let waiting: Vec<_> = (0..5)
+        .map(|k| {
+            let gw = stack.gateway.clone();
+            tokio::spawn(async move {
+                let s = samples();
+                (k, infer(&http(), &gw, "mlp", &[&s.scaled[k]]).await)
+            })
+        })
+        .collect();
+    let end = Instant::now() + Duration::from_secs(10);
+    while watermarks(&stack, requests).1 < high + 5 {
+        assert!(Instant::now() < end, "requests not written");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, addr) = stack.start_unit("all", &hops_off);
+    let s = samples();
+    for task in waiting {
+        let (k, r) = task.await.unwrap();
+        assert_answers(&r, &s, "mlp", k);
+    }
+    let ran = metric_sum(
+        &http(),
+        &addr,
+        "sluice_worker_requests_total",
+        "unit=\"mlp\",outcome=\"ok\"",
+    )
+    .await;
+    assert_eq!(
+        ran as usize, 5,
+        "the new worker ran only what was not committed"
+    );
+}
+
+/// Records written to `topic`'s partition 0 so far (its high watermark).
+fn records_on(stack: &Stack, topic: &str) -> i64 {
+    watermarks(stack, topic).1
 }
 
 /// Sends `n` samples to `servable` and checks each answer against onnxruntime's labels.
 async fn answer_checked(stack: &Stack, servable: &str, n: usize) {
     let (s, client) = (samples(), http());
     for k in 0..n {
-        let r = infer(&client, &stack.gateway, servable, &[&s.raw[k]]).await;
+        // A model reads scaled pixels; a graph scales them itself.
+        let row = if servable == "mlp" { &s.scaled[k] } else { &s.raw[k] };
+        let r = infer(&client, &stack.gateway, servable, &[row]).await;
         assert_answers(&r, &s, servable, k);
     }
 }

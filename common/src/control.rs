@@ -149,8 +149,7 @@ pub fn read_from(
     from: Option<i64>,
 ) -> Result<(Vec<ModelPush>, i64), rdkafka::error::KafkaError> {
     let client = format!("sluice-control-{}", std::process::id());
-    let consumer: BaseConsumer =
-        crate::kafka::reader_config(cfg, &client, Duration::from_millis(100)).create()?;
+    let consumer: BaseConsumer = crate::kafka::reader_config(cfg, &client).create()?;
     let (low, high) = consumer.fetch_watermarks(topic, 0, Duration::from_secs(10))?;
     let low = from.map_or(low, |f| f.max(low));
     let mut pushes = Vec::new();

@@ -30,7 +30,9 @@ pub fn producer_config(cfg: &Config, client_id: &str, linger: Duration) -> Clien
 
 /// What every consumer shares: the brokers, its name, reading from the earliest record when it
 /// has no position, offsets stored only by Sluice, and a fetch answered as soon as a byte is
-/// there (no Nagle delay, short back-offs).
+/// there (no Nagle delay, short back-offs). The broker holds an empty fetch up to
+/// `fetch.wait.max.ms` and answers the moment a record arrives, so a long wait costs no latency
+/// and keeps an idle consumer's fetches few.
 fn consumer_base(cfg: &Config, group: &str, client_id: &str) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &cfg.kafka.brokers)
@@ -40,6 +42,7 @@ fn consumer_base(cfg: &Config, group: &str, client_id: &str) -> ClientConfig {
         .set("auto.offset.reset", "earliest")
         .set("socket.nagle.disable", "true")
         .set("fetch.min.bytes", "1")
+        .set("fetch.wait.max.ms", "500")
         .set("fetch.error.backoff.ms", "10")
         .set("fetch.queue.backoff.ms", "10");
     c
@@ -62,14 +65,12 @@ pub fn consumer_config(cfg: &Config, group: &str, client_id: &str) -> ClientConf
 
 /// Consumer settings for a reader that assigns itself partitions and keeps its own positions
 /// (no group membership, no commits): a learner's inputs, a replica following weights, a
-/// worker reading pushes. `wait` bounds how long the broker holds a fetch (tansu answers only
-/// when it passes); `kafka.client` applies, `kafka.consumer` (tuned for workers) does not.
-pub fn reader_config(cfg: &Config, client_id: &str, wait: Duration) -> ClientConfig {
+/// worker reading pushes. `kafka.client` applies, `kafka.consumer` (tuned for workers) does not.
+pub fn reader_config(cfg: &Config, client_id: &str) -> ClientConfig {
     let group = format!("{}.reader", cfg.kafka.topic_prefix);
     let mut c = consumer_base(cfg, &group, client_id);
     c.set("enable.auto.commit", "false");
     apply(&mut c, &cfg.kafka.client);
-    c.set("fetch.wait.max.ms", wait.as_millis().max(1).to_string());
     c
 }
 
@@ -152,35 +153,17 @@ pub fn admin_config(cfg: &Config) -> ClientConfig {
     c
 }
 
-/// The `retention.ms` request and step topics are created with: `kafka.purge_retention` where
-/// the broker cannot delete records on request (tansu), so its log stays bounded; none otherwise
-/// (workers purge what their group committed).
-pub fn purge_retention_ms(cfg: &Config) -> Option<String> {
-    let k = &cfg.kafka;
-    (k.purge_consumed
-        && k.broker_quirks == crate::config::BrokerQuirks::Tansu
-        && !k.purge_retention.is_zero())
-    .then(|| k.purge_retention.as_millis().to_string())
-}
-
 /// Creates the missing topics (idempotent: existing topics are left as they are).
 pub async fn apply_topics(cfg: &Config, topics: &[TopicSpec]) -> Result<TopicReport, TopicError> {
     let admin: AdminClient<DefaultClientContext> = admin_config(cfg).create()?;
-    let retention = purge_retention_ms(cfg);
     let new: Vec<NewTopic<'_>> = topics
         .iter()
         .map(|t| {
-            let topic = NewTopic::new(
+            NewTopic::new(
                 &t.name,
                 t.partitions,
                 TopicReplication::Fixed(cfg.kafka.replication_factor),
-            );
-            match (&retention, t.purgeable) {
-                (Some(ms), true) => topic
-                    .set("cleanup.policy", "delete")
-                    .set("retention.ms", ms),
-                _ => topic,
-            }
+            )
         })
         .collect();
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
@@ -227,10 +210,6 @@ pub mod headers {
     /// `application/json` on request records written as Open Inference Protocol JSON (and on
     /// the result records answering them); Avro otherwise.
     pub const CONTENT_TYPE: &str = "content-type";
-    /// Marks an empty record a join worker writes to its own partition when parts are overdue:
-    /// tansu 0.6.0 sometimes leaves an appended record invisible to fetches until the next
-    /// append to the partition. Workers skip these records.
-    pub const NUDGE: &str = "sluice-nudge";
     /// Request id (also the record key).
     pub const REQUEST_ID: &str = "sluice-request-id";
     /// Redis channel the waiting gateway listens on.

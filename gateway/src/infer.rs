@@ -187,7 +187,6 @@ async fn infer_inner(gw: &Arc<Gateway>, name: &str, req: Request) -> Result<Infe
 
     // Register before producing so the reply can never arrive unseen.
     let pending = gw.correlator.register(&id);
-    gw.waker.request_for(name);
     let produce_started = Instant::now();
     let in_flight = gw.config().gateway.max_in_flight - gw.permits.available_permits();
     gw.publisher

@@ -2,7 +2,7 @@
 //!
 //! A request is validated against the servable's signature ([`infer`]), published to its request
 //! topic ([`publish`]), and answered when its result comes back through Redis ([`correlator`]).
-//! [`health`] probes the broker and Redis; [`routes`] serves metadata; `wake` wakes idle workers.
+//! [`health`] probes the broker and Redis; [`routes`] serves metadata.
 
 pub mod auth;
 pub mod correlator;
@@ -17,7 +17,6 @@ mod repository;
 mod routes;
 mod servable;
 mod stats;
-mod wake;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -32,7 +31,6 @@ use tokio::sync::Semaphore;
 use crate::correlator::Correlator;
 use crate::publish::Publisher;
 use crate::stats::{ModelMetrics, ModelStats};
-use crate::wake::Waker;
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -69,7 +67,6 @@ pub struct Gateway {
     in_flight: metrics::Gauge,
     ready_gauge: metrics::Gauge,
     produce_seconds: metrics::Histogram,
-    waker: Waker,
     redis: redis::aio::ConnectionManager,
     versions: servable::ServingVersions,
     keys: Option<auth::Keys>,
@@ -102,7 +99,6 @@ impl Gateway {
             .map(|m| (m.clone(), (ModelStats::default(), ModelMetrics::new(m))))
             .collect();
         let publisher = Publisher::new(cfg, &id)?;
-        let waker = Waker::new(&deployment, conn.clone());
         let keys = auth::Keys::new(&cfg.gateway.auth).map_err(StartError::Auth)?;
         let gw = Arc::new(Gateway {
             permits: Arc::new(Semaphore::new(cfg.gateway.max_in_flight)),
@@ -118,7 +114,6 @@ impl Gateway {
             in_flight: metrics::gauge!("sluice_gateway_in_flight"),
             ready_gauge: metrics::gauge!("sluice_gateway_ready"),
             produce_seconds: metrics::histogram!("sluice_gateway_produce_seconds"),
-            waker,
             redis: conn.clone(),
             versions: servable::ServingVersions::default(),
             keys,

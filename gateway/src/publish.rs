@@ -14,7 +14,6 @@ use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
 use sluice_common::Config;
-use sluice_common::config::BrokerQuirks;
 use sluice_common::kafka::headers as kafka_headers;
 use sluice_common::kafka::producer_config;
 use sluice_common::topics::Topics;
@@ -23,7 +22,7 @@ use tokio::time::Instant;
 
 use crate::error::ApiError;
 
-/// The gateway's producers: a prompt one, and one that lingers (not with tansu).
+/// The gateway's producers: a prompt one, and one that lingers (none when `produce_linger` is 0).
 #[derive(Clone)]
 struct Producers {
     prompt: FutureProducer,
@@ -33,10 +32,7 @@ struct Producers {
 impl Producers {
     fn create(cfg: &Config, client_id: &str) -> KafkaResult<Producers> {
         let prompt = producer_config(cfg, client_id, Duration::ZERO).create()?;
-        // tansu 0.6.0 drops records when two producers write one partition at the same moment,
-        // so with it the gateway keeps to one (prompt) producer.
-        let tansu = cfg.kafka.broker_quirks == BrokerQuirks::Tansu;
-        let lingering = if cfg.gateway.produce_linger.is_zero() || tansu {
+        let lingering = if cfg.gateway.produce_linger.is_zero() {
             None
         } else {
             let linger = cfg.gateway.produce_linger;

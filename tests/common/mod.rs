@@ -1,4 +1,4 @@
-//! Test harness: a real tansu broker and redis-server on free ports, plus `sluice` gateway and
+//! Test harness: a real Apache Kafka broker and redis-server on free ports, plus `sluice` gateway and
 //! worker processes configured through `SLUICE__…` environment variables over
 //! `examples/digits.toml`. Under `CI=true` a missing broker or Redis binary fails the test.
 #![allow(dead_code, clippy::unwrap_used, clippy::print_stdout)]
@@ -39,17 +39,19 @@ fn on_path(bin: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-/// Skips (returns None) when services are missing, except under CI=true where it panics.
+/// Skips (returns None) when services are missing, except under CI=true where it panics;
+/// returns the folder of Kafka's jars.
 pub fn services_available() -> Option<PathBuf> {
-    let tansu = sluice_common::local::tansu_binary();
+    let kafka = sluice_common::local::kafka_libs();
+    let java = on_path(&sluice_common::local::java().display().to_string());
     let redis = on_path("redis-server");
     let ort = sluice_workers::backend::ort_library_path().is_some_and(|p| p.is_file());
-    if let (Some(t), true, true) = (&tansu, redis, ort) {
-        return Some(t.clone());
+    if let (Some(k), true, true, true) = (&kafka, java, redis, ort) {
+        return Some(k.clone());
     }
     let missing = format!(
-        "tansu: {}, redis-server: {redis}, onnxruntime: {ort}",
-        tansu.is_some()
+        "kafka: {}, java: {java}, redis-server: {redis}, onnxruntime: {ort}",
+        kafka.is_some()
     );
     if std::env::var("CI").is_ok_and(|v| v == "true") {
         panic!("integration services missing under CI=true ({missing}); run deploy/setup.sh");
@@ -66,11 +68,10 @@ struct Proc {
     log: PathBuf,
 }
 
-/// How the harness runs tansu.
+/// How the harness runs the broker (a single-node Kafka whose log, in the stack's folder,
+/// survives a kill -9).
 #[derive(Default)]
 pub struct Broker {
-    /// SQLite storage (what survives a broker kill -9) instead of memory.
-    pub durable: bool,
     /// Every process reaches the broker through a fault-injecting proxy.
     pub proxied: bool,
 }
@@ -80,9 +81,8 @@ pub struct Stack {
     pub dir: tempfile::TempDir,
     /// The broker address every process uses (the proxy's, when proxied).
     pub kafka: String,
-    /// Where tansu itself listens, and its storage URL.
-    broker_listen: String,
-    broker_storage: String,
+    /// The broker itself (where it listens, its folder).
+    broker: sluice_common::local::KafkaNode,
     /// The proxy in front of the broker (see [`Broker::proxied`]).
     pub net: Option<NetFault>,
     pub redis_url: String,
@@ -114,7 +114,7 @@ impl Stack {
 
     /// As [`Stack::start_config`], with the broker run as `broker` says.
     pub fn start_with(config: PathBuf, env: &[(&str, &str)], broker: Broker) -> Option<Stack> {
-        services_available()?;
+        let kafka_libs = services_available()?;
         let dir = tempfile::tempdir().unwrap();
         let (kp, rp, gp) = (free_port(), free_port(), free_port());
         let broker_listen = format!("127.0.0.1:{kp}");
@@ -124,14 +124,14 @@ impl Stack {
             .map_or_else(|| broker_listen.clone(), |n| n.addr.clone());
         let redis_url = format!("redis://127.0.0.1:{rp}");
         let mut stack = Stack {
-            dir,
             kafka: kafka.clone(),
-            broker_listen,
-            // tansu opens a sqlite file relative to its working directory (the stack's folder).
-            broker_storage: if broker.durable {
-                "sqlite://tansu.db".into()
-            } else {
-                "memory://tansu/".into()
+            broker: sluice_common::local::KafkaNode {
+                libs: kafka_libs,
+                dir: dir.path().join("kafka"),
+                listen: broker_listen,
+                advertised: kafka.clone(),
+                controller: format!("127.0.0.1:{}", free_port()),
+                heap: "384m".into(),
             },
             net,
             redis_url: redis_url.clone(),
@@ -142,11 +142,9 @@ impl Stack {
                 ("SLUICE__REDIS__URL".into(), redis_url),
                 ("SLUICE__GATEWAY__LISTEN".into(), format!("127.0.0.1:{gp}")),
                 ("SLUICE__TELEMETRY__LOG_LEVEL".into(), "info".into()),
-                // The harness starts tansu, so every process gets its work-arounds (a test can
-                // pass `SLUICE__KAFKA__BROKER_QUIRKS=none` to run without them).
-                ("SLUICE__KAFKA__BROKER_QUIRKS".into(), "tansu".into()),
             ],
             procs: Vec::new(),
+            dir,
         };
         for (k, v) in env {
             stack.env.push((k.to_string(), v.to_string()));
@@ -165,21 +163,34 @@ impl Stack {
         Some(stack)
     }
 
-    /// Starts tansu (on the stack's storage, in the stack's folder) and waits for its port.
+    /// Starts the broker (formatting its folder the first time) and waits for its port.
     fn spawn_broker(&mut self) {
-        let mut c = sluice_common::local::tansu_command_advertising(
-            &self.broker_listen,
-            &self.kafka,
-            &self.broker_storage,
-        );
-        c.current_dir(self.dir.path());
-        self.spawn_raw("tansu", &mut c);
-        wait_tcp(&self.broker_listen, Duration::from_secs(20));
+        self.broker.prepare().unwrap();
+        let mut c = self.broker.command();
+        self.spawn_raw("kafka", &mut c);
+        self.wait_port(self.broker.listen.clone(), Duration::from_secs(90));
     }
 
-    /// Kills the broker (SIGKILL) and starts it again on the same storage and port.
+    /// Waits for `addr` to accept connections; fails with the last process's log if it exits.
+    fn wait_port(&mut self, addr: String, within: Duration) {
+        let end = Instant::now() + within;
+        while std::net::TcpStream::connect(&addr).is_err() {
+            let p = self.procs.last_mut().unwrap();
+            if let Ok(Some(status)) = p.child.try_wait() {
+                panic!(
+                    "{} exited ({status}) before listening:\n{}",
+                    p.name,
+                    tail(&p.log)
+                );
+            }
+            assert!(Instant::now() < end, "{addr} did not come up");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Kills the broker (SIGKILL) and starts it again on the same log and port.
     pub fn restart_broker(&mut self) {
-        let i = self.index_of("tansu");
+        let i = self.index_of("kafka");
         self.signal(i, "KILL");
         self.wait_exit(i, Duration::from_secs(10));
         self.spawn_broker();
@@ -425,7 +436,7 @@ impl Stack {
         wait_tcp(&format!("127.0.0.1:{port}"), Duration::from_secs(10));
     }
 
-    /// The index of the running process named `name` (e.g. "tansu", "redis", "gateway").
+    /// The index of the running process named `name` (e.g. "kafka", "redis", "gateway").
     pub fn index_of(&self, name: &str) -> usize {
         self.procs
             .iter()

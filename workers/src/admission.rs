@@ -18,7 +18,7 @@ use sluice_schemas::{
 use crate::completion::{Completion, DeadLetter};
 use crate::flow::{self, Outgoing, entry_carried, step_error, step_inputs, topic_for};
 use crate::job::{GraphJob, Job, Source, StepInput};
-use crate::outcome::{bare, next_completion};
+use crate::outcome::next_completion;
 use crate::record::Record;
 use crate::telemetry::WorkerMetrics;
 
@@ -67,12 +67,9 @@ pub fn dead_letter_of(r: &Record<'_>, class: &'static str, message: String) -> D
 /// Decodes and routes a record: a model request for the batcher, a graph step to run here, a
 /// join part, or (for a record that cannot be run) a completion at once: dead letter, plus an
 /// error reply when the caller can be named.
-// Long on purpose: a record's cases in one place (nudge, decode, graph hop or entry, then per
+// Long on purpose: a record's cases in one place (decode, graph hop or entry, then per
 // step kind); each early return answers one way a record can be wrong.
 pub fn admit(m: &Record<'_>, source: Source, ctx: &Admit<'_>) -> Admission {
-    if m.header(kafka_headers::NUDGE).is_some() {
-        return Admission::Done(Box::new(bare(source)));
-    }
     let payload = m.payload;
     let entry_graph = ctx.entries.get(m.topic);
     let json = m
@@ -547,15 +544,5 @@ mod tests {
         assert_eq!(result.error.unwrap().code, codes::UNDECODABLE);
         assert!(c.reply.is_none(), "no caller waits on Redis");
         assert!(c.dead_letter.is_some());
-    }
-
-    #[test]
-    fn a_nudge_only_finishes_its_record() {
-        let headers: [(&str, &[u8]); 1] = [(kafka_headers::NUDGE, b"1")];
-        let Admission::Done(c) = admit_payload(b"", &headers) else {
-            panic!("a nudge runs nothing")
-        };
-        assert!(c.result.is_none() && c.dead_letter.is_none() && c.forwards.is_empty());
-        assert_eq!(c.source.offset, 7);
     }
 }

@@ -1,5 +1,7 @@
-//! Dynamic batching: batch what is queued when the model is free, never waiting longer than
-//! `max_delay` for more.
+//! Dynamic batching: when the model is idle, what is queued runs at once; while batches run,
+//! what arrives waits for a free slot and at most `max_delay` for more to fill its batch (the
+//! window applies only while the model is busy, as in Triton's and TEI's batchers: a lone
+//! request never waits for company that is not coming).
 //!
 //! [`BatchQueue`] is the pure decision logic; [`run_batcher`] is the task that feeds it from a
 //! channel and hands batches to free inference slots.
@@ -8,7 +10,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::time::Instant;
 
 /// A queued item with its row count and arrival time.
@@ -70,14 +72,15 @@ impl<T> BatchQueue<T> {
         self.items.is_empty()
     }
 
-    /// Decides, with the model free at `now`: a full batch, or the oldest item's delay expired,
-    /// gives a batch; otherwise wait for the oldest item's delay.
-    pub fn next_batch(&mut self, now: Instant) -> Next<T> {
+    /// Decides, with a slot free at `now` and the model `idle` (no batch running) or not: an
+    /// idle model, a full batch or the oldest item's delay expired gives a batch; otherwise wait
+    /// for the oldest item's delay.
+    pub fn next_batch(&mut self, now: Instant, idle: bool) -> Next<T> {
         let Some(oldest) = self.items.front() else {
             return Next::Empty;
         };
         let due = oldest.arrived + self.max_delay;
-        if self.queued_rows < self.max_rows && now < due {
+        if !idle && self.queued_rows < self.max_rows && now < due {
             return Next::WaitUntil(due);
         }
         let mut batch = Vec::new();
@@ -109,20 +112,41 @@ pub struct Dispatched<T> {
     /// The batch.
     pub items: Vec<T>,
     /// Held while the batch runs.
-    pub permit: OwnedSemaphorePermit,
+    pub permit: SlotPermit,
 }
 
-/// Forms batches from `input` whenever one of `slots` is free, and sends them to `output`.
-/// Returns when `input` is closed and everything queued has been dispatched.
+/// An inference slot held while a batch runs; dropping it frees the slot and tells the batcher,
+/// which may be waiting to run its queue the moment the model is idle.
+pub struct SlotPermit {
+    permit: Option<OwnedSemaphorePermit>,
+    freed: Arc<Notify>,
+}
+
+impl Drop for SlotPermit {
+    fn drop(&mut self) {
+        // The slot is back before the batcher looks.
+        drop(self.permit.take());
+        self.freed.notify_one();
+    }
+}
+
+/// Forms batches from `input` whenever one of `slots` is free, and sends them to `output`;
+/// records each item's time from arrival to dispatch in `waited`. Returns when `input` is
+/// closed and everything queued has been dispatched.
 pub async fn run_batcher<T: Send>(
     mut input: mpsc::Receiver<Item<T>>,
     output: mpsc::Sender<Dispatched<T>>,
     slots: Arc<Semaphore>,
     max_rows: usize,
     max_delay: Duration,
+    waited: metrics::Histogram,
 ) {
-    let mut queue = BatchQueue::new(max_rows, max_delay);
+    // Items are queued with their arrival, to record how long each waited.
+    let mut queue: BatchQueue<(T, Instant)> = BatchQueue::new(max_rows, max_delay);
     let mut open = true;
+    // Every slot free but the one this batcher holds: no batch runs.
+    let all_slots = slots.available_permits();
+    let freed = Arc::new(Notify::new());
     let depth = metrics::histogram!("sluice_worker_queue_depth_at_dispatch");
     loop {
         if queue.is_empty() {
@@ -130,7 +154,7 @@ pub async fn run_batcher<T: Send>(
                 return;
             }
             match input.recv().await {
-                Some(i) => queue.push(i.item, i.rows, Instant::now()),
+                Some(i) => queue.push((i.item, Instant::now()), i.rows, Instant::now()),
                 None => return,
             }
         }
@@ -143,20 +167,33 @@ pub async fn run_batcher<T: Send>(
                     Err(_) => return,
                 },
                 i = input.recv(), if open => match i {
-                    Some(i) => queue.push(i.item, i.rows, Instant::now()),
+                    Some(i) => queue.push((i.item, Instant::now()), i.rows, Instant::now()),
                     None => open = false,
                 },
             }
         };
-        // The model is free: take what is queued, waiting at most max_delay for the batch to fill.
+        // A slot is free: take what is queued at once if the model is idle, else waiting at most
+        // max_delay for the batch to fill (or until the model turns idle).
+        let permit = SlotPermit {
+            permit: Some(permit),
+            freed: Arc::clone(&freed),
+        };
         loop {
             while let Ok(i) = input.try_recv() {
-                queue.push(i.item, i.rows, Instant::now());
+                queue.push((i.item, Instant::now()), i.rows, Instant::now());
             }
             let now = Instant::now();
-            match queue.next_batch(if open { now } else { now + max_delay }) {
-                Next::Batch(items) => {
+            let idle = slots.available_permits() + 1 >= all_slots;
+            match queue.next_batch(if open { now } else { now + max_delay }, idle) {
+                Next::Batch(timed) => {
                     depth.record(queue.len() as f64);
+                    let items = timed
+                        .into_iter()
+                        .map(|(item, arrived)| {
+                            waited.record(now.duration_since(arrived).as_secs_f64());
+                            item
+                        })
+                        .collect();
                     if output.send(Dispatched { items, permit }).await.is_err() {
                         return;
                     }
@@ -165,8 +202,9 @@ pub async fn run_batcher<T: Send>(
                 Next::WaitUntil(due) => {
                     tokio::select! {
                         _ = tokio::time::sleep_until(due) => {}
+                        _ = freed.notified() => {}
                         i = input.recv(), if open => match i {
-                            Some(i) => queue.push(i.item, i.rows, Instant::now()),
+                            Some(i) => queue.push((i.item, Instant::now()), i.rows, Instant::now()),
                             None => open = false,
                         },
                     }
@@ -186,22 +224,31 @@ mod tests {
     #[test]
     fn empty_queue_has_nothing() {
         let mut q: BatchQueue<u32> = BatchQueue::new(4, MS);
-        assert_eq!(q.next_batch(Instant::now()), Next::Empty);
+        assert_eq!(q.next_batch(Instant::now(), true), Next::Empty);
     }
 
     #[test]
-    fn waits_for_delay_then_takes_what_is_queued() {
+    fn a_busy_model_waits_for_delay_then_takes_what_is_queued() {
         let t0 = Instant::now();
         let mut q = BatchQueue::new(4, 2 * MS);
         q.push(1, 1, t0);
         q.push(2, 1, t0 + MS);
         assert_eq!(
-            q.next_batch(t0),
+            q.next_batch(t0, false),
             Next::WaitUntil(t0 + 2 * MS),
             "deadline of the oldest"
         );
-        assert_eq!(q.next_batch(t0 + 2 * MS), Next::Batch(vec![1, 2]));
+        assert_eq!(q.next_batch(t0 + 2 * MS, false), Next::Batch(vec![1, 2]));
         assert!(q.is_empty());
+    }
+
+    #[test]
+    fn an_idle_model_takes_what_is_queued_at_once() {
+        let t0 = Instant::now();
+        let mut q = BatchQueue::new(4, Duration::from_secs(1));
+        q.push(1, 1, t0);
+        q.push(2, 1, t0);
+        assert_eq!(q.next_batch(t0, true), Next::Batch(vec![1, 2]));
     }
 
     #[test]
@@ -211,9 +258,9 @@ mod tests {
         for i in 0..5 {
             q.push(i, 1, t0);
         }
-        assert_eq!(q.next_batch(t0), Next::Batch(vec![0, 1, 2]));
+        assert_eq!(q.next_batch(t0, false), Next::Batch(vec![0, 1, 2]));
         assert_eq!(
-            q.next_batch(t0),
+            q.next_batch(t0, false),
             Next::WaitUntil(t0 + Duration::from_secs(1))
         );
     }
@@ -225,9 +272,9 @@ mod tests {
         q.push("a", 3, t0);
         q.push("b", 2, t0);
         q.push("c", 5, t0);
-        assert_eq!(q.next_batch(t0), Next::Batch(vec!["a"]));
-        assert_eq!(q.next_batch(t0), Next::Batch(vec!["b"]));
-        assert_eq!(q.next_batch(t0), Next::Batch(vec!["c"]));
+        assert_eq!(q.next_batch(t0, true), Next::Batch(vec!["a"]));
+        assert_eq!(q.next_batch(t0, true), Next::Batch(vec!["b"]));
+        assert_eq!(q.next_batch(t0, true), Next::Batch(vec!["c"]));
     }
 
     #[test]
@@ -235,7 +282,7 @@ mod tests {
         let t0 = Instant::now();
         let mut q = BatchQueue::new(8, Duration::ZERO);
         q.push(7, 1, t0);
-        assert_eq!(q.next_batch(t0), Next::Batch(vec![7]));
+        assert_eq!(q.next_batch(t0, false), Next::Batch(vec![7]));
     }
 
     fn channels(
@@ -256,13 +303,25 @@ mod tests {
             Arc::clone(&sem),
             max_rows,
             delay,
+            metrics::histogram!("test_batch_wait_seconds"),
         ));
         (in_tx, out_rx, sem)
     }
 
     #[tokio::test(start_paused = true)]
-    async fn batcher_never_waits_longer_than_max_delay() {
-        let (tx, mut rx, _) = channels(1, 8, 5 * MS);
+    async fn a_lone_request_runs_at_once_on_an_idle_model() {
+        let (tx, mut rx, _) = channels(1, 8, Duration::from_secs(10));
+        let t0 = Instant::now();
+        tx.send(Item { item: 1, rows: 1 }).await.ok();
+        assert_eq!(rx.recv().await.map(|d| d.items), Some(vec![1]));
+        assert_eq!(Instant::now(), t0, "no window on an idle model");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn while_a_batch_runs_a_free_slot_never_waits_longer_than_max_delay() {
+        let (tx, mut rx, _) = channels(2, 8, 5 * MS);
+        tx.send(Item { item: 0, rows: 1 }).await.ok();
+        let running = rx.recv().await;
         let t0 = Instant::now();
         tx.send(Item { item: 1, rows: 1 }).await.ok();
         tokio::time::sleep(2 * MS).await;
@@ -274,6 +333,20 @@ mod tests {
             5 * MS,
             "dispatched exactly at the oldest item's deadline"
         );
+        drop(running);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiting_batch_runs_the_moment_the_model_turns_idle() {
+        let (tx, mut rx, _) = channels(2, 8, Duration::from_secs(10));
+        tx.send(Item { item: 0, rows: 1 }).await.ok();
+        let running = rx.recv().await;
+        tx.send(Item { item: 1, rows: 1 }).await.ok();
+        tokio::time::sleep(3 * MS).await;
+        let t1 = Instant::now();
+        drop(running);
+        assert_eq!(rx.recv().await.map(|d| d.items), Some(vec![1]));
+        assert_eq!(Instant::now(), t1, "not the 10 s window");
     }
 
     #[tokio::test(start_paused = true)]

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -17,7 +17,6 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::producer::{FutureProducer, Producer};
-use sluice_common::config::BrokerQuirks;
 use sluice_common::graph::{StepKind, Unit};
 use sluice_common::ops::ReloadRequest;
 use sluice_common::{Deployment, WorkerUnit};
@@ -27,14 +26,11 @@ use crate::admission::{Admission, Admit, admit};
 use crate::batcher::{Dispatched, Item, run_batcher};
 use crate::executor::{StepSlot, UnitFacts};
 use crate::group::{Completer, GroupContext, PartitionKey, PartitionState, lock};
-use crate::idle::IdleFetch;
 use crate::job::{Job, Source};
 use crate::join::{Decision, Joiner, Offered};
 use crate::outcome::{bare, failed_join_completions};
-use crate::quirks::{Arrival, TansuQuirks};
 use crate::record::Record;
 use crate::reply::Replier;
-use crate::sink::OwnWrites;
 use crate::sink::{Producers, Sink, SinkNames};
 use crate::tasks::BoundedTasks;
 use crate::telemetry::WorkerMetrics;
@@ -203,8 +199,6 @@ struct Shared<'a> {
     topics: &'a Arc<Vec<String>>,
     producers: &'a [FutureProducer; 2],
     redis: &'a redis::aio::ConnectionManager,
-    /// Where sinks report records written to the worker's own partitions (idle fetching on).
-    written: Option<OwnWrites>,
     /// The worker's lanes, for hops run in process (set once all have started).
     local: &'a crate::local::LocalSlot,
 }
@@ -249,7 +243,6 @@ impl Lane {
                     dead_letter_topic: deployment.topics.dead_letter(),
                     unit: label.clone(),
                     topics: Arc::clone(shared.topics),
-                    own_writes: shared.written.clone(),
                 },
                 Arc::clone(&wm),
             ),
@@ -270,6 +263,7 @@ impl Lane {
             Arc::new(Semaphore::new(slots)),
             max_batch,
             max_delay,
+            wm.batch_wait_seconds.clone(),
         ));
         let facts = UnitFacts {
             name: label,
@@ -345,11 +339,6 @@ struct Worker<'a> {
     /// How long an error reply for an undecodable record is stored (ms).
     result_ttl_ms: i64,
     graphs: sluice_common::graph::Graphs,
-    quirks: Option<TansuQuirks>,
-    idle: IdleFetch,
-    wake: mpsc::Receiver<()>,
-    /// Partitions of its own this worker wrote records to (resumed at once if paused).
-    written: mpsc::Receiver<PartitionKey>,
     /// Records finished without a batch (rejected records, join decisions).
     side: BoundedTasks,
     reloads: mpsc::Receiver<ReloadRequest>,
@@ -358,9 +347,6 @@ struct Worker<'a> {
     producers: [FutureProducer; 2],
     /// The lanes as hops run in process reach them.
     local: crate::local::LocalSlot,
-    /// The group consumer's settings, for a rejoin helper (quirks.rs), and when one last ran.
-    group_config: rdkafka::ClientConfig,
-    last_rejoin_help: Option<Instant>,
 }
 
 impl<'a> Worker<'a> {
@@ -386,8 +372,8 @@ impl<'a> Worker<'a> {
     }
 
     /// Connects to Kafka and Redis, serves ops, builds each lane's step and pipeline.
-    // Long on purpose: the worker's start-up in order (clients, ops server, lanes, quirks,
-    // background tasks); each piece takes what the earlier ones made.
+    // Long on purpose: the worker's start-up in order (clients, ops server, lanes, background
+    // tasks); each piece takes what the earlier ones made.
     async fn start(
         deployment: &'a Deployment,
         spec: &'a WorkerUnit,
@@ -411,15 +397,8 @@ impl<'a> Worker<'a> {
         let topics = Arc::new(topics);
         let client_id = format!("sluice-worker-{}-{}", spec.name, std::process::id());
         let state = Arc::new(PartitionState::default());
-        let tansu = cfg.kafka.broker_quirks == BrokerQuirks::Tansu;
-        let group_config = sluice_common::kafka::consumer_config(cfg, &spec.group, &client_id);
-        let mut own_config = group_config.clone();
-        if tansu {
-            // The group's join state, to notice a membership that never settles (quirks.rs).
-            own_config.set("statistics.interval.ms", "1000");
-        }
         let consumer: Arc<StreamConsumer<GroupContext>> = Arc::new(
-            own_config
+            sluice_common::kafka::consumer_config(cfg, &spec.group, &client_id)
                 .create_with_context(GroupContext {
                     topics: Arc::clone(&topics),
                     state: Arc::clone(&state),
@@ -439,7 +418,7 @@ impl<'a> Worker<'a> {
         )
         .create()?;
         let redis_client = sluice_common::redis_client::client(&cfg.redis)?;
-        let redis = redis::aio::ConnectionManager::new(redis_client.clone()).await?;
+        let redis = redis::aio::ConnectionManager::new(redis_client).await?;
 
         let (reload_tx, reloads) = mpsc::channel::<ReloadRequest>(4);
         let (ops_stop, ops_stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -457,17 +436,9 @@ impl<'a> Worker<'a> {
         tracing::info!(%ops_addr, unit = %spec.name, group = %spec.group, topics = ?topics, "worker serving metrics and health");
 
         let producers = [producer, forward_producer];
-        let idle_on = cfg.kafka.idle_after > Duration::ZERO;
-        let (written_tx, written) = mpsc::channel(1024);
-        let paused_topics: Arc<Vec<AtomicBool>> =
-            Arc::new(topics.iter().map(|_| AtomicBool::new(false)).collect());
         let local = crate::local::LocalSlot::default();
         let shared = Shared {
             local: &local,
-            written: idle_on.then(|| OwnWrites {
-                tx: written_tx,
-                paused_topics: Arc::clone(&paused_topics),
-            }),
             deployment,
             consumer: &consumer,
             state: &state,
@@ -495,27 +466,7 @@ impl<'a> Worker<'a> {
             );
             let _ = local.set(lanes);
         }
-        let quirks = tansu.then_some(TansuQuirks {
-            stalled_after: cfg.worker.stalled_partition_after,
-            nudge_after: cfg.worker.join_nudge_after,
-            rejoin_stuck_after: cfg.worker.rejoin_stuck_after,
-        });
-        let (wake_tx, wake) = mpsc::channel(1);
-        let idle = IdleFetch::new(
-            cfg,
-            Arc::clone(&topics),
-            paused_topics,
-            metrics::gauge!("sluice_worker_paused_partitions", "unit" => spec.name.clone()),
-        );
         let mut background = Vec::new();
-        if idle.enabled() {
-            let channel = cfg.wake_channel();
-            background.push(tokio::spawn(crate::idle::listen_for_wake(
-                redis_client,
-                channel,
-                wake_tx,
-            )));
-        }
         if cfg.kafka.purge_consumed {
             background.push(tokio::spawn(crate::purge::run(
                 Arc::clone(&consumer),
@@ -532,34 +483,23 @@ impl<'a> Worker<'a> {
             lanes,
             result_ttl_ms: i64::try_from(cfg.redis.result_ttl.as_millis()).unwrap_or(i64::MAX),
             graphs: deployment.graphs.clone(),
-            quirks,
-            idle,
-            wake,
-            written,
             side: BoundedTasks::new(cfg.worker.max_queued),
             reloads,
             ops_stop: Some(ops_stop),
             background,
             producers,
             local,
-            group_config,
-            last_rejoin_help: None,
         })
     }
 
-    /// The consumer loop: one `select!` over every event source (shutdown, reloads, the tansu
-    /// checks, join timeouts, idle fetching, records), so their order is decided in one place.
+    /// The consumer loop: one `select!` over every event source (shutdown, reloads, join
+    /// timeouts, records), so their order is decided in one place.
     /// Returns at shutdown, or when a pipeline is gone.
     async fn serve(
         &mut self,
         shutdown: impl std::future::Future<Output = ()>,
     ) -> Result<(), WorkerError> {
         let max_queued = self.deployment.config.worker.max_queued;
-        let mut quirk_check = tokio::time::interval(
-            self.quirks
-                .map_or(Duration::from_secs(3600), |q| q.check_interval()),
-        );
-        quirk_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
         let consumer = Arc::clone(&self.consumer);
         tokio::pin!(shutdown);
@@ -577,9 +517,6 @@ impl<'a> Worker<'a> {
                 .filter_map(|l| l.joiner.as_ref().and_then(Joiner::next_timeout))
                 .min();
             let room = self.lanes.iter().all(|l| l.has_room(max_queued));
-            let idle_at = self
-                .idle
-                .next_change(self.state.rebalances.load(Ordering::Relaxed));
             let open = tokio::select! {
                 biased;
                 _ = &mut shutdown => false,
@@ -592,24 +529,7 @@ impl<'a> Worker<'a> {
                     let _ = reply.send(self.reload());
                     true
                 }
-                _ = quirk_check.tick(), if self.quirks.is_some() => {
-                    self.check_quirks().await;
-                    true
-                }
                 _ = sleep_or_forever(wait) => self.expire_joins().await,
-                Some(()) = self.wake.recv() => {
-                    self.idle.woken(&self.consumer, Instant::now());
-                    true
-                }
-                Some(key) = self.written.recv() => {
-                    self.idle.written_to(&self.consumer, key, Instant::now());
-                    true
-                }
-                _ = sleep_until_or_forever(idle_at) => {
-                    let rebalances = self.state.rebalances.load(Ordering::Relaxed);
-                    self.idle.tick(&self.consumer, rebalances, Instant::now());
-                    true
-                }
                 msg = consumer.recv(), if room => match msg {
                     Ok(m) => self.on_record(&m).await,
                     Err(e) => {
@@ -625,45 +545,6 @@ impl<'a> Worker<'a> {
         }
     }
 
-    /// The tansu checks: nudge each join's overdue partitions, re-read stalled partitions.
-    async fn check_quirks(&mut self) {
-        let Some(q) = self.quirks else {
-            return;
-        };
-        if crate::quirks::membership_stuck(&self.state, q.rejoin_stuck_after)
-            && self
-                .last_rejoin_help
-                .is_none_or(|at| at.elapsed() > q.rejoin_stuck_after)
-        {
-            tracing::warn!(
-                after = ?q.rejoin_stuck_after,
-                "group membership has not settled; a helper member joins the group to unstick it"
-            );
-            self.last_rejoin_help = Some(Instant::now());
-            let mut config = self.group_config.clone();
-            let id = config
-                .get("client.id")
-                .unwrap_or("sluice-worker")
-                .to_string();
-            config.set("client.id", format!("{id}-rejoin-helper"));
-            crate::quirks::spawn_rejoin_helper(config, self.topics.to_vec());
-        }
-        for lane in &mut self.lanes {
-            if let Some(j) = lane.joiner.as_mut() {
-                q.nudge(&lane.completer, j, &mut self.side).await;
-            }
-        }
-        let by_topic: Vec<Arc<Completer>> = self
-            .lane_of
-            .iter()
-            .map(|&l| Arc::clone(&self.lanes[l].completer))
-            .collect();
-        // A paused partition fetches nothing on purpose: it has not stalled.
-        let idle = &self.idle;
-        q.reread_stalled(&self.state, |k| idle.is_paused(k), by_topic, &mut self.side)
-            .await;
-    }
-
     /// Handles one consumed record; false when the pipeline is gone (the worker is stopping).
     async fn on_record(&mut self, m: &BorrowedMessage<'_>) -> bool {
         let Some(topic_index) = self.topics.iter().position(|t| t == m.topic()) else {
@@ -671,26 +552,6 @@ impl<'a> Worker<'a> {
         };
         let lane_index = self.lane_of[topic_index];
         let key = (topic_index, m.partition());
-        self.idle.record_arrived(key, Instant::now());
-        if let Some(q) = &self.quirks {
-            match q.arrival(&self.lanes[lane_index].completer, key, m.offset()) {
-                Arrival::Next => {}
-                Arrival::Skip => return true,
-                Arrival::SeekBack(expected) => {
-                    tracing::warn!(
-                        topic = m.topic(),
-                        partition = m.partition(),
-                        expected,
-                        got = m.offset(),
-                        "the fetch skipped records; re-reading from the first one missing"
-                    );
-                    self.lanes[lane_index]
-                        .completer
-                        .seek(m.topic(), m.partition(), expected);
-                    return true;
-                }
-            }
-        }
         let source = Source {
             topic_index,
             partition: m.partition(),
@@ -711,7 +572,19 @@ impl<'a> Worker<'a> {
         let headers = Record::headers_of(m);
         let admission = admit(&Record::of(m, &headers), source, &ctx);
         match admission {
-            Admission::Run(job) => self.run(lane_index, *job).await,
+            Admission::Run(job) => {
+                // Requests from the gateway carry when it sent them (a graph's later hops carry
+                // the hop, a direct producer's records 0).
+                let sent_us = job.request.sent_at_us;
+                if sent_us > 0 && job.request.hop.is_none() {
+                    let waited = (sluice_common::now_us() - sent_us).max(0);
+                    self.lanes[lane_index]
+                        .metrics
+                        .fetch_seconds
+                        .record(waited as f64 / 1e6);
+                }
+                self.run(lane_index, *job).await
+            }
             Admission::Done(completion) => {
                 self.finish(lane_index, vec![*completion]).await;
                 true
@@ -819,7 +692,6 @@ impl<'a> Worker<'a> {
     async fn drain(&mut self) {
         tracing::info!("draining");
         self.state.joined.store(false, Ordering::Relaxed);
-        self.idle.resume_all(&self.consumer);
         let timeout = self.deployment.config.worker.drain_timeout;
         let mut pipeline = Vec::new();
         for lane in &mut self.lanes {
@@ -855,13 +727,6 @@ impl<'a> Worker<'a> {
             let _ = p.flush(Duration::from_secs(5));
         }
         tracing::info!("worker stopped");
-    }
-}
-
-async fn sleep_until_or_forever(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at.into()).await,
-        None => std::future::pending().await,
     }
 }
 

@@ -5,7 +5,6 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
@@ -13,7 +12,7 @@ use rdkafka::consumer::{
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use crate::completion::Completion;
-use crate::offsets::{GapGuard, OffsetTracker};
+use crate::offsets::OffsetTracker;
 use crate::sink::Sink;
 use crate::telemetry::WorkerMetrics;
 
@@ -30,19 +29,12 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub(crate) struct PartitionState {
     /// Unfinished offsets.
     pub(crate) tracker: Mutex<OffsetTracker<PartitionKey>>,
-    /// The fetch-gap guard (`broker_quirks = "tansu"`).
-    pub(crate) gaps: Mutex<GapGuard<PartitionKey>>,
     /// Offsets stored for commit.
     pub(crate) stored: Mutex<HashMap<PartitionKey, i64>>,
     /// Partitions revoked since the loop last looked.
     pub(crate) revoked: Mutex<Vec<PartitionKey>>,
     /// Whether the worker has been assigned partitions (readiness).
     pub(crate) joined: Arc<AtomicBool>,
-    /// Rebalances seen (the idle cycle stays active for a while after each).
-    pub(crate) rebalances: std::sync::atomic::AtomicU64,
-    /// Since when the group membership has not been steady, by librdkafka's statistics
-    /// (only collected with `broker_quirks = "tansu"`); `None` while steady.
-    pub(crate) unsettled_since: Mutex<Option<std::time::Instant>>,
 }
 
 /// Keeps the partition state in step with assignment and marks the worker ready.
@@ -54,20 +46,7 @@ pub(crate) struct GroupContext {
     pub(crate) assigned_gauge: metrics::Gauge,
 }
 
-impl ClientContext for GroupContext {
-    fn stats(&self, statistics: rdkafka::Statistics) {
-        let steady = statistics
-            .cgrp
-            .as_ref()
-            .is_none_or(|g| g.join_state == "steady");
-        let mut since = lock(&self.state.unsettled_since);
-        if steady {
-            *since = None;
-        } else if since.is_none() {
-            *since = Some(std::time::Instant::now());
-        }
-    }
-}
+impl ClientContext for GroupContext {}
 
 impl ConsumerContext for GroupContext {
     fn post_rebalance(&self, _base: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -90,11 +69,9 @@ impl ConsumerContext for GroupContext {
         {
             let mut tracker = lock(&self.state.tracker);
             let mut stored = lock(&self.state.stored);
-            let mut gaps = lock(&self.state.gaps);
             for k in &keys {
                 tracker.forget(*k);
                 stored.remove(k);
-                gaps.forget(*k);
             }
         }
         let shown: Vec<(&str, i32)> = keys
@@ -109,7 +86,6 @@ impl ConsumerContext for GroupContext {
             self.assigned.fetch_sub(n, Ordering::Relaxed) - n
         };
         self.assigned_gauge.set(owned as f64);
-        self.state.rebalances.fetch_add(1, Ordering::Relaxed);
         if kind == "assigned" {
             self.state.joined.store(true, Ordering::Relaxed);
         } else {
@@ -221,17 +197,5 @@ impl Completer {
             tracing::warn!(error = %e, "final commit failed");
         }
         self.consumer.unsubscribe();
-    }
-
-    /// Moves consumption of `topic`/`partition` back to `offset`.
-    pub(crate) fn seek(&self, topic: &str, partition: i32, offset: i64) {
-        if let Err(e) = self.consumer.seek(
-            topic,
-            partition,
-            Offset::Offset(offset),
-            Duration::from_secs(1),
-        ) {
-            tracing::warn!(error = %e, "seek failed");
-        }
     }
 }

@@ -44,7 +44,6 @@ pub struct Decided {
 
 struct Pending {
     first_seen: Instant,
-    nudged: bool,
     base: InferenceRequest,
     /// Arrival order: (index in `join.parts`, carried tensors or the part's error).
     parts: Vec<(usize, Result<Vec<Tensor>, InferenceError>)>,
@@ -143,7 +142,6 @@ impl Joiner {
         };
         let entry = self.pending.entry(id.clone()).or_insert_with(|| Pending {
             first_seen: Instant::now(),
-            nudged: false,
             base: InferenceRequest {
                 inputs: Vec::new(),
                 ..request.clone()
@@ -202,24 +200,6 @@ impl Joiner {
                 .iter()
                 .any(|h| partitions.contains(&(h.topic_index, h.partition)))
         });
-    }
-
-    /// Partitions holding requests that have waited longer than `after` for their parts (each
-    /// request reported once): their missing parts may be written but not yet visible.
-    pub fn overdue(&mut self, after: Duration) -> Vec<(usize, i32)> {
-        let mut out = Vec::new();
-        for p in self.pending.values_mut() {
-            if !p.nudged && p.first_seen.elapsed() >= after {
-                p.nudged = true;
-                if let Some(h) = p.records.first() {
-                    let key = (h.topic_index, h.partition);
-                    if !out.contains(&key) {
-                        out.push(key);
-                    }
-                }
-            }
-        }
-        out
     }
 
     /// The longest any pending request may still wait.
@@ -577,15 +557,6 @@ timeout = "50ms"
         let e = answer(&d).error.clone().unwrap();
         assert_eq!(e.code, "model_failed");
         assert!(e.message.contains("part 'c' failed: boom"), "{}", e.message);
-    }
-
-    #[test]
-    fn overdue_requests_name_their_partition_once() {
-        let mut j = joiner("");
-        j.offer(part("r1", "a", 1), held(0));
-        assert!(j.overdue(Duration::from_secs(60)).is_empty());
-        assert_eq!(j.overdue(Duration::ZERO), [(0, 0)]);
-        assert!(j.overdue(Duration::ZERO).is_empty(), "reported once");
     }
 
     #[test]

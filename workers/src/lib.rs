@@ -11,8 +11,7 @@
 //!   result), `admission` (what a record is), `reply` (Redis) and `sink` (Kafka);
 //! - `group` (partitions, offsets, delivery), `executor` (a batch through a step, and fused
 //!   steps in process), `local` (a lane's loop over its batches, and hops to the worker's other
-//!   lanes in process), `quirks` (tansu work-arounds), `idle` (fetching less while idle), `purge`
-//!   (deleting consumed records);
+//!   lanes in process), `purge` (deleting consumed records);
 //! - `consumer`: the consumer loop, [`run`].
 
 mod admission;
@@ -24,7 +23,6 @@ mod executor;
 mod fail_point;
 mod flow;
 mod group;
-mod idle;
 mod job;
 mod join;
 mod local;
@@ -32,7 +30,6 @@ mod offsets;
 mod outcome;
 mod pool;
 mod purge;
-mod quirks;
 mod record;
 mod reply;
 mod runner;

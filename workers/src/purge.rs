@@ -5,10 +5,9 @@
 //! This is what Kafka Streams does for its repartition topics. Results, comparisons and dead
 //! letters are never consumed by workers, so never purged.
 //!
-//! A broker that cannot delete records is logged once and left alone: tansu 0.6.0 implements
-//! `DeleteRecords` in none of its storage engines (`todo!()` in memory and SQLite), so with
-//! `broker_quirks = "tansu"` workers do not ask, and request and step topics rely on the
-//! `retention.ms` they were created with (`kafka.purge_retention`).
+//! A broker that refuses `DeleteRecords` (not supported, or not authorized) is logged once and
+//! left alone: the topics' own retention bounds them then. Any other failure is tried again at
+//! the next interval.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -20,25 +19,14 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::{Offset, TopicPartitionList};
 use sluice_common::Config;
-use sluice_common::config::BrokerQuirks;
 
 use crate::group::GroupContext;
 
 /// How long one purge request may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Failed purge requests in a row after which a worker stops asking.
-const GIVE_UP_AFTER: u32 = 3;
-
 /// Purges this worker's partitions every `kafka.purge_interval` until aborted.
 pub(crate) async fn run(consumer: Arc<StreamConsumer<GroupContext>>, cfg: Config) {
-    if cfg.kafka.broker_quirks == BrokerQuirks::Tansu {
-        tracing::info!(
-            retention = ?cfg.kafka.purge_retention,
-            "tansu cannot delete records on request; request and step topics rely on their retention.ms"
-        );
-        return;
-    }
     let admin: AdminClient<DefaultClientContext> = match sluice_common::kafka::admin_config(&cfg)
         .create()
     {
@@ -49,7 +37,6 @@ pub(crate) async fn run(consumer: Arc<StreamConsumer<GroupContext>>, cfg: Config
         }
     };
     let mut purged: HashMap<(String, i32), i64> = HashMap::new();
-    let mut failures = 0;
     let mut every = tokio::time::interval(cfg.kafka.purge_interval);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     every.tick().await;
@@ -87,7 +74,6 @@ pub(crate) async fn run(consumer: Arc<StreamConsumer<GroupContext>>, cfg: Config
         });
         match answer {
             Ok(result) => {
-                failures = 0;
                 for e in result.elements() {
                     match e.error() {
                         Ok(()) => {
@@ -109,15 +95,8 @@ pub(crate) async fn run(consumer: Arc<StreamConsumer<GroupContext>>, cfg: Config
                 tracing::warn!(error = %e, "the broker cannot delete records; consumed records stay until retention removes them");
                 return;
             }
-            // A broker that drops the connection on DeleteRecords (tansu 0.6.0 does) looks like
-            // a transport failure: after a few in a row, stop asking.
-            Err(e) if failures + 1 >= GIVE_UP_AFTER => {
-                tracing::warn!(error = %e, attempts = GIVE_UP_AFTER, "the broker does not answer DeleteRecords; consumed records stay until retention removes them");
-                return;
-            }
             Err(e) => {
-                failures += 1;
-                tracing::debug!(error = %e, "purging consumed records failed; trying again");
+                tracing::debug!(error = %e, "purging consumed records failed; trying again later");
             }
         }
     }
@@ -144,7 +123,7 @@ fn purgeable(
     due
 }
 
-/// Whether `e` says the broker does not do `DeleteRecords` at all.
+/// Whether `e` says the broker does not do `DeleteRecords` at all, or not for this worker.
 fn unsupported(e: &KafkaError) -> bool {
     matches!(
         e.rdkafka_error_code(),
@@ -153,6 +132,8 @@ fn unsupported(e: &KafkaError) -> bool {
                 | RDKafkaErrorCode::InvalidRequest
                 | RDKafkaErrorCode::UnsupportedFeature
                 | RDKafkaErrorCode::PolicyViolation
+                | RDKafkaErrorCode::TopicAuthorizationFailed
+                | RDKafkaErrorCode::ClusterAuthorizationFailed
         )
     )
 }

@@ -8,8 +8,6 @@
 //! authorization) are not retried: the record is dead-lettered and, for a request still on its way
 //! through a graph, the caller gets an error reply, so one bad record never pins its partition.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::future::join_all;
@@ -25,34 +23,6 @@ use sluice_schemas::{InferenceResult, encode_request, encode_result};
 use crate::completion::{Completion, DeadLetter};
 use crate::reply::Replier;
 use crate::telemetry::WorkerMetrics;
-
-/// How a sink tells the consumer loop it wrote to one of the worker's own partitions: only for
-/// topics with a partition paused now (`paused_topics`, by topic index; it may say paused when
-/// none is, never the other way round), so a busy pipeline sends nothing.
-#[derive(Clone)]
-pub(crate) struct OwnWrites {
-    /// Where the loop hears of it: (topic index, partition).
-    pub(crate) tx: tokio::sync::mpsc::Sender<(usize, i32)>,
-    /// Per topic index, whether a partition of it is paused.
-    pub(crate) paused_topics: Arc<Vec<AtomicBool>>,
-}
-
-impl OwnWrites {
-    /// Reports a record written to partition `partition` of `topic`, if that is one of the
-    /// worker's `topics` with a partition paused. Only paused topics' names are compared, so a
-    /// busy worker does no work here.
-    pub(crate) fn wrote(&self, topics: &[String], topic: &str, partition: i32) {
-        let paused = self
-            .paused_topics
-            .iter()
-            .zip(topics)
-            .position(|(p, t)| p.load(Ordering::Relaxed) && t == topic);
-        if let Some(t) = paused {
-            // Full: the loop is busy and will catch up at the next probe anyway.
-            let _ = self.tx.try_send((t, partition));
-        }
-    }
-}
 
 /// How a failed produce is handled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,9 +98,6 @@ pub struct SinkNames {
     pub unit: String,
     /// The worker's topics, by index.
     pub topics: std::sync::Arc<Vec<String>>,
-    /// Told of each record written to one of the worker's own topics (a graph's next step in
-    /// the same unit), so a partition paused while idle is fetched at once.
-    pub(crate) own_writes: Option<OwnWrites>,
 }
 
 /// Writes results, next-step records and dead letters.
@@ -144,7 +111,6 @@ pub struct Sink {
     unit: String,
     /// The worker's topics, by index (where a record came from).
     topics: std::sync::Arc<Vec<String>>,
-    own_writes: Option<OwnWrites>,
     metrics: std::sync::Arc<WorkerMetrics>,
 }
 
@@ -170,7 +136,6 @@ impl Sink {
             dead_letter_topic: names.dead_letter_topic,
             unit: names.unit,
             topics: names.topics,
-            own_writes: names.own_writes,
             metrics,
         }
     }
@@ -233,9 +198,6 @@ impl Sink {
                         o.request.deadline_ms,
                     )
                     .await;
-                if let (Ok(partition), Some(own)) = (&sent, &self.own_writes) {
-                    own.wrote(&self.topics, &o.topic, *partition);
-                }
                 sent.err().map(|e| (c, o, e))
             });
             let dead = items.iter().filter_map(|c| {
@@ -296,24 +258,6 @@ impl Sink {
             offset: c.source.offset,
             class: codes::PRODUCE_FAILED,
             message,
-        }
-    }
-
-    /// Writes an empty nudge record to `partition` of `topic` (see
-    /// [`sluice_common::kafka::headers::NUDGE`]); best effort.
-    pub async fn nudge(&self, topic: &str, partition: i32) {
-        let headers = h::build(&[(h::NUDGE, "1")]);
-        let empty: &[u8] = &[];
-        let record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic)
-            .partition(partition)
-            .payload(empty)
-            .headers(headers);
-        if let Err((e, _)) = self
-            .forward_producer
-            .send(record, Duration::from_secs(1))
-            .await
-        {
-            tracing::debug!(%topic, partition, error = %e, "nudge not written");
         }
     }
 

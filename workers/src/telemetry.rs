@@ -39,6 +39,11 @@ pub struct WorkerMetrics {
     pub inference_seconds: Histogram,
     /// Time from produce to the start of the step.
     pub queue_wait_seconds: Histogram,
+    /// Time from the gateway's send to the record in the worker's consumer loop (produce,
+    /// broker, fetch): requests from the gateway only.
+    pub fetch_seconds: Histogram,
+    /// Time from a job's arrival at its step's batcher to its batch's dispatch.
+    pub batch_wait_seconds: Histogram,
     /// Records received and not yet fully handled.
     pub in_flight: Gauge,
     /// Produce attempts retried.
@@ -47,10 +52,6 @@ pub struct WorkerMetrics {
     pub produce_failures: Counter,
     /// Redis replies given up on past every deadline.
     pub replies_dropped: Counter,
-    /// Records a fetch skipped, read again (`broker_quirks = "tansu"`).
-    pub fetch_gaps: Counter,
-    /// Joins: nudge records written (`broker_quirks = "tansu"`).
-    pub join_nudges: Counter,
     /// Joins: parts for requests already answered.
     pub join_late_parts: Counter,
     /// Joins: requests decided by their timeout.
@@ -133,12 +134,12 @@ impl WorkerMetrics {
             batch_size: metrics::histogram!("sluice_worker_batch_size", "unit" => u()),
             inference_seconds: metrics::histogram!("sluice_worker_inference_seconds", "unit" => u()),
             queue_wait_seconds: metrics::histogram!("sluice_worker_queue_wait_seconds", "unit" => u()),
+            fetch_seconds: metrics::histogram!("sluice_worker_fetch_seconds", "unit" => u()),
+            batch_wait_seconds: metrics::histogram!("sluice_worker_batch_wait_seconds", "unit" => u()),
             in_flight: metrics::gauge!("sluice_worker_in_flight", "unit" => u()),
             produce_retries: metrics::counter!("sluice_worker_produce_retries_total", "unit" => u()),
             produce_failures: metrics::counter!("sluice_worker_produce_failures_total", "unit" => u()),
             replies_dropped: metrics::counter!("sluice_worker_replies_dropped_total", "unit" => u()),
-            fetch_gaps: metrics::counter!("sluice_worker_fetch_gaps_total", "unit" => u()),
-            join_nudges: metrics::counter!("sluice_join_nudges_total", "unit" => u()),
             join_late_parts: metrics::counter!("sluice_join_late_parts_total", "unit" => u()),
             join_timeouts: metrics::counter!("sluice_join_timeouts_total", "unit" => u()),
             join_pending: metrics::gauge!("sluice_join_pending", "unit" => u()),

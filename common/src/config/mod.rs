@@ -103,9 +103,6 @@ pub struct KafkaConfig {
     pub topic_prefix: String,
     /// Replication factor for topics Sluice creates.
     pub replication_factor: i32,
-    /// Work-arounds for a broker's known defects: `tansu` turns on the fetch-gap guard, the
-    /// re-read of stalled partitions and join nudges; `none` (any correct Kafka broker) has none.
-    pub broker_quirks: BrokerQuirks,
     /// Delete records of request and step topics once the group has committed past them
     /// (`DeleteRecords`, as Kafka Streams does for its repartition topics). Results, comparisons
     /// and dead letters are never purged.
@@ -113,25 +110,6 @@ pub struct KafkaConfig {
     /// How often a worker purges the partitions it owns.
     #[serde(with = "humantime_serde")]
     pub purge_interval: Duration,
-    /// Where the broker cannot delete records on request (tansu 0.6.0), request and step topics
-    /// are created with this `retention.ms` instead (0: none). Longer than `gateway.max_timeout`,
-    /// so nothing is deleted before its deadline passed.
-    #[serde(with = "humantime_serde")]
-    pub purge_retention: Duration,
-    /// A consumer idle this long fetches less often (`idle_fetch_interval`), until records
-    /// arrive again or the gateway signals a request through Redis. 0 keeps fetching always.
-    #[serde(with = "humantime_serde")]
-    pub idle_after: Duration,
-    /// How often an idle consumer still fetches (the longest an idle worker can miss a record
-    /// written without the gateway, e.g. by a direct Kafka producer).
-    #[serde(with = "humantime_serde")]
-    pub idle_fetch_interval: Duration,
-    /// Once probes have found nothing for 10 × `idle_after`, idle partitions are probed this
-    /// often instead (a record, a forward or the gateway's wake-up brings back
-    /// `idle_fetch_interval`), so a stack left idle costs less. One shorter than
-    /// `idle_fetch_interval` is read as `idle_fetch_interval`.
-    #[serde(with = "humantime_serde")]
-    pub idle_fetch_max_interval: Duration,
     /// librdkafka properties for every client (applied after Sluice's defaults).
     #[serde(default)]
     pub client: BTreeMap<String, String>,
@@ -141,16 +119,6 @@ pub struct KafkaConfig {
     /// librdkafka properties for consumers only.
     #[serde(default)]
     pub consumer: BTreeMap<String, String>,
-}
-
-/// Known broker defects Sluice works around (see README, Benchmarks).
-#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum BrokerQuirks {
-    /// A broker that follows the Kafka protocol: no work-arounds.
-    None,
-    /// tansu 0.6.0: fetches may skip records, and records may stay unseen until the next append.
-    Tansu,
 }
 
 /// Redis connection and result storage.
@@ -254,18 +222,6 @@ pub struct WorkerConfig {
     /// Linger of records for a graph's next step: on the caller's path, so short.
     #[serde(with = "humantime_serde")]
     pub forward_linger: Duration,
-    /// `broker_quirks = "tansu"`: a partition silent this long although its high watermark is past
-    /// what arrived is read again.
-    #[serde(with = "humantime_serde")]
-    pub stalled_partition_after: Duration,
-    /// `broker_quirks = "tansu"`: a join whose parts are this overdue nudges its partition.
-    #[serde(with = "humantime_serde")]
-    pub join_nudge_after: Duration,
-    /// `broker_quirks = "tansu"`: a worker whose group membership has not settled for this long
-    /// brings a short-lived helper member into its group (tansu 0.6.0 can keep a member that
-    /// timed out as the group's leader, so no SyncGroup succeeds; another member's join ends it).
-    #[serde(with = "humantime_serde")]
-    pub rejoin_stuck_after: Duration,
     /// A graph's next step served by another lane of the same worker runs in process instead of
     /// through its topic (one broker round trip less per hop). Joins, shadow copies and steps of
     /// other workers still go through Kafka. `false`: every hop through Kafka.
@@ -304,8 +260,14 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LocalConfig {
-    /// tansu storage URL: `memory://tansu/` or `sqlite://FILE` (survives a broker kill -9).
-    pub kafka_storage: String,
+    /// The folder of the Kafka broker `up` starts when none answers at `kafka.brokers`: its
+    /// settings and its log, kept between runs (a relative path is taken from the working
+    /// directory).
+    pub kafka_dir: PathBuf,
+    /// That broker's controller listener (`host:port`; KRaft, inside its own JVM).
+    pub kafka_controller: String,
+    /// That broker's JVM heap limit (`-Xmx`), e.g. `512m`.
+    pub kafka_heap: String,
     /// Port for a Redis that `up` starts when none answers at `redis.url`.
     pub redis_port: u16,
     /// How long `up` waits for every process to be ready before it stops them all and fails.
@@ -620,26 +582,9 @@ impl Config {
         if g.header_read_timeout.is_zero() || g.body_read_timeout.is_zero() {
             p.push("gateway.header_read_timeout, body_read_timeout: must be > 0".into());
         }
-        if self.worker.stalled_partition_after.is_zero() || self.worker.join_nudge_after.is_zero() {
-            p.push(
-                "worker.stalled_partition_after and worker.join_nudge_after: must be > 0".into(),
-            );
-        }
         let k = &self.kafka;
         if k.purge_interval.is_zero() {
             p.push("kafka.purge_interval: must be > 0".into());
-        }
-        if !k.purge_retention.is_zero() && k.purge_retention <= g.max_timeout {
-            p.push(format!(
-                "kafka.purge_retention: must be 0 or longer than gateway.max_timeout ({:?}), so no request is deleted before its deadline",
-                g.max_timeout
-            ));
-        }
-        if k.idle_fetch_interval.is_zero() {
-            p.push("kafka.idle_fetch_interval: must be > 0".into());
-        }
-        if self.worker.rejoin_stuck_after < Duration::from_secs(1) {
-            p.push("worker.rejoin_stuck_after: must be at least 1s".into());
         }
         if self.worker.max_queued == 0 {
             p.push("worker.max_queued: must be at least 1".into());
@@ -740,11 +685,6 @@ impl Config {
     /// Redis pub/sub channel a gateway instance listens on.
     pub fn reply_channel(&self, gateway_id: &str) -> String {
         format!("{}:reply:{gateway_id}", self.redis.key_prefix)
-    }
-
-    /// Redis pub/sub channel on which gateways wake idle workers (see `kafka.idle_after`).
-    pub fn wake_channel(&self) -> String {
-        format!("{}:wake", self.redis.key_prefix)
     }
 
     /// Redis key a request's result is stored under.

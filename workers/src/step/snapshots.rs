@@ -9,9 +9,6 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use sluice_common::Config;
 
-/// How long the broker holds a snapshot fetch: the most a new snapshot waits to be seen.
-const FETCH_WAIT: Duration = Duration::from_millis(50);
-
 /// What a step serves, shared with its follower.
 pub(super) type Slot<T> = Arc<RwLock<Arc<T>>>;
 
@@ -39,14 +36,14 @@ pub(super) async fn follow<T: Snapshot>(
     context: T::Context,
 ) {
     let client = format!("sluice-snapshots-{name}-{}", std::process::id());
-    let consumer: StreamConsumer =
-        match sluice_common::kafka::reader_config(&cfg, &client, FETCH_WAIT).create() {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::error!(error = %e, %name, "cannot follow the learner's snapshots");
-                return;
-            }
-        };
+    let consumer: StreamConsumer = match sluice_common::kafka::reader_config(&cfg, &client).create()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, %name, "cannot follow the learner's snapshots");
+            return;
+        }
+    };
     let consumer = Arc::new(consumer);
     // Start at the newest snapshot (the topic's last record).
     let start = loop {
