@@ -6,7 +6,8 @@
 # does the same against deploy/compare/fastapi_baseline.py under uvicorn with 1 and 2 worker
 # processes. All of that COMPARE_ROUNDS times (default 2), interleaved, and prints the median of
 # each figure: req/s, p50 and p99, and the CPU time per request of every process of the system
-# under test (for Sluice: the broker, Redis, gateway, workers and learners) from /proc.
+# under test (for Sluice: the broker, Redis, gateway, workers and learners) from /proc. Each
+# servable gets WARMUP seconds (default 3) of unmeasured load first, on every system alike.
 # usage: deploy/compare.sh [SECONDS_PER_RUN]   (default 10; SLUICE_BIN=path compares another build;
 #        COMPARE_ALSO="SLUICE__WORKER__LOCAL_HOPS=false" also runs the stack with those settings,
 #        as a column "sluice-also", in the same rounds; SLUICE_COMPARE_CONFIG=examples/digits.toml
@@ -51,6 +52,10 @@ tree_ticks() {
 load() {
   local name=$1 round=$2 root=$3 base=$4
   for s in $SERVABLES; do
+    # Warm-up, not measured: every system's first seconds under load (a JVM's JIT, Python's
+    # imports, connection pools) are left out alike.
+    BODY="examples/requests/$s.json" wrk -t2 -c32 -d"${WARMUP:-3}s" -s deploy/compare/post.lua \
+      "$base/v2/models/$s/infer" > /dev/null 2>&1 || true
     for c in 1 32; do
       local threads=$(( c < 2 ? 1 : 2 ))
       local t0 t1

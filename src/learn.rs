@@ -27,8 +27,11 @@ use sluice_learn::{
 };
 use sluice_schemas::learning::{decode_feedback, decode_prediction};
 
-/// How often the clock-driven work runs: window ends, snapshots, checkpoints.
+/// How often the clock-driven work runs (window ends, snapshots, checkpoints) while there is
+/// some to do: predictions waiting for feedback, weights not yet published or checkpointed.
 const TICK: Duration = Duration::from_millis(20);
+/// How often it runs when there is none (an idle learner wakes less).
+const IDLE_TICK: Duration = Duration::from_millis(250);
 
 /// Arguments of `sluice learn`.
 #[derive(clap::Args)]
@@ -277,8 +280,6 @@ async fn serve<T: Trainee>(
     tracing::info!(model = name, %ops_addr, "learner serving metrics and health");
 
     let metrics = Metrics::new(name);
-    let mut tick = tokio::time::interval(TICK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut published = state.learner.version();
     let mut last_snapshot = Instant::now();
     let mut last_checkpoint = Instant::now();
@@ -287,6 +288,7 @@ async fn serve<T: Trainee>(
     let mut caught_up = false;
     let shutdown = sluice_common::ops::shutdown_signal();
     tokio::pin!(shutdown);
+    let mut next_tick = tokio::time::Instant::now() + TICK;
     loop {
         tokio::select! {
             msg = consumer.recv() => {
@@ -332,8 +334,9 @@ async fn serve<T: Trainee>(
                 };
                 state.learn(&settings, outcomes);
                 dirty = true;
+                next_tick = next_tick.min(tokio::time::Instant::now() + TICK);
             }
-            _ = tick.tick() => {
+            _ = tokio::time::sleep_until(next_tick) => {
                 caught_up = caught_up || state.next.iter().zip(ends).all(|(n, e)| *n >= e);
                 if caught_up {
                     let outcomes = state.join.expire(sluice_common::now_ms());
@@ -354,6 +357,8 @@ async fn serve<T: Trainee>(
                     dirty = !checkpoint(&mut redis, &key, &state).await;
                     last_checkpoint = Instant::now();
                 }
+                let busy = dirty || state.join.pending() > 0 || state.learner.version() != published;
+                next_tick = tokio::time::Instant::now() + if busy { TICK } else { IDLE_TICK };
             }
             () = &mut shutdown => break,
         }

@@ -180,8 +180,10 @@ fn broker_log_mib(pids: &[u32]) -> f64 {
     folder_bytes(&dir.join("data")) as f64 / (1024.0 * 1024.0)
 }
 
-/// Bytes of the files under `dir`, recursively.
+/// Bytes of disk the files under `dir` take, recursively (allocated blocks: Kafka preallocates
+/// its index files sparsely, so their length overstates the disk they use).
 fn folder_bytes(dir: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
     let Ok(entries) = std::fs::read_dir(dir) else {
         return 0;
     };
@@ -189,7 +191,7 @@ fn folder_bytes(dir: &std::path::Path) -> u64 {
         .flatten()
         .map(|e| match e.metadata() {
             Ok(m) if m.is_dir() => folder_bytes(&e.path()),
-            Ok(m) => m.len(),
+            Ok(m) => m.blocks() * 512,
             Err(_) => 0,
         })
         .sum()

@@ -239,6 +239,18 @@ async fn bad_records_are_dead_lettered_and_callers_get_error_replies() {
     assert!(decode_result(m.payload().unwrap()).unwrap().error.is_none());
 }
 
+/// Runs `cmd` to its end; fails the test with its output unless it succeeded; returns stdout.
+async fn stdout_ok(cmd: &mut tokio::process::Command) -> String {
+    let out = cmd.output().await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
 /// Interoperability: a stock Python Avro library (fastavro) and Kafka client encode the request
 /// and decode the result, using only `schemas/avro/*.avsc` and the documented framing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -248,18 +260,12 @@ async fn python_avro_client_calls_a_model_through_kafka() {
         return;
     };
     stack.start_worker("mlp");
-    let out = tokio::process::Command::new(python)
-        .arg(root().join("examples/kafka_direct.py"))
-        .args(["--brokers", &stack.kafka, "--model", "mlp"])
-        .output()
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = stdout_ok(
+        tokio::process::Command::new(python)
+            .arg(root().join("examples/kafka_direct.py"))
+            .args(["--brokers", &stack.kafka, "--model", "mlp"]),
+    )
+    .await;
     let want = samples().expected["mlp"]["label"][0].as_i64().unwrap();
     assert!(stdout.contains(&format!("label [1] [{want}]")), "{stdout}");
 }
@@ -357,17 +363,11 @@ async fn kcat_calls_a_graph_and_kafkas_group_tool_reads_the_lag() {
         return;
     };
     let (_, _) = stack.start_unit("all", &[]);
-    let out = tokio::process::Command::new(root().join("examples/kafka_graph.sh"))
-        .args(["digits-pipeline", &stack.kafka])
-        .output()
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = stdout_ok(
+        tokio::process::Command::new(root().join("examples/kafka_graph.sh"))
+            .args(["digits-pipeline", &stack.kafka]),
+    )
+    .await;
     let answer: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     let label = answer["outputs"]
         .as_array()

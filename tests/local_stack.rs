@@ -28,6 +28,40 @@ fn up_mlp((kp, rp, gp, wp): (u16, u16, u16, u16)) -> Command {
     c
 }
 
+/// A running `sluice up`, stopped (SIGTERM, then SIGKILL after 30 s) when dropped, so a test
+/// that fails midway leaves no stack running.
+struct Up(std::process::Child);
+
+impl std::ops::Deref for Up {
+    type Target = std::process::Child;
+    fn deref(&self) -> &std::process::Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Up {
+    fn deref_mut(&mut self) -> &mut std::process::Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        if !matches!(self.0.try_wait(), Ok(None)) {
+            return;
+        }
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let end = Instant::now() + Duration::from_secs(30);
+        while matches!(self.0.try_wait(), Ok(None)) && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// `child`'s stdout, line by line, as it comes.
 fn stdout_lines(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
     let stdout = child.stdout.take().unwrap();
@@ -60,6 +94,7 @@ fn up_serves_the_example_and_stops_cleanly() {
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
+        .map(Up)
         .unwrap();
     // Read the banner until the curl line for mlp appears.
     let rx = stdout_lines(&mut up);
@@ -110,7 +145,7 @@ fn up_serves_the_example_and_stops_cleanly() {
 /// A running `sluice up`: the process, its ports (broker, Redis, gateway, worker), and its log
 /// (in a temporary folder that lives as long as this).
 struct LoggedUp(
-    std::process::Child,
+    Up,
     (u16, u16, u16, u16),
     tempfile::TempDir,
     std::path::PathBuf,
@@ -127,6 +162,7 @@ fn spawn_up_logged() -> Option<LoggedUp> {
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
+        .map(Up)
         .unwrap();
     Some(LoggedUp(up, ports, dir, log))
 }
@@ -397,6 +433,7 @@ fn up_with_a_port_taken_stops_everything_and_says_why() {
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
+        .map(Up)
         .unwrap();
     let stderr = up.stderr.take().unwrap();
     let reader = std::thread::spawn(move || {
@@ -454,6 +491,7 @@ async fn up_retries_a_failed_start_and_stops_under_load_within_its_bound() {
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
+        .map(Up)
         .unwrap();
     let ready = format!("http://127.0.0.1:{wp}/health/ready");
     let end = Instant::now() + Duration::from_secs(90);
@@ -579,6 +617,7 @@ fn the_demo_stack_answers_every_call_it_prints() {
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
+        .map(Up)
         .unwrap();
     let rx = stdout_lines(&mut up);
     let end = Instant::now() + Duration::from_secs(180);

@@ -283,7 +283,11 @@ async fn answer_checked(stack: &Stack, servable: &str, n: usize) {
     let (s, client) = (samples(), http());
     for k in 0..n {
         // A model reads scaled pixels; a graph scales them itself.
-        let row = if servable == "mlp" { &s.scaled[k] } else { &s.raw[k] };
+        let row = if servable == "mlp" {
+            &s.scaled[k]
+        } else {
+            &s.raw[k]
+        };
         let r = infer(&client, &stack.gateway, servable, &[row]).await;
         assert_answers(&r, &s, servable, k);
     }

@@ -150,8 +150,9 @@ impl KafkaNode {
 }
 
 /// Settings for one broker on one machine: internal topics with one replica, a consumer group
-/// formed at once, threads for two cores, and a disk bound (8 MiB segments; a partition keeps
-/// at most 64 MiB and one hour, checked every 30 s).
+/// formed at once, threads for two cores, and a disk bound (8 MiB segments with 1 MiB index
+/// files; a partition keeps at most 64 MiB and one hour, checked every 30 s, and a segment past
+/// either is removed from disk after 1 s instead of Kafka's minute).
 const SINGLE_NODE: &str = "\
 num.partitions=1
 offsets.topic.replication.factor=1
@@ -166,9 +167,11 @@ num.network.threads=2
 num.io.threads=4
 num.recovery.threads.per.data.dir=1
 log.segment.bytes=8388608
+log.index.size.max.bytes=1048576
 log.retention.bytes=67108864
 log.retention.ms=3600000
 log.retention.check.interval.ms=30000
+log.segment.delete.delay.ms=1000
 ";
 
 /// The broker's log: warnings and errors, plus the line saying it started, to stderr.

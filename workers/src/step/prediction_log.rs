@@ -2,6 +2,7 @@
 //! per answer or choice, keyed by request id, acknowledged by the broker before the answer is
 //! released, so every answered request can be learned from.
 
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -16,16 +17,26 @@ pub(super) struct PredictionLog {
     topic: String,
 }
 
+/// The one producer every prediction log of a process writes with (each idle librdkafka
+/// producer costs a polling thread's wake-ups; a worker serving five learning steps paid five).
+static PRODUCER: OnceLock<FutureProducer> = OnceLock::new();
+
 impl PredictionLog {
     /// The log of servable `name`.
     pub(super) fn new(name: &str, deployment: &Deployment) -> Result<PredictionLog, BuildError> {
-        let producer = sluice_common::kafka::producer_config(
-            &deployment.config,
-            &format!("sluice-predictions-{name}-{}", std::process::id()),
-            Duration::from_micros(300),
-        )
-        .create()
-        .map_err(|e| BuildError::Settings(format!("prediction log producer: {e}")))?;
+        let producer = match PRODUCER.get() {
+            Some(p) => p.clone(),
+            None => {
+                let created: FutureProducer = sluice_common::kafka::producer_config(
+                    &deployment.config,
+                    &format!("sluice-predictions-{}", std::process::id()),
+                    Duration::from_micros(300),
+                )
+                .create()
+                .map_err(|e| BuildError::Settings(format!("prediction log producer: {e}")))?;
+                PRODUCER.get_or_init(|| created).clone()
+            }
+        };
         Ok(PredictionLog {
             producer,
             topic: deployment.topics.predictions(name),
