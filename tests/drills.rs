@@ -18,9 +18,14 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use rdkafka::Message;
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::Consumer;
 use rdkafka::message::OwnedMessage;
 use sluice_schemas::InferenceResult;
+
+/// Drills share this lock: each holds it to read, and the overload drill to write, so that
+/// drill runs alone (its capacity measurement must not share the machine with another drill).
+static DRILLS: std::sync::LazyLock<tokio::sync::RwLock<()>> =
+    std::sync::LazyLock::new(|| tokio::sync::RwLock::new(()));
 
 /// The model every drill loads: batching, milliseconds per call, two partitions.
 const MODEL: &str = "heavy";
@@ -178,14 +183,7 @@ impl Load {
 
 /// Every record of `topic`, read until it has been quiet for `quiet` (or 2 minutes passed).
 async fn read_topic(stack: &Stack, topic: &str, quiet: Duration) -> Vec<OwnedMessage> {
-    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", &stack.kafka)
-        .set("group.id", format!("drill-oracle-{}", uuid::Uuid::new_v4()))
-        .set("auto.offset.reset", "earliest")
-        .set("fetch.wait.max.ms", "5")
-        .create()
-        .unwrap();
-    consumer.subscribe(&[topic]).unwrap();
+    let consumer = reader(&stack.kafka, topic);
     let mut records = Vec::new();
     let mut last = Instant::now();
     let end = Instant::now() + Duration::from_secs(120);
@@ -314,6 +312,7 @@ where
 
 #[tokio::test(flavor = "multi_thread")]
 async fn worker_kill_9_under_load() {
+    let _turn = DRILLS.read().await;
     let Some((mut stack, w)) = drill_stack(&[]) else {
         return;
     };
@@ -336,6 +335,7 @@ async fn worker_kill_9_under_load() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn worker_sigterm_drains_under_load() {
+    let _turn = DRILLS.read().await;
     let Some((mut stack, w)) = drill_stack(&[]) else {
         return;
     };
@@ -399,12 +399,14 @@ async fn fail_point_drill(point: &str, passes: u32, drill: &str) {
 #[cfg(feature = "fail-points")]
 #[tokio::test(flavor = "multi_thread")]
 async fn worker_killed_before_its_results_are_produced() {
+    let _turn = DRILLS.read().await;
     fail_point_drill("before_produce", 40, "kill -9 before the result produce").await;
 }
 
 #[cfg(feature = "fail-points")]
 #[tokio::test(flavor = "multi_thread")]
 async fn worker_killed_after_produce_before_offset_stored() {
+    let _turn = DRILLS.read().await;
     fail_point_drill(
         "after_produce",
         40,
@@ -416,11 +418,13 @@ async fn worker_killed_after_produce_before_offset_stored() {
 #[cfg(feature = "fail-points")]
 #[tokio::test(flavor = "multi_thread")]
 async fn worker_killed_after_a_commit() {
+    let _turn = DRILLS.read().await;
     fail_point_drill("after_commit", 3, "kill -9 after a commit").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn rebalance_storm_under_load() {
+    let _turn = DRILLS.read().await;
     let Some((mut stack, first)) = drill_stack(&[]) else {
         return;
     };
@@ -461,6 +465,7 @@ async fn rebalance_storm_under_load() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn broker_paused_then_resumed() {
+    let _turn = DRILLS.read().await;
     // SLUICE_DRILL_KAFKA_DEBUG=cgrp,... turns on librdkafka's debug log in the worker.
     let debug = std::env::var("SLUICE_DRILL_KAFKA_DEBUG").ok();
     let env: Vec<(&str, &str)> = debug
@@ -501,6 +506,7 @@ async fn broker_paused_then_resumed() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn broker_killed_and_restarted() {
+    let _turn = DRILLS.read().await;
     let Some((mut stack, _)) = drill_stack(&[]) else {
         return;
     };
@@ -524,6 +530,7 @@ async fn broker_killed_and_restarted() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn network_delay_loss_cuts_and_a_partition() {
+    let _turn = DRILLS.read().await;
     let broker = Broker { proxied: true };
     let Some((mut stack, _)) = drill_stack_with(&[], broker) else {
         return;
@@ -559,6 +566,7 @@ async fn network_delay_loss_cuts_and_a_partition() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn redis_killed_and_restarted() {
+    let _turn = DRILLS.read().await;
     let Some((mut stack, _)) = drill_stack(&[]) else {
         return;
     };
@@ -582,6 +590,7 @@ async fn redis_killed_and_restarted() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn redis_paused_then_resumed() {
+    let _turn = DRILLS.read().await;
     let Some((mut stack, _)) = drill_stack(&[]) else {
         return;
     };
@@ -606,6 +615,7 @@ async fn redis_paused_then_resumed() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn gateway_killed_with_requests_in_flight() {
+    let _turn = DRILLS.read().await;
     // Results live until the later of their deadline (8 s) and result_ttl (2 s): orphaned
     // results must be gone from Redis soon after.
     let Some((mut stack, _)) = drill_stack(&[("SLUICE__REDIS__RESULT_TTL", "2s")]) else {
@@ -715,6 +725,7 @@ fn poison_records(samples: &Samples) -> Vec<(&'static str, Vec<u8>, &'static str
 
 #[tokio::test(flavor = "multi_thread")]
 async fn poison_records_are_dead_lettered_without_a_crash_or_a_stall() {
+    let _turn = DRILLS.read().await;
     use rdkafka::producer::{FutureProducer, FutureRecord};
     let Some((mut stack, w)) = drill_stack(&[]) else {
         return;
@@ -854,6 +865,7 @@ fn quantile_ms(outcomes: &[Outcome], status: u16, q: f64) -> f64 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn overload_at_two_and_five_times_capacity() {
+    let _alone = DRILLS.write().await;
     // 64 requests in flight at most: the rest are turned away at once with 429, so accepted
     // requests wait for at most 64 ahead of them.
     let Some((stack, _)) = drill_stack(&[("SLUICE__GATEWAY__MAX_IN_FLIGHT", "64")]) else {
@@ -862,7 +874,8 @@ async fn overload_at_two_and_five_times_capacity() {
     let samples = Arc::new(samples());
     let length = Duration::from_secs(drill_seconds());
     let gateway = stack.index_of("gateway");
-    // Capacity: closed loop, 16 callers.
+    // Capacity: closed loop, 16 callers, with no other drill running (measured beside another
+    // drill it once came out at half the capacity, and 2× that overloaded nothing).
     let load = Load::start(&stack, 16, &samples, "capacity", LONG);
     load.wait_answers(50).await;
     let from = (Instant::now(), load.answered.load(Ordering::Relaxed));
@@ -926,6 +939,7 @@ async fn overload_at_two_and_five_times_capacity() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn replay_from_offset_zero_gives_the_same_answers() {
+    let _turn = DRILLS.read().await;
     use rdkafka::consumer::{BaseConsumer, CommitMode};
     use rdkafka::{Offset, TopicPartitionList};
     let Some((mut stack, w)) = drill_stack(&[]) else {
@@ -972,6 +986,7 @@ async fn replay_from_offset_zero_gives_the_same_answers() {
 #[cfg(feature = "fail-points")]
 #[tokio::test(flavor = "multi_thread")]
 async fn a_step_that_stalls_holds_its_records_and_answers_them_once() {
+    let _turn = DRILLS.read().await;
     // A worker whose step hangs 12 s next to a healthy one. Its consumer keeps polling (the
     // poll loop does not wait for steps; it stops only when the queue is full), so it keeps
     // its partition: the records it holds wait out the stall within their deadline and are

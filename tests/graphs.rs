@@ -13,7 +13,7 @@ use std::time::Duration;
 use common::*;
 use futures::StreamExt;
 use rdkafka::ClientConfig;
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::StreamConsumer;
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{Value, json};
@@ -300,7 +300,7 @@ async fn joins_time_out_naming_missing_parts_or_answer_with_a_quorum() {
     );
 
     // Both failures are dead-lettered with their origin and class.
-    let consumer = from_start(&stack, "test-dead-letters", "sluice.dead-letter");
+    let consumer = from_start(&stack, "sluice.dead-letter");
     let mut stream = consumer.stream();
     let mut classes = BTreeMap::new();
     while classes.len() < 2 {
@@ -417,16 +417,7 @@ async fn canary_shadow_and_routing_are_accounted_and_reloadable() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     // ... and written to the comparison topic, one record per request.
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &stack.kafka)
-        .set("group.id", "test-comparisons")
-        .set("auto.offset.reset", "earliest")
-        .set("fetch.wait.max.ms", "5")
-        .create()
-        .unwrap();
-    consumer
-        .subscribe(&["sluice.digits-shadow.comparisons"])
-        .unwrap();
+    let consumer = reader(&stack.kafka, "sluice.digits-shadow.comparisons");
     let mut stream = consumer.stream();
     for _ in 0..n {
         let m = tokio::time::timeout(Duration::from_secs(20), stream.next())
@@ -527,16 +518,7 @@ async fn a_graph_is_callable_over_kafka_in_avro_and_json() {
         stack.start_worker(unit);
     }
     let s = samples();
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &stack.kafka)
-        .set("group.id", "test-graph-results")
-        .set("auto.offset.reset", "earliest")
-        .set("fetch.wait.max.ms", "5")
-        .create()
-        .unwrap();
-    consumer
-        .subscribe(&["sluice.digits-pipeline.results"])
-        .unwrap();
+    let consumer = reader(&stack.kafka, "sluice.digits-pipeline.results");
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &stack.kafka)
         .create()
@@ -794,7 +776,7 @@ async fn a_record_too_large_to_pass_on_is_answered_and_dead_lettered() {
     let r = infer(&client, &stack.gateway, "digits-pipeline", &[&s.raw[1]]).await;
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
 
-    let consumer = from_start(&stack, "test-produce-failed", "sluice.dead-letter");
+    let consumer = from_start(&stack, "sluice.dead-letter");
     let mut stream = consumer.stream();
     loop {
         let m = tokio::time::timeout(Duration::from_secs(20), stream.next())
@@ -814,17 +796,9 @@ async fn a_record_too_large_to_pass_on_is_answered_and_dead_lettered() {
     }
 }
 
-/// A consumer of `topic` from its first record, in group `group`.
-fn from_start(stack: &Stack, group: &str, topic: &str) -> StreamConsumer {
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &stack.kafka)
-        .set("group.id", group)
-        .set("auto.offset.reset", "earliest")
-        .set("fetch.wait.max.ms", "5")
-        .create()
-        .unwrap();
-    consumer.subscribe(&[topic]).unwrap();
-    consumer
+/// A consumer of `topic` from its first record.
+fn from_start(stack: &Stack, topic: &str) -> StreamConsumer {
+    reader(&stack.kafka, topic)
 }
 
 /// Header `k` of `m` as text (empty when absent).

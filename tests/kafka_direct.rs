@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::*;
 use futures::StreamExt;
 use rdkafka::ClientConfig;
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::StreamConsumer;
 use rdkafka::message::{Headers, Message, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use sluice_schemas::{
@@ -25,15 +25,7 @@ fn producer(stack: &Stack) -> FutureProducer {
 }
 
 fn consumer(stack: &Stack, topic: &str) -> StreamConsumer {
-    let c: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &stack.kafka)
-        .set("group.id", format!("test-{}", uuid::Uuid::new_v4()))
-        .set("auto.offset.reset", "earliest")
-        .set("fetch.wait.max.ms", "5")
-        .create()
-        .unwrap();
-    c.subscribe(&[topic]).unwrap();
-    c
+    reader(&stack.kafka, topic)
 }
 
 async fn next_matching(c: &StreamConsumer, pred: impl Fn(&OwnedMessage) -> bool) -> OwnedMessage {

@@ -525,16 +525,8 @@ hash_buckets = 65536
 /// (origin topic, error class) of every record on the dead-letter topic.
 async fn dead_letters(stack: &Stack) -> Vec<(String, String)> {
     use rdkafka::Message;
-    use rdkafka::consumer::{Consumer, StreamConsumer};
     use rdkafka::message::Headers;
-    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", &stack.kafka)
-        .set("group.id", format!("dead-letter-reader-{}", free_port()))
-        .set("auto.offset.reset", "earliest")
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    consumer.subscribe(&["sluice.dead-letter"]).unwrap();
+    let consumer = reader(&stack.kafka, "sluice.dead-letter");
     let mut out = Vec::new();
     while let Ok(Ok(m)) =
         tokio::time::timeout(std::time::Duration::from_secs(5), consumer.recv()).await

@@ -421,14 +421,7 @@ async fn sigterm_with_requests_in_flight_answers_each_exactly_once() {
     }
     // Exactly once: each request has one record on the result topic (none redelivered and
     // answered again after the drain committed).
-    let consumer: rdkafka::consumer::StreamConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", &stack.kafka)
-        .set("group.id", "test-drain-results")
-        .set("auto.offset.reset", "earliest")
-        .set("fetch.wait.max.ms", "5")
-        .create()
-        .unwrap();
-    rdkafka::consumer::Consumer::subscribe(&consumer, &["sluice.heavy.results"]).unwrap();
+    let consumer = reader(&stack.kafka, "sluice.heavy.results");
     let mut seen = std::collections::BTreeMap::<String, usize>::new();
     let quiet_until = |now: Instant| now + Duration::from_secs(2);
     let mut until = quiet_until(Instant::now() + Duration::from_secs(8));

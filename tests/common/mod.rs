@@ -449,6 +449,30 @@ impl Stack {
     }
 }
 
+/// A reader of every partition of `topic` from its beginning. Assigned, not subscribed: it reads
+/// at once, without waiting for a consumer group to form (on a fresh broker the first group also
+/// waits for `__consumer_offsets` to be created), and commits nothing.
+pub fn reader(kafka: &str, topic: &str) -> rdkafka::consumer::StreamConsumer {
+    use rdkafka::consumer::Consumer;
+    let c: rdkafka::consumer::StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", kafka)
+        .set("group.id", format!("test-reader-{}", uuid::Uuid::new_v4()))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let metadata = c
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap();
+    let mut partitions = rdkafka::TopicPartitionList::new();
+    for p in metadata.topics()[0].partitions() {
+        partitions
+            .add_partition_offset(topic, p.id(), rdkafka::Offset::Beginning)
+            .unwrap();
+    }
+    c.assign(&partitions).unwrap();
+    c
+}
+
 /// `<venv>/bin/python` in the checkout (e.g. `.venv-triton`), or `None` (the caller skips) when
 /// setup has not made it; under `CI=true` a missing venv fails instead.
 pub fn venv_python(venv: &str) -> Option<PathBuf> {

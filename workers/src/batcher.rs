@@ -1,7 +1,7 @@
 //! Dynamic batching: when the model is idle, what is queued runs at once; while batches run,
 //! what arrives waits for a free slot and at most `max_delay` for more to fill its batch (the
-//! window applies only while the model is busy, as in Triton's and TEI's batchers: a lone
-//! request never waits for company that is not coming).
+//! window applies only while the model is busy: a lone request never waits for company that is
+//! not coming).
 //!
 //! [`BatchQueue`] is the pure decision logic; [`run_batcher`] is the task that feeds it from a
 //! channel and hands batches to free inference slots.
