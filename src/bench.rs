@@ -367,7 +367,6 @@ async fn transport(cfg: &Config, duration: Duration) -> anyhow::Result<Summary> 
         &[TopicSpec {
             name: topic.clone(),
             partitions: 1,
-            purgeable: true,
         }],
     )
     .await?;

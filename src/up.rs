@@ -143,7 +143,8 @@ struct Plan {
 /// A started stack: what serving it needs.
 struct Running {
     gateway: String,
-    topic_cfg: Config,
+    /// The config, to apply the topics again after a broker restart.
+    config: Config,
     topics: Vec<sluice_common::kafka::TopicSpec>,
     broker: String,
 }
@@ -157,8 +158,7 @@ async fn start(deployment: &Deployment, plan: &Plan, stack: &mut Stack) -> anyho
     start_redis(cfg, stack).await?;
     crate::seed::load_all(deployment).await?;
     let topics = deployment.required_topics();
-    let topic_cfg = cfg.clone();
-    apply_topics(&topic_cfg, &topics).await?;
+    apply_topics(cfg, &topics).await?;
 
     let exe = std::env::current_exe().context("locating the sluice binary")?;
     let component = |args: &[String]| component_spec(&exe, plan.config_path.as_deref(), args);
@@ -210,7 +210,7 @@ async fn start(deployment: &Deployment, plan: &Plan, stack: &mut Stack) -> anyho
         .unwrap_or_else(|| cfg.gateway.listen.to_string());
     let running = Running {
         gateway,
-        topic_cfg,
+        config: cfg.clone(),
         topics,
         broker,
     };
@@ -449,7 +449,7 @@ async fn serve(
             (i, status) = stack.next_exit() => {
                 stack.restart(i, &status).await?;
                 if stack.processes[i].role == Role::Broker {
-                    broker_restarted(&running.topic_cfg, &running.topics, &running.broker).await;
+                    broker_restarted(&running.config, &running.topics, &running.broker).await;
                 }
             }
         }

@@ -414,36 +414,32 @@ impl Deployment {
     /// Every topic the deployment needs: each model's request and result topics, each graph's
     /// entry, result and comparison topics and its non-model steps' topics, and the dead letters.
     pub fn required_topics(&self) -> Vec<TopicSpec> {
-        let spec = |name: String, partitions: i32, purgeable: bool| TopicSpec {
-            name,
-            partitions,
-            purgeable,
-        };
+        let spec = |name: String, partitions: i32| TopicSpec { name, partitions };
         let mut topics = vec![
-            spec(self.topics.dead_letter(), 1, false),
-            spec(self.topics.control(), 1, false),
+            spec(self.topics.dead_letter(), 1),
+            spec(self.topics.control(), 1),
         ];
         for (name, m) in &self.config.models {
-            topics.push(spec(self.topics.requests(name), m.partitions, true));
-            topics.push(spec(self.topics.results(name), m.partitions, false));
+            topics.push(spec(self.topics.requests(name), m.partitions));
+            topics.push(spec(self.topics.results(name), m.partitions));
         }
         for name in self.learning() {
-            topics.push(spec(self.topics.predictions(&name), 1, false));
-            topics.push(spec(self.topics.feedback(&name), 1, false));
-            topics.push(spec(self.topics.weights(&name), 1, false));
+            topics.push(spec(self.topics.predictions(&name), 1));
+            topics.push(spec(self.topics.feedback(&name), 1));
+            topics.push(spec(self.topics.weights(&name), 1));
         }
         for g in self.graphs.values() {
             let mut names = vec![
-                (g.entry_topic.clone(), true),
-                (g.result_topic.clone(), false),
-                (g.comparison_topic.clone(), false),
+                g.entry_topic.clone(),
+                g.result_topic.clone(),
+                g.comparison_topic.clone(),
             ];
             for s in &g.steps {
                 if !matches!(s.kind, StepKind::Model(_)) {
-                    names.push((s.topic.clone(), true));
+                    names.push(s.topic.clone());
                 }
             }
-            topics.extend(names.into_iter().map(|(n, p)| spec(n, g.partitions, p)));
+            topics.extend(names.into_iter().map(|n| spec(n, g.partitions)));
         }
         topics
     }

@@ -7,10 +7,6 @@ pub struct TopicSpec {
     pub name: String,
     /// Partitions.
     pub partitions: i32,
-    /// Read only by Sluice's own workers, so its records may go once their group committed past
-    /// them (request, graph-entry and step topics); results, comparisons and dead letters are
-    /// for others to read and never purged.
-    pub purgeable: bool,
 }
 
 /// Names of every topic and group, from `kafka.topic_prefix`.

@@ -130,6 +130,12 @@ impl Drop for SlotPermit {
     }
 }
 
+/// Queues `i` with the time it arrived (kept beside it too, to record how long it waited).
+fn push_now<T>(queue: &mut BatchQueue<(T, Instant)>, i: Item<T>) {
+    let now = Instant::now();
+    queue.push((i.item, now), i.rows, now);
+}
+
 /// Forms batches from `input` whenever one of `slots` is free, and sends them to `output`;
 /// records each item's time from arrival to dispatch in `waited`. Returns when `input` is
 /// closed and everything queued has been dispatched.
@@ -154,7 +160,7 @@ pub async fn run_batcher<T: Send>(
                 return;
             }
             match input.recv().await {
-                Some(i) => queue.push((i.item, Instant::now()), i.rows, Instant::now()),
+                Some(i) => push_now(&mut queue, i),
                 None => return,
             }
         }
@@ -167,7 +173,7 @@ pub async fn run_batcher<T: Send>(
                     Err(_) => return,
                 },
                 i = input.recv(), if open => match i {
-                    Some(i) => queue.push((i.item, Instant::now()), i.rows, Instant::now()),
+                    Some(i) => push_now(&mut queue, i),
                     None => open = false,
                 },
             }
@@ -180,7 +186,7 @@ pub async fn run_batcher<T: Send>(
         };
         loop {
             while let Ok(i) = input.try_recv() {
-                queue.push((i.item, Instant::now()), i.rows, Instant::now());
+                push_now(&mut queue, i);
             }
             let now = Instant::now();
             let idle = slots.available_permits() + 1 >= all_slots;
@@ -204,7 +210,7 @@ pub async fn run_batcher<T: Send>(
                         _ = tokio::time::sleep_until(due) => {}
                         _ = freed.notified() => {}
                         i = input.recv(), if open => match i {
-                            Some(i) => queue.push((i.item, Instant::now()), i.rows, Instant::now()),
+                            Some(i) => push_now(&mut queue, i),
                             None => open = false,
                         },
                     }
