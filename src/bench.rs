@@ -15,9 +15,9 @@ use anyhow::{Context, bail};
 use bytes::Bytes;
 use clap::Args;
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Message, Offset, TopicPartitionList};
-use sluice_common::kafka::{TopicSpec, apply_topics, consumer_config, producer_config};
+use sluice_common::kafka::{TopicSpec, apply_topics, consumer_config};
+use sluice_common::producer::{AsyncProducer, FutureRecord};
 use sluice_common::{Config, Deployment};
 use sluice_schemas::{DataType, Tensor};
 use sluice_workers::backend::{Backend, OrtBackend};
@@ -370,7 +370,8 @@ async fn transport(cfg: &Config, duration: Duration) -> anyhow::Result<Summary> 
         }],
     )
     .await?;
-    let producer: FutureProducer = producer_config(cfg, "sluice-bench", Duration::ZERO).create()?;
+    let producer: AsyncProducer =
+        sluice_common::kafka::producer(cfg, "sluice-bench", Duration::ZERO)?;
     let group = format!("sluice-bench-{}", std::process::id());
     let consumer: StreamConsumer = consumer_config(cfg, &group, "sluice-bench").create()?;
     let mut tpl = TopicPartitionList::new();

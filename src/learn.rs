@@ -14,13 +14,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use redis::AsyncCommands;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use sluice_common::Deployment;
 use sluice_common::config::{LearnTiming, LearnerConfig};
+use sluice_common::producer::{AsyncProducer, FutureRecord};
 use sluice_learn::{
     Bandit, BanditRecord, Feedback, Join, JoinCounts, Learner, Outcome, PageHinkley, Prediction,
     Weights, WeightsRecord,
@@ -258,8 +258,7 @@ async fn serve<T: Trainee>(
         tpl.add_partition_offset(topic, 0, Offset::Offset(next))?;
     }
     consumer.assign(&tpl)?;
-    let producer: FutureProducer =
-        sluice_common::kafka::producer_config(cfg, &client, Duration::ZERO).create()?;
+    let producer: AsyncProducer = sluice_common::kafka::producer(cfg, &client, Duration::ZERO)?;
     let weights_topic = deployment.topics.weights(name);
     let dead_letters = deployment.topics.dead_letter();
 
@@ -407,7 +406,7 @@ fn undecodable<T>(state: &mut State<T>, topic: &str, offset: i64, e: &str) {
 /// Writes a record the learner cannot decode to the dead-letter topic with its origin, as the
 /// workers do (best effort: it is counted and logged either way).
 async fn dead_letter(
-    producer: &FutureProducer,
+    producer: &AsyncProducer,
     topic: &str,
     model: &str,
     msg: &rdkafka::message::BorrowedMessage<'_>,
@@ -578,7 +577,7 @@ impl Trainee for Bandit {
 /// Publishes the learned state; false when the broker did not take it (tried again at the
 /// next snapshot).
 async fn publish<T: Trainee>(
-    producer: &FutureProducer,
+    producer: &AsyncProducer,
     topic: &str,
     name: &str,
     learner: &T,

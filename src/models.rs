@@ -51,12 +51,11 @@ pub async fn run(deployment: &Deployment, action: ModelsAction) -> anyhow::Resul
         version,
     )
     .await?;
-    let producer: rdkafka::producer::FutureProducer = sluice_common::kafka::producer_config(
+    let producer = sluice_common::kafka::producer(
         cfg,
         &format!("sluice-models-push-{}", std::process::id()),
         Duration::ZERO,
-    )
-    .create()?;
+    )?;
     control::publish(&producer, &mut redis, deployment, &push).await?;
     let reports =
         control::reports(&mut redis, cfg, &push.id, wait, Duration::from_millis(700)).await?;

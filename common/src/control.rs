@@ -9,8 +9,8 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::producer::{AsyncProducer, FutureRecord};
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 
@@ -72,7 +72,7 @@ pub fn report_key(cfg: &Config, id: &str) -> String {
 
 /// Writes `push` to the control topic (acknowledged), then announces it on Redis.
 pub async fn publish(
-    producer: &FutureProducer,
+    producer: &AsyncProducer,
     redis: &mut redis::aio::ConnectionManager,
     deployment: &Deployment,
     push: &ModelPush,
@@ -84,7 +84,7 @@ pub async fn publish(
 }
 
 async fn write(
-    producer: &FutureProducer,
+    producer: &AsyncProducer,
     deployment: &Deployment,
     push: &ModelPush,
 ) -> Result<(), PushError> {

@@ -8,6 +8,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::error::RDKafkaErrorCode;
 
 use crate::Config;
+use crate::producer::AsyncProducer;
 
 /// Producer settings: idempotent, acks=all, no Nagle, `linger` (0 on latency-critical paths);
 /// then `kafka.client` and `kafka.producer` from the config.
@@ -27,6 +28,19 @@ pub fn producer_config(cfg: &Config, client_id: &str, linger: Duration) -> Clien
     apply(&mut c, &cfg.kafka.producer);
     c
 }
+
+/// An [`AsyncProducer`] with [`producer_config`]'s settings.
+pub fn producer(
+    cfg: &Config,
+    client_id: &str,
+    linger: Duration,
+) -> rdkafka::error::KafkaResult<AsyncProducer> {
+    AsyncProducer::create(&producer_config(cfg, client_id, linger))
+}
+
+/// How long the broker may hold a reader's empty fetch, in ms. A group member keeps 500 ms:
+/// partitions it is newly given wait for the fetch in flight to end before they are read.
+const READER_FETCH_WAIT_MS: &str = "3000";
 
 /// What every consumer shares: the brokers, its name, reading from the earliest record when it
 /// has no position, offsets stored only by Sluice, and a fetch answered as soon as a byte is
@@ -65,11 +79,15 @@ pub fn consumer_config(cfg: &Config, group: &str, client_id: &str) -> ClientConf
 
 /// Consumer settings for a reader that assigns itself partitions and keeps its own positions
 /// (no group membership, no commits): a learner's inputs, a replica following weights, a
-/// worker reading pushes. `kafka.client` applies, `kafka.consumer` (tuned for workers) does not.
+/// worker reading pushes. Its partitions are assigned once, so the broker may hold its empty
+/// fetches longer (`READER_FETCH_WAIT`): a record still ends the wait at once, and an idle
+/// stack's broker answers a fraction of the fetches. `kafka.client` applies, `kafka.consumer`
+/// (tuned for workers) does not.
 pub fn reader_config(cfg: &Config, client_id: &str) -> ClientConfig {
     let group = format!("{}.reader", cfg.kafka.topic_prefix);
     let mut c = consumer_base(cfg, &group, client_id);
-    c.set("enable.auto.commit", "false");
+    c.set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", READER_FETCH_WAIT_MS);
     apply(&mut c, &cfg.kafka.client);
     c
 }

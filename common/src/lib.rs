@@ -12,6 +12,7 @@ pub mod hash;
 pub mod kafka;
 pub mod local;
 pub mod ops;
+pub mod producer;
 pub mod redis_client;
 pub mod signature;
 pub mod telemetry;

@@ -163,6 +163,7 @@ transaction.state.log.num.partitions=4
 share.coordinator.state.topic.replication.factor=1
 share.coordinator.state.topic.min.isr=1
 group.initial.rebalance.delay.ms=0
+metadata.max.idle.interval.ms=5000
 num.network.threads=2
 num.io.threads=4
 num.recovery.threads.per.data.dir=1

@@ -7,8 +7,6 @@ use std::sync::Weak;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use rdkafka::producer::Producer;
-
 use crate::Gateway;
 
 /// Consecutive failed probes of one dependency; `None` until its first success.
@@ -38,14 +36,9 @@ pub(crate) async fn probe_loop(gw: Weak<Gateway>, mut redis: redis::aio::Connect
         // One topic's metadata proves the broker answers, without listing every topic.
         let probe = g.deployment.topics.dead_letter();
         let timeout = interval.max(Duration::from_millis(100));
-        let broker = tokio::task::spawn_blocking(move || {
-            producer
-                .client()
-                .fetch_metadata(Some(&probe), timeout)
-                .is_ok()
-        })
-        .await
-        .unwrap_or(false);
+        let broker = tokio::task::spawn_blocking(move || producer.broker_answers(&probe, timeout))
+            .await
+            .unwrap_or(false);
         let pong: Result<Result<String, _>, _> =
             tokio::time::timeout(timeout, redis::cmd("PING").query_async(&mut redis)).await;
         let broker = broker_probes.settle(broker, failures);

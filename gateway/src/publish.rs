@@ -11,11 +11,11 @@ use std::sync::RwLock;
 use std::time::Duration;
 
 use rdkafka::error::{KafkaError, KafkaResult};
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
 use sluice_common::Config;
 use sluice_common::kafka::headers as kafka_headers;
-use sluice_common::kafka::producer_config;
+use sluice_common::kafka::producer;
+use sluice_common::producer::{AsyncProducer, FutureRecord};
 use sluice_common::topics::Topics;
 use sluice_schemas::{InferenceRequest, ReplyRoute, encode_request};
 use tokio::time::Instant;
@@ -25,18 +25,18 @@ use crate::error::ApiError;
 /// The gateway's producers: a prompt one, and one that lingers (none when `produce_linger` is 0).
 #[derive(Clone)]
 struct Producers {
-    prompt: FutureProducer,
-    lingering: Option<FutureProducer>,
+    prompt: AsyncProducer,
+    lingering: Option<AsyncProducer>,
 }
 
 impl Producers {
     fn create(cfg: &Config, client_id: &str) -> KafkaResult<Producers> {
-        let prompt = producer_config(cfg, client_id, Duration::ZERO).create()?;
+        let prompt = producer(cfg, client_id, Duration::ZERO)?;
         let lingering = if cfg.gateway.produce_linger.is_zero() {
             None
         } else {
             let linger = cfg.gateway.produce_linger;
-            Some(producer_config(cfg, &format!("{client_id}-linger"), linger).create()?)
+            Some(producer(cfg, &format!("{client_id}-linger"), linger)?)
         };
         Ok(Producers { prompt, lingering })
     }
@@ -82,13 +82,12 @@ impl Publisher {
     }
 
     /// The prompt producer (for health probes).
-    pub fn producer(&self) -> FutureProducer {
+    pub fn producer(&self) -> AsyncProducer {
         self.current().prompt
     }
 
     /// Waits up to `timeout` for records still queued in either producer.
     pub fn flush(&self, timeout: Duration) {
-        use rdkafka::producer::Producer;
         let p = self.current();
         for p in std::iter::once(&p.prompt).chain(&p.lingering) {
             let _ = p.flush(timeout);
@@ -96,7 +95,7 @@ impl Publisher {
     }
 
     /// The producer for a request arriving with `in_flight` requests in flight (itself included).
-    fn producer_for(&self, in_flight: usize) -> FutureProducer {
+    fn producer_for(&self, in_flight: usize) -> AsyncProducer {
         let p = self.current();
         match p.lingering {
             Some(l) if in_flight >= self.linger_from => l,

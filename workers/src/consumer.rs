@@ -16,9 +16,9 @@ use std::time::{Duration, Instant};
 use metrics_exporter_prometheus::PrometheusHandle;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Message};
-use rdkafka::producer::{FutureProducer, Producer};
 use sluice_common::graph::{StepKind, Unit};
 use sluice_common::ops::ReloadRequest;
+use sluice_common::producer::AsyncProducer;
 use sluice_common::{Deployment, WorkerUnit};
 use tokio::sync::{Semaphore, mpsc};
 
@@ -197,7 +197,7 @@ struct Shared<'a> {
     consumer: &'a Arc<StreamConsumer<GroupContext>>,
     state: &'a Arc<PartitionState>,
     topics: &'a Arc<Vec<String>>,
-    producers: &'a [FutureProducer; 2],
+    producers: &'a [AsyncProducer; 2],
     redis: &'a redis::aio::ConnectionManager,
     /// The worker's lanes, for hops run in process (set once all have started).
     local: &'a crate::local::LocalSlot,
@@ -344,7 +344,7 @@ struct Worker<'a> {
     reloads: mpsc::Receiver<ReloadRequest>,
     ops_stop: Option<tokio::sync::oneshot::Sender<()>>,
     background: Vec<tokio::task::JoinHandle<()>>,
-    producers: [FutureProducer; 2],
+    producers: [AsyncProducer; 2],
     /// The lanes as hops run in process reach them.
     local: crate::local::LocalSlot,
 }
@@ -408,15 +408,13 @@ impl<'a> Worker<'a> {
         );
         let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topic_refs)?;
-        let producer: FutureProducer =
-            sluice_common::kafka::producer_config(cfg, &client_id, cfg.worker.result_linger)
-                .create()?;
-        let forward_producer: FutureProducer = sluice_common::kafka::producer_config(
+        let producer: AsyncProducer =
+            sluice_common::kafka::producer(cfg, &client_id, cfg.worker.result_linger)?;
+        let forward_producer: AsyncProducer = sluice_common::kafka::producer(
             cfg,
             &format!("{client_id}-forward"),
             cfg.worker.forward_linger,
-        )
-        .create()?;
+        )?;
         let redis_client = sluice_common::redis_client::client(&cfg.redis)?;
         let redis = redis::aio::ConnectionManager::new(redis_client).await?;
 

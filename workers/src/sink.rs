@@ -13,10 +13,10 @@ use std::time::Duration;
 use futures::future::join_all;
 use rdkafka::error::KafkaError;
 use rdkafka::message::OwnedHeaders;
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
 use sluice_common::kafka::headers as h;
 use sluice_common::now_ms;
+use sluice_common::producer::{AsyncProducer, FutureRecord};
 use sluice_schemas::envelope::codes;
 use sluice_schemas::{InferenceResult, encode_request, encode_result};
 
@@ -83,9 +83,9 @@ struct NotWritten {
 /// The sink's producers.
 pub struct Producers {
     /// Results and dead letters (off the caller's path: a longer linger).
-    pub results: FutureProducer,
+    pub results: AsyncProducer,
     /// Records for a graph's next steps (on the caller's path: a short linger).
-    pub forwards: FutureProducer,
+    pub forwards: AsyncProducer,
 }
 
 /// What the sink names.
@@ -103,8 +103,8 @@ pub struct SinkNames {
 /// Writes results, next-step records and dead letters.
 #[derive(Clone)]
 pub struct Sink {
-    producer: FutureProducer,
-    forward_producer: FutureProducer,
+    producer: AsyncProducer,
+    forward_producer: AsyncProducer,
     replier: Replier,
     result_topic: String,
     dead_letter_topic: String,
@@ -265,7 +265,7 @@ impl Sink {
     /// (0: until acknowledged), fatal ones returned at once. Returns the partition written.
     async fn produce(
         &self,
-        producer: &FutureProducer,
+        producer: &AsyncProducer,
         topic: &str,
         key: Option<&[u8]>,
         payload: &[u8],

@@ -5,21 +5,21 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use sluice_common::Deployment;
+use sluice_common::producer::{AsyncProducer, FutureRecord};
 use sluice_schemas::learning::{PredictionRecord, encode_prediction};
 
 use super::seam::{BuildError, StepFailure};
 
 /// A servable's prediction log.
 pub(super) struct PredictionLog {
-    producer: FutureProducer,
+    producer: AsyncProducer,
     topic: String,
 }
 
 /// The one producer every prediction log of a process writes with (each idle librdkafka
 /// producer costs a polling thread's wake-ups; a worker serving five learning steps paid five).
-static PRODUCER: OnceLock<FutureProducer> = OnceLock::new();
+static PRODUCER: OnceLock<AsyncProducer> = OnceLock::new();
 
 impl PredictionLog {
     /// The log of servable `name`.
@@ -27,12 +27,11 @@ impl PredictionLog {
         let producer = match PRODUCER.get() {
             Some(p) => p.clone(),
             None => {
-                let created: FutureProducer = sluice_common::kafka::producer_config(
+                let created: AsyncProducer = sluice_common::kafka::producer(
                     &deployment.config,
                     &format!("sluice-predictions-{}", std::process::id()),
                     Duration::from_micros(300),
                 )
-                .create()
                 .map_err(|e| BuildError::Settings(format!("prediction log producer: {e}")))?;
                 PRODUCER.get_or_init(|| created).clone()
             }
