@@ -56,8 +56,9 @@ pub struct BenchArgs {
     #[arg(long)]
     skip_transport: bool,
     /// Soak mode: closed-loop HTTP load at the first --concurrency level for this long, printing
-    /// each --report-every: req/s, p50/p99, errors, the broker's memory and CPU; then the
-    /// last-to-first ratio. Nothing else is measured.
+    /// each --report-every: req/s, p50/p99, errors, the broker's memory and CPU, the stack's and
+    /// the load generator's CPU, the host's steal time; then the last-to-first ratio. Nothing
+    /// else is measured.
     #[arg(long, value_parser = humantime::parse_duration)]
     soak: Option<Duration>,
     /// Soak mode: the reporting interval.

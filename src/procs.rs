@@ -64,3 +64,15 @@ pub(crate) fn cpu_ticks(pids: &[u32]) -> u64 {
         })
         .sum()
 }
+
+/// Ticks the hypervisor ran other guests while this machine's CPUs wanted to run (the `steal`
+/// column of `/proc/stat`'s `cpu` line, summed over CPUs); 0 where unknown.
+pub(crate) fn steal_ticks() -> u64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/stat") else {
+        return 0;
+    };
+    stat.lines()
+        .next()
+        .and_then(|cpu| cpu.split_whitespace().nth(8)?.parse().ok())
+        .unwrap_or(0)
+}

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use crate::procs::{cpu_ticks, pids_of, ticks_per_s};
+use crate::procs::{cpu_ticks, pids_of, steal_ticks, ticks_per_s};
 
 /// One reporting interval's requests.
 #[derive(Default)]
@@ -64,7 +64,7 @@ pub async fn soak(
         humantime::format_duration(every)
     );
     println!(
-        "{:>8} {:>9} {:>9} {:>9} {:>7} {:>11} {:>11} {:>10} {:>12}",
+        "{:>8} {:>9} {:>9} {:>9} {:>7} {:>11} {:>11} {:>10} {:>9} {:>7} {:>8}",
         "interval",
         "req/s",
         "p50 ms",
@@ -73,7 +73,9 @@ pub async fn soak(
         "broker MiB",
         "log MiB",
         "broker %",
-        "stack %"
+        "stack %",
+        "load %",
+        "steal %"
     );
     let mut tasks = Vec::new();
     for _ in 0..concurrency {
@@ -118,9 +120,20 @@ pub async fn soak(
         // Pids are looked up each interval: a supervised process may have been restarted.
         let broker = pids_of("broker");
         let stack: Vec<u32> = KINDS.iter().flat_map(|k| pids_of(k)).collect();
-        let (b0, s0) = (cpu_ticks(&broker), cpu_ticks(&stack));
+        let me = [std::process::id()];
+        let (b0, s0, l0, v0) = (
+            cpu_ticks(&broker),
+            cpu_ticks(&stack),
+            cpu_ticks(&me),
+            steal_ticks(),
+        );
         tokio::time::sleep_until((start + every * (i as u32 + 1)).into()).await;
-        let (b1, s1) = (cpu_ticks(&broker), cpu_ticks(&stack));
+        let (b1, s1, l1, v1) = (
+            cpu_ticks(&broker),
+            cpu_ticks(&stack),
+            cpu_ticks(&me),
+            steal_ticks(),
+        );
         let secs = every.as_secs_f64();
         let share = |a: u64, b: u64| a.saturating_sub(b) as f64 / ticks_per_s() / secs * 100.0;
         // Requests still in flight at the interval's end land in it shortly after: let them.
@@ -134,7 +147,7 @@ pub async fn soak(
         let rps = lat.len() as f64 / secs;
         rates.push(rps);
         println!(
-            "{:>8} {:>9.0} {:>9.2} {:>9.2} {:>7} {:>11.0} {:>11.1} {:>10.0} {:>12.0}",
+            "{:>8} {:>9.0} {:>9.2} {:>9.2} {:>7} {:>11.0} {:>11.1} {:>10.0} {:>9.0} {:>7.0} {:>8.1}",
             i + 1,
             rps,
             percentile(&lat, 0.5),
@@ -143,7 +156,9 @@ pub async fn soak(
             rss_mib(&broker),
             broker_log_mib(&broker),
             share(b1, b0),
-            share(s1, s0)
+            share(s1, s0),
+            share(l1, l0),
+            share(v1, v0)
         );
         if let Some(e) = first_error {
             println!("         first error: {e}");
