@@ -64,8 +64,7 @@ pub struct GraphHop {
 /// Why a request failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InferenceError {
-    /// Stable machine-readable code: `invalid_input`, `deadline_exceeded`, `model_failed`,
-    /// `undecodable`, `internal`.
+    /// Stable machine-readable code: an [`ErrorCode`]'s wire form (`invalid_input`, …).
     pub code: String,
     /// Human-readable message.
     pub message: String,
@@ -73,26 +72,95 @@ pub struct InferenceError {
     pub step: String,
 }
 
-/// Error codes carried in [`InferenceError::code`].
-pub mod codes {
+/// Why a request failed, as a type: each variant's wire form is [`ErrorCode::as_str`], the
+/// strings in [`codes`] and in `InferenceError::code`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
     /// The inputs do not match the model.
-    pub const INVALID_INPUT: &str = "invalid_input";
+    InvalidInput,
     /// The deadline passed before the request was run.
-    pub const DEADLINE_EXCEEDED: &str = "deadline_exceeded";
+    DeadlineExceeded,
     /// The model raised an error.
-    pub const MODEL_FAILED: &str = "model_failed";
+    ModelFailed,
     /// The record could not be decoded.
-    pub const UNDECODABLE: &str = "undecodable";
+    Undecodable,
     /// A join gave up waiting for its parts.
-    pub const JOIN_TIMEOUT: &str = "join_timeout";
+    JoinTimeout,
     /// A router found no route for the request.
-    pub const NO_ROUTE: &str = "no_route";
+    NoRoute,
     /// A record could not be written to Kafka for good (too large, not authorized, no topic).
-    pub const PRODUCE_FAILED: &str = "produce_failed";
+    ProduceFailed,
     /// A service a step depends on (Redis, a database, an HTTP API) is down or too slow.
-    pub const UNAVAILABLE: &str = "unavailable";
+    Unavailable,
     /// Anything else.
-    pub const INTERNAL: &str = "internal";
+    Internal,
+}
+
+impl ErrorCode {
+    /// Every code, so that lists of them (metric labels, dead-letter classes) cannot drift.
+    pub const ALL: [ErrorCode; 9] = [
+        ErrorCode::InvalidInput,
+        ErrorCode::DeadlineExceeded,
+        ErrorCode::ModelFailed,
+        ErrorCode::Undecodable,
+        ErrorCode::JoinTimeout,
+        ErrorCode::NoRoute,
+        ErrorCode::ProduceFailed,
+        ErrorCode::Unavailable,
+        ErrorCode::Internal,
+    ];
+
+    /// The code as written on the wire and in metric labels.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidInput => "invalid_input",
+            ErrorCode::DeadlineExceeded => "deadline_exceeded",
+            ErrorCode::ModelFailed => "model_failed",
+            ErrorCode::Undecodable => "undecodable",
+            ErrorCode::JoinTimeout => "join_timeout",
+            ErrorCode::NoRoute => "no_route",
+            ErrorCode::ProduceFailed => "produce_failed",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Internal => "internal",
+        }
+    }
+
+    /// The code written as `wire`; a code this version does not know is `Internal`.
+    pub fn from_wire(wire: &str) -> ErrorCode {
+        ErrorCode::ALL
+            .into_iter()
+            .find(|c| c.as_str() == wire)
+            .unwrap_or(ErrorCode::Internal)
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Error codes carried in [`InferenceError::code`] (the wire forms of [`ErrorCode`]).
+pub mod codes {
+    use super::ErrorCode;
+    /// The inputs do not match the model.
+    pub const INVALID_INPUT: &str = ErrorCode::InvalidInput.as_str();
+    /// The deadline passed before the request was run.
+    pub const DEADLINE_EXCEEDED: &str = ErrorCode::DeadlineExceeded.as_str();
+    /// The model raised an error.
+    pub const MODEL_FAILED: &str = ErrorCode::ModelFailed.as_str();
+    /// The record could not be decoded.
+    pub const UNDECODABLE: &str = ErrorCode::Undecodable.as_str();
+    /// A join gave up waiting for its parts.
+    pub const JOIN_TIMEOUT: &str = ErrorCode::JoinTimeout.as_str();
+    /// A router found no route for the request.
+    pub const NO_ROUTE: &str = ErrorCode::NoRoute.as_str();
+    /// A record could not be written to Kafka for good (too large, not authorized, no topic).
+    pub const PRODUCE_FAILED: &str = ErrorCode::ProduceFailed.as_str();
+    /// A service a step depends on (Redis, a database, an HTTP API) is down or too slow.
+    pub const UNAVAILABLE: &str = ErrorCode::Unavailable.as_str();
+    /// Anything else.
+    pub const INTERNAL: &str = ErrorCode::Internal.as_str();
 }
 
 /// The answer to one request.
@@ -134,5 +202,21 @@ impl InferenceResult {
             }),
             ..Default::default()
         }
+    }
+}
+
+#[cfg(test)]
+mod error_code_tests {
+    use super::ErrorCode;
+
+    #[test]
+    fn every_code_reads_back_from_its_wire_form_and_the_forms_differ() {
+        let mut seen = std::collections::HashSet::new();
+        for code in ErrorCode::ALL {
+            assert_eq!(ErrorCode::from_wire(code.as_str()), code);
+            assert!(seen.insert(code.as_str()), "{code} written twice");
+        }
+        assert_eq!(ErrorCode::from_wire("no_such_code"), ErrorCode::Internal);
+        assert_eq!(super::codes::UNAVAILABLE, "unavailable");
     }
 }

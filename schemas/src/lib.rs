@@ -17,7 +17,9 @@ pub mod oip;
 pub mod tensor;
 
 pub use codec::{CodecError, decode_request, decode_result, encode_request, encode_result};
-pub use envelope::{GraphHop, InferenceError, InferenceRequest, InferenceResult, ReplyRoute};
+pub use envelope::{
+    ErrorCode, GraphHop, InferenceError, InferenceRequest, InferenceResult, ReplyRoute,
+};
 pub use number::{Number, Unfit, tensor_from_numbers};
 pub use tensor::{DataType, Tensor, TensorError};
 

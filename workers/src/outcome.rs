@@ -2,6 +2,7 @@
 //! records, a join's decision, a shadow comparison, and the dead letters of failures.
 
 use sluice_common::graph::{Graph, StepKind};
+use sluice_schemas::ErrorCode;
 use sluice_schemas::envelope::codes;
 use sluice_schemas::{InferenceError, InferenceRequest, InferenceResult, Tensor};
 
@@ -72,18 +73,7 @@ pub(crate) fn graph_dead_letter(
     request: &InferenceRequest,
     e: &InferenceError,
 ) -> DeadLetter {
-    let class = [
-        codes::INVALID_INPUT,
-        codes::DEADLINE_EXCEEDED,
-        codes::MODEL_FAILED,
-        codes::UNDECODABLE,
-        codes::JOIN_TIMEOUT,
-        codes::NO_ROUTE,
-        codes::UNAVAILABLE,
-    ]
-    .into_iter()
-    .find(|c| *c == e.code)
-    .unwrap_or(codes::INTERNAL);
+    let class = ErrorCode::from_wire(&e.code).as_str();
     DeadLetter {
         key: Some(request.id.clone().into_bytes()),
         payload: sluice_schemas::encode_request(request).unwrap_or_default(),
@@ -347,6 +337,27 @@ mod tests {
             topic: "sluice.m.requests".into(),
             graph: None,
         }
+    }
+
+    #[test]
+    fn a_graph_dead_letter_is_classed_by_its_error_code() {
+        let j = job();
+        for code in ErrorCode::ALL {
+            let e = InferenceError {
+                code: code.as_str().into(),
+                message: "m".into(),
+                step: "features".into(),
+            };
+            let dl = graph_dead_letter("t", j.source, &j.request, &e);
+            assert_eq!(dl.class, code.as_str(), "{code}");
+        }
+        let unknown = InferenceError {
+            code: "from_a_newer_version".into(),
+            message: "m".into(),
+            step: "s".into(),
+        };
+        let dl = graph_dead_letter("t", j.source, &j.request, &unknown);
+        assert_eq!(dl.class, codes::INTERNAL);
     }
 
     #[test]

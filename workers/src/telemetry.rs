@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use metrics::{Counter, Gauge, Histogram};
 use sluice_common::Deployment;
 use sluice_common::graph::StepKind;
-use sluice_schemas::envelope::codes;
+use sluice_schemas::ErrorCode;
 
 /// Shadow comparison handles for one (graph, step, shadow model).
 pub struct ShadowMetrics {
@@ -82,18 +82,6 @@ fn insert<T>(map: &mut ByStep<T>, graph: &str, step: &str, model: &str, value: T
         .insert(model.to_string(), value);
 }
 
-/// Dead-letter classes with counters of their own; anything else counts as `internal`.
-const DEAD_LETTER_CLASSES: [&str; 8] = [
-    codes::UNDECODABLE,
-    codes::INVALID_INPUT,
-    codes::MODEL_FAILED,
-    codes::DEADLINE_EXCEEDED,
-    codes::JOIN_TIMEOUT,
-    codes::NO_ROUTE,
-    codes::PRODUCE_FAILED,
-    codes::INTERNAL,
-];
-
 impl WorkerMetrics {
     /// Registers the handles for `unit`, and the canary and shadow handles of every graph step
     /// it could serve in `deployment`.
@@ -144,21 +132,19 @@ impl WorkerMetrics {
             join_timeouts: metrics::counter!("sluice_join_timeouts_total", "unit" => u()),
             join_pending: metrics::gauge!("sluice_join_pending", "unit" => u()),
             config_reloads: metrics::counter!("sluice_worker_config_reloads_total", "unit" => u()),
-            dead_letters: DEAD_LETTER_CLASSES
+            dead_letters: ErrorCode::ALL
                 .iter()
-                .map(|c| (*c, metrics::counter!("sluice_worker_dead_letters_total", "unit" => u(), "class" => *c)))
+                .map(|c| (c.as_str(), metrics::counter!("sluice_worker_dead_letters_total", "unit" => u(), "class" => c.as_str())))
                 .collect(),
             canary,
             shadows,
         }
     }
 
-    /// Counts a dead letter of `class` (unknown classes count as `internal`).
+    /// Counts a dead letter of `class` (an [`ErrorCode`]'s wire form; unknown ones count as
+    /// `internal`).
     pub fn dead_letter(&self, class: &str) {
-        let counter = self
-            .dead_letters
-            .get(class)
-            .or_else(|| self.dead_letters.get(codes::INTERNAL));
+        let counter = self.dead_letters.get(ErrorCode::from_wire(class).as_str());
         if let Some(c) = counter {
             c.increment(1);
         }
