@@ -80,7 +80,7 @@ pub fn consumer_config(cfg: &Config, group: &str, client_id: &str) -> ClientConf
 /// Consumer settings for a reader that assigns itself partitions and keeps its own positions
 /// (no group membership, no commits): a learner's inputs, a replica following weights, a
 /// worker reading pushes. Its partitions are assigned once, so the broker may hold its empty
-/// fetches longer (`READER_FETCH_WAIT`): a record still ends the wait at once, and an idle
+/// fetches longer (`READER_FETCH_WAIT_MS`): a record still ends the wait at once, and an idle
 /// stack's broker answers a fraction of the fetches. `kafka.client` applies, `kafka.consumer`
 /// (tuned for workers) does not.
 pub fn reader_config(cfg: &Config, client_id: &str) -> ClientConfig {

@@ -27,13 +27,16 @@ const EVENT_WAIT: Duration = Duration::from_secs(5);
 /// How long a send waits before trying again when librdkafka's queue is full.
 const QUEUE_FULL_BACKOFF: Duration = Duration::from_millis(10);
 
+/// Where a delivery report goes: the send awaiting it.
+type Reply = Box<oneshot::Sender<OwnedDeliveryResult>>;
+
 /// Passes each delivery report to the send that is awaiting it.
 struct DeliveryContext;
 
 impl ClientContext for DeliveryContext {}
 
 impl ProducerContext for DeliveryContext {
-    type DeliveryOpaque = Box<oneshot::Sender<OwnedDeliveryResult>>;
+    type DeliveryOpaque = Reply;
 
     fn delivery(&self, result: &DeliveryResult<'_>, reply: Self::DeliveryOpaque) {
         let owned = match result {
@@ -140,11 +143,6 @@ impl AsyncProducer {
             .fetch_metadata(Some(topic), timeout)
             .is_ok()
     }
-
-    /// Records sent and not yet acknowledged.
-    pub fn in_flight_count(&self) -> i32 {
-        self.base.in_flight_count()
-    }
 }
 
 /// The event thread: serves delivery reports until its producer's last clone is dropped, then
@@ -155,8 +153,7 @@ fn serve_deliveries(base: &BaseProducer<DeliveryContext>, stop: &AtomicBool) {
     }
 }
 
-type Reply = Box<oneshot::Sender<OwnedDeliveryResult>>;
-
+/// `r` with `reply` as its delivery opaque.
 fn base_record<'a, K, P>(r: FutureRecord<'a, K, P>, reply: Reply) -> BaseRecord<'a, K, P, Reply>
 where
     K: ToBytes + ?Sized,
@@ -189,4 +186,70 @@ where
         -1,
         r.headers,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// A producer whose broker never answers (nothing listens on port 1).
+    fn unreachable(extra: &[(&str, &str)]) -> AsyncProducer {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", "127.0.0.1:1")
+            .set("message.timeout.ms", "300");
+        for (k, v) in extra {
+            c.set(*k, *v);
+        }
+        AsyncProducer::create(&c).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_record_that_cannot_be_delivered_resolves_its_send_with_the_error() {
+        let p = unreachable(&[]);
+        let record = FutureRecord::<str, str>::to("t").payload("x");
+        // Without a thread serving delivery reports the send would never resolve.
+        let sent = tokio::time::timeout(Duration::from_secs(10), p.send(record, Duration::ZERO));
+        let (e, message) = sent.await.expect("the send resolves").unwrap_err();
+        assert_eq!(
+            e.rdkafka_error_code(),
+            Some(RDKafkaErrorCode::MessageTimedOut)
+        );
+        assert_eq!(message.payload(), Some(&b"x"[..]));
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_is_retried_until_the_queue_timeout_then_reported() {
+        let p = unreachable(&[("queue.buffering.max.messages", "1")]);
+        // The first record fills the queue until its 300 ms message timeout.
+        let first = tokio::spawn({
+            let p = p.clone();
+            async move {
+                let record = FutureRecord::<str, str>::to("t").payload("a");
+                p.send(record, Duration::ZERO).await.is_err()
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let started = Instant::now();
+        let second = p
+            .send(
+                FutureRecord::<str, str>::to("t").payload("b"),
+                Duration::from_millis(50),
+            )
+            .await;
+        let (e, message) = second.unwrap_err();
+        assert_eq!(
+            e,
+            KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)
+        );
+        assert_eq!(message.payload(), Some(&b"b"[..]));
+        assert!(
+            started.elapsed() >= Duration::from_millis(50),
+            "gave up before its queue timeout"
+        );
+        assert!(
+            first.await.unwrap(),
+            "the first record cannot have been delivered"
+        );
+    }
 }
