@@ -457,6 +457,50 @@ mod tests {
         Deployment::load_with_env(Some(f.path()), &[])
     }
 
+    #[test]
+    fn every_example_config_loads_and_prints_back_to_an_equal_plan() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_none_or(|e| e != "toml") {
+                continue;
+            }
+            let d = Deployment::load_with_env(Some(&path), &[])
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            // The flat step tables survive printing: the printed config compiles to the same
+            // steps, kinds and routes.
+            let printed = toml::to_string(&d.config).unwrap();
+            let again = Deployment::compile(toml::from_str(&printed).unwrap()).unwrap();
+            assert_eq!(format!("{:?}", d.graphs), format!("{:?}", again.graphs));
+            seen += 1;
+        }
+        assert!(seen >= 6, "examples/*.toml: {seen} found");
+    }
+
+    #[test]
+    fn a_step_with_two_kinds_or_another_kinds_key_is_refused() {
+        let two = r#"
+[graphs.g]
+inputs = [{ name = "x", datatype = "FP32", shape = [-1, 2] }]
+[[graphs.g.steps]]
+name = "s"
+builtin = "argmax"
+combine = "mean"
+inputs = { probabilities = "request.x" }
+"#;
+        let e = load(two).unwrap_err().to_string();
+        assert!(e.contains("step 's': set exactly one of model"), "{e}");
+        let stray = two.replace("combine = \"mean\"", "weights = [1.0]");
+        let e = load(&stray).unwrap_err().to_string();
+        assert!(
+            e.contains("step 's': 'weights' does not apply to a builtin step"),
+            "{e}"
+        );
+        let ok = two.replace("combine = \"mean\"\n", "");
+        load(&ok).unwrap();
+    }
+
     /// A graph with one feature lookup whose features have these `(datatype, default)`.
     fn lookup(features: &[(&str, &str)]) -> String {
         let specs: Vec<String> = features

@@ -12,6 +12,7 @@ use super::logic::{
     CustomStepConfig, DecideConfig, DecodeImageConfig, EncodeColumn, FeaturesConfig, HttpConfig,
     PostgresConfig, ValidationRule,
 };
+use super::step_toml::StepToml;
 
 /// A graph as written in config (`[graphs.<name>]`).
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -38,80 +39,153 @@ pub struct GraphConfig {
     pub steps: Vec<StepConfig>,
 }
 
-/// One step as written in config. Exactly one of `model`, `builtin`, `combine`, `route`,
-/// `bandit`, `validate`, `encode`, `decide`, `features`, `postgres`, `http`, `decode_image`, `custom` is
-/// set.
+/// One step as written in config: its name, what it reads, where it runs, and its kind.
+/// Written flat in TOML (`model = "mlp"`, `combine = "mean"`, `features = { ... }`); exactly one
+/// kind key is set, and a key that belongs to another kind is refused (see [`super::step_toml`]).
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "StepToml", into = "StepToml")]
 pub struct StepConfig {
     /// Step name, unique in the graph (`a-z`, `0-9`, `_`, `-`).
     pub name: String,
-    /// Run this model.
-    pub model: Option<String>,
-    /// Run a built-in step.
-    pub builtin: Option<Builtin>,
-    /// Join parallel steps and combine one tensor from each.
-    pub combine: Option<Combiner>,
-    /// Pick the next step(s) by a rule.
-    pub route: Option<RouteConfig>,
-    /// Pick one of several arm steps by a policy learned from rewards (one per graph; a
-    /// contextual policy reads the step's `context` input).
-    pub bandit: Option<BanditConfig>,
-    /// Check the inputs against rules; outputs them unchanged (under their input names).
-    pub validate: Option<Vec<ValidationRule>>,
-    /// Encode the inputs into one FP32 feature vector (named by `output`, default `features`).
-    pub encode: Option<Vec<EncodeColumn>>,
-    /// Turn scores into a business decision (`decision`, `rule` outputs).
-    pub decide: Option<DecideConfig>,
-    /// Look features up in Redis by the entity keys of an input.
-    pub features: Option<FeaturesConfig>,
-    /// Look rows up in PostgreSQL by the keys of an input.
-    pub postgres: Option<PostgresConfig>,
-    /// Call an external JSON API.
-    pub http: Option<HttpConfig>,
-    /// Decode PNG/JPEG images into a normalized FP32 tensor (named by `output`, default
-    /// `pixels`).
-    pub decode_image: Option<DecodeImageConfig>,
-    /// Run a user step registered under this kind (in the binary running the worker).
-    pub custom: Option<CustomStepConfig>,
+    /// What the step runs, with that kind's own settings.
+    pub kind: StepKindConfig,
     /// Run after this step even without reading from it (e.g. a router choosing by a request
     /// parameter once `after` has run).
     pub after: Option<String>,
     /// Every step but combine and route: input name → source (`request.<input>` or
     /// `<step>.<output>`).
-    #[serde(default)]
     pub inputs: BTreeMap<String, String>,
-    /// Combine steps: one source per part, each from a different parallel step.
-    #[serde(default)]
-    pub parts: Vec<String>,
-    /// Combine steps: name of the combined tensor (default: the parts' tensor name); encode
-    /// steps: name of the feature vector (default `features`); decode_image steps: name of the
-    /// pixel tensor (default `pixels`).
-    pub output: Option<String>,
-    /// `weighted_mean`: one weight per part.
-    #[serde(default)]
-    pub weights: Vec<f64>,
-    /// `majority_vote`: how a tie is broken.
-    #[serde(default)]
-    pub tie: TieRule,
-    /// Combine steps: parts needed to answer when the timeout passes (default: all).
-    pub quorum: Option<usize>,
-    /// Combine steps: how long to wait for every part after the first arrives.
-    #[serde(with = "humantime_serde", default = "default_join_timeout")]
-    pub timeout: Duration,
-    /// Model steps: send a share of requests to a candidate model instead.
-    pub canary: Option<CanaryConfig>,
-    /// Model steps: models that get a copy of every request, compared with the primary.
-    #[serde(default)]
-    pub shadow: Vec<String>,
     /// Run in the worker of the step it reads from, in process, with no broker hop between
     /// them (that step must lead only here, and this step must not be a model or combine
     /// step). The step keeps its topic, so a record that cannot be fused still gets through.
-    #[serde(default)]
     pub fused: bool,
     /// Steps other than models: workers `sluice up --per-step` starts.
-    #[serde(default = "one")]
     pub workers: usize,
+}
+
+impl StepConfig {
+    /// Every source the step reads: its inputs' and, for a combine step, its parts'.
+    pub fn sources(&self) -> impl Iterator<Item = &String> {
+        let parts = match &self.kind {
+            StepKindConfig::Combine(c) => c.parts.as_slice(),
+            _ => &[],
+        };
+        self.inputs.values().chain(parts)
+    }
+}
+
+/// What a step runs: one variant per step kind, each with its own settings.
+#[derive(Debug, Clone)]
+pub enum StepKindConfig {
+    /// Run a model (`model = "..."`), with an optional canary and shadows.
+    Model(ModelStep),
+    /// Run a built-in step (`builtin = "argmax"`).
+    Builtin(Builtin),
+    /// Join parallel steps and combine one tensor from each (`combine = "..."`).
+    Combine(CombineStep),
+    /// Pick the next step(s) by a rule (`route = { by, cases, default }`).
+    Route(RouteConfig),
+    /// Pick one of several arm steps by a policy learned from rewards (one per graph; a
+    /// contextual policy reads the step's `context` input).
+    Bandit(BanditConfig),
+    /// Check the inputs against rules; outputs them unchanged (under their input names).
+    Validate(Vec<ValidationRule>),
+    /// Encode the inputs into one FP32 feature vector.
+    Encode(EncodeStep),
+    /// Turn scores into a business decision (`decision`, `rule` outputs).
+    Decide(DecideConfig),
+    /// Look features up in Redis by the entity keys of an input.
+    Features(Box<FeaturesConfig>),
+    /// Look rows up in PostgreSQL by the keys of an input.
+    Postgres(Box<PostgresConfig>),
+    /// Call an external JSON API.
+    Http(Box<HttpConfig>),
+    /// Decode PNG/JPEG images into a normalized FP32 tensor.
+    DecodeImage(DecodeImageStep),
+    /// Run a user step registered under this kind (in the binary running the worker).
+    Custom(Box<CustomStepConfig>),
+}
+
+impl StepKindConfig {
+    /// The config key that selects this kind (`model`, `combine`, ...).
+    pub fn key(&self) -> &'static str {
+        match self {
+            Self::Model(_) => "model",
+            Self::Builtin(_) => "builtin",
+            Self::Combine(_) => "combine",
+            Self::Route(_) => "route",
+            Self::Bandit(_) => "bandit",
+            Self::Validate(_) => "validate",
+            Self::Encode(_) => "encode",
+            Self::Decide(_) => "decide",
+            Self::Features(_) => "features",
+            Self::Postgres(_) => "postgres",
+            Self::Http(_) => "http",
+            Self::DecodeImage(_) => "decode_image",
+            Self::Custom(_) => "custom",
+        }
+    }
+
+    /// Whether the step chooses where records go next (a router or a bandit).
+    pub fn is_router(&self) -> bool {
+        matches!(self, Self::Route(_) | Self::Bandit(_))
+    }
+
+    /// The model a model step runs.
+    pub fn model(&self) -> Option<&str> {
+        match self {
+            Self::Model(m) => Some(&m.model),
+            _ => None,
+        }
+    }
+}
+
+/// A model step's settings.
+#[derive(Debug, Clone)]
+pub struct ModelStep {
+    /// The model it runs.
+    pub model: String,
+    /// Send a share of requests to a candidate model instead.
+    pub canary: Option<CanaryConfig>,
+    /// Models that get a copy of every request, compared with the primary.
+    pub shadow: Vec<String>,
+}
+
+/// A combine step's settings (a join of parallel steps).
+#[derive(Debug, Clone)]
+pub struct CombineStep {
+    /// How the parts merge.
+    pub combiner: Combiner,
+    /// One source per part, each from a different parallel step.
+    pub parts: Vec<String>,
+    /// Name of the combined tensor (default: the parts' tensor name).
+    pub output: Option<String>,
+    /// `weighted_mean`: one weight per part.
+    pub weights: Vec<f64>,
+    /// `majority_vote`: how a tie is broken.
+    pub tie: TieRule,
+    /// Parts needed to answer when the timeout passes (default: all).
+    pub quorum: Option<usize>,
+    /// How long to wait for every part after the first arrives.
+    pub timeout: Duration,
+}
+
+/// An encode step's settings.
+#[derive(Debug, Clone)]
+pub struct EncodeStep {
+    /// One encoding per input column.
+    pub columns: Vec<EncodeColumn>,
+    /// Name of the feature vector (default `features`).
+    pub output: String,
+}
+
+/// A decode-image step's settings.
+#[derive(Debug, Clone)]
+pub struct DecodeImageStep {
+    /// How images are decoded and normalized.
+    pub settings: Box<DecodeImageConfig>,
+    /// Name of the pixel tensor (default `pixels`).
+    pub output: String,
 }
 
 /// Built-in steps.
@@ -184,10 +258,4 @@ fn default_version() -> String {
 }
 fn default_max_batch() -> usize {
     64
-}
-fn default_join_timeout() -> Duration {
-    Duration::from_secs(2)
-}
-fn one() -> usize {
-    1
 }

@@ -13,10 +13,14 @@ mod bandit;
 mod graphs;
 mod learn;
 mod logic;
+mod step_toml;
 
 pub use auth::{ApiKey, AuthConfig, JwtConfig, Scope};
 pub use bandit::{BanditConfig, Policy};
-pub use graphs::{Builtin, CanaryConfig, Combiner, GraphConfig, RouteConfig, StepConfig, TieRule};
+pub use graphs::{
+    Builtin, CanaryConfig, CombineStep, Combiner, DecodeImageStep, EncodeStep, GraphConfig,
+    ModelStep, RouteConfig, StepConfig, StepKindConfig, TieRule,
+};
 pub use learn::{Algorithm, LearnTiming, LearnerConfig};
 pub use logic::{
     AllowedValue, CustomStepConfig, DecideConfig, DecisionRule, DecodeImageConfig, EncodeColumn,
@@ -658,13 +662,14 @@ impl Config {
         c.redis.url = redact_url(&c.redis.url);
         for g in c.graphs.values_mut() {
             for s in &mut g.steps {
-                if let Some(p) = s.postgres.as_mut() {
-                    p.url = redact_url(&p.url);
-                }
-                if let Some(f) = s.features.as_mut()
-                    && let Some(url) = f.redis.as_mut()
-                {
-                    *url = redact_url(url);
+                match &mut s.kind {
+                    StepKindConfig::Postgres(p) => p.url = redact_url(&p.url),
+                    StepKindConfig::Features(f) => {
+                        if let Some(url) = f.redis.as_mut() {
+                            *url = redact_url(url);
+                        }
+                    }
+                    _ => {}
                 }
             }
         }

@@ -19,7 +19,7 @@ use std::time::Duration;
 use crate::config::TensorSpec;
 pub use crate::config::{
     BanditConfig, Builtin, CanaryConfig, Combiner, DecideConfig, EncodeColumn, FeaturesConfig,
-    GraphConfig, RouteConfig, StepConfig, TieRule, ValidationRule,
+    GraphConfig, RouteConfig, StepConfig, StepKindConfig, TieRule, ValidationRule,
 };
 use crate::signature::Signature;
 pub use compile::compile;

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use super::order::Order;
 use super::source_step;
 use super::tensors::Flow;
-use crate::config::GraphConfig;
+use crate::config::{GraphConfig, StepKindConfig};
 
 /// Per step (config order): carried sources, and the join and parts a failure stands for.
 pub(super) struct Carried {
@@ -30,8 +30,8 @@ pub(super) fn resolve(
     let mut carry: Vec<BTreeSet<String>> = vec![BTreeSet::new(); n];
     for &i in order.iter().rev() {
         let s = &g.steps[i];
-        let mut c: BTreeSet<String> = s.inputs.values().chain(&s.parts).cloned().collect();
-        if let Some(r) = &s.route
+        let mut c: BTreeSet<String> = s.sources().cloned().collect();
+        if let StepKindConfig::Route(r) = &s.kind
             && !r.by.starts_with("parameter:")
         {
             c.insert(r.by.clone());

@@ -6,54 +6,30 @@ use std::collections::BTreeMap;
 use sluice_schemas::DataType;
 
 use crate::config::{
-    AllowedValue, EncodeOp, FeatureLayout, FeaturesConfig, RuleKind, StepConfig, TensorSpec,
-    Unknown,
+    AllowedValue, CustomStepConfig, DecideConfig, EncodeOp, FeatureLayout, FeaturesConfig,
+    RuleKind, StepKindConfig, TensorSpec, Unknown,
 };
 use crate::graph::StepKind;
 
-/// Whether `s` is a business-logic step.
-pub(super) fn is_logic(s: &StepConfig) -> bool {
-    s.validate.is_some()
-        || s.encode.is_some()
-        || s.decide.is_some()
-        || s.features.is_some()
-        || s.postgres.is_some()
-        || s.http.is_some()
-        || s.decode_image.is_some()
-        || s.custom.is_some()
-}
-
-/// The compiled kind of a business-logic step.
-pub(super) fn kind(s: &StepConfig) -> Option<StepKind> {
-    if let Some(v) = &s.validate {
-        return Some(StepKind::Validate(v.clone()));
-    }
-    if let Some(e) = &s.encode {
-        return Some(StepKind::Encode(e.clone(), encode_output(s)));
-    }
-    if let Some(d) = &s.decide {
-        return Some(StepKind::Decide(d.clone()));
-    }
-    if let Some(c) = &s.custom {
-        return Some(StepKind::Custom(Box::new(c.clone())));
-    }
-    if let Some(pg) = &s.postgres {
-        return Some(StepKind::Postgres(Box::new(pg.clone())));
-    }
-    if let Some(h) = &s.http {
-        return Some(StepKind::Http(Box::new(h.clone())));
-    }
-    if let Some(d) = &s.decode_image {
-        let output = s.output.clone().unwrap_or_else(|| "pixels".into());
-        return Some(StepKind::DecodeImage(Box::new(d.clone()), output));
-    }
-    s.features
-        .as_ref()
-        .map(|f| StepKind::Features(Box::new(f.clone())))
-}
-
-fn encode_output(s: &StepConfig) -> String {
-    s.output.clone().unwrap_or_else(|| "features".into())
+/// The compiled kind of a business-logic step (`None` for models, joins and routers).
+pub(super) fn kind(k: &StepKindConfig) -> Option<StepKind> {
+    Some(match k {
+        StepKindConfig::Validate(v) => StepKind::Validate(v.clone()),
+        StepKindConfig::Encode(e) => StepKind::Encode(e.columns.clone(), e.output.clone()),
+        StepKindConfig::Decide(d) => StepKind::Decide(d.clone()),
+        StepKindConfig::Custom(c) => StepKind::Custom(c.clone()),
+        StepKindConfig::Postgres(pg) => StepKind::Postgres(pg.clone()),
+        StepKindConfig::Http(h) => StepKind::Http(h.clone()),
+        StepKindConfig::DecodeImage(d) => {
+            StepKind::DecodeImage(d.settings.clone(), d.output.clone())
+        }
+        StepKindConfig::Features(f) => StepKind::Features(f.clone()),
+        StepKindConfig::Model(_)
+        | StepKindConfig::Builtin(_)
+        | StepKindConfig::Combine(_)
+        | StepKindConfig::Route(_)
+        | StepKindConfig::Bandit(_) => return None,
+    })
 }
 
 fn numeric(d: DataType) -> bool {
@@ -72,102 +48,110 @@ fn row_width(spec: &TensorSpec) -> Option<usize> {
 /// Checks a business-logic step; returns its outputs (problems go to `p`, each naming `skey`).
 pub(super) fn outputs(
     skey: &str,
-    s: &StepConfig,
+    kind: &StepKindConfig,
     inputs: &BTreeMap<String, TensorSpec>,
     p: &mut Vec<String>,
 ) -> Vec<TensorSpec> {
-    let named = |name: &str, spec: &TensorSpec| TensorSpec {
+    match kind {
+        StepKindConfig::Validate(rules) => {
+            validate(skey, rules, inputs, p);
+            inputs.iter().map(|(n, spec)| named(n, spec)).collect()
+        }
+        StepKindConfig::Encode(e) => {
+            let width = encode(skey, &e.columns, inputs, p);
+            vec![spec(&e.output, DataType::Fp32, vec![-1, width as i64])]
+        }
+        StepKindConfig::Decide(d) => decide(skey, d, inputs, p),
+        StepKindConfig::Features(f) => features(skey, f, inputs, p),
+        StepKindConfig::Postgres(pg) => postgres(skey, pg, inputs, p),
+        StepKindConfig::Http(h) => http(skey, h, inputs, p),
+        StepKindConfig::DecodeImage(d) => decode_image(skey, &d.settings, &d.output, inputs, p),
+        StepKindConfig::Custom(c) => custom(skey, c, p),
+        StepKindConfig::Model(_)
+        | StepKindConfig::Builtin(_)
+        | StepKindConfig::Combine(_)
+        | StepKindConfig::Route(_)
+        | StepKindConfig::Bandit(_) => Vec::new(),
+    }
+}
+
+/// `spec` under another name.
+fn named(name: &str, spec: &TensorSpec) -> TensorSpec {
+    TensorSpec {
         name: name.to_string(),
         ..spec.clone()
-    };
-    if let Some(rules) = &s.validate {
-        validate(skey, rules, inputs, p);
-        return inputs.iter().map(|(n, spec)| named(n, spec)).collect();
     }
-    if let Some(columns) = &s.encode {
-        let width = encode(skey, columns, inputs, p);
-        return vec![spec(
-            &encode_output(s),
-            DataType::Fp32,
-            vec![-1, width as i64],
-        )];
-    }
-    if let Some(d) = &s.decide {
-        for (k, r) in d.rules.iter().enumerate() {
-            let rkey = format!("{skey}.decide.rules[{k}]");
-            match inputs.get(&r.input) {
-                None => p.push(format!(
-                    "{rkey}: '{}' is not one of the step's inputs",
-                    r.input
+}
+
+/// A decision: rules over numeric input columns, the inputs it keeps.
+fn decide(
+    skey: &str,
+    d: &DecideConfig,
+    inputs: &BTreeMap<String, TensorSpec>,
+    p: &mut Vec<String>,
+) -> Vec<TensorSpec> {
+    for (k, r) in d.rules.iter().enumerate() {
+        let rkey = format!("{skey}.decide.rules[{k}]");
+        match inputs.get(&r.input) {
+            None => p.push(format!(
+                "{rkey}: '{}' is not one of the step's inputs",
+                r.input
+            )),
+            Some(t) if !numeric(t.datatype) => p.push(format!(
+                "{rkey}: '{}' is {}, not numeric",
+                r.input, t.datatype
+            )),
+            Some(t) => match row_width(t) {
+                Some(w) if r.column < w => {}
+                _ => p.push(format!(
+                    "{rkey}: column {} is not in '{}' {:?}",
+                    r.column, r.input, t.shape
                 )),
-                Some(t) if !numeric(t.datatype) => p.push(format!(
-                    "{rkey}: '{}' is {}, not numeric",
-                    r.input, t.datatype
-                )),
-                Some(t) => match row_width(t) {
-                    Some(w) if r.column < w => {}
-                    _ => p.push(format!(
-                        "{rkey}: column {} is not in '{}' {:?}",
-                        r.column, r.input, t.shape
-                    )),
-                },
-            }
-            if !matches!(r.op.as_str(), ">" | ">=" | "<" | "<=" | "==" | "!=") {
-                p.push(format!(
-                    "{rkey}.op: '{}' is not one of >, >=, <, <=, ==, !=",
-                    r.op
-                ));
-            }
+            },
         }
-        if d.rules.is_empty() {
-            p.push(format!("{skey}.decide.rules: at least one rule is needed"));
-        }
-        let mut out = vec![
-            spec("decision", DataType::Bytes, vec![-1]),
-            spec("rule", DataType::Bytes, vec![-1]),
-        ];
-        let keep: Vec<String> = match &d.keep {
-            Some(k) => k.clone(),
-            None => inputs.keys().cloned().collect(),
-        };
-        for k in keep {
-            match inputs.get(&k) {
-                Some(t) if k != "decision" && k != "rule" => out.push(named(&k, t)),
-                Some(_) => p.push(format!(
-                    "{skey}.decide.keep: '{k}' clashes with the decision's own outputs"
-                )),
-                None => p.push(format!(
-                    "{skey}.decide.keep: '{k}' is not one of the step's inputs"
-                )),
-            }
-        }
-        return out;
-    }
-    if let Some(f) = &s.features {
-        return features(skey, f, inputs, p);
-    }
-    if let Some(pg) = &s.postgres {
-        return postgres(skey, pg, inputs, p);
-    }
-    if let Some(h) = &s.http {
-        return http(skey, h, inputs, p);
-    }
-    if let Some(d) = &s.decode_image {
-        let output = s.output.clone().unwrap_or_else(|| "pixels".into());
-        return decode_image(skey, d, &output, inputs, p);
-    }
-    if let Some(c) = &s.custom {
-        if c.kind.is_empty() {
-            p.push(format!("{skey}.custom.kind: names no step kind"));
-        }
-        if c.outputs.is_empty() {
+        if !matches!(r.op.as_str(), ">" | ">=" | "<" | "<=" | "==" | "!=") {
             p.push(format!(
-                "{skey}.custom.outputs: declare what the step produces"
+                "{rkey}.op: '{}' is not one of >, >=, <, <=, ==, !=",
+                r.op
             ));
         }
-        return c.outputs.clone();
     }
-    Vec::new()
+    if d.rules.is_empty() {
+        p.push(format!("{skey}.decide.rules: at least one rule is needed"));
+    }
+    let mut out = vec![
+        spec("decision", DataType::Bytes, vec![-1]),
+        spec("rule", DataType::Bytes, vec![-1]),
+    ];
+    let keep: Vec<String> = match &d.keep {
+        Some(k) => k.clone(),
+        None => inputs.keys().cloned().collect(),
+    };
+    for k in keep {
+        match inputs.get(&k) {
+            Some(t) if k != "decision" && k != "rule" => out.push(named(&k, t)),
+            Some(_) => p.push(format!(
+                "{skey}.decide.keep: '{k}' clashes with the decision's own outputs"
+            )),
+            None => p.push(format!(
+                "{skey}.decide.keep: '{k}' is not one of the step's inputs"
+            )),
+        }
+    }
+    out
+}
+
+/// A user step: a registered kind and declared outputs.
+fn custom(skey: &str, c: &CustomStepConfig, p: &mut Vec<String>) -> Vec<TensorSpec> {
+    if c.kind.is_empty() {
+        p.push(format!("{skey}.custom.kind: names no step kind"));
+    }
+    if c.outputs.is_empty() {
+        p.push(format!(
+            "{skey}.custom.outputs: declare what the step produces"
+        ));
+    }
+    c.outputs.clone()
 }
 
 fn validate(

@@ -18,7 +18,7 @@ mod tensors;
 use std::collections::BTreeMap;
 
 use super::{Canary, Graph, Step, StepKind};
-use crate::config::{Builtin, GraphConfig, ModelConfig};
+use crate::config::{Builtin, CanaryConfig, GraphConfig, ModelConfig, StepConfig, StepKindConfig};
 use crate::signature::Signature;
 use crate::topics::Topics;
 
@@ -43,7 +43,6 @@ pub fn compile(
 
 /// The plan in topological order, step references re-indexed to that order.
 #[allow(clippy::too_many_arguments)]
-// Long on purpose: builds each compiled step field by field, then re-indexes step references.
 fn assemble(
     name: &str,
     g: &GraphConfig,
@@ -54,80 +53,17 @@ fn assemble(
     carried: &carry::Carried,
     terminals: &[usize],
 ) -> Graph {
-    let n = g.steps.len();
-    let steps: Vec<Step> = shape
+    let mut steps: Vec<Step> = shape
         .order
         .iter()
-        .map(|&i| {
-            let s = &g.steps[i];
-            let kind = match (&s.model, s.builtin, &flow.joins[i], &flow.routes[i]) {
-                (Some(m), _, _, _) => StepKind::Model(m.clone()),
-                (_, Some(b), _, _) => StepKind::Builtin(b),
-                (_, _, Some(j), _) => StepKind::Combine(j.clone()),
-                (_, _, _, Some(r)) => StepKind::Route(r.clone()),
-                _ => logic::kind(s).unwrap_or(StepKind::Builtin(Builtin::Argmax)),
-            };
-            let topic = match &s.model {
-                Some(m) => topics.requests(m),
-                None => topics.step(name, &s.name),
-            };
-            Step {
-                name: s.name.clone(),
-                kind,
-                inputs: s
-                    .inputs
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect(),
-                outputs: flow.outputs[i].clone(),
-                next: shape.next[i].clone(),
-                carry: carried.carry[i].clone(),
-                failure_join: carried.failure_join[i].clone(),
-                topic,
-                canary: s.canary.as_ref().map(|c| Canary {
-                    model: c.model.clone(),
-                    topic: topics.requests(&c.model),
-                    share: c.share,
-                    key_parameter: c
-                        .key
-                        .as_ref()
-                        .and_then(|k| k.strip_prefix("parameter:"))
-                        .map(str::to_string),
-                }),
-                shadows: s
-                    .shadow
-                    .iter()
-                    .map(|m| (m.clone(), topics.requests(m)))
-                    .collect(),
-                workers: s.workers,
-                fused: s.fused,
-            }
-        })
+        .map(|&i| compiled_step(name, &g.steps[i], i, topics, shape, flow, carried))
         .collect();
-    // Re-index step references from config order to topological order.
-    let pos: Vec<usize> = {
-        let mut pos = vec![0; n];
-        for (k, &i) in shape.order.iter().enumerate() {
-            pos[i] = k;
-        }
-        pos
-    };
-    let mut steps = steps;
-    for s in &mut steps {
-        s.next = s.next.iter().map(|&i| pos[i]).collect();
-        if let Some((j, parts)) = &s.failure_join {
-            s.failure_join = Some((pos[*j], parts.clone()));
-        }
-        if let StepKind::Route(r) = &mut s.kind {
-            for v in r.cases.values_mut().chain(std::iter::once(&mut r.default)) {
-                *v = v.iter().map(|&i| pos[i]).collect();
-            }
-        }
-    }
+    reindex(&mut steps, &shape.order);
+    let pos = positions(&shape.order);
     let partitions = g.partitions.unwrap_or_else(|| {
         g.steps
             .iter()
-            .filter_map(|s| models.get(s.model.as_ref()?))
+            .filter_map(|s| models.get(s.kind.model()?))
             .map(|m| m.partitions)
             .max()
             .unwrap_or(1)
@@ -153,6 +89,95 @@ fn assemble(
     }
 }
 
+/// Step `i` (config order) of graph `graph` compiled; step references still in config order.
+fn compiled_step(
+    graph: &str,
+    s: &StepConfig,
+    i: usize,
+    topics: &Topics,
+    shape: &order::Order,
+    flow: &tensors::Flow,
+    carried: &carry::Carried,
+) -> Step {
+    let (kind, topic, canary, shadows) = match &s.kind {
+        StepKindConfig::Model(m) => (
+            StepKind::Model(m.model.clone()),
+            topics.requests(&m.model),
+            m.canary.as_ref().map(|c| compiled_canary(c, topics)),
+            m.shadow
+                .iter()
+                .map(|v| (v.clone(), topics.requests(v)))
+                .collect(),
+        ),
+        other => {
+            let kind = match (other, &flow.joins[i], &flow.routes[i]) {
+                (StepKindConfig::Builtin(b), _, _) => StepKind::Builtin(*b),
+                (_, Some(j), _) => StepKind::Combine(j.clone()),
+                (_, _, Some(r)) => StepKind::Route(r.clone()),
+                _ => logic::kind(other).unwrap_or(StepKind::Builtin(Builtin::Argmax)),
+            };
+            (kind, topics.step(graph, &s.name), None, Vec::new())
+        }
+    };
+    Step {
+        name: s.name.clone(),
+        kind,
+        inputs: s
+            .inputs
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        outputs: flow.outputs[i].clone(),
+        next: shape.next[i].clone(),
+        carry: carried.carry[i].clone(),
+        failure_join: carried.failure_join[i].clone(),
+        topic,
+        canary,
+        shadows,
+        workers: s.workers,
+        fused: s.fused,
+    }
+}
+
+fn compiled_canary(c: &CanaryConfig, topics: &Topics) -> Canary {
+    Canary {
+        model: c.model.clone(),
+        topic: topics.requests(&c.model),
+        share: c.share,
+        key_parameter: c
+            .key
+            .as_ref()
+            .and_then(|k| k.strip_prefix("parameter:"))
+            .map(str::to_string),
+    }
+}
+
+/// Position of each config-order step in topological `order`.
+fn positions(order: &[usize]) -> Vec<usize> {
+    let mut pos = vec![0; order.len()];
+    for (k, &i) in order.iter().enumerate() {
+        pos[i] = k;
+    }
+    pos
+}
+
+/// Re-indexes step references (successors, failure joins, route targets) from config order to
+/// topological `order`.
+fn reindex(steps: &mut [Step], order: &[usize]) {
+    let pos = positions(order);
+    for s in steps {
+        s.next = s.next.iter().map(|&i| pos[i]).collect();
+        if let Some((j, _)) = &mut s.failure_join {
+            *j = pos[*j];
+        }
+        if let StepKind::Route(r) = &mut s.kind {
+            for v in r.cases.values_mut().chain(std::iter::once(&mut r.default)) {
+                *v = v.iter().map(|&i| pos[i]).collect();
+            }
+        }
+    }
+}
+
 /// A fused step runs in its predecessor's worker: it needs exactly one predecessor, which
 /// leads only to it and is not a router; it cannot be a model (its own pool) or a join.
 fn check_fusion(key: &str, g: &GraphConfig, shape: &order::Order) -> Result<(), Vec<String>> {
@@ -162,7 +187,10 @@ fn check_fusion(key: &str, g: &GraphConfig, shape: &order::Order) -> Result<(), 
             continue;
         }
         let skey = format!("{key} step '{}'", s.name);
-        if s.model.is_some() || s.combine.is_some() {
+        if matches!(
+            s.kind,
+            StepKindConfig::Model(_) | StepKindConfig::Combine(_)
+        ) {
             p.push(format!(
                 "{skey}: a model or combine step cannot be fused (it has workers of its own)"
             ));
@@ -175,7 +203,7 @@ fn check_fusion(key: &str, g: &GraphConfig, shape: &order::Order) -> Result<(), 
             [] => p.push(format!(
                 "{skey}: the first step cannot be fused (nothing runs before it)"
             )),
-            [d] if g.steps[*d].route.is_some() || g.steps[*d].bandit.is_some() => p.push(format!(
+            [d] if g.steps[*d].kind.is_router() => p.push(format!(
                 "{skey}: cannot be fused after router '{}'",
                 g.steps[*d].name
             )),

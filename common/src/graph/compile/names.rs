@@ -1,12 +1,12 @@
-//! Pass 1, names and kinds: the graph's own settings, unique valid step names, exactly one kind
-//! per step, known models. Gives the index of each step by name.
+//! Pass 1, names: the graph's own settings, unique valid step names, known models (each step's
+//! kind was checked when the config was parsed). Gives the index of each step by name.
 
 use std::collections::BTreeMap;
 
 use super::valid_step_name;
 use crate::config::{GraphConfig, ModelConfig};
 
-/// Checks names and kinds; returns step name → position in config order.
+/// Checks names and models; returns step name → position in config order.
 pub(super) fn check(
     key: &str,
     g: &GraphConfig,
@@ -45,35 +45,10 @@ pub(super) fn check(
         if index.insert(s.name.clone(), i).is_some() {
             p.push(format!("{skey}: declared twice"));
         }
-        let kinds = [
-            s.model.is_some(),
-            s.builtin.is_some(),
-            s.combine.is_some(),
-            s.route.is_some(),
-            s.bandit.is_some(),
-            s.validate.is_some(),
-            s.encode.is_some(),
-            s.decide.is_some(),
-            s.features.is_some(),
-            s.postgres.is_some(),
-            s.http.is_some(),
-            s.decode_image.is_some(),
-            s.custom.is_some(),
-        ];
-        if kinds.iter().filter(|k| **k).count() != 1 {
-            p.push(format!(
-                "{skey}: set exactly one of model, builtin, combine, route, bandit, validate, encode, decide, features, postgres, http, decode_image, custom"
-            ));
-        }
-        if let Some(m) = &s.model
+        if let Some(m) = s.kind.model()
             && !models.contains_key(m)
         {
             p.push(format!("{skey}: unknown model '{m}'"));
-        }
-        if s.model.is_none() && (s.canary.is_some() || !s.shadow.is_empty()) {
-            p.push(format!(
-                "{skey}: canary and shadow apply to model steps only"
-            ));
         }
         if s.workers == 0 {
             p.push(format!("{skey}.workers: must be at least 1"));

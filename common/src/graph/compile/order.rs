@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::source_step;
-use crate::config::GraphConfig;
+use crate::config::{GraphConfig, StepKindConfig};
 
 /// The graph's shape, indexed in config order.
 pub(super) struct Order {
@@ -33,7 +33,7 @@ pub(super) fn resolve(
     let mut deps: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); n];
     let mut route_targets: Vec<Vec<usize>> = vec![Vec::new(); n];
     for (i, s) in g.steps.iter().enumerate() {
-        let mut sources: Vec<&String> = s.inputs.values().chain(&s.parts).collect();
+        let mut sources: Vec<&String> = s.sources().collect();
         if let Some(a) = &s.after {
             match index.get(a) {
                 Some(&d) if d != i => {
@@ -46,14 +46,15 @@ pub(super) fn resolve(
             }
         }
         let mut targets: Vec<&String> = Vec::new();
-        if let Some(r) = &s.route {
-            if !r.by.starts_with("parameter:") {
-                sources.push(&r.by);
+        match &s.kind {
+            StepKindConfig::Route(r) => {
+                if !r.by.starts_with("parameter:") {
+                    sources.push(&r.by);
+                }
+                targets.extend(r.cases.values().flatten().chain(&r.default));
             }
-            targets.extend(r.cases.values().flatten().chain(&r.default));
-        }
-        if let Some(b) = &s.bandit {
-            targets.extend(&b.arms);
+            StepKindConfig::Bandit(b) => targets.extend(&b.arms),
+            _ => {}
         }
         for t in targets {
             match index.get(t) {
@@ -147,7 +148,7 @@ pub(super) fn resolve(
         if preds.is_empty() {
             entries.push(i);
         }
-        if s.combine.is_none() && preds.len() > 1 {
+        if !matches!(s.kind, StepKindConfig::Combine(_)) && preds.len() > 1 {
             let names: Vec<&str> = preds.iter().map(|&d| g.steps[d].name.as_str()).collect();
             p.push(format!(
                 "{key} step '{}': reads from {names:?}, which run in parallel; join them with a combine step first",
@@ -165,7 +166,7 @@ pub(super) fn resolve(
         ));
     }
     for (r, targets) in route_targets.iter().enumerate() {
-        if g.steps[r].route.is_none() && g.steps[r].bandit.is_none() {
+        if !g.steps[r].kind.is_router() {
             continue;
         }
         for t in &next[r] {
