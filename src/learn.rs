@@ -419,7 +419,7 @@ async fn dead_letter(
         partition: msg.partition(),
         offset: msg.offset(),
         model,
-        class: "undecodable",
+        class: sluice_schemas::ErrorCode::Undecodable,
         message: error,
         request_id: None,
     });

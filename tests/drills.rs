@@ -665,7 +665,9 @@ fn poison_records(samples: &Samples) -> Vec<(&'static str, Vec<u8>, &'static str
     let request = |id: &str, shape: Vec<i64>, values: &[f32]| InferenceRequest {
         id: id.into(),
         model: MODEL.into(),
-        deadline_ms: sluice_common::now_ms() + 60_000,
+        deadline: Some(sluice_schemas::Deadline::after(
+            std::time::Duration::from_millis(60_000),
+        )),
         sent_at_us: sluice_common::now_us(),
         inputs: vec![Tensor::from_values("input", DataType::Fp32, shape, values)],
         ..Default::default()
@@ -810,7 +812,7 @@ async fn poison_records_are_dead_lettered_without_a_crash_or_a_stall() {
             assert!(header(m, "x-original-offset").is_some());
         }
         for r in answered {
-            assert_eq!(r.error.map(|e| e.code).as_deref(), Some(*class), "{key}");
+            assert_eq!(r.error.map(|e| e.code.as_str()), Some(*class), "{key}");
         }
     }
 }

@@ -502,7 +502,9 @@ fn graph_request(id: &str, x: &[f32]) -> InferenceRequest {
     InferenceRequest {
         id: id.into(),
         model: "digits-pipeline".into(),
-        deadline_ms: sluice_common::now_ms() + 30_000,
+        deadline: Some(sluice_schemas::Deadline::after(
+            std::time::Duration::from_millis(30_000),
+        )),
         sent_at_us: sluice_common::now_us(),
         inputs: vec![Tensor::from_values("input", DataType::Fp32, vec![1, 64], x)],
         ..Default::default()

@@ -357,7 +357,7 @@ async fn feature_store_down_answers_503_within_the_deadline_then_recovers() {
     let Some((mut stack, store)) = fraud_stack(features_port) else {
         return;
     };
-    stack.start_unit("all", &[]);
+    let (_, ops) = stack.start_unit("all", &[]);
     let s = fraud_samples();
     let row = s["requests"][20].clone();
     let want = s["expected"]["decision"][20].clone();
@@ -383,6 +383,20 @@ async fn feature_store_down_answers_503_within_the_deadline_then_recovers() {
         "503 took {:?}",
         started.elapsed()
     );
+    // Its dead letter is counted under the class the record carries, `unavailable`.
+    let dead = |class: &'static str| {
+        let (client, ops) = (client.clone(), ops.clone());
+        async move {
+            let label = format!("class=\"{class}\"");
+            metric_sum(&client, &ops, "sluice_worker_dead_letters_total", &label).await
+        }
+    };
+    let end = Instant::now() + Duration::from_secs(5);
+    while dead("unavailable").await < 1.0 && Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(dead("unavailable").await, 1.0);
+    assert_eq!(dead("internal").await, 0.0);
 
     // Frozen (SIGSTOP): the step's 100 ms timeout answers 503, the request does not hang.
     let frozen = stack.start_redis("redis-features", features_port);

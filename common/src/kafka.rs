@@ -260,8 +260,8 @@ pub mod headers {
         pub offset: i64,
         /// The model (or unit) that could not use it.
         pub model: &'a str,
-        /// `undecodable`, `invalid_input`, `model_failed`, …
-        pub class: &'a str,
+        /// Why the record could not be used.
+        pub class: sluice_schemas::ErrorCode,
         /// What went wrong (cut to 1 KiB in the header).
         pub message: &'a str,
         /// The request id, when known.
@@ -277,7 +277,7 @@ pub mod headers {
             (ORIGINAL_PARTITION, partition.as_str()),
             (ORIGINAL_OFFSET, offset.as_str()),
             (MODEL, origin.model),
-            (ERROR_CLASS, origin.class),
+            (ERROR_CLASS, origin.class.as_str()),
             (ERROR_MESSAGE, message.as_str()),
         ];
         if let Some(id) = origin.request_id {

@@ -6,8 +6,8 @@ use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use sluice_common::signature::InputError;
+use sluice_schemas::ErrorCode;
 use sluice_schemas::InferenceError;
-use sluice_schemas::envelope::codes;
 
 /// A request failure as the caller sees it.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -110,17 +110,17 @@ impl ApiError {
         } else {
             format!("step '{}': {}", e.step, e.message)
         };
-        match e.code.as_str() {
-            codes::INVALID_INPUT => ApiError::InvalidTensor(msg),
-            codes::UNDECODABLE | codes::NO_ROUTE => ApiError::BadRequest(msg),
-            codes::JOIN_TIMEOUT => ApiError::StepTimedOut(msg),
-            codes::UNAVAILABLE => ApiError::Unavailable(msg),
-            codes::DEADLINE_EXCEEDED => ApiError::DeadlineExceeded(Duration::ZERO),
-            codes::MODEL_FAILED => ApiError::ModelFailed {
+        match e.code {
+            ErrorCode::InvalidInput => ApiError::InvalidTensor(msg),
+            ErrorCode::Undecodable | ErrorCode::NoRoute => ApiError::BadRequest(msg),
+            ErrorCode::JoinTimeout => ApiError::StepTimedOut(msg),
+            ErrorCode::Unavailable => ApiError::Unavailable(msg),
+            ErrorCode::DeadlineExceeded => ApiError::DeadlineExceeded(Duration::ZERO),
+            ErrorCode::ModelFailed => ApiError::ModelFailed {
                 step: e.step.clone(),
                 message: e.message.clone(),
             },
-            _ => ApiError::Internal(msg),
+            ErrorCode::ProduceFailed | ErrorCode::Internal => ApiError::Internal(msg),
         }
     }
 }
@@ -206,26 +206,43 @@ mod tests {
 
     #[test]
     fn worker_error_codes_map_to_statuses() {
-        let e = |code: &str| InferenceError {
-            code: code.into(),
+        let e = |code: ErrorCode| InferenceError {
+            code,
             message: "m".into(),
             step: "mlp".into(),
         };
         assert_eq!(
-            ApiError::from_result(&e(codes::INVALID_INPUT)).status(),
+            ApiError::from_result(&e(ErrorCode::InvalidInput)).status(),
             422
         );
         assert_eq!(
-            ApiError::from_result(&e(codes::DEADLINE_EXCEEDED)).status(),
+            ApiError::from_result(&e(ErrorCode::DeadlineExceeded)).status(),
             504
         );
-        assert_eq!(ApiError::from_result(&e(codes::MODEL_FAILED)).status(), 500);
-        assert_eq!(ApiError::from_result(&e(codes::UNDECODABLE)).status(), 400);
-        assert_eq!(ApiError::from_result(&e(codes::NO_ROUTE)).status(), 400);
-        assert_eq!(ApiError::from_result(&e(codes::JOIN_TIMEOUT)).status(), 504);
-        assert_eq!(ApiError::from_result(&e(codes::UNAVAILABLE)).status(), 503);
+        assert_eq!(
+            ApiError::from_result(&e(ErrorCode::ModelFailed)).status(),
+            500
+        );
+        assert_eq!(
+            ApiError::from_result(&e(ErrorCode::Undecodable)).status(),
+            400
+        );
+        assert_eq!(ApiError::from_result(&e(ErrorCode::NoRoute)).status(), 400);
+        assert_eq!(
+            ApiError::from_result(&e(ErrorCode::JoinTimeout)).status(),
+            504
+        );
+        assert_eq!(
+            ApiError::from_result(&e(ErrorCode::Unavailable)).status(),
+            503
+        );
+        assert_eq!(
+            ApiError::from_result(&e(ErrorCode::ProduceFailed)).status(),
+            500
+        );
+        assert_eq!(ApiError::from_result(&e(ErrorCode::Internal)).status(), 500);
         assert!(
-            ApiError::from_result(&e(codes::MODEL_FAILED))
+            ApiError::from_result(&e(ErrorCode::ModelFailed))
                 .to_string()
                 .contains("mlp")
         );

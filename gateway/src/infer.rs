@@ -167,7 +167,7 @@ async fn infer_inner(gw: &Arc<Gateway>, name: &str, req: Request) -> Result<Infe
         id: id.clone(),
         client_id: parsed.id.clone(),
         model: name.to_string(),
-        deadline_ms: now_ms() + timeout.as_millis() as i64,
+        deadline: Some(sluice_schemas::Deadline::after(timeout)),
         sent_at_us: now_us(),
         reply: Some(route),
         // W3C trace context travels with the request so workers' spans can join the caller's trace.
@@ -182,7 +182,7 @@ async fn infer_inner(gw: &Arc<Gateway>, name: &str, req: Request) -> Result<Infe
         inputs: parsed.inputs,
         outputs: requested,
         hop: None,
-        reply_format: String::new(),
+        reply_format: sluice_schemas::ReplyFormat::Avro,
     };
 
     // Register before producing so the reply can never arrive unseen.

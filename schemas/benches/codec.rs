@@ -22,7 +22,7 @@ fn request() -> InferenceRequest {
         id: "5f2c9a1b03de-1a2b".into(),
         client_id: Some("client-7".into()),
         model: "mlp".into(),
-        deadline_ms: 1_764_000_000_000,
+        deadline: sluice_schemas::Deadline::from_wire(1_764_000_000_000),
         sent_at_us: 1_764_000_000_000_000,
         reply: Some(ReplyRoute {
             channel: "sluice:reply:5f2c9a1b03de".into(),

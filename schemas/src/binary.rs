@@ -74,7 +74,7 @@ pub fn write_request(r: &InferenceRequest, out: &mut Vec<u8>) {
     w.string(&r.id);
     w.opt_string(&r.client_id);
     w.string(&r.model);
-    w.long(r.deadline_ms);
+    w.long(crate::Deadline::to_wire(r.deadline));
     w.long(r.sent_at_us);
     match &r.reply {
         None => w.long(0),
@@ -103,11 +103,16 @@ pub fn write_request(r: &InferenceRequest, out: &mut Vec<u8>) {
             w.string(&hop.step);
             w.string(&hop.from);
             w.0.push(u8::from(hop.shadow));
-            w.string(&hop.failed);
+            w.string(
+                &hop.failed
+                    .as_ref()
+                    .map(InferenceError::to_json)
+                    .unwrap_or_default(),
+            );
             w.string_map(&hop.served);
         }
     }
-    w.string(&r.reply_format);
+    w.string(r.reply_format.as_wire());
 }
 
 /// Encodes a result datum (no single-object header).
@@ -121,7 +126,7 @@ pub fn write_result(r: &InferenceResult, out: &mut Vec<u8>) {
         None => w.long(0),
         Some(e) => {
             w.long(1);
-            w.string(&e.code);
+            w.string(e.code.as_str());
             w.string(&e.message);
             w.string(&e.step);
         }
@@ -272,7 +277,7 @@ pub fn read_request(buf: &[u8]) -> Result<InferenceRequest, CodecError> {
     let id = r.at("id").string()?;
     let client_id = r.at("client_id").opt_string()?;
     let model = r.at("model").string()?;
-    let deadline_ms = r.at("deadline_ms").long()?;
+    let deadline = crate::Deadline::from_wire(r.at("deadline_ms").long()?);
     let sent_at_us = r.at("sent_at_us").long()?;
     let reply = match r.at("reply").union_index(1)? {
         0 => None,
@@ -297,16 +302,16 @@ pub fn read_request(buf: &[u8]) -> Result<InferenceRequest, CodecError> {
             step: r.string()?,
             from: r.string()?,
             shadow: r.boolean()?,
-            failed: r.string()?,
+            failed: InferenceError::from_json(&r.string()?),
             served: r.string_map()?,
         }),
     };
-    let reply_format = r.at("reply_format").string()?;
+    let reply_format = crate::ReplyFormat::from_wire(&r.at("reply_format").string()?);
     r.finish(InferenceRequest {
         id,
         client_id,
         model,
-        deadline_ms,
+        deadline,
         sent_at_us,
         reply,
         trace,
@@ -328,7 +333,7 @@ pub fn read_result(buf: &[u8]) -> Result<InferenceResult, CodecError> {
     let error = match r.at("error").union_index(1)? {
         0 => None,
         _ => Some(InferenceError {
-            code: r.string()?,
+            code: crate::ErrorCode::from_wire(&r.string()?),
             message: r.string()?,
             step: r.string()?,
         }),

@@ -222,6 +222,12 @@ pub fn request_to_value(r: &InferenceRequest) -> Value {
             ])),
         ),
     };
+    let failed_json = |h: &GraphHop| {
+        h.failed
+            .as_ref()
+            .map(InferenceError::to_json)
+            .unwrap_or_default()
+    };
     let hop = match &r.hop {
         None => Value::Union(0, Box::new(Value::Null)),
         Some(h) => Value::Union(
@@ -231,7 +237,7 @@ pub fn request_to_value(r: &InferenceRequest) -> Value {
                 ("step".into(), Value::String(h.step.clone())),
                 ("from".into(), Value::String(h.from.clone())),
                 ("shadow".into(), Value::Boolean(h.shadow)),
-                ("failed".into(), Value::String(h.failed.clone())),
+                ("failed".into(), Value::String(failed_json(h))),
                 ("served".into(), string_map(&h.served)),
             ])),
         ),
@@ -240,7 +246,10 @@ pub fn request_to_value(r: &InferenceRequest) -> Value {
         ("id".into(), Value::String(r.id.clone())),
         ("client_id".into(), opt_string(&r.client_id)),
         ("model".into(), Value::String(r.model.clone())),
-        ("deadline_ms".into(), Value::Long(r.deadline_ms)),
+        (
+            "deadline_ms".into(),
+            Value::Long(crate::Deadline::to_wire(r.deadline)),
+        ),
         ("sent_at_us".into(), Value::Long(r.sent_at_us)),
         ("reply".into(), reply),
         ("trace".into(), string_map(&r.trace)),
@@ -251,7 +260,10 @@ pub fn request_to_value(r: &InferenceRequest) -> Value {
             Value::Array(r.outputs.iter().map(|o| Value::String(o.clone())).collect()),
         ),
         ("hop".into(), hop),
-        ("reply_format".into(), Value::String(r.reply_format.clone())),
+        (
+            "reply_format".into(),
+            Value::String(r.reply_format.as_wire().into()),
+        ),
     ])
 }
 
@@ -262,7 +274,7 @@ pub fn result_to_value(r: &InferenceResult) -> Value {
         Some(e) => Value::Union(
             1,
             Box::new(Value::Record(vec![
-                ("code".into(), Value::String(e.code.clone())),
+                ("code".into(), Value::String(e.code.as_str().into())),
                 ("message".into(), Value::String(e.message.clone())),
                 ("step".into(), Value::String(e.step.clone())),
             ])),
@@ -411,14 +423,14 @@ pub fn request_from_value(v: Value) -> Result<InferenceRequest, CodecError> {
                 step: h.string("step")?,
                 from: h.string("from")?,
                 shadow: matches!(h.take("shadow")?, Value::Boolean(true)),
-                failed: h.string("failed")?,
+                failed: InferenceError::from_json(&h.string("failed")?),
                 served: h.string_map("served")?,
             })
         }
     };
     let reply_format = match f.take("reply_format") {
-        Ok(Value::String(s)) => s,
-        _ => String::new(),
+        Ok(Value::String(s)) => crate::ReplyFormat::from_wire(&s),
+        _ => crate::ReplyFormat::Avro,
     };
     Ok(InferenceRequest {
         hop,
@@ -426,7 +438,7 @@ pub fn request_from_value(v: Value) -> Result<InferenceRequest, CodecError> {
         id: f.string("id")?,
         client_id: f.opt_string("client_id")?,
         model: f.string("model")?,
-        deadline_ms: f.long("deadline_ms")?,
+        deadline: crate::Deadline::from_wire(f.long("deadline_ms")?),
         sent_at_us: f.long("sent_at_us")?,
         reply,
         trace: f.string_map("trace")?,
@@ -451,7 +463,7 @@ pub fn result_from_value(v: Value) -> Result<InferenceResult, CodecError> {
         Some(v) => {
             let mut e = Fields::of(v, "error")?;
             Some(InferenceError {
-                code: e.string("code")?,
+                code: crate::ErrorCode::from_wire(&e.string("code")?),
                 message: e.string("message")?,
                 step: e.string("step")?,
             })
@@ -476,14 +488,14 @@ pub fn result_from_value(v: Value) -> Result<InferenceResult, CodecError> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::envelope::codes;
+    use crate::envelope::ErrorCode;
 
     fn sample_request() -> InferenceRequest {
         InferenceRequest {
             id: "gw1-42".into(),
             client_id: Some("abc".into()),
             model: "mlp".into(),
-            deadline_ms: 1_700_000_000_123,
+            deadline: crate::Deadline::from_wire(1_700_000_000_123),
             sent_at_us: 1_700_000_000_000_001,
             reply: Some(ReplyRoute {
                 channel: "sluice:reply:gw1".into(),
@@ -504,10 +516,10 @@ mod tests {
                 step: "vote".into(),
                 from: "mlp".into(),
                 shadow: true,
-                failed: String::new(),
+                failed: None,
                 served: [("classify".to_string(), "mlp".to_string())].into(),
             }),
-            reply_format: "json".into(),
+            reply_format: crate::ReplyFormat::Json,
         }
     }
 
@@ -522,7 +534,7 @@ mod tests {
         let decoded = decode_request(&bytes).unwrap();
         let mut want = sample_request();
         want.hop = None;
-        want.reply_format.clear();
+        want.reply_format = crate::ReplyFormat::Avro;
         assert_eq!(decoded, want);
     }
 
@@ -587,7 +599,7 @@ mod tests {
             batch_size: 5,
         };
         assert_eq!(decode_result(&encode_result(&ok).unwrap()).unwrap(), ok);
-        let failed = InferenceResult::failure(&sample_request(), codes::MODEL_FAILED, "boom");
+        let failed = InferenceResult::failure(&sample_request(), ErrorCode::ModelFailed, "boom");
         assert_eq!(
             decode_result(&encode_result(&failed).unwrap()).unwrap(),
             failed
@@ -613,7 +625,7 @@ mod tests {
                 ..Default::default()
             };
         }
-        let mut res = InferenceResult::failure(&sample_request(), codes::INVALID_INPUT, "bad");
+        let mut res = InferenceResult::failure(&sample_request(), ErrorCode::InvalidInput, "bad");
         for _ in 0..2 {
             let fast = encode_result(&res).unwrap();
             let generic = result_schemas().encode(result_to_value(&res)).unwrap();
@@ -662,7 +674,7 @@ mod tests {
         let r = binary::read_request(&datum).unwrap();
         assert_eq!(r.id, "ab");
         assert_eq!(r.trace.get("k").map(String::as_str), Some("v"));
-        assert_eq!(r.deadline_ms, 5);
+        assert_eq!(crate::Deadline::to_wire(r.deadline), 5);
     }
 
     #[test]

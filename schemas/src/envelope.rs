@@ -24,8 +24,8 @@ pub struct InferenceRequest {
     pub client_id: Option<String>,
     /// Target model.
     pub model: String,
-    /// Unix epoch ms after which nobody waits; 0 means none.
-    pub deadline_ms: i64,
+    /// When nobody waits for the answer any more (on the wire `deadline_ms`, 0 for none).
+    pub deadline: Option<crate::Deadline>,
     /// Unix epoch µs when produced.
     pub sent_at_us: i64,
     /// Redis reply route; `None` for fire-and-forget producers that read the result topic.
@@ -40,8 +40,38 @@ pub struct InferenceRequest {
     pub outputs: Vec<String>,
     /// Position inside a graph; `None` for a model request or a graph's entry record.
     pub hop: Option<GraphHop>,
-    /// Encoding of the result record: `""`/`avro` or `json`.
-    pub reply_format: String,
+    /// Encoding of the result record.
+    pub reply_format: ReplyFormat,
+}
+
+/// How a request's result record is encoded (on the wire `reply_format`: `""` or `avro`, or
+/// `json`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ReplyFormat {
+    /// The Avro result envelope (the default).
+    #[default]
+    Avro,
+    /// The Open Inference Protocol's JSON response (asked for by JSON requests).
+    Json,
+}
+
+impl ReplyFormat {
+    /// Reads the wire form; anything but `json` is Avro.
+    pub fn from_wire(wire: &str) -> ReplyFormat {
+        if wire == "json" {
+            ReplyFormat::Json
+        } else {
+            ReplyFormat::Avro
+        }
+    }
+
+    /// The wire form (`""` for Avro, as the first schema's records had none).
+    pub fn as_wire(self) -> &'static str {
+        match self {
+            ReplyFormat::Avro => "",
+            ReplyFormat::Json => "json",
+        }
+    }
 }
 
 /// Where a request is inside a graph.
@@ -55,8 +85,8 @@ pub struct GraphHop {
     pub from: String,
     /// A shadow copy, compared with the primary and never answered.
     pub shadow: bool,
-    /// A failed part on its way to a join: the error as JSON; empty otherwise.
-    pub failed: String,
+    /// A failed part on its way to a join: its error (on the wire: JSON, or empty).
+    pub failed: Option<InferenceError>,
     /// Which model served each step so far.
     pub served: BTreeMap<String, String>,
 }
@@ -64,16 +94,41 @@ pub struct GraphHop {
 /// Why a request failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InferenceError {
-    /// Stable machine-readable code: an [`ErrorCode`]'s wire form (`invalid_input`, …).
-    pub code: String,
+    /// Stable machine-readable class (written on the wire as `invalid_input`, …).
+    pub code: ErrorCode,
     /// Human-readable message.
     pub message: String,
     /// The step (model) that failed.
     pub step: String,
 }
 
-/// Why a request failed, as a type: each variant's wire form is [`ErrorCode::as_str`], the
-/// strings in [`codes`] and in `InferenceError::code`.
+impl InferenceError {
+    /// The error as a graph hop's `failed` field carries it: `{"code", "message", "step"}`.
+    pub fn to_json(&self) -> String {
+        serde_json::json!({
+            "code": self.code.as_str(), "message": self.message, "step": self.step
+        })
+        .to_string()
+    }
+
+    /// Reads [`InferenceError::to_json`]'s form; `None` for an empty field. Missing fields are
+    /// empty, an unknown or missing code is `internal`.
+    pub fn from_json(json: &str) -> Option<InferenceError> {
+        if json.is_empty() {
+            return None;
+        }
+        let v: serde_json::Value = serde_json::from_str(json).unwrap_or_default();
+        let field = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or_default();
+        Some(InferenceError {
+            code: ErrorCode::from_wire(field("code")),
+            message: field("message").to_string(),
+            step: field("step").to_string(),
+        })
+    }
+}
+
+/// Why a request failed, as a type: each variant's wire form is [`ErrorCode::as_str`], decoded
+/// once where a record enters ([`ErrorCode::from_wire`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ErrorCode {
     /// The inputs do not match the model.
@@ -140,29 +195,6 @@ impl std::fmt::Display for ErrorCode {
     }
 }
 
-/// Error codes carried in [`InferenceError::code`] (the wire forms of [`ErrorCode`]).
-pub mod codes {
-    use super::ErrorCode;
-    /// The inputs do not match the model.
-    pub const INVALID_INPUT: &str = ErrorCode::InvalidInput.as_str();
-    /// The deadline passed before the request was run.
-    pub const DEADLINE_EXCEEDED: &str = ErrorCode::DeadlineExceeded.as_str();
-    /// The model raised an error.
-    pub const MODEL_FAILED: &str = ErrorCode::ModelFailed.as_str();
-    /// The record could not be decoded.
-    pub const UNDECODABLE: &str = ErrorCode::Undecodable.as_str();
-    /// A join gave up waiting for its parts.
-    pub const JOIN_TIMEOUT: &str = ErrorCode::JoinTimeout.as_str();
-    /// A router found no route for the request.
-    pub const NO_ROUTE: &str = ErrorCode::NoRoute.as_str();
-    /// A record could not be written to Kafka for good (too large, not authorized, no topic).
-    pub const PRODUCE_FAILED: &str = ErrorCode::ProduceFailed.as_str();
-    /// A service a step depends on (Redis, a database, an HTTP API) is down or too slow.
-    pub const UNAVAILABLE: &str = ErrorCode::Unavailable.as_str();
-    /// Anything else.
-    pub const INTERNAL: &str = ErrorCode::Internal.as_str();
-}
-
 /// The answer to one request.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct InferenceResult {
@@ -190,13 +222,17 @@ pub struct InferenceResult {
 
 impl InferenceResult {
     /// A failed result for `request`.
-    pub fn failure(request: &InferenceRequest, code: &str, message: impl Into<String>) -> Self {
+    pub fn failure(
+        request: &InferenceRequest,
+        code: ErrorCode,
+        message: impl Into<String>,
+    ) -> Self {
         InferenceResult {
             id: request.id.clone(),
             client_id: request.client_id.clone(),
             model: request.model.clone(),
             error: Some(InferenceError {
-                code: code.to_string(),
+                code,
                 message: message.into(),
                 step: request.model.clone(),
             }),
@@ -217,6 +253,5 @@ mod error_code_tests {
             assert!(seen.insert(code.as_str()), "{code} written twice");
         }
         assert_eq!(ErrorCode::from_wire("no_such_code"), ErrorCode::Internal);
-        assert_eq!(super::codes::UNAVAILABLE, "unavailable");
     }
 }

@@ -9,6 +9,7 @@
 
 pub mod binary;
 pub mod codec;
+pub mod deadline;
 pub mod envelope;
 pub mod error;
 pub mod learning;
@@ -17,8 +18,9 @@ pub mod oip;
 pub mod tensor;
 
 pub use codec::{CodecError, decode_request, decode_result, encode_request, encode_result};
+pub use deadline::Deadline;
 pub use envelope::{
-    ErrorCode, GraphHop, InferenceError, InferenceRequest, InferenceResult, ReplyRoute,
+    ErrorCode, GraphHop, InferenceError, InferenceRequest, InferenceResult, ReplyFormat, ReplyRoute,
 };
 pub use number::{Number, Unfit, tensor_from_numbers};
 pub use tensor::{DataType, Tensor, TensorError};

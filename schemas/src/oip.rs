@@ -511,19 +511,20 @@ pub fn request_from_json(
         .ok_or_else(|| {
             OipError::BadRequest("a JSON request needs an id (or a record key)".into())
         })?;
-    let deadline_ms = match parsed.parameters.get("timeout") {
+    let deadline = match parsed.parameters.get("timeout") {
         Some(Value::Number(n)) => n
             .as_u64()
             .map(|us| now_ms + i64::try_from(us / 1000).unwrap_or(i64::MAX / 2))
+            .map(crate::Deadline::from_wire)
             .ok_or_else(|| OipError::BadRequest("timeout must be a whole number of µs".into()))?,
         Some(_) => return Err(OipError::BadRequest("timeout must be a number (µs)".into())),
-        None => 0,
+        None => None,
     };
     Ok(crate::InferenceRequest {
         id: id.clone(),
         client_id: Some(id),
         model: model.to_string(),
-        deadline_ms,
+        deadline,
         sent_at_us: now_ms * 1000,
         parameters: parsed
             .parameters
@@ -532,7 +533,7 @@ pub fn request_from_json(
             .collect(),
         inputs: parsed.inputs,
         outputs: parsed.outputs.into_iter().map(|(n, _)| n).collect(),
-        reply_format: "json".into(),
+        reply_format: crate::ReplyFormat::Json,
         ..Default::default()
     })
 }
@@ -542,7 +543,7 @@ pub fn request_from_json(
 pub fn result_to_json(r: &crate::InferenceResult) -> Vec<u8> {
     if let Some(e) = &r.error {
         let v = serde_json::json!({
-            "id": r.id, "model_name": r.model, "error": e.message, "code": e.code, "step": e.step
+            "id": r.id, "model_name": r.model, "error": e.message, "code": e.code.as_str(), "step": e.step
         });
         return v.to_string().into_bytes();
     }
@@ -580,7 +581,11 @@ mod tests {
             "inputs":[{"name":"input","shape":[1,2],"datatype":"FP32","data":[1.5,2]}]}"#;
         let r = request_from_json(body, None, "g", 1_000).unwrap();
         assert_eq!(
-            (r.id.as_str(), r.deadline_ms, r.reply_format.as_str()),
+            (
+                r.id.as_str(),
+                crate::Deadline::to_wire(r.deadline),
+                r.reply_format.as_wire()
+            ),
             ("k1", 6_000, "json")
         );
         assert_eq!(r.parameters["tier"], "\"gold\"");

@@ -10,7 +10,7 @@ use sluice_common::graph::{Graphs, StepKind, Unit};
 use sluice_common::kafka::headers as kafka_headers;
 use sluice_common::now_ms;
 use sluice_common::signature::{Signature, validate_inputs, validate_outputs};
-use sluice_schemas::envelope::codes;
+use sluice_schemas::ErrorCode;
 use sluice_schemas::{
     GraphHop, InferenceError, InferenceRequest, InferenceResult, ReplyRoute, Tensor, decode_request,
 };
@@ -52,7 +52,7 @@ pub struct Admit<'a> {
 }
 
 /// The record as a dead letter of `class`.
-pub fn dead_letter_of(r: &Record<'_>, class: &'static str, message: String) -> DeadLetter {
+pub fn dead_letter_of(r: &Record<'_>, class: ErrorCode, message: String) -> DeadLetter {
     DeadLetter {
         key: r.key.map(<[u8]>::to_vec),
         payload: r.payload.to_vec(),
@@ -149,7 +149,7 @@ pub fn admit(m: &Record<'_>, source: Source, ctx: &Admit<'_>) -> Admission {
     let carried = std::mem::take(&mut request.inputs);
     let base = request;
     let shadow = base.hop.as_ref().is_some_and(|h| h.shadow);
-    let fail = |base: &InferenceRequest, error: InferenceError, class: &'static str| {
+    let fail = |base: &InferenceRequest, error: InferenceError, class: ErrorCode| {
         ctx.metrics.invalid.increment(1);
         let next = flow::failed(&graph, step, base, error.clone());
         let mut c = next_completion(source, &graph, base, next);
@@ -162,8 +162,8 @@ pub fn admit(m: &Record<'_>, source: Source, ctx: &Admit<'_>) -> Admission {
             let Some(signature) = ctx.model else {
                 return fail(
                     &base,
-                    step_error(codes::INTERNAL, &step_name, "no model"),
-                    codes::INVALID_INPUT,
+                    step_error(ErrorCode::Internal, &step_name, "no model"),
+                    ErrorCode::InvalidInput,
                 );
             };
             // A fresh entry record whose canary picks another model moves on unchanged.
@@ -191,8 +191,8 @@ pub fn admit(m: &Record<'_>, source: Source, ctx: &Admit<'_>) -> Admission {
                     Err(e) => {
                         return fail(
                             &base,
-                            step_error(codes::INVALID_INPUT, &step_name, e),
-                            codes::INVALID_INPUT,
+                            step_error(ErrorCode::InvalidInput, &step_name, e),
+                            ErrorCode::InvalidInput,
                         );
                     }
                 }
@@ -202,8 +202,8 @@ pub fn admit(m: &Record<'_>, source: Source, ctx: &Admit<'_>) -> Admission {
                 Err(e) => {
                     return fail(
                         &base,
-                        step_error(codes::INVALID_INPUT, &step_name, e.to_string()),
-                        codes::INVALID_INPUT,
+                        step_error(ErrorCode::InvalidInput, &step_name, e.to_string()),
+                        ErrorCode::InvalidInput,
                     );
                 }
             };
@@ -247,8 +247,8 @@ pub fn admit(m: &Record<'_>, source: Source, ctx: &Admit<'_>) -> Admission {
                 Err(e) => {
                     return fail(
                         &base,
-                        step_error(codes::INVALID_INPUT, &step_name, e),
-                        codes::INVALID_INPUT,
+                        step_error(ErrorCode::InvalidInput, &step_name, e),
+                        ErrorCode::InvalidInput,
                     );
                 }
             };
@@ -263,14 +263,14 @@ pub fn admit(m: &Record<'_>, source: Source, ctx: &Admit<'_>) -> Admission {
         _ => fail(
             &base,
             step_error(
-                codes::INVALID_INPUT,
+                ErrorCode::InvalidInput,
                 &step_name,
                 format!(
                     "a record for step '{step_name}' arrived at worker '{}'",
                     ctx.unit
                 ),
             ),
-            codes::INVALID_INPUT,
+            ErrorCode::InvalidInput,
         ),
     }
 }
@@ -332,7 +332,7 @@ fn undecodable(
             model: ctx.unit.to_string(),
             ..Default::default()
         };
-        InferenceResult::failure(&stub, codes::UNDECODABLE, message.clone())
+        InferenceResult::failure(&stub, ErrorCode::Undecodable, message.clone())
     });
     Admission::Done(Box::new(Completion {
         source,
@@ -340,7 +340,7 @@ fn undecodable(
         result,
         result_topic,
         json_result: json,
-        dead_letter: Some(dead_letter_of(m, codes::UNDECODABLE, message)),
+        dead_letter: Some(dead_letter_of(m, ErrorCode::Undecodable, message)),
         ..Default::default()
     }))
 }
@@ -361,14 +361,14 @@ fn rejected(
         source,
         result: Some(InferenceResult::failure(
             request,
-            codes::INVALID_INPUT,
+            ErrorCode::InvalidInput,
             message.clone(),
         )),
         reply: request.reply.clone(),
-        deadline_ms: request.deadline_ms,
+        deadline: request.deadline,
         json_result: json,
         result_topic,
-        dead_letter: Some(dead_letter_of(m, codes::INVALID_INPUT, message)),
+        dead_letter: Some(dead_letter_of(m, ErrorCode::InvalidInput, message)),
         ..Default::default()
     }))
 }
@@ -380,7 +380,7 @@ fn admit_model_request(
     ctx: &Admit<'_>,
     request: InferenceRequest,
 ) -> Admission {
-    let json = request.reply_format == "json";
+    let json = request.reply_format == sluice_schemas::ReplyFormat::Json;
     let checked = match (ctx.model, ctx.unit) {
         (Some(signature), Unit::Model(name)) if request.model == *name => {
             validate_inputs(signature, &request.inputs)
@@ -437,7 +437,7 @@ mod tests {
         InferenceRequest {
             id: "r1".into(),
             model: "m".into(),
-            deadline_ms: 99,
+            deadline: sluice_schemas::Deadline::from_wire(99),
             inputs: vec![Tensor::from_values("x", DataType::Fp32, vec![rows, 2], &x)],
             reply: Some(ReplyRoute {
                 channel: "c".into(),
@@ -503,13 +503,13 @@ mod tests {
             panic!("not answered at once")
         };
         let e = c.result.as_ref().unwrap().error.clone().unwrap();
-        assert_eq!(e.code, codes::INVALID_INPUT);
+        assert_eq!(e.code, ErrorCode::InvalidInput);
         assert!(e.message.contains("shape"), "{}", e.message);
         assert_eq!(c.reply.as_ref().unwrap().key, "k", "the caller is answered");
         let d = c.dead_letter.unwrap();
         assert_eq!(
             (d.class, d.partition, d.offset),
-            (codes::INVALID_INPUT, 2, 7)
+            (ErrorCode::InvalidInput, 2, 7)
         );
     }
 
@@ -525,7 +525,7 @@ mod tests {
         };
         let result = c.result.unwrap();
         assert_eq!(result.id, "r9");
-        assert_eq!(result.error.unwrap().code, codes::UNDECODABLE);
+        assert_eq!(result.error.unwrap().code, ErrorCode::Undecodable);
         let reply = c.reply.unwrap();
         assert_eq!(
             (reply.channel.as_str(), reply.key.as_str(), reply.ttl_ms),
@@ -541,7 +541,7 @@ mod tests {
         };
         let result = c.result.unwrap();
         assert_eq!(result.id, "r1", "the record's key names the request");
-        assert_eq!(result.error.unwrap().code, codes::UNDECODABLE);
+        assert_eq!(result.error.unwrap().code, ErrorCode::Undecodable);
         assert!(c.reply.is_none(), "no caller waits on Redis");
         assert!(c.dead_letter.is_some());
     }

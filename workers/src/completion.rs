@@ -1,6 +1,6 @@
 //! What a worker has to deliver for one consumed record before its offset may be committed.
 
-use sluice_schemas::{InferenceResult, ReplyRoute};
+use sluice_schemas::{Deadline, ErrorCode, InferenceResult, ReplyRoute};
 
 use crate::flow::Outgoing;
 use crate::job::Source;
@@ -18,8 +18,8 @@ pub struct DeadLetter {
     pub partition: i32,
     /// Original offset.
     pub offset: i64,
-    /// Error class: `undecodable`, `invalid_input`, `model_failed`.
-    pub class: &'static str,
+    /// Why it could not be used.
+    pub class: ErrorCode,
     /// Error message.
     pub message: String,
 }
@@ -41,8 +41,8 @@ pub struct Completion {
     pub forwards: Vec<Outgoing>,
     /// Where the waiting caller listens.
     pub reply: Option<ReplyRoute>,
-    /// Request deadline (epoch ms, 0 = none): replies are retried until then.
-    pub deadline_ms: i64,
+    /// Request deadline: replies are retried until then (without one, until they succeed).
+    pub deadline: Option<Deadline>,
     /// A dead-letter record to write.
     pub dead_letter: Option<DeadLetter>,
 }

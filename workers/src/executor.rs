@@ -7,9 +7,10 @@ use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use sluice_common::graph::Graph;
-use sluice_common::{now_ms, now_us};
+use sluice_common::now_us;
+use sluice_schemas::Deadline;
+use sluice_schemas::ErrorCode;
 use sluice_schemas::InferenceError;
-use sluice_schemas::envelope::codes;
 
 use crate::completion::Completion;
 use crate::flow::step_error;
@@ -179,10 +180,9 @@ pub(crate) async fn run_batch(
     crate::fail_point::stall().await;
     let started = Instant::now();
     let started_us = now_us();
-    let now = now_ms();
     let (expired, mut live): (Vec<Job>, Vec<Job>) = items
         .into_iter()
-        .partition(|j| j.request.deadline_ms != 0 && now >= j.request.deadline_ms);
+        .partition(|j| j.request.deadline.is_some_and(Deadline::passed));
     let mut completions = Vec::with_capacity(expired.len() + live.len());
     let none = BatchFacts {
         queue_us: 0,
@@ -192,7 +192,7 @@ pub(crate) async fn run_batch(
     for j in expired {
         wm.expired.increment(1);
         let error = step_error(
-            codes::DEADLINE_EXCEEDED,
+            ErrorCode::DeadlineExceeded,
             &step_label(&j, &unit.name),
             "the deadline passed before the request could run",
         );
@@ -207,7 +207,7 @@ pub(crate) async fn run_batch(
         .iter_mut()
         .map(|j| {
             let mut input = std::mem::take(&mut j.input);
-            input.deadline_ms = j.request.deadline_ms;
+            input.deadline = j.request.deadline;
             // The id the caller was answered with (its own, or Sluice's).
             input
                 .id
@@ -241,7 +241,7 @@ pub(crate) async fn run_batch(
                 let f = failure
                     .and_then(Result::err)
                     .unwrap_or_else(|| crate::step::StepFailure {
-                        code: codes::INTERNAL,
+                        code: ErrorCode::Internal,
                         message: "the step returned no result for this request".into(),
                     });
                 tracing::warn!(

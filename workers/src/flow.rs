@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use sluice_common::graph::{Graph, Selector, StepKind, canary_picks};
-use sluice_schemas::envelope::codes;
+use sluice_schemas::ErrorCode;
 use sluice_schemas::{
     DataType, GraphHop, InferenceError, InferenceRequest, InferenceResult, Tensor,
 };
@@ -112,7 +112,7 @@ pub fn send_to(
             step: step.name.clone(),
             from: from.to_string(),
             shadow: false,
-            failed: String::new(),
+            failed: None,
             served,
         }),
         ..base.clone()
@@ -181,7 +181,7 @@ pub fn route_targets(
         .unwrap_or(&route.default);
     if chosen.is_empty() {
         return Err(step_error(
-            codes::NO_ROUTE,
+            ErrorCode::NoRoute,
             &step.name,
             format!(
                 "no route for {} = {}",
@@ -226,9 +226,9 @@ fn first_value(t: &Tensor) -> Option<String> {
 }
 
 /// An error attributed to a step.
-pub fn step_error(code: &str, step: &str, message: impl Into<String>) -> InferenceError {
+pub fn step_error(code: ErrorCode, step: &str, message: impl Into<String>) -> InferenceError {
     InferenceError {
-        code: code.to_string(),
+        code,
         message: message.into(),
         step: step.to_string(),
     }
@@ -277,10 +277,6 @@ pub fn failed(graph: &Graph, i: usize, base: &InferenceRequest, error: Inference
     let step = &graph.steps[i];
     if let Some((j, parts)) = &step.failure_join {
         let join = &graph.steps[*j];
-        let failed = serde_json::json!({
-            "code": error.code, "message": error.message, "step": error.step
-        })
-        .to_string();
         let served = base
             .hop
             .as_ref()
@@ -298,7 +294,7 @@ pub fn failed(graph: &Graph, i: usize, base: &InferenceRequest, error: Inference
                             step: join.name.clone(),
                             from: part.clone(),
                             shadow: false,
-                            failed: failed.clone(),
+                            failed: Some(error.clone()),
                             served: served.clone(),
                         }),
                         ..base.clone()
@@ -319,22 +315,6 @@ pub fn failed(graph: &Graph, i: usize, base: &InferenceRequest, error: Inference
             parameters: served_parameter(base),
             ..Default::default()
         }),
-    }
-}
-
-/// Parses a failed part's error.
-pub fn parse_failed(json: &str) -> InferenceError {
-    let v: serde_json::Value = serde_json::from_str(json).unwrap_or_default();
-    let s = |k: &str| {
-        v.get(k)
-            .and_then(|x| x.as_str())
-            .unwrap_or_default()
-            .to_string()
-    };
-    InferenceError {
-        code: s("code"),
-        message: s("message"),
-        step: s("step"),
     }
 }
 
@@ -363,7 +343,7 @@ pub fn shadow_copies(
                         step: step.name.clone(),
                         from: step.name.clone(),
                         shadow: true,
-                        failed: String::new(),
+                        failed: None,
                         served: BTreeMap::new(),
                     }),
                     ..base.clone()
@@ -528,13 +508,13 @@ parts = ["left.label", "right.label"]
     fn a_failure_inside_a_branch_goes_to_the_join() {
         let g = graph(ENSEMBLE);
         let right = g.step_index("right").unwrap();
-        let err = step_error(codes::MODEL_FAILED, "right", "boom");
+        let err = step_error(ErrorCode::ModelFailed, "right", "boom");
         let next = failed(&g, right, &request(), err.clone());
         assert!(next.answer.is_none());
         assert_eq!(next.forwards.len(), 1);
         let hop = next.forwards[0].request.hop.clone().unwrap();
         assert_eq!((hop.step.as_str(), hop.from.as_str()), ("vote", "right"));
-        assert_eq!(parse_failed(&hop.failed), err);
+        assert_eq!(hop.failed.as_ref(), Some(&err));
         assert_eq!(next.forwards[0].topic, "s.g.vote.requests");
         // Before the fan-out, the failure is the answer.
         let first = g.step_index("first").unwrap();
@@ -651,7 +631,7 @@ inputs = { input = "request.input" }
         assert_eq!(next.forwards[0].topic, "s.a.requests");
         base.parameters.insert("tier".into(), "\"tin\"".into());
         let err = after_step(&g, pick, &base, carried, vec![]).unwrap_err();
-        assert_eq!(err.code, codes::NO_ROUTE);
+        assert_eq!(err.code, ErrorCode::NoRoute);
         assert!(err.message.contains("tin"), "{}", err.message);
     }
 }

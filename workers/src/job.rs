@@ -1,6 +1,7 @@
 //! What the consumer loop hands on: where a record came from, and a job for a step (the request's
 //! envelope, what the step reads, and for a graph request its place in the graph).
 
+use sluice_schemas::Deadline;
 use std::sync::Arc;
 
 use sluice_common::graph::Graph;
@@ -26,9 +27,8 @@ pub struct StepInput {
     pub tensors: Vec<Tensor>,
     /// Outputs the caller asked for (empty: all).
     pub wanted: Vec<String>,
-    /// When the request's caller stops waiting (ms since the epoch; 0: no deadline). Steps
-    /// that wait on I/O bound their waits by it.
-    pub deadline_ms: i64,
+    /// When the request's caller stops waiting. Steps that wait on I/O bound their waits by it.
+    pub deadline: Option<Deadline>,
     /// The request's parameters (JSON-encoded values).
     pub parameters: std::collections::BTreeMap<String, String>,
 }
@@ -36,11 +36,7 @@ pub struct StepInput {
 impl StepInput {
     /// Time left before the deadline (`Duration::MAX` without one; zero once passed).
     pub fn time_left(&self) -> std::time::Duration {
-        if self.deadline_ms == 0 {
-            return std::time::Duration::MAX;
-        }
-        let left = u64::try_from(self.deadline_ms - sluice_common::now_ms()).unwrap_or(0);
-        std::time::Duration::from_millis(left)
+        sluice_schemas::deadline::time_left(self.deadline)
     }
 
     /// Rows this job contributes (the first tensor's batch dimension).

@@ -8,10 +8,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sluice_common::graph::{Graph, Join, StepKind};
-use sluice_schemas::envelope::codes;
+use sluice_schemas::ErrorCode;
 use sluice_schemas::{InferenceError, InferenceRequest, Tensor};
 
-use crate::flow::{Next, failed, parse_failed, step_error};
+use crate::flow::{Next, failed, step_error};
 use crate::job::{GraphJob, Job, Source, StepInput};
 
 /// Step `step`'s join settings, when it is a combine step.
@@ -129,16 +129,15 @@ impl Joiner {
         let Some(part) = join.parts.iter().position(|(s, _)| *s == hop.from) else {
             // Not one of ours: answer with an error rather than wait for a timeout.
             let err = step_error(
-                codes::INVALID_INPUT,
+                ErrorCode::InvalidInput,
                 &self.graph.steps[self.step].name,
                 format!("'{}' is not a part of this join", hop.from),
             );
             return self.decide_with(request, vec![held], Err(err));
         };
-        let value = if hop.failed.is_empty() {
-            Ok(request.inputs.clone())
-        } else {
-            Err(parse_failed(&hop.failed))
+        let value = match &hop.failed {
+            None => Ok(request.inputs.clone()),
+            Some(e) => Err(e.clone()),
         };
         let entry = self.pending.entry(id.clone()).or_insert_with(|| Pending {
             first_seen: Instant::now(),
@@ -246,12 +245,9 @@ impl Joiner {
                 ));
             }
             let code = if timed_out && !missing.is_empty() {
-                codes::JOIN_TIMEOUT
+                ErrorCode::JoinTimeout
             } else {
-                failures
-                    .first()
-                    .map(|f| f.code.as_str())
-                    .unwrap_or(codes::INTERNAL)
+                failures.first().map_or(ErrorCode::Internal, |f| f.code)
             };
             let waited = if timed_out {
                 format!(" after waiting {:?}", join.timeout)
@@ -310,7 +306,7 @@ impl Joiner {
             let src = &join.parts[*i].1;
             let Some(t) = part_carried.iter().find(|t| &t.name == src) else {
                 let e = step_error(
-                    codes::INTERNAL,
+                    ErrorCode::Internal,
                     &step.name,
                     format!("part '{}' does not carry '{src}'", join.parts[*i].0),
                 );
@@ -527,7 +523,7 @@ timeout = "50ms"
         let decided = j.expire(Instant::now() + Duration::from_millis(60));
         assert_eq!(decided.len(), 1);
         let e = answer(&decided[0]).error.clone().unwrap();
-        assert_eq!(e.code, codes::JOIN_TIMEOUT);
+        assert_eq!(e.code, ErrorCode::JoinTimeout);
         assert_eq!(e.step, "vote");
         assert!(e.message.contains("[\"b\"]"), "{}", e.message);
     }
@@ -550,12 +546,12 @@ timeout = "50ms"
         let mut failed = part("r1", "c", 0);
         failed.inputs.clear();
         failed.hop.as_mut().unwrap().failed =
-            r#"{"code":"model_failed","message":"boom","step":"c"}"#.into();
+            InferenceError::from_json(r#"{"code":"model_failed","message":"boom","step":"c"}"#);
         let Offered::Decided(d) = j.offer(failed, held(2)) else {
             panic!("not decided")
         };
         let e = answer(&d).error.clone().unwrap();
-        assert_eq!(e.code, "model_failed");
+        assert_eq!(e.code, ErrorCode::ModelFailed);
         assert!(e.message.contains("part 'c' failed: boom"), "{}", e.message);
     }
 

@@ -3,7 +3,7 @@
 
 use sluice_common::graph::{Graph, StepKind};
 use sluice_schemas::ErrorCode;
-use sluice_schemas::envelope::codes;
+use sluice_schemas::ReplyFormat;
 use sluice_schemas::{InferenceError, InferenceRequest, InferenceResult, Tensor};
 
 use crate::completion::{Completion, DeadLetter};
@@ -30,10 +30,10 @@ pub(crate) fn next_completion(
     Completion {
         source,
         reply: if answered { base.reply.clone() } else { None },
-        deadline_ms: base.deadline_ms,
+        deadline: base.deadline,
         result: next.answer,
         result_topic: Some(graph.result_topic.clone()),
-        json_result: base.reply_format == "json",
+        json_result: base.reply_format == ReplyFormat::Json,
         forwards: next.forwards,
         dead_letter: None,
     }
@@ -73,7 +73,7 @@ pub(crate) fn graph_dead_letter(
     request: &InferenceRequest,
     e: &InferenceError,
 ) -> DeadLetter {
-    let class = ErrorCode::from_wire(&e.code).as_str();
+    let class = e.code;
     DeadLetter {
         key: Some(request.id.clone().into_bytes()),
         payload: sluice_schemas::encode_request(request).unwrap_or_default(),
@@ -152,7 +152,7 @@ impl Finisher<'_> {
                 infer_us: facts.infer_us,
                 batch_size: facts.batch_size,
             },
-            Err(e) => InferenceResult::failure(&j.request, &e.code, e.message),
+            Err(e) => InferenceResult::failure(&j.request, e.code, e.message),
         };
         completion_of(j, result)
     }
@@ -217,7 +217,7 @@ impl Finisher<'_> {
                     inputs: g.carried.clone(),
                     ..j.request.clone()
                 };
-                let dl = (e.code != codes::DEADLINE_EXCEEDED)
+                let dl = (e.code != ErrorCode::DeadlineExceeded)
                     .then(|| graph_dead_letter(&j.topic, source, &replay, &e));
                 (failed(&g.graph, g.step, &j.request, e), dl)
             }
@@ -270,7 +270,7 @@ impl Finisher<'_> {
                 if let Some(m) = counters {
                     m.failed.increment(1);
                 }
-                let mut r = InferenceResult::failure(&j.request, &e.code, e.message);
+                let mut r = InferenceResult::failure(&j.request, e.code, e.message);
                 r.model = model_name.to_string();
                 r.parameters = parameters;
                 r
@@ -291,21 +291,21 @@ pub(crate) fn completion_of(j: Job, result: InferenceResult) -> Completion {
     let dead_letter = result
         .error
         .as_ref()
-        .filter(|e| e.code == codes::MODEL_FAILED)
+        .filter(|e| e.code == ErrorCode::ModelFailed)
         .map(|e| DeadLetter {
             key: Some(j.request.id.clone().into_bytes()),
             payload: sluice_schemas::encode_request(&j.request).unwrap_or_default(),
             topic: j.topic.clone(),
             partition: j.source.partition,
             offset: j.source.offset,
-            class: codes::MODEL_FAILED,
+            class: ErrorCode::ModelFailed,
             message: e.message.clone(),
         });
     Completion {
         source: j.source,
         reply: j.request.reply.clone(),
-        deadline_ms: j.request.deadline_ms,
-        json_result: j.request.reply_format == "json",
+        deadline: j.request.deadline,
+        json_result: j.request.reply_format == ReplyFormat::Json,
         result: Some(result),
         dead_letter,
         ..Default::default()
@@ -324,7 +324,7 @@ mod tests {
             request: InferenceRequest {
                 id: "r1".into(),
                 model: "m".into(),
-                deadline_ms: 42,
+                deadline: sluice_schemas::Deadline::from_wire(42),
                 ..Default::default()
             },
             input: Default::default(),
@@ -344,44 +344,37 @@ mod tests {
         let j = job();
         for code in ErrorCode::ALL {
             let e = InferenceError {
-                code: code.as_str().into(),
+                code,
                 message: "m".into(),
                 step: "features".into(),
             };
             let dl = graph_dead_letter("t", j.source, &j.request, &e);
-            assert_eq!(dl.class, code.as_str(), "{code}");
+            assert_eq!(dl.class, code, "{code}");
         }
-        let unknown = InferenceError {
-            code: "from_a_newer_version".into(),
-            message: "m".into(),
-            step: "s".into(),
-        };
-        let dl = graph_dead_letter("t", j.source, &j.request, &unknown);
-        assert_eq!(dl.class, codes::INTERNAL);
     }
 
     #[test]
     fn model_failures_are_dead_lettered_with_their_origin() {
         let j = job();
-        let failed = InferenceResult::failure(&j.request, codes::MODEL_FAILED, "boom");
+        let failed = InferenceResult::failure(&j.request, ErrorCode::ModelFailed, "boom");
         let c = completion_of(j, failed);
         let d = c.dead_letter.unwrap();
         assert_eq!(
             (d.topic.as_str(), d.partition, d.offset, d.class),
-            ("sluice.m.requests", 3, 17, codes::MODEL_FAILED)
+            ("sluice.m.requests", 3, 17, ErrorCode::ModelFailed)
         );
         assert_eq!(
             decode_request(&d.payload).unwrap().id,
             "r1",
             "the request itself, replayable"
         );
-        assert_eq!(c.deadline_ms, 42);
+        assert_eq!(c.deadline, sluice_schemas::Deadline::from_wire(42));
     }
 
     #[test]
     fn successes_and_expiries_are_not_dead_lettered() {
         let j = job();
-        let expired = InferenceResult::failure(&j.request, codes::DEADLINE_EXCEEDED, "late");
+        let expired = InferenceResult::failure(&j.request, ErrorCode::DeadlineExceeded, "late");
         assert!(completion_of(j, expired).dead_letter.is_none());
         let ok = InferenceResult {
             id: "r1".into(),

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
-use sluice_common::now_ms;
+use sluice_schemas::Deadline;
 
 use crate::completion::Completion;
 use crate::telemetry::WorkerMetrics;
@@ -36,7 +36,7 @@ impl Replier {
             match pipe.query_async::<()>(&mut conn).await {
                 Ok(()) => return,
                 Err(e) => {
-                    if latest_deadline != 0 && now_ms() >= latest_deadline {
+                    if latest_deadline.is_some_and(Deadline::passed) {
                         self.metrics.replies_dropped.increment(1);
                         tracing::warn!(error = %e, "redis reply failed past every deadline; results stay on the result topic");
                         return;
@@ -52,9 +52,12 @@ impl Replier {
 
 /// The SET + PUBLISH pipeline for `items`, and the latest deadline among them (0: none); `None`
 /// when nothing has a reply route.
-fn pipeline(items: &[Completion], encoded: &[Option<Vec<u8>>]) -> Option<(redis::Pipeline, i64)> {
+fn pipeline(
+    items: &[Completion],
+    encoded: &[Option<Vec<u8>>],
+) -> Option<(redis::Pipeline, Option<Deadline>)> {
     let mut pipe = redis::pipe();
-    let mut latest_deadline = 0;
+    let mut latest_deadline = None;
     let mut any = false;
     for (c, bytes) in items.iter().zip(encoded) {
         let (Some(route), Some(bytes)) = (&c.reply, bytes) else {
@@ -70,7 +73,7 @@ fn pipeline(items: &[Completion], encoded: &[Option<Vec<u8>>]) -> Option<(redis:
             .arg(&route.channel)
             .arg(bytes.as_slice())
             .ignore();
-        latest_deadline = latest_deadline.max(c.deadline_ms);
+        latest_deadline = latest_deadline.max(c.deadline);
         any = true;
     }
     any.then_some((pipe, latest_deadline))
@@ -89,7 +92,7 @@ mod tests {
                 key: key.into(),
                 ttl_ms: 10,
             }),
-            deadline_ms,
+            deadline: Deadline::from_wire(deadline_ms),
             ..Default::default()
         };
         let items = [routed("k1", 5), Completion::default(), routed("k2", 9)];
@@ -99,7 +102,7 @@ mod tests {
             Some(b"c".to_vec()),
         ];
         let (pipe, deadline) = pipeline(&items, &encoded).expect("two routed results");
-        assert_eq!(deadline, 9);
+        assert_eq!(deadline, Deadline::from_wire(9));
         let cmds: Vec<String> = pipe
             .cmd_iter()
             .map(|c| String::from_utf8_lossy(&c.get_packed_command()).into_owned())

@@ -15,9 +15,9 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::OwnedHeaders;
 use rdkafka::types::RDKafkaErrorCode;
 use sluice_common::kafka::headers as h;
-use sluice_common::now_ms;
 use sluice_common::producer::{AsyncProducer, FutureRecord};
-use sluice_schemas::envelope::codes;
+use sluice_schemas::Deadline;
+use sluice_schemas::ErrorCode;
 use sluice_schemas::{InferenceResult, encode_request, encode_result};
 
 use crate::completion::{Completion, DeadLetter};
@@ -172,7 +172,7 @@ impl Sink {
                 let topic = c.result_topic.as_deref().unwrap_or(&self.result_topic);
                 let key = Some(r.id.as_bytes());
                 let sent = self
-                    .produce(&self.producer, topic, key, bytes, headers, c.deadline_ms)
+                    .produce(&self.producer, topic, key, bytes, headers, c.deadline)
                     .await;
                 sent.err().map(|e| (c, r.id.clone(), topic.to_string(), e))
             });
@@ -195,7 +195,7 @@ impl Sink {
                         key,
                         &bytes,
                         OwnedHeaders::new(),
-                        o.request.deadline_ms,
+                        o.request.deadline,
                     )
                     .await;
                 sent.err().map(|e| (c, o, e))
@@ -231,13 +231,13 @@ impl Sink {
                     source: c.source,
                     result: Some(InferenceResult::failure(
                         &o.request,
-                        codes::PRODUCE_FAILED,
+                        ErrorCode::ProduceFailed,
                         message,
                     )),
                     result_topic: c.result_topic.clone(),
                     json_result: c.json_result,
                     reply: o.request.reply.clone(),
-                    deadline_ms: o.request.deadline_ms,
+                    deadline: o.request.deadline,
                     ..Default::default()
                 });
             }
@@ -256,12 +256,12 @@ impl Sink {
             topic: from.unwrap_or_default(),
             partition: c.source.partition,
             offset: c.source.offset,
-            class: codes::PRODUCE_FAILED,
+            class: ErrorCode::ProduceFailed,
             message,
         }
     }
 
-    /// Produces one record: retriable errors are retried with backoff until `deadline_ms`
+    /// Produces one record: retriable errors are retried with backoff until `deadline`
     /// (0: until acknowledged), fatal ones returned at once. Returns the partition written.
     async fn produce(
         &self,
@@ -270,7 +270,7 @@ impl Sink {
         key: Option<&[u8]>,
         payload: &[u8],
         headers: OwnedHeaders,
-        deadline_ms: i64,
+        deadline: Option<Deadline>,
     ) -> Result<i32, NotWritten> {
         let mut backoff = Duration::from_millis(20);
         loop {
@@ -293,7 +293,7 @@ impl Sink {
                 tracing::error!(%topic, %error, "produce failed for good");
                 return Err(NotWritten { error, class });
             }
-            if deadline_ms != 0 && now_ms() >= deadline_ms {
+            if deadline.is_some_and(Deadline::passed) {
                 self.metrics.produce_failures.increment(1);
                 tracing::warn!(%topic, %error, "produce failed until the request's deadline passed");
                 return Err(NotWritten { error, class });
@@ -318,7 +318,7 @@ impl Sink {
             request_id,
         });
         self.metrics.dead_letter(d.class);
-        tracing::warn!(topic = %d.topic, partition = d.partition, offset = d.offset, class = d.class, error = %d.message, "dead-lettered");
+        tracing::warn!(topic = %d.topic, partition = d.partition, offset = d.offset, class = %d.class, error = %d.message, "dead-lettered");
         let key = d.key.as_deref();
         let mut payload: &[u8] = &d.payload;
         loop {
@@ -329,7 +329,7 @@ impl Sink {
                     key,
                     payload,
                     headers.clone(),
-                    0,
+                    None,
                 )
                 .await
             {

@@ -141,10 +141,9 @@ impl WorkerMetrics {
         }
     }
 
-    /// Counts a dead letter of `class` (an [`ErrorCode`]'s wire form; unknown ones count as
-    /// `internal`).
-    pub fn dead_letter(&self, class: &str) {
-        let counter = self.dead_letters.get(ErrorCode::from_wire(class).as_str());
+    /// Counts a dead letter of `class`.
+    pub fn dead_letter(&self, class: ErrorCode) {
+        let counter = self.dead_letters.get(class.as_str());
         if let Some(c) = counter {
             c.increment(1);
         }

@@ -24,7 +24,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         id: "seed-1".into(),
         client_id: Some("caller-1".into()),
         model: "mlp".into(),
-        deadline_ms: 1_700_000_000_000,
+        deadline: sluice_schemas::Deadline::from_wire(1_700_000_000_000),
         sent_at_us: 1_700_000_000_000_000,
         reply: Some(ReplyRoute {
             channel: "sluice:replies:gw".into(),

@@ -3,7 +3,7 @@
 
 use futures::future::BoxFuture;
 use sluice_common::ModelConfig;
-use sluice_schemas::envelope::codes;
+use sluice_schemas::ErrorCode;
 
 use super::seam::{BuildError, Step, StepFailure, StepInput, StepResult};
 use crate::backend::OrtBackend;
@@ -42,7 +42,7 @@ impl Step for ModelStep {
                 .into_iter()
                 .map(|r| {
                     r.map_err(|message| StepFailure {
-                        code: codes::MODEL_FAILED,
+                        code: ErrorCode::ModelFailed,
                         message,
                     })
                 })

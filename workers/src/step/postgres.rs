@@ -60,7 +60,7 @@ impl PostgresStep {
             self.down(e)
         } else {
             StepFailure {
-                code: sluice_schemas::envelope::codes::INTERNAL,
+                code: sluice_schemas::envelope::ErrorCode::Internal,
                 message: format!("database query failed: {e}"),
             }
         }
@@ -198,7 +198,7 @@ impl PostgresStep {
 
     fn config_error(&self, m: &str) -> StepFailure {
         StepFailure {
-            code: sluice_schemas::envelope::codes::INTERNAL,
+            code: sluice_schemas::envelope::ErrorCode::Internal,
             message: format!("database lookup: {m}"),
         }
     }
@@ -257,7 +257,7 @@ fn parse_keys<T: std::str::FromStr>(keys: &[String]) -> Result<Vec<T>, StepFailu
 fn value(row: &Row, at: usize) -> Result<Value, StepFailure> {
     let ty = row.columns()[at].type_().clone();
     let bad = |e: tokio_postgres::Error| StepFailure {
-        code: sluice_schemas::envelope::codes::INTERNAL,
+        code: sluice_schemas::envelope::ErrorCode::Internal,
         message: format!("column '{}': {e}", row.columns()[at].name()),
     };
     let v = match ty {
@@ -295,7 +295,7 @@ fn value(row: &Row, at: usize) -> Result<Value, StepFailure> {
             .map(Value::Text),
         other => {
             return Err(StepFailure {
-                code: sluice_schemas::envelope::codes::INTERNAL,
+                code: sluice_schemas::envelope::ErrorCode::Internal,
                 message: format!(
                     "column '{}' is {other}; cast it in the query to float8, int8, bool or text",
                     row.columns()[at].name()

@@ -12,7 +12,7 @@ use std::sync::{Arc, OnceLock, RwLock};
 use futures::future::BoxFuture;
 use sluice_common::Deployment;
 use sluice_common::config::TensorSpec;
-use sluice_schemas::envelope::codes;
+use sluice_schemas::ErrorCode;
 
 use super::seam::{BuildError, Step, StepFailure, StepInput, StepResult};
 
@@ -99,7 +99,7 @@ impl Step for CpuStep {
                 Err(e) => (0..n)
                     .map(|_| {
                         Err(StepFailure {
-                            code: codes::INTERNAL,
+                            code: ErrorCode::Internal,
                             message: format!("the step panicked: {e}"),
                         })
                     })

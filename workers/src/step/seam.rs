@@ -1,16 +1,16 @@
 //! The seam itself: what every step kind implements, and what goes in and out.
 
 use futures::future::BoxFuture;
+use sluice_schemas::ErrorCode;
 use sluice_schemas::Tensor;
-use sluice_schemas::envelope::codes;
 
 pub use crate::job::StepInput;
 
 /// Why a step could not produce a job's outputs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StepFailure {
-    /// Error class (`codes::MODEL_FAILED`, `codes::INVALID_INPUT`, ...).
-    pub code: &'static str,
+    /// Error class (`ErrorCode::ModelFailed`, `ErrorCode::InvalidInput`, ...).
+    pub code: ErrorCode,
     /// What went wrong.
     pub message: String,
 }
@@ -19,7 +19,7 @@ impl StepFailure {
     /// The inputs did not suit the step.
     pub fn invalid(message: impl Into<String>) -> StepFailure {
         StepFailure {
-            code: codes::INVALID_INPUT,
+            code: ErrorCode::InvalidInput,
             message: message.into(),
         }
     }
@@ -29,7 +29,7 @@ impl StepFailure {
     /// A service the step needs is down or too slow (503 at the gateway).
     pub fn unavailable(message: impl Into<String>) -> StepFailure {
         StepFailure {
-            code: codes::UNAVAILABLE,
+            code: ErrorCode::Unavailable,
             message: message.into(),
         }
     }

@@ -233,7 +233,7 @@ mod tests {
         })
         .map(|_| ())
         .map_err(|f| {
-            assert_eq!(f.code, "invalid_input");
+            assert_eq!(f.code, sluice_schemas::ErrorCode::InvalidInput);
             f.message
         })
     }
