@@ -51,21 +51,22 @@ pub fn presented_key(headers: &HeaderMap) -> Result<String, KeyRefused> {
     }
 }
 
-impl AuthConfig {
-    /// The configured, unrevoked key the request presents.
-    pub fn key_of(&self, headers: &HeaderMap) -> Result<&ApiKey, KeyRefused> {
-        let hash = hash_key(&presented_key(headers)?);
-        let key = self
-            .keys
-            .iter()
-            .find(|k| k.sha256 == hash)
-            .ok_or(KeyRefused::Unknown)?;
-        if key.revoked {
-            tracing::info!(key = %key.name, "a revoked key was refused");
-            return Err(KeyRefused::Revoked(key.name.clone()));
-        }
-        Ok(key)
+/// The key configured in `auth`, unrevoked, that the request presents.
+pub fn configured_key<'a>(
+    auth: &'a AuthConfig,
+    headers: &HeaderMap,
+) -> Result<&'a ApiKey, KeyRefused> {
+    let hash = hash_key(&presented_key(headers)?);
+    let key = auth
+        .keys
+        .iter()
+        .find(|k| k.sha256 == hash)
+        .ok_or(KeyRefused::Unknown)?;
+    if key.revoked {
+        tracing::info!(key = %key.name, "a revoked key was refused");
+        return Err(KeyRefused::Revoked(key.name.clone()));
     }
+    Ok(key)
 }
 
 #[cfg(test)]

@@ -4,23 +4,19 @@
 
 // In dependency order: each module uses only those above it.
 pub mod auth;
-pub mod config;
 pub mod control;
 pub mod deployment;
-pub mod graph;
-pub mod hash;
 pub mod kafka;
 pub mod local;
 pub mod ops;
 pub mod producer;
 pub mod redis_client;
-pub mod signature;
 pub mod telemetry;
-pub mod topics;
 
-pub use config::{Config, ConfigError, ModelConfig, TensorSpec};
 pub use deployment::{Deployment, WorkerUnit};
-pub use signature::Signature;
+pub use sluice_config::{Config, ConfigError, ModelConfig, Signature, TensorSpec};
+/// The configuration and graph compiler (the `sluice-config` crate), under their old paths.
+pub use sluice_config::{config, graph, hash, signature, topics};
 
 /// Microseconds since the Unix epoch.
 pub fn now_us() -> i64 {

@@ -78,7 +78,7 @@ async fn guard(State(s): State<OpsState>, req: Request, next: Next) -> Response 
     if path.starts_with("/health/") || (path == "/metrics" && auth.open_metrics) {
         return next.run(req).await;
     }
-    match auth.key_of(req.headers()) {
+    match crate::auth::configured_key(auth, req.headers()) {
         Err(refused) => (
             StatusCode::UNAUTHORIZED,
             [(header::WWW_AUTHENTICATE, "Bearer")],

@@ -2,8 +2,8 @@
 //! the serialized entity key plus project as the hash key, MurmurHash3 field names per
 //! `<view>:<feature>`, `feast.types.Value` protobuf values and `_ts:<view>` timestamps.
 
-use sluice_common::config::JoinKeyType;
-use sluice_common::hash::murmur3_32;
+use sluice_config::config::JoinKeyType;
+use sluice_config::hash::murmur3_32;
 
 use crate::Value;
 use sluice_schemas::Number;

@@ -5,7 +5,7 @@
 
 pub mod feast;
 
-use sluice_common::config::{FeatureLayout, FeaturesConfig, JoinKeyType};
+use sluice_config::config::{FeatureLayout, FeaturesConfig, JoinKeyType};
 use sluice_schemas::{DataType, Number};
 
 pub use feast::ValueKind;

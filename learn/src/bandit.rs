@@ -10,7 +10,7 @@
 //! that looks best.
 
 use serde::{Deserialize, Serialize};
-use sluice_common::config::{BanditConfig, Policy};
+use sluice_config::config::{BanditConfig, Policy};
 
 /// What one arm has earned.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use sluice_common::config::{Algorithm, LearnerConfig};
+use sluice_config::config::{Algorithm, LearnerConfig};
 
 /// The hashed feature of value `value` of categorical input `input`: murmur3 of
 /// `"<input>=<value>"` (seed 0, scikit-learn FeatureHasher's naming) mod `buckets`.
@@ -17,7 +17,7 @@ pub fn hash_feature(input: &str, value: &[u8], buckets: u32) -> u32 {
     name.extend_from_slice(input.as_bytes());
     name.push(b'=');
     name.extend_from_slice(value);
-    sluice_common::hash::murmur3_32(&name, 0) % buckets.max(1)
+    sluice_config::hash::murmur3_32(&name, 0) % buckets.max(1)
 }
 
 /// Running mean and variance per input (Welford), as River's `StandardScaler`.
@@ -402,7 +402,7 @@ mod tests {
         }
         assert_eq!(
             hash_feature("user", b"u1", 1 << 20),
-            sluice_common::hash::murmur3_32(b"user=u1", 0) % (1 << 20)
+            sluice_config::hash::murmur3_32(b"user=u1", 0) % (1 << 20)
         );
     }
 
