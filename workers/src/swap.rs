@@ -13,7 +13,7 @@ use sluice_common::control::{ModelPush, PushReport, report_key, serving_key};
 use sluice_common::{Config, ModelConfig};
 use sluice_schemas::Tensor;
 
-use crate::executor::StepSlot;
+use crate::pipeline::executor::StepSlot;
 use crate::step::{ModelStep, Step, StepInput};
 
 /// How often the control topic is read without an announcement (one missed while Redis was

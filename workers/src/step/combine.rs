@@ -1,5 +1,5 @@
 //! Combine steps: what a join does with its parts once they arrived (the join itself, holding
-//! parts until their request is decided, is `crate::join`). Also `argmax`'s arithmetic.
+//! parts until their request is decided, is `crate::pipeline::joiner`). Also `argmax`'s arithmetic.
 
 use futures::future::BoxFuture;
 use sluice_common::graph::{Combiner, Join, TieRule};

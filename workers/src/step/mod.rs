@@ -5,7 +5,7 @@
 //! kind is one module here plus its config type, built in [`for_unit`].
 //!
 //! Steps run on the async runtime: one whose work is CPU-heavy moves it off (the model step runs
-//! on inference threads of its own, see [`crate::pool`]).
+//! on inference threads of its own, see [`crate::pipeline::pool`]).
 
 mod argmax;
 mod bandit;

@@ -4,7 +4,7 @@ use futures::future::BoxFuture;
 use sluice_schemas::ErrorCode;
 use sluice_schemas::Tensor;
 
-pub use crate::job::StepInput;
+pub use crate::pipeline::job::StepInput;
 
 /// Why a step could not produce a job's outputs.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,4 +1,4 @@
-//! A lane's batches in process: each runs through the lane's step ([`crate::executor`]), then
+//! A lane's batches in process: each runs through the lane's step ([`crate::pipeline::executor`]), then
 //! the steps fused after it, then its local hops, and is delivered ([`run`]).
 //!
 //! Local hops: a graph's next step served by another lane of the same worker runs in process,
@@ -24,15 +24,15 @@ use sluice_schemas::InferenceRequest;
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 
-use crate::batcher::Dispatched;
-use crate::completion::Completion;
-use crate::executor::{FusedSlot, StepSlot, UnitFacts, run_batch, run_fused};
-use crate::flow::{Outgoing, step_inputs};
-use crate::group::Completer;
-use crate::job::{GraphJob, Job, Source, StepInput};
-use crate::join::{Decision, Joiner, Offered};
-use crate::outcome::failed_join_completions;
+use crate::pipeline::batcher::Dispatched;
+use crate::pipeline::completion::Completion;
+use crate::pipeline::executor::{FusedSlot, StepSlot, UnitFacts, run_batch, run_fused};
+use crate::pipeline::flow::{Outgoing, step_inputs};
+use crate::pipeline::job::{GraphJob, Job, Source, StepInput};
+use crate::pipeline::joiner::{Decision, Joiner, Offered};
+use crate::pipeline::outcome::failed_join_completions;
 use crate::telemetry::WorkerMetrics;
+use crate::transport::group::Completer;
 
 /// A lane of the worker, as a local hop reaches it.
 pub(crate) struct LocalLane {

@@ -11,8 +11,8 @@ use sluice_common::graph::{Graph, Join, StepKind};
 use sluice_schemas::ErrorCode;
 use sluice_schemas::{InferenceError, InferenceRequest, Tensor};
 
-use crate::flow::{Next, failed, step_error};
-use crate::job::{GraphJob, Job, Source, StepInput};
+use crate::pipeline::flow::{Next, failed, step_error};
+use crate::pipeline::job::{GraphJob, Job, Source, StepInput};
 
 /// Step `step`'s join settings, when it is a combine step.
 fn combine_of(graph: &Graph, step: usize) -> Option<&Join> {

@@ -2,8 +2,8 @@
 
 use sluice_schemas::{Deadline, ErrorCode, InferenceResult, ReplyRoute};
 
-use crate::flow::Outgoing;
-use crate::job::Source;
+use crate::pipeline::flow::Outgoing;
+use crate::pipeline::job::Source;
 
 /// A record no step could process, with where it came from and why.
 #[derive(Debug, Clone)]

@@ -1,6 +1,6 @@
 //! Delivering what a worker has to say about each record to Kafka: the result on its result
 //! topic, records for a graph's next steps, and dead letters; the Redis reply goes alongside
-//! ([`crate::reply`]).
+//! ([`crate::transport::reply`]).
 //!
 //! Produce errors are classified. Retriable ones (broker unreachable, leader moving, queue full)
 //! are retried with backoff until the request's deadline (without one, until acknowledged: the
@@ -20,9 +20,9 @@ use sluice_schemas::Deadline;
 use sluice_schemas::ErrorCode;
 use sluice_schemas::{InferenceResult, encode_request, encode_result};
 
-use crate::completion::{Completion, DeadLetter};
-use crate::reply::Replier;
+use crate::pipeline::completion::{Completion, DeadLetter};
 use crate::telemetry::WorkerMetrics;
+use crate::transport::reply::Replier;
 
 /// How a failed produce is handled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

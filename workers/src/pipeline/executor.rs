@@ -1,6 +1,6 @@
 //! Running a batch through a [`Step`]: jobs past their deadline are answered without running,
 //! the rest run as one call, and each outcome becomes its completions; then the steps fused
-//! after it. (The lane's loop over its batches is [`crate::local::run`].)
+//! after it. (The lane's loop over its batches is [`crate::pipeline::lane::run`].)
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
@@ -12,10 +12,10 @@ use sluice_schemas::Deadline;
 use sluice_schemas::ErrorCode;
 use sluice_schemas::InferenceError;
 
-use crate::completion::Completion;
-use crate::flow::step_error;
-use crate::job::Job;
-use crate::outcome::{BatchFacts, Finisher, step_label};
+use crate::pipeline::completion::Completion;
+use crate::pipeline::flow::step_error;
+use crate::pipeline::job::Job;
+use crate::pipeline::outcome::{BatchFacts, Finisher, step_label};
 use crate::step::Step;
 use crate::telemetry::WorkerMetrics;
 
@@ -105,7 +105,8 @@ pub(crate) async fn run_fused(
                     continue;
                 };
                 // Inputs it cannot read: the record goes through the topic, whose worker says so.
-                let Ok(inputs) = crate::flow::step_inputs(&fs.graph, fs.index, &f.request.inputs)
+                let Ok(inputs) =
+                    crate::pipeline::flow::step_inputs(&fs.graph, fs.index, &f.request.inputs)
                 else {
                     c.forwards.push(f);
                     continue;
@@ -139,23 +140,23 @@ pub(crate) async fn run_fused(
 /// consumed).
 fn fused_job(
     fs: &FusedStep,
-    out: crate::flow::Outgoing,
+    out: crate::pipeline::flow::Outgoing,
     inputs: Vec<sluice_schemas::Tensor>,
-    source: crate::job::Source,
+    source: crate::pipeline::job::Source,
 ) -> Job {
     let (graph, step) = (Arc::clone(&fs.graph), fs.index);
     let mut request = out.request;
     let carried = std::mem::take(&mut request.inputs);
     Job {
         request,
-        input: crate::job::StepInput {
+        input: crate::pipeline::job::StepInput {
             tensors: inputs,
             ..Default::default()
         },
         source,
         held: Vec::new(),
         topic: out.topic,
-        graph: Some(crate::job::GraphJob {
+        graph: Some(crate::pipeline::job::GraphJob {
             graph,
             step,
             carried,

@@ -20,7 +20,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::{Offset, TopicPartitionList};
 use sluice_common::Config;
 
-use crate::group::GroupContext;
+use crate::transport::group::GroupContext;
 
 /// How long one purge request may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);

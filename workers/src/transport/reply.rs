@@ -7,7 +7,7 @@ use std::time::Duration;
 use redis::aio::ConnectionManager;
 use sluice_schemas::Deadline;
 
-use crate::completion::Completion;
+use crate::pipeline::completion::Completion;
 use crate::telemetry::WorkerMetrics;
 
 const MAX_BACKOFF: Duration = Duration::from_secs(2);

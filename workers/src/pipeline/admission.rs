@@ -15,12 +15,12 @@ use sluice_schemas::{
     GraphHop, InferenceError, InferenceRequest, InferenceResult, ReplyRoute, Tensor, decode_request,
 };
 
-use crate::completion::{Completion, DeadLetter};
-use crate::flow::{self, Outgoing, entry_carried, step_error, step_inputs, topic_for};
-use crate::job::{GraphJob, Job, Source, StepInput};
-use crate::outcome::next_completion;
-use crate::record::Record;
+use crate::pipeline::completion::{Completion, DeadLetter};
+use crate::pipeline::flow::{self, Outgoing, entry_carried, step_error, step_inputs, topic_for};
+use crate::pipeline::job::{GraphJob, Job, Source, StepInput};
+use crate::pipeline::outcome::next_completion;
 use crate::telemetry::WorkerMetrics;
+use crate::transport::record::Record;
 
 /// What became of a consumed record on arrival.
 #[derive(Debug)]

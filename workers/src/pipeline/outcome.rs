@@ -6,9 +6,9 @@ use sluice_schemas::ErrorCode;
 use sluice_schemas::ReplyFormat;
 use sluice_schemas::{InferenceError, InferenceRequest, InferenceResult, Tensor};
 
-use crate::completion::{Completion, DeadLetter};
-use crate::flow::{self, Next, after_step, failed};
-use crate::job::{GraphJob, Job, Source};
+use crate::pipeline::completion::{Completion, DeadLetter};
+use crate::pipeline::flow::{self, Next, after_step, failed};
+use crate::pipeline::job::{GraphJob, Job, Source};
 use crate::telemetry::WorkerMetrics;
 
 /// A completion that only finishes its record.
@@ -43,7 +43,7 @@ pub(crate) fn next_completion(
 pub(crate) fn failed_join_completions(
     topics: &[String],
     graph: &Graph,
-    d: crate::join::Decided,
+    d: crate::pipeline::joiner::Decided,
 ) -> Vec<Completion> {
     let mut out = Vec::with_capacity(d.records.len());
     let mut next = Some(d.next);

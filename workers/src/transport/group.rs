@@ -11,10 +11,10 @@ use rdkafka::consumer::{
 };
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
-use crate::completion::Completion;
-use crate::offsets::OffsetTracker;
-use crate::sink::Sink;
+use crate::pipeline::completion::Completion;
 use crate::telemetry::WorkerMetrics;
+use crate::transport::offsets::OffsetTracker;
+use crate::transport::sink::Sink;
 
 /// A partition of one of the worker's topics: (topic index, partition).
 pub(crate) type PartitionKey = (usize, i32);

@@ -1,9 +1,9 @@
 //! A worker: one member of a unit's consumer group. A unit is one step pool, or a deployment
 //! unit of several behind one consumer (one fetch loop for all their topics). Each record goes
 //! to the lane of the step pool that owns its topic, which turns it into a job
-//! ([`crate::admission`]), batches jobs and runs them through its step ([`crate::executor`]),
+//! ([`crate::pipeline::admission`]), batches jobs and runs them through its step ([`crate::pipeline::executor`]),
 //! holds a join's parts until their request is decided and delivers what follows; each offset is
-//! stored only once everything up to it has been delivered (at-least-once, [`crate::group`]).
+//! stored only once everything up to it has been delivered (at-least-once, [`crate::transport::group`]).
 //! The lanes share the fetch: a lane whose queue is full holds up the others of its unit.
 
 use std::collections::HashMap;
@@ -22,18 +22,18 @@ use sluice_common::producer::AsyncProducer;
 use sluice_common::{Deployment, WorkerUnit};
 use tokio::sync::{Semaphore, mpsc};
 
-use crate::admission::{Admission, Admit, admit};
-use crate::batcher::{Dispatched, Item, run_batcher};
-use crate::executor::{StepSlot, UnitFacts};
-use crate::group::{Completer, GroupContext, PartitionKey, PartitionState, lock};
-use crate::job::{Job, Source};
-use crate::join::{Decision, Joiner, Offered};
-use crate::outcome::{bare, failed_join_completions};
-use crate::record::Record;
-use crate::reply::Replier;
-use crate::sink::{Producers, Sink, SinkNames};
+use crate::pipeline::admission::{Admission, Admit, admit};
+use crate::pipeline::batcher::{Dispatched, Item, run_batcher};
+use crate::pipeline::executor::{StepSlot, UnitFacts};
+use crate::pipeline::job::{Job, Source};
+use crate::pipeline::joiner::{Decision, Joiner, Offered};
+use crate::pipeline::outcome::{bare, failed_join_completions};
 use crate::tasks::BoundedTasks;
 use crate::telemetry::WorkerMetrics;
+use crate::transport::group::{Completer, GroupContext, PartitionKey, PartitionState, lock};
+use crate::transport::record::Record;
+use crate::transport::reply::Replier;
+use crate::transport::sink::{Producers, Sink, SinkNames};
 
 /// Why a worker could not start or stopped abnormally.
 #[derive(Debug, thiserror::Error)]
@@ -183,7 +183,7 @@ struct Lane {
     signature: Option<sluice_common::Signature>,
     step: StepSlot,
     /// Steps fused after this one, run in process.
-    fused: crate::executor::FusedSlot,
+    fused: crate::pipeline::executor::FusedSlot,
     metrics: Arc<WorkerMetrics>,
     completer: Arc<Completer>,
     jobs: Option<mpsc::Sender<Item<Job>>>,
@@ -200,7 +200,7 @@ struct Shared<'a> {
     producers: &'a [AsyncProducer; 2],
     redis: &'a redis::aio::ConnectionManager,
     /// The worker's lanes, for hops run in process (set once all have started).
-    local: &'a crate::local::LocalSlot,
+    local: &'a crate::pipeline::lane::LocalSlot,
 }
 
 impl Lane {
@@ -209,12 +209,12 @@ impl Lane {
         shared: &Shared<'_>,
         unit: &Unit,
         own_topic: usize,
-    ) -> Result<(Lane, crate::local::LocalLane), WorkerError> {
+    ) -> Result<(Lane, crate::pipeline::lane::LocalLane), WorkerError> {
         let deployment = shared.deployment;
         let label = unit.to_string();
         let step: StepSlot = Arc::new(RwLock::new(crate::step::for_unit(deployment, unit)?));
-        let fused: crate::executor::FusedSlot = Arc::new(RwLock::new(Arc::new(
-            crate::executor::fused_after(deployment, unit)?,
+        let fused: crate::pipeline::executor::FusedSlot = Arc::new(RwLock::new(Arc::new(
+            crate::pipeline::executor::fused_after(deployment, unit)?,
         )));
         let model = match unit {
             Unit::Model(m) => deployment.model(m),
@@ -279,7 +279,7 @@ impl Lane {
             }),
             Unit::Model(_) => None,
         };
-        let local = crate::local::LocalLane {
+        let local = crate::pipeline::lane::LocalLane {
             unit: unit.clone(),
             step: Arc::clone(&step),
             fused: Arc::clone(&fused),
@@ -290,11 +290,11 @@ impl Lane {
             joins: joiner.is_some(),
             own_topic,
         };
-        let executor = tokio::spawn(crate::local::run(
+        let executor = tokio::spawn(crate::pipeline::lane::run(
             batch_rx,
             Arc::clone(&step),
             facts,
-            crate::local::InProcess {
+            crate::pipeline::lane::InProcess {
                 fused: Arc::clone(&fused),
                 local: Arc::clone(shared.local),
             },
@@ -346,7 +346,7 @@ struct Worker<'a> {
     background: Vec<tokio::task::JoinHandle<()>>,
     producers: [AsyncProducer; 2],
     /// The lanes as hops run in process reach them.
-    local: crate::local::LocalSlot,
+    local: crate::pipeline::lane::LocalSlot,
 }
 
 impl<'a> Worker<'a> {
@@ -434,7 +434,7 @@ impl<'a> Worker<'a> {
         tracing::info!(%ops_addr, unit = %spec.name, group = %spec.group, topics = ?topics, "worker serving metrics and health");
 
         let producers = [producer, forward_producer];
-        let local = crate::local::LocalSlot::default();
+        let local = crate::pipeline::lane::LocalSlot::default();
         let shared = Shared {
             local: &local,
             deployment,
@@ -456,7 +456,7 @@ impl<'a> Worker<'a> {
             .into_iter()
             .unzip();
         if cfg.worker.local_hops && lanes.len() > 1 {
-            let lanes = crate::local::LocalLanes::new(
+            let lanes = crate::pipeline::lane::LocalLanes::new(
                 local_lanes,
                 deployment.graphs.clone(),
                 Arc::clone(&topics),
@@ -466,7 +466,7 @@ impl<'a> Worker<'a> {
         }
         let mut background = Vec::new();
         if cfg.kafka.purge_consumed {
-            background.push(tokio::spawn(crate::purge::run(
+            background.push(tokio::spawn(crate::transport::purge::run(
                 Arc::clone(&consumer),
                 cfg.clone(),
             )));
@@ -637,7 +637,7 @@ impl<'a> Worker<'a> {
     }
 
     /// Delivers completions of records finished without a batch, off the loop (bounded).
-    async fn finish(&mut self, lane: usize, items: Vec<crate::completion::Completion>) {
+    async fn finish(&mut self, lane: usize, items: Vec<crate::pipeline::completion::Completion>) {
         let c = Arc::clone(&self.lanes[lane].completer);
         self.side
             .spawn(async move { c.complete(items).await })
@@ -672,8 +672,8 @@ impl<'a> Worker<'a> {
                     crate::step::for_unit(&fresh, &lane.unit).map_err(|e| e.to_string())?;
                 *lane.step.write().unwrap_or_else(|e| e.into_inner()) = rebuilt;
             }
-            let fused =
-                crate::executor::fused_after(&fresh, &lane.unit).map_err(|e| e.to_string())?;
+            let fused = crate::pipeline::executor::fused_after(&fresh, &lane.unit)
+                .map_err(|e| e.to_string())?;
             *lane.fused.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(fused);
             lane.metrics.config_reloads.increment(1);
         }
