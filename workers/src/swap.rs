@@ -186,3 +186,72 @@ async fn warm_up(step: &ModelStep, model: &ModelConfig) -> Result<(), String> {
         None => Err("no result".into()),
     }
 }
+
+/// Records in Redis the version each ONNX model of `unit` serves (the gateway's metadata
+/// reads it), so a record left by an earlier stack does not outlive it.
+pub(crate) async fn record_serving(
+    deployment: &sluice_common::Deployment,
+    unit: &sluice_common::WorkerUnit,
+) {
+    let cfg = &deployment.config;
+    let mut pipe = redis::pipe();
+    for member in &unit.members {
+        if let sluice_common::graph::Unit::Model(name) = member
+            && let Some(m) = deployment.model(name).filter(|m| m.onnx.is_some())
+        {
+            pipe.set(sluice_common::control::serving_key(cfg, name), &m.version);
+        }
+    }
+    let written = async {
+        let client = sluice_common::redis_client::client(&cfg.redis)?;
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        pipe.query_async::<()>(&mut conn).await
+    };
+    match tokio::time::timeout(std::time::Duration::from_secs(2), written).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "serving versions not recorded"),
+        Err(_) => tracing::warn!("serving versions not recorded: Redis did not answer"),
+    }
+}
+
+/// Serves, for each ONNX model of `unit`, the newest pushed version that loads (a push that
+/// failed to load everywhere, or whose file is gone, is passed over for the one before it).
+pub(crate) async fn apply_pushes(
+    deployment: &mut sluice_common::Deployment,
+    unit: &sluice_common::WorkerUnit,
+    pushes: Vec<sluice_common::control::ModelPush>,
+) {
+    let mut settled = std::collections::HashSet::new();
+    for push in pushes.into_iter().rev() {
+        if settled.contains(&push.model) {
+            continue;
+        }
+        let Some(model) = deployment.model(&push.model) else {
+            continue;
+        };
+        if model.onnx.is_none()
+            || !unit
+                .members
+                .contains(&sluice_common::graph::Unit::Model(push.model.clone()))
+        {
+            continue;
+        }
+        let mut candidate = model.clone();
+        candidate.onnx = Some(push.onnx.clone());
+        let loads = tokio::task::spawn_blocking(move || {
+            crate::backend::OrtBackend::load(&candidate).map(|_| ())
+        })
+        .await;
+        match loads {
+            Ok(Ok(())) => {
+                deployment.apply_push(&push);
+                tracing::info!(model = %push.model, version = %push.version, "serving the pushed version");
+                settled.insert(push.model.clone());
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(model = %push.model, version = %push.version, error = %e, "pushed version does not load; trying the one before");
+            }
+            Err(e) => tracing::warn!(error = %e, "loading a pushed version failed"),
+        }
+    }
+}
