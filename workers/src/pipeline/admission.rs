@@ -6,13 +6,13 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use sluice_common::graph::{Graphs, StepKind, Unit};
+use sluice_common::graph::{Graph, Graphs, StepKind, Unit};
 use sluice_common::kafka::headers as kafka_headers;
 use sluice_common::now_ms;
 use sluice_common::signature::{Signature, validate_inputs, validate_outputs};
 use sluice_schemas::ErrorCode;
 use sluice_schemas::{
-    GraphHop, InferenceError, InferenceRequest, InferenceResult, ReplyRoute, Tensor, decode_request,
+    GraphHop, InferenceRequest, InferenceResult, ReplyRoute, Tensor, decode_request,
 };
 
 use crate::pipeline::completion::{Completion, DeadLetter};
@@ -67,21 +67,17 @@ pub fn dead_letter_of(r: &Record<'_>, class: ErrorCode, message: String) -> Dead
 /// Decodes and routes a record: a model request for the batcher, a graph step to run here, a
 /// join part, or (for a record that cannot be run) a completion at once: dead letter, plus an
 /// error reply when the caller can be named.
-// Long on purpose: a record's cases in one place (decode, graph hop or entry, then per
-// step kind); each early return answers one way a record can be wrong.
 pub fn admit(m: &Record<'_>, source: Source, ctx: &Admit<'_>) -> Admission {
-    let payload = m.payload;
     let entry_graph = ctx.entries.get(m.topic);
     let json = m
         .header(kafka_headers::CONTENT_TYPE)
         .is_some_and(|v| v.starts_with("application/json"));
     let decoded = if json {
-        let key = m.key_str();
         let name = entry_graph.cloned().unwrap_or_else(|| ctx.unit.to_string());
-        sluice_schemas::oip::request_from_json(payload, key, &name, now_ms())
+        sluice_schemas::oip::request_from_json(m.payload, m.key_str(), &name, now_ms())
             .map_err(|e| e.to_string())
     } else {
-        decode_request(payload).map_err(|e| e.to_string())
+        decode_request(m.payload).map_err(|e| e.to_string())
     };
     let entry_results = entry_graph
         .and_then(|g| ctx.graphs.get(g))
@@ -90,188 +86,209 @@ pub fn admit(m: &Record<'_>, source: Source, ctx: &Admit<'_>) -> Admission {
         Ok(r) => r,
         Err(e) => return undecodable(m, source, ctx, e, entry_results, json),
     };
-    let invalid = |request: &InferenceRequest, message: String, json: bool| {
-        rejected(
-            m,
-            source,
-            ctx,
-            request,
-            message,
-            json,
-            entry_results.clone(),
-        )
-    };
-
-    // A graph record: addressed to a step, or fresh on a graph's entry topic.
-    let graph_step = if let Some(hop) = &request.hop {
-        let Some(graph) = ctx.graphs.get(&hop.graph) else {
-            let msg = format!("unknown graph '{}'", hop.graph);
-            return invalid(&request, msg, json);
-        };
-        let Some(step) = graph.step_index(&hop.step) else {
-            let msg = format!("graph '{}' has no step '{}'", hop.graph, hop.step);
-            return invalid(&request, msg, json);
-        };
-        Some((Arc::clone(graph), step, false))
-    } else if let Some(name) = entry_graph {
-        let Some(graph) = ctx.graphs.get(name) else {
-            return invalid(&request, format!("unknown graph '{name}'"), json);
-        };
-        let checked = if request.model != *name {
-            Err(format!(
-                "request for '{}' arrived on the entry topic of graph '{name}'",
-                request.model
-            ))
-        } else {
-            let signature = &graph.signature;
-            validate_inputs(signature, &request.inputs)
-                .and_then(|_| validate_outputs(signature, &request.outputs))
-                .map_err(|e| e.to_string())
-        };
-        if let Err(e) = checked {
-            return invalid(&request, e, json);
-        }
-        let inputs = std::mem::take(&mut request.inputs);
-        request.inputs = entry_carried(inputs);
-        request.hop = Some(GraphHop {
-            graph: graph.name.clone(),
-            step: graph.steps[graph.entry].name.clone(),
-            ..Default::default()
-        });
-        Some((Arc::clone(graph), graph.entry, true))
-    } else {
-        None
-    };
-
-    let Some((graph, step, fresh)) = graph_step else {
-        return admit_model_request(m, source, ctx, request);
-    };
-    let carried = std::mem::take(&mut request.inputs);
-    let base = request;
-    let shadow = base.hop.as_ref().is_some_and(|h| h.shadow);
-    let fail = |base: &InferenceRequest, error: InferenceError, class: ErrorCode| {
-        ctx.metrics.invalid.increment(1);
-        let next = flow::failed(&graph, step, base, error.clone());
-        let mut c = next_completion(source, &graph, base, next);
-        c.dead_letter = Some(dead_letter_of(m, class, error.message));
-        Admission::Done(Box::new(c))
-    };
-    let step_name = graph.steps[step].name.clone();
-    match (&graph.steps[step].kind, ctx.unit) {
-        (StepKind::Model(_), Unit::Model(me)) => {
-            let Some(signature) = ctx.model else {
-                return fail(
-                    &base,
-                    step_error(ErrorCode::Internal, &step_name, "no model"),
-                    ErrorCode::InvalidInput,
-                );
-            };
-            // A fresh entry record whose canary picks another model moves on unchanged.
-            if fresh && topic_for(&graph, step, &base) != ctx.own_topic {
-                let forward = Outgoing {
-                    topic: topic_for(&graph, step, &base).to_string(),
-                    request: InferenceRequest {
-                        inputs: carried,
-                        ..base.clone()
-                    },
-                };
-                return Admission::Done(Box::new(Completion {
-                    source,
-                    forwards: vec![forward],
-                    ..Default::default()
-                }));
-            }
-            let (inputs, carried) = if shadow {
-                carried
-                    .into_iter()
-                    .partition(|t| signature.inputs.iter().any(|i| i.name == t.name))
-            } else {
-                match step_inputs(&graph, step, &carried) {
-                    Ok(inputs) => (inputs, carried),
-                    Err(e) => {
-                        return fail(
-                            &base,
-                            step_error(ErrorCode::InvalidInput, &step_name, e),
-                            ErrorCode::InvalidInput,
-                        );
-                    }
-                }
-            };
-            match validate_inputs(signature, &inputs) {
-                Ok(_) => {}
-                Err(e) => {
-                    return fail(
-                        &base,
-                        step_error(ErrorCode::InvalidInput, &step_name, e.to_string()),
-                        ErrorCode::InvalidInput,
-                    );
-                }
-            };
-            if !shadow && graph.steps[step].canary.is_some() {
-                ctx.metrics.canary_served(&graph.name, &step_name, me);
-            }
-            // The primary's inputs go with its outputs to each shadow: keep a copy then.
-            let kept = if !shadow && !graph.steps[step].shadows.is_empty() {
-                inputs.clone()
-            } else {
-                Vec::new()
-            };
-            let request = InferenceRequest {
-                inputs: kept,
-                ..base
-            };
-            let at = GraphJob {
+    match place_in_graph(&mut request, entry_graph, ctx.graphs) {
+        Ok(Some((graph, step, fresh))) => {
+            let carried = std::mem::take(&mut request.inputs);
+            let shadow = request.hop.as_ref().is_some_and(|h| h.shadow);
+            let record = GraphRecord {
+                m,
+                source,
+                ctx,
                 graph,
                 step,
+                base: request,
                 carried,
+                fresh,
                 shadow,
             };
-            graph_job(request, inputs, source, m.topic, at)
+            record.admit()
         }
-        (StepKind::Combine(_), Unit::Step { step: mine, .. }) if *mine == step_name => {
-            Admission::Part(
-                Box::new(InferenceRequest {
-                    inputs: carried,
-                    ..base
-                }),
-                source,
-            )
-        }
-        // Every other kind of step (built-ins, routers, business logic, user steps) reads its
-        // inputs from what the record carries.
-        (kind, Unit::Step { step: mine, .. })
-            if *mine == step_name && !matches!(kind, StepKind::Model(_)) =>
-        {
-            let inputs = match step_inputs(&graph, step, &carried) {
-                Ok(inputs) => inputs,
-                Err(e) => {
-                    return fail(
-                        &base,
-                        step_error(ErrorCode::InvalidInput, &step_name, e),
-                        ErrorCode::InvalidInput,
-                    );
+        Ok(None) => admit_model_request(m, source, ctx, request),
+        Err(message) => rejected(m, source, ctx, &request, message, json, entry_results),
+    }
+}
+
+/// Where a graph record is: the step its hop names, or, fresh on a graph's entry topic, the
+/// graph's first step (its hop set, its inputs checked against the graph's signature and
+/// carried under their qualified names). `None` for a plain model request.
+fn place_in_graph(
+    request: &mut InferenceRequest,
+    entry_graph: Option<&String>,
+    graphs: &Graphs,
+) -> Result<Option<(Arc<Graph>, usize, bool)>, String> {
+    if let Some(hop) = &request.hop {
+        let graph = graphs
+            .get(&hop.graph)
+            .ok_or_else(|| format!("unknown graph '{}'", hop.graph))?;
+        let step = graph
+            .step_index(&hop.step)
+            .ok_or_else(|| format!("graph '{}' has no step '{}'", hop.graph, hop.step))?;
+        return Ok(Some((Arc::clone(graph), step, false)));
+    }
+    let Some(name) = entry_graph else {
+        return Ok(None);
+    };
+    let graph = graphs
+        .get(name)
+        .ok_or_else(|| format!("unknown graph '{name}'"))?;
+    if request.model != *name {
+        return Err(format!(
+            "request for '{}' arrived on the entry topic of graph '{name}'",
+            request.model
+        ));
+    }
+    let signature = &graph.signature;
+    validate_inputs(signature, &request.inputs)
+        .and_then(|_| validate_outputs(signature, &request.outputs))
+        .map_err(|e| e.to_string())?;
+    let inputs = std::mem::take(&mut request.inputs);
+    request.inputs = entry_carried(inputs);
+    request.hop = Some(GraphHop {
+        graph: graph.name.clone(),
+        step: graph.steps[graph.entry].name.clone(),
+        ..Default::default()
+    });
+    Ok(Some((Arc::clone(graph), graph.entry, true)))
+}
+
+/// A graph record placed at its step, being admitted.
+struct GraphRecord<'a, 'r> {
+    m: &'a Record<'r>,
+    source: Source,
+    ctx: &'a Admit<'a>,
+    graph: Arc<Graph>,
+    step: usize,
+    /// The envelope, its inputs taken out.
+    base: InferenceRequest,
+    /// The tensors the record carries.
+    carried: Vec<Tensor>,
+    /// Fresh on the graph's entry topic (not yet forwarded anywhere).
+    fresh: bool,
+    /// A shadow copy.
+    shadow: bool,
+}
+
+impl GraphRecord<'_, '_> {
+    /// By the step's kind and the unit this worker serves: a model job, a join part, a job for
+    /// another kind of step, or the failure of a record that is not this worker's.
+    fn admit(mut self) -> Admission {
+        let step_name = self.graph.steps[self.step].name.clone();
+        match (&self.graph.steps[self.step].kind, self.ctx.unit) {
+            (StepKind::Model(_), Unit::Model(me)) => self.model_step(me),
+            (StepKind::Combine(_), Unit::Step { step: mine, .. }) if *mine == step_name => {
+                let part = InferenceRequest {
+                    inputs: self.carried,
+                    ..self.base
+                };
+                Admission::Part(Box::new(part), self.source)
+            }
+            // Every other kind of step (built-ins, routers, business logic, user steps) reads
+            // its inputs from what the record carries.
+            (kind, Unit::Step { step: mine, .. })
+                if *mine == step_name && !matches!(kind, StepKind::Model(_)) =>
+            {
+                match step_inputs(&self.graph, self.step, &self.carried) {
+                    Ok(inputs) => {
+                        let carried = std::mem::take(&mut self.carried);
+                        self.shadow = false;
+                        self.into_job(inputs, Vec::new(), carried)
+                    }
+                    Err(e) => self.invalid(e),
                 }
-            };
-            let at = GraphJob {
-                graph,
-                step,
-                carried,
-                shadow: false,
-            };
-            graph_job(base, inputs, source, m.topic, at)
+            }
+            _ => {
+                let unit = self.ctx.unit;
+                self.invalid(format!(
+                    "a record for step '{step_name}' arrived at worker '{unit}'"
+                ))
+            }
         }
-        _ => fail(
-            &base,
-            step_error(
-                ErrorCode::InvalidInput,
-                &step_name,
-                format!(
-                    "a record for step '{step_name}' arrived at worker '{}'",
-                    ctx.unit
-                ),
-            ),
+    }
+
+    /// A model step's record: forwarded on when a canary picks another model, else checked
+    /// against the model and made a job (keeping the inputs for shadows to compare with).
+    fn model_step(mut self, me: &str) -> Admission {
+        let (graph, step) = (&self.graph, self.step);
+        let Some(signature) = self.ctx.model else {
+            return self.fail(ErrorCode::Internal, "no model".into());
+        };
+        // A fresh entry record whose canary picks another model moves on unchanged.
+        let topic = topic_for(graph, step, &self.base);
+        if self.fresh && topic != self.ctx.own_topic {
+            let forward = Outgoing {
+                topic: topic.to_string(),
+                request: InferenceRequest {
+                    inputs: self.carried,
+                    ..self.base
+                },
+            };
+            return Admission::Done(Box::new(Completion {
+                source: self.source,
+                forwards: vec![forward],
+                ..Default::default()
+            }));
+        }
+        let carried = std::mem::take(&mut self.carried);
+        let (inputs, carried) = if self.shadow {
+            carried
+                .into_iter()
+                .partition(|t| signature.inputs.iter().any(|i| i.name == t.name))
+        } else {
+            match step_inputs(graph, step, &carried) {
+                Ok(inputs) => (inputs, carried),
+                Err(e) => return self.invalid(e),
+            }
+        };
+        if let Err(e) = validate_inputs(signature, &inputs) {
+            return self.invalid(e.to_string());
+        }
+        let s = &graph.steps[step];
+        if !self.shadow && s.canary.is_some() {
+            self.ctx.metrics.canary_served(&graph.name, &s.name, me);
+        }
+        // The primary's inputs go with its outputs to each shadow: keep a copy then.
+        let kept = if !self.shadow && !s.shadows.is_empty() {
+            inputs.clone()
+        } else {
+            Vec::new()
+        };
+        self.into_job(inputs, kept, carried)
+    }
+
+    /// The job running this step on `inputs`; the envelope keeps `kept` as its own inputs.
+    fn into_job(self, inputs: Vec<Tensor>, kept: Vec<Tensor>, carried: Vec<Tensor>) -> Admission {
+        let request = InferenceRequest {
+            inputs: kept,
+            ..self.base
+        };
+        let at = GraphJob {
+            graph: self.graph,
+            step: self.step,
+            carried,
+            shadow: self.shadow,
+        };
+        graph_job(request, inputs, self.source, self.m.topic, at)
+    }
+
+    /// The record's inputs do not suit its step.
+    fn invalid(&self, message: String) -> Admission {
+        self.fail(ErrorCode::InvalidInput, message)
+    }
+
+    /// Fails the record at its step (what follows a failure there: the graph's answer, or a
+    /// failed part for its join) and dead-letters it as invalid input.
+    fn fail(&self, code: ErrorCode, message: String) -> Admission {
+        self.ctx.metrics.invalid.increment(1);
+        let step_name = &self.graph.steps[self.step].name;
+        let error = step_error(code, step_name, message);
+        let next = flow::failed(&self.graph, self.step, &self.base, error.clone());
+        let mut c = next_completion(self.source, &self.graph, &self.base, next);
+        c.dead_letter = Some(dead_letter_of(
+            self.m,
             ErrorCode::InvalidInput,
-        ),
+            error.message,
+        ));
+        Admission::Done(Box::new(c))
     }
 }
 
