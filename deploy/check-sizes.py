@@ -16,7 +16,7 @@ FN = re.compile(r"^(\s*)(pub(\([a-z]+\))? )?(async )?(const )?(unsafe )?fn ([a-z
 
 def sources():
     for crate in ["src", "schemas/src", "config/src", "common/src", "gateway/src", "workers/src",
-                  "learn/src", "features/src", "examples/custom-step/src"]:
+                  "learn/src", "learn/service/src", "features/src", "examples/custom-step/src"]:
         yield from sorted((ROOT / crate).rglob("*.rs"))
 
 
