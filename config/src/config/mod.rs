@@ -10,9 +10,11 @@ use sluice_schemas::DataType;
 
 mod auth;
 mod bandit;
+mod checks;
 mod graphs;
 mod learn;
 mod logic;
+mod redact;
 mod step_toml;
 
 pub use auth::{ApiKey, AuthConfig, JwtConfig, Scope};
@@ -27,6 +29,7 @@ pub use logic::{
     EncodeOp, FeatureLayout, FeatureSpec, FeaturesConfig, HttpConfig, HttpField, HttpMode,
     JoinKeyType, OnMissing, PostgresConfig, RuleKind, Unknown, ValidationRule,
 };
+pub use redact::redact_url;
 
 const DEFAULTS: &str = include_str!("../../default.toml");
 
@@ -528,165 +531,6 @@ impl Config {
         }
     }
 
-    /// Every invalid value, each naming its key.
-    // Long on purpose: one flat list of checks, one per key, so every problem is reported at once.
-    pub fn problems(&self) -> Vec<String> {
-        let mut p = self.gateway.auth.problems();
-        if self.kafka.brokers.trim().is_empty() {
-            p.push("kafka.brokers: must not be empty".into());
-        }
-        if !valid_name(&self.kafka.topic_prefix) {
-            p.push(format!(
-                "kafka.topic_prefix: '{}' may only contain a-z, 0-9, '_' and '-'",
-                self.kafka.topic_prefix
-            ));
-        }
-        if self.kafka.replication_factor < 1 {
-            p.push("kafka.replication_factor: must be at least 1".into());
-        }
-        if !self.redis.url.starts_with("redis://") && !self.redis.url.starts_with("rediss://") {
-            p.push("redis.url: must start with redis:// or rediss://".into());
-        }
-        if self.redis.tls_cert.is_some() != self.redis.tls_key.is_some() {
-            p.push("redis.tls_cert and redis.tls_key: set both or neither".into());
-        }
-        if (self.redis.tls_ca.is_some() || self.redis.tls_cert.is_some())
-            && !self.redis.url.starts_with("rediss://")
-        {
-            p.push("redis.tls_ca / tls_cert: need a rediss:// url".into());
-        }
-        if self.redis.result_ttl < Duration::from_secs(1) {
-            p.push("redis.result_ttl: must be at least 1s".into());
-        }
-        let g = &self.gateway;
-        if g.max_in_flight == 0 {
-            p.push("gateway.max_in_flight: must be at least 1".into());
-        }
-        if g.max_body_bytes < 1024 {
-            p.push("gateway.max_body_bytes: must be at least 1024".into());
-        }
-        if g.default_timeout.is_zero() || g.default_timeout > g.max_timeout {
-            p.push(format!(
-                "gateway.default_timeout: must be > 0 and <= gateway.max_timeout ({:?})",
-                g.max_timeout
-            ));
-        }
-        if g.produce_linger_from == 0 {
-            p.push("gateway.produce_linger_from: must be at least 1".into());
-        }
-        if g.health_interval.is_zero() {
-            p.push("gateway.health_interval: must be > 0".into());
-        }
-        if g.health_failures == 0 {
-            p.push("gateway.health_failures: must be at least 1".into());
-        }
-        if g.max_connections == 0 {
-            p.push("gateway.max_connections: must be at least 1".into());
-        }
-        if g.header_read_timeout.is_zero() || g.body_read_timeout.is_zero() {
-            p.push("gateway.header_read_timeout, body_read_timeout: must be > 0".into());
-        }
-        let k = &self.kafka;
-        if k.purge_interval.is_zero() {
-            p.push("kafka.purge_interval: must be > 0".into());
-        }
-        if self.worker.max_queued == 0 {
-            p.push("worker.max_queued: must be at least 1".into());
-        }
-        for (name, m) in &self.models {
-            let key = format!("models.{name}");
-            if !valid_name(name) {
-                p.push(format!(
-                    "{key}: model names may only contain a-z, 0-9, '_' and '-'"
-                ));
-            }
-            if m.max_batch_size == 0 {
-                p.push(format!("{key}.max_batch_size: must be at least 1"));
-            }
-            p.extend(learn::problems(&key, m));
-            if m.threads == 0 {
-                p.push(format!("{key}.threads: must be at least 1"));
-            }
-            if m.intra_op_threads == 0 {
-                p.push(format!("{key}.intra_op_threads: must be at least 1"));
-            }
-            if m.partitions < 1 {
-                p.push(format!("{key}.partitions: must be at least 1"));
-            }
-            if m.workers == 0 {
-                p.push(format!("{key}.workers: must be at least 1"));
-            }
-            for (kind, specs) in [("inputs", &m.inputs), ("outputs", &m.outputs)] {
-                if specs.is_empty() {
-                    p.push(format!("{key}.{kind}: at least one is required"));
-                }
-                let mut seen = std::collections::HashSet::new();
-                for s in specs.iter() {
-                    let skey = format!("{key}.{kind}.{}", s.name);
-                    if !seen.insert(&s.name) {
-                        p.push(format!("{skey}: declared twice"));
-                    }
-                    if s.shape.first() != Some(&-1) {
-                        p.push(format!(
-                            "{skey}.shape: the first dimension is the batch and must be -1, got {:?}",
-                            s.shape
-                        ));
-                    }
-                    if s.shape.iter().any(|&d| d < -1 || d == 0) {
-                        p.push(format!(
-                            "{skey}.shape: dimensions must be positive or -1, got {:?}",
-                            s.shape
-                        ));
-                    }
-                }
-            }
-        }
-        for name in self.graphs.keys() {
-            if !valid_name(name) {
-                p.push(format!(
-                    "graphs.{name}: graph names may only contain a-z, 0-9, '_' and '-'"
-                ));
-            }
-            if self.models.contains_key(name) {
-                p.push(format!(
-                    "graphs.{name}: a model has the same name; graphs and models share one namespace"
-                ));
-            }
-        }
-        p
-    }
-
-    /// The effective config as TOML, with secrets replaced by `***`.
-    pub fn redacted(&self) -> String {
-        let mut c = self.clone();
-        c.redis.url = redact_url(&c.redis.url);
-        for g in c.graphs.values_mut() {
-            for s in &mut g.steps {
-                match &mut s.kind {
-                    StepKindConfig::Postgres(p) => p.url = redact_url(&p.url),
-                    StepKindConfig::Features(f) => {
-                        if let Some(url) = f.redis.as_mut() {
-                            *url = redact_url(url);
-                        }
-                    }
-                    _ => {}
-                }
-            }
-        }
-        for map in [
-            &mut c.kafka.client,
-            &mut c.kafka.producer,
-            &mut c.kafka.consumer,
-        ] {
-            for (k, v) in map.iter_mut() {
-                if is_secret_key(k) {
-                    *v = "***".into();
-                }
-            }
-        }
-        toml::to_string(&c).unwrap_or_else(|e| format!("<unprintable config: {e}>"))
-    }
-
     /// Redis pub/sub channel a gateway instance listens on.
     pub fn reply_channel(&self, gateway_id: &str) -> String {
         format!("{}:reply:{gateway_id}", self.redis.key_prefix)
@@ -695,31 +539,6 @@ impl Config {
     /// Redis key a request's result is stored under.
     pub fn result_key(&self, request_id: &str) -> String {
         format!("{}:result:{request_id}", self.redis.key_prefix)
-    }
-}
-
-fn valid_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
-}
-
-fn is_secret_key(k: &str) -> bool {
-    let k = k.to_ascii_lowercase();
-    ["password", "secret", "key", "token", "jaas"]
-        .iter()
-        .any(|s| k.contains(s))
-}
-
-/// Replaces the password of a `scheme://user:password@host` URL with `***`.
-pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s + 3 => {
-            let creds = &url[s + 3..at];
-            let user = creds.split(':').next().unwrap_or("");
-            format!("{}://{user}:***@{}", &url[..s], &url[at + 1..])
-        }
-        _ => url.to_string(),
     }
 }
 
