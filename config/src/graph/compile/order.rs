@@ -20,31 +20,66 @@ pub(super) struct Order {
 }
 
 /// Resolves dependencies and order; every problem names its step.
-// Long on purpose: one pass over the dependency graph (dependencies, topological order,
-// ancestors, successors, router checks), each stage using the previous one's sets.
 pub(super) fn resolve(
     key: &str,
     g: &GraphConfig,
     index: &BTreeMap<String, usize>,
 ) -> Result<Order, Vec<String>> {
+    let Dependencies {
+        deps,
+        route_targets,
+    } = dependencies(key, g, index)?;
+    let order = topological(key, g, &deps)?;
+    let ancestors = ancestors_of(&order, &deps);
     let mut p = Vec::new();
-    // Dependencies: the steps each step reads from (plus a router for its targets).
+    let (next, entries) = successors(key, g, &deps, &ancestors, &mut p);
+    if entries.len() != 1 {
+        let names: Vec<&str> = entries.iter().map(|&i| g.steps[i].name.as_str()).collect();
+        p.push(format!(
+            "{key}: a graph needs exactly one first step (reading only request tensors), found {names:?}"
+        ));
+    }
+    check_routes(key, g, &route_targets, &next, &mut p);
+    if !p.is_empty() {
+        return Err(p);
+    }
+    Ok(Order {
+        order,
+        ancestors,
+        next,
+        entry: entries[0],
+    })
+}
+
+/// What each step depends on, in config order.
+struct Dependencies {
+    /// The steps each step reads from, follows (`after`), or is routed to by.
+    deps: Vec<BTreeSet<usize>>,
+    /// A router's (or bandit's) targets.
+    route_targets: Vec<Vec<usize>>,
+}
+
+/// The steps each step reads from (plus a router for its targets).
+fn dependencies(
+    key: &str,
+    g: &GraphConfig,
+    index: &BTreeMap<String, usize>,
+) -> Result<Dependencies, Vec<String>> {
+    let mut p = Vec::new();
     let n = g.steps.len();
     let mut deps: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); n];
     let mut route_targets: Vec<Vec<usize>> = vec![Vec::new(); n];
     for (i, s) in g.steps.iter().enumerate() {
-        let mut sources: Vec<&String> = s.sources().collect();
+        let skey = format!("{key} step '{}'", s.name);
         if let Some(a) = &s.after {
             match index.get(a) {
                 Some(&d) if d != i => {
                     deps[i].insert(d);
                 }
-                _ => p.push(format!(
-                    "{key} step '{}': after = '{a}' names no other step",
-                    s.name
-                )),
+                _ => p.push(format!("{skey}: after = '{a}' names no other step")),
             }
         }
+        let mut sources: Vec<&String> = s.sources().collect();
         let mut targets: Vec<&String> = Vec::new();
         match &s.kind {
             StepKindConfig::Route(r) => {
@@ -58,38 +93,18 @@ pub(super) fn resolve(
         }
         for t in targets {
             match index.get(t) {
-                Some(&ti) => {
-                    if !route_targets[i].contains(&ti) {
-                        route_targets[i].push(ti);
-                    }
-                }
-                None => p.push(format!(
-                    "{key} step '{}': routes to unknown step '{t}'",
-                    s.name
-                )),
+                Some(&ti) if !route_targets[i].contains(&ti) => route_targets[i].push(ti),
+                Some(_) => {}
+                None => p.push(format!("{skey}: routes to unknown step '{t}'")),
             }
         }
         for src in sources {
-            if !src.contains('.') {
-                p.push(format!(
-                    "{key} step '{}': source '{src}' must be request.<input> or <step>.<output>",
-                    s.name
-                ));
-                continue;
-            }
-            if let Some(step) = source_step(src) {
-                match index.get(step) {
-                    Some(&d) if d == i => {
-                        p.push(format!("{key} step '{}': reads its own output", s.name))
-                    }
-                    Some(&d) => {
-                        deps[i].insert(d);
-                    }
-                    None => p.push(format!(
-                        "{key} step '{}': reads '{src}', but there is no step '{step}'",
-                        s.name
-                    )),
+            match read_from(&skey, src, i, index) {
+                Ok(Some(d)) => {
+                    deps[i].insert(d);
                 }
+                Ok(None) => {}
+                Err(problem) => p.push(problem),
             }
         }
     }
@@ -101,8 +116,43 @@ pub(super) fn resolve(
     if !p.is_empty() {
         return Err(p);
     }
+    Ok(Dependencies {
+        deps,
+        route_targets,
+    })
+}
 
-    // Topological order (Kahn); what is left over is on a cycle.
+/// The step source `src` of step `i` reads from (`None` for a request tensor).
+fn read_from(
+    skey: &str,
+    src: &str,
+    i: usize,
+    index: &BTreeMap<String, usize>,
+) -> Result<Option<usize>, String> {
+    if !src.contains('.') {
+        return Err(format!(
+            "{skey}: source '{src}' must be request.<input> or <step>.<output>"
+        ));
+    }
+    let Some(step) = source_step(src) else {
+        return Ok(None);
+    };
+    match index.get(step) {
+        Some(&d) if d == i => Err(format!("{skey}: reads its own output")),
+        Some(&d) => Ok(Some(d)),
+        None => Err(format!(
+            "{skey}: reads '{src}', but there is no step '{step}'"
+        )),
+    }
+}
+
+/// A topological order (Kahn); what is left over is on a cycle.
+fn topological(
+    key: &str,
+    g: &GraphConfig,
+    deps: &[BTreeSet<usize>],
+) -> Result<Vec<usize>, Vec<String>> {
+    let n = deps.len();
     let mut indegree: Vec<usize> = deps.iter().map(BTreeSet::len).collect();
     let mut order = Vec::with_capacity(n);
     let mut ready: Vec<usize> = (0..n).filter(|&i| indegree[i] == 0).collect();
@@ -126,9 +176,13 @@ pub(super) fn resolve(
             "{key}: steps {cyclic:?} form a cycle (each reads, directly or not, from the others)"
         )]);
     }
-    // Ancestors, in topological order.
-    let mut ancestors: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); n];
-    for &i in &order {
+    Ok(order)
+}
+
+/// Every step each step depends on, directly or not.
+fn ancestors_of(order: &[usize], deps: &[BTreeSet<usize>]) -> Vec<BTreeSet<usize>> {
+    let mut ancestors: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); deps.len()];
+    for &i in order {
         let mut a = BTreeSet::new();
         for &d in &deps[i] {
             a.insert(d);
@@ -136,10 +190,21 @@ pub(super) fn resolve(
         }
         ancestors[i] = a;
     }
-    // Immediate predecessors: dependencies not already reached through another dependency.
-    let mut next: Vec<Vec<usize>> = vec![Vec::new(); n];
+    ancestors
+}
+
+/// Immediate successors (dependencies not already reached through another dependency lead
+/// here) and the steps with no predecessor. Only a combine step may follow parallel steps.
+fn successors(
+    key: &str,
+    g: &GraphConfig,
+    deps: &[BTreeSet<usize>],
+    ancestors: &[BTreeSet<usize>],
+    p: &mut Vec<String>,
+) -> (Vec<Vec<usize>>, Vec<usize>) {
+    let mut next: Vec<Vec<usize>> = vec![Vec::new(); deps.len()];
     let mut entries = Vec::new();
-    for (i, (s, dep)) in g.steps.iter().zip(&deps).enumerate() {
+    for (i, (s, dep)) in g.steps.iter().zip(deps).enumerate() {
         let preds: Vec<usize> = dep
             .iter()
             .copied()
@@ -159,12 +224,17 @@ pub(super) fn resolve(
             next[d].push(i);
         }
     }
-    if entries.len() != 1 {
-        let names: Vec<&str> = entries.iter().map(|&i| g.steps[i].name.as_str()).collect();
-        p.push(format!(
-            "{key}: a graph needs exactly one first step (reading only request tensors), found {names:?}"
-        ));
-    }
+    (next, entries)
+}
+
+/// A router's successors are exactly its routes.
+fn check_routes(
+    key: &str,
+    g: &GraphConfig,
+    route_targets: &[Vec<usize>],
+    next: &[Vec<usize>],
+    p: &mut Vec<String>,
+) {
     for (r, targets) in route_targets.iter().enumerate() {
         if !g.steps[r].kind.is_router() {
             continue;
@@ -186,14 +256,4 @@ pub(super) fn resolve(
             }
         }
     }
-    if !p.is_empty() {
-        return Err(p);
-    }
-    let entry = entries[0];
-    Ok(Order {
-        order,
-        ancestors,
-        next,
-        entry,
-    })
 }
