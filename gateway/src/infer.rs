@@ -111,8 +111,8 @@ fn timeout_of(gw: &Gateway, params: &serde_json::Map<String, Value>) -> Result<D
 
 type InferOk = (Response, i64, i64);
 
-// Long on purpose: one request's path in order (admission, parse, validate, envelope, publish,
-// wait, encode); each step's error maps to its own status.
+/// One request's path in order: admission, parse and validate, envelope, publish, wait for
+/// the answer, encode it. Each step's error maps to its own status.
 async fn infer_inner(gw: &Arc<Gateway>, name: &str, req: Request) -> Result<InferOk, ApiError> {
     let m = &model(gw, name)?.signature;
     let _permit =
@@ -124,66 +124,12 @@ async fn infer_inner(gw: &Arc<Gateway>, name: &str, req: Request) -> Result<Infe
     gw.in_flight.increment(1.0);
     let _in_flight = InFlight(gw.in_flight.clone());
 
-    let limits = &gw.config().gateway;
-    let limit = m
-        .max_body_bytes
-        .map_or(limits.max_body_bytes, |l| l.min(limits.max_body_bytes));
-    let (headers, body) = read_body(req, limit, limits.body_read_timeout).await?;
-    let json_len = match headers.get(HEADER_LENGTH) {
-        None => None,
-        Some(v) => Some(
-            v.to_str()
-                .ok()
-                .and_then(|s| s.parse::<usize>().ok())
-                .ok_or_else(|| {
-                    ApiError::BadRequest("Inference-Header-Content-Length is not a number".into())
-                })?,
-        ),
-    };
-    let parsed = oip::parse_request(&body, json_len)?;
-    validate_inputs(m, &parsed.inputs)?;
-    let requested: Vec<String> = parsed.outputs.iter().map(|(n, _)| n.clone()).collect();
-    validate_outputs(m, &requested)?;
+    let (headers, mut parsed) = read_request(gw, m, req).await?;
     let timeout = timeout_of(gw, &parsed.parameters)?;
-
-    if !gw.broker_ok.load(std::sync::atomic::Ordering::Relaxed) {
-        return Err(ApiError::Unavailable(
-            "the Kafka broker is unreachable".into(),
-        ));
-    }
-    if !gw.correlator.is_subscribed() || !gw.redis_ok.load(std::sync::atomic::Ordering::Relaxed) {
-        return Err(ApiError::Unavailable("Redis is unreachable".into()));
-    }
-
+    check_dependencies(gw)?;
     let id = gw.next_request_id();
     let deadline = tokio::time::Instant::now() + timeout;
-    let route = gw.publisher.reply_route(&id, timeout);
-    let parameters = parsed
-        .parameters
-        .iter()
-        .map(|(k, v)| (k.clone(), v.to_string()))
-        .collect();
-    let envelope = InferenceRequest {
-        id: id.clone(),
-        client_id: parsed.id.clone(),
-        model: name.to_string(),
-        deadline: Some(sluice_schemas::Deadline::after(timeout)),
-        sent_at_us: now_us(),
-        reply: Some(route),
-        // W3C trace context travels with the request so workers' spans can join the caller's trace.
-        trace: ["traceparent", "tracestate"]
-            .iter()
-            .filter_map(|k| {
-                let v = headers.get(*k)?.to_str().ok()?;
-                Some((k.to_string(), v.to_string()))
-            })
-            .collect(),
-        parameters,
-        inputs: parsed.inputs,
-        outputs: requested,
-        hop: None,
-        reply_format: sluice_schemas::ReplyFormat::Avro,
-    };
+    let envelope = envelope(gw, name, &id, timeout, &headers, &mut parsed);
 
     // Register before producing so the reply can never arrive unseen.
     let pending = gw.correlator.register(&id);
@@ -207,12 +153,102 @@ async fn infer_inner(gw: &Arc<Gateway>, name: &str, req: Request) -> Result<Infe
             other => other,
         });
     }
+    let resp = response(name, &id, &parsed, &result)?;
+    Ok((resp, result.queue_us, result.infer_us))
+}
+
+/// Reads the body (within the servable's size limit) and parses and validates it.
+async fn read_request(
+    gw: &Gateway,
+    m: &sluice_common::Signature,
+    req: Request,
+) -> Result<(HeaderMap, oip::ParsedRequest), ApiError> {
+    let limits = &gw.config().gateway;
+    let limit = m
+        .max_body_bytes
+        .map_or(limits.max_body_bytes, |l| l.min(limits.max_body_bytes));
+    let (headers, body) = read_body(req, limit, limits.body_read_timeout).await?;
+    let json_len = match headers.get(HEADER_LENGTH) {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|s| s.parse::<usize>().ok())
+                .ok_or_else(|| {
+                    ApiError::BadRequest("Inference-Header-Content-Length is not a number".into())
+                })?,
+        ),
+    };
+    let parsed = oip::parse_request(&body, json_len)?;
+    validate_inputs(m, &parsed.inputs)?;
+    let requested: Vec<String> = parsed.outputs.iter().map(|(n, _)| n.clone()).collect();
+    validate_outputs(m, &requested)?;
+    Ok((headers, parsed))
+}
+
+/// 503 when the broker or Redis is known to be unreachable (nothing is published then).
+fn check_dependencies(gw: &Gateway) -> Result<(), ApiError> {
+    use std::sync::atomic::Ordering::Relaxed;
+    if !gw.broker_ok.load(Relaxed) {
+        return Err(ApiError::Unavailable(
+            "the Kafka broker is unreachable".into(),
+        ));
+    }
+    if !gw.correlator.is_subscribed() || !gw.redis_ok.load(Relaxed) {
+        return Err(ApiError::Unavailable("Redis is unreachable".into()));
+    }
+    Ok(())
+}
+
+/// The request envelope published for the workers (the parsed inputs move into it).
+fn envelope(
+    gw: &Gateway,
+    name: &str,
+    id: &str,
+    timeout: Duration,
+    headers: &HeaderMap,
+    parsed: &mut oip::ParsedRequest,
+) -> InferenceRequest {
+    InferenceRequest {
+        id: id.to_string(),
+        client_id: parsed.id.clone(),
+        model: name.to_string(),
+        deadline: Some(sluice_schemas::Deadline::after(timeout)),
+        sent_at_us: now_us(),
+        reply: Some(gw.publisher.reply_route(id, timeout)),
+        // W3C trace context travels with the request so workers' spans can join the caller's trace.
+        trace: ["traceparent", "tracestate"]
+            .iter()
+            .filter_map(|k| {
+                let v = headers.get(*k)?.to_str().ok()?;
+                Some((k.to_string(), v.to_string()))
+            })
+            .collect(),
+        parameters: parsed
+            .parameters
+            .iter()
+            .map(|(k, v)| (k.clone(), v.to_string()))
+            .collect(),
+        inputs: std::mem::take(&mut parsed.inputs),
+        outputs: parsed.outputs.iter().map(|(n, _)| n.clone()).collect(),
+        hop: None,
+        reply_format: sluice_schemas::ReplyFormat::Avro,
+    }
+}
+
+/// The answer as the caller asked for it (JSON, or binary tensors after a JSON header).
+fn response(
+    name: &str,
+    id: &str,
+    parsed: &oip::ParsedRequest,
+    result: &sluice_schemas::InferenceResult,
+) -> Result<Response, ApiError> {
     let selected = oip::select_outputs(&result.outputs, &parsed.outputs, parsed.binary_by_default);
     let encoded = oip::encode_response(
         name,
         &result.model_version,
         // The caller's id, or Sluice's own: feedback names the answer by it.
-        Some(parsed.id.as_deref().unwrap_or(&id)),
+        Some(parsed.id.as_deref().unwrap_or(id)),
         result
             .parameters
             .iter()
@@ -240,7 +276,7 @@ async fn infer_inner(gw: &Arc<Gateway>, name: &str, req: Request) -> Result<Infe
             );
         }
     }
-    Ok((resp, result.queue_us, result.infer_us))
+    Ok(resp)
 }
 
 /// Decrements the in-flight gauge when a request ends, however it ends.
