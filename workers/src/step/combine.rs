@@ -101,115 +101,131 @@ pub fn combine(join: &Join, output: &str, arrived: &[(usize, Tensor)]) -> Result
     }
     let rows = rows.max(0) as usize;
     match join.combiner {
-        Combiner::Mean | Combiner::WeightedMean => {
-            let weights: Vec<f64> = parts
-                .iter()
-                .map(|(i, _)| {
-                    if join.combiner == Combiner::Mean {
-                        1.0
-                    } else {
-                        join.weights.get(*i).copied().unwrap_or(0.0)
-                    }
-                })
-                .collect();
-            let total: f64 = weights.iter().sum();
-            if total <= 0.0 {
-                return Err("the weights of the parts that arrived sum to zero".into());
-            }
-            let first = &parts[0].1;
-            let mut acc = vec![0f64; first.data.len() / 4];
-            for ((_, t), w) in parts.iter().zip(&weights) {
-                let v: Vec<f32> = t.values();
-                if v.len() != acc.len() {
-                    return Err("parts have different shapes".into());
-                }
-                for (a, x) in acc.iter_mut().zip(v) {
-                    *a += w * f64::from(x);
-                }
-            }
-            let mean: Vec<f32> = acc.iter().map(|a| (a / total) as f32).collect();
-            Ok(Tensor::from_values(
-                output,
-                DataType::Fp32,
-                first.shape.clone(),
-                &mean,
-            ))
-        }
-        Combiner::MajorityVote => {
-            let votes: Vec<Vec<i64>> = parts.iter().map(|(_, t)| labels(t)).collect();
-            let mut winners = Vec::with_capacity(rows);
-            for r in 0..rows {
-                let column: Vec<i64> = votes.iter().filter_map(|v| v.get(r).copied()).collect();
-                winners.push(vote(&column, join.tie));
-            }
-            let dtype = parts[0].1.datatype;
-            Ok(match dtype {
-                DataType::Int32 => {
-                    let w: Vec<i32> = winners.iter().map(|&x| x as i32).collect();
-                    Tensor::from_values(output, dtype, vec![rows as i64], &w)
-                }
-                _ => Tensor::from_values(output, DataType::Int64, vec![rows as i64], &winners),
-            })
-        }
-        Combiner::MaxConfidence => {
-            let (_, width) = matrix(&parts[0].1)?;
-            let all: Vec<Vec<f32>> = parts.iter().map(|(_, t)| t.values()).collect();
-            let mut out = Vec::with_capacity(rows * width);
-            for r in 0..rows {
-                let row = |v: &Vec<f32>| v[r * width..(r + 1) * width].to_vec();
-                let best = all
-                    .iter()
-                    .max_by(|a, b| {
-                        let ma = row(a).into_iter().fold(f32::NEG_INFINITY, f32::max);
-                        let mb = row(b).into_iter().fold(f32::NEG_INFINITY, f32::max);
-                        // Earlier parts win ties: max_by keeps the last maximum, so compare
-                        // reversed positions by treating equal as "less".
-                        ma.partial_cmp(&mb)
-                            .unwrap_or(std::cmp::Ordering::Equal)
-                            .then(std::cmp::Ordering::Greater)
-                    })
-                    .map(row)
-                    .unwrap_or_default();
-                out.extend(best);
-            }
-            Ok(Tensor::from_values(
-                output,
-                DataType::Fp32,
-                vec![rows as i64, width as i64],
-                &out,
-            ))
-        }
-        Combiner::Concat => {
-            let dtype = parts[0].1.datatype;
-            let Some(size) = dtype.element_size() else {
-                return Err("concat cannot join BYTES parts".into());
-            };
-            let mut width = 0i64;
-            let mut data = Vec::new();
-            for (_, t) in &parts {
-                if t.shape.len() != 2 || t.datatype != dtype {
-                    return Err("concat needs rank-2 parts of one datatype".into());
-                }
-                width += t.shape[1];
-            }
-            for r in 0..rows {
-                for (_, t) in &parts {
-                    let w = t.shape[1].max(0) as usize * size;
-                    data.extend_from_slice(&t.data[r * w..(r + 1) * w]);
-                }
-            }
-            Ok(Tensor {
-                name: output.to_string(),
-                datatype: dtype,
-                shape: vec![rows as i64, width],
-                data,
-            })
-        }
+        Combiner::Mean | Combiner::WeightedMean => mean(join, output, &parts),
+        Combiner::MajorityVote => Ok(majority_vote(join, output, &parts, rows)),
+        Combiner::MaxConfidence => max_confidence(output, &parts, rows),
+        Combiner::Concat => concat(output, &parts, rows),
         Combiner::First => Ok(Tensor {
             name: output.to_string(),
             ..first_arrived.clone()
         }),
     }
+}
+
+/// Parts in listed order: (part index, tensor).
+type Parts<'a> = [&'a (usize, Tensor)];
+
+/// Element-wise (weighted) mean over the parts that arrived, as FP32.
+fn mean(join: &Join, output: &str, parts: &Parts<'_>) -> Result<Tensor, String> {
+    let weights: Vec<f64> = parts
+        .iter()
+        .map(|(i, _)| {
+            if join.combiner == Combiner::Mean {
+                1.0
+            } else {
+                join.weights.get(*i).copied().unwrap_or(0.0)
+            }
+        })
+        .collect();
+    let total: f64 = weights.iter().sum();
+    if total <= 0.0 {
+        return Err("the weights of the parts that arrived sum to zero".into());
+    }
+    let first = &parts[0].1;
+    let mut acc = vec![0f64; first.data.len() / 4];
+    for ((_, t), w) in parts.iter().zip(&weights) {
+        let v: Vec<f32> = t.values();
+        if v.len() != acc.len() {
+            return Err("parts have different shapes".into());
+        }
+        for (a, x) in acc.iter_mut().zip(v) {
+            *a += w * f64::from(x);
+        }
+    }
+    let mean: Vec<f32> = acc.iter().map(|a| (a / total) as f32).collect();
+    Ok(Tensor::from_values(
+        output,
+        DataType::Fp32,
+        first.shape.clone(),
+        &mean,
+    ))
+}
+
+/// Per row, the most common label (ties broken by the join's rule), in the parts' integer type.
+fn majority_vote(join: &Join, output: &str, parts: &Parts<'_>, rows: usize) -> Tensor {
+    let votes: Vec<Vec<i64>> = parts.iter().map(|(_, t)| labels(t)).collect();
+    let winners: Vec<i64> = (0..rows)
+        .map(|r| {
+            let column: Vec<i64> = votes.iter().filter_map(|v| v.get(r).copied()).collect();
+            vote(&column, join.tie)
+        })
+        .collect();
+    let dtype = parts[0].1.datatype;
+    match dtype {
+        DataType::Int32 => {
+            let w: Vec<i32> = winners.iter().map(|&x| x as i32).collect();
+            Tensor::from_values(output, dtype, vec![rows as i64], &w)
+        }
+        _ => Tensor::from_values(output, DataType::Int64, vec![rows as i64], &winners),
+    }
+}
+
+/// Per row, the row of the part whose highest score is highest (earlier parts win ties).
+fn max_confidence(output: &str, parts: &Parts<'_>, rows: usize) -> Result<Tensor, String> {
+    let (_, width) = matrix(&parts[0].1)?;
+    let all: Vec<Vec<f32>> = parts.iter().map(|(_, t)| t.values()).collect();
+    let mut out = Vec::with_capacity(rows * width);
+    for r in 0..rows {
+        let row = |v: &Vec<f32>| v[r * width..(r + 1) * width].to_vec();
+        let best = all
+            .iter()
+            .max_by(|a, b| {
+                let ma = row(a).into_iter().fold(f32::NEG_INFINITY, f32::max);
+                let mb = row(b).into_iter().fold(f32::NEG_INFINITY, f32::max);
+                // Earlier parts win ties: max_by keeps the last maximum, so compare
+                // reversed positions by treating equal as "less".
+                ma.partial_cmp(&mb)
+                    .unwrap_or(std::cmp::Ordering::Equal)
+                    .then(std::cmp::Ordering::Greater)
+            })
+            .map(row)
+            .unwrap_or_default();
+        out.extend(best);
+    }
+    Ok(Tensor::from_values(
+        output,
+        DataType::Fp32,
+        vec![rows as i64, width as i64],
+        &out,
+    ))
+}
+
+/// The parts' rows side by side (rank-2 parts of one fixed-size datatype).
+fn concat(output: &str, parts: &Parts<'_>, rows: usize) -> Result<Tensor, String> {
+    let dtype = parts[0].1.datatype;
+    let Some(size) = dtype.element_size() else {
+        return Err("concat cannot join BYTES parts".into());
+    };
+    let mut width = 0i64;
+    for (_, t) in parts {
+        if t.shape.len() != 2 || t.datatype != dtype {
+            return Err("concat needs rank-2 parts of one datatype".into());
+        }
+        width += t.shape[1];
+    }
+    let mut data = Vec::new();
+    for r in 0..rows {
+        for (_, t) in parts {
+            let w = t.shape[1].max(0) as usize * size;
+            data.extend_from_slice(&t.data[r * w..(r + 1) * w]);
+        }
+    }
+    Ok(Tensor {
+        name: output.to_string(),
+        datatype: dtype,
+        shape: vec![rows as i64, width],
+        data,
+    })
 }
 
 fn labels(t: &Tensor) -> Vec<i64> {
