@@ -21,6 +21,7 @@ use sluice_schemas::ErrorCode;
 use sluice_schemas::{InferenceResult, encode_request, encode_result};
 
 use crate::pipeline::completion::{Completion, DeadLetter};
+use crate::pipeline::flow::Outgoing;
 use crate::telemetry::WorkerMetrics;
 use crate::transport::reply::Replier;
 
@@ -71,6 +72,17 @@ fn exit_on_fatal_producer(error: &KafkaError) -> ! {
     unsafe {
         libc::_exit(70)
     }
+}
+
+/// A result that could not be written for good: its completion, request id, topic and why.
+type UnwrittenResult<'c> = (&'c Completion, String, String, NotWritten);
+
+/// The Avro bytes of a completion's result (`None` when it has none, or it does not encode).
+fn encode_result_of(c: &Completion) -> Option<Vec<u8>> {
+    let r = c.result.as_ref()?;
+    encode_result(r)
+        .map_err(|e| tracing::error!(id = %r.id, error = %e, "cannot encode result"))
+        .ok()
 }
 
 /// Why a record was not written.
@@ -145,74 +157,90 @@ impl Sink {
     // Long on purpose: results, forwards, dead letters and replies are written concurrently, then
     // what could not be written for good is answered; splitting would separate the two halves.
     pub async fn deliver(&self, items: &[Completion]) {
-        let encoded: Vec<Option<Vec<u8>>> = items
-            .iter()
-            .map(|c| {
-                c.result.as_ref().and_then(|r| match encode_result(r) {
-                    Ok(b) => Some(b),
-                    Err(e) => {
-                        tracing::error!(id = %r.id, error = %e, "cannot encode result");
-                        None
-                    }
-                })
-            })
-            .collect();
+        let encoded: Vec<Option<Vec<u8>>> = items.iter().map(encode_result_of).collect();
         let kafka = async {
-            let results = items.iter().zip(&encoded).map(|(c, avro)| async move {
-                let (Some(r), Some(avro)) = (c.result.as_ref(), avro.as_ref()) else {
-                    return None;
-                };
-                let json;
-                let (bytes, headers) = if c.json_result {
-                    json = sluice_schemas::oip::result_to_json(r);
-                    (&json, h::build(&[(h::CONTENT_TYPE, "application/json")]))
-                } else {
-                    (avro, OwnedHeaders::new())
-                };
-                let topic = c.result_topic.as_deref().unwrap_or(&self.result_topic);
-                let key = Some(r.id.as_bytes());
-                let sent = self
-                    .produce(&self.producer, topic, key, bytes, headers, c.deadline)
-                    .await;
-                sent.err().map(|e| (c, r.id.clone(), topic.to_string(), e))
-            });
+            let results = items
+                .iter()
+                .zip(&encoded)
+                .map(|(c, avro)| self.write_result(c, avro.as_deref()));
             let forwards = items
                 .iter()
-                .flat_map(|c| c.forwards.iter().map(move |o| (c, o)));
-            let next = forwards.map(|(c, o)| async move {
-                let bytes = match encode_request(&o.request) {
-                    Ok(b) => b,
-                    Err(e) => {
-                        tracing::error!(id = %o.request.id, error = %e, "cannot encode request");
-                        return None;
-                    }
-                };
-                let key = Some(o.request.id.as_bytes());
-                let sent = self
-                    .produce(
-                        &self.forward_producer,
-                        &o.topic,
-                        key,
-                        &bytes,
-                        OwnedHeaders::new(),
-                        o.request.deadline,
-                    )
-                    .await;
-                sent.err().map(|e| (c, o, e))
-            });
+                .flat_map(|c| c.forwards.iter().map(move |o| self.forward(c, o)));
             let dead = items.iter().filter_map(|c| {
                 let d = c.dead_letter.as_ref()?;
                 Some(self.dead_letter(d, c.result.as_ref().map(|r| r.id.as_str())))
             });
             let (results, next, _) =
-                tokio::join!(join_all(results), join_all(next), join_all(dead));
+                tokio::join!(join_all(results), join_all(forwards), join_all(dead));
             (results, next)
         };
         let replies = self.replier.reply_all(items, &encoded);
         let ((results, next), ()) = tokio::join!(kafka, replies);
+        self.undeliverable(results, next).await;
+    }
 
-        // Records that could not be written for good: dead letters, and errors for callers of
-        // requests that can no longer reach their next step.
+    /// Writes `c`'s result (Avro, or the OIP JSON a JSON request asked for) to its result
+    /// topic; the failure, if it could not be written for good.
+    async fn write_result<'c>(
+        &self,
+        c: &'c Completion,
+        avro: Option<&[u8]>,
+    ) -> Option<UnwrittenResult<'c>> {
+        let (Some(r), Some(avro)) = (c.result.as_ref(), avro) else {
+            return None;
+        };
+        let json;
+        let (bytes, headers) = if c.json_result {
+            json = sluice_schemas::oip::result_to_json(r);
+            (
+                json.as_slice(),
+                h::build(&[(h::CONTENT_TYPE, "application/json")]),
+            )
+        } else {
+            (avro, OwnedHeaders::new())
+        };
+        let topic = c.result_topic.as_deref().unwrap_or(&self.result_topic);
+        let key = Some(r.id.as_bytes());
+        let sent = self
+            .produce(&self.producer, topic, key, bytes, headers, c.deadline)
+            .await;
+        sent.err().map(|e| (c, r.id.clone(), topic.to_string(), e))
+    }
+
+    /// Passes a request on to its next step; the failure, if it could not be written for good.
+    async fn forward<'c>(
+        &self,
+        c: &'c Completion,
+        o: &'c Outgoing,
+    ) -> Option<(&'c Completion, &'c Outgoing, NotWritten)> {
+        let bytes = match encode_request(&o.request) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(id = %o.request.id, error = %e, "cannot encode request");
+                return None;
+            }
+        };
+        let key = Some(o.request.id.as_bytes());
+        let sent = self
+            .produce(
+                &self.forward_producer,
+                &o.topic,
+                key,
+                &bytes,
+                OwnedHeaders::new(),
+                o.request.deadline,
+            )
+            .await;
+        sent.err().map(|e| (c, o, e))
+    }
+
+    /// Records that could not be written for good: dead letters, and errors for callers of
+    /// requests that can no longer reach their next step.
+    async fn undeliverable(
+        &self,
+        results: Vec<Option<UnwrittenResult<'_>>>,
+        next: Vec<Option<(&Completion, &Outgoing, NotWritten)>>,
+    ) {
         for (c, id, topic, e) in results.into_iter().flatten() {
             let message = format!("the result could not be written to '{topic}': {}", e.error);
             let d = self.produce_dead_letter(c, &id, message);
