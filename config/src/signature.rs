@@ -197,49 +197,7 @@ pub fn validate_inputs(model: &Signature, inputs: &[Tensor]) -> Result<usize, In
             Some(_) => {}
             None => batch = Some((t.name.clone(), rows)),
         }
-        let want = element_count(&t.shape).unwrap_or(usize::MAX);
-        if let Some(max) = model.max_input_elements
-            && want > max
-        {
-            return Err(InputError::TooManyElements {
-                name: t.name.clone(),
-                got: want,
-                max,
-            });
-        }
-        // A BYTES tensor's elements, split once for the count and the UTF-8 check.
-        let elements = match t.datatype {
-            DataType::Bytes => sluice_schemas::tensor::bytes_elements(&t.data).ok(),
-            _ => None,
-        };
-        let got = match (t.datatype.element_size(), &elements) {
-            (Some(size), _) => t.data.len() / size,
-            (None, Some(e)) => e.len(),
-            (None, None) => usize::MAX,
-        };
-        if model.utf8_bytes
-            && let Some(element) = elements
-                .iter()
-                .flatten()
-                .position(|e| std::str::from_utf8(e).is_err())
-        {
-            return Err(InputError::NotText {
-                name: t.name.clone(),
-                element,
-            });
-        }
-        if got != want
-            || t.datatype
-                .element_size()
-                .is_some_and(|size| want.saturating_mul(size) != t.data.len())
-        {
-            return Err(InputError::ElementCount {
-                name: t.name.clone(),
-                shape: t.shape.clone(),
-                want,
-                got,
-            });
-        }
+        check_elements(model, t)?;
     }
     if let Some(missing) = model
         .inputs
@@ -249,6 +207,55 @@ pub fn validate_inputs(model: &Signature, inputs: &[Tensor]) -> Result<usize, In
         return Err(InputError::Missing(missing.name.clone()));
     }
     Ok(batch.map(|(_, n)| n as usize).unwrap_or(0))
+}
+
+/// Checks one input's elements: within the signature's limit, as many as its shape says, and
+/// (for a text model) BYTES elements that are UTF-8.
+fn check_elements(model: &Signature, t: &Tensor) -> Result<(), InputError> {
+    let want = element_count(&t.shape).unwrap_or(usize::MAX);
+    if let Some(max) = model.max_input_elements
+        && want > max
+    {
+        return Err(InputError::TooManyElements {
+            name: t.name.clone(),
+            got: want,
+            max,
+        });
+    }
+    // A BYTES tensor's elements, split once for the count and the UTF-8 check.
+    let elements = match t.datatype {
+        DataType::Bytes => sluice_schemas::tensor::bytes_elements(&t.data).ok(),
+        _ => None,
+    };
+    let got = match (t.datatype.element_size(), &elements) {
+        (Some(size), _) => t.data.len() / size,
+        (None, Some(e)) => e.len(),
+        (None, None) => usize::MAX,
+    };
+    if model.utf8_bytes
+        && let Some(element) = elements
+            .iter()
+            .flatten()
+            .position(|e| std::str::from_utf8(e).is_err())
+    {
+        return Err(InputError::NotText {
+            name: t.name.clone(),
+            element,
+        });
+    }
+    if got != want
+        || t.datatype
+            .element_size()
+            .is_some_and(|size| want.saturating_mul(size) != t.data.len())
+    {
+        return Err(InputError::ElementCount {
+            name: t.name.clone(),
+            shape: t.shape.clone(),
+            want,
+            got,
+        });
+    }
+    Ok(())
 }
 
 /// Checks that every requested output exists.
