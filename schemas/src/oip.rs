@@ -175,7 +175,6 @@ fn param_bool(p: &Map<String, Value>, key: &str) -> bool {
 
 /// Parses an infer request body. `json_len` is the `Inference-Header-Content-Length` header value
 /// when the body carries binary tensors after its JSON part.
-// Long on purpose: the request body's fields in protocol order, each with its own error message.
 pub fn parse_request(body: &[u8], json_len: Option<usize>) -> Result<ParsedRequest, OipError> {
     let (json, mut binary) = match json_len {
         Some(n) if n > body.len() => {
@@ -191,80 +190,7 @@ pub fn parse_request(body: &[u8], json_len: Option<usize>) -> Result<ParsedReque
         .map_err(|e| OipError::BadRequest(format!("malformed request JSON: {e}")))?;
     let mut inputs = Vec::with_capacity(req.inputs.len());
     for input in req.inputs {
-        let datatype: DataType = input.datatype.parse().map_err(|e: crate::TensorError| {
-            OipError::InvalidTensor(format!("input '{}': {e}", input.name))
-        })?;
-        let count = element_count(&input.shape).ok_or_else(|| {
-            OipError::InvalidTensor(format!(
-                "input '{}' has an invalid shape {:?}",
-                input.name, input.shape
-            ))
-        })?;
-        let data = match (input.parameters.get("binary_data_size"), input.data) {
-            (Some(size), None) => {
-                let size = size.as_u64().ok_or_else(|| {
-                    OipError::BadRequest(format!(
-                        "input '{}': binary_data_size must be a non-negative integer",
-                        input.name
-                    ))
-                })? as usize;
-                if json_len.is_none() {
-                    return Err(OipError::BadRequest(format!(
-                        "input '{}' has binary_data_size but the request has no Inference-Header-Content-Length header",
-                        input.name
-                    )));
-                }
-                if size > binary.len() {
-                    return Err(OipError::BadRequest(format!(
-                        "input '{}' declares {size} binary bytes but only {} remain",
-                        input.name,
-                        binary.len()
-                    )));
-                }
-                let (chunk, rest) = binary.split_at(size);
-                binary = rest;
-                chunk.to_vec()
-            }
-            (None, Some(flat)) => json_to_bytes(&input.name, datatype, &flat.0)?,
-            (Some(_), Some(_)) => {
-                return Err(OipError::BadRequest(format!(
-                    "input '{}' has both data and binary_data_size",
-                    input.name
-                )));
-            }
-            (None, None) => {
-                return Err(OipError::BadRequest(format!(
-                    "input '{}' has no data",
-                    input.name
-                )));
-            }
-        };
-        let tensor = Tensor {
-            name: input.name,
-            datatype,
-            shape: input.shape,
-            data,
-        };
-        match datatype.element_size() {
-            Some(size) if tensor.data.len() != count.saturating_mul(size) => {
-                return Err(OipError::InvalidTensor(format!(
-                    "input '{}' has {} elements of data but shape {:?} needs {count}",
-                    tensor.name,
-                    tensor.data.len() / size,
-                    tensor.shape
-                )));
-            }
-            Some(_) => {}
-            None => {
-                tensor.check().map_err(|e| match e {
-                    crate::TensorError::BytesFraming { problem, .. } => OipError::InvalidTensor(
-                        format!("input '{}' (BYTES): {problem}", tensor.name),
-                    ),
-                    e => OipError::InvalidTensor(e.to_string()),
-                })?;
-            }
-        }
-        inputs.push(tensor);
+        inputs.push(parse_input(input, json_len.is_some(), &mut binary)?);
     }
     if !binary.is_empty() {
         return Err(OipError::BadRequest(format!(
@@ -291,6 +217,86 @@ pub fn parse_request(body: &[u8], json_len: Option<usize>) -> Result<ParsedReque
         outputs,
         binary_by_default,
     })
+}
+
+/// One input: its data from JSON, or its `binary_data_size` bytes taken from the front of
+/// `binary` (when the request has a binary part); checked against its shape.
+fn parse_input(
+    input: InputJson,
+    has_binary_part: bool,
+    binary: &mut &[u8],
+) -> Result<Tensor, OipError> {
+    let datatype: DataType = input.datatype.parse().map_err(|e: crate::TensorError| {
+        OipError::InvalidTensor(format!("input '{}': {e}", input.name))
+    })?;
+    let count = element_count(&input.shape).ok_or_else(|| {
+        OipError::InvalidTensor(format!(
+            "input '{}' has an invalid shape {:?}",
+            input.name, input.shape
+        ))
+    })?;
+    let name = &input.name;
+    let data = match (input.parameters.get("binary_data_size"), input.data) {
+        (Some(size), None) => {
+            let size = size.as_u64().ok_or_else(|| {
+                OipError::BadRequest(format!(
+                    "input '{name}': binary_data_size must be a non-negative integer"
+                ))
+            })? as usize;
+            if !has_binary_part {
+                return Err(OipError::BadRequest(format!(
+                    "input '{name}' has binary_data_size but the request has no Inference-Header-Content-Length header"
+                )));
+            }
+            if size > binary.len() {
+                return Err(OipError::BadRequest(format!(
+                    "input '{name}' declares {size} binary bytes but only {} remain",
+                    binary.len()
+                )));
+            }
+            let (chunk, rest) = binary.split_at(size);
+            *binary = rest;
+            chunk.to_vec()
+        }
+        (None, Some(flat)) => json_to_bytes(name, datatype, &flat.0)?,
+        (Some(_), Some(_)) => {
+            return Err(OipError::BadRequest(format!(
+                "input '{name}' has both data and binary_data_size"
+            )));
+        }
+        (None, None) => {
+            return Err(OipError::BadRequest(format!("input '{name}' has no data")));
+        }
+    };
+    let tensor = Tensor {
+        name: input.name,
+        datatype,
+        shape: input.shape,
+        data,
+    };
+    check_count(&tensor, count)?;
+    Ok(tensor)
+}
+
+/// Fixed-size data holds `count` elements; BYTES data is framed right.
+fn check_count(tensor: &Tensor, count: usize) -> Result<(), OipError> {
+    match tensor.datatype.element_size() {
+        Some(size) if tensor.data.len() != count.saturating_mul(size) => {
+            Err(OipError::InvalidTensor(format!(
+                "input '{}' has {} elements of data but shape {:?} needs {count}",
+                tensor.name,
+                tensor.data.len() / size,
+                tensor.shape
+            )))
+        }
+        Some(_) => Ok(()),
+        None => tensor.check().map(|_| ()).map_err(|e| match e {
+            crate::TensorError::BytesFraming { problem, .. } => {
+                OipError::InvalidTensor(format!("input '{}' (BYTES): {problem}", tensor.name))
+            }
+            e => OipError::InvalidTensor(e.to_string()),
+        }),
+    }
 }
 
 fn json_to_bytes(name: &str, dt: DataType, values: &[Scalar]) -> Result<Vec<u8>, OipError> {
