@@ -120,12 +120,12 @@ pub async fn run(deployment: Deployment, args: BenchArgs) -> anyhow::Result<()> 
     if let Some(idle) = args.idle {
         return crate::soak::idle(idle).await;
     }
+    let base = args
+        .url
+        .clone()
+        .unwrap_or_else(|| format!("http://{}", cfg.gateway.listen));
+    let url = format!("{base}/v2/models/{}/infer", args.model);
     if let Some(total) = args.soak {
-        let base = args
-            .url
-            .clone()
-            .unwrap_or_else(|| format!("http://{}", cfg.gateway.listen));
-        let url = format!("{base}/v2/models/{}/infer", args.model);
         let concurrency = args.concurrency.first().copied().unwrap_or(32);
         return crate::soak::soak(&url, body, concurrency, total, args.report_every).await;
     }
@@ -135,119 +135,162 @@ pub async fn run(deployment: Deployment, args: BenchArgs) -> anyhow::Result<()> 
         humantime::format_duration(args.duration),
         humantime::format_duration(args.warmup)
     );
-
-    let mut transport_p50 = None;
+    let mut baselines = Baselines::default();
     if !args.skip_transport {
         let s = transport(cfg, args.duration.min(Duration::from_secs(10))).await?;
         println!(
             "transport  produce→consume, 1 in flight: n={} p50={:.2}ms p90={:.2}ms p99={:.2}ms",
             s.count, s.p50, s.p90, s.p99
         );
-        transport_p50 = Some(s.p50);
+        baselines.transport_p50 = Some(s.p50);
     }
-    let mut graph_compute_ms = None;
-    if let (Some(g), false) = (&graph, args.skip_compute) {
-        let inputs = parse_inputs(&body)?;
-        let mut sum = 0.0;
-        for step in &g.steps {
-            let sluice_common::graph::StepKind::Model(name) = &step.kind else {
-                continue;
-            };
-            let Some(m) = deployment.model(name) else {
-                continue;
-            };
-            // Every example model reads one [batch, 64] FP32 tensor: the sample, renamed.
-            let input: Vec<Tensor> = m
-                .inputs
-                .iter()
-                .zip(&inputs)
-                .map(|(spec, t)| Tensor {
-                    name: spec.name.clone(),
-                    ..t.clone()
-                })
-                .collect();
-            let (_, s) = compute(m, &input, 1, Duration::from_secs(2))?;
-            println!(
-                "compute    step {} ({name}) in-process, batch 1: per call p50={:.3}ms p99={:.3}ms",
-                step.name, s.p50, s.p99
-            );
-            sum += s.p50;
-        }
-        println!(
-            "compute    graph {}: sum of its models' in-process p50 = {sum:.3}ms over {} topic hops",
-            g.name,
-            hops(g)
-        );
-        graph_compute_ms = Some(sum);
-    }
-    if let (false, None, Some(model)) = (args.skip_compute, &graph, deployment.model(&args.model)) {
-        let inputs = parse_inputs(&body)?;
-        // The model's own settings, and one intra-op thread (the single-core limit) if they differ.
-        let mut variants = vec![model.clone()];
-        if model.intra_op_threads > 1 {
-            variants.push(sluice_common::ModelConfig {
-                intra_op_threads: 1,
-                ..model.clone()
-            });
-        }
-        for m in &variants {
-            for &c in &args.concurrency {
-                let batch = c.clamp(1, m.max_batch_size);
-                let (rows_per_s, s) =
-                    compute(m, &inputs, batch, args.duration.min(Duration::from_secs(5)))?;
-                println!(
-                    "compute    onnxruntime in-process, batch {batch}, {} intra-op thread(s): {rows_per_s:.0} rows/s, per call p50={:.3}ms p99={:.3}ms",
-                    m.intra_op_threads, s.p50, s.p99
-                );
-            }
+    if !args.skip_compute {
+        match &graph {
+            Some(g) => baselines.graph_compute_ms = Some(graph_compute(&deployment, g, &body)?),
+            None => model_compute(&deployment, &args, &body)?,
         }
     }
     if !args.skip_http {
-        let base = args
-            .url
-            .clone()
-            .unwrap_or_else(|| format!("http://{}", cfg.gateway.listen));
-        let url = format!("{base}/v2/models/{}/infer", args.model);
         let stage_urls = crate::stages::metrics_urls(&base, &cfg.local.state_dir);
         for &c in &args.concurrency {
-            let pids = sluice_pids();
-            let level = Level {
-                concurrency: c,
-                warmup: args.warmup,
-                duration: args.duration,
-            };
-            let (r, cpu_ms_per_req) =
-                http_load(&url, body.clone(), level, &pids, &stage_urls).await?;
-            println!("           CPU (% of one core): {}", r.cpu_breakdown);
-            println!("           stages, {}", r.stages);
-            if let Some(e) = &r.first_error {
-                println!("           first error: {e}");
-            }
-            let s = summarize(r.latencies_us);
-            let rps = s.count as f64 / args.duration.as_secs_f64();
-            let over = match (&graph, graph_compute_ms, transport_p50) {
-                (Some(g), Some(compute_ms), Some(t)) => {
-                    let n = hops(g) as f64;
-                    format!(
-                        ", {n} hops: (p50 - models' sum) / hops = {:.2}ms per hop vs transport p50 + 1ms = {:.2}ms",
-                        (s.p50 - compute_ms) / n,
-                        t + 1.0
-                    )
-                }
-                (None, _, Some(t)) => format!(", p50 - transport p50 = {:.2}ms", s.p50 - t),
-                _ => String::new(),
-            };
+            http_level(
+                &args,
+                &url,
+                &body,
+                c,
+                &stage_urls,
+                graph.as_deref(),
+                baselines,
+            )
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+/// What HTTP figures are compared with: the broker's own round trip, and a graph's models
+/// run in process.
+#[derive(Clone, Copy, Default)]
+struct Baselines {
+    transport_p50: Option<f64>,
+    graph_compute_ms: Option<f64>,
+}
+
+/// Each model step of graph `g` run in process on the sample, batch 1; returns the sum of
+/// their p50s (ms).
+fn graph_compute(
+    deployment: &Deployment,
+    g: &sluice_common::graph::Graph,
+    body: &[u8],
+) -> anyhow::Result<f64> {
+    let inputs = parse_inputs(body)?;
+    let mut sum = 0.0;
+    for step in &g.steps {
+        let sluice_common::graph::StepKind::Model(name) = &step.kind else {
+            continue;
+        };
+        let Some(m) = deployment.model(name) else {
+            continue;
+        };
+        // Every example model reads one [batch, 64] FP32 tensor: the sample, renamed.
+        let input: Vec<Tensor> = m
+            .inputs
+            .iter()
+            .zip(&inputs)
+            .map(|(spec, t)| Tensor {
+                name: spec.name.clone(),
+                ..t.clone()
+            })
+            .collect();
+        let (_, s) = compute(m, &input, 1, Duration::from_secs(2))?;
+        println!(
+            "compute    step {} ({name}) in-process, batch 1: per call p50={:.3}ms p99={:.3}ms",
+            step.name, s.p50, s.p99
+        );
+        sum += s.p50;
+    }
+    println!(
+        "compute    graph {}: sum of its models' in-process p50 = {sum:.3}ms over {} topic hops",
+        g.name,
+        hops(g)
+    );
+    Ok(sum)
+}
+
+/// The model run in process at each concurrency's batch size, with its own settings and with
+/// one intra-op thread (the single-core limit) if they differ.
+fn model_compute(deployment: &Deployment, args: &BenchArgs, body: &[u8]) -> anyhow::Result<()> {
+    let Some(model) = deployment.model(&args.model) else {
+        return Ok(());
+    };
+    let inputs = parse_inputs(body)?;
+    let mut variants = vec![model.clone()];
+    if model.intra_op_threads > 1 {
+        variants.push(sluice_common::ModelConfig {
+            intra_op_threads: 1,
+            ..model.clone()
+        });
+    }
+    for m in &variants {
+        for &c in &args.concurrency {
+            let batch = c.clamp(1, m.max_batch_size);
+            let (rows_per_s, s) =
+                compute(m, &inputs, batch, args.duration.min(Duration::from_secs(5)))?;
             println!(
-                "http       concurrency {c}: {rps:.0} req/s, p50={:.2}ms p90={:.2}ms p99={:.2}ms, errors={}, sluice CPU {:.3} ms/req over {} processes{over}",
-                s.p50,
-                s.p90,
-                s.p99,
-                r.errors,
-                cpu_ms_per_req,
-                pids.len()
+                "compute    onnxruntime in-process, batch {batch}, {} intra-op thread(s): {rows_per_s:.0} rows/s, per call p50={:.3}ms p99={:.3}ms",
+                m.intra_op_threads, s.p50, s.p99
             );
         }
     }
+    Ok(())
+}
+
+/// One HTTP load level at concurrency `c` through the gateway, printed with the CPU it cost,
+/// its stages, and its latency over the baselines.
+async fn http_level(
+    args: &BenchArgs,
+    url: &str,
+    body: &bytes::Bytes,
+    c: usize,
+    stage_urls: &[String],
+    graph: Option<&sluice_common::graph::Graph>,
+    baselines: Baselines,
+) -> anyhow::Result<()> {
+    let pids = sluice_pids();
+    let level = Level {
+        concurrency: c,
+        warmup: args.warmup,
+        duration: args.duration,
+    };
+    let (r, cpu_ms_per_req) = http_load(url, body.clone(), level, &pids, stage_urls).await?;
+    println!("           CPU (% of one core): {}", r.cpu_breakdown);
+    println!("           stages, {}", r.stages);
+    if let Some(e) = &r.first_error {
+        println!("           first error: {e}");
+    }
+    let s = summarize(r.latencies_us);
+    let rps = s.count as f64 / args.duration.as_secs_f64();
+    let over = match (graph, baselines.graph_compute_ms, baselines.transport_p50) {
+        (Some(g), Some(compute_ms), Some(t)) => {
+            let n = hops(g) as f64;
+            format!(
+                ", {n} hops: (p50 - models' sum) / hops = {:.2}ms per hop vs transport p50 + 1ms = {:.2}ms",
+                (s.p50 - compute_ms) / n,
+                t + 1.0
+            )
+        }
+        (None, _, Some(t)) => format!(", p50 - transport p50 = {:.2}ms", s.p50 - t),
+        _ => String::new(),
+    };
+    println!(
+        "http       concurrency {c}: {rps:.0} req/s, p50={:.2}ms p90={:.2}ms p99={:.2}ms, errors={}, sluice CPU {:.3} ms/req over {} processes{over}",
+        s.p50,
+        s.p90,
+        s.p99,
+        r.errors,
+        cpu_ms_per_req,
+        pids.len()
+    );
     Ok(())
 }
 
