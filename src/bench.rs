@@ -96,7 +96,6 @@ fn summarize(mut us: Vec<u64>) -> Summary {
 }
 
 #[allow(clippy::print_stdout)]
-// Long on purpose: the benchmark's three measurements in the order they are printed.
 pub async fn run(deployment: Deployment, args: BenchArgs) -> anyhow::Result<()> {
     let cfg = &deployment.config;
     let graph = deployment.graph(&args.model).cloned();
@@ -178,6 +177,7 @@ struct Baselines {
 
 /// Each model step of graph `g` run in process on the sample, batch 1; returns the sum of
 /// their p50s (ms).
+#[allow(clippy::print_stdout)] // a report on the terminal
 fn graph_compute(
     deployment: &Deployment,
     g: &sluice_common::graph::Graph,
@@ -219,6 +219,7 @@ fn graph_compute(
 
 /// The model run in process at each concurrency's batch size, with its own settings and with
 /// one intra-op thread (the single-core limit) if they differ.
+#[allow(clippy::print_stdout)] // a report on the terminal
 fn model_compute(deployment: &Deployment, args: &BenchArgs, body: &[u8]) -> anyhow::Result<()> {
     let Some(model) = deployment.model(&args.model) else {
         return Ok(());
@@ -247,6 +248,7 @@ fn model_compute(deployment: &Deployment, args: &BenchArgs, body: &[u8]) -> anyh
 
 /// One HTTP load level at concurrency `c` through the gateway, printed with the CPU it cost,
 /// its stages, and its latency over the baselines.
+#[allow(clippy::print_stdout)] // a report on the terminal
 async fn http_level(
     args: &BenchArgs,
     url: &str,

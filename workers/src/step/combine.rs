@@ -81,7 +81,6 @@ fn matrix(t: &Tensor) -> Result<(usize, usize), String> {
 
 /// Combines the parts that arrived, given in arrival order as (index in `join.parts`, tensor),
 /// into one tensor called `output`.
-// Long on purpose: one arm per combiner, each a few lines of arithmetic over the same parts.
 pub fn combine(join: &Join, output: &str, arrived: &[(usize, Tensor)]) -> Result<Tensor, String> {
     let Some((_, first_arrived)) = arrived.first() else {
         return Err("no parts to combine".into());

@@ -154,8 +154,6 @@ impl Sink {
 
     /// Delivers a batch of completions: Kafka records and Redis replies together. A record that
     /// cannot be written for good is dead-lettered, and its caller answered with the error.
-    // Long on purpose: results, forwards, dead letters and replies are written concurrently, then
-    // what could not be written for good is answered; splitting would separate the two halves.
     pub async fn deliver(&self, items: &[Completion]) {
         let encoded: Vec<Option<Vec<u8>>> = items.iter().map(encode_result_of).collect();
         let kafka = async {
