@@ -55,7 +55,6 @@ pub async fn soak(
     let buckets: Arc<Mutex<Vec<Interval>>> = Arc::new(Mutex::new(
         (0..intervals).map(|_| Interval::default()).collect(),
     ));
-    let client = crate::http::client(concurrency);
     let start = Instant::now();
     let end = start + every * intervals as u32;
     println!(
@@ -77,92 +76,21 @@ pub async fn soak(
         "load %",
         "steal %"
     );
-    let mut tasks = Vec::new();
-    for _ in 0..concurrency {
-        let (client, body, url, buckets) = (
-            client.clone(),
-            body.clone(),
-            url.to_string(),
-            Arc::clone(&buckets),
-        );
-        tasks.push(tokio::spawn(async move {
-            loop {
-                let t = Instant::now();
-                if t >= end {
-                    break;
-                }
-                let outcome = crate::http::post_json(&client, &url, body.clone()).await;
-                let i = (t.duration_since(start).as_secs_f64() / every.as_secs_f64()) as usize;
-                let mut b = buckets.lock().unwrap_or_else(|e| e.into_inner());
-                let Some(bucket) = b.get_mut(i) else {
-                    break;
-                };
-                match outcome {
-                    Ok((200, _)) => bucket.latencies_us.push(t.elapsed().as_micros() as u64),
-                    Ok((status, body)) => {
-                        bucket.errors += 1;
-                        bucket.first_error.get_or_insert_with(|| {
-                            format!("{status} {}", String::from_utf8_lossy(&body))
-                        });
-                    }
-                    Err(e) => {
-                        bucket.errors += 1;
-                        bucket
-                            .first_error
-                            .get_or_insert_with(|| format!("transport: {e}"));
-                    }
-                }
-            }
-        }));
-    }
+    let load = Load {
+        client: crate::http::client(concurrency),
+        url: url.to_string(),
+        body,
+        start,
+        every,
+        end,
+        buckets: Arc::clone(&buckets),
+    };
+    let tasks: Vec<_> = (0..concurrency)
+        .map(|_| tokio::spawn(load.clone().run()))
+        .collect();
     let mut rates = Vec::new();
     for i in 0..intervals {
-        // Pids are looked up each interval: a supervised process may have been restarted.
-        let broker = pids_of("broker");
-        let stack: Vec<u32> = KINDS.iter().flat_map(|k| pids_of(k)).collect();
-        let me = [std::process::id()];
-        let (b0, s0, l0, v0) = (
-            cpu_ticks(&broker),
-            cpu_ticks(&stack),
-            cpu_ticks(&me),
-            steal_ticks(),
-        );
-        tokio::time::sleep_until((start + every * (i as u32 + 1)).into()).await;
-        let (b1, s1, l1, v1) = (
-            cpu_ticks(&broker),
-            cpu_ticks(&stack),
-            cpu_ticks(&me),
-            steal_ticks(),
-        );
-        let secs = every.as_secs_f64();
-        let share = |a: u64, b: u64| a.saturating_sub(b) as f64 / ticks_per_s() / secs * 100.0;
-        // Requests still in flight at the interval's end land in it shortly after: let them.
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let (mut lat, errors, first_error) = {
-            let mut b = buckets.lock().unwrap_or_else(|e| e.into_inner());
-            let bucket = std::mem::take(&mut b[i]);
-            (bucket.latencies_us, bucket.errors, bucket.first_error)
-        };
-        lat.sort_unstable();
-        let rps = lat.len() as f64 / secs;
-        rates.push(rps);
-        println!(
-            "{:>8} {:>9.0} {:>9.2} {:>9.2} {:>7} {:>11.0} {:>11.1} {:>10.0} {:>9.0} {:>7.0} {:>8.1}",
-            i + 1,
-            rps,
-            percentile(&lat, 0.5),
-            percentile(&lat, 0.99),
-            errors,
-            rss_mib(&broker),
-            broker_log_mib(&broker),
-            share(b1, b0),
-            share(s1, s0),
-            share(l1, l0),
-            share(v1, v0)
-        );
-        if let Some(e) = first_error {
-            println!("         first error: {e}");
-        }
+        rates.push(report_interval(i, start, every, &buckets).await);
     }
     for t in tasks {
         t.await?;
@@ -174,6 +102,109 @@ pub async fn soak(
         );
     }
     Ok(())
+}
+
+/// One load-generating client: posts the body back to back until `end`, recording each answer
+/// in the interval it started in.
+#[derive(Clone)]
+struct Load {
+    client: crate::http::HttpClient,
+    url: String,
+    body: Bytes,
+    start: Instant,
+    every: Duration,
+    end: Instant,
+    buckets: Arc<Mutex<Vec<Interval>>>,
+}
+
+impl Load {
+    async fn run(self) {
+        loop {
+            let t = Instant::now();
+            if t >= self.end {
+                break;
+            }
+            let outcome = crate::http::post_json(&self.client, &self.url, self.body.clone()).await;
+            let i =
+                (t.duration_since(self.start).as_secs_f64() / self.every.as_secs_f64()) as usize;
+            let mut b = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(bucket) = b.get_mut(i) else {
+                break;
+            };
+            match outcome {
+                Ok((200, _)) => bucket.latencies_us.push(t.elapsed().as_micros() as u64),
+                Ok((status, body)) => {
+                    bucket.errors += 1;
+                    bucket.first_error.get_or_insert_with(|| {
+                        format!("{status} {}", String::from_utf8_lossy(&body))
+                    });
+                }
+                Err(e) => {
+                    bucket.errors += 1;
+                    bucket
+                        .first_error
+                        .get_or_insert_with(|| format!("transport: {e}"));
+                }
+            }
+        }
+    }
+}
+
+/// Waits out interval `i`, then prints its figures and the CPU each part of the stack used;
+/// returns its request rate.
+#[allow(clippy::print_stdout)] // a report on the terminal
+async fn report_interval(
+    i: usize,
+    start: Instant,
+    every: Duration,
+    buckets: &Mutex<Vec<Interval>>,
+) -> f64 {
+    // Pids are looked up each interval: a supervised process may have been restarted.
+    let broker = pids_of("broker");
+    let stack: Vec<u32> = KINDS.iter().flat_map(|k| pids_of(k)).collect();
+    let me = [std::process::id()];
+    let (b0, s0, l0, v0) = (
+        cpu_ticks(&broker),
+        cpu_ticks(&stack),
+        cpu_ticks(&me),
+        steal_ticks(),
+    );
+    tokio::time::sleep_until((start + every * (i as u32 + 1)).into()).await;
+    let (b1, s1, l1, v1) = (
+        cpu_ticks(&broker),
+        cpu_ticks(&stack),
+        cpu_ticks(&me),
+        steal_ticks(),
+    );
+    let secs = every.as_secs_f64();
+    let share = |a: u64, b: u64| a.saturating_sub(b) as f64 / ticks_per_s() / secs * 100.0;
+    // Requests still in flight at the interval's end land in it shortly after: let them.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (mut lat, errors, first_error) = {
+        let mut b = buckets.lock().unwrap_or_else(|e| e.into_inner());
+        let bucket = std::mem::take(&mut b[i]);
+        (bucket.latencies_us, bucket.errors, bucket.first_error)
+    };
+    lat.sort_unstable();
+    let rps = lat.len() as f64 / secs;
+    println!(
+        "{:>8} {:>9.0} {:>9.2} {:>9.2} {:>7} {:>11.0} {:>11.1} {:>10.0} {:>9.0} {:>7.0} {:>8.1}",
+        i + 1,
+        rps,
+        percentile(&lat, 0.5),
+        percentile(&lat, 0.99),
+        errors,
+        rss_mib(&broker),
+        broker_log_mib(&broker),
+        share(b1, b0),
+        share(s1, s0),
+        share(l1, l0),
+        share(v1, v0)
+    );
+    if let Some(e) = first_error {
+        println!("         first error: {e}");
+    }
+    rps
 }
 
 /// The size of the log folder of the Kafka broker among `pids` (the `data` folder beside the
