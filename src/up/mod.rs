@@ -19,36 +19,18 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use sluice_common::graph::Unit;
-use sluice_common::{Config, Deployment, WorkerUnit, local};
+use sluice_common::{Config, Deployment, local};
 use tokio::net::TcpStream;
 
 use crate::supervise::{Role, Spec, Stack, Started, start_failed};
 
-/// The stack's addresses as `up` writes them to `<state_dir>/stack.json`.
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
-pub struct StackFile {
-    /// `up`'s own pid.
-    pub pid: u32,
-    /// The gateway's base URL.
-    pub gateway: String,
-    /// Every process `up` started.
-    pub processes: Vec<StackProcess>,
-}
+mod report;
+mod units;
 
-/// One process in [`StackFile`].
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
-pub struct StackProcess {
-    /// Its name in logs.
-    pub name: String,
-    /// What it is.
-    pub role: Role,
-    /// Its pid when the file was written.
-    pub pid: Option<u32>,
-    /// Its ops address (`/metrics`, `/health/ready`), for workers and learners; the gateway's
-    /// listen address for the gateway.
-    pub addr: Option<String>,
-}
+pub use report::{StackFile, status};
+use report::{print_banner, write_stack_file};
+pub use units::only_members;
+use units::{WorkerProcess, worker_processes};
 
 fn host_port(url_or_addr: &str, default_port: u16) -> String {
     let s = url_or_addr
@@ -403,26 +385,6 @@ async fn wait_all_ready(stack: &mut Stack, within: Duration) -> anyhow::Result<(
     }
 }
 
-fn write_stack_file(state: &Path, running: &Running, stack: &Stack) -> anyhow::Result<()> {
-    let file = StackFile {
-        pid: std::process::id(),
-        gateway: format!("http://{}", running.gateway),
-        processes: stack
-            .processes
-            .iter()
-            .map(|p| StackProcess {
-                name: p.name.clone(),
-                role: p.role,
-                pid: p.pid(),
-                addr: p.ops_addr(),
-            })
-            .collect(),
-    };
-    let path = state.join("stack.json");
-    let text = serde_json::to_string_pretty(&file)?;
-    std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))
-}
-
 /// Serves until Ctrl-C or SIGTERM: passes SIGHUP on to the workers, restarts what exits.
 async fn serve(
     stack: &mut Stack,
@@ -456,47 +418,6 @@ async fn serve(
     }
 }
 
-/// `sluice status`: the stack `up` runs, from `<state_dir>/stack.json`, with each process's
-/// readiness now.
-#[allow(clippy::print_stdout)]
-pub async fn status(cfg: &Config) -> anyhow::Result<()> {
-    let path = cfg.local.state_dir.join("stack.json");
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("reading {} (is `sluice up` running here?)", path.display()))?;
-    let file: StackFile = serde_json::from_str(&text)?;
-    let alive = |pid: u32| kill(Pid::from_raw(pid as i32), None).is_ok();
-    if !alive(file.pid) {
-        bail!(
-            "`sluice up` (pid {}) is not running; {} is left from it",
-            file.pid,
-            path.display()
-        );
-    }
-    let client = crate::http::client(2);
-    println!("gateway {}", file.gateway);
-    for p in &file.processes {
-        let ready = match &p.addr {
-            Some(addr) => crate::http::get_status(&client, &health_url(p.role, addr))
-                .await
-                .ok(),
-            None => None,
-        };
-        let state = match ready {
-            Some(200) => "ready".to_string(),
-            Some(code) => format!("not ready ({code})"),
-            None if p.addr.is_none() => "running".to_string(),
-            None => "not answering".to_string(),
-        };
-        println!(
-            "{:<28} pid {:<8} {:<22} {state}",
-            p.name,
-            p.pid.map_or("-".into(), |x| x.to_string()),
-            p.addr.as_deref().unwrap_or("-"),
-        );
-    }
-    Ok(())
-}
-
 /// The name `up` gives the Kafka broker it starts.
 const BROKER: &str = "kafka";
 
@@ -512,182 +433,6 @@ async fn broker_restarted(cfg: &Config, topics: &[sluice_common::kafka::TopicSpe
         tracing::error!(error = %e, "topics could not be applied after the broker restart");
     } else {
         tracing::info!("topics applied after the broker restart");
-    }
-}
-
-/// Worker processes of one kind that `up` starts: a name for logs, `sluice worker` arguments,
-/// and how many.
-struct WorkerProcess {
-    name: String,
-    args: Vec<String>,
-    count: usize,
-}
-
-/// The worker processes to start: each deployment unit (only its members among `only`'s models
-/// and graphs, when given), and a process per step pool that no unit serves; with `per_step`,
-/// a process per step pool, each in a group of its own.
-fn worker_processes(
-    deployment: &Deployment,
-    only: &[String],
-    per_step: bool,
-) -> anyhow::Result<Vec<WorkerProcess>> {
-    let mut wanted: Vec<Unit> = Vec::new();
-    for name in only {
-        wanted.extend(deployment.pools_named(name).unwrap_or_default());
-    }
-    let selected = |u: &Unit| only.is_empty() || wanted.contains(u);
-    let pool = |u: &Unit, count: usize| {
-        let (flag, name) = match u {
-            Unit::Model(m) => ("--model", m.clone()),
-            Unit::Step { .. } => ("--step", u.to_string()),
-        };
-        WorkerProcess {
-            name: u.to_string(),
-            args: vec![flag.into(), name],
-            count,
-        }
-    };
-    if per_step {
-        return Ok(deployment
-            .units()
-            .iter()
-            .filter(|(u, _)| selected(u))
-            .map(|(u, n)| pool(u, *n))
-            .collect());
-    }
-    let mut out = Vec::new();
-    for unit in deployment.worker_units() {
-        let members: Vec<String> = unit
-            .members
-            .iter()
-            .filter(|u| selected(u))
-            .map(Unit::to_string)
-            .collect();
-        if members.is_empty() {
-            continue;
-        }
-        let mut args = vec!["--unit".to_string(), unit.name.clone()];
-        if members.len() < unit.members.len() {
-            args.extend(["--only".to_string(), members.join(",")]);
-        }
-        out.push(WorkerProcess {
-            name: unit.name.clone(),
-            args,
-            count: unit.workers,
-        });
-    }
-    out.extend(
-        deployment
-            .pools_outside_units()
-            .iter()
-            .filter(|(u, _)| selected(u))
-            .map(|(u, n)| pool(u, *n)),
-    );
-    Ok(out)
-}
-
-/// `unit` narrowed to the pools of `only` (models, graphs, graph steps); all of it when empty.
-pub fn only_members(
-    deployment: &Deployment,
-    unit: &WorkerUnit,
-    only: &[String],
-) -> anyhow::Result<WorkerUnit> {
-    if only.is_empty() {
-        return Ok(unit.clone());
-    }
-    let mut wanted = Vec::new();
-    for name in only {
-        let Some(pools) = deployment.pools_named(name) else {
-            bail!("--only: '{name}' is not a model, a graph or a graph's step");
-        };
-        wanted.extend(pools);
-    }
-    let members: Vec<Unit> = unit
-        .members
-        .iter()
-        .filter(|u| wanted.contains(u))
-        .cloned()
-        .collect();
-    if members.is_empty() {
-        bail!("--only: unit '{}' serves none of {only:?}", unit.name);
-    }
-    Ok(WorkerUnit {
-        members,
-        ..unit.clone()
-    })
-}
-
-#[allow(clippy::print_stdout)]
-fn print_banner(
-    deployment: &Deployment,
-    running: &Running,
-    stack: &Stack,
-    config_path: Option<&Path>,
-) {
-    let cfg = &deployment.config;
-    let gw = &running.gateway;
-    let requests = config_path
-        .and_then(Path::parent)
-        .map(|d| d.join("requests"))
-        .unwrap_or_else(|| PathBuf::from("examples/requests"));
-    println!(
-        "\nSluice is up: gateway http://{gw}, models: {}; graphs: {}",
-        cfg.models.keys().cloned().collect::<Vec<_>>().join(", "),
-        cfg.graphs.keys().cloned().collect::<Vec<_>>().join(", ")
-    );
-    for name in cfg.models.keys().chain(cfg.graphs.keys()) {
-        let file = requests.join(format!("{name}.json"));
-        if file.is_file() {
-            println!(
-                "  curl -s -X POST http://{gw}/v2/models/{name}/infer -H 'Content-Type: application/json' -d @{}",
-                file.display()
-            );
-        }
-    }
-    let me = sluice_command(config_path);
-    for name in deployment.learning() {
-        let given = if deployment.graph(&name).is_some() {
-            r#"\"reward\": 1"#
-        } else {
-            r#"\"truth\": 1"#
-        };
-        let file = requests.join(format!("{name}.json"));
-        println!(
-            r#"  id=$(curl -s -X POST http://{gw}/v2/models/{name}/infer -H 'Content-Type: application/json' -d @{} | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])') && curl -s -X POST http://{gw}/v2/models/{name}/feedback -d "{{\"id\": \"$id\", {given}}}"   # an answer, then its feedback"#,
-            file.display()
-        );
-        println!("  {me} learn --model {name} --status   # what {name}'s learner learned");
-    }
-    println!(
-        "  curl -s http://{gw}/v2/models/{}   # metadata",
-        cfg.models
-            .keys()
-            .next()
-            .map(String::as_str)
-            .unwrap_or("MODEL")
-    );
-    println!("  curl -s http://{gw}/metrics");
-    for p in stack.processes.iter().filter(|p| p.role != Role::Gateway) {
-        if let Some(addr) = p.ops_addr() {
-            println!("  {}: http://{addr}/metrics, /health/ready", p.name);
-        }
-    }
-    println!(
-        "  {me} status   # every process, its address and readiness ({})\nPress Ctrl-C to stop.\n",
-        cfg.local.state_dir.join("stack.json").display()
-    );
-}
-
-/// How to run this `sluice` with this config from the current folder (for printed commands).
-fn sluice_command(config_path: Option<&Path>) -> String {
-    let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("sluice"));
-    let cwd = std::env::current_dir().unwrap_or_default();
-    let exe = exe
-        .strip_prefix(&cwd)
-        .map_or(exe.clone(), Path::to_path_buf);
-    match config_path {
-        Some(c) => format!("{} --config {}", exe.display(), c.display()),
-        None => exe.display().to_string(),
     }
 }
 
