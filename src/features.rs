@@ -240,6 +240,54 @@ pub(crate) async fn load_file(
     load(deployment, args).await
 }
 
+/// How one CSV row becomes a feature-store entry.
+struct Entity<'a> {
+    config: &'a FeaturesConfig,
+    layout: &'a Layout,
+    key_column: &'a str,
+    now_s: i64,
+    ttl_s: Option<u64>,
+}
+
+impl Entity<'_> {
+    /// Adds `row`'s entry to `pipe`: its key, its features parsed as their datatypes, stamped
+    /// with its `event_timestamp` (or now).
+    fn write(
+        &self,
+        row: &std::collections::BTreeMap<String, Option<String>>,
+        pipe: &mut redis::Pipeline,
+    ) -> anyhow::Result<()> {
+        let key_column = self.key_column;
+        let key = row
+            .get(key_column)
+            .cloned()
+            .flatten()
+            .with_context(|| format!("no '{key_column}' column value"))?;
+        let values = self
+            .config
+            .features
+            .iter()
+            .map(|f| match row.get(&f.name).cloned().flatten() {
+                None => Ok(Value::Missing),
+                Some(s) if s.is_empty() && f.datatype != DataType::Bytes => Ok(Value::Missing),
+                Some(s) => Value::parse_text(s.as_bytes(), f.datatype, f.length.is_some())
+                    .map_err(|e| anyhow::anyhow!("feature '{}': {e}", f.name)),
+            })
+            .collect::<anyhow::Result<Vec<Value>>>()?;
+        let redis_key = self
+            .layout
+            .key(&key, key_type(self.config))
+            .map_err(anyhow::Error::msg)?;
+        let event_s = match row.get("event_timestamp").cloned().flatten() {
+            Some(t) => t.parse::<i64>().unwrap_or(self.now_s),
+            None => self.now_s,
+        };
+        self.layout
+            .write(pipe, &redis_key, &values, event_s, self.ttl_s)
+            .map_err(anyhow::Error::msg)
+    }
+}
+
 #[allow(clippy::print_stdout)]
 async fn load(deployment: &Deployment, args: LoadArgs) -> anyhow::Result<()> {
     let mut config = step_config(deployment, &args.step)?;
@@ -272,37 +320,14 @@ async fn load(deployment: &Deployment, args: LoadArgs) -> anyhow::Result<()> {
     for (n, row) in rows(&args.file)?.enumerate() {
         let line = n + 2;
         let result = row.and_then(|row| {
-            let key = row
-                .get(&key_column)
-                .cloned()
-                .flatten()
-                .with_context(|| format!("no '{key_column}' column value"))?;
-            let values = config
-                .features
-                .iter()
-                .map(|f| match row.get(&f.name).cloned().flatten() {
-                    None => Ok(Value::Missing),
-                    Some(s) if s.is_empty() && f.datatype != DataType::Bytes => Ok(Value::Missing),
-                    Some(s) => Value::parse_text(s.as_bytes(), f.datatype, f.length.is_some())
-                        .map_err(|e| anyhow::anyhow!("feature '{}': {e}", f.name)),
-                })
-                .collect::<anyhow::Result<Vec<Value>>>()?;
-            let redis_key = layout
-                .key(&key, key_type(&config))
-                .map_err(anyhow::Error::msg)?;
-            let event_s = match row.get("event_timestamp").cloned().flatten() {
-                Some(t) => t.parse::<i64>().unwrap_or(now_s),
-                None => now_s,
+            let entity = Entity {
+                config: &config,
+                layout: &layout,
+                key_column: &key_column,
+                now_s,
+                ttl_s: args.ttl.map(|t| t.as_secs()),
             };
-            layout
-                .write(
-                    &mut pipe,
-                    &redis_key,
-                    &values,
-                    event_s,
-                    args.ttl.map(|t| t.as_secs()),
-                )
-                .map_err(anyhow::Error::msg)
+            entity.write(&row, &mut pipe)
         });
         match result {
             Ok(()) => {
