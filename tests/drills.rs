@@ -376,9 +376,11 @@ async fn fail_point_drill(point: &str, passes: u32, drill: &str) {
     stack.wait_ready(&format!("http://{addr}/health/ready"));
     let (outcomes, samples) = under_load(&mut stack, point, LONG, async |stack, load| {
         // The n-th pass of the point kills it (the load is flowing by now).
+        // `wait_exit` fails the test if the worker has not exited within a minute.
+        let exited_cleanly = stack.wait_exit(w, Duration::from_secs(60));
         assert!(
-            !stack.wait_exit(w, Duration::from_secs(60)),
-            "killed at the fail point"
+            !exited_cleanly,
+            "the worker exited cleanly instead of dying at the fail point"
         );
         assert!(stack.log_of(w).contains("fail point reached"));
         stack.start_worker(MODEL);
@@ -537,18 +539,39 @@ async fn network_delay_loss_cuts_and_a_partition() {
     };
     let net = stack.net.clone().unwrap();
     let phase = Duration::from_secs(drill_seconds()).max(Duration::from_secs(3)) / 3;
+    let before = net.counts();
     let (outcomes, samples) = under_load(&mut stack, "network", LONG, async |_, load| {
         // Latency and loss on every connection to the broker, then every connection reset
         // twice, then a partition shorter than the session timeout, then a clean network.
         net.set_delay(Duration::from_millis(25));
         net.set_loss(0.02);
         tokio::time::sleep(phase).await;
+        let lossy = net.counts();
+        assert!(
+            lossy.delayed > before.delayed,
+            "nothing was delayed: {lossy:?}"
+        );
+        assert!(lossy.lost > before.lost, "nothing was lost: {lossy:?}");
         net.cut_all();
         tokio::time::sleep(Duration::from_millis(500)).await;
         net.cut_all();
         tokio::time::sleep(phase).await;
+        let cut = net.counts();
+        // Both cuts reset connections, and the clients came back through the proxy.
+        assert!(
+            cut.cut >= lossy.cut + 2,
+            "connections not cut twice: {cut:?}"
+        );
+        assert!(
+            cut.connections > lossy.connections,
+            "no reconnection: {cut:?}"
+        );
         net.partition(true);
         tokio::time::sleep(Duration::from_secs(3)).await;
+        assert!(
+            net.counts().held > cut.held,
+            "the partition held nothing back"
+        );
         net.heal();
         load.wait_answers(20).await;
     })

@@ -846,10 +846,16 @@ impl DrillReport {
         }
     }
 
-    /// The drill's thresholds: something answered, 0 lost, 0 wrong, every error one of `allowed`.
+    /// The drill's thresholds: something answered, 0 lost, 0 wrong (duplicates included: each
+    /// was compared with onnxruntime's answer), duplicates bounded by what was sent (at-least-
+    /// once redelivers, it does not multiply), every error one of `allowed`.
     pub fn holds(&self, allowed: &[u16]) {
         let row = self.row();
         assert!(self.correct > 0, "nothing answered: {row}");
+        assert!(
+            self.duplicates <= self.sent,
+            "more duplicates than requests: {row}"
+        );
         assert_eq!(self.lost, 0, "lost requests: {row}");
         assert_eq!(self.wrong, 0, "wrong answers: {row}");
         for s in self.errors.keys() {

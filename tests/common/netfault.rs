@@ -28,6 +28,33 @@ struct Faults {
     partitioned: AtomicBool,
     /// A seed for the loss draws.
     seed: AtomicU64,
+    /// What the faults did, so a drill can show they took effect.
+    counts: Counters,
+}
+
+/// Running counts of what the proxy did.
+#[derive(Default)]
+struct Counters {
+    connections: AtomicU64,
+    cut: AtomicU64,
+    delayed: AtomicU64,
+    lost: AtomicU64,
+    held: AtomicU64,
+}
+
+/// What the proxy did so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FaultCounts {
+    /// Connections accepted (each reconnection after a cut counts again).
+    pub connections: u64,
+    /// Open connections reset by [`NetFault::cut_all`].
+    pub cut: u64,
+    /// Chunks delivered late because of the added delay.
+    pub delayed: u64,
+    /// Chunks "lost" (delivered one retransmission timeout late).
+    pub lost: u64,
+    /// Chunks held back by a partition.
+    pub held: u64,
 }
 
 /// A running fault-injecting proxy; dropping it leaves it running until the test ends.
@@ -65,6 +92,7 @@ impl NetFault {
                         continue;
                     };
                     let faults = shared.clone();
+                    faults.counts.connections.fetch_add(1, Ordering::Relaxed);
                     let cut_rx = cut_rx.clone();
                     tokio::spawn(async move {
                         if let Ok(server) = TcpStream::connect(upstream).await {
@@ -101,6 +129,19 @@ impl NetFault {
         self.faults.partitioned.store(on, Ordering::Relaxed);
     }
 
+    /// What the faults did so far.
+    pub fn counts(&self) -> FaultCounts {
+        let c = &self.faults.counts;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        FaultCounts {
+            connections: get(&c.connections),
+            cut: get(&c.cut),
+            delayed: get(&c.delayed),
+            lost: get(&c.lost),
+            held: get(&c.held),
+        }
+    }
+
     /// Back to a clean network.
     pub fn heal(&self) {
         self.set_delay(Duration::ZERO);
@@ -123,8 +164,10 @@ async fn serve(
     cut.mark_unchanged();
     tokio::select! {
         _ = pipe(cr, sw, faults.clone()) => {}
-        _ = pipe(sr, cw, faults) => {}
-        _ = cut.changed() => {}
+        _ = pipe(sr, cw, faults.clone()) => {}
+        _ = cut.changed() => {
+            faults.counts.cut.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -144,9 +187,13 @@ where
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
             };
-            let mut due =
-                Instant::now() + Duration::from_micros(faults.delay_us.load(Ordering::Relaxed));
+            let delay_us = faults.delay_us.load(Ordering::Relaxed);
+            let mut due = Instant::now() + Duration::from_micros(delay_us);
+            if delay_us > 0 {
+                faults.counts.delayed.fetch_add(1, Ordering::Relaxed);
+            }
             if lost(&faults) {
+                faults.counts.lost.fetch_add(1, Ordering::Relaxed);
                 due += RTO;
             }
             last_due = last_due.max(due);
@@ -159,6 +206,9 @@ where
     let write = async {
         while let Some((due, chunk)) = rx.recv().await {
             tokio::time::sleep_until(due.into()).await;
+            if faults.partitioned.load(Ordering::Relaxed) {
+                faults.counts.held.fetch_add(1, Ordering::Relaxed);
+            }
             while faults.partitioned.load(Ordering::Relaxed) {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
