@@ -201,40 +201,7 @@ mod tests {
     use sluice_schemas::encode_result;
     use tokio::time::Instant;
 
-    /// A redis-server of its own on a free port (None, and the test skips, where none is
-    /// installed outside CI; under `CI=true` a missing one fails).
-    struct Redis(std::process::Child, String);
-
-    impl Drop for Redis {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-
-    async fn redis() -> Option<Redis> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .ok()?
-            .local_addr()
-            .ok()?
-            .port();
-        let mut cmd = sluice_common::local::redis_command(port);
-        cmd.stdout(std::process::Stdio::null());
-        let child = match cmd.spawn() {
-            Ok(c) => c,
-            Err(e) if std::env::var("CI").is_ok_and(|v| v == "true") => {
-                panic!("redis-server missing under CI=true: {e}")
-            }
-            Err(_) => return None,
-        };
-        let url = format!("redis://127.0.0.1:{port}");
-        let end = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < end, "redis-server did not start");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Some(Redis(child, url))
-    }
+    use crate::test_redis::redis;
 
     async fn start(url: &str) -> (Arc<Correlator>, ConnectionManager) {
         let client = redis::Client::open(url).unwrap();
@@ -263,7 +230,7 @@ mod tests {
     #[tokio::test]
     async fn a_published_reply_reaches_its_caller_once() {
         let Some(r) = redis().await else { return };
-        let (c, mut conn) = start(&r.1).await;
+        let (c, mut conn) = start(&r.url).await;
         let pending = c.register("r1");
         assert_eq!(c.waiting(), 1);
         let publish = |res: InferenceResult| {
@@ -300,7 +267,7 @@ mod tests {
     #[tokio::test]
     async fn a_missed_publish_is_read_from_the_stored_result_at_the_deadline() {
         let Some(r) = redis().await else { return };
-        let (c, mut conn) = start(&r.1).await;
+        let (c, mut conn) = start(&r.url).await;
         let pending = c.register("r2");
         let bytes = encode_result(&result("r2", 5)).unwrap();
         redis::cmd("SET")
@@ -333,7 +300,7 @@ mod tests {
     #[tokio::test]
     async fn closing_answers_every_waiter_at_once() {
         let Some(r) = redis().await else { return };
-        let (c, _) = start(&r.1).await;
+        let (c, _) = start(&r.url).await;
         let (a, b) = (c.register("r5"), c.register("r6"));
         let started = Instant::now();
         let deadline = started + Duration::from_secs(30);
@@ -358,7 +325,7 @@ mod tests {
     #[tokio::test]
     async fn a_caller_that_gives_up_stops_waiting() {
         let Some(r) = redis().await else { return };
-        let (c, _) = start(&r.1).await;
+        let (c, _) = start(&r.url).await;
         drop(c.register("r4"));
         assert_eq!(c.waiting(), 0);
     }

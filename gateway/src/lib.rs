@@ -17,6 +17,8 @@ mod repository;
 mod routes;
 mod servable;
 mod stats;
+#[cfg(test)]
+mod test_redis;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -221,3 +221,125 @@ async fn model_stats_v(
 async fn render_metrics(State(gw): Shared) -> String {
     gw.metrics.render()
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use axum::body::Body;
+    use axum::http::Request;
+    use sluice_common::{Config, Deployment};
+    use tower::ServiceExt;
+
+    use super::*;
+
+    /// One model, a broker nobody answers at, and a Redis of the test's own: the gateway comes
+    /// up (not ready), and every route answers without a worker.
+    const CONFIG: &str = r#"
+[kafka]
+brokers = "127.0.0.1:1"
+[gateway]
+max_body_bytes = 4096
+[models.mlp]
+onnx = "mlp.onnx"
+version = "3"
+max_batch_size = 8
+inputs = [{ name = "input", datatype = "FP32", shape = [-1, 2] }]
+outputs = [{ name = "label", datatype = "INT64", shape = [-1] }]
+"#;
+
+    async fn gateway(redis_url: &str) -> Router {
+        let toml = format!("{CONFIG}[redis]\nurl = \"{redis_url}\"\n");
+        let deployment = Deployment::compile(Config::from_toml(&toml).unwrap()).unwrap();
+        let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+            .build_recorder()
+            .handle();
+        router(Gateway::connect(deployment, metrics).await.unwrap())
+    }
+
+    async fn call(
+        app: &Router,
+        method: &str,
+        uri: &str,
+        body: impl Into<String>,
+    ) -> (StatusCode, Value) {
+        let req = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header("content-type", "application/json")
+            .body(Body::from(body.into()))
+            .unwrap();
+        let resp = app.clone().oneshot(req).await.unwrap();
+        let status = resp.status();
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    #[tokio::test]
+    async fn metadata_and_health_routes_answer_what_the_protocol_says() {
+        let Some(redis) = crate::test_redis::redis().await else {
+            return;
+        };
+        let app = gateway(&redis.url).await;
+        let (status, server) = call(&app, "GET", "/v2", "").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(server["name"], "sluice");
+        assert_eq!(
+            call(&app, "GET", "/v2/health/live", "").await.0,
+            StatusCode::OK
+        );
+        // No broker answers: not ready, and neither is the model.
+        let ready = call(&app, "GET", "/v2/health/ready", "").await.0;
+        assert_eq!(ready, StatusCode::SERVICE_UNAVAILABLE);
+        let (status, meta) = call(&app, "GET", "/v2/models/mlp", "").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(meta["name"], "mlp");
+        assert_eq!(meta["inputs"][0]["name"], "input");
+        assert_eq!(meta["inputs"][0]["shape"], serde_json::json!([-1, 2]));
+        let (status, err) = call(&app, "GET", "/v2/models/nope", "").await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert!(err["error"].as_str().unwrap().contains("nope"), "{err}");
+        let (status, _) = call(&app, "GET", "/v2/models/mlp/versions/3", "").await;
+        assert_eq!(status, StatusCode::OK);
+        let (status, _) = call(&app, "GET", "/v2/models/mlp/versions/4", "").await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert_eq!(
+            call(&app, "GET", "/v2/nowhere", "").await.0,
+            StatusCode::NOT_FOUND
+        );
+    }
+
+    #[tokio::test]
+    async fn infer_checks_the_request_before_the_broker() {
+        let Some(redis) = crate::test_redis::redis().await else {
+            return;
+        };
+        let app = gateway(&redis.url).await;
+        let infer = |body: &str| call(&app, "POST", "/v2/models/mlp/infer", body.to_string());
+        let ok = r#"{"inputs":[{"name":"input","shape":[1,2],"datatype":"FP32","data":[1,2]}]}"#;
+        // Malformed JSON: 400; a tensor that does not fit the model: 422 naming it.
+        assert_eq!(infer("{").await.0, StatusCode::BAD_REQUEST);
+        let wide = ok
+            .replace("[1,2],\"datatype", "[1,3],\"datatype")
+            .replace("[1,2]}", "[1,2,3]}");
+        let (status, err) = infer(&wide).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{err}");
+        assert!(err["error"].as_str().unwrap().contains("input"), "{err}");
+        // Over the body limit: 413; a valid request with no broker: 503 saying so.
+        let big = format!("{{\"pad\":\"{}\"}}", "x".repeat(5000));
+        assert_eq!(infer(&big).await.0, StatusCode::PAYLOAD_TOO_LARGE);
+        let (status, err) = infer(ok).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            err["error"].as_str().unwrap().contains("Kafka broker"),
+            "{err}"
+        );
+        // A model nobody serves: 404.
+        let (status, _) = call(&app, "POST", "/v2/models/nope/infer", ok.to_string()).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+    }
+}
