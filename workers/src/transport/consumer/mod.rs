@@ -285,7 +285,7 @@ impl<'a> Worker<'a> {
             partition: m.partition(),
             offset: m.offset(),
         };
-        lock(&self.state.tracker).begin(key, m.offset());
+        self.state.begin(key, m.offset());
         let lane = &self.lanes[lane_index];
         lane.metrics.in_flight.increment(1.0);
         let ctx = Admit {
