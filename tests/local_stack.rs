@@ -719,7 +719,44 @@ fn the_demo_stack_answers_every_call_it_prints() {
     assert_eq!(merchants.trim(), "200");
     assert!(got.contains("\"found\":true"), "{got}");
     println!("{infer} infer calls answered as printed");
+    // The README's calls, as written, against this stack (its ports put in).
+    let readme = readme_calls();
+    assert!(readme.len() >= 12, "README calls found: {readme:?}");
+    for line in &readme {
+        let line = line
+            .replace("localhost:8000", &format!("127.0.0.1:{gp}"))
+            .replace("127.0.0.1:9092", &format!("127.0.0.1:{kp}"))
+            .replace("target/release/sluice", env!("CARGO_BIN_EXE_sluice"));
+        let out = run(&line);
+        if line.contains("/infer") && !line.contains("feedback") {
+            let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+            assert!(v["outputs"].as_array().is_some_and(|o| !o.is_empty()), "{line}: {v}");
+        }
+    }
+    println!("{} README calls run as written", readme.len());
     sigterm(up.id());
     let (status, _) = watch_children(&mut up, Duration::from_secs(60), |_| {});
     assert!(status.unwrap().success());
+}
+
+/// The commands in the README's `sh` blocks that call a running stack (curl, kcat, `sluice`
+/// subcommands), one per line; the set-up commands (`deploy/…`) are left to CI itself.
+fn readme_calls() -> Vec<String> {
+    let text = std::fs::read_to_string(root().join("README.md")).unwrap();
+    let mut calls = Vec::new();
+    let mut in_sh = false;
+    for line in text.lines() {
+        if line.starts_with("```") {
+            in_sh = line == "```sh";
+            continue;
+        }
+        let call = line.trim();
+        let calls_stack = ["curl ", "kcat ", "id=$(curl ", "target/release/sluice "]
+            .iter()
+            .any(|p| call.starts_with(p));
+        if in_sh && calls_stack {
+            calls.push(call.to_string());
+        }
+    }
+    calls
 }
