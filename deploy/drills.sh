@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every fault drill (tests/drills.rs) against the real stack, each under load for
 # SLUICE_DRILL_SECONDS (default 30), one at a time, and writes the Markdown report to
-# docs/drills.md (the table the README quotes). Fails if any drill misses its thresholds.
+# docs/drills.md (the drill report the README links to). Fails if any drill misses its thresholds.
 #   deploy/drills.sh                      # the full set
 #   SLUICE_DRILL_SECONDS=10 deploy/drills.sh
 set -euo pipefail

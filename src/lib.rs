@@ -86,7 +86,7 @@ enum Command {
         #[command(subcommand)]
         action: TopicsAction,
     },
-    /// Measure throughput and latency (see README, "Benchmarks").
+    /// Measure throughput and latency (see docs/benchmarks.md).
     Bench(bench::BenchArgs),
     /// Run the learner of a learning model (joins its predictions with feedback, learns,
     /// publishes weights), or print its state with --status.

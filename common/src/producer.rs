@@ -3,7 +3,7 @@
 //! rdkafka's `FutureProducer` serves its delivery reports from a thread that polls in 100 ms
 //! waits and hands librdkafka the remaining time in whole milliseconds, so each wait ends with
 //! up to a millisecond of spinning: about 1% of a core per idle producer (measured with `perf`
-//! on that thread; README, Benchmarks, Idle). [`AsyncProducer`] is the same send-and-await
+//! on that thread; docs/benchmarks.md, Idle). [`AsyncProducer`] is the same send-and-await
 //! interface over a `BaseProducer` whose thread waits five seconds at a time: a delivery report
 //! still wakes it at once, and the spin at the end of a wait costs a five-thousandth of the time.
 

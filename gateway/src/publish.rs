@@ -5,7 +5,7 @@
 //! Two producers: a prompt one (no linger) while few requests are in flight, and one that lingers
 //! `gateway.produce_linger` once `gateway.produce_linger_from` are, so a busy gateway sends fewer,
 //! fuller produce requests (less broker and client CPU) without making a lone request wait
-//! (librdkafka wakes a lingering producer with millisecond granularity: see README, Benchmarks).
+//! (librdkafka wakes a lingering producer with millisecond granularity: see docs/benchmarks.md).
 
 use std::sync::RwLock;
 use std::time::Duration;
