@@ -60,7 +60,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     write("avro_envelope", "result", &encode_result(&result)?)?;
     let failed = InferenceResult {
         error: Some(InferenceError {
-            code: "invalid_input".into(),
+            code: sluice_schemas::ErrorCode::InvalidInput,
             message: "input 'input' has shape [1, 63]".into(),
             step: "mlp".into(),
         }),
