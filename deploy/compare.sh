@@ -10,7 +10,8 @@
 # servable gets WARMUP seconds (default 3) of unmeasured load first, on every system alike.
 # usage: deploy/compare.sh [SECONDS_PER_RUN]   (default 10; SLUICE_BIN=path compares another build;
 #        COMPARE_ALSO="SLUICE__WORKER__LOCAL_HOPS=false" also runs the stack with those settings,
-#        as a column "sluice-also", in the same rounds; SLUICE_COMPARE_CONFIG=examples/digits.toml
+#        as a column "sluice-also", in the same rounds; COMPARE_ALSO_BIN=path runs that column
+#        from another build, e.g. before and after a change; SLUICE_COMPARE_CONFIG=examples/digits.toml
 #        serves the digits examples only)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -83,10 +84,11 @@ wait_for() {
   echo "compare: $1 did not come up" >&2; return 1
 }
 
-# stack NAME ROUND [ENV=VALUE...]: the default stack, with those settings, under load.
+# stack NAME ROUND BIN [ENV=VALUE...]: the default stack run by BIN, with those settings, under
+# load.
 stack() {
-  local name=$1 round=$2; shift 2
-  env "$@" "$BIN" --config "${SLUICE_COMPARE_CONFIG:-examples/stack.toml}" up > "$OUT/up.out" 2> "$OUT/up.log" &
+  local name=$1 round=$2 bin=$3; shift 3
+  env "$@" "$bin" --config "${SLUICE_COMPARE_CONFIG:-examples/stack.toml}" up > "$OUT/up.out" 2> "$OUT/up.log" &
   local up=$!
   for _ in $(seq 1 600); do grep -q "Sluice is up" "$OUT/up.out" 2>/dev/null && break; sleep 0.3; done
   grep -q "Sluice is up" "$OUT/up.out" || { tail -20 "$OUT/up.log" >&2; echo "compare: the stack did not come up" >&2; exit 1; }
@@ -105,10 +107,10 @@ fastapi() {
 }
 
 for round in $(seq 1 "$ROUNDS"); do
-  stack sluice "$round"
-  if [ -n "${COMPARE_ALSO:-}" ]; then
+  stack sluice "$round" "$BIN"
+  if [ -n "${COMPARE_ALSO:-}${COMPARE_ALSO_BIN:-}" ]; then
     # shellcheck disable=SC2086
-    stack sluice-also "$round" $COMPARE_ALSO
+    stack sluice-also "$round" "${COMPARE_ALSO_BIN:-$BIN}" $COMPARE_ALSO
   fi
   fastapi 1 "$round"
   fastapi 2 "$round"
