@@ -110,7 +110,7 @@ for round in $(seq 1 "$ROUNDS"); do
   stack sluice "$round" "$BIN"
   if [ -n "${COMPARE_ALSO:-}${COMPARE_ALSO_BIN:-}" ]; then
     # shellcheck disable=SC2086
-    stack sluice-also "$round" "${COMPARE_ALSO_BIN:-$BIN}" $COMPARE_ALSO
+    stack sluice-also "$round" "${COMPARE_ALSO_BIN:-$BIN}" ${COMPARE_ALSO:-}
   fi
   fastapi 1 "$round"
   fastapi 2 "$round"
