@@ -730,7 +730,10 @@ fn the_demo_stack_answers_every_call_it_prints() {
         let out = run(&line);
         if line.contains("/infer") && !line.contains("feedback") {
             let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-            assert!(v["outputs"].as_array().is_some_and(|o| !o.is_empty()), "{line}: {v}");
+            assert!(
+                v["outputs"].as_array().is_some_and(|o| !o.is_empty()),
+                "{line}: {v}"
+            );
         }
     }
     println!("{} README calls run as written", readme.len());
