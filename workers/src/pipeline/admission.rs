@@ -212,9 +212,10 @@ impl GraphRecord<'_, '_> {
         let Some(signature) = self.ctx.model else {
             return self.fail(ErrorCode::Internal, "no model".into());
         };
-        // A fresh entry record whose canary picks another model moves on unchanged.
-        let topic = topic_for(graph, step, &self.base);
-        if self.fresh && topic != self.ctx.own_topic {
+        // A fresh entry record whose canary picks another model moves on unchanged (only a
+        // fresh record's variant is still to be picked).
+        let topic = self.fresh.then(|| topic_for(graph, step, &self.base));
+        if let Some(topic) = topic.filter(|t| *t != self.ctx.own_topic) {
             let forward = Outgoing {
                 topic: topic.to_string(),
                 request: InferenceRequest {
