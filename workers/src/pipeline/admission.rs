@@ -17,10 +17,11 @@ use sluice_schemas::{
 
 use crate::pipeline::completion::{Completion, DeadLetter};
 use crate::pipeline::flow::{self, Outgoing, entry_carried, step_error, step_inputs, topic_for};
-use crate::pipeline::job::{GraphJob, Job, Source, StepInput};
+use crate::pipeline::job::{GraphJob, Job, Source};
 use crate::pipeline::outcome::next_completion;
+use crate::pipeline::record::Record;
+use crate::step::StepInput;
 use crate::telemetry::WorkerMetrics;
-use crate::transport::record::Record;
 
 /// What became of a consumed record on arrival.
 #[derive(Debug)]

@@ -149,7 +149,7 @@ fn fused_job(
     let carried = std::mem::take(&mut request.inputs);
     Job {
         request,
-        input: crate::pipeline::job::StepInput {
+        input: crate::step::StepInput {
             tensors: inputs,
             ..Default::default()
         },

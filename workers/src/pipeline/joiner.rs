@@ -12,7 +12,8 @@ use sluice_schemas::ErrorCode;
 use sluice_schemas::{InferenceError, InferenceRequest, Tensor};
 
 use crate::pipeline::flow::{Next, failed, step_error};
-use crate::pipeline::job::{GraphJob, Job, Source, StepInput};
+use crate::pipeline::job::{GraphJob, Job, Source};
+use crate::step::StepInput;
 
 /// Step `step`'s join settings, when it is a combine step.
 fn combine_of(graph: &Graph, step: usize) -> Option<&Join> {

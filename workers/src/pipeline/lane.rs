@@ -1,5 +1,6 @@
-//! A lane's batches in process: each runs through the lane's step ([`crate::pipeline::executor`]), then
-//! the steps fused after it, then its local hops, and is delivered ([`run`]).
+//! Hops in process: what a lane's batch leads to among the worker's other lanes (the lane's
+//! loop, which runs each batch through its step, fused steps and these hops, is in
+//! `transport::consumer`).
 //!
 //! Local hops: a graph's next step served by another lane of the same worker runs in process,
 //! in the batch's own task, instead of going out to its topic and back through the broker.
@@ -21,18 +22,15 @@ use futures::future::join_all;
 use sluice_common::graph::{Graph, Graphs, StepKind, Unit};
 use sluice_common::signature::{Signature, validate_inputs};
 use sluice_schemas::InferenceRequest;
-use tokio::sync::{Semaphore, mpsc};
-use tokio::task::JoinSet;
 
-use crate::pipeline::batcher::Dispatched;
 use crate::pipeline::completion::Completion;
 use crate::pipeline::executor::{FusedSlot, StepSlot, UnitFacts, run_batch, run_fused};
 use crate::pipeline::flow::{Outgoing, step_inputs};
-use crate::pipeline::job::{GraphJob, Job, Source, StepInput};
+use crate::pipeline::job::{GraphJob, Job, Source};
 use crate::pipeline::joiner::{Decision, Joiner, Offered};
 use crate::pipeline::outcome::failed_join_completions;
+use crate::step::StepInput;
 use crate::telemetry::WorkerMetrics;
-use crate::transport::group::Completer;
 
 /// A lane of the worker, as a local hop reaches it.
 pub(crate) struct LocalLane {
@@ -262,55 +260,6 @@ impl LocalLanes {
         }
         out
     }
-}
-
-/// What a lane's batches lead to that runs in process: steps fused after it, and hops to the
-/// worker's other lanes.
-pub(crate) struct InProcess {
-    pub(crate) fused: FusedSlot,
-    pub(crate) local: LocalSlot,
-}
-
-/// Runs every batch from `batches` until it closes (through the step, fused steps and local
-/// hops), then waits for the last deliveries. Batches run concurrently up to the batcher's
-/// slots; delivery is bounded too, so neither grows without limit.
-pub(crate) async fn run(
-    mut batches: mpsc::Receiver<Dispatched<Job>>,
-    step: StepSlot,
-    unit: UnitFacts,
-    in_process: InProcess,
-    completer: Arc<Completer>,
-    deliveries: usize,
-) {
-    let delivery_slots = Arc::new(Semaphore::new(deliveries.max(1)));
-    let mut tasks = JoinSet::new();
-    while let Some(Dispatched { items, permit }) = batches.recv().await {
-        let current = Arc::clone(&*step.read().unwrap_or_else(|e| e.into_inner()));
-        let (unit, completer, delivery_slots, fused, local) = (
-            unit.clone(),
-            Arc::clone(&completer),
-            Arc::clone(&delivery_slots),
-            Arc::clone(&*in_process.fused.read().unwrap_or_else(|e| e.into_inner())),
-            Arc::clone(&in_process.local),
-        );
-        tasks.spawn(async move {
-            let mut completions =
-                run_batch(current.as_ref(), items, &unit, &completer.metrics).await;
-            if !fused.is_empty() {
-                completions = run_fused(completions, &fused, &completer.metrics).await;
-            }
-            if let Some(local) = local.get() {
-                completions = run_local(completions, local).await;
-            }
-            // Take a delivery slot before freeing the step's, so finished batches cannot pile up.
-            let delivery = delivery_slots.acquire_owned().await;
-            drop(permit);
-            completer.complete(completions).await;
-            drop(delivery);
-        });
-        while tasks.try_join_next().is_some() {}
-    }
-    while tasks.join_next().await.is_some() {}
 }
 
 /// Runs in process every hop the completions forward to a lane of this worker, and the hops

@@ -11,5 +11,4 @@ pub(crate) mod job;
 pub(crate) mod joiner;
 pub(crate) mod lane;
 pub(crate) mod outcome;
-pub(crate) mod pool;
-pub(crate) mod runner;
+pub(crate) mod record;

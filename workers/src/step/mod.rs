@@ -5,7 +5,7 @@
 //! kind is one module here plus its config type, built in [`for_unit`].
 //!
 //! Steps run on the async runtime: one whose work is CPU-heavy moves it off (the model step runs
-//! on inference threads of its own, see [`crate::pipeline::pool`]).
+//! on inference threads of its own, see [`crate::step::pool`]).
 
 mod argmax;
 mod bandit;
@@ -17,10 +17,12 @@ mod http;
 mod image;
 pub mod learner;
 mod model;
+pub(crate) mod pool;
 mod postgres;
 mod prediction_log;
 pub mod registry;
 mod route;
+pub(crate) mod runner;
 mod seam;
 mod snapshots;
 mod validate;

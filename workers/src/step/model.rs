@@ -7,7 +7,7 @@ use sluice_schemas::ErrorCode;
 
 use super::seam::{BuildError, Step, StepFailure, StepInput, StepResult};
 use crate::backend::OrtBackend;
-use crate::pipeline::pool::InferencePool;
+use crate::step::pool::InferencePool;
 
 /// A loaded model.
 pub struct ModelStep {

@@ -2,9 +2,37 @@
 
 use futures::future::BoxFuture;
 use sluice_schemas::ErrorCode;
-use sluice_schemas::Tensor;
+use sluice_schemas::{Deadline, Tensor};
 
-pub use crate::pipeline::job::StepInput;
+/// One job's input: tensors under the names the step reads them by.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StepInput {
+    /// The request's id (set when its batch runs), for steps that log what they answered.
+    pub id: String,
+    /// The tensors, batch dimension first.
+    pub tensors: Vec<Tensor>,
+    /// Outputs the caller asked for (empty: all).
+    pub wanted: Vec<String>,
+    /// When the request's caller stops waiting. Steps that wait on I/O bound their waits by it.
+    pub deadline: Option<Deadline>,
+    /// The request's parameters (JSON-encoded values).
+    pub parameters: std::collections::BTreeMap<String, String>,
+}
+
+impl StepInput {
+    /// Time left before the deadline (`Duration::MAX` without one; zero once passed).
+    pub fn time_left(&self) -> std::time::Duration {
+        sluice_schemas::deadline::time_left(self.deadline)
+    }
+
+    /// Rows this job contributes (the first tensor's batch dimension).
+    pub fn rows(&self) -> usize {
+        self.tensors
+            .first()
+            .and_then(|t| t.shape.first())
+            .map_or(0, |&n| usize::try_from(n).unwrap_or(0))
+    }
+}
 
 /// Why a step could not produce a job's outputs.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -6,6 +6,5 @@ pub(crate) mod consumer;
 pub(crate) mod group;
 pub(crate) mod offsets;
 pub(crate) mod purge;
-pub(crate) mod record;
 pub(crate) mod reply;
 pub(crate) mod sink;

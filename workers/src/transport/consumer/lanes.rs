@@ -14,13 +14,15 @@ use tokio::sync::{Semaphore, mpsc};
 use super::WorkerError;
 use crate::pipeline::batcher::{Dispatched, Item, run_batcher};
 use crate::pipeline::executor::{FusedSlot, StepSlot, UnitFacts};
+use crate::pipeline::executor::{run_batch, run_fused};
 use crate::pipeline::job::Job;
 use crate::pipeline::joiner::Joiner;
-use crate::pipeline::lane::{InProcess, LocalLane, LocalLanes, LocalSlot};
+use crate::pipeline::lane::{LocalLane, LocalLanes, LocalSlot, run_local};
 use crate::telemetry::WorkerMetrics;
 use crate::transport::group::{Completer, GroupContext, PartitionState};
 use crate::transport::reply::Replier;
 use crate::transport::sink::{Producers, Sink, SinkNames};
+use tokio::task::JoinSet;
 
 /// One step pool inside a worker: its step, its pipeline (batcher → executor → delivery), its
 /// join, and where its records come from. A worker has one lane per step pool it serves.
@@ -138,7 +140,7 @@ impl Lane {
             fused: Arc::clone(&fused),
             local: Arc::clone(shared.local),
         };
-        let executor = tokio::spawn(crate::pipeline::lane::run(
+        let executor = tokio::spawn(run_lane(
             batch_rx,
             Arc::clone(&step),
             facts,
@@ -216,4 +218,53 @@ fn joiner_for(deployment: &Deployment, unit: &Unit, own_topic: &str) -> Option<J
     let i = g.step_index(step)?;
     matches!(g.steps[i].kind, StepKind::Combine(_))
         .then(|| Joiner::new(Arc::clone(g), i, own_topic.to_string()))
+}
+
+/// What a lane's batches lead to that runs in process: steps fused after it, and hops to the
+/// worker's other lanes.
+pub(super) struct InProcess {
+    pub(super) fused: FusedSlot,
+    pub(super) local: LocalSlot,
+}
+
+/// Runs every batch from `batches` until it closes (through the step, fused steps and local
+/// hops), then waits for the last deliveries. Batches run concurrently up to the batcher's
+/// slots; delivery is bounded too, so neither grows without limit.
+pub(super) async fn run_lane(
+    mut batches: mpsc::Receiver<Dispatched<Job>>,
+    step: StepSlot,
+    unit: UnitFacts,
+    in_process: InProcess,
+    completer: Arc<Completer>,
+    deliveries: usize,
+) {
+    let delivery_slots = Arc::new(Semaphore::new(deliveries.max(1)));
+    let mut tasks = JoinSet::new();
+    while let Some(Dispatched { items, permit }) = batches.recv().await {
+        let current = Arc::clone(&*step.read().unwrap_or_else(|e| e.into_inner()));
+        let (unit, completer, delivery_slots, fused, local) = (
+            unit.clone(),
+            Arc::clone(&completer),
+            Arc::clone(&delivery_slots),
+            Arc::clone(&*in_process.fused.read().unwrap_or_else(|e| e.into_inner())),
+            Arc::clone(&in_process.local),
+        );
+        tasks.spawn(async move {
+            let mut completions =
+                run_batch(current.as_ref(), items, &unit, &completer.metrics).await;
+            if !fused.is_empty() {
+                completions = run_fused(completions, &fused, &completer.metrics).await;
+            }
+            if let Some(local) = local.get() {
+                completions = run_local(completions, local).await;
+            }
+            // Take a delivery slot before freeing the step's, so finished batches cannot pile up.
+            let delivery = delivery_slots.acquire_owned().await;
+            drop(permit);
+            completer.complete(completions).await;
+            drop(delivery);
+        });
+        while tasks.try_join_next().is_some() {}
+    }
+    while tasks.join_next().await.is_some() {}
 }

@@ -26,9 +26,9 @@ use crate::pipeline::batcher::Item;
 use crate::pipeline::job::{Job, Source};
 use crate::pipeline::joiner::{Decision, Joiner, Offered};
 use crate::pipeline::outcome::{bare, failed_join_completions};
+use crate::pipeline::record::Record;
 use crate::tasks::BoundedTasks;
 use crate::transport::group::{GroupContext, PartitionKey, PartitionState, lock};
-use crate::transport::record::Record;
 
 mod lanes;
 mod lifecycle;

@@ -8,8 +8,8 @@ use sluice_schemas::Tensor;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::backend::Backend;
-use crate::pipeline::job::StepInput;
-use crate::pipeline::runner::run_batch;
+use crate::step::StepInput;
+use crate::step::runner::run_batch;
 
 /// Each job's outputs, or its error message.
 pub type BatchOutcome = Vec<Result<Vec<Tensor>, String>>;

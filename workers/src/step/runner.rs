@@ -5,7 +5,7 @@ use sluice_common::ModelConfig;
 use sluice_schemas::Tensor;
 
 use crate::backend::Backend;
-use crate::pipeline::job::StepInput;
+use crate::step::StepInput;
 
 /// The non-batch dimensions of every input: requests can share a model call only if these match.
 fn signature(job: &StepInput) -> Vec<Vec<i64>> {
