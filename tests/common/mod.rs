@@ -24,11 +24,27 @@ pub fn root() -> PathBuf {
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    // Below the kernel's ephemeral range (32768-60999), where `bind(0)` and outbound
+    // connections pick their ports: a port from `bind(0)`, released for a child process to
+    // bind, could be taken meanwhile by another test's `bind(0)` or by any outgoing
+    // connection's local end ("Address already in use" in a gateway started in parallel).
+    // Here each port is handed out once per test process, and only if nothing listens on it.
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::process::id() * 97 % SPAN,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    loop {
+        let port = (LOW + NEXT.fetch_add(1, Ordering::Relaxed) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 fn on_path(bin: &str) -> bool {
