@@ -31,8 +31,11 @@ SLUICE_DRILL_SECONDS="$seconds" SLUICE_DRILL_REPORT="$rows" \
   echo "The join worker, learner and PostgreSQL drills drive their own load (see their notes); their"
   echo "answers are checked as each says (n/a: not measured by that drill)."
   echo
-  echo "| drill | sent | correct | wrong | errors | lost | late (504, result exists) | duplicate results | p99 ms (200s) | notes |"
-  echo "|---|---|---|---|---|---|---|---|---|---|"
+  echo "Recovery: from the fault to the first answer of a request sent after it; longest: the"
+  echo "longest wait of any answered request (both in ms; n/a: not measured by that drill)."
+  echo
+  echo "| drill | sent | correct | wrong | errors | lost | late (504, result exists) | duplicate results | p99 ms (200s) | recovery / longest ms | notes |"
+  echo "|---|---|---|---|---|---|---|---|---|---|---|"
   sort "$rows"
   if [ "$status" -ne 0 ]; then
     echo

@@ -80,6 +80,10 @@ enum Command {
         /// Address for /metrics and health (overrides worker.metrics_listen).
         #[arg(long)]
         metrics_listen: Option<SocketAddr>,
+        /// This process's stable name in its unit: joins the group as a static member, so a
+        /// restart gets its partitions back at once (overrides worker.instance).
+        #[arg(long)]
+        instance: Option<String>,
     },
     /// Manage topics.
     Topics {
@@ -197,7 +201,12 @@ async fn run(
             model,
             step,
             metrics_listen,
+            instance,
         } => {
+            let mut deployment = deployment;
+            if instance.is_some() {
+                deployment.config.worker.instance = instance;
+            }
             let unit = match (unit, model, step) {
                 (Some(name), _, _) => {
                     let Some(u) = deployment.worker_unit(&name) else {

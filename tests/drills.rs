@@ -11,11 +11,13 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use common::drill::{
+    self, HEAVY, LONG, Load, Outcome, SHORT, call_once, drill_seconds, read_topic,
+};
 use common::*;
 use rdkafka::Message;
 use rdkafka::consumer::Consumer;
@@ -27,23 +29,33 @@ use sluice_schemas::InferenceResult;
 static DRILLS: std::sync::LazyLock<tokio::sync::RwLock<()>> =
     std::sync::LazyLock::new(|| tokio::sync::RwLock::new(()));
 
-/// The model every drill loads: batching, milliseconds per call, two partitions.
-const MODEL: &str = "heavy";
-const RESULTS: &str = "sluice.heavy.results";
-/// A request's deadline when the fault loses nothing: long enough to outlast the fault and a
-/// group rebalance, so every request is answered.
-const LONG: Duration = Duration::from_secs(40);
-/// A request's deadline when the fault may lose a reply (Redis restarted): its caller gets 504
-/// this soon.
-const SHORT: Duration = Duration::from_secs(8);
+/// The model every drill here loads: batching, milliseconds per call, two partitions.
+const MODEL: &str = HEAVY.name;
+const RESULTS: &str = HEAVY.results;
 
-fn drill_seconds() -> u64 {
-    std::env::var("SLUICE_DRILL_SECONDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(4)
+/// [`drill::under_load`] of `heavy`.
+async fn under_load<F>(
+    stack: &mut Stack,
+    tag: &str,
+    deadline: Duration,
+    fault: F,
+) -> (Vec<Outcome>, Arc<Samples>)
+where
+    F: AsyncFnOnce(&mut Stack, &Load),
+{
+    drill::under_load(stack, &HEAVY, tag, deadline, fault).await
 }
 
+/// [`drill::judge`] of `heavy`'s answers.
+async fn judge(
+    drill: &str,
+    stack: &Stack,
+    samples: &Samples,
+    outcomes: &[Outcome],
+    note: &str,
+) -> DrillReport {
+    drill::judge(drill, stack, &HEAVY, samples, outcomes, note).await
+}
 /// The stack every drill starts from: `heavy` on two partitions, one worker.
 fn drill_stack(extra_env: &[(&str, &str)]) -> Option<(Stack, usize)> {
     drill_stack_with(extra_env, Broker::default())
@@ -56,258 +68,6 @@ fn drill_stack_with(extra_env: &[(&str, &str)], broker: Broker) -> Option<(Stack
     let mut stack = Stack::start_with(root().join("examples/digits.toml"), &env, broker)?;
     let w = stack.start_worker(MODEL);
     Some((stack, w))
-}
-
-/// One request's fate as the caller saw it.
-struct Outcome {
-    id: String,
-    sample: usize,
-    /// HTTP status, or 0 when the connection gave no answer.
-    status: u16,
-    correct: bool,
-    latency: Duration,
-}
-
-/// Closed-loop callers of `heavy` until stopped.
-struct Load {
-    stop: Arc<AtomicBool>,
-    answered: Arc<AtomicUsize>,
-    tasks: Vec<tokio::task::JoinHandle<Vec<Outcome>>>,
-}
-
-/// Whether `got` equals onnxruntime's `want` within the tolerance the other tests use.
-fn close(got: &[f64], want: &[f64]) -> bool {
-    got.len() == want.len()
-        && got
-            .iter()
-            .zip(want)
-            .all(|(g, w)| (g - w).abs() <= 1e-4 + 1e-4 * w.abs())
-}
-
-/// Sends one `heavy` request for sample `k` and judges its answer against onnxruntime's.
-async fn call_once(
-    client: &Http,
-    url: &str,
-    samples: &Samples,
-    id: String,
-    k: usize,
-    deadline_us: u64,
-) -> Outcome {
-    let body = serde_json::json!({"id": id, "parameters": {"timeout": deadline_us},
-        "inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": samples.scaled[k]}]});
-    let started = Instant::now();
-    let reply = try_post(client, url, body.to_string()).await;
-    let latency = started.elapsed();
-    let (status, correct) = match &reply {
-        None => (0, false),
-        Some(r) if r.status == 200 => {
-            let got = flat_f64(&r.json()["outputs"][0]["data"]);
-            (
-                200,
-                close(&got, &flat_f64(&samples.expected[MODEL]["logits"][k])),
-            )
-        }
-        Some(r) => (r.status, false),
-    };
-    Outcome {
-        id,
-        sample: k,
-        status,
-        correct,
-        latency,
-    }
-}
-
-impl Load {
-    fn start(
-        stack: &Stack,
-        clients: usize,
-        samples: &Arc<Samples>,
-        tag: &str,
-        deadline: Duration,
-    ) -> Load {
-        let deadline_us = deadline.as_micros() as u64;
-        let stop = Arc::new(AtomicBool::new(false));
-        let answered = Arc::new(AtomicUsize::new(0));
-        let url = format!("{}/v2/models/{MODEL}/infer", stack.gateway);
-        let tasks = (0..clients)
-            .map(|c| {
-                let (stop, answered, url) = (stop.clone(), answered.clone(), url.clone());
-                let (samples, tag) = (samples.clone(), tag.to_string());
-                tokio::spawn(async move {
-                    let client = http();
-                    let mut outcomes = Vec::new();
-                    let mut i = 0usize;
-                    while !stop.load(Ordering::Relaxed) {
-                        let k = (c * 7919 + i * 31) % samples.scaled.len();
-                        let id = format!("{tag}-{c}-{i}");
-                        let outcome = call_once(&client, &url, &samples, id, k, deadline_us).await;
-                        if outcome.status == 0 {
-                            // The gateway is gone: do not spin.
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                        }
-                        answered.fetch_add(1, Ordering::Relaxed);
-                        outcomes.push(outcome);
-                        i += 1;
-                    }
-                    outcomes
-                })
-            })
-            .collect();
-        Load {
-            stop,
-            answered,
-            tasks,
-        }
-    }
-
-    /// Waits until `n` more requests have been answered (the load is flowing).
-    async fn wait_answers(&self, n: usize) {
-        let from = self.answered.load(Ordering::Relaxed);
-        let end = Instant::now() + Duration::from_secs(60);
-        while self.answered.load(Ordering::Relaxed) < from + n {
-            assert!(Instant::now() < end, "the load stopped flowing");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    async fn stop(self) -> Vec<Outcome> {
-        self.stop.store(true, Ordering::Relaxed);
-        let mut all = Vec::new();
-        for t in self.tasks {
-            all.extend(t.await.unwrap());
-        }
-        all
-    }
-}
-
-/// Every record of `topic`, read until it has been quiet for `quiet` (or 2 minutes passed).
-async fn read_topic(stack: &Stack, topic: &str, quiet: Duration) -> Vec<OwnedMessage> {
-    let consumer = reader(&stack.kafka, topic);
-    let mut records = Vec::new();
-    let mut last = Instant::now();
-    let end = Instant::now() + Duration::from_secs(120);
-    while Instant::now() < end && last.elapsed() < quiet {
-        if let Ok(Ok(m)) = tokio::time::timeout(Duration::from_millis(200), consumer.recv()).await {
-            last = Instant::now();
-            records.push(m.detach());
-        }
-    }
-    records
-}
-
-/// Every result record on `heavy`'s result topic, by the caller's id.
-async fn result_records(stack: &Stack) -> HashMap<String, Vec<InferenceResult>> {
-    let mut by_id: HashMap<String, Vec<InferenceResult>> = HashMap::new();
-    for m in read_topic(stack, RESULTS, Duration::from_secs(5)).await {
-        let r = sluice_schemas::decode_result(m.payload().unwrap()).unwrap();
-        by_id
-            .entry(r.client_id.clone().unwrap_or_default())
-            .or_default()
-            .push(r);
-    }
-    by_id
-}
-
-/// What one drill found.
-/// Reads the result topic and judges `outcomes`: every 200 equal to onnxruntime's answer,
-/// every result record (duplicates included) equal to it too, and every accepted request
-/// answered or holding a result record.
-async fn judge(
-    drill: &str,
-    stack: &Stack,
-    samples: &Samples,
-    outcomes: &[Outcome],
-    note: &str,
-) -> DrillReport {
-    let records = result_records(stack).await;
-    let mut r = DrillReport {
-        drill: drill.to_string(),
-        sent: outcomes.len(),
-        correct: 0,
-        wrong: 0,
-        errors: BTreeMap::new(),
-        lost: 0,
-        late: 0,
-        duplicates: 0,
-        p99_ms: 0.0,
-        note: note.to_string(),
-    };
-    for o in outcomes {
-        let held = records.get(&o.id);
-        match o.status {
-            200 if o.correct => r.correct += 1,
-            200 => r.wrong += 1,
-            s => {
-                *r.errors.entry(s).or_default() += 1;
-                // 504: accepted, so a result record must exist. (A dropped connection
-                // may never have been published; it counts as an error, not as lost.)
-                if s == 504 {
-                    if held.is_some() {
-                        r.late += 1;
-                    } else {
-                        r.lost += 1;
-                    }
-                }
-            }
-        }
-        let want = flat_f64(&samples.expected[MODEL]["logits"][o.sample]);
-        for rec in held.into_iter().flatten() {
-            if rec.error.is_none() {
-                let got = rec.outputs[0].to_f64().unwrap_or_default();
-                if !close(&got, &want) {
-                    r.wrong += 1;
-                }
-            }
-        }
-        r.duplicates += held.map_or(0, |h| h.len().saturating_sub(1));
-    }
-    let mut lat: Vec<f64> = outcomes
-        .iter()
-        .filter(|o| o.status == 200)
-        .map(|o| o.latency.as_secs_f64() * 1000.0)
-        .collect();
-    lat.sort_by(f64::total_cmp);
-    if !lat.is_empty() {
-        r.p99_ms = lat[((lat.len() as f64 * 0.99) as usize).min(lat.len() - 1)];
-    }
-    r.publish();
-    r
-}
-
-/// Runs the load (requests with `deadline`) for the drill's length with `fault` injected after
-/// a third of it.
-async fn under_load<F>(
-    stack: &mut Stack,
-    tag: &str,
-    deadline: Duration,
-    fault: F,
-) -> (Vec<Outcome>, Arc<Samples>)
-where
-    F: AsyncFnOnce(&mut Stack, &Load),
-{
-    under_load_by(stack, 8, tag, deadline, fault).await
-}
-
-/// As [`under_load`], with `clients` callers.
-async fn under_load_by<F>(
-    stack: &mut Stack,
-    clients: usize,
-    tag: &str,
-    deadline: Duration,
-    fault: F,
-) -> (Vec<Outcome>, Arc<Samples>)
-where
-    F: AsyncFnOnce(&mut Stack, &Load),
-{
-    let samples = Arc::new(samples());
-    let load = Load::start(stack, clients, &samples, tag, deadline);
-    load.wait_answers(20).await;
-    let third = Duration::from_secs(drill_seconds()) / 3;
-    tokio::time::sleep(third).await;
-    fault(stack, &load).await;
-    tokio::time::sleep(third * 2).await;
-    (load.stop().await, samples)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -382,6 +142,7 @@ async fn fail_point_drill(point: &str, passes: u32, drill: &str) {
             !exited_cleanly,
             "the worker exited cleanly instead of dying at the fail point"
         );
+        load.mark_fault();
         assert!(stack.log_of(w).contains("fail point reached"));
         stack.start_worker(MODEL);
         load.wait_answers(20).await;
@@ -862,7 +623,16 @@ async fn open_loop(
             let id = format!("{tag}-{sent}");
             let (client, url, samples) = (client.clone(), url.clone(), samples.clone());
             tasks.push(tokio::spawn(async move {
-                call_once(&client, &url, &samples, id, k, LONG.as_micros() as u64).await
+                call_once(
+                    &client,
+                    &HEAVY,
+                    &url,
+                    &samples,
+                    id,
+                    k,
+                    LONG.as_micros() as u64,
+                )
+                .await
             }));
             sent += 1;
         }
@@ -901,7 +671,7 @@ async fn overload_at_two_and_five_times_capacity() {
     let gateway = stack.index_of("gateway");
     // Capacity: closed loop, 16 callers, with no other drill running (measured beside another
     // drill it once came out at half the capacity, and 2× that overloaded nothing).
-    let load = Load::start(&stack, 16, &samples, "capacity", LONG);
+    let load = Load::start(&stack, &HEAVY, 16, &samples, "capacity", LONG);
     load.wait_answers(50).await;
     let from = (Instant::now(), load.answered.load(Ordering::Relaxed));
     tokio::time::sleep(length).await;
@@ -952,7 +722,7 @@ async fn overload_at_two_and_five_times_capacity() {
         );
     }
     // Back to normal once the load stops: a closed loop again, every request answered.
-    let load = Load::start(&stack, 16, &samples, "after", LONG);
+    let load = Load::start(&stack, &HEAVY, 16, &samples, "after", LONG);
     load.wait_answers(50).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let after = load.stop().await;

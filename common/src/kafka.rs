@@ -63,11 +63,18 @@ fn consumer_base(cfg: &Config, group: &str, client_id: &str) -> ClientConfig {
 }
 
 /// Consumer settings for a worker in `group`: at-least-once (auto-commit of *stored* offsets only),
-/// cooperative-sticky rebalancing, a bounded prefetch queue; then `kafka.client` and `kafka.consumer`.
+/// cooperative-sticky rebalancing, a bounded prefetch queue, static membership when
+/// `worker.instance` names the process; then `kafka.client` and `kafka.consumer`.
 pub fn consumer_config(cfg: &Config, group: &str, client_id: &str) -> ClientConfig {
     let mut c = consumer_base(cfg, group, client_id);
+    if let Some(instance) = &cfg.worker.instance {
+        c.set("group.instance.id", static_member_id(group, instance));
+    }
     c.set("enable.auto.commit", "true")
-        .set("auto.commit.interval.ms", "500")
+        // Offsets stored since the last commit go every 100 ms (only partitions whose stored
+        // offset moved, so an idle worker commits nothing): a crashed worker's successor
+        // re-runs at most ~100 ms of records.
+        .set("auto.commit.interval.ms", "100")
         .set("partition.assignment.strategy", "cooperative-sticky")
         .set("session.timeout.ms", "6000")
         .set("heartbeat.interval.ms", "1000")
@@ -75,6 +82,11 @@ pub fn consumer_config(cfg: &Config, group: &str, client_id: &str) -> ClientConf
     apply(&mut c, &cfg.kafka.client);
     apply(&mut c, &cfg.kafka.consumer);
     c
+}
+
+/// A worker's `group.instance.id`: unique in its group, stable across its restarts.
+pub fn static_member_id(group: &str, instance: &str) -> String {
+    format!("{group}.{instance}")
 }
 
 /// Consumer settings for a reader that assigns itself partitions and keeps its own positions

@@ -167,6 +167,8 @@ async fn start(deployment: &Deployment, plan: &Plan, stack: &mut Stack) -> anyho
             let mut args = vec!["worker".to_string()];
             args.extend(w.args.iter().cloned());
             args.extend(["--metrics-listen".to_string(), next_addr()]);
+            // A stable slot name: the restarted process takes its partitions back at once.
+            args.extend(["--instance".to_string(), i.to_string()]);
             let name = format!("worker {}#{i}", w.name);
             stack.spawn(&name, Role::Worker, component(&args), addr_file(&name))?;
         }

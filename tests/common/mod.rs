@@ -16,6 +16,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 
+pub mod drill;
 pub mod netfault;
 pub use netfault::NetFault;
 
@@ -807,6 +808,10 @@ pub struct DrillReport {
     pub late: usize,
     pub duplicates: usize,
     pub p99_ms: f64,
+    /// From the fault to the first answer of a request sent after it, ms (when measured).
+    pub recovery_ms: Option<f64>,
+    /// The longest any answered request waited, ms (when measured).
+    pub longest_ms: Option<f64>,
     pub note: String,
 }
 
@@ -828,8 +833,9 @@ impl DrillReport {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
+        let ms = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{v:.0}"));
         format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} | {} |",
             self.drill,
             self.sent,
             self.correct,
@@ -843,6 +849,8 @@ impl DrillReport {
             } else {
                 "n/a".to_string()
             },
+            ms(self.recovery_ms),
+            ms(self.longest_ms),
             self.note
         )
     }

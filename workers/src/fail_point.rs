@@ -2,7 +2,9 @@
 //! `SLUICE_FAIL_POINT=<point>:<n>` kills the worker outright (SIGKILL: no drain, no flush, no
 //! commit) the n-th time it passes `point`. The points bracket a record's delivery:
 //! `before_produce` (results not yet produced), `after_produce` (results acknowledged, offset
-//! not yet stored), `after_commit` (an offset commit acknowledged by the broker). Passes are
+//! not yet stored), `after_commit` (an offset commit acknowledged by the broker); `mid_chain`
+//! is a graph half done in one unit (its first steps ran, the next in-process hops have not,
+//! nothing produced). Passes are
 //! counted only for deliveries that produce a result, and from the first of those on (a worker
 //! also completes bare records, such as the gateway's wake-ups). Without the feature, passing a
 //! point costs nothing.

@@ -233,6 +233,14 @@ pub struct WorkerConfig {
     /// through its topic (one broker round trip less per hop). Joins, shadow copies and steps of
     /// other workers still go through Kafka. `false`: every hop through Kafka.
     pub local_hops: bool,
+    /// This process's stable name within its unit (`sluice up`'s slot number, a StatefulSet
+    /// pod's name): set, the worker joins its group as a static member (`group.instance.id`
+    /// `<group>.<instance>`), and a restarted process gets its partitions back at once instead
+    /// of after the session timeout. A process stopped for good then holds its partitions until
+    /// that timeout (6 s), so leave it unset for workers that come and go by scaling. Two live
+    /// processes must never share one: the later one fences the earlier, which stops.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
 }
 
 /// The async runtime.

@@ -304,6 +304,8 @@ pub(crate) async fn run_local(completions: Vec<Completion>, local: &LocalLanes) 
         if jobs.iter().all(Vec::is_empty) {
             return done;
         }
+        // A graph half done: its first steps ran, the next ones have not, nothing produced.
+        crate::fail_point::pass("mid_chain");
         let runs = jobs
             .into_iter()
             .enumerate()

@@ -50,6 +50,12 @@ pub enum WorkerError {
     /// Ops server error.
     #[error("ops server: {0}")]
     Io(#[from] std::io::Error),
+    /// The group member cannot go on (librdkafka's fatal error): with `worker.instance` set,
+    /// another process joined as the same static member and fenced this one.
+    #[error(
+        "the group member stopped for good ({0}); is another worker running as the same worker.instance?"
+    )]
+    MemberFenced(String),
 }
 
 /// Where the worker serves `/metrics`, health and reload, and what it renders there.
@@ -261,6 +267,9 @@ impl<'a> Worker<'a> {
                 msg = consumer.recv(), if room => match msg {
                     Ok(m) => self.on_record(&m).await,
                     Err(e) => {
+                        if let Some((_, reason)) = consumer.client().fatal_error() {
+                            return Err(WorkerError::MemberFenced(reason));
+                        }
                         tracing::warn!(error = %e, "consume error");
                         tokio::time::sleep(Duration::from_millis(100)).await;
                         true
