@@ -10,6 +10,11 @@ use rdkafka::error::RDKafkaErrorCode;
 use crate::Config;
 use crate::producer::AsyncProducer;
 
+/// The longest wait between attempts to reach a broker that is down (librdkafka's default, 10 s,
+/// leaves a restarted broker unused for up to 10 s after it is back; a connection attempt a
+/// second to a dead broker costs nothing that matters).
+const RECONNECT_BACKOFF_MAX_MS: &str = "1000";
+
 /// Producer settings: idempotent, acks=all, no Nagle, `linger` (0 on latency-critical paths);
 /// then `kafka.client` and `kafka.producer` from the config.
 pub fn producer_config(cfg: &Config, client_id: &str, linger: Duration) -> ClientConfig {
@@ -20,6 +25,7 @@ pub fn producer_config(cfg: &Config, client_id: &str, linger: Duration) -> Clien
         .set("acks", "all")
         .set("linger.ms", format!("{}", linger.as_secs_f64() * 1000.0))
         .set("socket.nagle.disable", "true")
+        .set("reconnect.backoff.max.ms", RECONNECT_BACKOFF_MAX_MS)
         // A dead broker fails a request within its deadline instead of holding it for 5 minutes.
         .set("message.timeout.ms", "30000")
         .set("queue.buffering.max.messages", "100000")
@@ -55,6 +61,7 @@ fn consumer_base(cfg: &Config, group: &str, client_id: &str) -> ClientConfig {
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("socket.nagle.disable", "true")
+        .set("reconnect.backoff.max.ms", RECONNECT_BACKOFF_MAX_MS)
         .set("fetch.min.bytes", "1")
         .set("fetch.wait.max.ms", "500")
         .set("fetch.error.backoff.ms", "10")

@@ -108,20 +108,51 @@ impl Correlator {
 
     /// Reads a stored result directly (the fallback for a missed publish).
     pub async fn fetch_stored(&self, id: &str) -> Option<InferenceResult> {
-        let mut conn = self.redis.clone();
-        let bytes: Option<Vec<u8>> = conn.get((self.key_of)(id)).await.ok()?;
-        decode_result(&bytes?).ok()
+        self.read_stored(id).await.ok().flatten()
     }
 
+    /// The result stored for `id`, if any; an error when Redis did not answer.
+    async fn read_stored(&self, id: &str) -> redis::RedisResult<Option<InferenceResult>> {
+        let mut conn = self.redis.clone();
+        let bytes: Option<Vec<u8>> = conn.get((self.key_of)(id)).await?;
+        Ok(bytes.and_then(|b| decode_result(&b).ok()))
+    }
+
+    /// After re-subscribing: reads every waiter's key once, so a result published while the
+    /// subscription was down is delivered now, not at its caller's deadline. The shared
+    /// connection may still be reconnecting (its first commands after a Redis restart fail), so
+    /// a read that errs is tried again for a while.
     async fn recover_missed(&self) {
         let ids: Vec<String> = lock(&self.waiters).keys().cloned().collect();
+        let mut recovered = 0usize;
         for id in ids {
-            if let Some(result) = self.fetch_stored(&id).await {
-                self.deliver(result);
+            let mut backoff = Duration::from_millis(20);
+            for _ in 0..RECOVER_ATTEMPTS {
+                match self.read_stored(&id).await {
+                    Ok(Some(result)) => {
+                        self.deliver(result);
+                        recovered += 1;
+                        break;
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "reading a missed reply failed; retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_millis(500));
+                    }
+                }
             }
         }
+        tracing::info!(
+            recovered,
+            "replies missed while unsubscribed read from their keys"
+        );
     }
 }
+
+/// How often [`Correlator::recover_missed`] tries one key while Redis does not answer (about
+/// 5 s in all).
+const RECOVER_ATTEMPTS: usize = 14;
 
 /// Why a caller got no result.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
